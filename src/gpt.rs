@@ -1,0 +1,635 @@
+//! GPT access for Nimbus disks: create the layout, read it back, and rewrite
+//! entries' attribute words in place.
+//!
+//! Parsing and serialisation come from `gptman`, which indexes entries by their
+//! slot in the entry array, so partition numbers (1,2,3,4,6,9) survive every
+//! write. (The `gpt` crate's `GptDisk::write()` repacks entries into 1..n, which
+//! would renumber USR-B and ROOT.) What gptman does not give us is the write
+//! order DESIGN.md requires, so its writes are captured in memory and applied
+//! here: backup entries, backup header, sync, primary entries, primary header,
+//! sync. A valid primary header therefore always means the whole write landed,
+//! and a torn write leaves one valid copy, old or new.
+
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use gptman::{GPTPartitionEntry, GPT};
+use uuid::Uuid;
+
+use crate::layout::{self, Placed, SECTOR};
+use crate::slots;
+
+/// What the GPT code needs from a disk: bytes, a size, and a durable flush.
+/// Tests wrap it to inject faults.
+pub trait BlockDevice: Read + Write + Seek {
+    fn sync(&mut self) -> io::Result<()>;
+}
+
+impl BlockDevice for std::fs::File {
+    fn sync(&mut self) -> io::Result<()> {
+        self.sync_all()
+    }
+}
+
+impl<T: BlockDevice + ?Sized> BlockDevice for &mut T {
+    fn sync(&mut self) -> io::Result<()> {
+        (**self).sync()
+    }
+}
+
+impl BlockDevice for io::Cursor<Vec<u8>> {
+    fn sync(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GptError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{path}: no valid GPT: primary: {primary}; backup: {backup}")]
+    NoValidTable {
+        path: PathBuf,
+        primary: String,
+        backup: String,
+    },
+    #[error("{path}: not a Nimbus disk: {reason}; refusing to write to it")]
+    NotNimbus { path: PathBuf, reason: String },
+    #[error("{path}: partition {number} does not exist")]
+    NoPartition { path: PathBuf, number: u32 },
+    #[error("{path}: {source}")]
+    Layout {
+        path: PathBuf,
+        source: layout::PlanError,
+    },
+    #[error("{path}: GPT write refused: {reason}")]
+    Write { path: PathBuf, reason: String },
+    #[error("{path}: {source}")]
+    Slot {
+        path: PathBuf,
+        source: slots::SlotError,
+    },
+}
+
+/// The state of the two copies of the table when the disk was opened.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Health {
+    /// `None` when the copy is valid, otherwise why not.
+    pub primary_error: Option<String>,
+    pub backup_error: Option<String>,
+    /// Both valid but their entries differ (a write was cut between the two
+    /// copies). The primary wins.
+    pub copies_differ: bool,
+}
+
+impl Health {
+    pub fn is_clean(&self) -> bool {
+        self.primary_error.is_none() && self.backup_error.is_none() && !self.copies_differ
+    }
+}
+
+/// One partition entry, decoded.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PartitionInfo {
+    pub number: u32,
+    pub label: String,
+    pub type_guid: Uuid,
+    pub uuid: Uuid,
+    pub first_lba: u64,
+    pub last_lba: u64,
+    pub attributes: u64,
+}
+
+impl PartitionInfo {
+    pub fn offset_bytes(&self) -> u64 {
+        self.first_lba * SECTOR
+    }
+    pub fn size_bytes(&self) -> u64 {
+        (self.last_lba - self.first_lba + 1) * SECTOR
+    }
+    pub fn prio(&self) -> slots::Prio {
+        slots::Prio::from_bits(self.attributes)
+    }
+}
+
+pub struct Disk<D: BlockDevice> {
+    dev: D,
+    path: PathBuf,
+    gpt: GPT,
+    health: Health,
+    len: u64,
+}
+
+fn guid_bytes(u: Uuid) -> [u8; 16] {
+    u.to_bytes_le()
+}
+
+fn guid(b: [u8; 16]) -> Uuid {
+    Uuid::from_bytes_le(b)
+}
+
+/// Records what gptman writes so it can be replayed in a crash-safe order.
+struct Capture {
+    pos: u64,
+    len: u64,
+    writes: Vec<(u64, Vec<u8>)>,
+}
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self.writes.last_mut() {
+            Some((off, data)) if *off + data.len() as u64 == self.pos => {
+                data.extend_from_slice(buf)
+            }
+            _ => self.writes.push((self.pos, buf.to_vec())),
+        }
+        self.pos += buf.len() as u64;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Seek for Capture {
+    fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
+        self.pos = match pos {
+            SeekFrom::Start(p) => p,
+            SeekFrom::End(d) => self.len.saturating_add_signed(d),
+            SeekFrom::Current(d) => self.pos.saturating_add_signed(d),
+        };
+        Ok(self.pos)
+    }
+}
+
+/// Read one copy of the table: header at `lba`, then its entries. Also checks
+/// that the header says it lives where we found it, which gptman does not.
+fn read_copy<D: Read + Seek>(dev: &mut D, lba: u64) -> Result<GPT, String> {
+    dev.seek(SeekFrom::Start(lba * SECTOR))
+        .map_err(|e| e.to_string())?;
+    let header = gptman::GPTHeader::read_from(dev).map_err(|e| e.to_string())?;
+    if header.primary_lba != lba {
+        return Err(format!(
+            "header at LBA {lba} claims to live at LBA {}",
+            header.primary_lba
+        ));
+    }
+    // Every GPT tool we interoperate with (sgdisk, cgpt, systemd-repart)
+    // writes 128 entries of 128 bytes; anything else is not our disk.
+    if header.size_of_partition_entry != 128 || header.number_of_partition_entries != 128 {
+        return Err(format!(
+            "unsupported entry array: {} entries of {} bytes",
+            header.number_of_partition_entries, header.size_of_partition_entry
+        ));
+    }
+    let partitions = header
+        .read_partitions(dev, SECTOR)
+        .map_err(|e| e.to_string())?;
+    // gptman has no constructor from parts: make an empty 128-entry table on
+    // a scratch buffer and fill it.
+    let mut gpt = GPT::new_from(&mut io::Cursor::new(vec![0u8; 64 * 1024]), SECTOR, [0; 16])
+        .map_err(|e| e.to_string())?;
+    gpt.header = header;
+    for (i, e) in partitions.into_iter().enumerate() {
+        gpt[i as u32 + 1] = e;
+    }
+    gpt.align = layout::ALIGN / SECTOR;
+    Ok(gpt)
+}
+
+impl<D: BlockDevice> Disk<D> {
+    fn io(&self, source: io::Error) -> GptError {
+        GptError::Io {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// Write a fresh Nimbus GPT (protective MBR, both tables) on `dev`, whose
+    /// length is the disk size. Partition GUIDs come from `uuids`, indexed
+    /// like [`layout::PARTITIONS`], so builds can be reproducible.
+    pub fn create(
+        mut dev: D,
+        path: impl Into<PathBuf>,
+        usr_size: u64,
+        disk_guid: Uuid,
+        part_guid: impl Fn(&layout::PartitionSpec) -> Uuid,
+        attributes: impl Fn(&layout::PartitionSpec) -> u64,
+    ) -> Result<Disk<D>, GptError> {
+        let path = path.into();
+        let io_err = |source| GptError::Io {
+            path: path.clone(),
+            source,
+        };
+        let len = dev.seek(SeekFrom::End(0)).map_err(io_err)?;
+        let plan: Vec<Placed> = layout::plan(len, usr_size).map_err(|source| GptError::Layout {
+            path: path.clone(),
+            source,
+        })?;
+        let mut gpt = GPT::new_from(&mut dev, SECTOR, guid_bytes(disk_guid)).map_err(|e| {
+            GptError::Write {
+                path: path.clone(),
+                reason: e.to_string(),
+            }
+        })?;
+        gpt.align = layout::ALIGN / SECTOR;
+        for p in &plan {
+            gpt[p.spec.number] = GPTPartitionEntry {
+                partition_type_guid: guid_bytes(p.spec.type_guid),
+                unique_partition_guid: guid_bytes(part_guid(&p.spec)),
+                starting_lba: p.first_lba,
+                ending_lba: p.last_lba,
+                attribute_bits: attributes(&p.spec),
+                partition_name: p.spec.label.into(),
+            };
+        }
+        GPT::write_protective_mbr_into(&mut dev, SECTOR).map_err(|e| GptError::Write {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        let mut disk = Disk {
+            dev,
+            path,
+            gpt,
+            health: Health {
+                primary_error: None,
+                backup_error: None,
+                copies_differ: false,
+            },
+            len,
+        };
+        disk.commit()?;
+        Ok(disk)
+    }
+
+    /// Read the table from `dev`. A damaged primary is reported in
+    /// [`Disk::health`] and the backup is used; the next [`Disk::commit`]
+    /// (or [`Disk::repair`]) rewrites both copies.
+    pub fn open(mut dev: D, path: impl Into<PathBuf>) -> Result<Disk<D>, GptError> {
+        let path = path.into();
+        let len = dev.seek(SeekFrom::End(0)).map_err(|source| GptError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        if len < (layout::GPT_HEAD_SECTORS + layout::GPT_TAIL_SECTORS) * SECTOR {
+            return Err(GptError::NoValidTable {
+                path,
+                primary: format!("device is only {len} bytes"),
+                backup: "not read".into(),
+            });
+        }
+        let primary = read_copy(&mut dev, 1);
+        let backup = read_copy(&mut dev, len / SECTOR - 1);
+        let (gpt, health) = match (primary, backup) {
+            (Ok(p), Ok(b)) => {
+                let differ = p.iter().ne(b.iter())
+                    || p.header.disk_guid != b.header.disk_guid
+                    || p.header.backup_lba != b.header.primary_lba;
+                (
+                    p,
+                    Health {
+                        primary_error: None,
+                        backup_error: None,
+                        copies_differ: differ,
+                    },
+                )
+            }
+            (Ok(p), Err(be)) => (
+                p,
+                Health {
+                    primary_error: None,
+                    backup_error: Some(be),
+                    copies_differ: false,
+                },
+            ),
+            (Err(pe), Ok(b)) => (
+                b,
+                Health {
+                    primary_error: Some(pe),
+                    backup_error: None,
+                    copies_differ: false,
+                },
+            ),
+            (Err(primary), Err(backup)) => {
+                return Err(GptError::NoValidTable {
+                    path,
+                    primary,
+                    backup,
+                })
+            }
+        };
+        Ok(Disk {
+            dev,
+            path,
+            gpt,
+            health,
+            len,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn health(&self) -> &Health {
+        &self.health
+    }
+
+    pub fn disk_guid(&self) -> Uuid {
+        guid(self.gpt.header.disk_guid)
+    }
+
+    pub fn device(&mut self) -> &mut D {
+        &mut self.dev
+    }
+
+    pub fn into_device(self) -> D {
+        self.dev
+    }
+
+    pub fn partitions(&self) -> Vec<PartitionInfo> {
+        self.gpt
+            .iter()
+            .filter(|(_, e)| e.is_used())
+            .map(|(n, e)| PartitionInfo {
+                number: n,
+                label: e.partition_name.as_str().to_string(),
+                type_guid: guid(e.partition_type_guid),
+                uuid: guid(e.unique_partition_guid),
+                first_lba: e.starting_lba,
+                last_lba: e.ending_lba,
+                attributes: e.attribute_bits,
+            })
+            .collect()
+    }
+
+    pub fn partition(&self, number: u32) -> Result<PartitionInfo, GptError> {
+        self.partitions()
+            .into_iter()
+            .find(|p| p.number == number)
+            .ok_or_else(|| GptError::NoPartition {
+                path: self.path.clone(),
+                number,
+            })
+    }
+
+    /// Is this the Nimbus layout? Every partition of DESIGN.md's table must be
+    /// at its number with its type and label (BIOS-BOOT is optional), and no
+    /// other partition may carry the USR type.
+    pub fn check_nimbus_layout(&self) -> Result<(), GptError> {
+        let parts = self.partitions();
+        let fail = |reason: String| GptError::NotNimbus {
+            path: self.path.clone(),
+            reason,
+        };
+        for spec in layout::PARTITIONS {
+            let Some(p) = parts.iter().find(|p| p.number == spec.number) else {
+                if spec.content == layout::Content::BiosBoot {
+                    continue;
+                }
+                return Err(fail(format!(
+                    "partition {} ({}) is missing",
+                    spec.number, spec.label
+                )));
+            };
+            if p.type_guid != spec.type_guid {
+                return Err(fail(format!(
+                    "partition {} has type {}, expected {} ({})",
+                    spec.number, p.type_guid, spec.type_guid, spec.label
+                )));
+            }
+            if p.label != spec.label {
+                return Err(fail(format!(
+                    "partition {} is labelled {:?}, expected {:?}",
+                    spec.number, p.label, spec.label
+                )));
+            }
+        }
+        if let Some(p) = parts
+            .iter()
+            .find(|p| p.type_guid == layout::USR_TYPE && layout::Slot::from_partition_number(p.number).is_none())
+        {
+            return Err(fail(format!(
+                "partition {} has the USR type but is not USR-A or USR-B",
+                p.number
+            )));
+        }
+        Ok(())
+    }
+
+    /// The USR slots as a table for [`crate::slots`].
+    pub fn slot_table(&self) -> Vec<slots::Entry> {
+        layout::Slot::ALL
+            .iter()
+            .filter_map(|s| {
+                let n = s.partition_number();
+                let e = &self.gpt[n];
+                e.is_used().then_some(slots::Entry {
+                    number: n,
+                    attributes: e.attribute_bits,
+                })
+            })
+            .collect()
+    }
+
+    /// Read the last 4 KiB of a USR partition: its slot descriptor, if any.
+    pub fn read_descriptor(
+        &mut self,
+        slot: layout::Slot,
+    ) -> Result<[u8; crate::release::DESCRIPTOR_SIZE], GptError> {
+        let p = self.partition(slot.partition_number())?;
+        let mut buf = [0u8; crate::release::DESCRIPTOR_SIZE];
+        let off = p.offset_bytes() + p.size_bytes() - buf.len() as u64;
+        self.dev
+            .seek(SeekFrom::Start(off))
+            .and_then(|_| self.dev.read_exact(&mut buf))
+            .map_err(|e| self.io(e))?;
+        Ok(buf)
+    }
+
+    /// Set one entry's attribute word in memory; [`Disk::commit`] writes it.
+    pub fn set_attributes(&mut self, number: u32, bits: u64) -> Result<(), GptError> {
+        if !(1..=128).contains(&number) || !self.gpt[number].is_used() {
+            return Err(GptError::NoPartition {
+                path: self.path.clone(),
+                number,
+            });
+        }
+        self.gpt[number].attribute_bits = bits;
+        Ok(())
+    }
+
+    /// Run a slot-protocol operation on the USR entries and commit it. Refuses
+    /// disks that are not a Nimbus layout before anything is written.
+    pub fn update_slots<T>(
+        &mut self,
+        op: impl FnOnce(&mut Vec<slots::Entry>) -> Result<T, slots::SlotError>,
+    ) -> Result<T, GptError> {
+        self.check_nimbus_layout()?;
+        let mut table = self.slot_table();
+        let before = table.clone();
+        let out = op(&mut table).map_err(|source| GptError::Slot {
+            path: self.path.clone(),
+            source,
+        })?;
+        if table != before || !self.health.is_clean() {
+            for e in &table {
+                self.set_attributes(e.number, e.attributes)?;
+            }
+            self.commit()?;
+        }
+        Ok(out)
+    }
+
+    /// Rewrite both copies from the one in memory (fixes a damaged copy).
+    pub fn repair(&mut self) -> Result<(), GptError> {
+        self.check_nimbus_layout()?;
+        self.commit()
+    }
+
+    /// Write the table: backup entries + header, sync, primary entries +
+    /// header, sync.
+    pub fn commit(&mut self) -> Result<(), GptError> {
+        // Always write from a primary header, recomputing locations from the
+        // device size: the in-memory table may have come from the backup.
+        let mut gpt = self.gpt.clone();
+        if gpt.header.primary_lba != 1 {
+            gpt.header.backup_lba = gpt.header.primary_lba;
+            gpt.header.primary_lba = 1;
+            gpt.header.partition_entry_lba = 2;
+        }
+        let mut cap = Capture {
+            pos: 0,
+            len: self.len,
+            writes: Vec::new(),
+        };
+        gpt.write_into(&mut cap).map_err(|e| GptError::Write {
+            path: self.path.clone(),
+            reason: e.to_string(),
+        })?;
+        let head_end = layout::GPT_HEAD_SECTORS * SECTOR;
+        let (mut primary, mut backup): (Vec<_>, Vec<_>) =
+            cap.writes.into_iter().partition(|(off, _)| *off < head_end);
+        // Entries sit after the primary header and before the backup header:
+        // writing the backup in ascending and the primary in descending offset
+        // order puts each header down after its entries.
+        backup.sort_by_key(|(off, _)| *off);
+        primary.sort_by_key(|(off, _)| std::cmp::Reverse(*off));
+        for group in [backup, primary] {
+            for (off, data) in group {
+                self.dev
+                    .seek(SeekFrom::Start(off))
+                    .and_then(|_| self.dev.write_all(&data))
+                    .map_err(|e| self.io(e))?;
+            }
+            self.dev.sync().map_err(|e| self.io(e))?;
+        }
+        self.gpt = gpt;
+        self.health = Health {
+            primary_error: None,
+            backup_error: None,
+            copies_differ: false,
+        };
+        Ok(())
+    }
+}
+
+impl Disk<std::fs::File> {
+    pub fn open_path(path: &Path, writable: bool) -> Result<Self, GptError> {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(path)
+            .map_err(|source| GptError::Io {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        Disk::open(f, path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::MIB;
+
+    fn fresh(size: u64) -> Disk<io::Cursor<Vec<u8>>> {
+        let dev = io::Cursor::new(vec![0u8; size as usize]);
+        Disk::create(
+            dev,
+            "mem",
+            8 * MIB,
+            Uuid::from_u128(1),
+            |s| Uuid::from_u128(100 + u128::from(s.number)),
+            |s| {
+                if s.number == 3 {
+                    slots::Prio {
+                        priority: 1,
+                        tries: 0,
+                        successful: true,
+                    }
+                    .apply_to(0)
+                } else {
+                    0
+                }
+            },
+        )
+        .unwrap()
+    }
+
+    const SIZE: u64 = 800 * MIB;
+
+    #[test]
+    fn numbers_survive_create_and_reopen() {
+        let d = fresh(SIZE);
+        let dev = d.into_device();
+        let d = Disk::open(dev, "mem").unwrap();
+        let n: Vec<u32> = d.partitions().iter().map(|p| p.number).collect();
+        assert_eq!(n, [1, 2, 3, 4, 6, 9]);
+        assert!(d.health().is_clean());
+        d.check_nimbus_layout().unwrap();
+    }
+
+    #[test]
+    fn zeroed_primary_falls_back_to_backup_and_repairs() {
+        let mut dev = fresh(SIZE).into_device();
+        dev.get_mut()[512..1024].fill(0);
+        let mut d = Disk::open(dev, "mem").unwrap();
+        assert!(d.health().primary_error.is_some());
+        assert_eq!(d.partitions().len(), 6);
+        d.repair().unwrap();
+        let d = Disk::open(d.into_device(), "mem").unwrap();
+        assert!(d.health().is_clean());
+    }
+
+    #[test]
+    fn bad_crc_in_primary_entries_is_detected() {
+        let mut dev = fresh(SIZE).into_device();
+        dev.get_mut()[1024 + 2 * 128 + 56] ^= 0xff; // name of entry 3
+        let d = Disk::open(dev, "mem").unwrap();
+        assert!(d.health().primary_error.as_deref().unwrap().contains("CRC"));
+        assert_eq!(d.partition(3).unwrap().label, "USR-A");
+    }
+
+    #[test]
+    fn both_copies_gone_is_an_error_naming_the_disk() {
+        let mut dev = fresh(SIZE).into_device();
+        dev.get_mut()[512..1024].fill(0);
+        let n = dev.get_ref().len();
+        dev.get_mut()[n - 512..].fill(0);
+        let err = Disk::open(dev, "/dev/fake").err().unwrap();
+        assert!(err.to_string().starts_with("/dev/fake: no valid GPT"), "{err}");
+    }
+
+    #[test]
+    fn foreign_layout_is_not_written() {
+        let mut d = fresh(SIZE);
+        d.gpt[4].partition_name = "DATA".into();
+        d.commit().unwrap();
+        let before = d.into_device().into_inner();
+        let mut d = Disk::open(io::Cursor::new(before.clone()), "mem").unwrap();
+        let err = d.update_slots(|t| slots::prioritize(t, 4)).unwrap_err();
+        assert!(matches!(err, GptError::NotNimbus { .. }), "{err}");
+        assert!(d.into_device().into_inner() == before);
+    }
+}

@@ -1,0 +1,20 @@
+//! Nimbus shared contracts.
+//!
+//! Everything that the image builder, the boot selector and the update engine
+//! must agree on lives here, and nothing here touches the network:
+//!
+//! - [`layout`]: the partition table as data.
+//! - [`slots`]: the gptprio A/B protocol, as pure functions over attribute words.
+//! - [`gpt`]: reading and writing a Nimbus GPT on any [`gpt::BlockDevice`].
+//! - [`keys`], [`release`]: release keys, the signed slot descriptor and the
+//!   signed channel manifest.
+//! - [`durable`]: crash-safe file replacement.
+
+pub mod durable;
+pub mod gpt;
+pub mod keys;
+pub mod layout;
+pub mod release;
+pub mod slots;
+
+pub use semver::Version;

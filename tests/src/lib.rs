@@ -1,0 +1,1 @@
+//! See tests/*.rs: end-to-end tests that cross crates.
