@@ -43,6 +43,101 @@ impl BlockDevice for io::Cursor<Vec<u8>> {
     }
 }
 
+/// A sparse in-memory disk: only written 4 KiB blocks take memory, so tests
+/// can model full-size layouts and clone them cheaply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemDisk {
+    len: u64,
+    pos: u64,
+    blocks: std::collections::BTreeMap<u64, Box<[u8; MemDisk::BLOCK]>>,
+}
+
+impl MemDisk {
+    const BLOCK: usize = 4096;
+
+    pub fn new(len: u64) -> MemDisk {
+        MemDisk {
+            len,
+            pos: 0,
+            blocks: Default::default(),
+        }
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Read for MemDisk {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.pos >= self.len {
+            return Ok(0);
+        }
+        let b = self.pos / Self::BLOCK as u64;
+        let off = (self.pos % Self::BLOCK as u64) as usize;
+        let n = buf
+            .len()
+            .min(Self::BLOCK - off)
+            .min((self.len - self.pos) as usize);
+        match self.blocks.get(&b) {
+            Some(block) => buf[..n].copy_from_slice(&block[off..off + n]),
+            None => buf[..n].fill(0),
+        }
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl Write for MemDisk {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.pos >= self.len {
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "write past the end of the disk",
+            ));
+        }
+        let b = self.pos / Self::BLOCK as u64;
+        let off = (self.pos % Self::BLOCK as u64) as usize;
+        let n = buf
+            .len()
+            .min(Self::BLOCK - off)
+            .min((self.len - self.pos) as usize);
+        let block = self
+            .blocks
+            .entry(b)
+            .or_insert_with(|| Box::new([0u8; Self::BLOCK]));
+        block[off..off + n].copy_from_slice(&buf[..n]);
+        self.pos += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Seek for MemDisk {
+    fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
+        let new = match pos {
+            SeekFrom::Start(p) => Some(p),
+            SeekFrom::End(d) => self.len.checked_add_signed(d),
+            SeekFrom::Current(d) => self.pos.checked_add_signed(d),
+        };
+        self.pos =
+            new.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "seek before start"))?;
+        Ok(self.pos)
+    }
+}
+
+impl BlockDevice for MemDisk {
+    fn sync(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum GptError {
     #[error("{path}: {source}")]
@@ -405,10 +500,10 @@ impl<D: BlockDevice> Disk<D> {
                 )));
             }
         }
-        if let Some(p) = parts
-            .iter()
-            .find(|p| p.type_guid == layout::USR_TYPE && layout::Slot::from_partition_number(p.number).is_none())
-        {
+        if let Some(p) = parts.iter().find(|p| {
+            p.type_guid == layout::USR_TYPE
+                && layout::Slot::from_partition_number(p.number).is_none()
+        }) {
             return Err(fail(format!(
                 "partition {} has the USR type but is not USR-A or USR-B",
                 p.number
@@ -553,8 +648,8 @@ mod tests {
     use super::*;
     use crate::layout::MIB;
 
-    fn fresh(size: u64) -> Disk<io::Cursor<Vec<u8>>> {
-        let dev = io::Cursor::new(vec![0u8; size as usize]);
+    fn fresh(size: u64) -> Disk<MemDisk> {
+        let dev = MemDisk::new(size);
         Disk::create(
             dev,
             "mem",
@@ -577,7 +672,19 @@ mod tests {
         .unwrap()
     }
 
-    const SIZE: u64 = 800 * MIB;
+    const SIZE: u64 = 3 * 1024 * MIB;
+
+    fn poke(dev: &mut MemDisk, off: u64, data: &[u8]) {
+        dev.seek(SeekFrom::Start(off)).unwrap();
+        dev.write_all(data).unwrap();
+    }
+
+    fn peek(dev: &mut MemDisk, off: u64) -> u8 {
+        let mut b = [0u8];
+        dev.seek(SeekFrom::Start(off)).unwrap();
+        dev.read_exact(&mut b).unwrap();
+        b[0]
+    }
 
     #[test]
     fn numbers_survive_create_and_reopen() {
@@ -593,7 +700,7 @@ mod tests {
     #[test]
     fn zeroed_primary_falls_back_to_backup_and_repairs() {
         let mut dev = fresh(SIZE).into_device();
-        dev.get_mut()[512..1024].fill(0);
+        poke(&mut dev, 512, &[0; 512]);
         let mut d = Disk::open(dev, "mem").unwrap();
         assert!(d.health().primary_error.is_some());
         assert_eq!(d.partitions().len(), 6);
@@ -605,7 +712,9 @@ mod tests {
     #[test]
     fn bad_crc_in_primary_entries_is_detected() {
         let mut dev = fresh(SIZE).into_device();
-        dev.get_mut()[1024 + 2 * 128 + 56] ^= 0xff; // name of entry 3
+        let off = 1024 + 2 * 128 + 56; // name of entry 3
+        let b = peek(&mut dev, off);
+        poke(&mut dev, off, &[b ^ 0xff]);
         let d = Disk::open(dev, "mem").unwrap();
         assert!(d.health().primary_error.as_deref().unwrap().contains("CRC"));
         assert_eq!(d.partition(3).unwrap().label, "USR-A");
@@ -614,11 +723,87 @@ mod tests {
     #[test]
     fn both_copies_gone_is_an_error_naming_the_disk() {
         let mut dev = fresh(SIZE).into_device();
-        dev.get_mut()[512..1024].fill(0);
-        let n = dev.get_ref().len();
-        dev.get_mut()[n - 512..].fill(0);
+        poke(&mut dev, 512, &[0; 512]);
+        poke(&mut dev, SIZE - 512, &[0; 512]);
         let err = Disk::open(dev, "/dev/fake").err().unwrap();
-        assert!(err.to_string().starts_with("/dev/fake: no valid GPT"), "{err}");
+        assert!(
+            err.to_string().starts_with("/dev/fake: no valid GPT"),
+            "{err}"
+        );
+    }
+
+    /// A device that loses power after `budget` bytes: the write that crosses
+    /// the budget lands only partly (a torn sector), later ones not at all.
+    struct PowerCut {
+        inner: MemDisk,
+        budget: usize,
+    }
+
+    impl Read for PowerCut {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.inner.read(buf)
+        }
+    }
+    impl Seek for PowerCut {
+        fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
+            self.inner.seek(pos)
+        }
+    }
+    impl Write for PowerCut {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let n = buf.len().min(self.budget);
+            self.inner.write_all(&buf[..n])?;
+            self.budget -= n;
+            // Report success either way: a power cut is not an error the
+            // writer sees.
+            self.inner.seek(SeekFrom::Current((buf.len() - n) as i64))?;
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    impl BlockDevice for PowerCut {
+        fn sync(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn every_cut_point_leaves_old_or_new_table() {
+        let base = fresh(SIZE).into_device();
+        let old = Disk::open(base.clone(), "mem").unwrap().slot_table();
+        let mut new_disk = Disk::open(base.clone(), "mem").unwrap();
+        new_disk.update_slots(|t| slots::prioritize(t, 4)).unwrap();
+        let new = new_disk.slot_table();
+        assert_ne!(old, new);
+        // The whole write is 2 x (16 KiB entries + 512 B header); cut every
+        // 37 bytes, which tears sectors and entries at many different offsets.
+        let total = 2 * (16 * 1024 + 512);
+        let mut outcomes = [0usize; 2];
+        for budget in (0..=total).step_by(37) {
+            let dev = PowerCut {
+                inner: base.clone(),
+                budget,
+            };
+            let mut d = Disk::open(dev, "mem").unwrap();
+            d.update_slots(|t| slots::prioritize(t, 4)).unwrap();
+            let after = d.into_device().inner;
+            let d = Disk::open(after, "mem")
+                .unwrap_or_else(|e| panic!("cut at {budget}: unreadable: {e}"));
+            d.check_nimbus_layout().unwrap();
+            let t = d.slot_table();
+            if t == old {
+                outcomes[0] += 1;
+            } else if t == new {
+                outcomes[1] += 1;
+            } else {
+                panic!("cut at {budget}: mixed table {t:?}");
+            }
+            // Whatever landed, the boot rule still finds a slot.
+            assert!(slots::select_for_boot(&mut t.clone(), &[]).is_some());
+        }
+        assert!(outcomes[0] > 0 && outcomes[1] > 0, "{outcomes:?}");
     }
 
     #[test]
@@ -626,10 +811,10 @@ mod tests {
         let mut d = fresh(SIZE);
         d.gpt[4].partition_name = "DATA".into();
         d.commit().unwrap();
-        let before = d.into_device().into_inner();
-        let mut d = Disk::open(io::Cursor::new(before.clone()), "mem").unwrap();
+        let before = d.into_device();
+        let mut d = Disk::open(before.clone(), "mem").unwrap();
         let err = d.update_slots(|t| slots::prioritize(t, 4)).unwrap_err();
         assert!(matches!(err, GptError::NotNimbus { .. }), "{err}");
-        assert!(d.into_device().into_inner() == before);
+        assert!(d.into_device().blocks == before.blocks);
     }
 }

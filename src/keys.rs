@@ -44,7 +44,8 @@ impl std::str::FromStr for KeyId {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let mut id = [0u8; 8];
-        hex::decode_to_slice(s, &mut id).map_err(|_| format!("key id {s:?} is not 16 hex digits"))?;
+        hex::decode_to_slice(s, &mut id)
+            .map_err(|_| format!("key id {s:?} is not 16 hex digits"))?;
         Ok(KeyId(id))
     }
 }
@@ -138,7 +139,11 @@ impl ReleaseKey {
             reason: e.to_string(),
         })?;
         durable::write_atomic(&dir.join(SECRET_FILE), &json, 0o600)?;
-        durable::write_atomic(&dir.join(PUBLIC_FILE), &public_key_json(&self.public()), 0o644)?;
+        durable::write_atomic(
+            &dir.join(PUBLIC_FILE),
+            &public_key_json(&self.public()),
+            0o644,
+        )?;
         Ok(())
     }
 
@@ -190,7 +195,10 @@ fn read_key_file(path: &Path) -> Result<KeyFile, KeyError> {
     if kf.algorithm != "ed25519" {
         return Err(KeyError::Format {
             path: path.to_path_buf(),
-            reason: format!("algorithm {:?} is not supported (only ed25519)", kf.algorithm),
+            reason: format!(
+                "algorithm {:?} is not supported (only ed25519)",
+                kf.algorithm
+            ),
         });
     }
     Ok(kf)
@@ -301,7 +309,10 @@ mod tests {
         assert_eq!(k.id, k2.id);
         let t = TrustStore::load_dir(d.path(), 1).unwrap();
         assert!(t.keys.contains_key(&k.id));
-        assert!(matches!(k.write_to_dir(d.path()), Err(KeyError::Exists { .. })));
+        assert!(matches!(
+            k.write_to_dir(d.path()),
+            Err(KeyError::Exists { .. })
+        ));
     }
 
     #[test]

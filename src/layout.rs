@@ -213,10 +213,10 @@ pub fn min_disk_size(usr_size: u64) -> u64 {
 
 /// Place every partition on a disk of `disk_size` bytes.
 pub fn plan(disk_size: u64, usr_size: u64) -> Result<Vec<Placed>, PlanError> {
-    if usr_size == 0 || usr_size % MIB != 0 {
+    if usr_size == 0 || !usr_size.is_multiple_of(MIB) {
         return Err(PlanError::UsrSize { usr_size });
     }
-    if disk_size % SECTOR != 0 {
+    if !disk_size.is_multiple_of(SECTOR) {
         return Err(PlanError::Unaligned { disk_size });
     }
     let needed = min_disk_size(usr_size);

@@ -36,7 +36,12 @@ pub enum VerifyError {
 /// Check one signature against the trust store. A failure under the named
 /// key is tried against the other trusted keys only to tell "signed by the
 /// wrong key" from "content changed"; it never makes the signature count.
-fn verify_one(trust: &TrustStore, keyid: &str, msg: &[u8], sig: &[u8]) -> Result<KeyId, VerifyError> {
+fn verify_one(
+    trust: &TrustStore,
+    keyid: &str,
+    msg: &[u8],
+    sig: &[u8],
+) -> Result<KeyId, VerifyError> {
     let id: KeyId = keyid.parse().map_err(|_| VerifyError::UntrustedKey {
         keyid: keyid.to_string(),
     })?;
@@ -44,9 +49,12 @@ fn verify_one(trust: &TrustStore, keyid: &str, msg: &[u8], sig: &[u8]) -> Result
         keyid: keyid.to_string(),
         len: sig.len(),
     })?;
-    let key = trust.keys.get(&id).ok_or_else(|| VerifyError::UntrustedKey {
-        keyid: keyid.to_string(),
-    })?;
+    let key = trust
+        .keys
+        .get(&id)
+        .ok_or_else(|| VerifyError::UntrustedKey {
+            keyid: keyid.to_string(),
+        })?;
     let sig = Signature::from_bytes(&sig);
     if key.verify_strict(msg, &sig).is_ok() {
         return Ok(id);
@@ -132,17 +140,26 @@ fn field(field: &'static str, reason: impl Into<String>) -> DescriptorError {
 impl SlotDescriptor {
     fn check_fields(&self) -> Result<(), DescriptorError> {
         let b = u64::from(VERITY_BLOCK);
-        if self.data_size == 0 || self.data_size % b != 0 {
-            return Err(field("data_size", format!("{} is not a positive multiple of 4096", self.data_size)));
-        }
-        if self.hash_offset < self.data_size || self.hash_offset % b != 0 {
+        if self.data_size == 0 || !self.data_size.is_multiple_of(b) {
             return Err(field(
-                "hash_offset",
-                format!("{} must be 4096-aligned and not inside the data ({} bytes)", self.hash_offset, self.data_size),
+                "data_size",
+                format!("{} is not a positive multiple of 4096", self.data_size),
             ));
         }
-        if self.hash_size == 0 || self.hash_size % b != 0 {
-            return Err(field("hash_size", format!("{} is not a positive multiple of 4096", self.hash_size)));
+        if self.hash_offset < self.data_size || !self.hash_offset.is_multiple_of(b) {
+            return Err(field(
+                "hash_offset",
+                format!(
+                    "{} must be 4096-aligned and not inside the data ({} bytes)",
+                    self.hash_offset, self.data_size
+                ),
+            ));
+        }
+        if self.hash_size == 0 || !self.hash_size.is_multiple_of(b) {
+            return Err(field(
+                "hash_size",
+                format!("{} is not a positive multiple of 4096", self.hash_size),
+            ));
         }
         if self.version.to_string().len() > VERSION_FIELD.len() {
             return Err(field("version", "longer than 64 bytes"));
@@ -188,7 +205,9 @@ impl SlotDescriptor {
             return Err(DescriptorError::Size(b.len()));
         }
         if &b[0..8] != DESCRIPTOR_MAGIC {
-            return Err(DescriptorError::BadMagic(String::from_utf8_lossy(&b[0..8]).into_owned()));
+            return Err(DescriptorError::BadMagic(
+                String::from_utf8_lossy(&b[0..8]).into_owned(),
+            ));
         }
         let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
         let u64_at = |o: usize| {
@@ -202,7 +221,10 @@ impl SlotDescriptor {
         }
         for off in (12..16).chain(USED_END..SIG_OFFSET) {
             if b[off] != 0 {
-                return Err(DescriptorError::NonZeroReserved { offset: off, value: b[off] });
+                return Err(DescriptorError::NonZeroReserved {
+                    offset: off,
+                    value: b[off],
+                });
             }
         }
         let vf = &b[VERSION_FIELD];
@@ -217,7 +239,10 @@ impl SlotDescriptor {
         let version = Version::parse(vs).map_err(|e| field("version", format!("{vs:?}: {e}")))?;
         for (o, name) in [(104, "data_block_size"), (108, "hash_block_size")] {
             if u32_at(o) != VERITY_BLOCK {
-                return Err(field(name, format!("{} (only 4096 is supported)", u32_at(o))));
+                return Err(field(
+                    name,
+                    format!("{} (only 4096 is supported)", u32_at(o)),
+                ));
             }
         }
         let mut verity_root = [0u8; 32];
@@ -248,7 +273,9 @@ impl SlotDescriptor {
             return Err(DescriptorError::Size(b.len()));
         }
         if &b[0..8] != DESCRIPTOR_MAGIC {
-            return Err(DescriptorError::BadMagic(String::from_utf8_lossy(&b[0..8]).into_owned()));
+            return Err(DescriptorError::BadMagic(
+                String::from_utf8_lossy(&b[0..8]).into_owned(),
+            ));
         }
         let keyid = hex::encode(&b[176..184]);
         verify_one(trust, &keyid, &b[..SIG_OFFSET], &b[SIG_OFFSET..])?;
@@ -327,9 +354,16 @@ pub enum ManifestError {
     #[error("manifest is for channel {got:?}, expected {expected:?}")]
     ChannelMismatch { expected: String, got: String },
     #[error("manifest expired at {expires} (now {now})")]
-    Expired { expires: DateTime<Utc>, now: DateTime<Utc> },
+    Expired {
+        expires: DateTime<Utc>,
+        now: DateTime<Utc>,
+    },
     #[error("manifest serial {serial} is older than serial {last} already accepted for channel {channel:?} (replayed or rolled back)")]
-    Rollback { channel: String, serial: u64, last: u64 },
+    Rollback {
+        channel: String,
+        serial: u64,
+        last: u64,
+    },
     #[error("manifest: {0}")]
     Invalid(String),
 }
@@ -346,14 +380,16 @@ pub struct ManifestPolicy<'a> {
 pub fn valid_channel_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
-        && name
-            .bytes()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'_' || c == b'.')
+        && name.bytes().all(|c| {
+            c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'_' || c == b'.'
+        })
         && !name.starts_with('.')
 }
 
 fn is_hex64(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
+    s.len() == 64
+        && s.bytes()
+            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
 }
 
 impl Manifest {
@@ -364,10 +400,16 @@ impl Manifest {
             return Err(ManifestError::Schema(self.schema));
         }
         if !valid_channel_name(&self.channel) {
-            return bad(format!("channel name {:?} is not [a-z0-9._-]{{1,64}}", self.channel));
+            return bad(format!(
+                "channel name {:?} is not [a-z0-9._-]{{1,64}}",
+                self.channel
+            ));
         }
         if self.expires <= self.issued {
-            return bad(format!("expires {} is not after issued {}", self.expires, self.issued));
+            return bad(format!(
+                "expires {} is not after issued {}",
+                self.expires, self.issued
+            ));
         }
         let mut seen = BTreeSet::new();
         for r in &self.releases {
@@ -389,14 +431,19 @@ impl Manifest {
                 ("verity_root", &r.verity_root),
             ] {
                 if !is_hex64(h) {
-                    return bad(format!("release {v}: {name} is not 64 lowercase hex digits"));
+                    return bad(format!(
+                        "release {v}: {name} is not 64 lowercase hex digits"
+                    ));
                 }
             }
             if r.compressed_size == 0 || r.raw_size == 0 {
                 return bad(format!("release {v}: sizes must be positive"));
             }
             if r.raw_size % DESCRIPTOR_SIZE as u64 != 0 {
-                return bad(format!("release {v}: raw_size {} is not a multiple of 4096", r.raw_size));
+                return bad(format!(
+                    "release {v}: raw_size {} is not a multiple of 4096",
+                    r.raw_size
+                ));
             }
         }
         Ok(())
@@ -428,7 +475,8 @@ impl Manifest {
             });
         }
         verify_detached(bytes, signatures, trust)?;
-        let m: Manifest = serde_json::from_slice(bytes).map_err(|e| ManifestError::Parse(e.to_string()))?;
+        let m: Manifest =
+            serde_json::from_slice(bytes).map_err(|e| ManifestError::Parse(e.to_string()))?;
         m.validate()?;
         if m.channel != policy.channel {
             return Err(ManifestError::ChannelMismatch {
@@ -457,15 +505,19 @@ impl Manifest {
 
 /// Check a detached signature file (`[{"keyid", "sig"}]`) over `bytes`:
 /// at least `trust.threshold` distinct trusted keys must have signed.
-pub fn verify_detached(bytes: &[u8], signatures: &[u8], trust: &TrustStore) -> Result<(), VerifyError> {
+pub fn verify_detached(
+    bytes: &[u8],
+    signatures: &[u8],
+    trust: &TrustStore,
+) -> Result<(), VerifyError> {
     if signatures.len() > MAX_SIGNATURES_BYTES {
         return Err(VerifyError::SignatureFile(format!(
             "{} bytes, larger than the {MAX_SIGNATURES_BYTES}-byte limit",
             signatures.len()
         )));
     }
-    let entries: Vec<SignatureEntry> =
-        serde_json::from_slice(signatures).map_err(|e| VerifyError::SignatureFile(e.to_string()))?;
+    let entries: Vec<SignatureEntry> = serde_json::from_slice(signatures)
+        .map_err(|e| VerifyError::SignatureFile(e.to_string()))?;
     if entries.is_empty() {
         return Err(VerifyError::SignatureFile("no signatures".into()));
     }
@@ -475,7 +527,10 @@ pub fn verify_detached(bytes: &[u8], signatures: &[u8], trust: &TrustStore) -> R
         let sig = match B64.decode(&e.sig) {
             Ok(s) => s,
             Err(err) => {
-                first_err.get_or_insert(VerifyError::SignatureFile(format!("key {}: sig is not base64: {err}", e.keyid)));
+                first_err.get_or_insert(VerifyError::SignatureFile(format!(
+                    "key {}: sig is not base64: {err}",
+                    e.keyid
+                )));
                 continue;
             }
         };
@@ -530,7 +585,13 @@ mod tests {
         let b = descriptor().sign(&k).unwrap();
         let trust = TrustStore::new([k.public()], 1);
         let d = SlotDescriptor::verify(&b, &trust).unwrap();
-        assert_eq!(d, SlotDescriptor { keyid: k.id, ..descriptor() });
+        assert_eq!(
+            d,
+            SlotDescriptor {
+                keyid: k.id,
+                ..descriptor()
+            }
+        );
     }
 
     #[test]
@@ -541,7 +602,10 @@ mod tests {
         for i in 0..DESCRIPTOR_SIZE {
             let mut c = b;
             c[i] ^= 0x01;
-            assert!(SlotDescriptor::verify(&c, &trust).is_err(), "flip at byte {i} passed");
+            assert!(
+                SlotDescriptor::verify(&c, &trust).is_err(),
+                "flip at byte {i} passed"
+            );
         }
     }
 
@@ -578,9 +642,15 @@ mod tests {
         ));
 
         let mut empty = [0u8; DESCRIPTOR_SIZE];
-        assert!(matches!(SlotDescriptor::verify(&empty, &trust_a), Err(DescriptorError::BadMagic(_))));
+        assert!(matches!(
+            SlotDescriptor::verify(&empty, &trust_a),
+            Err(DescriptorError::BadMagic(_))
+        ));
         empty.copy_from_slice(&good);
-        assert!(matches!(SlotDescriptor::verify(&good[..100], &trust_a), Err(DescriptorError::Size(100))));
+        assert!(matches!(
+            SlotDescriptor::verify(&good[..100], &trust_a),
+            Err(DescriptorError::Size(100))
+        ));
     }
 
     fn manifest(serial: u64, now: DateTime<Utc>) -> Manifest {
@@ -615,7 +685,11 @@ mod tests {
         let now = Utc::now();
         let (a, b, c) = (key(1), key(2), key(3));
         let trust = TrustStore::new([a.public(), b.public()], 1);
-        let pol = ManifestPolicy { channel: "stable", now, last_serial: Some(5) };
+        let pol = ManifestPolicy {
+            channel: "stable",
+            now,
+            last_serial: Some(5),
+        };
         let m = manifest(5, now);
         let (bytes, sigs) = signed(&m, &[&a]);
         assert_eq!(Manifest::verify(&bytes, &sigs, &trust, &pol).unwrap(), m);
@@ -625,45 +699,96 @@ mod tests {
         let i = flipped.iter().position(|&c| c == b'5').unwrap();
         flipped[i] = b'6';
         let e = Manifest::verify(&flipped, &sigs, &trust, &pol).unwrap_err();
-        assert!(matches!(e, ManifestError::Signature(VerifyError::BadSignature { .. })), "{e}");
+        assert!(
+            matches!(
+                e,
+                ManifestError::Signature(VerifyError::BadSignature { .. })
+            ),
+            "{e}"
+        );
 
         // Signed by trusted B, labelled as A.
         let mut wrong: Vec<SignatureEntry> = Manifest::sign_bytes(&bytes, &[&b]);
         wrong[0].keyid = a.id.to_string();
-        let e = Manifest::verify(&bytes, &serde_json::to_vec(&wrong).unwrap(), &trust, &pol).unwrap_err();
-        assert!(matches!(e, ManifestError::Signature(VerifyError::WrongKey { .. })), "{e}");
+        let e = Manifest::verify(&bytes, &serde_json::to_vec(&wrong).unwrap(), &trust, &pol)
+            .unwrap_err();
+        assert!(
+            matches!(e, ManifestError::Signature(VerifyError::WrongKey { .. })),
+            "{e}"
+        );
 
         // Truncated signature.
         let mut trunc = Manifest::sign_bytes(&bytes, &[&a]);
         let raw = B64.decode(&trunc[0].sig).unwrap();
         trunc[0].sig = B64.encode(&raw[..40]);
-        let e = Manifest::verify(&bytes, &serde_json::to_vec(&trunc).unwrap(), &trust, &pol).unwrap_err();
-        assert!(matches!(e, ManifestError::Signature(VerifyError::SignatureLength { len: 40, .. })), "{e}");
+        let e = Manifest::verify(&bytes, &serde_json::to_vec(&trunc).unwrap(), &trust, &pol)
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ManifestError::Signature(VerifyError::SignatureLength { len: 40, .. })
+            ),
+            "{e}"
+        );
 
         // Untrusted key.
         let (_, sig_c) = signed(&m, &[&c]);
         let e = Manifest::verify(&bytes, &sig_c, &trust, &pol).unwrap_err();
-        assert!(matches!(e, ManifestError::Signature(VerifyError::UntrustedKey { .. })), "{e}");
+        assert!(
+            matches!(
+                e,
+                ManifestError::Signature(VerifyError::UntrustedKey { .. })
+            ),
+            "{e}"
+        );
 
         // Expired.
-        let pol_late = ManifestPolicy { now: now + Duration::days(15), ..pol.clone() };
+        let pol_late = ManifestPolicy {
+            now: now + Duration::days(15),
+            ..pol.clone()
+        };
         let e = Manifest::verify(&bytes, &sigs, &trust, &pol_late).unwrap_err();
         assert!(matches!(e, ManifestError::Expired { .. }), "{e}");
 
         // Replay of an older serial.
-        let pol_newer = ManifestPolicy { last_serial: Some(6), ..pol.clone() };
+        let pol_newer = ManifestPolicy {
+            last_serial: Some(6),
+            ..pol.clone()
+        };
         let e = Manifest::verify(&bytes, &sigs, &trust, &pol_newer).unwrap_err();
-        assert!(matches!(e, ManifestError::Rollback { serial: 5, last: 6, .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                ManifestError::Rollback {
+                    serial: 5,
+                    last: 6,
+                    ..
+                }
+            ),
+            "{e}"
+        );
 
         // Wrong channel.
-        let pol_beta = ManifestPolicy { channel: "beta", ..pol.clone() };
+        let pol_beta = ManifestPolicy {
+            channel: "beta",
+            ..pol.clone()
+        };
         let e = Manifest::verify(&bytes, &sigs, &trust, &pol_beta).unwrap_err();
         assert!(matches!(e, ManifestError::ChannelMismatch { .. }), "{e}");
 
         // Threshold of two with one signer.
         let trust2 = TrustStore::new([a.public(), b.public()], 2);
         let e = Manifest::verify(&bytes, &sigs, &trust2, &pol).unwrap_err();
-        assert!(matches!(e, ManifestError::Signature(VerifyError::Threshold { valid: 1, needed: 2 })), "{e}");
+        assert!(
+            matches!(
+                e,
+                ManifestError::Signature(VerifyError::Threshold {
+                    valid: 1,
+                    needed: 2
+                })
+            ),
+            "{e}"
+        );
         // Two signatures by the same key count once.
         let (_, twice) = signed(&m, &[&a, &a]);
         assert!(Manifest::verify(&bytes, &twice, &trust2, &pol).is_err());
@@ -672,10 +797,16 @@ mod tests {
 
         // Oversized and malformed.
         let big = vec![b' '; MAX_MANIFEST_BYTES + 1];
-        assert!(matches!(Manifest::verify(&big, &sigs, &trust, &pol), Err(ManifestError::TooLarge { .. })));
+        assert!(matches!(
+            Manifest::verify(&big, &sigs, &trust, &pol),
+            Err(ManifestError::TooLarge { .. })
+        ));
         let junk = b"{not json".to_vec();
         let js = serde_json::to_vec(&Manifest::sign_bytes(&junk, &[&a])).unwrap();
-        assert!(matches!(Manifest::verify(&junk, &js, &trust, &pol), Err(ManifestError::Parse(_))));
+        assert!(matches!(
+            Manifest::verify(&junk, &js, &trust, &pol),
+            Err(ManifestError::Parse(_))
+        ));
         assert!(matches!(
             Manifest::verify(&bytes, b"not json", &trust, &pol),
             Err(ManifestError::Signature(VerifyError::SignatureFile(_)))
@@ -688,7 +819,10 @@ mod tests {
         for p in ["../x", "/etc/passwd", "a//b", "http://evil/x", "a/./b", ""] {
             let mut m = manifest(1, now);
             m.releases[0].payload = p.into();
-            assert!(matches!(m.validate(), Err(ManifestError::Invalid(_))), "{p} passed");
+            assert!(
+                matches!(m.validate(), Err(ManifestError::Invalid(_))),
+                "{p} passed"
+            );
         }
     }
 

@@ -69,7 +69,9 @@ impl Entry {
 pub enum SlotError {
     #[error("partition {0} is not a USR slot of this disk")]
     NoSuchSlot(u32),
-    #[error("partition {0} is not bootable (priority 0, or neither successful nor any tries left)")]
+    #[error(
+        "partition {0} is not bootable (priority 0, or neither successful nor any tries left)"
+    )]
     NotBootable(u32),
 }
 
@@ -151,7 +153,10 @@ pub fn raise_priority(table: &mut [Entry], number: u32) -> Result<(), SlotError>
             if p.priority > 0 {
                 // Position in the sorted list, plus one: never 0.
                 let rank = distinct.iter().position(|&d| d == p.priority).unwrap_or(0) as u8 + 1;
-                e.set(Prio { priority: rank, ..p });
+                e.set(Prio {
+                    priority: rank,
+                    ..p
+                });
             }
         }
         distinct.len() as u8 + 1
@@ -267,8 +272,22 @@ mod tests {
     fn fresh_update_flow() {
         let mut t = [e(3, 1, 0, true), e(4, 0, 0, false)];
         prioritize(&mut t, 4).unwrap();
-        assert_eq!(t[1].prio(), Prio { priority: 2, tries: 1, successful: false });
-        assert_eq!(t[0].prio(), Prio { priority: 1, tries: 0, successful: true });
+        assert_eq!(
+            t[1].prio(),
+            Prio {
+                priority: 2,
+                tries: 1,
+                successful: false
+            }
+        );
+        assert_eq!(
+            t[0].prio(),
+            Prio {
+                priority: 1,
+                tries: 0,
+                successful: true
+            }
+        );
         let c = select_for_boot(&mut t, &[]).unwrap();
         assert_eq!((c.number, c.changed), (4, true));
         assert_eq!(t[1].prio().tries, 0);

@@ -1,1 +1,106 @@
-fn main(){}
+//! `cargo xtask`: the project's developer commands, in Rust so they run
+//! wherever cargo does (the rust-analyzer pattern).
+//!
+//! Exit codes: 0 success, 1 the operation failed (the message says why),
+//! 2 bad command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod deps;
+mod disk;
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Nimbus developer commands")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Inspect and change Nimbus disk images (GPT layout and A/B slot attributes).
+    Disk {
+        #[command(subcommand)]
+        cmd: disk::DiskCmd,
+    },
+    /// Generate a release signing key pair (release.key, release.pub) in DIR.
+    Keygen {
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+    /// Install the Debian packages the build and the test suite need (.ci/packages.txt).
+    Deps {
+        /// Only report what is missing; exit 1 if anything is.
+        #[arg(long)]
+        check: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Disk { cmd } => disk::run(cmd),
+        Cmd::Keygen { out } => keygen(&out),
+        Cmd::Deps { check } => deps::run(check),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn keygen(out: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let key = nimbus::keys::ReleaseKey::generate()?;
+    key.write_to_dir(out)?;
+    println!("{}", key.id);
+    eprintln!(
+        "wrote {} and {} (key id {})",
+        out.join(nimbus::keys::SECRET_FILE).display(),
+        out.join(nimbus::keys::PUBLIC_FILE).display(),
+        key.id
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// "3G", "512M", "64MiB", "4096" -> bytes.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("size {s:?}: expected a number with an optional K/M/G/T suffix"))?;
+    let mult: u64 = match unit.to_ascii_uppercase().as_str() {
+        "" | "B" => 1,
+        "K" | "KIB" => 1 << 10,
+        "M" | "MIB" => 1 << 20,
+        "G" | "GIB" => 1 << 30,
+        "T" | "TIB" => 1 << 40,
+        _ => {
+            return Err(format!(
+                "size {s:?}: unknown unit {unit:?} (use K, M, G or T)"
+            ))
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size {s:?} overflows"))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes() {
+        assert_eq!(super::parse_size("3G"), Ok(3 << 30));
+        assert_eq!(super::parse_size("64MiB"), Ok(64 << 20));
+        assert_eq!(super::parse_size("4096"), Ok(4096));
+        assert!(super::parse_size("12X").is_err());
+        assert!(super::parse_size("G").is_err());
+        assert!(super::parse_size("99999999999T").is_err());
+    }
+}

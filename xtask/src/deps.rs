@@ -1,0 +1,85 @@
+//! `cargo xtask deps`: install the host packages listed in .ci/packages.txt.
+//! One list serves the README, `.ci/run` and this command, so they cannot
+//! drift apart.
+
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+
+use anyhow::{bail, Context};
+
+pub fn package_list() -> anyhow::Result<Vec<String>> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.ci/packages.txt");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
+    Ok(text
+        .lines()
+        .map(|l| l.split('#').next().unwrap_or("").trim())
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect())
+}
+
+fn missing(pkgs: &[String]) -> anyhow::Result<Vec<String>> {
+    let out = Command::new("dpkg-query")
+        .args(["-W", "-f", "${Package} ${db:Status-Status}\n"])
+        .args(pkgs)
+        .output()
+        .context("dpkg-query (is this a Debian system?)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let installed: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_suffix(" installed"))
+        .collect();
+    Ok(pkgs
+        .iter()
+        .filter(|p| !installed.contains(&p.as_str()))
+        .cloned()
+        .collect())
+}
+
+pub fn run(check: bool) -> anyhow::Result<ExitCode> {
+    let pkgs = package_list()?;
+    let miss = missing(&pkgs)?;
+    if miss.is_empty() {
+        eprintln!("deps: all {} packages installed", pkgs.len());
+        return Ok(ExitCode::SUCCESS);
+    }
+    eprintln!("deps: missing: {}", miss.join(" "));
+    if check {
+        return Ok(ExitCode::FAILURE);
+    }
+    if !nix_is_root() {
+        bail!(
+            "installing packages needs root: run `sudo apt-get install {}`",
+            miss.join(" ")
+        );
+    }
+    let status = Command::new("apt-get")
+        .arg("update")
+        .status()
+        .context("apt-get update")?;
+    if !status.success() {
+        bail!("apt-get update failed ({status})");
+    }
+    let status = Command::new("apt-get")
+        .args(["install", "-y", "--no-install-recommends"])
+        .args(&miss)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .context("apt-get install")?;
+    if !status.success() {
+        bail!("apt-get install failed ({status})");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn nix_is_root() -> bool {
+    // The effective uid (second field of Uid:) from /proc needs no libc call.
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}
