@@ -26,6 +26,19 @@ fn err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(io::Error) -> Durabl
 
 /// Replace `path` with `data`, created with `mode` (e.g. 0o600 for secrets).
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), DurableError> {
+    write_atomic_owned(path, data, mode, None)
+}
+
+/// As [`write_atomic`], and also set the owner (uid, gid). Mode and owner are
+/// set on the temp file before the rename, so the file never appears with
+/// the wrong ones, and the mode ignores the umask.
+pub fn write_atomic_owned(
+    path: &Path,
+    data: &[u8],
+    mode: u32,
+    owner: Option<(u32, u32)>,
+) -> Result<(), DurableError> {
+    use std::os::unix::fs::PermissionsExt;
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -48,6 +61,12 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), DurableEr
             .open(&tmp)
             .map_err(err(&tmp, "create"))?;
         f.write_all(data).map_err(err(&tmp, "write"))?;
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::fchown(&f, Some(uid), Some(gid)).map_err(err(&tmp, "chown"))?;
+        }
+        // After chown: chown clears setuid/setgid bits.
+        f.set_permissions(fs::Permissions::from_mode(mode))
+            .map_err(err(&tmp, "chmod"))?;
         f.sync_all().map_err(err(&tmp, "fsync"))?;
         fs::rename(&tmp, path).map_err(err(path, "rename"))?;
         sync_dir(dir)

@@ -16,5 +16,6 @@ pub mod keys;
 pub mod layout;
 pub mod release;
 pub mod slots;
+pub mod updateconf;
 
 pub use semver::Version;

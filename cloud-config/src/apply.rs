@@ -1,0 +1,918 @@
+//! Apply a checked [`CloudConfig`] to a root directory.
+//!
+//! Every path is resolved inside the root with chroot semantics (absolute
+//! symlink targets are re-rooted, `..` may not climb out), so a hostile or
+//! careless symlink cannot make us write outside it. Every write is atomic
+//! and skipped when the file already has the wanted bytes, mode and owner:
+//! applying the same file twice changes nothing the second time.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+
+use nimbus::durable;
+use nimbus::updateconf::UpdateConf;
+
+use crate::schema::{CloudConfig, Unit, User, NETWORK_SUFFIXES};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error(
+        "{path}: resolves outside the root {root} (through symlink {link}); refusing to write"
+    )]
+    Escapes {
+        path: String,
+        root: PathBuf,
+        link: PathBuf,
+    },
+    #[error("{path}: too many levels of symbolic links")]
+    Loop { path: String },
+    #[error("{path}: {component} is not a directory")]
+    NotADirectory { path: String, component: PathBuf },
+    #[error(transparent)]
+    Durable(#[from] durable::DurableError),
+    #[error("{what}: {reason}")]
+    Invalid { what: String, reason: String },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ApplyError + '_ {
+    move |source| ApplyError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// What apply did, for the log and for idempotency tests.
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Report {
+    pub changed: Vec<String>,
+    pub unchanged: usize,
+    /// Commands run on a live system, or that would have run.
+    pub commands: Vec<String>,
+    pub errors: Vec<String>,
+}
+
+/// Runs systemctl and friends on a live system; tests and `--root` use
+/// [`NoCommands`], which records instead.
+pub trait CommandRunner {
+    fn run(&mut self, argv: &[&str]) -> Result<(), String>;
+    fn live(&self) -> bool;
+}
+
+pub struct NoCommands;
+
+impl CommandRunner for NoCommands {
+    fn run(&mut self, _argv: &[&str]) -> Result<(), String> {
+        Ok(())
+    }
+    fn live(&self) -> bool {
+        false
+    }
+}
+
+pub struct SystemCommands;
+
+impl CommandRunner for SystemCommands {
+    fn run(&mut self, argv: &[&str]) -> Result<(), String> {
+        let status = std::process::Command::new(argv[0])
+            .args(&argv[1..])
+            .status()
+            .map_err(|e| format!("{}: {e}", argv[0]))?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(format!("`{}` failed: {status}", argv.join(" ")))
+        }
+    }
+    fn live(&self) -> bool {
+        true
+    }
+}
+
+pub struct Root {
+    root: PathBuf,
+    pub report: Report,
+}
+
+impl Root {
+    pub fn new(root: &Path) -> Result<Root, ApplyError> {
+        let root = fs::canonicalize(root).map_err(io_err(root))?;
+        Ok(Root {
+            root,
+            report: Report::default(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.root
+    }
+
+    /// Map an absolute in-root path to a host path, resolving symlinks in the
+    /// parent directories inside the root. The last component is not
+    /// followed: writes replace it.
+    pub fn resolve(&self, path: &str) -> Result<PathBuf, ApplyError> {
+        let mut todo: Vec<PathBuf> = Path::new(path)
+            .components()
+            .filter_map(|c| match c {
+                Component::Normal(s) => Some(PathBuf::from(s)),
+                Component::ParentDir => Some(PathBuf::from("..")),
+                _ => None,
+            })
+            .rev()
+            .collect();
+        let Some(last) = todo.first().cloned() else {
+            return Ok(self.root.clone());
+        };
+        if last == Path::new("..") {
+            return Err(ApplyError::Invalid {
+                what: path.into(),
+                reason: "ends in `..`".into(),
+            });
+        }
+        todo.remove(0);
+        let mut done: Vec<PathBuf> = Vec::new();
+        let mut hops = 0;
+        let mut last_link: Option<PathBuf> = None;
+        while let Some(c) = todo.pop() {
+            if c == Path::new("..") {
+                if done.pop().is_none() {
+                    return Err(ApplyError::Escapes {
+                        path: path.into(),
+                        root: self.root.clone(),
+                        link: last_link.unwrap_or_else(|| PathBuf::from("..")),
+                    });
+                }
+                continue;
+            }
+            let here: PathBuf = self.root.join(done.iter().collect::<PathBuf>()).join(&c);
+            match fs::symlink_metadata(&here) {
+                Ok(m) if m.file_type().is_symlink() => {
+                    hops += 1;
+                    if hops > 40 {
+                        return Err(ApplyError::Loop { path: path.into() });
+                    }
+                    let target = fs::read_link(&here).map_err(io_err(&here))?;
+                    // chroot semantics: an absolute target starts again at
+                    // the root; a relative one continues from the link's dir.
+                    if target.is_absolute() {
+                        done.clear();
+                    }
+                    for tc in target.components().rev() {
+                        match tc {
+                            Component::Normal(s) => todo.push(PathBuf::from(s)),
+                            Component::ParentDir => todo.push(PathBuf::from("..")),
+                            _ => {}
+                        }
+                    }
+                    last_link = Some(here);
+                }
+                Ok(m) if !m.is_dir() => {
+                    return Err(ApplyError::NotADirectory {
+                        path: path.into(),
+                        component: here,
+                    })
+                }
+                _ => done.push(c),
+            }
+        }
+        let mut out = self.root.clone();
+        for d in done {
+            out.push(d);
+        }
+        out.push(last);
+        Ok(out)
+    }
+
+    fn mkdirs(&mut self, host_dir: &Path) -> Result<(), ApplyError> {
+        if host_dir.is_dir() {
+            return Ok(());
+        }
+        fs::create_dir_all(host_dir).map_err(io_err(host_dir))?;
+        Ok(())
+    }
+
+    /// Write `data` at in-root `path` unless it is already there exactly.
+    pub fn write(
+        &mut self,
+        path: &str,
+        data: &[u8],
+        mode: u32,
+        owner: Option<(u32, u32)>,
+    ) -> Result<(), ApplyError> {
+        let host = self.resolve(path)?;
+        if let Ok(m) = fs::symlink_metadata(&host) {
+            let same_owner = owner.is_none_or(|(u, g)| m.uid() == u && m.gid() == g);
+            if m.is_file()
+                && m.permissions().mode() & 0o7777 == mode
+                && same_owner
+                && fs::read(&host).ok().as_deref() == Some(data)
+            {
+                self.report.unchanged += 1;
+                return Ok(());
+            }
+            if m.is_dir() {
+                return Err(ApplyError::Invalid {
+                    what: path.into(),
+                    reason: "is a directory".into(),
+                });
+            }
+        }
+        if let Some(parent) = host.parent() {
+            self.mkdirs(parent)?;
+        }
+        durable::write_atomic_owned(&host, data, mode, owner)?;
+        self.report.changed.push(path.to_string());
+        Ok(())
+    }
+
+    /// Make in-root `path` a symlink to `target` (a path as seen by the host
+    /// system once booted).
+    pub fn symlink(&mut self, path: &str, target: &str) -> Result<(), ApplyError> {
+        let host = self.resolve(path)?;
+        if fs::read_link(&host).ok().as_deref() == Some(Path::new(target)) {
+            self.report.unchanged += 1;
+            return Ok(());
+        }
+        if let Some(parent) = host.parent() {
+            self.mkdirs(parent)?;
+        }
+        let tmp = host.with_file_name(format!(
+            ".{}.tmp.{}",
+            host.file_name().and_then(|n| n.to_str()).unwrap_or("link"),
+            std::process::id()
+        ));
+        let _ = fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(target, &tmp).map_err(io_err(&tmp))?;
+        fs::rename(&tmp, &host).map_err(io_err(&host))?;
+        if let Some(parent) = host.parent() {
+            durable::sync_dir(parent)?;
+        }
+        self.report.changed.push(path.to_string());
+        Ok(())
+    }
+
+    pub fn read(&self, path: &str) -> Option<String> {
+        fs::read_to_string(self.resolve(path).ok()?).ok()
+    }
+
+    fn mkdir_owned(&mut self, path: &str, mode: u32, owner: (u32, u32)) -> Result<(), ApplyError> {
+        let host = self.resolve(path)?;
+        if !host.is_dir() {
+            if let Some(parent) = host.parent() {
+                self.mkdirs(parent)?;
+            }
+            fs::create_dir(&host).map_err(io_err(&host))?;
+            self.report.changed.push(format!("{path}/"));
+        }
+        let m = fs::metadata(&host).map_err(io_err(&host))?;
+        if (m.uid(), m.gid()) != owner {
+            std::os::unix::fs::chown(&host, Some(owner.0), Some(owner.1)).map_err(io_err(&host))?;
+        }
+        if m.permissions().mode() & 0o7777 != mode {
+            fs::set_permissions(&host, fs::Permissions::from_mode(mode)).map_err(io_err(&host))?;
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------
+// passwd / group / shadow
+
+#[derive(Debug, Clone)]
+struct Db {
+    path: &'static str,
+    lines: Vec<Vec<String>>,
+    fields: usize,
+}
+
+impl Db {
+    fn load(root: &Root, path: &'static str, fields: usize) -> Db {
+        let lines = root
+            .read(path)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(|l| l.split(':').map(str::to_string).collect())
+            .collect();
+        Db {
+            path,
+            lines,
+            fields,
+        }
+    }
+    fn find(&self, name: &str) -> Option<&Vec<String>> {
+        self.lines
+            .iter()
+            .find(|l| l.first().map(String::as_str) == Some(name))
+    }
+    fn find_mut(&mut self, name: &str) -> Option<&mut Vec<String>> {
+        self.lines
+            .iter_mut()
+            .find(|l| l.first().map(String::as_str) == Some(name))
+    }
+    fn ids(&self) -> Vec<u32> {
+        self.lines
+            .iter()
+            .filter_map(|l| l.get(2)?.parse().ok())
+            .collect()
+    }
+    fn render(&self) -> String {
+        self.lines
+            .iter()
+            .map(|l| {
+                let mut l = l.clone();
+                l.resize(self.fields.max(l.len()), String::new());
+                l.join(":") + "\n"
+            })
+            .collect()
+    }
+    fn save(&self, root: &mut Root, mode: u32) -> Result<(), ApplyError> {
+        root.write(self.path, self.render().as_bytes(), mode, Some((0, 0)))
+    }
+}
+
+struct Accounts {
+    passwd: Db,
+    group: Db,
+    shadow: Db,
+}
+
+impl Accounts {
+    fn load(root: &Root) -> Accounts {
+        Accounts {
+            passwd: Db::load(root, "/etc/passwd", 7),
+            group: Db::load(root, "/etc/group", 4),
+            shadow: Db::load(root, "/etc/shadow", 9),
+        }
+    }
+
+    fn uid(&self, name: &str) -> Option<u32> {
+        if let Ok(n) = name.parse() {
+            return Some(n);
+        }
+        self.passwd.find(name)?.get(2)?.parse().ok()
+    }
+
+    fn gid(&self, name: &str) -> Option<u32> {
+        if let Ok(n) = name.parse() {
+            return Some(n);
+        }
+        self.group.find(name)?.get(2)?.parse().ok()
+    }
+
+    fn free_id(used: &[u32], system: bool) -> u32 {
+        let range = if system { 100..1000 } else { 1000..60000 };
+        range
+            .clone()
+            .find(|i| !used.contains(i))
+            .unwrap_or(range.end)
+    }
+
+    fn add_member(&mut self, group: &str, user: &str) -> Result<(), String> {
+        let g = self
+            .group
+            .find_mut(group)
+            .ok_or_else(|| format!("group {group:?} does not exist"))?;
+        g.resize(4, String::new());
+        let mut members: Vec<String> = g[3]
+            .split(',')
+            .filter(|m| !m.is_empty())
+            .map(str::to_string)
+            .collect();
+        if !members.iter().any(|m| m == user) {
+            members.push(user.to_string());
+            g[3] = members.join(",");
+        }
+        Ok(())
+    }
+
+    /// Create or update a user; returns (uid, gid, home).
+    fn ensure(&mut self, u: &User, today: u64) -> Result<(u32, u32, String), String> {
+        if let Some(existing) = self.passwd.find(&u.name).cloned() {
+            if let Some(hash) = &u.passwd {
+                if let Some(s) = self.shadow.find_mut(&u.name) {
+                    s.resize(9, String::new());
+                    s[1] = hash.clone();
+                }
+            }
+            for g in &u.groups {
+                self.add_member(g, &u.name)?;
+            }
+            let uid = existing.get(2).and_then(|x| x.parse().ok()).unwrap_or(0);
+            let gid = existing.get(3).and_then(|x| x.parse().ok()).unwrap_or(0);
+            return Ok((uid, gid, existing.get(5).cloned().unwrap_or_default()));
+        }
+        let uid = Self::free_id(&self.passwd.ids(), u.system);
+        let gid = match (&u.primary_group, u.no_user_group) {
+            (Some(g), _) => self
+                .gid(g)
+                .ok_or_else(|| format!("primary_group {g:?} does not exist"))?,
+            (None, true) => self.gid("users").unwrap_or(100),
+            (None, false) => {
+                if self.group.find(&u.name).is_some() {
+                    return Err(format!(
+                        "a group named {:?} already exists; set primary_group or no_user_group",
+                        u.name
+                    ));
+                }
+                let gid = if self.group.ids().contains(&uid) {
+                    Self::free_id(&self.group.ids(), u.system)
+                } else {
+                    uid
+                };
+                self.group.lines.push(vec![
+                    u.name.clone(),
+                    "x".into(),
+                    gid.to_string(),
+                    String::new(),
+                ]);
+                gid
+            }
+        };
+        let home = u
+            .homedir
+            .clone()
+            .unwrap_or_else(|| format!("/home/{}", u.name));
+        let shell = u.shell.clone().unwrap_or_else(|| "/bin/bash".into());
+        self.passwd.lines.push(vec![
+            u.name.clone(),
+            "x".into(),
+            uid.to_string(),
+            gid.to_string(),
+            u.gecos.clone().unwrap_or_default(),
+            home.clone(),
+            shell,
+        ]);
+        self.shadow.lines.push(vec![
+            u.name.clone(),
+            u.passwd.clone().unwrap_or_else(|| "*".into()),
+            today.to_string(),
+            "0".into(),
+            "99999".into(),
+            "7".into(),
+            String::new(),
+            String::new(),
+            String::new(),
+        ]);
+        for g in &u.groups {
+            self.add_member(g, &u.name)?;
+        }
+        Ok((uid, gid, home))
+    }
+
+    fn save(&self, root: &mut Root) -> Result<(), ApplyError> {
+        self.passwd.save(root, 0o644)?;
+        self.group.save(root, 0o644)?;
+        self.shadow.save(root, 0o640)
+    }
+}
+
+fn days_since_epoch() -> u64 {
+    let secs = std::env::var("SOURCE_DATE_EPOCH")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0)
+        });
+    secs / 86400
+}
+
+/// Flatcar's layout: each source of keys gets a file in authorized_keys.d,
+/// and authorized_keys is their concatenation, so keys added by other tools
+/// survive.
+fn write_ssh_keys(
+    root: &mut Root,
+    home: &str,
+    owner: (u32, u32),
+    keys: &[String],
+) -> Result<(), ApplyError> {
+    root.mkdir_owned(&format!("{home}/.ssh"), 0o700, owner)?;
+    root.mkdir_owned(&format!("{home}/.ssh/authorized_keys.d"), 0o700, owner)?;
+    let mut body = keys.join("\n");
+    body.push('\n');
+    root.write(
+        &format!("{home}/.ssh/authorized_keys.d/cloud-config"),
+        body.as_bytes(),
+        0o600,
+        Some(owner),
+    )?;
+    let dir = root.resolve(&format!("{home}/.ssh/authorized_keys.d"))?;
+    let mut names: Vec<PathBuf> = fs::read_dir(&dir)
+        .map_err(io_err(&dir))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| {
+            p.is_file()
+                && !p
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+        })
+        .collect();
+    names.sort();
+    let mut all = String::new();
+    for p in names {
+        let name = p
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        all.push_str(&format!("# {name}\n"));
+        all.push_str(&fs::read_to_string(&p).map_err(io_err(&p))?);
+    }
+    root.write(
+        &format!("{home}/.ssh/authorized_keys"),
+        all.as_bytes(),
+        0o600,
+        Some(owner),
+    )
+}
+
+fn apply_users(root: &mut Root, cfg: &CloudConfig) -> Result<(), ApplyError> {
+    if cfg.users.is_empty() && cfg.ssh_authorized_keys.is_empty() {
+        return Ok(());
+    }
+    let mut acc = Accounts::load(root);
+    let today = days_since_epoch();
+    let mut homes: Vec<(User, (u32, u32, String))> = Vec::new();
+    let mut users = cfg.users.clone();
+    if !cfg.ssh_authorized_keys.is_empty() {
+        // The top-level keys are the `core` user's, as on CoreOS.
+        let mut core = users
+            .iter()
+            .find(|u| u.name == "core")
+            .cloned()
+            .unwrap_or_else(|| User {
+                name: "core".into(),
+                groups: ["sudo", "docker", "systemd-journal"]
+                    .iter()
+                    .filter(|g| acc.group.find(g).is_some())
+                    .map(|g| g.to_string())
+                    .collect(),
+                ..User::default()
+            });
+        core.ssh_authorized_keys
+            .extend(cfg.ssh_authorized_keys.iter().cloned());
+        users.retain(|u| u.name != "core");
+        users.push(core);
+    }
+    for u in &users {
+        match acc.ensure(u, today) {
+            Ok(ids) => homes.push((u.clone(), ids)),
+            Err(e) => root.report.errors.push(format!("user {}: {e}", u.name)),
+        }
+    }
+    acc.save(root)?;
+    for (u, (uid, gid, home)) in homes {
+        if !u.no_create_home && !u.system {
+            root.mkdir_owned(&home, 0o700, (uid, gid))?;
+        }
+        if !u.ssh_authorized_keys.is_empty() {
+            write_ssh_keys(root, &home, (uid, gid), &u.ssh_authorized_keys)?;
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// units
+
+fn unit_dirs(u: &Unit) -> &'static str {
+    let network = NETWORK_SUFFIXES.iter().any(|s| u.name.ends_with(s));
+    match (network, u.runtime) {
+        (true, false) => "/etc/systemd/network",
+        (true, true) => "/run/systemd/network",
+        (false, false) => "/etc/systemd/system",
+        (false, true) => "/run/systemd/system",
+    }
+}
+
+/// `foo@bar.service` is installed from `foo@.service`.
+fn template_of(name: &str) -> Option<String> {
+    let (prefix, rest) = name.split_once('@')?;
+    let dot = rest.rfind('.')?;
+    if dot == 0 {
+        return None;
+    }
+    Some(format!("{prefix}@{}", &rest[dot..]))
+}
+
+/// WantedBy=/RequiredBy= targets from a unit's [Install] section.
+fn install_targets(content: &str) -> Vec<(String, &'static str)> {
+    let mut out = Vec::new();
+    let mut in_install = false;
+    for line in content.lines() {
+        let t = line.trim();
+        if t.starts_with('[') {
+            in_install = t == "[Install]";
+            continue;
+        }
+        if !in_install {
+            continue;
+        }
+        if let Some((k, v)) = t.split_once('=') {
+            let kind = match k.trim() {
+                "WantedBy" => ".wants",
+                "RequiredBy" => ".requires",
+                _ => continue,
+            };
+            for target in v.split_whitespace() {
+                out.push((target.to_string(), kind));
+            }
+        }
+    }
+    out
+}
+
+fn find_unit_file(root: &Root, name: &str, dir: &str) -> Option<(String, String)> {
+    let file = template_of(name).unwrap_or_else(|| name.to_string());
+    for d in [
+        dir,
+        "/etc/systemd/system",
+        "/run/systemd/system",
+        "/usr/lib/systemd/system",
+        "/lib/systemd/system",
+    ] {
+        let p = format!("{d}/{file}");
+        if let Some(c) = root.read(&p) {
+            return Some((p, c));
+        }
+    }
+    None
+}
+
+fn apply_units(root: &mut Root, cfg: &CloudConfig) -> Result<bool, ApplyError> {
+    let before = root.report.changed.len();
+    for u in &cfg.units {
+        let dir = unit_dirs(u);
+        let path = format!("{dir}/{}", u.name);
+        if u.mask {
+            root.symlink(&path, "/dev/null")?;
+        } else if let Some(content) = &u.content {
+            root.write(&path, content.as_bytes(), 0o644, Some((0, 0)))?;
+        }
+        for (name, content) in &u.drop_ins {
+            root.write(
+                &format!("{dir}/{}.d/{name}", u.name),
+                content.as_bytes(),
+                0o644,
+                Some((0, 0)),
+            )?;
+        }
+        if u.enable && !u.mask {
+            let Some((file_path, content)) = find_unit_file(root, &u.name, dir) else {
+                root.report.errors.push(format!(
+                    "unit {}: cannot enable: no unit file (give `content`)",
+                    u.name
+                ));
+                continue;
+            };
+            let targets = install_targets(&content);
+            if targets.is_empty() {
+                root.report.errors.push(format!(
+                    "unit {}: cannot enable: {file_path} has no WantedBy=/RequiredBy= in [Install]",
+                    u.name
+                ));
+                continue;
+            }
+            let link_dir = if u.runtime {
+                "/run/systemd/system"
+            } else {
+                "/etc/systemd/system"
+            };
+            for (target, kind) in targets {
+                root.symlink(&format!("{link_dir}/{target}{kind}/{}", u.name), &file_path)?;
+            }
+        }
+    }
+    for d in &cfg.env_dropins {
+        let mut body = String::from("[Service]\n");
+        for (k, v) in &d.vars {
+            let esc = v
+                .replace('\\', "\\\\")
+                .replace('"', "\\\"")
+                .replace('%', "%%");
+            body.push_str(&format!("Environment=\"{k}={esc}\"\n"));
+        }
+        root.write(
+            &format!("/run/systemd/system/{}.d/20-cloudinit.conf", d.unit),
+            body.as_bytes(),
+            0o644,
+            Some((0, 0)),
+        )?;
+    }
+    Ok(root.report.changed.len() > before)
+}
+
+fn apply_update_conf(root: &mut Root, cfg: &CloudConfig) -> Result<(), ApplyError> {
+    let mut set: BTreeMap<&str, String> = BTreeMap::new();
+    if let Some(u) = &cfg.update {
+        if let Some(v) = &u.group {
+            set.insert("GROUP", v.clone());
+        }
+        if let Some(v) = &u.server {
+            set.insert("SERVER", v.clone());
+        }
+        if let Some(v) = &u.reboot_strategy {
+            set.insert("REBOOT_STRATEGY", v.clone());
+        }
+    }
+    if let Some(l) = &cfg.locksmith {
+        for (k, v) in [
+            ("REBOOT_WINDOW_START", &l.window_start),
+            ("REBOOT_WINDOW_LENGTH", &l.window_length),
+            ("ETCD_ENDPOINTS", &l.endpoint),
+            ("ETCD_CAFILE", &l.etcd_cafile),
+            ("ETCD_CERTFILE", &l.etcd_certfile),
+            ("ETCD_KEYFILE", &l.etcd_keyfile),
+            ("REBOOT_GROUP", &l.group),
+        ] {
+            if let Some(v) = v {
+                set.insert(k, v.clone());
+            }
+        }
+    }
+    if set.is_empty() {
+        return Ok(());
+    }
+    let path = format!("/{}", nimbus::updateconf::ETC_PATH);
+    let mut conf = match root.read(&path) {
+        Some(text) => UpdateConf::parse(&text).map_err(|e| ApplyError::Invalid {
+            what: path.clone(),
+            reason: e.to_string(),
+        })?,
+        None => UpdateConf::default(),
+    };
+    for (k, v) in set {
+        // Quote values with spaces ("Thu 04:00") so the file stays
+        // shell-sourceable, as Flatcar's is.
+        let v = if v.contains(char::is_whitespace) {
+            format!("\"{v}\"")
+        } else {
+            v
+        };
+        conf.set(k, &v);
+    }
+    root.write(&path, conf.render().as_bytes(), 0o644, Some((0, 0)))
+}
+
+/// Apply everything. Problems that concern one item (a group that does not
+/// exist, a unit that cannot be enabled) are collected in the report and the
+/// rest is still applied; I/O failures and escapes stop at once.
+pub fn apply(
+    root: &mut Root,
+    cfg: &CloudConfig,
+    cmds: &mut dyn CommandRunner,
+) -> Result<(), ApplyError> {
+    if let Some(h) = &cfg.hostname {
+        root.write(
+            "/etc/hostname",
+            format!("{h}\n").as_bytes(),
+            0o644,
+            Some((0, 0)),
+        )?;
+        if cmds.live() {
+            fs::write("/proc/sys/kernel/hostname", h)
+                .map_err(io_err(Path::new("/proc/sys/kernel/hostname")))?;
+        }
+    }
+    if cfg.manage_etc_hosts {
+        let host = cfg
+            .hostname
+            .clone()
+            .or_else(|| root.read("/etc/hostname").map(|s| s.trim().to_string()))
+            .filter(|h| !h.is_empty());
+        let mut hosts =
+            String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
+        if let Some(h) = host {
+            let short = h.split('.').next().unwrap_or(&h).to_string();
+            let names = if short == h {
+                h
+            } else {
+                format!("{h} {short}")
+            };
+            hosts.push_str(&format!("127.0.1.1\t{names}\n"));
+        }
+        root.write("/etc/hosts", hosts.as_bytes(), 0o644, Some((0, 0)))?;
+    }
+    apply_users(root, cfg)?;
+    let acc = Accounts::load(root);
+    for f in &cfg.write_files {
+        let owner = match &f.owner {
+            None => (0, 0),
+            Some(o) => {
+                let (u, g) = o.split_once(':').unwrap_or((o, ""));
+                let uid = acc.uid(u);
+                let gid = if g.is_empty() {
+                    acc.passwd
+                        .find(u)
+                        .and_then(|l| l.get(3)?.parse().ok())
+                        .or(uid)
+                } else {
+                    acc.gid(g)
+                };
+                match (uid, gid) {
+                    (Some(uid), Some(gid)) => (uid, gid),
+                    _ => {
+                        root.report.errors.push(format!(
+                            "write_files {}: owner {o:?} does not exist",
+                            f.path
+                        ));
+                        continue;
+                    }
+                }
+            }
+        };
+        root.write(&f.path, &f.content, f.permissions, Some(owner))?;
+    }
+    if !cfg.oem.is_empty() {
+        let body: String = cfg
+            .oem
+            .iter()
+            .map(|(k, v)| {
+                format!(
+                    "{}=\"{}\"\n",
+                    k.to_ascii_uppercase(),
+                    v.replace('"', "\\\"")
+                )
+            })
+            .collect();
+        root.write("/etc/oem-release", body.as_bytes(), 0o644, Some((0, 0)))?;
+    }
+    apply_update_conf(root, cfg)?;
+    let units_changed = apply_units(root, cfg)?;
+
+    let mut argvs: Vec<Vec<String>> = Vec::new();
+    if units_changed {
+        argvs.push(vec!["systemctl".into(), "daemon-reload".into()]);
+    }
+    if cfg
+        .units
+        .iter()
+        .any(|u| NETWORK_SUFFIXES.iter().any(|s| u.name.ends_with(s)))
+        && units_changed
+    {
+        argvs.push(vec![
+            "systemctl".into(),
+            "try-restart".into(),
+            "systemd-networkd.service".into(),
+        ]);
+    }
+    for u in &cfg.units {
+        if let Some(c) = &u.command {
+            argvs.push(vec!["systemctl".into(), c.clone(), u.name.clone()]);
+        }
+    }
+    for argv in argvs {
+        let refs: Vec<&str> = argv.iter().map(String::as_str).collect();
+        let line = argv.join(" ");
+        if cmds.live() {
+            if let Err(e) = cmds.run(&refs) {
+                root.report.errors.push(e);
+            }
+            root.report.commands.push(line);
+        } else {
+            root.report
+                .commands
+                .push(format!("{line} (skipped: not a live system)"));
+        }
+    }
+    Ok(())
+}
+
+/// A `#!` user-data script: stored, then run once as a transient unit.
+pub fn apply_script(
+    root: &mut Root,
+    script: &[u8],
+    cmds: &mut dyn CommandRunner,
+) -> Result<(), ApplyError> {
+    use sha2::Digest;
+    let id = hex::encode(&sha2::Sha256::digest(script)[..6]);
+    let path = "/var/lib/nimbus/cloud-config/user-script";
+    root.write(path, script, 0o700, Some((0, 0)))?;
+    let unit = format!("--unit=cloud-config-script-{id}");
+    let argv = [
+        "systemd-run",
+        &unit,
+        "--collect",
+        "--service-type=oneshot",
+        "--wait",
+        path,
+    ];
+    if cmds.live() {
+        if let Err(e) = cmds.run(&argv) {
+            root.report.errors.push(e);
+        }
+        root.report.commands.push(argv.join(" "));
+    } else {
+        root.report
+            .commands
+            .push(format!("{} (skipped: not a live system)", argv.join(" ")));
+    }
+    Ok(())
+}

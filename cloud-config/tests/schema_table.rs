@@ -1,0 +1,259 @@
+//! Table tests: every key of the schema accepted, every listed mistake
+//! rejected with the line it names.
+
+use nimbus_cloud_config::schema::{check, CloudConfig, Severity, UserData};
+
+fn ok(doc: &str) -> CloudConfig {
+    let (data, problems) = check(doc);
+    let errors: Vec<_> = problems
+        .iter()
+        .filter(|p| p.severity == Severity::Error)
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "unexpected errors in\n{doc}\n{errors:#?}"
+    );
+    match data {
+        Some(UserData::CloudConfig(c)) => c,
+        other => panic!("not a cloud-config: {other:?}"),
+    }
+}
+
+/// (document, line, severity, fragment of the message)
+fn expect(doc: &str, line: usize, sev: Severity, fragment: &str) {
+    let (data, problems) = check(doc);
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.line == line && p.severity == sev && p.message.contains(fragment)),
+        "expected line {line} {sev:?} containing {fragment:?} in\n{doc}\ngot {problems:#?}"
+    );
+    if sev == Severity::Error {
+        assert!(data.is_none(), "a document with errors must not be applied");
+    }
+}
+
+#[test]
+fn every_top_level_key() {
+    let c = ok("#cloud-config
+hostname: node1.example.com
+manage_etc_hosts: localhost
+ssh_authorized_keys:
+  - ssh-ed25519 AAAA one
+users:
+  - name: alice
+    passwd: $6$salt$hash
+    gecos: Alice
+    homedir: /home/alice
+    no_create_home: no
+    primary_group: users
+    groups: [sudo, docker]
+    no_user_group: yes
+    ssh_authorized_keys: [ssh-rsa AAAA two]
+    system: false
+    no_log_init: on
+    shell: /bin/sh
+write_files:
+  - path: /etc/motd
+    content: hi
+    owner: root:root
+    permissions: '0600'
+");
+    assert_eq!(c.hostname.as_deref(), Some("node1.example.com"));
+    assert!(c.manage_etc_hosts);
+    assert_eq!(c.ssh_authorized_keys, ["ssh-ed25519 AAAA one"]);
+    let u = &c.users[0];
+    assert_eq!(u.name, "alice");
+    assert_eq!(u.passwd.as_deref(), Some("$6$salt$hash"));
+    assert_eq!(u.groups, ["sudo", "docker"]);
+    assert!(u.no_user_group && !u.system && !u.no_create_home);
+    assert_eq!(u.shell.as_deref(), Some("/bin/sh"));
+    assert_eq!(c.write_files[0].permissions, 0o600);
+    assert_eq!(c.write_files[0].content, b"hi");
+}
+
+#[test]
+fn every_coreos_key() {
+    let c = ok("#cloud-config
+coreos:
+  etcd2:
+    name: node1
+    advertise-client-urls: http://10.0.0.1:2379
+    initial_cluster_state: new
+    debug: yes
+  fleet:
+    public-ip: 10.0.0.1
+  flannel:
+    etcd_prefix: /coreos.com/network
+  locksmith:
+    endpoint: http://10.0.0.1:2379,http://10.0.0.2:2379
+    group: web
+    window_start: Thu 04:00
+    window_length: 1h30m
+    etcd_cafile: /etc/ssl/ca.pem
+  update:
+    reboot-strategy: etcd-lock
+    server: https://updates.example.com/nimbus
+    group: beta
+  oem:
+    id: qemu
+    name: QEMU
+    version_id: 1.0
+    home_url: https://example.com
+    bug_report_url: https://example.com/bugs
+  units:
+    - name: hello.service
+      command: start
+      enable: true
+      runtime: false
+      content: |
+        [Service]
+        ExecStart=/bin/true
+      drop_ins:
+        - name: 10-env.conf
+          content: |
+            [Service]
+            Environment=A=1
+    - name: docker.service
+      mask: true
+    - name: 10-eth.network
+      content: |
+        [Match]
+        Name=eth0
+");
+    let etcd = c
+        .env_dropins
+        .iter()
+        .find(|d| d.unit == "etcd.service")
+        .unwrap();
+    assert_eq!(
+        etcd.vars,
+        [
+            ("ETCD_NAME".to_string(), "node1".to_string()),
+            (
+                "ETCD_ADVERTISE_CLIENT_URLS".into(),
+                "http://10.0.0.1:2379".into()
+            ),
+            ("ETCD_INITIAL_CLUSTER_STATE".into(), "new".into()),
+            ("ETCD_DEBUG".into(), "true".into()),
+        ]
+    );
+    assert!(c
+        .env_dropins
+        .iter()
+        .any(|d| d.unit == "fleet.service" && d.vars[0].0 == "FLEET_PUBLIC_IP"));
+    assert!(c
+        .env_dropins
+        .iter()
+        .any(|d| d.unit == "flanneld.service" && d.vars[0].0 == "FLANNELD_ETCD_PREFIX"));
+    let l = c.locksmith.unwrap();
+    assert_eq!(l.window_start.as_deref(), Some("Thu 04:00"));
+    assert_eq!(l.group.as_deref(), Some("web"));
+    let u = c.update.unwrap();
+    assert_eq!(u.reboot_strategy.as_deref(), Some("etcd-lock"));
+    assert_eq!(u.group.as_deref(), Some("beta"));
+    assert_eq!(c.oem.len(), 5);
+    assert_eq!(c.units.len(), 3);
+    assert_eq!(c.units[0].drop_ins[0].0, "10-env.conf");
+    assert!(c.units[1].mask);
+    assert_eq!(c.units[0].command.as_deref(), Some("start"));
+}
+
+#[test]
+fn encodings_decode() {
+    // "hello\n" in each encoding.
+    for (enc, content) in [
+        ("", "hello\n"),
+        ("b64", "aGVsbG8K"),
+        ("base64", "aGVsbG8K"),
+        ("gz+b64", "H4sIAAAAAAAAA8tIzcnJ5wIAIDA6NgYAAAA="),
+        ("gzip+base64", "H4sIAAAAAAAAA8tIzcnJ5wIAIDA6NgYAAAA="),
+        ("gz+base64", "H4sIAAAAAAAAA8tIzcnJ5wIAIDA6NgYAAAA="),
+        ("gzip+b64", "H4sIAAAAAAAAA8tIzcnJ5wIAIDA6NgYAAAA="),
+    ] {
+        let doc = format!("#cloud-config\nwrite_files:\n  - path: /etc/x\n    encoding: \"{enc}\"\n    content: \"{}\"\n", content.replace('\n', "\\n"));
+        assert_eq!(
+            ok(&doc).write_files[0].content,
+            b"hello\n",
+            "encoding {enc:?}"
+        );
+    }
+}
+
+#[test]
+fn scripts_and_empty() {
+    assert!(matches!(
+        check("#!/bin/sh\necho hi\n").0,
+        Some(UserData::Script(_))
+    ));
+    assert!(matches!(check("\n  \n").0, Some(UserData::Empty)));
+}
+
+#[test]
+fn listed_errors_name_their_line() {
+    use Severity::*;
+    let cases: &[(&str, usize, Severity, &str)] = &[
+        ("hostname: x\n", 1, Error, "missing `#cloud-config` header"),
+        ("#cloud-config\nhostnme: x\n", 2, Error, "did you mean `hostname`"),
+        ("#cloud-config\nunits:\n  - name: a.service\n", 2, Error, "belongs under `coreos`"),
+        ("#cloud-config\ncoreos:\n  write_files: []\n", 3, Error, "belongs under the top level"),
+        ("#cloud-config\ncoreos:\n  update:\n    reboot_strategy: sometimes\n", 4, Error, "reboot_strategy \"sometimes\""),
+        ("#cloud-config\ncoreos:\n  units:\n    - name: a.service\n      command: begin\n", 5, Error, "unit command \"begin\""),
+        ("#cloud-config\ncoreos:\n  units:\n    - name: nosuffix\n", 4, Error, "not a valid unit name"),
+        ("#cloud-config\ncoreos:\n  units:\n    - content: x\n", 4, Error, "no `name`"),
+        ("#cloud-config\nwrite_files:\n  - path: /etc/a\n    permissions: 0888\n", 4, Error, "octal mode"),
+        ("#cloud-config\nwrite_files:\n  - path: /etc/a\n    permissions: rw-r--r--\n", 4, Error, "octal mode"),
+        ("#cloud-config\nwrite_files:\n  - path: /etc/a\n    encoding: base64\n    content: '%%%'\n", 5, Error, "not valid base64"),
+        ("#cloud-config\nwrite_files:\n  - path: /etc/a\n    encoding: gzip\n    content: notgzip\n", 5, Error, "not valid gzip"),
+        ("#cloud-config\nwrite_files:\n  - path: /etc/a\n    encoding: rot13\n", 4, Error, "unknown encoding"),
+        ("#cloud-config\nwrite_files:\n  - path: /usr/lib/x\n", 3, Error, "read-only"),
+        ("#cloud-config\nwrite_files:\n  - path: /etc/../usr/x\n", 3, Error, "`..`"),
+        ("#cloud-config\nwrite_files:\n  - path: etc/x\n", 3, Error, "absolute"),
+        ("#cloud-config\nwrite_files:\n  - content: x\n", 3, Error, "no `path`"),
+        ("#cloud-config\nwrite_files:\n  - path: /etc/a\n    owner: 'root;rm'\n", 4, Error, "owner"),
+        ("#cloud-config\nhostname: -bad-\n", 2, Error, "not a valid host name"),
+        ("#cloud-config\nhostname: [a]\n", 2, Error, "must be a string, found a list"),
+        ("#cloud-config\nusers: alice\n", 2, Error, "must be a list"),
+        ("#cloud-config\nusers:\n  - name: Alice\n", 3, Error, "user name \"Alice\""),
+        ("#cloud-config\nusers:\n  - name: a\n    system: maybe\n", 4, Error, "true or false"),
+        ("#cloud-config\nusers:\n  - name: a\n    system: 'yes'\n", 4, Error, "true or false"),
+        ("#cloud-config\ncoreos:\n  locksmith:\n    window_start: Funday 04:00\n    window_length: 1h\n", 4, Error, "window_start"),
+        ("#cloud-config\ncoreos:\n  locksmith:\n    window_start: '04:00'\n    window_length: forever\n", 5, Error, "window_length"),
+        ("#cloud-config\ncoreos:\n  locksmith:\n    window_start: '04:00'\n", 3, Error, "go together"),
+        ("#cloud-config\ncoreos:\n  update:\n    server: ftp://x\n", 4, Error, "not an http(s) URL"),
+        ("#cloud-config\ncoreos:\n  update:\n    group: Not A Channel\n", 4, Error, "channel name"),
+        ("#cloud-config\ncoreos:\n  etcd2:\n    nmae: x\n", 4, Error, "did you mean `name`"),
+        ("#cloud-config\ncoreos:\n  etcd2:\n    name: [x]\n", 4, Error, "must be a scalar"),
+        ("#cloud-config\ncoreos:\n  etcd2: {name: a}\n  etcd: {name: b}\n", 4, Error, "both configure etcd.service"),
+        ("#cloud-config\ncoreos:\n  units:\n    - name: a.service\n      drop_ins:\n        - name: x.txt\n", 6, Error, "ending in .conf"),
+        ("#cloud-config\nmanage_etc_hosts: true\n", 2, Error, "manage_etc_hosts"),
+        ("#cloud-config\nhostname: a\nhostname: b\n", 3, Error, "duplicate key"),
+        ("#cloud-config\ncoreos:\n  units:\n    - name: e.network\n      command: start\n", 4, Error, "network units"),
+        ("#cloud-config\nhostname: [a\n", 3, Error, "YAML syntax error"),
+        // Deprecated keys and soft problems are warnings.
+        ("#cloud-config\ncoreos:\n  etcd:\n    name: a\n", 3, Warning, "deprecated"),
+        ("#cloud-config\ncoreos:\n  fleet:\n    public_ip: 1.2.3.4\n", 3, Warning, "deprecated"),
+        ("#cloud-config\ncoreos:\n  update:\n    reboot_strategy: best-effort\n", 4, Warning, "deprecated"),
+        ("#cloud-config\nssh_authorized_keys:\n  - not a key\n", 3, Warning, "does not look like"),
+        ("#cloud-config\nusers:\n  - name: a\n    passwd: hunter2\n", 3, Warning, "clear-text"),
+        ("#cloud-config\nusers:\n  - name: a\n    coreos_ssh_import_github: a\n", 4, Warning, "not supported"),
+    ];
+    for (doc, line, sev, frag) in cases {
+        expect(doc, *line, *sev, frag);
+    }
+}
+
+#[test]
+fn warnings_alone_still_apply() {
+    let (data, problems) = check("#cloud-config\ncoreos:\n  etcd:\n    name: a\n");
+    assert!(problems.iter().all(|p| p.severity == Severity::Warning));
+    assert!(data.is_some());
+}
+
+#[test]
+fn all_problems_are_reported_not_just_the_first() {
+    let (_, problems) =
+        check("#cloud-config\nhostnme: a\nusers: 3\nwrite_files:\n  - path: /usr/x\n");
+    let lines: Vec<usize> = problems.iter().map(|p| p.line).collect();
+    assert_eq!(lines, [2, 3, 5]);
+}

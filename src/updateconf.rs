@@ -1,0 +1,251 @@
+//! `update.conf`: Flatcar-compatible `KEY=value` host configuration
+//! (DESIGN.md, "Host configuration"). `/etc/nimbus/update.conf` overrides
+//! `/usr/share/nimbus/update.conf` key by key.
+//!
+//! Edits keep every other line (comments, unknown keys, order) as the
+//! operator wrote them, and are written with [`crate::durable::write_atomic`].
+
+use std::path::Path;
+
+pub const ETC_PATH: &str = "etc/nimbus/update.conf";
+pub const USR_PATH: &str = "usr/share/nimbus/update.conf";
+
+/// The keys Nimbus reads. Flatcar's names first, then Nimbus's own.
+pub const KNOWN_KEYS: &[&str] = &[
+    "GROUP",
+    "SERVER",
+    "REBOOT_STRATEGY",
+    "REBOOT_WINDOW_START",
+    "REBOOT_WINDOW_LENGTH",
+    "REBOOT_GROUP",
+    "ETCD_ENDPOINTS",
+    "ETCD_CAFILE",
+    "ETCD_CERTFILE",
+    "ETCD_KEYFILE",
+    "ETCD_USERNAME",
+    "ETCD_PASSWORD",
+    "IO_WRITE_BPS",
+    "IO_CLASS",
+];
+
+pub const REBOOT_STRATEGIES: &[&str] = &["reboot", "etcd-lock", "off"];
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfError {
+    #[error("line {line}: expected KEY=value, found {text:?}")]
+    Syntax { line: usize, text: String },
+    #[error("{key}: {reason}")]
+    Value { key: String, reason: String },
+}
+
+/// The file as lines, so edits can keep what they do not touch.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UpdateConf {
+    lines: Vec<String>,
+}
+
+fn split(line: &str) -> Option<(&str, &str)> {
+    let t = line.trim();
+    if t.is_empty() || t.starts_with('#') {
+        return None;
+    }
+    let (k, v) = t.split_once('=')?;
+    Some((k.trim(), v.trim()))
+}
+
+fn unquote(v: &str) -> &str {
+    for q in ['"', '\''] {
+        if v.len() >= 2 && v.starts_with(q) && v.ends_with(q) {
+            return &v[1..v.len() - 1];
+        }
+    }
+    v
+}
+
+impl UpdateConf {
+    pub fn parse(text: &str) -> Result<UpdateConf, ConfError> {
+        for (i, line) in text.lines().enumerate() {
+            let t = line.trim();
+            if t.is_empty() || t.starts_with('#') {
+                continue;
+            }
+            match split(line) {
+                Some((k, _))
+                    if !k.is_empty()
+                        && k.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_') => {}
+                _ => {
+                    return Err(ConfError::Syntax {
+                        line: i + 1,
+                        text: line.to_string(),
+                    })
+                }
+            }
+        }
+        Ok(UpdateConf {
+            lines: text.lines().map(str::to_string).collect(),
+        })
+    }
+
+    /// The last assignment of `key` wins, as in a shell-sourced file.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.lines
+            .iter()
+            .filter_map(|l| split(l))
+            .filter(|(k, _)| *k == key)
+            .map(|(_, v)| unquote(v))
+            .next_back()
+    }
+
+    /// Set `key`: replace its last assignment in place, drop earlier ones,
+    /// or append.
+    pub fn set(&mut self, key: &str, value: &str) {
+        let idx: Vec<usize> = self
+            .lines
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| split(l).is_some_and(|(k, _)| k == key))
+            .map(|(i, _)| i)
+            .collect();
+        let new = format!("{key}={value}");
+        match idx.split_last() {
+            Some((&last, earlier)) => {
+                self.lines[last] = new;
+                for &i in earlier.iter().rev() {
+                    self.lines.remove(i);
+                }
+            }
+            None => self.lines.push(new),
+        }
+    }
+
+    pub fn keys(&self) -> Vec<&str> {
+        self.lines
+            .iter()
+            .filter_map(|l| split(l))
+            .map(|(k, _)| k)
+            .collect()
+    }
+
+    pub fn render(&self) -> String {
+        let mut s = self.lines.join("\n");
+        s.push('\n');
+        s
+    }
+
+    /// `/etc` over `/usr` under `root`: the effective settings.
+    pub fn load_layered(root: &Path) -> Result<UpdateConf, ConfError> {
+        let mut out = UpdateConf::default();
+        for rel in [USR_PATH, ETC_PATH] {
+            if let Ok(text) = std::fs::read_to_string(root.join(rel)) {
+                let c = UpdateConf::parse(&text)?;
+                out.lines.extend(c.lines);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// "04:00" or "Thu 04:00" (Flatcar/locksmith window start).
+pub fn check_window_start(s: &str) -> Result<(), String> {
+    let parts: Vec<&str> = s.split_whitespace().collect();
+    let time = match parts.as_slice() {
+        [t] => t,
+        [day, t] => {
+            const DAYS: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
+            if !DAYS.contains(&day.to_ascii_lowercase().as_str()) {
+                return Err(format!("{s:?}: day {day:?} is not one of Mon..Sun"));
+            }
+            t
+        }
+        _ => return Err(format!("{s:?}: expected \"HH:MM\" or \"Day HH:MM\"")),
+    };
+    let (h, m) = time
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?}: time {time:?} is not HH:MM"))?;
+    let valid = h.parse::<u8>().is_ok_and(|h| h < 24)
+        && m.len() == 2
+        && m.parse::<u8>().is_ok_and(|m| m < 60);
+    if valid {
+        Ok(())
+    } else {
+        Err(format!("{s:?}: time {time:?} is not a valid HH:MM"))
+    }
+}
+
+/// A Go-style duration: "1h30m", "45m", "90s". Returns seconds.
+pub fn parse_duration(s: &str) -> Result<u64, String> {
+    let mut total: u64 = 0;
+    let mut num = String::new();
+    let mut any = false;
+    for c in s.trim().chars() {
+        if c.is_ascii_digit() {
+            num.push(c);
+            continue;
+        }
+        let mult = match c {
+            'h' => 3600,
+            'm' => 60,
+            's' => 1,
+            _ => return Err(format!("{s:?}: unexpected {c:?} (use h, m, s, e.g. 1h30m)")),
+        };
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("{s:?}: a unit must follow a number"))?;
+        total = n
+            .checked_mul(mult)
+            .and_then(|x| total.checked_add(x))
+            .ok_or_else(|| format!("{s:?}: too long"))?;
+        num.clear();
+        any = true;
+    }
+    if !num.is_empty() || !any {
+        return Err(format!("{s:?}: expected a duration such as 1h30m"));
+    }
+    if total == 0 {
+        return Err(format!("{s:?}: must be longer than zero"));
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn edit_keeps_other_lines() {
+        let mut c =
+            UpdateConf::parse("# comment\nGROUP=stable\nSERVER=\"https://u\"\nGROUP=beta\n")
+                .unwrap();
+        assert_eq!(c.get("GROUP"), Some("beta"));
+        assert_eq!(c.get("SERVER"), Some("https://u"));
+        c.set("GROUP", "alpha");
+        assert_eq!(c.render(), "# comment\nSERVER=\"https://u\"\nGROUP=alpha\n");
+        c.set("REBOOT_STRATEGY", "off");
+        assert!(c.render().ends_with("REBOOT_STRATEGY=off\n"));
+    }
+
+    #[test]
+    fn syntax_errors_name_the_line() {
+        assert_eq!(
+            UpdateConf::parse("GROUP=a\nnonsense\n"),
+            Err(ConfError::Syntax {
+                line: 2,
+                text: "nonsense".into()
+            })
+        );
+    }
+
+    #[test]
+    fn windows_and_durations() {
+        check_window_start("04:00").unwrap();
+        check_window_start("Thu 23:59").unwrap();
+        assert!(check_window_start("Thx 04:00").is_err());
+        assert!(check_window_start("24:00").is_err());
+        assert!(check_window_start("4").is_err());
+        assert_eq!(parse_duration("1h30m"), Ok(5400));
+        assert_eq!(parse_duration("90s"), Ok(90));
+        assert!(parse_duration("1x").is_err());
+        assert!(parse_duration("30").is_err());
+        assert!(parse_duration("0m").is_err());
+    }
+}
