@@ -114,7 +114,7 @@ pub struct Unit {
 /// What a user-data file is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UserData {
-    CloudConfig(CloudConfig),
+    CloudConfig(Box<CloudConfig>),
     /// A `#!` script, run once as a transient unit at apply time.
     Script(Vec<u8>),
     /// Empty or whitespace only: nothing to do.
@@ -700,7 +700,7 @@ fn check_inner(text: &str, c: &mut Checker) -> Option<UserData> {
         }
         paths.push(&f.path);
     }
-    Some(UserData::CloudConfig(cfg))
+    Some(UserData::CloudConfig(Box::new(cfg)))
 }
 
 fn ssh_keys(c: &mut Checker, v: &Node, what: &str) -> Vec<String> {

@@ -14,7 +14,7 @@ fn ok(doc: &str) -> CloudConfig {
         "unexpected errors in\n{doc}\n{errors:#?}"
     );
     match data {
-        Some(UserData::CloudConfig(c)) => c,
+        Some(UserData::CloudConfig(c)) => *c,
         other => panic!("not a cloud-config: {other:?}"),
     }
 }
