@@ -1,0 +1,110 @@
+//! The EFI system partition: FAT32 from dosfstools' `mkfs.fat`, filled with
+//! mtools' `mcopy` (no mount needed, which this host kernel could not do
+//! anyway). The `fatfs` crate was tried first: its newest release (0.3.6)
+//! writes long-name entries where `.` and `..` belong in every new
+//! directory, and `fsck.vfat` rejects the result (see docs/image.md).
+//!
+//! Contents: systemd-boot as the removable-media loader
+//! (`EFI/BOOT/BOOTX64.EFI`) with one entry for the stage-1 kernel and
+//! initramfs.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::ImageError;
+
+/// Files to place, as (path inside the ESP, bytes).
+pub type EspFiles = Vec<(String, Vec<u8>)>;
+
+/// systemd-boot configuration for the stage-1 entry.
+pub fn loader_files(cmdline: &str) -> EspFiles {
+    vec![
+        (
+            "loader/loader.conf".into(),
+            b"default nimbus.conf\ntimeout 0\nconsole-mode keep\n".to_vec(),
+        ),
+        (
+            "loader/entries/nimbus.conf".into(),
+            format!("title Nimbus\nlinux /nimbus/vmlinuz\ninitrd /nimbus/stage1.img\noptions {cmdline}\n").into_bytes(),
+        ),
+    ]
+}
+
+fn tool(cmd: &mut Command, what: &str) -> Result<(), ImageError> {
+    let out = cmd.output().map_err(|e| ImageError::Tool {
+        tool: what.into(),
+        reason: format!("cannot run it ({e}); `cargo xtask deps` installs it"),
+    })?;
+    if !out.status.success() {
+        return Err(ImageError::Tool {
+            tool: what.into(),
+            reason: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Write a FAT32 image of `size` bytes at `out` holding `files`.
+/// `staging` is a scratch directory.
+pub fn build(
+    out: &Path,
+    size: u64,
+    volume_id: u32,
+    files: &EspFiles,
+    staging: &Path,
+    mtime: u64,
+) -> Result<(), ImageError> {
+    let _ = fs::remove_dir_all(staging);
+    let io = |p: &Path| {
+        let p: PathBuf = p.to_path_buf();
+        move |source| ImageError::Io { path: p, source }
+    };
+    let mut top: Vec<PathBuf> = Vec::new();
+    for (path, data) in files {
+        let dest = staging.join(path.trim_start_matches('/'));
+        if let Some(parent) = dest.parent() {
+            fs::create_dir_all(parent).map_err(io(parent))?;
+        }
+        fs::write(&dest, data).map_err(io(&dest))?;
+        let first = staging.join(
+            path.trim_start_matches('/')
+                .split('/')
+                .next()
+                .unwrap_or_default(),
+        );
+        if !top.contains(&first) {
+            top.push(first);
+        }
+    }
+    // Fixed timestamps so the ESP's bytes depend only on its contents.
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(mtime);
+    for (path, _) in files {
+        let p = staging.join(path.trim_start_matches('/'));
+        if let Ok(f) = fs::File::options().write(true).open(&p) {
+            let _ = f.set_modified(t);
+        }
+    }
+    let _ = fs::remove_file(out);
+    tool(
+        Command::new("mkfs.fat")
+            .args([
+                "-F",
+                "32",
+                "-n",
+                "EFI-SYSTEM",
+                "-i",
+                &format!("{volume_id:08X}"),
+                "--invariant",
+                "-C",
+            ])
+            .arg(out)
+            .arg((size / 1024).to_string()),
+        "mkfs.fat",
+    )?;
+    top.sort();
+    let mut mcopy = Command::new("mcopy");
+    mcopy.args(["-s", "-m", "-i"]).arg(out).args(&top).arg("::");
+    tool(mcopy.env("MTOOLS_SKIP_CHECK", "1"), "mcopy")?;
+    Ok(())
+}
