@@ -9,6 +9,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod build_image;
 mod deps;
 mod disk;
 
@@ -31,6 +32,8 @@ enum Cmd {
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
     },
+    /// Build a bootable Nimbus disk image (raw, qcow2, Vagrant box) and its update payload.
+    BuildImage(build_image::BuildImage),
     /// Install the Debian packages the build and the test suite need (.ci/packages.txt).
     Deps {
         /// Only report what is missing; exit 1 if anything is.
@@ -45,6 +48,7 @@ fn main() -> ExitCode {
         Cmd::Disk { cmd } => disk::run(cmd),
         Cmd::Keygen { out } => keygen(&out),
         Cmd::Deps { check } => deps::run(check),
+        Cmd::BuildImage(a) => build_image::run(a),
     };
     match result {
         Ok(code) => code,

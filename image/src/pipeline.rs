@@ -1,0 +1,624 @@
+//! `cargo xtask build-image`: the whole build, stage by stage.
+//!
+//! Every input is checked before anything large is written; every artifact
+//! is written under a temporary name in the output directory and renamed
+//! into place only when the whole build succeeded.
+
+use std::fs::{self, File};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use nimbus::gpt::Disk;
+use nimbus::keys::{ReleaseKey, TrustStore};
+use nimbus::layout::{self, Slot};
+use nimbus::release::SlotDescriptor;
+use nimbus::slots::Prio;
+use semver::Version;
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use crate::cpio::Cpio;
+use crate::rootfs::{self, run, RootfsSpec};
+use crate::usr::{self, Compression, PayloadInfo};
+use crate::{esp, ImageError};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    Raw,
+    Qcow2,
+    Box,
+}
+
+impl std::str::FromStr for Format {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "raw" => Ok(Format::Raw),
+            "qcow2" => Ok(Format::Qcow2),
+            "box" => Ok(Format::Box),
+            _ => Err(format!("unknown format {s:?}: use raw, qcow2 or box")),
+        }
+    }
+}
+
+/// A file to install into the image.
+#[derive(Debug, Clone)]
+pub struct Install {
+    /// Absolute path inside the image, e.g. /usr/bin/cloud-config.
+    pub dest: String,
+    pub source: PathBuf,
+    pub mode: u32,
+}
+
+/// A systemd unit shipped in /usr/lib/systemd/system and enabled through
+/// its [Install] section.
+#[derive(Debug, Clone)]
+pub struct UnitFile {
+    pub name: String,
+    pub content: String,
+}
+
+pub struct BuildOptions {
+    pub version: Version,
+    pub channel: String,
+    pub key_dir: PathBuf,
+    pub dev_key: bool,
+    pub usr_size: u64,
+    pub disk_size: u64,
+    pub user_data: Option<PathBuf>,
+    pub formats: Vec<Format>,
+    pub out: PathBuf,
+    pub cache: PathBuf,
+    pub epoch: u64,
+    pub compression: Compression,
+    pub zstd_level: i32,
+    pub server: String,
+    pub installs: Vec<Install>,
+    pub units: Vec<UnitFile>,
+    /// The stage-1 /init, once the boot selector exists (issue #4).
+    pub stage1_init: Option<PathBuf>,
+    pub rootfs: RootfsSpec,
+}
+
+pub trait Progress {
+    fn start(&mut self, stage: &str);
+    fn finish(&mut self, stage: &str, seconds: f64, note: &str);
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StageTime {
+    pub stage: String,
+    pub seconds: f64,
+    pub note: String,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Artifact {
+    pub name: String,
+    pub size: u64,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BuildReport {
+    pub version: String,
+    pub channel: String,
+    pub key_id: String,
+    pub dev_key: bool,
+    pub source_date_epoch: u64,
+    pub kernel: String,
+    pub disk_size: u64,
+    pub usr_size: u64,
+    pub usr_compression: Compression,
+    pub usr_data_size: u64,
+    pub usr_hash_size: u64,
+    pub verity_root: String,
+    pub usr_slot_sha256: String,
+    pub payload: PayloadInfo,
+    pub rootfs_cache: String,
+    pub stage1_init: bool,
+    pub artifacts: Vec<Artifact>,
+    pub stages: Vec<StageTime>,
+    pub total_seconds: f64,
+}
+
+fn io_at(p: &Path) -> impl FnOnce(std::io::Error) -> ImageError + '_ {
+    move |source| ImageError::Io {
+        path: p.to_path_buf(),
+        source,
+    }
+}
+
+fn seeded(version: &Version, what: &str) -> Uuid {
+    const NS: Uuid = uuid::uuid!("6e696d62-7573-4000-8000-696d61676500");
+    Uuid::new_v5(&NS, format!("{version}/{what}").as_bytes())
+}
+
+struct Stages<'p> {
+    progress: &'p mut dyn Progress,
+    times: Vec<StageTime>,
+}
+
+impl Stages<'_> {
+    fn run<T>(&mut self, name: &str, f: impl FnOnce() -> Result<(T, String), ImageError>) -> Result<T, ImageError> {
+        self.progress.start(name);
+        let t = Instant::now();
+        let (v, note) = f()?;
+        let secs = t.elapsed().as_secs_f64();
+        self.progress.finish(name, secs, &note);
+        self.times.push(StageTime {
+            stage: name.into(),
+            seconds: (secs * 1000.0).round() / 1000.0,
+            note,
+        });
+        Ok(v)
+    }
+}
+
+/// Checks that need no large writes: run them first.
+pub fn preflight(o: &BuildOptions) -> Result<ReleaseKey, ImageError> {
+    if !nimbus::release::valid_channel_name(&o.channel) {
+        return Err(ImageError::Invalid(format!("--channel {:?} is not a valid channel name ([a-z0-9._-])", o.channel)));
+    }
+    layout::plan(o.disk_size, o.usr_size).map_err(|e| ImageError::Invalid(format!("--disk-size/--usr-size: {e}")))?;
+    if o.formats.is_empty() {
+        return Err(ImageError::Invalid("--formats is empty".into()));
+    }
+    if !o.key_dir.is_dir() {
+        return Err(ImageError::Invalid(format!("--key {}: no such directory (create one with `cargo xtask keygen --out DIR`)", o.key_dir.display())));
+    }
+    let key = ReleaseKey::load_dir(&o.key_dir).map_err(|e| ImageError::Invalid(format!("--key: {e}")))?;
+    if let Some(ud) = &o.user_data {
+        let text = fs::read_to_string(ud).map_err(io_at(ud))?;
+        if !(text.starts_with("#cloud-config") || text.starts_with("#!")) {
+            return Err(ImageError::Invalid(format!("--user-data {}: neither #cloud-config nor a #! script", ud.display())));
+        }
+    }
+    for i in &o.installs {
+        if !i.source.is_file() {
+            return Err(ImageError::Invalid(format!("{}: missing (to be installed as {})", i.source.display(), i.dest)));
+        }
+    }
+    fs::create_dir_all(&o.out).map_err(|e| ImageError::Invalid(format!("--out {}: cannot create: {e}", o.out.display())))?;
+    let probe = o.out.join(".write-probe");
+    fs::write(&probe, b"").map_err(|e| ImageError::Invalid(format!("--out {}: not writable: {e}", o.out.display())))?;
+    let _ = fs::remove_file(&probe);
+    Ok(key)
+}
+
+fn copy_tree(from: &Path, to: &Path) -> Result<(), ImageError> {
+    let _ = fs::remove_dir_all(to);
+    run(Command::new("cp").args(["-a", "--reflink=auto"]).arg(from).arg(to), "cp")
+}
+
+fn install_targets(content: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut section = "";
+    for l in content.lines() {
+        let t = l.trim();
+        if t.starts_with('[') {
+            section = t;
+        } else if section == "[Install]" {
+            if let Some(v) = t.strip_prefix("WantedBy=") {
+                out.extend(v.split_whitespace().map(|s| format!("{s}.wants")));
+            }
+        }
+    }
+    out
+}
+
+fn customize(o: &BuildOptions, root: &Path, key: &ReleaseKey, kver: &str) -> Result<(), ImageError> {
+    let w = |p: &Path, data: &[u8]| -> Result<(), ImageError> {
+        if let Some(d) = p.parent() {
+            fs::create_dir_all(d).map_err(io_at(d))?;
+        }
+        fs::write(p, data).map_err(io_at(p))
+    };
+    // Kernel and modules update together with userland: the kernel lives in USR.
+    let boot = root.join("usr/lib/nimbus/boot");
+    fs::create_dir_all(&boot).map_err(io_at(&boot))?;
+    let vmlinuz = root.join(format!("boot/vmlinuz-{kver}"));
+    fs::copy(&vmlinuz, boot.join("vmlinuz")).map_err(io_at(&vmlinuz))?;
+    rootfs::strip(root, kver)?;
+
+    for i in &o.installs {
+        let dest = root.join(i.dest.trim_start_matches('/'));
+        if let Some(d) = dest.parent() {
+            fs::create_dir_all(d).map_err(io_at(d))?;
+        }
+        fs::copy(&i.source, &dest).map_err(io_at(&i.source))?;
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&dest, fs::Permissions::from_mode(i.mode)).map_err(io_at(&dest))?;
+    }
+    let unitdir = root.join("usr/lib/systemd/system");
+    for u in &o.units {
+        w(&unitdir.join(&u.name), u.content.as_bytes())?;
+        for wants in install_targets(&u.content) {
+            let d = root.join("etc/systemd/system").join(&wants);
+            fs::create_dir_all(&d).map_err(io_at(&d))?;
+            let link = d.join(&u.name);
+            let _ = fs::remove_file(&link);
+            std::os::unix::fs::symlink(format!("/usr/lib/systemd/system/{}", u.name), &link).map_err(io_at(&link))?;
+        }
+    }
+    w(
+        &root.join("usr/share/nimbus/update.conf"),
+        format!("# Defaults of this image; override in /etc/nimbus/update.conf.\nGROUP={}\nSERVER={}\nREBOOT_STRATEGY=reboot\n", o.channel, o.server).as_bytes(),
+    )?;
+    w(
+        &root.join(format!("usr/share/nimbus/keys/{}.pub", key.id)),
+        &nimbus::keys::public_key_json(&key.public()),
+    )?;
+    let os_release = format!(
+        "NAME=\"Nimbus\"\nID=nimbus\nID_LIKE=coreos\nVERSION={v}\nVERSION_ID={v}\nPRETTY_NAME=\"Nimbus {v} ({c})\"\nNIMBUS_CHANNEL={c}\nNIMBUS_RELEASE_KEY={k}\nNIMBUS_DEV_KEY={d}\n",
+        v = o.version,
+        c = o.channel,
+        k = key.id,
+        d = if o.dev_key { "yes" } else { "no" }
+    );
+    w(&root.join("usr/lib/os-release"), os_release.as_bytes())?;
+    let etc_os = root.join("etc/os-release");
+    let _ = fs::remove_file(&etc_os);
+    std::os::unix::fs::symlink("../usr/lib/os-release", &etc_os).map_err(io_at(&etc_os))?;
+    // A blank ROOT is repopulated from this at first boot (systemd's factory
+    // convention).
+    let factory = root.join("usr/share/factory");
+    fs::create_dir_all(&factory).map_err(io_at(&factory))?;
+    run(Command::new("cp").args(["-a"]).arg(root.join("etc")).arg(factory.join("etc")), "cp")?;
+    Ok(())
+}
+
+/// The kernel modules stage-1 loads, dependencies first, as paths relative
+/// to /lib/modules/<kver>.
+pub fn stage1_modules(root: &Path, kver: &str) -> Result<Vec<String>, ImageError> {
+    const WANT: &[&str] = &["virtio_pci", "virtio_blk", "virtio_scsi", "sd_mod", "dm_mod", "dm_verity", "erofs", "crc32c_generic", "ext4"];
+    let dir = root.join("usr/lib/modules").join(kver);
+    let dep = fs::read_to_string(dir.join("modules.dep")).map_err(io_at(&dir))?;
+    let builtin = fs::read_to_string(dir.join("modules.builtin")).unwrap_or_default();
+    let deps: std::collections::BTreeMap<String, Vec<String>> = dep
+        .lines()
+        .filter_map(|l| {
+            let (m, d) = l.split_once(':')?;
+            Some((m.to_string(), d.split_whitespace().map(str::to_string).collect()))
+        })
+        .collect();
+    let norm = |p: &str| Path::new(p).file_name().map(|f| f.to_string_lossy().replace('-', "_")).unwrap_or_default();
+    let mut order: Vec<String> = Vec::new();
+    fn visit(m: &str, deps: &std::collections::BTreeMap<String, Vec<String>>, order: &mut Vec<String>) {
+        if order.iter().any(|x| x == m) {
+            return;
+        }
+        // modules.dep lists dependencies so that the last must load first.
+        for d in deps.get(m).into_iter().flatten().rev() {
+            visit(d, deps, order);
+        }
+        order.push(m.to_string());
+    }
+    for w in WANT {
+        let file = format!("{w}.ko");
+        match deps.keys().find(|k| norm(k) == file) {
+            Some(k) => visit(k, &deps, &mut order),
+            None if builtin.lines().any(|l| norm(l) == file) => {}
+            None => return Err(ImageError::Invalid(format!("kernel {kver} has no module {w} (neither loadable nor built in)"))),
+        }
+    }
+    Ok(order)
+}
+
+fn stage1_initramfs(o: &BuildOptions, root: &Path, kver: &str, key: &ReleaseKey) -> Result<Vec<u8>, ImageError> {
+    let mods = stage1_modules(root, kver)?;
+    let mut c = Cpio::new(Vec::new(), o.epoch as u32);
+    let e = |r: std::io::Result<()>| r.map_err(|source| ImageError::Io { path: "stage1.img".into(), source });
+    for d in ["dev", "proc", "sys", "run", "sysroot", "etc", "etc/nimbus", "etc/nimbus/keys", "lib", "lib/modules"] {
+        e(c.dir(d))?;
+    }
+    e(c.dir(&format!("lib/modules/{kver}")))?;
+    let mut made = std::collections::BTreeSet::new();
+    for m in &mods {
+        let mut acc = format!("lib/modules/{kver}");
+        if let Some(parent) = Path::new(m).parent() {
+            for comp in parent.components() {
+                acc = format!("{acc}/{}", comp.as_os_str().to_string_lossy());
+                if made.insert(acc.clone()) {
+                    e(c.dir(&acc))?;
+                }
+            }
+        }
+        let src = root.join("usr/lib/modules").join(kver).join(m);
+        let data = fs::read(&src).map_err(io_at(&src))?;
+        e(c.file(&format!("lib/modules/{kver}/{m}"), 0o644, &data))?;
+    }
+    e(c.file("lib/modules/load.list", 0o644, (mods.join("\n") + "\n").as_bytes()))?;
+    e(c.file(&format!("etc/nimbus/keys/{}.pub", key.id), 0o644, &nimbus::keys::public_key_json(&key.public())))?;
+    if let Some(init) = &o.stage1_init {
+        let data = fs::read(init).map_err(io_at(init))?;
+        e(c.file("init", 0o755, &data))?;
+    }
+    c.finish().map_err(|source| ImageError::Io { path: "stage1.img".into(), source })
+}
+
+fn mkfs_ext4(img: &Path, size: u64, label: &str, uuid: Uuid, dir: &Path, epoch: u64) -> Result<(), ImageError> {
+    let _ = fs::remove_file(img);
+    run(
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-t", "ext4", "-L", label, "-U", &uuid.to_string()])
+            .args(["-E", &format!("root_owner=0:0,hash_seed={uuid}")])
+            .arg("-d")
+            .arg(dir)
+            .arg(img)
+            .arg(format!("{}k", size / 1024))
+            .env("E2FSPROGS_FAKE_TIME", epoch.to_string()),
+        "mkfs.ext4",
+    )
+}
+
+/// Copy `src` into `dev` at `offset`, leaving all-zero 64 KiB chunks as holes.
+fn copy_sparse(src: &Path, dev: &mut File, offset: u64, limit: u64) -> Result<(), ImageError> {
+    let mut f = File::open(src).map_err(io_at(src))?;
+    let len = f.metadata().map_err(io_at(src))?.len();
+    if len > limit {
+        return Err(ImageError::Invalid(format!("{} is {len} bytes, larger than its {limit}-byte partition", src.display())));
+    }
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut pos = 0u64;
+    loop {
+        let n = f.read(&mut buf).map_err(io_at(src))?;
+        if n == 0 {
+            break;
+        }
+        if buf[..n].iter().any(|&b| b != 0) {
+            dev.seek(SeekFrom::Start(offset + pos)).map_err(io_at(src))?;
+            dev.write_all(&buf[..n]).map_err(io_at(src))?;
+        }
+        pos += n as u64;
+    }
+    Ok(())
+}
+
+fn sha256_file(p: &Path) -> Result<String, ImageError> {
+    let mut f = File::open(p).map_err(io_at(p))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(io_at(p))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+fn slot_sha256(dev: &mut File, offset: u64, size: u64) -> Result<String, ImageError> {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    dev.seek(SeekFrom::Start(offset)).map_err(io_at(Path::new("nimbus.raw")))?;
+    let mut left = size;
+    while left > 0 {
+        let n = buf.len().min(left as usize);
+        dev.read_exact(&mut buf[..n]).map_err(io_at(Path::new("nimbus.raw")))?;
+        h.update(&buf[..n]);
+        left -= n as u64;
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+const VAGRANTFILE: &str = r#"# Nimbus Vagrant box (libvirt provider).
+Vagrant.configure("2") do |config|
+  config.ssh.username = "core"
+  config.vm.synced_folder ".", "/vagrant", disabled: true
+  config.vm.provider :libvirt do |libvirt|
+    libvirt.memory = 2048
+    libvirt.cpus = 2
+  end
+end
+"#;
+
+/// Run the build. On failure the scratch directory and every temporary
+/// artifact are removed; nothing is left under a final name.
+pub fn build(o: &BuildOptions, progress: &mut dyn Progress) -> Result<BuildReport, ImageError> {
+    let r = build_inner(o, progress);
+    if r.is_err() {
+        let _ = fs::remove_dir_all(o.out.join(".work"));
+        for t in [".nimbus.raw.tmp", ".nimbus.qcow2.tmp", ".nimbus.box.tmp", ".usr.img.zst.tmp"] {
+            let _ = fs::remove_file(o.out.join(t));
+        }
+    }
+    r
+}
+
+fn build_inner(o: &BuildOptions, progress: &mut dyn Progress) -> Result<BuildReport, ImageError> {
+    let t0 = Instant::now();
+    let key = preflight(o)?;
+    let mut st = Stages { progress, times: Vec::new() };
+    let work = o.out.join(".work");
+    fs::create_dir_all(&work).map_err(io_at(&work))?;
+    fs::create_dir_all(&o.cache).map_err(io_at(&o.cache))?;
+
+    let rootfs = st.run("rootfs", || {
+        let r = rootfs::obtain(&o.rootfs, &o.cache, &work.join("mmdebstrap.log"))?;
+        let note = if r.cache_hit { "cache hit".to_string() } else { format!("built with mmdebstrap ({} bad cached debs dropped)", r.debs_dropped) };
+        Ok((r, note))
+    })?;
+    let staging = work.join("root");
+    let kver = st.run("customize", || {
+        copy_tree(&rootfs.dir, &staging)?;
+        let _ = fs::remove_file(staging.join(".complete"));
+        let kver = rootfs::kernel_version(&staging)?;
+        customize(o, &staging, &key, &kver)?;
+        Ok((kver.clone(), format!("kernel {kver}")))
+    })?;
+    let kernel = fs::read(staging.join("usr/lib/nimbus/boot/vmlinuz")).map_err(io_at(&staging))?;
+    let stage1 = st.run("stage1-initramfs", || {
+        let b = stage1_initramfs(o, &staging, &kver, &key)?;
+        let n = format!("{} KiB{}", b.len() / 1024, if o.stage1_init.is_some() { "" } else { ", no /init yet (boot selector: issue #4)" });
+        Ok((b, n))
+    })?;
+
+    // USR leaves the staging tree; what remains is the seed of ROOT.
+    let usr_dir = work.join("usr");
+    let _ = fs::remove_dir_all(&usr_dir);
+    fs::rename(staging.join("usr"), &usr_dir).map_err(io_at(&usr_dir))?;
+    fs::create_dir(staging.join("usr")).map_err(io_at(&staging))?;
+    let slot = st.run("usr", || {
+        let s = usr::build(&usr::UsrInputs {
+            usr_dir: &usr_dir,
+            out_fs: &work.join("usr.erofs"),
+            version: &o.version,
+            compression: o.compression,
+            epoch: o.epoch,
+            fs_uuid: seeded(&o.version, "usr-fs"),
+            slot_size: o.usr_size,
+            key: &key,
+        })?;
+        let n = format!("erofs {} MiB, tree {} KiB, root {}", s.data_size >> 20, s.tree.len() >> 10, hex::encode(s.fields.verity_root));
+        Ok((s, n))
+    })?;
+
+    let payload_tmp = o.out.join(".usr.img.zst.tmp");
+    let payload = st.run("payload", || {
+        let p = slot.write_payload(&payload_tmp, o.zstd_level)?;
+        let n = format!("{} MiB -> {} MiB (zstd {})", p.raw_size >> 20, p.compressed_size >> 20, o.zstd_level);
+        Ok((p, n))
+    })?;
+
+    let esp_img = work.join("esp.img");
+    let oem_img = work.join("oem.img");
+    let root_img = work.join("root.img");
+    let plan = layout::plan(o.disk_size, o.usr_size).map_err(|e| ImageError::Invalid(e.to_string()))?;
+    let part = |n: u32| plan.iter().find(|p| p.spec.number == n).copied().ok_or_else(|| ImageError::Invalid(format!("layout has no partition {n}")));
+    st.run("filesystems", || {
+        let mut files = esp::loader_files("console=ttyS0 panic=-1");
+        files.push(("nimbus/vmlinuz".into(), kernel.clone()));
+        files.push(("nimbus/stage1.img".into(), stage1.clone()));
+        let sdboot = usr_dir.join("lib/systemd/boot/efi/systemd-bootx64.efi");
+        files.push(("EFI/BOOT/BOOTX64.EFI".into(), fs::read(&sdboot).map_err(io_at(&sdboot))?));
+        esp::build(&esp_img, part(1)?.size_bytes(), &files, &work.join("esp"), o.epoch)?;
+        let oem_dir = work.join("oem");
+        let _ = fs::remove_dir_all(&oem_dir);
+        fs::create_dir_all(&oem_dir).map_err(io_at(&oem_dir))?;
+        if let Some(ud) = &o.user_data {
+            fs::copy(ud, oem_dir.join("user-data")).map_err(io_at(ud))?;
+        }
+        mkfs_ext4(&oem_img, part(6)?.size_bytes(), "OEM", seeded(&o.version, "oem-fs"), &oem_dir, o.epoch)?;
+        mkfs_ext4(&root_img, part(9)?.size_bytes(), "ROOT", seeded(&o.version, "root-fs"), &staging, o.epoch)?;
+        Ok(((), "ESP (FAT32), OEM and ROOT (ext4)".into()))
+    })?;
+
+    let raw_tmp = o.out.join(".nimbus.raw.tmp");
+    let usr_slot_sha256 = st.run("disk", || {
+        let _ = fs::remove_file(&raw_tmp);
+        let mut f = File::options().read(true).write(true).create_new(true).open(&raw_tmp).map_err(io_at(&raw_tmp))?;
+        f.set_len(o.disk_size).map_err(io_at(&raw_tmp))?;
+        let good = Prio { priority: 1, tries: 0, successful: true };
+        Disk::create(&mut f, &raw_tmp, o.usr_size, seeded(&o.version, "disk"), |s| seeded(&o.version, s.label), |s| {
+            if s.number == Slot::A.partition_number() { good.apply_to(0) } else { 0 }
+        })
+        .map_err(|e| ImageError::Invalid(e.to_string()))?;
+        copy_sparse(&esp_img, &mut f, part(1)?.offset_bytes(), part(1)?.size_bytes())?;
+        let a = part(3)?;
+        slot.write_to_partition(&mut f, a.offset_bytes(), a.size_bytes())?;
+        copy_sparse(&oem_img, &mut f, part(6)?.offset_bytes(), part(6)?.size_bytes())?;
+        copy_sparse(&root_img, &mut f, part(9)?.offset_bytes(), part(9)?.size_bytes())?;
+        f.sync_all().map_err(io_at(&raw_tmp))?;
+        // Read back what was written, as a consumer would.
+        let mut d = Disk::open(&mut f, &raw_tmp).map_err(|e| ImageError::Invalid(e.to_string()))?;
+        d.check_nimbus_layout().map_err(|e| ImageError::Invalid(e.to_string()))?;
+        let desc = d.read_descriptor(Slot::A).map_err(|e| ImageError::Invalid(e.to_string()))?;
+        SlotDescriptor::verify(&desc, &TrustStore::new([key.public()], 1)).map_err(|e| ImageError::Invalid(format!("USR-A descriptor does not verify after writing: {e}")))?;
+        let sha = slot_sha256(&mut f, a.offset_bytes(), a.size_bytes())?;
+        Ok((sha, format!("{} GiB sparse", o.disk_size >> 30)))
+    })?;
+
+    let want = |f: Format| o.formats.contains(&f);
+    let qcow_tmp = o.out.join(".nimbus.qcow2.tmp");
+    let box_tmp = o.out.join(".nimbus.box.tmp");
+    if want(Format::Qcow2) || want(Format::Box) {
+        st.run("qcow2", || {
+            let _ = fs::remove_file(&qcow_tmp);
+            run(
+                Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "qcow2", "-c", "-o", "compression_type=zstd"]).arg(&raw_tmp).arg(&qcow_tmp),
+                "qemu-img",
+            )?;
+            Ok(((), String::new()))
+        })?;
+    }
+    if want(Format::Box) {
+        st.run("box", || {
+            let f = File::create(&box_tmp).map_err(io_at(&box_tmp))?;
+            let mut t = tar::Builder::new(f);
+            let meta = serde_json::json!({"provider": "libvirt", "format": "qcow2", "virtual_size": o.disk_size.div_ceil(1 << 30)});
+            let add = |t: &mut tar::Builder<File>, name: &str, data: &[u8]| -> std::io::Result<()> {
+                let mut h = tar::Header::new_gnu();
+                h.set_size(data.len() as u64);
+                h.set_mode(0o644);
+                h.set_mtime(o.epoch);
+                h.set_cksum();
+                t.append_data(&mut h, name, data)
+            };
+            let e = io_at(&box_tmp);
+            add(&mut t, "metadata.json", meta.to_string().as_bytes()).map_err(e)?;
+            add(&mut t, "Vagrantfile", VAGRANTFILE.as_bytes()).map_err(io_at(&box_tmp))?;
+            let mut q = File::open(&qcow_tmp).map_err(io_at(&qcow_tmp))?;
+            t.append_file("box.img", &mut q).map_err(io_at(&box_tmp))?;
+            t.into_inner().and_then(|f| f.sync_all()).map_err(io_at(&box_tmp))?;
+            Ok(((), String::new()))
+        })?;
+    }
+
+    // Everything built: move into place.
+    let mut artifacts = Vec::new();
+    let mut place = |tmp: &Path, name: &str| -> Result<(), ImageError> {
+        let dest = o.out.join(name);
+        fs::rename(tmp, &dest).map_err(io_at(&dest))?;
+        artifacts.push(Artifact {
+            name: name.into(),
+            size: fs::metadata(&dest).map_err(io_at(&dest))?.len(),
+            sha256: sha256_file(&dest)?,
+        });
+        Ok(())
+    };
+    if want(Format::Raw) {
+        place(&raw_tmp, "nimbus.raw")?;
+    } else {
+        let _ = fs::remove_file(&raw_tmp);
+    }
+    if want(Format::Qcow2) {
+        place(&qcow_tmp, "nimbus.qcow2")?;
+    } else {
+        let _ = fs::remove_file(&qcow_tmp);
+    }
+    if want(Format::Box) {
+        place(&box_tmp, "nimbus.box")?;
+    }
+    place(&payload_tmp, "usr.img.zst")?;
+    let _ = fs::remove_dir_all(&work);
+
+    let report = BuildReport {
+        version: o.version.to_string(),
+        channel: o.channel.clone(),
+        key_id: key.id.to_string(),
+        dev_key: o.dev_key,
+        source_date_epoch: o.epoch,
+        kernel: kver,
+        disk_size: o.disk_size,
+        usr_size: o.usr_size,
+        usr_compression: o.compression,
+        usr_data_size: slot.data_size,
+        usr_hash_size: slot.tree.len() as u64,
+        verity_root: hex::encode(slot.fields.verity_root),
+        usr_slot_sha256,
+        payload,
+        rootfs_cache: if rootfs.cache_hit { "hit".into() } else { "miss".into() },
+        stage1_init: o.stage1_init.is_some(),
+        artifacts,
+        stages: st.times,
+        total_seconds: (t0.elapsed().as_secs_f64() * 1000.0).round() / 1000.0,
+    };
+    let json = serde_json::to_vec_pretty(&report).map_err(|e| ImageError::Invalid(e.to_string()))?;
+    nimbus::durable::write_atomic(&o.out.join("build.json"), &json, 0o644).map_err(|e| ImageError::Invalid(e.to_string()))?;
+    Ok(report)
+}

@@ -1,0 +1,253 @@
+//! The USR slot: an erofs filesystem, its dm-verity tree right after it,
+//! and the signed descriptor in the last 4 KiB of the partition
+//! (DESIGN.md, "USR slot content"). The update payload is the same bytes
+//! without the free space: `[ fs | tree | descriptor ]`, zstd-compressed.
+
+use std::fs::File;
+use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use nimbus::keys::ReleaseKey;
+use nimbus::release::{SlotDescriptor, DESCRIPTOR_SIZE};
+use semver::Version;
+use sha2::{Digest, Sha256};
+
+use crate::{verity, ImageError};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    None,
+    Lz4,
+    Lz4hc,
+}
+
+impl std::str::FromStr for Compression {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "none" => Ok(Compression::None),
+            "lz4" => Ok(Compression::Lz4),
+            "lz4hc" => Ok(Compression::Lz4hc),
+            _ => Err(format!("unknown USR compression {s:?}: use none, lz4 or lz4hc")),
+        }
+    }
+}
+
+pub struct UsrSlot {
+    pub fs_path: PathBuf,
+    pub data_size: u64,
+    pub tree: Vec<u8>,
+    pub descriptor: [u8; DESCRIPTOR_SIZE],
+    pub fields: SlotDescriptor,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PayloadInfo {
+    pub compressed_size: u64,
+    pub compressed_sha256: String,
+    pub raw_size: u64,
+    pub raw_sha256: String,
+}
+
+fn io_at(p: &Path) -> impl FnOnce(io::Error) -> ImageError + '_ {
+    move |source| ImageError::Io {
+        path: p.to_path_buf(),
+        source,
+    }
+}
+
+/// The verity salt: fixed per version, so builds are reproducible, and
+/// different per version, so trees of two releases never share hashes.
+pub fn salt_for(version: &Version) -> [u8; 32] {
+    Sha256::digest(format!("nimbus-verity-salt/{version}")).into()
+}
+
+pub struct UsrInputs<'a> {
+    pub usr_dir: &'a Path,
+    pub out_fs: &'a Path,
+    pub version: &'a Version,
+    pub compression: Compression,
+    pub epoch: u64,
+    pub fs_uuid: uuid::Uuid,
+    pub slot_size: u64,
+    pub key: &'a ReleaseKey,
+}
+
+/// Build the filesystem, its tree and descriptor. Fails with a clear error
+/// when the result does not fit the slot, before anything is written to a
+/// disk image.
+pub fn build(i: &UsrInputs<'_>) -> Result<UsrSlot, ImageError> {
+    let _ = std::fs::remove_file(i.out_fs);
+    let mut cmd = Command::new("mkfs.erofs");
+    match i.compression {
+        Compression::None => {}
+        Compression::Lz4 => {
+            cmd.arg("-zlz4");
+        }
+        Compression::Lz4hc => {
+            cmd.arg("-zlz4hc");
+        }
+    }
+    cmd.arg(format!("-T{}", i.epoch))
+        .arg(format!("-U{}", i.fs_uuid))
+        .args(["--all-root", "--ignore-mtime", "--quiet"])
+        .arg(i.out_fs)
+        .arg(i.usr_dir);
+    let out = cmd.output().map_err(|e| ImageError::Tool {
+        tool: "mkfs.erofs".into(),
+        reason: format!("cannot run it ({e}); `cargo xtask deps` installs erofs-utils"),
+    })?;
+    if !out.status.success() {
+        return Err(ImageError::Tool {
+            tool: "mkfs.erofs".into(),
+            reason: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    let f = File::options().read(true).write(true).open(i.out_fs).map_err(io_at(i.out_fs))?;
+    let mut data_size = f.metadata().map_err(io_at(i.out_fs))?.len();
+    if data_size % verity::BLOCK as u64 != 0 {
+        // erofs writes whole 4 KiB blocks; pad defensively so verity covers it.
+        data_size = data_size.div_ceil(verity::BLOCK as u64) * verity::BLOCK as u64;
+        f.set_len(data_size).map_err(io_at(i.out_fs))?;
+    }
+    let salt = salt_for(i.version);
+    let tree = verity::build(BufReader::with_capacity(1 << 20, &f), data_size, &salt).map_err(io_at(i.out_fs))?;
+    let needed = data_size + tree.bytes.len() as u64 + DESCRIPTOR_SIZE as u64;
+    if needed > i.slot_size {
+        return Err(ImageError::Invalid(format!(
+            "USR needs {} MiB (filesystem {} MiB + verity tree + descriptor) but --usr-size is {} MiB; \
+             raise --usr-size or choose --usr-compression lz4hc",
+            needed.div_ceil(1 << 20),
+            data_size >> 20,
+            i.slot_size >> 20
+        )));
+    }
+    let fields = SlotDescriptor {
+        version: i.version.clone(),
+        data_size,
+        hash_offset: data_size,
+        hash_size: tree.bytes.len() as u64,
+        verity_root: tree.root,
+        verity_salt: salt,
+        created: i.epoch,
+        keyid: i.key.id,
+    };
+    let descriptor = fields.sign(i.key).map_err(|e| ImageError::Invalid(e.to_string()))?;
+    Ok(UsrSlot {
+        fs_path: i.out_fs.to_path_buf(),
+        data_size,
+        tree: tree.bytes,
+        descriptor,
+        fields,
+    })
+}
+
+struct HashingWriter<W> {
+    inner: W,
+    hash: Sha256,
+    n: u64,
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hash.update(&buf[..n]);
+        self.n += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl UsrSlot {
+    pub fn raw_size(&self) -> u64 {
+        self.data_size + self.tree.len() as u64 + DESCRIPTOR_SIZE as u64
+    }
+
+    /// Stream `[ fs | tree | descriptor ]` through `f`.
+    fn for_each_chunk(&self, mut f: impl FnMut(&[u8]) -> io::Result<()>) -> Result<(), ImageError> {
+        let mut fs = File::open(&self.fs_path).map_err(io_at(&self.fs_path))?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut left = self.data_size;
+        while left > 0 {
+            let n = buf.len().min(left as usize);
+            let got = fs.read(&mut buf[..n]).map_err(io_at(&self.fs_path))?;
+            if got == 0 {
+                // The padded tail past the file's end reads as zeros.
+                buf[..n].fill(0);
+                f(&buf[..n]).map_err(io_at(&self.fs_path))?;
+                left -= n as u64;
+                continue;
+            }
+            f(&buf[..got]).map_err(io_at(&self.fs_path))?;
+            left -= got as u64;
+        }
+        f(&self.tree).map_err(io_at(&self.fs_path))?;
+        f(&self.descriptor).map_err(io_at(&self.fs_path))
+    }
+
+    /// Write the update payload (zstd, multithreaded) and return its sizes
+    /// and hashes.
+    pub fn write_payload(&self, out: &Path, level: i32) -> Result<PayloadInfo, ImageError> {
+        let file = File::create(out).map_err(io_at(out))?;
+        let hw = HashingWriter {
+            inner: io::BufWriter::with_capacity(1 << 20, file),
+            hash: Sha256::new(),
+            n: 0,
+        };
+        let mut enc = zstd::stream::write::Encoder::new(hw, level).map_err(io_at(out))?;
+        let threads = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
+        enc.multithread(threads).map_err(io_at(out))?;
+        enc.include_checksum(true).map_err(io_at(out))?;
+        let mut raw = Sha256::new();
+        self.for_each_chunk(|c| {
+            raw.update(c);
+            enc.write_all(c)
+        })?;
+        let mut hw = enc.finish().map_err(io_at(out))?;
+        hw.flush().map_err(io_at(out))?;
+        hw.inner.get_ref().sync_all().map_err(io_at(out))?;
+        Ok(PayloadInfo {
+            compressed_size: hw.n,
+            compressed_sha256: hex::encode(hw.hash.finalize()),
+            raw_size: self.raw_size(),
+            raw_sha256: hex::encode(raw.finalize()),
+        })
+    }
+
+    /// Lay the slot out in a partition at `offset` of `size` bytes: fs and
+    /// tree from the start, descriptor in the last 4 KiB. All-zero chunks are
+    /// skipped so the image stays sparse.
+    pub fn write_to_partition(&self, dev: &mut File, offset: u64, size: u64) -> Result<(), ImageError> {
+        let path = self.fs_path.clone();
+        let mut pos = offset;
+        let mut err = None;
+        let (fs_part, tree_part) = (self.data_size, self.tree.len() as u64);
+        let mut written = 0u64;
+        self.for_each_chunk(|c| {
+            // The descriptor is the last chunk; it goes to the partition end.
+            if written == fs_part + tree_part {
+                pos = offset + size - DESCRIPTOR_SIZE as u64;
+            }
+            written += c.len() as u64;
+            if c.iter().all(|&b| b == 0) {
+                pos += c.len() as u64;
+                return Ok(());
+            }
+            let r = dev.seek(SeekFrom::Start(pos)).and_then(|_| dev.write_all(c));
+            pos += c.len() as u64;
+            if let Err(e) = r {
+                err = Some(e);
+                return Err(io::Error::other("write failed"));
+            }
+            Ok(())
+        })
+        .map_err(|e| match err.take() {
+            Some(source) => ImageError::Io { path: path.clone(), source },
+            None => e,
+        })
+    }
+}

@@ -1,0 +1,198 @@
+//! `cargo xtask build-image`.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use nimbus::layout::DEFAULT_USR_SIZE;
+use nimbus_image::pipeline::{self, BuildOptions, Format, Install, UnitFile};
+use nimbus_image::rootfs::RootfsSpec;
+use nimbus_image::usr::Compression;
+
+use crate::parse_size;
+
+#[derive(Args)]
+pub struct BuildImage {
+    /// OS version (semver) of the image and its USR slot.
+    #[arg(long, default_value = env!("CARGO_PKG_VERSION"))]
+    version: semver::Version,
+    /// Release channel the image follows (GROUP in update.conf).
+    #[arg(long, default_value = "stable")]
+    channel: String,
+    /// Release key directory (release.key). Without it, a development key
+    /// generated once under target/nimbus/dev-key is used and the image says so.
+    #[arg(long, value_name = "DIR")]
+    key: Option<PathBuf>,
+    /// Size of each USR partition (fixed for the life of a host: leave room to grow).
+    #[arg(long, value_parser = parse_size, default_value_t = DEFAULT_USR_SIZE)]
+    usr_size: u64,
+    #[arg(long, value_parser = parse_size, default_value = "4G")]
+    disk_size: u64,
+    /// #cloud-config (or #! script) to place on the OEM partition as user-data.
+    #[arg(long, value_name = "FILE")]
+    user_data: Option<PathBuf>,
+    /// Comma-separated: raw, qcow2, box.
+    #[arg(long, value_delimiter = ',', default_value = "raw,qcow2,box")]
+    formats: Vec<Format>,
+    /// Output directory (default target/nimbus/<version>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// USR filesystem compression: none, lz4, lz4hc (see docs/image.md for the figures).
+    #[arg(long, default_value = "none")]
+    usr_compression: Compression,
+    /// zstd level of the update payload.
+    #[arg(long, default_value_t = 6)]
+    zstd_level: i32,
+    /// Update server written to /usr/share/nimbus/update.conf (or "disabled").
+    #[arg(long, default_value = "disabled")]
+    server: String,
+}
+
+struct Bars {
+    tty: bool,
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl pipeline::Progress for Bars {
+    fn start(&mut self, stage: &str) {
+        if self.tty {
+            let b = indicatif::ProgressBar::new_spinner();
+            b.set_style(
+                indicatif::ProgressStyle::with_template("{spinner} {msg} {elapsed}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+            );
+            b.set_message(stage.to_string());
+            b.enable_steady_tick(Duration::from_millis(120));
+            self.bar = Some(b);
+        } else {
+            eprintln!("build-image: {stage} ...");
+        }
+    }
+    fn finish(&mut self, stage: &str, seconds: f64, note: &str) {
+        let line = format!("build-image: {stage} done in {seconds:.1} s {note}");
+        match self.bar.take() {
+            Some(b) => b.finish_with_message(line),
+            None => eprintln!("{line}"),
+        }
+    }
+}
+
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn source_date_epoch(root: &Path) -> u64 {
+    if let Some(e) = std::env::var("SOURCE_DATE_EPOCH").ok().and_then(|s| s.parse().ok()) {
+        return e;
+    }
+    // The last commit's time: the same checkout builds the same USR.
+    Command::new("git")
+        .args(["log", "-1", "--format=%ct"])
+        .current_dir(root)
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Build Nimbus's own binaries in release mode and list them for /usr/bin.
+fn nimbus_binaries(root: &Path) -> anyhow::Result<Vec<Install>> {
+    let bins = [("nimbus-cloud-config", "cloud-config")];
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(root).args(["build", "--release", "--quiet"]);
+    for (pkg, bin) in bins {
+        cmd.args(["-p", pkg, "--bin", bin]);
+    }
+    let status = cmd.status().context("cargo build --release")?;
+    if !status.success() {
+        bail!("building Nimbus's binaries failed ({status})");
+    }
+    Ok(bins
+        .iter()
+        .map(|(_, bin)| Install {
+            dest: format!("/usr/bin/{bin}"),
+            source: root.join("target/release").join(bin),
+            mode: 0o755,
+        })
+        .collect())
+}
+
+fn units(root: &Path) -> anyhow::Result<Vec<UnitFile>> {
+    let mut out = Vec::new();
+    for dir in ["cloud-config/units", "image/units"] {
+        let mut names: Vec<PathBuf> = std::fs::read_dir(root.join(dir))
+            .with_context(|| dir.to_string())?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .collect();
+        names.sort();
+        for p in names {
+            out.push(UnitFile {
+                name: p.file_name().unwrap_or_default().to_string_lossy().into_owned(),
+                content: std::fs::read_to_string(&p).with_context(|| p.display().to_string())?,
+            });
+        }
+    }
+    Ok(out)
+}
+
+pub fn run(a: BuildImage) -> anyhow::Result<ExitCode> {
+    let root = workspace_root();
+    let target = root.join("target/nimbus");
+    let (key_dir, dev_key) = match a.key {
+        Some(k) => (k, false),
+        None => {
+            let d = target.join("dev-key");
+            if !d.join(nimbus::keys::SECRET_FILE).exists() {
+                let k = nimbus::keys::ReleaseKey::generate()?;
+                k.write_to_dir(&d)?;
+                eprintln!("build-image: generated development key {} in {}", k.id, d.display());
+            }
+            (d, true)
+        }
+    };
+    let epoch = source_date_epoch(&root);
+    let out = a.out.unwrap_or_else(|| target.join(a.version.to_string()));
+    let mut opts = BuildOptions {
+        version: a.version,
+        channel: a.channel,
+        key_dir,
+        dev_key,
+        usr_size: a.usr_size,
+        disk_size: a.disk_size,
+        user_data: a.user_data,
+        formats: a.formats,
+        out,
+        cache: target.join("cache"),
+        epoch,
+        compression: a.usr_compression,
+        zstd_level: a.zstd_level,
+        server: a.server,
+        installs: Vec::new(),
+        units: units(&root)?,
+        stage1_init: None,
+        rootfs: RootfsSpec::default_for(epoch),
+    };
+    // Cheap checks first, so a typo fails in a second, not after a build.
+    pipeline::preflight(&opts)?;
+    opts.installs = nimbus_binaries(&root)?;
+    let mut bars = Bars {
+        tty: std::io::stderr().is_terminal(),
+        bar: None,
+    };
+    let r = pipeline::build(&opts, &mut bars)?;
+    println!("{}", opts.out.display());
+    eprintln!(
+        "build-image: {} {} in {:.1} s (USR {} MiB, payload {} MiB, verity root {})",
+        r.version,
+        if r.rootfs_cache == "hit" { "(rootfs cached)" } else { "" },
+        r.total_seconds,
+        r.usr_data_size >> 20,
+        r.payload.compressed_size >> 20,
+        r.verity_root
+    );
+    Ok(ExitCode::SUCCESS)
+}
