@@ -50,7 +50,6 @@ fn tool(cmd: &mut Command, what: &str) -> Result<(), ImageError> {
 pub fn build(
     out: &Path,
     size: u64,
-    volume_id: u32,
     files: &EspFiles,
     staging: &Path,
     mtime: u64,
@@ -88,16 +87,8 @@ pub fn build(
     let _ = fs::remove_file(out);
     tool(
         Command::new("mkfs.fat")
-            .args([
-                "-F",
-                "32",
-                "-n",
-                "EFI-SYSTEM",
-                "-i",
-                &format!("{volume_id:08X}"),
-                "--invariant",
-                "-C",
-            ])
+            // --invariant: fixed volume id and boot-sector times.
+            .args(["-F", "32", "-n", "EFI-SYSTEM", "--invariant", "-C"])
             .arg(out)
             .arg((size / 1024).to_string()),
         "mkfs.fat",

@@ -143,7 +143,11 @@ struct Stages<'p> {
 }
 
 impl Stages<'_> {
-    fn run<T>(&mut self, name: &str, f: impl FnOnce() -> Result<(T, String), ImageError>) -> Result<T, ImageError> {
+    fn run<T>(
+        &mut self,
+        name: &str,
+        f: impl FnOnce() -> Result<(T, String), ImageError>,
+    ) -> Result<T, ImageError> {
         self.progress.start(name);
         let t = Instant::now();
         let (v, note) = f()?;
@@ -161,37 +165,62 @@ impl Stages<'_> {
 /// Checks that need no large writes: run them first.
 pub fn preflight(o: &BuildOptions) -> Result<ReleaseKey, ImageError> {
     if !nimbus::release::valid_channel_name(&o.channel) {
-        return Err(ImageError::Invalid(format!("--channel {:?} is not a valid channel name ([a-z0-9._-])", o.channel)));
+        return Err(ImageError::Invalid(format!(
+            "--channel {:?} is not a valid channel name ([a-z0-9._-])",
+            o.channel
+        )));
     }
-    layout::plan(o.disk_size, o.usr_size).map_err(|e| ImageError::Invalid(format!("--disk-size/--usr-size: {e}")))?;
+    layout::plan(o.disk_size, o.usr_size)
+        .map_err(|e| ImageError::Invalid(format!("--disk-size/--usr-size: {e}")))?;
     if o.formats.is_empty() {
         return Err(ImageError::Invalid("--formats is empty".into()));
     }
     if !o.key_dir.is_dir() {
-        return Err(ImageError::Invalid(format!("--key {}: no such directory (create one with `cargo xtask keygen --out DIR`)", o.key_dir.display())));
+        return Err(ImageError::Invalid(format!(
+            "--key {}: no such directory (create one with `cargo xtask keygen --out DIR`)",
+            o.key_dir.display()
+        )));
     }
-    let key = ReleaseKey::load_dir(&o.key_dir).map_err(|e| ImageError::Invalid(format!("--key: {e}")))?;
+    let key =
+        ReleaseKey::load_dir(&o.key_dir).map_err(|e| ImageError::Invalid(format!("--key: {e}")))?;
     if let Some(ud) = &o.user_data {
         let text = fs::read_to_string(ud).map_err(io_at(ud))?;
         if !(text.starts_with("#cloud-config") || text.starts_with("#!")) {
-            return Err(ImageError::Invalid(format!("--user-data {}: neither #cloud-config nor a #! script", ud.display())));
+            return Err(ImageError::Invalid(format!(
+                "--user-data {}: neither #cloud-config nor a #! script",
+                ud.display()
+            )));
         }
     }
     for i in &o.installs {
         if !i.source.is_file() {
-            return Err(ImageError::Invalid(format!("{}: missing (to be installed as {})", i.source.display(), i.dest)));
+            return Err(ImageError::Invalid(format!(
+                "{}: missing (to be installed as {})",
+                i.source.display(),
+                i.dest
+            )));
         }
     }
-    fs::create_dir_all(&o.out).map_err(|e| ImageError::Invalid(format!("--out {}: cannot create: {e}", o.out.display())))?;
+    fs::create_dir_all(&o.out).map_err(|e| {
+        ImageError::Invalid(format!("--out {}: cannot create: {e}", o.out.display()))
+    })?;
     let probe = o.out.join(".write-probe");
-    fs::write(&probe, b"").map_err(|e| ImageError::Invalid(format!("--out {}: not writable: {e}", o.out.display())))?;
+    fs::write(&probe, b"").map_err(|e| {
+        ImageError::Invalid(format!("--out {}: not writable: {e}", o.out.display()))
+    })?;
     let _ = fs::remove_file(&probe);
     Ok(key)
 }
 
 fn copy_tree(from: &Path, to: &Path) -> Result<(), ImageError> {
     let _ = fs::remove_dir_all(to);
-    run(Command::new("cp").args(["-a", "--reflink=auto"]).arg(from).arg(to), "cp")
+    run(
+        Command::new("cp")
+            .args(["-a", "--reflink=auto"])
+            .arg(from)
+            .arg(to),
+        "cp",
+    )
 }
 
 fn install_targets(content: &str) -> Vec<String> {
@@ -210,7 +239,12 @@ fn install_targets(content: &str) -> Vec<String> {
     out
 }
 
-fn customize(o: &BuildOptions, root: &Path, key: &ReleaseKey, kver: &str) -> Result<(), ImageError> {
+fn customize(
+    o: &BuildOptions,
+    root: &Path,
+    key: &ReleaseKey,
+    kver: &str,
+) -> Result<(), ImageError> {
     let w = |p: &Path, data: &[u8]| -> Result<(), ImageError> {
         if let Some(d) = p.parent() {
             fs::create_dir_all(d).map_err(io_at(d))?;
@@ -241,7 +275,8 @@ fn customize(o: &BuildOptions, root: &Path, key: &ReleaseKey, kver: &str) -> Res
             fs::create_dir_all(&d).map_err(io_at(&d))?;
             let link = d.join(&u.name);
             let _ = fs::remove_file(&link);
-            std::os::unix::fs::symlink(format!("/usr/lib/systemd/system/{}", u.name), &link).map_err(io_at(&link))?;
+            std::os::unix::fs::symlink(format!("/usr/lib/systemd/system/{}", u.name), &link)
+                .map_err(io_at(&link))?;
         }
     }
     w(
@@ -267,14 +302,30 @@ fn customize(o: &BuildOptions, root: &Path, key: &ReleaseKey, kver: &str) -> Res
     // convention).
     let factory = root.join("usr/share/factory");
     fs::create_dir_all(&factory).map_err(io_at(&factory))?;
-    run(Command::new("cp").args(["-a"]).arg(root.join("etc")).arg(factory.join("etc")), "cp")?;
+    run(
+        Command::new("cp")
+            .args(["-a"])
+            .arg(root.join("etc"))
+            .arg(factory.join("etc")),
+        "cp",
+    )?;
     Ok(())
 }
 
 /// The kernel modules stage-1 loads, dependencies first, as paths relative
 /// to /lib/modules/<kver>.
 pub fn stage1_modules(root: &Path, kver: &str) -> Result<Vec<String>, ImageError> {
-    const WANT: &[&str] = &["virtio_pci", "virtio_blk", "virtio_scsi", "sd_mod", "dm_mod", "dm_verity", "erofs", "crc32c_generic", "ext4"];
+    const WANT: &[&str] = &[
+        "virtio_pci",
+        "virtio_blk",
+        "virtio_scsi",
+        "sd_mod",
+        "dm_mod",
+        "dm_verity",
+        "erofs",
+        "crc32c_generic",
+        "ext4",
+    ];
     let dir = root.join("usr/lib/modules").join(kver);
     let dep = fs::read_to_string(dir.join("modules.dep")).map_err(io_at(&dir))?;
     let builtin = fs::read_to_string(dir.join("modules.builtin")).unwrap_or_default();
@@ -282,12 +333,24 @@ pub fn stage1_modules(root: &Path, kver: &str) -> Result<Vec<String>, ImageError
         .lines()
         .filter_map(|l| {
             let (m, d) = l.split_once(':')?;
-            Some((m.to_string(), d.split_whitespace().map(str::to_string).collect()))
+            Some((
+                m.to_string(),
+                d.split_whitespace().map(str::to_string).collect(),
+            ))
         })
         .collect();
-    let norm = |p: &str| Path::new(p).file_name().map(|f| f.to_string_lossy().replace('-', "_")).unwrap_or_default();
+    let norm = |p: &str| {
+        Path::new(p)
+            .file_name()
+            .map(|f| f.to_string_lossy().replace('-', "_"))
+            .unwrap_or_default()
+    };
     let mut order: Vec<String> = Vec::new();
-    fn visit(m: &str, deps: &std::collections::BTreeMap<String, Vec<String>>, order: &mut Vec<String>) {
+    fn visit(
+        m: &str,
+        deps: &std::collections::BTreeMap<String, Vec<String>>,
+        order: &mut Vec<String>,
+    ) {
         if order.iter().any(|x| x == m) {
             return;
         }
@@ -302,17 +365,42 @@ pub fn stage1_modules(root: &Path, kver: &str) -> Result<Vec<String>, ImageError
         match deps.keys().find(|k| norm(k) == file) {
             Some(k) => visit(k, &deps, &mut order),
             None if builtin.lines().any(|l| norm(l) == file) => {}
-            None => return Err(ImageError::Invalid(format!("kernel {kver} has no module {w} (neither loadable nor built in)"))),
+            None => {
+                return Err(ImageError::Invalid(format!(
+                    "kernel {kver} has no module {w} (neither loadable nor built in)"
+                )))
+            }
         }
     }
     Ok(order)
 }
 
-fn stage1_initramfs(o: &BuildOptions, root: &Path, kver: &str, key: &ReleaseKey) -> Result<Vec<u8>, ImageError> {
+fn stage1_initramfs(
+    o: &BuildOptions,
+    root: &Path,
+    kver: &str,
+    key: &ReleaseKey,
+) -> Result<Vec<u8>, ImageError> {
     let mods = stage1_modules(root, kver)?;
     let mut c = Cpio::new(Vec::new(), o.epoch as u32);
-    let e = |r: std::io::Result<()>| r.map_err(|source| ImageError::Io { path: "stage1.img".into(), source });
-    for d in ["dev", "proc", "sys", "run", "sysroot", "etc", "etc/nimbus", "etc/nimbus/keys", "lib", "lib/modules"] {
+    let e = |r: std::io::Result<()>| {
+        r.map_err(|source| ImageError::Io {
+            path: "stage1.img".into(),
+            source,
+        })
+    };
+    for d in [
+        "dev",
+        "proc",
+        "sys",
+        "run",
+        "sysroot",
+        "etc",
+        "etc/nimbus",
+        "etc/nimbus/keys",
+        "lib",
+        "lib/modules",
+    ] {
         e(c.dir(d))?;
     }
     e(c.dir(&format!("lib/modules/{kver}")))?;
@@ -331,20 +419,47 @@ fn stage1_initramfs(o: &BuildOptions, root: &Path, kver: &str, key: &ReleaseKey)
         let data = fs::read(&src).map_err(io_at(&src))?;
         e(c.file(&format!("lib/modules/{kver}/{m}"), 0o644, &data))?;
     }
-    e(c.file("lib/modules/load.list", 0o644, (mods.join("\n") + "\n").as_bytes()))?;
-    e(c.file(&format!("etc/nimbus/keys/{}.pub", key.id), 0o644, &nimbus::keys::public_key_json(&key.public())))?;
+    e(c.file(
+        "lib/modules/load.list",
+        0o644,
+        (mods.join("\n") + "\n").as_bytes(),
+    ))?;
+    e(c.file(
+        &format!("etc/nimbus/keys/{}.pub", key.id),
+        0o644,
+        &nimbus::keys::public_key_json(&key.public()),
+    ))?;
     if let Some(init) = &o.stage1_init {
         let data = fs::read(init).map_err(io_at(init))?;
         e(c.file("init", 0o755, &data))?;
     }
-    c.finish().map_err(|source| ImageError::Io { path: "stage1.img".into(), source })
+    c.finish().map_err(|source| ImageError::Io {
+        path: "stage1.img".into(),
+        source,
+    })
 }
 
-fn mkfs_ext4(img: &Path, size: u64, label: &str, uuid: Uuid, dir: &Path, epoch: u64) -> Result<(), ImageError> {
+fn mkfs_ext4(
+    img: &Path,
+    size: u64,
+    label: &str,
+    uuid: Uuid,
+    dir: &Path,
+    epoch: u64,
+) -> Result<(), ImageError> {
     let _ = fs::remove_file(img);
     run(
         Command::new("mkfs.ext4")
-            .args(["-q", "-F", "-t", "ext4", "-L", label, "-U", &uuid.to_string()])
+            .args([
+                "-q",
+                "-F",
+                "-t",
+                "ext4",
+                "-L",
+                label,
+                "-U",
+                &uuid.to_string(),
+            ])
             .args(["-E", &format!("root_owner=0:0,hash_seed={uuid}")])
             .arg("-d")
             .arg(dir)
@@ -360,7 +475,10 @@ fn copy_sparse(src: &Path, dev: &mut File, offset: u64, limit: u64) -> Result<()
     let mut f = File::open(src).map_err(io_at(src))?;
     let len = f.metadata().map_err(io_at(src))?.len();
     if len > limit {
-        return Err(ImageError::Invalid(format!("{} is {len} bytes, larger than its {limit}-byte partition", src.display())));
+        return Err(ImageError::Invalid(format!(
+            "{} is {len} bytes, larger than its {limit}-byte partition",
+            src.display()
+        )));
     }
     let mut buf = vec![0u8; 64 * 1024];
     let mut pos = 0u64;
@@ -370,7 +488,8 @@ fn copy_sparse(src: &Path, dev: &mut File, offset: u64, limit: u64) -> Result<()
             break;
         }
         if buf[..n].iter().any(|&b| b != 0) {
-            dev.seek(SeekFrom::Start(offset + pos)).map_err(io_at(src))?;
+            dev.seek(SeekFrom::Start(offset + pos))
+                .map_err(io_at(src))?;
             dev.write_all(&buf[..n]).map_err(io_at(src))?;
         }
         pos += n as u64;
@@ -395,11 +514,13 @@ fn sha256_file(p: &Path) -> Result<String, ImageError> {
 fn slot_sha256(dev: &mut File, offset: u64, size: u64) -> Result<String, ImageError> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
-    dev.seek(SeekFrom::Start(offset)).map_err(io_at(Path::new("nimbus.raw")))?;
+    dev.seek(SeekFrom::Start(offset))
+        .map_err(io_at(Path::new("nimbus.raw")))?;
     let mut left = size;
     while left > 0 {
         let n = buf.len().min(left as usize);
-        dev.read_exact(&mut buf[..n]).map_err(io_at(Path::new("nimbus.raw")))?;
+        dev.read_exact(&mut buf[..n])
+            .map_err(io_at(Path::new("nimbus.raw")))?;
         h.update(&buf[..n]);
         left -= n as u64;
     }
@@ -423,7 +544,12 @@ pub fn build(o: &BuildOptions, progress: &mut dyn Progress) -> Result<BuildRepor
     let r = build_inner(o, progress);
     if r.is_err() {
         let _ = fs::remove_dir_all(o.out.join(".work"));
-        for t in [".nimbus.raw.tmp", ".nimbus.qcow2.tmp", ".nimbus.box.tmp", ".usr.img.zst.tmp"] {
+        for t in [
+            ".nimbus.raw.tmp",
+            ".nimbus.qcow2.tmp",
+            ".nimbus.box.tmp",
+            ".usr.img.zst.tmp",
+        ] {
             let _ = fs::remove_file(o.out.join(t));
         }
     }
@@ -433,14 +559,24 @@ pub fn build(o: &BuildOptions, progress: &mut dyn Progress) -> Result<BuildRepor
 fn build_inner(o: &BuildOptions, progress: &mut dyn Progress) -> Result<BuildReport, ImageError> {
     let t0 = Instant::now();
     let key = preflight(o)?;
-    let mut st = Stages { progress, times: Vec::new() };
+    let mut st = Stages {
+        progress,
+        times: Vec::new(),
+    };
     let work = o.out.join(".work");
     fs::create_dir_all(&work).map_err(io_at(&work))?;
     fs::create_dir_all(&o.cache).map_err(io_at(&o.cache))?;
 
     let rootfs = st.run("rootfs", || {
         let r = rootfs::obtain(&o.rootfs, &o.cache, &work.join("mmdebstrap.log"))?;
-        let note = if r.cache_hit { "cache hit".to_string() } else { format!("built with mmdebstrap ({} bad cached debs dropped)", r.debs_dropped) };
+        let note = if r.cache_hit {
+            "cache hit".to_string()
+        } else {
+            format!(
+                "built with mmdebstrap ({} bad cached debs dropped)",
+                r.debs_dropped
+            )
+        };
         Ok((r, note))
     })?;
     let staging = work.join("root");
@@ -454,7 +590,15 @@ fn build_inner(o: &BuildOptions, progress: &mut dyn Progress) -> Result<BuildRep
     let kernel = fs::read(staging.join("usr/lib/nimbus/boot/vmlinuz")).map_err(io_at(&staging))?;
     let stage1 = st.run("stage1-initramfs", || {
         let b = stage1_initramfs(o, &staging, &kver, &key)?;
-        let n = format!("{} KiB{}", b.len() / 1024, if o.stage1_init.is_some() { "" } else { ", no /init yet (boot selector: issue #4)" });
+        let n = format!(
+            "{} KiB{}",
+            b.len() / 1024,
+            if o.stage1_init.is_some() {
+                ""
+            } else {
+                ", no /init yet (boot selector: issue #4)"
+            }
+        );
         Ok((b, n))
     })?;
 
@@ -474,61 +618,142 @@ fn build_inner(o: &BuildOptions, progress: &mut dyn Progress) -> Result<BuildRep
             slot_size: o.usr_size,
             key: &key,
         })?;
-        let n = format!("erofs {} MiB, tree {} KiB, root {}", s.data_size >> 20, s.tree.len() >> 10, hex::encode(s.fields.verity_root));
+        let n = format!(
+            "erofs {} MiB, tree {} KiB, root {}",
+            s.data_size >> 20,
+            s.tree.len() >> 10,
+            hex::encode(s.fields.verity_root)
+        );
         Ok((s, n))
     })?;
 
     let payload_tmp = o.out.join(".usr.img.zst.tmp");
     let payload = st.run("payload", || {
         let p = slot.write_payload(&payload_tmp, o.zstd_level)?;
-        let n = format!("{} MiB -> {} MiB (zstd {})", p.raw_size >> 20, p.compressed_size >> 20, o.zstd_level);
+        let n = format!(
+            "{} MiB -> {} MiB (zstd {})",
+            p.raw_size >> 20,
+            p.compressed_size >> 20,
+            o.zstd_level
+        );
         Ok((p, n))
     })?;
 
     let esp_img = work.join("esp.img");
     let oem_img = work.join("oem.img");
     let root_img = work.join("root.img");
-    let plan = layout::plan(o.disk_size, o.usr_size).map_err(|e| ImageError::Invalid(e.to_string()))?;
-    let part = |n: u32| plan.iter().find(|p| p.spec.number == n).copied().ok_or_else(|| ImageError::Invalid(format!("layout has no partition {n}")));
+    let plan =
+        layout::plan(o.disk_size, o.usr_size).map_err(|e| ImageError::Invalid(e.to_string()))?;
+    let part = |n: u32| {
+        plan.iter()
+            .find(|p| p.spec.number == n)
+            .copied()
+            .ok_or_else(|| ImageError::Invalid(format!("layout has no partition {n}")))
+    };
     st.run("filesystems", || {
         let mut files = esp::loader_files("console=ttyS0 panic=-1");
         files.push(("nimbus/vmlinuz".into(), kernel.clone()));
         files.push(("nimbus/stage1.img".into(), stage1.clone()));
         let sdboot = usr_dir.join("lib/systemd/boot/efi/systemd-bootx64.efi");
-        files.push(("EFI/BOOT/BOOTX64.EFI".into(), fs::read(&sdboot).map_err(io_at(&sdboot))?));
-        esp::build(&esp_img, part(1)?.size_bytes(), &files, &work.join("esp"), o.epoch)?;
+        files.push((
+            "EFI/BOOT/BOOTX64.EFI".into(),
+            fs::read(&sdboot).map_err(io_at(&sdboot))?,
+        ));
+        esp::build(
+            &esp_img,
+            part(1)?.size_bytes(),
+            &files,
+            &work.join("esp"),
+            o.epoch,
+        )?;
         let oem_dir = work.join("oem");
         let _ = fs::remove_dir_all(&oem_dir);
         fs::create_dir_all(&oem_dir).map_err(io_at(&oem_dir))?;
         if let Some(ud) = &o.user_data {
             fs::copy(ud, oem_dir.join("user-data")).map_err(io_at(ud))?;
         }
-        mkfs_ext4(&oem_img, part(6)?.size_bytes(), "OEM", seeded(&o.version, "oem-fs"), &oem_dir, o.epoch)?;
-        mkfs_ext4(&root_img, part(9)?.size_bytes(), "ROOT", seeded(&o.version, "root-fs"), &staging, o.epoch)?;
+        mkfs_ext4(
+            &oem_img,
+            part(6)?.size_bytes(),
+            "OEM",
+            seeded(&o.version, "oem-fs"),
+            &oem_dir,
+            o.epoch,
+        )?;
+        mkfs_ext4(
+            &root_img,
+            part(9)?.size_bytes(),
+            "ROOT",
+            seeded(&o.version, "root-fs"),
+            &staging,
+            o.epoch,
+        )?;
         Ok(((), "ESP (FAT32), OEM and ROOT (ext4)".into()))
     })?;
 
     let raw_tmp = o.out.join(".nimbus.raw.tmp");
     let usr_slot_sha256 = st.run("disk", || {
         let _ = fs::remove_file(&raw_tmp);
-        let mut f = File::options().read(true).write(true).create_new(true).open(&raw_tmp).map_err(io_at(&raw_tmp))?;
+        let mut f = File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&raw_tmp)
+            .map_err(io_at(&raw_tmp))?;
         f.set_len(o.disk_size).map_err(io_at(&raw_tmp))?;
-        let good = Prio { priority: 1, tries: 0, successful: true };
-        Disk::create(&mut f, &raw_tmp, o.usr_size, seeded(&o.version, "disk"), |s| seeded(&o.version, s.label), |s| {
-            if s.number == Slot::A.partition_number() { good.apply_to(0) } else { 0 }
-        })
+        let good = Prio {
+            priority: 1,
+            tries: 0,
+            successful: true,
+        };
+        Disk::create(
+            &mut f,
+            &raw_tmp,
+            o.usr_size,
+            seeded(&o.version, "disk"),
+            |s| seeded(&o.version, s.label),
+            |s| {
+                if s.number == Slot::A.partition_number() {
+                    good.apply_to(0)
+                } else {
+                    0
+                }
+            },
+        )
         .map_err(|e| ImageError::Invalid(e.to_string()))?;
-        copy_sparse(&esp_img, &mut f, part(1)?.offset_bytes(), part(1)?.size_bytes())?;
+        copy_sparse(
+            &esp_img,
+            &mut f,
+            part(1)?.offset_bytes(),
+            part(1)?.size_bytes(),
+        )?;
         let a = part(3)?;
         slot.write_to_partition(&mut f, a.offset_bytes(), a.size_bytes())?;
-        copy_sparse(&oem_img, &mut f, part(6)?.offset_bytes(), part(6)?.size_bytes())?;
-        copy_sparse(&root_img, &mut f, part(9)?.offset_bytes(), part(9)?.size_bytes())?;
+        copy_sparse(
+            &oem_img,
+            &mut f,
+            part(6)?.offset_bytes(),
+            part(6)?.size_bytes(),
+        )?;
+        copy_sparse(
+            &root_img,
+            &mut f,
+            part(9)?.offset_bytes(),
+            part(9)?.size_bytes(),
+        )?;
         f.sync_all().map_err(io_at(&raw_tmp))?;
         // Read back what was written, as a consumer would.
         let mut d = Disk::open(&mut f, &raw_tmp).map_err(|e| ImageError::Invalid(e.to_string()))?;
-        d.check_nimbus_layout().map_err(|e| ImageError::Invalid(e.to_string()))?;
-        let desc = d.read_descriptor(Slot::A).map_err(|e| ImageError::Invalid(e.to_string()))?;
-        SlotDescriptor::verify(&desc, &TrustStore::new([key.public()], 1)).map_err(|e| ImageError::Invalid(format!("USR-A descriptor does not verify after writing: {e}")))?;
+        d.check_nimbus_layout()
+            .map_err(|e| ImageError::Invalid(e.to_string()))?;
+        let desc = d
+            .read_descriptor(Slot::A)
+            .map_err(|e| ImageError::Invalid(e.to_string()))?;
+        SlotDescriptor::verify(&desc, &TrustStore::new([key.public()], 1)).map_err(|e| {
+            ImageError::Invalid(format!(
+                "USR-A descriptor does not verify after writing: {e}"
+            ))
+        })?;
         let sha = slot_sha256(&mut f, a.offset_bytes(), a.size_bytes())?;
         Ok((sha, format!("{} GiB sparse", o.disk_size >> 30)))
     })?;
@@ -540,7 +765,19 @@ fn build_inner(o: &BuildOptions, progress: &mut dyn Progress) -> Result<BuildRep
         st.run("qcow2", || {
             let _ = fs::remove_file(&qcow_tmp);
             run(
-                Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "qcow2", "-c", "-o", "compression_type=zstd"]).arg(&raw_tmp).arg(&qcow_tmp),
+                Command::new("qemu-img")
+                    .args([
+                        "convert",
+                        "-f",
+                        "raw",
+                        "-O",
+                        "qcow2",
+                        "-c",
+                        "-o",
+                        "compression_type=zstd",
+                    ])
+                    .arg(&raw_tmp)
+                    .arg(&qcow_tmp),
                 "qemu-img",
             )?;
             Ok(((), String::new()))
@@ -612,13 +849,19 @@ fn build_inner(o: &BuildOptions, progress: &mut dyn Progress) -> Result<BuildRep
         verity_root: hex::encode(slot.fields.verity_root),
         usr_slot_sha256,
         payload,
-        rootfs_cache: if rootfs.cache_hit { "hit".into() } else { "miss".into() },
+        rootfs_cache: if rootfs.cache_hit {
+            "hit".into()
+        } else {
+            "miss".into()
+        },
         stage1_init: o.stage1_init.is_some(),
         artifacts,
         stages: st.times,
         total_seconds: (t0.elapsed().as_secs_f64() * 1000.0).round() / 1000.0,
     };
-    let json = serde_json::to_vec_pretty(&report).map_err(|e| ImageError::Invalid(e.to_string()))?;
-    nimbus::durable::write_atomic(&o.out.join("build.json"), &json, 0o644).map_err(|e| ImageError::Invalid(e.to_string()))?;
+    let json =
+        serde_json::to_vec_pretty(&report).map_err(|e| ImageError::Invalid(e.to_string()))?;
+    nimbus::durable::write_atomic(&o.out.join("build.json"), &json, 0o644)
+        .map_err(|e| ImageError::Invalid(e.to_string()))?;
     Ok(report)
 }

@@ -102,11 +102,22 @@ pub fn verify_deb_cache(dir: &Path) -> Result<usize, ImageError> {
     let mut dropped = 0;
     for e in fs::read_dir(dir).map_err(io_at(dir))? {
         let p = e.map_err(io_at(dir))?.path();
-        let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = p
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         if name == "SHA256SUMS" {
             continue;
         }
-        let ok = name.ends_with(".deb") && sums.get(&name).is_some_and(|h| sha256_file(&p).ok().as_ref() == Some(h));
+        if p.is_dir() {
+            // apt's partial/ downloads: never trusted across runs.
+            fs::remove_dir_all(&p).map_err(io_at(&p))?;
+            continue;
+        }
+        let ok = name.ends_with(".deb")
+            && sums
+                .get(&name)
+                .is_some_and(|h| sha256_file(&p).ok().as_ref() == Some(h));
         if !ok {
             fs::remove_file(&p).map_err(io_at(&p))?;
             dropped += 1;
@@ -125,9 +136,13 @@ fn record_deb_cache(dir: &Path) -> Result<(), ImageError> {
     let mut out = String::new();
     for p in names {
         let h = sha256_file(&p).map_err(io_at(&p))?;
-        out.push_str(&format!("{h}  {}\n", p.file_name().unwrap_or_default().to_string_lossy()));
+        out.push_str(&format!(
+            "{h}  {}\n",
+            p.file_name().unwrap_or_default().to_string_lossy()
+        ));
     }
-    nimbus::durable::write_atomic(&dir.join("SHA256SUMS"), out.as_bytes(), 0o644).map_err(|e| ImageError::Invalid(e.to_string()))
+    nimbus::durable::write_atomic(&dir.join("SHA256SUMS"), out.as_bytes(), 0o644)
+        .map_err(|e| ImageError::Invalid(e.to_string()))
 }
 
 pub struct Rootfs {
@@ -138,6 +153,12 @@ pub struct Rootfs {
 
 /// The pristine rootfs for `spec`, built or reused. Never modify it: copy it.
 pub fn obtain(spec: &RootfsSpec, cache: &Path, log: &Path) -> Result<Rootfs, ImageError> {
+    // Two builds at once (parallel tests, two terminals) must not both run
+    // mmdebstrap into the same directory: the second waits, then reuses.
+    fs::create_dir_all(cache).map_err(io_at(cache))?;
+    let lock_path = cache.join(".lock");
+    let lock = fs::File::create(&lock_path).map_err(io_at(&lock_path))?;
+    lock.lock().map_err(io_at(&lock_path))?;
     let dir = cache.join(format!("rootfs-{}", spec.key()));
     if dir.join(".complete").exists() {
         return Ok(Rootfs {
@@ -156,8 +177,14 @@ pub fn obtain(spec: &RootfsSpec, cache: &Path, log: &Path) -> Result<Rootfs, Ima
         .arg(format!("--include={}", spec.packages.join(",")))
         .args(["--skip=essential/unlink", "--skip=cleanup/apt/cache"])
         .arg("--setup-hook=mkdir -p \"$1\"/var/cache/apt/archives/")
-        .arg(format!("--setup-hook=sync-in {} /var/cache/apt/archives/", debs.display()))
-        .arg(format!("--customize-hook=sync-out /var/cache/apt/archives {}", debs.display()))
+        .arg(format!(
+            "--setup-hook=sync-in {} /var/cache/apt/archives/",
+            debs.display()
+        ))
+        .arg(format!(
+            "--customize-hook=sync-out /var/cache/apt/archives {}",
+            debs.display()
+        ))
         .arg(&spec.suite)
         .arg(&tmp)
         .args(&spec.mirrors)
@@ -170,7 +197,16 @@ pub fn obtain(spec: &RootfsSpec, cache: &Path, log: &Path) -> Result<Rootfs, Ima
         reason: format!("cannot run it ({e}); `cargo xtask deps` installs it"),
     })?;
     if !status.success() {
-        let tail: String = fs::read_to_string(log).unwrap_or_default().lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+        let tail: String = fs::read_to_string(log)
+            .unwrap_or_default()
+            .lines()
+            .rev()
+            .take(15)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect::<Vec<_>>()
+            .join("\n");
         return Err(ImageError::Tool {
             tool: "mmdebstrap".into(),
             reason: format!("failed ({status}); log {}:\n{tail}", log.display()),
@@ -214,7 +250,10 @@ pub fn kernel_version(root: &Path) -> Result<String, ImageError> {
     v.sort();
     match v.as_slice() {
         [one] => Ok(one.clone()),
-        _ => Err(ImageError::Invalid(format!("expected one kernel in {}, found {v:?}", dir.display()))),
+        _ => Err(ImageError::Invalid(format!(
+            "expected one kernel in {}, found {v:?}",
+            dir.display()
+        ))),
     }
 }
 
@@ -238,7 +277,12 @@ pub fn strip(root: &Path, kver: &str) -> Result<(), ImageError> {
     for m in PRUNED_MODULES {
         let _ = fs::remove_dir_all(moddir.join(m));
     }
-    run(Command::new("chroot").arg(root).args(["depmod", "-a", kver]), "depmod")?;
+    run(
+        Command::new("chroot")
+            .arg(root)
+            .args(["depmod", "-a", kver]),
+        "depmod",
+    )?;
     // No package manager at run time (as on CoreOS): drop its state and tools.
     for p in [
         "var/lib/dpkg",
@@ -259,7 +303,11 @@ pub fn strip(root: &Path, kver: &str) -> Result<(), ImageError> {
         let d = root.join(dir);
         for e in fs::read_dir(&d).map_err(io_at(&d))?.filter_map(|e| e.ok()) {
             let n = e.file_name().to_string_lossy().into_owned();
-            if n.starts_with("apt") || n.starts_with("dpkg") || n == "update-initramfs" || n == "mkinitramfs" {
+            if n.starts_with("apt")
+                || n.starts_with("dpkg")
+                || n == "update-initramfs"
+                || n == "mkinitramfs"
+            {
                 let _ = fs::remove_file(e.path());
             }
         }
@@ -272,18 +320,46 @@ pub fn strip(root: &Path, kver: &str) -> Result<(), ImageError> {
                 for f in inner.filter_map(|f| f.ok()) {
                     if f.file_name() != "copyright" {
                         let p = f.path();
-                        let _ = if p.is_dir() { fs::remove_dir_all(&p) } else { fs::remove_file(&p) };
+                        let _ = if p.is_dir() {
+                            fs::remove_dir_all(&p)
+                        } else {
+                            fs::remove_file(&p)
+                        };
                     }
                 }
             }
         }
     }
     // Per-host identity is made at first boot, never baked into an image.
-    for p in ["etc/ssh/ssh_host_rsa_key", "etc/ssh/ssh_host_ecdsa_key", "etc/ssh/ssh_host_ed25519_key"] {
+    for p in [
+        "etc/ssh/ssh_host_rsa_key",
+        "etc/ssh/ssh_host_ecdsa_key",
+        "etc/ssh/ssh_host_ed25519_key",
+    ] {
         let _ = fs::remove_file(root.join(p));
         let _ = fs::remove_file(root.join(format!("{p}.pub")));
     }
     fs::write(root.join("etc/machine-id"), "").map_err(io_at(root))?;
     let _ = fs::remove_file(root.join("var/lib/dbus/machine-id"));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn corrupt_and_unknown_cache_entries_are_dropped() {
+        let d = tempfile::tempdir().unwrap();
+        fs::write(d.path().join("a_1.0_amd64.deb"), b"good").unwrap();
+        fs::write(d.path().join("b_1.0_amd64.deb"), b"good too").unwrap();
+        record_deb_cache(d.path()).unwrap();
+        fs::write(d.path().join("b_1.0_amd64.deb"), b"flipped").unwrap();
+        fs::write(d.path().join("stray"), b"?").unwrap();
+        fs::create_dir(d.path().join("partial")).unwrap();
+        assert_eq!(verify_deb_cache(d.path()).unwrap(), 2);
+        assert!(d.path().join("a_1.0_amd64.deb").exists());
+        assert!(!d.path().join("b_1.0_amd64.deb").exists());
+        assert!(!d.path().join("partial").exists());
+    }
 }

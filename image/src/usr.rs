@@ -30,7 +30,9 @@ impl std::str::FromStr for Compression {
             "none" => Ok(Compression::None),
             "lz4" => Ok(Compression::Lz4),
             "lz4hc" => Ok(Compression::Lz4hc),
-            _ => Err(format!("unknown USR compression {s:?}: use none, lz4 or lz4hc")),
+            _ => Err(format!(
+                "unknown USR compression {s:?}: use none, lz4 or lz4hc"
+            )),
         }
     }
 }
@@ -105,7 +107,11 @@ pub fn build(i: &UsrInputs<'_>) -> Result<UsrSlot, ImageError> {
             reason: String::from_utf8_lossy(&out.stderr).trim().to_string(),
         });
     }
-    let f = File::options().read(true).write(true).open(i.out_fs).map_err(io_at(i.out_fs))?;
+    let f = File::options()
+        .read(true)
+        .write(true)
+        .open(i.out_fs)
+        .map_err(io_at(i.out_fs))?;
     let mut data_size = f.metadata().map_err(io_at(i.out_fs))?.len();
     if data_size % verity::BLOCK as u64 != 0 {
         // erofs writes whole 4 KiB blocks; pad defensively so verity covers it.
@@ -113,7 +119,8 @@ pub fn build(i: &UsrInputs<'_>) -> Result<UsrSlot, ImageError> {
         f.set_len(data_size).map_err(io_at(i.out_fs))?;
     }
     let salt = salt_for(i.version);
-    let tree = verity::build(BufReader::with_capacity(1 << 20, &f), data_size, &salt).map_err(io_at(i.out_fs))?;
+    let tree = verity::build(BufReader::with_capacity(1 << 20, &f), data_size, &salt)
+        .map_err(io_at(i.out_fs))?;
     let needed = data_size + tree.bytes.len() as u64 + DESCRIPTOR_SIZE as u64;
     if needed > i.slot_size {
         return Err(ImageError::Invalid(format!(
@@ -134,7 +141,9 @@ pub fn build(i: &UsrInputs<'_>) -> Result<UsrSlot, ImageError> {
         created: i.epoch,
         keyid: i.key.id,
     };
-    let descriptor = fields.sign(i.key).map_err(|e| ImageError::Invalid(e.to_string()))?;
+    let descriptor = fields
+        .sign(i.key)
+        .map_err(|e| ImageError::Invalid(e.to_string()))?;
     Ok(UsrSlot {
         fs_path: i.out_fs.to_path_buf(),
         data_size,
@@ -199,7 +208,9 @@ impl UsrSlot {
             n: 0,
         };
         let mut enc = zstd::stream::write::Encoder::new(hw, level).map_err(io_at(out))?;
-        let threads = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
+        let threads = std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1);
         enc.multithread(threads).map_err(io_at(out))?;
         enc.include_checksum(true).map_err(io_at(out))?;
         let mut raw = Sha256::new();
@@ -221,7 +232,12 @@ impl UsrSlot {
     /// Lay the slot out in a partition at `offset` of `size` bytes: fs and
     /// tree from the start, descriptor in the last 4 KiB. All-zero chunks are
     /// skipped so the image stays sparse.
-    pub fn write_to_partition(&self, dev: &mut File, offset: u64, size: u64) -> Result<(), ImageError> {
+    pub fn write_to_partition(
+        &self,
+        dev: &mut File,
+        offset: u64,
+        size: u64,
+    ) -> Result<(), ImageError> {
         let path = self.fs_path.clone();
         let mut pos = offset;
         let mut err = None;
@@ -237,7 +253,9 @@ impl UsrSlot {
                 pos += c.len() as u64;
                 return Ok(());
             }
-            let r = dev.seek(SeekFrom::Start(pos)).and_then(|_| dev.write_all(c));
+            let r = dev
+                .seek(SeekFrom::Start(pos))
+                .and_then(|_| dev.write_all(c));
             pos += c.len() as u64;
             if let Err(e) = r {
                 err = Some(e);
@@ -246,7 +264,10 @@ impl UsrSlot {
             Ok(())
         })
         .map_err(|e| match err.take() {
-            Some(source) => ImageError::Io { path: path.clone(), source },
+            Some(source) => ImageError::Io {
+                path: path.clone(),
+                source,
+            },
             None => e,
         })
     }

@@ -85,7 +85,10 @@ pub fn workspace_root() -> PathBuf {
 }
 
 fn source_date_epoch(root: &Path) -> u64 {
-    if let Some(e) = std::env::var("SOURCE_DATE_EPOCH").ok().and_then(|s| s.parse().ok()) {
+    if let Some(e) = std::env::var("SOURCE_DATE_EPOCH")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
         return e;
     }
     // The last commit's time: the same checkout builds the same USR.
@@ -103,7 +106,8 @@ fn source_date_epoch(root: &Path) -> u64 {
 fn nimbus_binaries(root: &Path) -> anyhow::Result<Vec<Install>> {
     let bins = [("nimbus-cloud-config", "cloud-config")];
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.current_dir(root).args(["build", "--release", "--quiet"]);
+    cmd.current_dir(root)
+        .args(["build", "--release", "--quiet"]);
     for (pkg, bin) in bins {
         cmd.args(["-p", pkg, "--bin", bin]);
     }
@@ -131,7 +135,11 @@ fn units(root: &Path) -> anyhow::Result<Vec<UnitFile>> {
         names.sort();
         for p in names {
             out.push(UnitFile {
-                name: p.file_name().unwrap_or_default().to_string_lossy().into_owned(),
+                name: p
+                    .file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned(),
                 content: std::fs::read_to_string(&p).with_context(|| p.display().to_string())?,
             });
         }
@@ -149,7 +157,11 @@ pub fn run(a: BuildImage) -> anyhow::Result<ExitCode> {
             if !d.join(nimbus::keys::SECRET_FILE).exists() {
                 let k = nimbus::keys::ReleaseKey::generate()?;
                 k.write_to_dir(&d)?;
-                eprintln!("build-image: generated development key {} in {}", k.id, d.display());
+                eprintln!(
+                    "build-image: generated development key {} in {}",
+                    k.id,
+                    d.display()
+                );
             }
             (d, true)
         }
@@ -188,7 +200,11 @@ pub fn run(a: BuildImage) -> anyhow::Result<ExitCode> {
     eprintln!(
         "build-image: {} {} in {:.1} s (USR {} MiB, payload {} MiB, verity root {})",
         r.version,
-        if r.rootfs_cache == "hit" { "(rootfs cached)" } else { "" },
+        if r.rootfs_cache == "hit" {
+            "(rootfs cached)"
+        } else {
+            ""
+        },
         r.total_seconds,
         r.usr_data_size >> 20,
         r.payload.compressed_size >> 20,
