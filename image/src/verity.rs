@@ -34,7 +34,7 @@ fn pad_to_block(v: &mut Vec<u8>) {
 
 /// Hash `data_len` bytes (a multiple of 4096) from `data`.
 pub fn build(mut data: impl Read, data_len: u64, salt: &[u8]) -> io::Result<Tree> {
-    if data_len == 0 || data_len % BLOCK as u64 != 0 {
+    if data_len == 0 || !data_len.is_multiple_of(BLOCK as u64) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!("verity data size {data_len} is not a positive multiple of {BLOCK}"),
