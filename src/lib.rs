@@ -10,6 +10,7 @@
 //!   signed channel manifest.
 //! - [`durable`]: crash-safe file replacement.
 
+pub mod boot;
 pub mod durable;
 pub mod gpt;
 pub mod keys;

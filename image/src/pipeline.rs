@@ -81,6 +81,8 @@ pub struct BuildOptions {
     /// The stage-1 /init, once the boot selector exists (issue #4).
     pub stage1_init: Option<PathBuf>,
     pub rootfs: RootfsSpec,
+    /// Keep `<out>/.work` (the USR tree, partition images) for benchmarks.
+    pub keep_work: bool,
 }
 
 pub trait Progress {
@@ -472,6 +474,7 @@ fn mkfs_ext4(
 
 /// Copy `src` into `dev` at `offset`, leaving all-zero 64 KiB chunks as holes.
 fn copy_sparse(src: &Path, dev: &mut File, offset: u64, limit: u64) -> Result<(), ImageError> {
+    use nix::unistd::{lseek, Whence};
     let mut f = File::open(src).map_err(io_at(src))?;
     let len = f.metadata().map_err(io_at(src))?.len();
     if len > limit {
@@ -480,19 +483,32 @@ fn copy_sparse(src: &Path, dev: &mut File, offset: u64, limit: u64) -> Result<()
             src.display()
         )));
     }
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut pos = 0u64;
-    loop {
-        let n = f.read(&mut buf).map_err(io_at(src))?;
-        if n == 0 {
-            break;
-        }
-        if buf[..n].iter().any(|&b| b != 0) {
-            dev.seek(SeekFrom::Start(offset + pos))
-                .map_err(io_at(src))?;
+    // Visit only the data extents (SEEK_DATA/SEEK_HOLE): mkfs output is
+    // mostly holes, and reading them back as zeros is wasted I/O.
+    let errno = |e: nix::errno::Errno| ImageError::Io {
+        path: src.to_path_buf(),
+        source: std::io::Error::from(e),
+    };
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos: i64 = 0;
+    while (pos as u64) < len {
+        let data = match lseek(&f, pos, Whence::SeekData) {
+            Ok(d) => d,
+            Err(nix::errno::Errno::ENXIO) => break, // no data after pos
+            Err(e) => return Err(errno(e)),
+        };
+        let hole = lseek(&f, data, Whence::SeekHole).map_err(errno)?;
+        f.seek(SeekFrom::Start(data as u64)).map_err(io_at(src))?;
+        dev.seek(SeekFrom::Start(offset + data as u64))
+            .map_err(io_at(src))?;
+        let mut left = (hole - data) as u64;
+        while left > 0 {
+            let n = buf.len().min(left as usize);
+            f.read_exact(&mut buf[..n]).map_err(io_at(src))?;
             dev.write_all(&buf[..n]).map_err(io_at(src))?;
+            left -= n as u64;
         }
-        pos += n as u64;
+        pos = hole;
     }
     Ok(())
 }
@@ -507,22 +523,6 @@ fn sha256_file(p: &Path) -> Result<String, ImageError> {
             break;
         }
         h.update(&buf[..n]);
-    }
-    Ok(hex::encode(h.finalize()))
-}
-
-fn slot_sha256(dev: &mut File, offset: u64, size: u64) -> Result<String, ImageError> {
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    dev.seek(SeekFrom::Start(offset))
-        .map_err(io_at(Path::new("nimbus.raw")))?;
-    let mut left = size;
-    while left > 0 {
-        let n = buf.len().min(left as usize);
-        dev.read_exact(&mut buf[..n])
-            .map_err(io_at(Path::new("nimbus.raw")))?;
-        h.update(&buf[..n]);
-        left -= n as u64;
     }
     Ok(hex::encode(h.finalize()))
 }
@@ -728,7 +728,7 @@ fn build_inner(o: &BuildOptions, progress: &mut dyn Progress) -> Result<BuildRep
             part(1)?.size_bytes(),
         )?;
         let a = part(3)?;
-        slot.write_to_partition(&mut f, a.offset_bytes(), a.size_bytes())?;
+        let sha = slot.write_to_partition(&mut f, &raw_tmp, a.offset_bytes(), a.size_bytes())?;
         copy_sparse(
             &oem_img,
             &mut f,
@@ -754,7 +754,6 @@ fn build_inner(o: &BuildOptions, progress: &mut dyn Progress) -> Result<BuildRep
                 "USR-A descriptor does not verify after writing: {e}"
             ))
         })?;
-        let sha = slot_sha256(&mut f, a.offset_bytes(), a.size_bytes())?;
         Ok((sha, format!("{} GiB sparse", o.disk_size >> 30)))
     })?;
 
@@ -832,7 +831,9 @@ fn build_inner(o: &BuildOptions, progress: &mut dyn Progress) -> Result<BuildRep
         place(&box_tmp, "nimbus.box")?;
     }
     place(&payload_tmp, "usr.img.zst")?;
-    let _ = fs::remove_dir_all(&work);
+    if !o.keep_work {
+        let _ = fs::remove_dir_all(&work);
+    }
 
     let report = BuildReport {
         version: o.version.to_string(),

@@ -176,26 +176,28 @@ impl UsrSlot {
         self.data_size + self.tree.len() as u64 + DESCRIPTOR_SIZE as u64
     }
 
-    /// Stream `[ fs | tree | descriptor ]` through `f`.
-    fn for_each_chunk(&self, mut f: impl FnMut(&[u8]) -> io::Result<()>) -> Result<(), ImageError> {
+    /// Stream `[ fs | tree | descriptor ]` through `f`, which reports its
+    /// own errors with their own context.
+    fn for_each_chunk(
+        &self,
+        mut f: impl FnMut(&[u8]) -> Result<(), ImageError>,
+    ) -> Result<(), ImageError> {
         let mut fs = File::open(&self.fs_path).map_err(io_at(&self.fs_path))?;
+        let file_len = fs.metadata().map_err(io_at(&self.fs_path))?.len();
         let mut buf = vec![0u8; 1 << 20];
-        let mut left = self.data_size;
-        while left > 0 {
-            let n = buf.len().min(left as usize);
-            let got = fs.read(&mut buf[..n]).map_err(io_at(&self.fs_path))?;
-            if got == 0 {
-                // The padded tail past the file's end reads as zeros.
-                buf[..n].fill(0);
-                f(&buf[..n]).map_err(io_at(&self.fs_path))?;
-                left -= n as u64;
-                continue;
-            }
-            f(&buf[..got]).map_err(io_at(&self.fs_path))?;
-            left -= got as u64;
+        let mut done = 0u64;
+        while done < self.data_size {
+            let n = buf.len().min((self.data_size - done) as usize);
+            // Bytes past the file's end (block padding) are zeros.
+            let from_file = n.min(file_len.saturating_sub(done) as usize);
+            fs.read_exact(&mut buf[..from_file])
+                .map_err(io_at(&self.fs_path))?;
+            buf[from_file..n].fill(0);
+            f(&buf[..n])?;
+            done += n as u64;
         }
-        f(&self.tree).map_err(io_at(&self.fs_path))?;
-        f(&self.descriptor).map_err(io_at(&self.fs_path))
+        f(&self.tree)?;
+        f(&self.descriptor)
     }
 
     /// Write the update payload (zstd, multithreaded) and return its sizes
@@ -216,7 +218,7 @@ impl UsrSlot {
         let mut raw = Sha256::new();
         self.for_each_chunk(|c| {
             raw.update(c);
-            enc.write_all(c)
+            enc.write_all(c).map_err(io_at(out))
         })?;
         let mut hw = enc.finish().map_err(io_at(out))?;
         hw.flush().map_err(io_at(out))?;
@@ -231,44 +233,40 @@ impl UsrSlot {
 
     /// Lay the slot out in a partition at `offset` of `size` bytes: fs and
     /// tree from the start, descriptor in the last 4 KiB. All-zero chunks are
-    /// skipped so the image stays sparse.
+    /// skipped so the image stays sparse. Returns the sha256 of the whole
+    /// partition as written, free space included.
     pub fn write_to_partition(
         &self,
         dev: &mut File,
+        dev_path: &Path,
         offset: u64,
         size: u64,
-    ) -> Result<(), ImageError> {
-        let path = self.fs_path.clone();
+    ) -> Result<String, ImageError> {
+        let body = self.data_size + self.tree.len() as u64;
+        let mut hash = Sha256::new();
         let mut pos = offset;
-        let mut err = None;
-        let (fs_part, tree_part) = (self.data_size, self.tree.len() as u64);
-        let mut written = 0u64;
         self.for_each_chunk(|c| {
-            // The descriptor is the last chunk; it goes to the partition end.
-            if written == fs_part + tree_part {
-                pos = offset + size - DESCRIPTOR_SIZE as u64;
+            if pos - offset == body {
+                // The descriptor: after the free space, at the partition end.
+                let gap = size - body - DESCRIPTOR_SIZE as u64;
+                let zeros = vec![0u8; 1 << 20];
+                let mut left = gap;
+                while left > 0 {
+                    let n = zeros.len().min(left as usize);
+                    hash.update(&zeros[..n]);
+                    left -= n as u64;
+                }
+                pos += gap;
             }
-            written += c.len() as u64;
-            if c.iter().all(|&b| b == 0) {
-                pos += c.len() as u64;
-                return Ok(());
+            hash.update(c);
+            if c.iter().any(|&b| b != 0) {
+                dev.seek(SeekFrom::Start(pos))
+                    .and_then(|_| dev.write_all(c))
+                    .map_err(io_at(dev_path))?;
             }
-            let r = dev
-                .seek(SeekFrom::Start(pos))
-                .and_then(|_| dev.write_all(c));
             pos += c.len() as u64;
-            if let Err(e) = r {
-                err = Some(e);
-                return Err(io::Error::other("write failed"));
-            }
             Ok(())
-        })
-        .map_err(|e| match err.take() {
-            Some(source) => ImageError::Io {
-                path: path.clone(),
-                source,
-            },
-            None => e,
-        })
+        })?;
+        Ok(hex::encode(hash.finalize()))
     }
 }

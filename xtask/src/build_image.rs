@@ -147,7 +147,9 @@ fn units(root: &Path) -> anyhow::Result<Vec<UnitFile>> {
     Ok(out)
 }
 
-pub fn run(a: BuildImage) -> anyhow::Result<ExitCode> {
+/// Turn the command line into build options: key, epoch, units, cheap
+/// checks, then the release build of Nimbus's binaries.
+pub fn prepare(a: BuildImage) -> anyhow::Result<BuildOptions> {
     let root = workspace_root();
     let target = root.join("target/nimbus");
     let (key_dir, dev_key) = match a.key {
@@ -187,15 +189,17 @@ pub fn run(a: BuildImage) -> anyhow::Result<ExitCode> {
         units: units(&root)?,
         stage1_init: None,
         rootfs: RootfsSpec::default_for(epoch),
+        keep_work: false,
     };
     // Cheap checks first, so a typo fails in a second, not after a build.
     pipeline::preflight(&opts)?;
     opts.installs = nimbus_binaries(&root)?;
-    let mut bars = Bars {
-        tty: std::io::stderr().is_terminal(),
-        bar: None,
-    };
-    let r = pipeline::build(&opts, &mut bars)?;
+    Ok(opts)
+}
+
+pub fn run(a: BuildImage) -> anyhow::Result<ExitCode> {
+    let opts = prepare(a)?;
+    let r = build(&opts)?;
     println!("{}", opts.out.display());
     eprintln!(
         "build-image: {} {} in {:.1} s (USR {} MiB, payload {} MiB, verity root {})",
@@ -211,4 +215,22 @@ pub fn run(a: BuildImage) -> anyhow::Result<ExitCode> {
         r.verity_root
     );
     Ok(ExitCode::SUCCESS)
+}
+
+pub fn build(opts: &BuildOptions) -> anyhow::Result<pipeline::BuildReport> {
+    let mut bars = Bars {
+        tty: std::io::stderr().is_terminal(),
+        bar: None,
+    };
+    Ok(pipeline::build(opts, &mut bars)?)
+}
+
+/// Parse build-image flags from a list, for other commands (bench).
+pub fn parse(args: &[&str]) -> BuildImage {
+    #[derive(clap::Parser)]
+    struct Wrap {
+        #[command(flatten)]
+        b: BuildImage,
+    }
+    <Wrap as clap::Parser>::parse_from(std::iter::once("build-image").chain(args.iter().copied())).b
 }

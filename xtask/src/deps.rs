@@ -18,20 +18,37 @@ pub fn package_list() -> anyhow::Result<Vec<String>> {
         .collect())
 }
 
+/// Entries may name a release (`qemu-utils/bookworm`); dpkg knows only the name.
+fn name(entry: &str) -> &str {
+    entry.split('/').next().unwrap_or(entry)
+}
+
 fn missing(pkgs: &[String]) -> anyhow::Result<Vec<String>> {
     let out = Command::new("dpkg-query")
-        .args(["-W", "-f", "${Package} ${db:Status-Status}\n"])
-        .args(pkgs)
+        .args(["-W", "-f", "${Package} ${db:Status-Status} ${Version}\n"])
+        .args(pkgs.iter().map(|p| name(p)))
         .output()
         .context("dpkg-query (is this a Debian system?)")?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let installed: Vec<&str> = text
+    // "name installed version" lines for what is installed.
+    let installed: Vec<(&str, &str)> = text
         .lines()
-        .filter_map(|l| l.strip_suffix(" installed"))
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            let (n, st, v) = (w.next()?, w.next()?, w.next().unwrap_or(""));
+            (st == "installed").then_some((n, v))
+        })
         .collect();
     Ok(pkgs
         .iter()
-        .filter(|p| !installed.contains(&p.as_str()))
+        .filter(|p| {
+            match installed.iter().find(|(n, _)| *n == name(p)) {
+                None => true,
+                // A pinned release must be what is installed: bookworm's
+                // qemu-utils is 7.x, backports' 10.x breaks qemu-system.
+                Some((_, v)) => p.ends_with("/bookworm") && v.contains("bpo"),
+            }
+        })
         .cloned()
         .collect())
 }
@@ -61,7 +78,12 @@ pub fn run(check: bool) -> anyhow::Result<ExitCode> {
         bail!("apt-get update failed ({status})");
     }
     let status = Command::new("apt-get")
-        .args(["install", "-y", "--no-install-recommends"])
+        .args([
+            "install",
+            "-y",
+            "--no-install-recommends",
+            "--allow-downgrades",
+        ])
         .args(&miss)
         .env("DEBIAN_FRONTEND", "noninteractive")
         .status()

@@ -9,6 +9,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod build_image;
 mod deps;
 mod disk;
@@ -34,6 +35,11 @@ enum Cmd {
     },
     /// Build a bootable Nimbus disk image (raw, qcow2, Vagrant box) and its update payload.
     BuildImage(build_image::BuildImage),
+    /// Benchmarks: print a table, write it to docs/, compare with a baseline from the same run.
+    Bench {
+        #[command(subcommand)]
+        cmd: bench::BenchCmd,
+    },
     /// Install the Debian packages the build and the test suite need (.ci/packages.txt).
     Deps {
         /// Only report what is missing; exit 1 if anything is.
@@ -49,6 +55,7 @@ fn main() -> ExitCode {
         Cmd::Keygen { out } => keygen(&out),
         Cmd::Deps { check } => deps::run(check),
         Cmd::BuildImage(a) => build_image::run(a),
+        Cmd::Bench { cmd } => bench::run(cmd),
     };
     match result {
         Ok(code) => code,

@@ -1,0 +1,558 @@
+//! `/init` of the Nimbus initramfs, and `nimbus-init mark-good`.
+//!
+//! Stage 1 (no `nimbus.usr=` on the command line): load modules, find the
+//! Nimbus disk, apply the boot rule (persisting the tries decrement), verify
+//! the slot's descriptor, map it with dm-verity, mount it, and kexec the
+//! slot's own kernel and initramfs. A slot that fails any check is reported
+//! on the console and the next candidate is tried in the same boot.
+//!
+//! Stage 2 (`nimbus.usr=PARTUUID=... nimbus.usrhash=...`): map the same slot
+//! again, mount ROOT at /sysroot and the verified USR at /sysroot/usr, and
+//! switch_root into systemd.
+//!
+//! This runs as PID 1: it never returns; a fatal error prints why and halts.
+
+use std::ffi::CString;
+use std::fs::{self, File};
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nimbus::gpt::Disk;
+use nimbus::keys::TrustStore;
+use nimbus::layout::{self, Slot};
+use nimbus::release::SlotDescriptor;
+use nimbus::slots;
+use nix::mount::{mount, umount, MsFlags};
+
+const KEYS: &str = "/etc/nimbus/keys";
+const USR_MNT: &str = "/usr-stage1";
+
+fn say(msg: &str) {
+    // stdout is /dev/console for PID 1; one write per line keeps lines whole.
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(format!("{msg}\n").as_bytes());
+    let _ = out.flush();
+}
+
+fn emergency(why: &str) -> ! {
+    say(&format!("nimbus-init: EMERGENCY: {why}"));
+    say("nimbus-init: no verified USR slot can be booted; halting (the disk was not changed further)");
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+type R<T> = Result<T, String>;
+
+fn mount_basics() {
+    for (src, dst, fs) in [
+        ("proc", "/proc", "proc"),
+        ("sysfs", "/sys", "sysfs"),
+        ("devtmpfs", "/dev", "devtmpfs"),
+    ] {
+        let _ = fs::create_dir_all(dst);
+        let _ = mount(Some(src), dst, Some(fs), MsFlags::MS_NOSUID, None::<&str>);
+    }
+}
+
+fn load_modules() {
+    let Ok(list) = fs::read_to_string("/lib/modules/load.list") else {
+        return;
+    };
+    let kver = fs::read_dir("/lib/modules")
+        .ok()
+        .and_then(|mut d| d.find_map(|e| e.ok().filter(|e| e.path().is_dir()).map(|e| e.path())));
+    let Some(base) = kver else { return };
+    for m in list.lines().filter(|l| !l.is_empty()) {
+        let p = base.join(m);
+        match File::open(&p) {
+            Ok(f) => {
+                if let Err(e) =
+                    nix::kmod::finit_module(&f, c"", nix::kmod::ModuleInitFlags::empty())
+                {
+                    if e != nix::errno::Errno::EEXIST {
+                        say(&format!("nimbus-init: module {m}: {e}"));
+                    }
+                }
+            }
+            Err(e) => say(&format!("nimbus-init: module {m}: {e}")),
+        }
+    }
+}
+
+/// Whole-disk block devices, e.g. ["vda"].
+fn disks() -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir("/sys/block")
+        .map(|d| {
+            d.filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.retain(|n| {
+        !n.starts_with("loop")
+            && !n.starts_with("ram")
+            && !n.starts_with("dm-")
+            && !n.starts_with("sr")
+    });
+    v.sort();
+    v
+}
+
+/// The first disk with a Nimbus layout; waits for slow device probing.
+fn find_disk() -> R<(String, Disk<File>)> {
+    let t = Instant::now();
+    loop {
+        for name in disks() {
+            let path = PathBuf::from(format!("/dev/{name}"));
+            if let Ok(d) = Disk::open_path(&path, true) {
+                if d.check_nimbus_layout().is_ok() {
+                    return Ok((name, d));
+                }
+            }
+        }
+        if t.elapsed() > Duration::from_secs(20) {
+            return Err(format!(
+                "no disk with a Nimbus GPT layout (saw {:?})",
+                disks()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// "major:minor" of partition `n` of `disk`.
+fn partition_dev(disk: &str, n: u32) -> R<(String, PathBuf)> {
+    let dir = format!("/sys/block/{disk}");
+    for e in fs::read_dir(&dir)
+        .map_err(|e| format!("{dir}: {e}"))?
+        .flatten()
+    {
+        let p = e.path();
+        if fs::read_to_string(p.join("partition"))
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+            == Some(n)
+        {
+            let dev =
+                fs::read_to_string(p.join("dev")).map_err(|e| format!("{}: {e}", p.display()))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            return Ok((
+                dev.trim().to_string(),
+                PathBuf::from(format!("/dev/{name}")),
+            ));
+        }
+    }
+    Err(format!("{disk} has no partition {n} in sysfs"))
+}
+
+// --- device-mapper ioctls (linux/dm-ioctl.h, interface 4.x) ---------------
+
+const DM_NAME_LEN: usize = 128;
+const DM_UUID_LEN: usize = 129;
+
+#[repr(C)]
+struct DmIoctl {
+    version: [u32; 3],
+    data_size: u32,
+    data_start: u32,
+    target_count: u32,
+    open_count: i32,
+    flags: u32,
+    event_nr: u32,
+    padding: u32,
+    dev: u64,
+    name: [u8; DM_NAME_LEN],
+    uuid: [u8; DM_UUID_LEN],
+    data: [u8; 7],
+}
+
+#[repr(C)]
+struct DmTargetSpec {
+    sector_start: u64,
+    length: u64,
+    status: i32,
+    next: u32,
+    target_type: [u8; 16],
+}
+
+const DM_READONLY_FLAG: u32 = 1;
+
+fn dm_ioctl(cmd: u8, name: &str, flags: u32, payload: &[u8], target_count: u32) -> R<DmIoctl> {
+    let ctl = File::options()
+        .read(true)
+        .write(true)
+        .open("/dev/mapper/control")
+        .map_err(|e| format!("/dev/mapper/control: {e}"))?;
+    let hdr = std::mem::size_of::<DmIoctl>();
+    let mut buf = vec![0u8; hdr + payload.len() + 8];
+    let mut io = DmIoctl {
+        version: [4, 0, 0],
+        data_size: buf.len() as u32,
+        data_start: hdr as u32,
+        target_count,
+        open_count: 0,
+        flags,
+        event_nr: 0,
+        padding: 0,
+        dev: 0,
+        name: [0; DM_NAME_LEN],
+        uuid: [0; DM_UUID_LEN],
+        data: [0; 7],
+    };
+    io.name[..name.len()].copy_from_slice(name.as_bytes());
+    // SAFETY: DmIoctl is repr(C) plain data; we copy its bytes into a buffer
+    // at least as large.
+    unsafe {
+        std::ptr::copy_nonoverlapping(&io as *const DmIoctl as *const u8, buf.as_mut_ptr(), hdr)
+    };
+    buf[hdr..hdr + payload.len()].copy_from_slice(payload);
+    // _IOWR(0xfd, cmd, struct dm_ioctl)
+    let req = (3u64 << 30) | ((hdr as u64) << 16) | (0xfd << 8) | u64::from(cmd);
+    // SAFETY: the kernel reads and writes within data_size bytes of buf.
+    let rc = unsafe { libc::ioctl(ctl.as_raw_fd(), req as _, buf.as_mut_ptr()) };
+    if rc < 0 {
+        return Err(format!(
+            "device-mapper ioctl {cmd}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: buf holds at least hdr bytes written by us and the kernel.
+    Ok(unsafe { std::ptr::read_unaligned(buf.as_ptr() as *const DmIoctl) })
+}
+
+const DM_DEV_CREATE: u8 = 3;
+const DM_DEV_REMOVE: u8 = 4;
+const DM_DEV_SUSPEND: u8 = 6;
+const DM_TABLE_LOAD: u8 = 9;
+
+/// Create a read-only dm-verity device; returns /dev/dm-N.
+fn verity_open(name: &str, dev: &str, d: &SlotDescriptor) -> R<PathBuf> {
+    let (sectors, params) = nimbus::boot::verity_table(d, dev);
+    let created = dm_ioctl(DM_DEV_CREATE, name, 0, &[], 0)?;
+    let mut spec = DmTargetSpec {
+        sector_start: 0,
+        length: sectors,
+        status: 0,
+        next: 0,
+        target_type: [0; 16],
+    };
+    spec.target_type[..6].copy_from_slice(b"verity");
+    let spec_len = std::mem::size_of::<DmTargetSpec>();
+    let mut payload = vec![0u8; spec_len];
+    // SAFETY: repr(C) plain data copied into a buffer of its exact size.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            &spec as *const DmTargetSpec as *const u8,
+            payload.as_mut_ptr(),
+            spec_len,
+        )
+    };
+    payload.extend_from_slice(params.as_bytes());
+    payload.push(0);
+    while payload.len() % 8 != 0 {
+        payload.push(0);
+    }
+    if let Err(e) = dm_ioctl(DM_TABLE_LOAD, name, DM_READONLY_FLAG, &payload, 1)
+        .and_then(|_| dm_ioctl(DM_DEV_SUSPEND, name, 0, &[], 0))
+    {
+        let _ = dm_ioctl(DM_DEV_REMOVE, name, 0, &[], 0);
+        return Err(e);
+    }
+    let minor = ((created.dev & 0xff) | ((created.dev >> 12) & !0xff)) as u32;
+    Ok(PathBuf::from(format!("/dev/dm-{minor}")))
+}
+
+fn verity_close(name: &str) {
+    let _ = dm_ioctl(DM_DEV_REMOVE, name, 0, &[], 0);
+}
+
+fn trust() -> TrustStore {
+    TrustStore::load_dir(Path::new(KEYS), 1)
+        .unwrap_or_else(|e| emergency(&format!("trusted keys: {e}")))
+}
+
+/// Verify a slot and map it; the mapped device and the descriptor.
+fn open_slot(
+    disk: &mut Disk<File>,
+    disk_name: &str,
+    slot: Slot,
+    trust: &TrustStore,
+    dm_name: &str,
+) -> R<(PathBuf, SlotDescriptor)> {
+    let bytes = disk.read_descriptor(slot).map_err(|e| e.to_string())?;
+    let d = SlotDescriptor::verify(&bytes, trust).map_err(|e| e.to_string())?;
+    let (dev, _) = partition_dev(disk_name, slot.partition_number())?;
+    let mapped = verity_open(dm_name, &dev, &d)?;
+    Ok((mapped, d))
+}
+
+fn mount_usr(dev: &Path, at: &str) -> R<()> {
+    let _ = fs::create_dir_all(at);
+    mount(
+        Some(dev),
+        at,
+        Some("erofs"),
+        MsFlags::MS_RDONLY,
+        None::<&str>,
+    )
+    .map_err(|e| format!("mount erofs {}: {e}", dev.display()))
+}
+
+fn kexec(kernel: &Path, initrd: &Path, cmdline: &str) -> R<()> {
+    let k = File::open(kernel).map_err(|e| format!("{}: {e}", kernel.display()))?;
+    let i = File::open(initrd).map_err(|e| format!("{}: {e}", initrd.display()))?;
+    let c = CString::new(cmdline).map_err(|e| e.to_string())?;
+    // SAFETY: kexec_file_load takes two fds, a NUL-terminated string and its
+    // length including the NUL.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_kexec_file_load,
+            k.as_raw_fd(),
+            i.as_raw_fd(),
+            c.as_bytes_with_nul().len(),
+            c.as_ptr(),
+            0,
+        )
+    };
+    if rc != 0 {
+        return Err(format!(
+            "kexec_file_load: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+fn console_args() -> String {
+    let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    cmdline
+        .split_whitespace()
+        .filter(|w| w.starts_with("console=") || *w == "quiet")
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn stage1() -> ! {
+    let t0 = Instant::now();
+    let trust = trust();
+    let (disk_name, mut disk) = find_disk().unwrap_or_else(|e| emergency(&e));
+    let mut excluded: Vec<u32> = Vec::new();
+    loop {
+        let t_sel = Instant::now();
+        let choice = match disk.update_slots(|t| Ok(slots::select_for_boot(t, &excluded))) {
+            Ok(Some(c)) => c,
+            Ok(None) => emergency("no bootable USR slot left"),
+            Err(e) => emergency(&format!("slot selection: {e}")),
+        };
+        let select_ms = t_sel.elapsed().as_secs_f64() * 1000.0;
+        let Some(slot) = Slot::from_partition_number(choice.number) else {
+            emergency("selected a non-USR partition")
+        };
+        let p = choice.before;
+        let dm = "usr";
+        match open_slot(&mut disk, &disk_name, slot, &trust, dm) {
+            Err(e) => {
+                say(&format!("nimbus-init: refusing {slot}: {e}"));
+                excluded.push(choice.number);
+                continue;
+            }
+            Ok((mapped, d)) => {
+                say(&format!(
+                    "nimbus-init: selected {slot} priority={} tries={} successful={} version={} (selection {select_ms:.1} ms)",
+                    p.priority,
+                    if p.successful { p.tries } else { p.tries.saturating_sub(1) },
+                    u8::from(p.successful),
+                    d.version
+                ));
+                if let Err(e) = mount_usr(&mapped, USR_MNT) {
+                    say(&format!(
+                        "nimbus-init: refusing {slot}: {e} (dm-verity rejected the data)"
+                    ));
+                    verity_close(dm);
+                    excluded.push(choice.number);
+                    continue;
+                }
+                let uuid = disk
+                    .partition(choice.number)
+                    .map(|p| p.uuid)
+                    .unwrap_or_else(|e| emergency(&e.to_string()));
+                let cmdline = format!(
+                    "{} panic=-1 nimbus.usr=PARTUUID={uuid} nimbus.usrhash={}",
+                    console_args(),
+                    hex::encode(d.verity_root)
+                );
+                let boot = Path::new(USR_MNT).join("lib/nimbus/boot");
+                if let Err(e) = kexec(&boot.join("vmlinuz"), &boot.join("initramfs.img"), &cmdline)
+                {
+                    say(&format!("nimbus-init: refusing {slot}: {e}"));
+                    let _ = umount(USR_MNT);
+                    verity_close(dm);
+                    excluded.push(choice.number);
+                    continue;
+                }
+                say(&format!(
+                    "nimbus-init: stage 1 done in {} ms; starting the kernel of {slot}",
+                    t0.elapsed().as_millis()
+                ));
+                let _ = umount(USR_MNT);
+                verity_close(dm);
+                drop(disk);
+                nix::unistd::sync();
+                let e = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_KEXEC);
+                emergency(&format!("kexec reboot: {e:?}"));
+            }
+        }
+    }
+}
+
+fn stage2(args: nimbus::boot::Stage2Args) -> ! {
+    let trust = trust();
+    let (disk_name, mut disk) = find_disk().unwrap_or_else(|e| emergency(&e));
+    let slot = layout::Slot::ALL
+        .into_iter()
+        .find(|s| disk.partition(s.partition_number()).ok().map(|p| p.uuid) == Some(args.partuuid))
+        .unwrap_or_else(|| emergency(&format!("no USR slot with PARTUUID {}", args.partuuid)));
+    let (mapped, d) = open_slot(&mut disk, &disk_name, slot, &trust, "usr")
+        .unwrap_or_else(|e| emergency(&format!("{slot}: {e}")));
+    if hex::encode(d.verity_root) != args.root_hash {
+        emergency(&format!(
+            "{slot}: root hash differs from the one stage 1 verified"
+        ));
+    }
+    let (_, root_dev) = partition_dev(&disk_name, 9).unwrap_or_else(|e| emergency(&e));
+    drop(disk);
+    let _ = fs::create_dir_all("/sysroot");
+    mount(
+        Some(&root_dev),
+        "/sysroot",
+        Some("ext4"),
+        MsFlags::empty(),
+        None::<&str>,
+    )
+    .unwrap_or_else(|e| emergency(&format!("mount ROOT {}: {e}", root_dev.display())));
+    let _ = fs::create_dir_all("/sysroot/usr");
+    mount_usr(&mapped, "/sysroot/usr").unwrap_or_else(|e| emergency(&format!("{slot}: {e}")));
+    if !Path::new("/sysroot/etc").exists() {
+        // A blank ROOT: repopulate /etc from the factory copy in USR.
+        say("nimbus-init: ROOT has no /etc; populating it from /usr/share/factory/etc");
+        let _ = std::process::Command::new("/sysroot/usr/bin/cp")
+            .args(["-a", "/sysroot/usr/share/factory/etc", "/sysroot/etc"])
+            .status();
+    }
+    say(&format!(
+        "nimbus-init: stage 2: {slot} version {} verified; switching to systemd",
+        d.version
+    ));
+    for m in ["/dev", "/proc", "/sys"] {
+        let to = format!("/sysroot{m}");
+        let _ = fs::create_dir_all(&to);
+        let _ = mount(
+            Some(m),
+            to.as_str(),
+            None::<&str>,
+            MsFlags::MS_MOVE,
+            None::<&str>,
+        );
+    }
+    let step = || -> nix::Result<()> {
+        nix::unistd::chdir("/sysroot")?;
+        mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)?;
+        nix::unistd::chroot(".")?;
+        nix::unistd::chdir("/")
+    };
+    if let Err(e) = step() {
+        emergency(&format!("switch_root: {e}"));
+    }
+    let init = c"/sbin/init";
+    let e = nix::unistd::execv(init, &[init]);
+    emergency(&format!("exec /sbin/init: {e:?}"))
+}
+
+/// `nimbus-init mark-good`: after the boot-health delay, if every required
+/// unit is active, mark the booted slot good.
+fn mark_good() -> i32 {
+    let delay: u64 = std::env::var("NIMBUS_HEALTH_DELAY")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(45);
+    let units: Vec<String> = std::env::var("NIMBUS_HEALTH_UNITS")
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let Some(args) = nimbus::boot::parse_cmdline(&cmdline) else {
+        eprintln!(
+            "nimbus-mark-good: not booted through nimbus-init (no nimbus.usr= on the command line)"
+        );
+        return 1;
+    };
+    std::thread::sleep(Duration::from_secs(delay));
+    for u in &units {
+        let ok = std::process::Command::new("systemctl")
+            .args(["is-active", "--quiet", u])
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            say(&format!(
+                "nimbus-mark-good: not marking the slot good: required unit {u} is not active"
+            ));
+            return 1;
+        }
+    }
+    let (_, mut disk) = match find_disk() {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("nimbus-mark-good: {e}");
+            return 1;
+        }
+    };
+    let Some(slot) = Slot::ALL
+        .into_iter()
+        .find(|s| disk.partition(s.partition_number()).ok().map(|p| p.uuid) == Some(args.partuuid))
+    else {
+        eprintln!(
+            "nimbus-mark-good: no USR slot with PARTUUID {}",
+            args.partuuid
+        );
+        return 1;
+    };
+    let version = disk
+        .read_descriptor(slot)
+        .ok()
+        .and_then(|b| SlotDescriptor::parse_unverified(&b).ok())
+        .map(|d| d.version.to_string())
+        .unwrap_or_else(|| "unknown".into());
+    match disk.update_slots(|t| slots::mark_good(t, slot.partition_number())) {
+        Ok(()) => {
+            say(&format!(
+                "nimbus-mark-good: {slot} marked good (version {version})"
+            ));
+            0
+        }
+        Err(e) => {
+            eprintln!("nimbus-mark-good: {e}");
+            1
+        }
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("mark-good") {
+        std::process::exit(mark_good());
+    }
+    if std::process::id() != 1 {
+        eprintln!("usage: nimbus-init mark-good   (as /init it must run as PID 1)");
+        std::process::exit(2);
+    }
+    mount_basics();
+    load_modules();
+    let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    match nimbus::boot::parse_cmdline(&cmdline) {
+        Some(a) => stage2(a),
+        None => stage1(),
+    }
+}

@@ -1,0 +1,231 @@
+//! `cargo xtask bench`: measured, never asserted in unit tests. Each bench
+//! prints a table, writes it to docs/, and compares against a baseline
+//! measured in the same run.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::Subcommand;
+
+use crate::build_image;
+
+#[derive(Subcommand)]
+pub enum BenchCmd {
+    /// Cold build, warm build, and image assembly against the raw-tool floor.
+    Build {
+        /// Skip the cold build (it downloads and installs every package: ~2 min).
+        #[arg(long)]
+        skip_cold: bool,
+    },
+}
+
+pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        BenchCmd::Build { skip_cold } => bench_build(skip_cold),
+    }
+}
+
+fn timed(what: &str, cmd: &mut Command) -> anyhow::Result<f64> {
+    let t = Instant::now();
+    let out = cmd.output().with_context(|| what.to_string())?;
+    if !out.status.success() {
+        bail!("{what}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(t.elapsed().as_secs_f64())
+}
+
+fn stage(r: &nimbus_image::pipeline::BuildReport, name: &str) -> f64 {
+    r.stages
+        .iter()
+        .filter(|s| s.stage == name)
+        .map(|s| s.seconds)
+        .sum()
+}
+
+fn machine() -> String {
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .next()
+                .map(|l| l.split_whitespace().nth(1).unwrap_or("0").to_string())
+        })
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .map(|kb| kb >> 20)
+        .unwrap_or(0);
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    format!("{cpus} cores ({model}), {mem} GiB")
+}
+
+fn bench_build(skip_cold: bool) -> anyhow::Result<ExitCode> {
+    let root = build_image::workspace_root();
+    let base = root.join("target/nimbus/bench");
+    let cache = base.join("cache");
+    let mut rows: Vec<(String, f64)> = Vec::new();
+
+    let build = |name: &str,
+                 out: &Path,
+                 keep: bool|
+     -> anyhow::Result<nimbus_image::pipeline::BuildReport> {
+        let mut o = build_image::prepare(build_image::parse(&[
+            "--out",
+            out.to_str().unwrap_or_default(),
+            "--formats",
+            "raw",
+        ]))?;
+        o.cache = cache.clone();
+        o.keep_work = keep;
+        let r = build_image::build(&o)?;
+        eprintln!("bench: {name} build {:.1} s", r.total_seconds);
+        Ok(r)
+    };
+    if !skip_cold {
+        let _ = std::fs::remove_dir_all(&cache);
+        let r = build("cold", &base.join("cold"), false)?;
+        rows.push((
+            "cold build (empty cache: download + mmdebstrap)".into(),
+            r.total_seconds,
+        ));
+    }
+    let warm_out = base.join("warm");
+    let r = build("warm", &warm_out, true)?;
+    rows.push(("warm build (rootfs cache hit)".into(), r.total_seconds));
+    let ours = stage(&r, "usr") + stage(&r, "disk");
+    rows.push(("  assembly: usr (mkfs.erofs + verity + descriptor) + disk (GPT + partitions + fsync + read-back)".into(), ours));
+
+    // The floor: the same work done with the raw tools on the same inputs.
+    let work = warm_out.join(".work");
+    let floor_dir = base.join("floor");
+    let _ = std::fs::remove_dir_all(&floor_dir);
+    std::fs::create_dir_all(&floor_dir)?;
+    let fs_img = floor_dir.join("usr.erofs");
+    let tree = floor_dir.join("usr.tree");
+    let mkfs = timed(
+        "mkfs.erofs",
+        Command::new("mkfs.erofs")
+            .arg(format!("-T{}", r.source_date_epoch))
+            .args(["--all-root", "--ignore-mtime", "--quiet"])
+            .arg(&fs_img)
+            .arg(work.join("usr")),
+    )?;
+    let salt = hex_salt(&r.version);
+    let verity = timed(
+        "veritysetup format",
+        Command::new("veritysetup")
+            .args([
+                "format",
+                "--no-superblock",
+                "--format=1",
+                "--hash=sha256",
+                "--data-block-size=4096",
+                "--hash-block-size=4096",
+            ])
+            .arg(format!("--salt={salt}"))
+            .arg(&fs_img)
+            .arg(&tree),
+    )?;
+    let raw = floor_dir.join("disk.raw");
+    let f = std::fs::File::create(&raw)?;
+    f.set_len(r.disk_size)?;
+    drop(f);
+    let plan = nimbus::layout::plan(r.disk_size, r.usr_size)?;
+    let off = |n: u32| {
+        plan.iter()
+            .find(|p| p.spec.number == n)
+            .map(|p| p.offset_bytes())
+            .unwrap_or(0)
+    };
+    let mut copy = 0.0;
+    for (src, at) in [
+        (work.join("esp.img"), off(1)),
+        (fs_img.clone(), off(3)),
+        (tree.clone(), off(3) + std::fs::metadata(&fs_img)?.len()),
+        (work.join("oem.img"), off(6)),
+        (work.join("root.img"), off(9)),
+    ] {
+        copy += timed(
+            "dd",
+            Command::new("dd")
+                .arg(format!("if={}", src.display()))
+                .arg(format!("of={}", raw.display()))
+                .args([
+                    "bs=1M",
+                    "conv=notrunc,sparse,fsync",
+                    "oflag=seek_bytes",
+                    "status=none",
+                ])
+                .arg(format!("seek={at}")),
+        )?;
+    }
+    let floor = mkfs + verity + copy;
+    rows.push(("  floor: mkfs.erofs".into(), mkfs));
+    rows.push(("  floor: veritysetup format".into(), verity));
+    rows.push((
+        "  floor: dd of ESP, USR fs + tree, OEM, ROOT (sparse, fsync)".into(),
+        copy,
+    ));
+    rows.push(("  floor total".into(), floor));
+    let ratio = ours / floor;
+
+    let mut table = String::new();
+    let _ = writeln!(table, "| measurement | seconds |\n|---|---|");
+    for (k, v) in &rows {
+        let _ = writeln!(table, "| {k} | {v:.2} |");
+    }
+    let _ = writeln!(
+        table,
+        "| **assembly / floor** | **{ratio:.2}x** (target <= 1.30x) |"
+    );
+    let doc = format!(
+        "# Benchmark: image build\n\n`cargo xtask bench build`, {}.\nMachine: {}. Image {} GiB, USR {} MiB of files.\n\n{table}\nThe floor runs the same steps with the raw tools on the same inputs in the same run \
+         (baseline measured alongside, so machine noise affects both).\n",
+        chrono_like_now(),
+        machine(),
+        r.disk_size >> 30,
+        r.usr_data_size >> 20
+    );
+    let path: PathBuf = root.join("docs/bench-build.md");
+    std::fs::write(&path, &doc)?;
+    let _ = std::fs::remove_dir_all(&work);
+    let _ = std::fs::remove_dir_all(&floor_dir);
+    print!("{table}");
+    println!(
+        "bench-build: assembly_vs_floor={ratio:.2} warm_s={:.1}",
+        r.total_seconds
+    );
+    Ok(if ratio <= 1.3 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn hex_salt(version: &str) -> String {
+    let v: semver::Version = version.parse().unwrap_or(semver::Version::new(0, 0, 0));
+    nimbus_image::usr::salt_for(&v)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn chrono_like_now() -> String {
+    Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
