@@ -22,6 +22,10 @@ impl<W: Write> Cpio<W> {
     }
 
     fn entry(&mut self, name: &str, mode: u32, data: &[u8]) -> io::Result<()> {
+        self.entry_dev(name, mode, data, (0, 0))
+    }
+
+    fn entry_dev(&mut self, name: &str, mode: u32, data: &[u8], rdev: (u32, u32)) -> io::Result<()> {
         let name = name.trim_start_matches('/');
         let nlink = if mode & 0o170000 == 0o040000 { 2 } else { 1 };
         let header = format!(
@@ -35,8 +39,8 @@ impl<W: Write> Cpio<W> {
             data.len(),
             0,
             0,
-            0,
-            0,
+            rdev.0,
+            rdev.1,
             name.len() + 1,
             0
         );
@@ -66,6 +70,12 @@ impl<W: Write> Cpio<W> {
 
     pub fn file(&mut self, name: &str, mode: u32, data: &[u8]) -> io::Result<()> {
         self.entry(name, 0o100000 | (mode & 0o7777), data)
+    }
+
+    /// A character device node, e.g. /dev/console (5, 1), which the kernel
+    /// opens for PID 1 before running /init.
+    pub fn chardev(&mut self, name: &str, major: u32, minor: u32) -> io::Result<()> {
+        self.entry_dev(name, 0o020600, &[], (major, minor))
     }
 
     pub fn symlink(&mut self, name: &str, target: &str) -> io::Result<()> {

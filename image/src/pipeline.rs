@@ -317,7 +317,11 @@ fn customize(
 /// The kernel modules stage-1 loads, dependencies first, as paths relative
 /// to /lib/modules/<kver>.
 pub fn stage1_modules(root: &Path, kver: &str) -> Result<Vec<String>, ImageError> {
+    // crc32c_generic first: libcrc32c (needed by erofs and ext4) asks the
+    // crypto API for "crc32c" when it loads, and stage 1 has no modprobe
+    // to satisfy that request on demand.
     const WANT: &[&str] = &[
+        "crc32c_generic",
         "virtio_pci",
         "virtio_blk",
         "virtio_scsi",
@@ -325,7 +329,6 @@ pub fn stage1_modules(root: &Path, kver: &str) -> Result<Vec<String>, ImageError
         "dm_mod",
         "dm_verity",
         "erofs",
-        "crc32c_generic",
         "ext4",
     ];
     let dir = root.join("usr/lib/modules").join(kver);
@@ -392,19 +395,11 @@ fn stage1_initramfs(
         })
     };
     for d in [
-        "dev",
-        "proc",
-        "sys",
-        "run",
-        "sysroot",
-        "etc",
-        "etc/nimbus",
-        "etc/nimbus/keys",
-        "lib",
-        "lib/modules",
+        "dev", "proc", "sys", "run", "sysroot", "etc", "etc/nimbus", "etc/nimbus/keys", "lib", "lib/modules",
     ] {
         e(c.dir(d))?;
     }
+    e(c.chardev("dev/console", 5, 1))?;
     e(c.dir(&format!("lib/modules/{kver}")))?;
     let mut made = std::collections::BTreeSet::new();
     for m in &mods {
@@ -601,6 +596,11 @@ fn build_inner(o: &BuildOptions, progress: &mut dyn Progress) -> Result<BuildRep
         );
         Ok((b, n))
     })?;
+
+    // Stage 2 runs from the same initramfs, kexec'd from the slot's own
+    // /usr/lib/nimbus/boot, so kernel, modules and init update together.
+    let initramfs = staging.join("usr/lib/nimbus/boot/initramfs.img");
+    fs::write(&initramfs, &stage1).map_err(io_at(&initramfs))?;
 
     // USR leaves the staging tree; what remains is the seed of ROOT.
     let usr_dir = work.join("usr");

@@ -251,7 +251,7 @@ fn verity_open(name: &str, dev: &str, d: &SlotDescriptor) -> R<PathBuf> {
     };
     payload.extend_from_slice(params.as_bytes());
     payload.push(0);
-    while payload.len() % 8 != 0 {
+    while !payload.len().is_multiple_of(8) {
         payload.push(0);
     }
     if let Err(e) = dm_ioctl(DM_TABLE_LOAD, name, DM_READONLY_FLAG, &payload, 1)

@@ -125,6 +125,23 @@ fn nimbus_binaries(root: &Path) -> anyhow::Result<Vec<Install>> {
         .collect())
 }
 
+/// The boot selector runs as /init before any library is reachable, so it
+/// is linked statically (glibc's libc.a; no NSS is used). An explicit
+/// --target keeps the static flag off build scripts and host tools.
+pub fn nimbus_init(root: &Path) -> anyhow::Result<PathBuf> {
+    const TARGET: &str = "x86_64-unknown-linux-gnu";
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(root)
+        .args(["build", "--release", "--quiet", "-p", "nimbus", "--bin", "nimbus-init", "--target", TARGET])
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .status()
+        .context("cargo build nimbus-init")?;
+    if !status.success() {
+        bail!("building nimbus-init failed ({status})");
+    }
+    Ok(root.join("target").join(TARGET).join("release/nimbus-init"))
+}
+
 fn units(root: &Path) -> anyhow::Result<Vec<UnitFile>> {
     let mut out = Vec::new();
     for dir in ["cloud-config/units", "image/units"] {
@@ -194,6 +211,13 @@ pub fn prepare(a: BuildImage) -> anyhow::Result<BuildOptions> {
     // Cheap checks first, so a typo fails in a second, not after a build.
     pipeline::preflight(&opts)?;
     opts.installs = nimbus_binaries(&root)?;
+    let init = nimbus_init(&root)?;
+    opts.installs.push(Install {
+        dest: "/usr/lib/nimbus/nimbus-init".into(),
+        source: init.clone(),
+        mode: 0o755,
+    });
+    opts.stage1_init = Some(init);
     Ok(opts)
 }
 

@@ -13,6 +13,7 @@ mod bench;
 mod build_image;
 mod deps;
 mod disk;
+mod qemu;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "Nimbus developer commands")]
@@ -40,6 +41,8 @@ enum Cmd {
         #[command(subcommand)]
         cmd: bench::BenchCmd,
     },
+    /// Boot an image under QEMU (TCG), serial console on stdout.
+    Qemu(qemu::Qemu),
     /// Install the Debian packages the build and the test suite need (.ci/packages.txt).
     Deps {
         /// Only report what is missing; exit 1 if anything is.
@@ -56,6 +59,7 @@ fn main() -> ExitCode {
         Cmd::Deps { check } => deps::run(check),
         Cmd::BuildImage(a) => build_image::run(a),
         Cmd::Bench { cmd } => bench::run(cmd),
+        Cmd::Qemu(a) => qemu::run(a),
     };
     match result {
         Ok(code) => code,

@@ -1,0 +1,157 @@
+//! `cargo xtask qemu`: boot a Nimbus image under QEMU (TCG: these machines
+//! have no usable KVM). By default the ESP's stage-1 kernel and initramfs are
+//! booted directly (fast); `--uefi` boots the disk through OVMF and
+//! systemd-boot instead. The serial console goes to stdout; `--until REGEX`
+//! ends the VM with exit 0 once a console line matches, and a timeout ends
+//! it with exit 1.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use nimbus::gpt::Disk;
+
+#[derive(Args, Clone)]
+pub struct Qemu {
+    /// Raw disk image (default: target/nimbus/<version>/nimbus.raw).
+    #[arg(long)]
+    pub image: Option<PathBuf>,
+    /// Boot through OVMF (UEFI firmware) and the ESP's boot loader.
+    #[arg(long)]
+    pub uefi: bool,
+    /// Also write the console to this file.
+    #[arg(long)]
+    pub serial_log: Option<PathBuf>,
+    /// Give up after this many seconds (exit 1).
+    #[arg(long, default_value_t = 300)]
+    pub timeout: u64,
+    /// Stop the VM and exit 0 once a console line matches.
+    #[arg(long)]
+    pub until: Option<String>,
+    /// Host port forwarded to the guest's SSH port.
+    #[arg(long, default_value_t = 2222)]
+    pub ssh_port: u16,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 2048)]
+    pub memory: u32,
+    /// Extra kernel command line (direct boot only).
+    #[arg(long, default_value = "")]
+    pub append: String,
+}
+
+/// Copy the stage-1 kernel and initramfs out of the image's ESP.
+fn extract_boot(image: &Path, dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let disk = Disk::open_path(image, false)?;
+    let esp = disk.partition(1)?;
+    let mut out = Vec::new();
+    for name in ["vmlinuz", "stage1.img"] {
+        let to = dir.join(name);
+        let st = Command::new("mcopy")
+            .arg("-n")
+            .arg("-i")
+            .arg(format!("{}@@{}", image.display(), esp.offset_bytes()))
+            .arg(format!("::nimbus/{name}"))
+            .arg(&to)
+            .env("MTOOLS_SKIP_CHECK", "1")
+            .status()
+            .context("mcopy (cargo xtask deps installs mtools)")?;
+        if !st.success() {
+            bail!("{}: cannot read nimbus/{name} from the ESP", image.display());
+        }
+        out.push(to);
+    }
+    Ok((out[0].clone(), out[1].clone()))
+}
+
+pub fn run(a: Qemu) -> anyhow::Result<ExitCode> {
+    let root = crate::build_image::workspace_root();
+    let image = a
+        .image
+        .clone()
+        .unwrap_or_else(|| root.join("target/nimbus").join(env!("CARGO_PKG_VERSION")).join("nimbus.raw"));
+    if !image.is_file() {
+        bail!("{}: no such image (build one with `cargo xtask build-image`)", image.display());
+    }
+    let until = a.until.as_deref().map(regex::Regex::new).transpose().context("--until")?;
+    let scratch = tempfile::tempdir()?;
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args(["-accel", "tcg", "-smp", "2", "-m", &a.memory.to_string()])
+        .args(["-display", "none", "-monitor", "none", "-serial", "stdio"])
+        .arg("-drive")
+        .arg(format!("file={},format=raw,if=virtio,cache=writeback", image.display()))
+        .args(["-netdev", &format!("user,id=net0,hostfwd=tcp:127.0.0.1:{}-:22", a.ssh_port)])
+        .args(["-device", "virtio-net-pci,netdev=net0"]);
+    if a.uefi {
+        let vars = scratch.path().join("OVMF_VARS.fd");
+        std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", &vars).context("OVMF (cargo xtask deps installs ovmf)")?;
+        cmd.arg("-drive")
+            .arg("if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd")
+            .arg("-drive")
+            .arg(format!("if=pflash,format=raw,unit=1,file={}", vars.display()));
+    } else {
+        let (kernel, initrd) = extract_boot(&image, scratch.path())?;
+        cmd.arg("-kernel")
+            .arg(kernel)
+            .arg("-initrd")
+            .arg(initrd)
+            .arg("-append")
+            .arg(format!("console=ttyS0 panic=-1 {}", a.append).trim());
+    }
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("qemu-system-x86_64 (cargo xtask deps installs qemu-system-x86)")?;
+    let pid = child.id();
+    let stdout = child.stdout.take().context("qemu stdout")?;
+    let timed_out = Arc::new(Mutex::new(false));
+    {
+        let timed_out = timed_out.clone();
+        let limit = Duration::from_secs(a.timeout);
+        std::thread::spawn(move || {
+            std::thread::sleep(limit);
+            if let Ok(mut t) = timed_out.lock() {
+                *t = true;
+            }
+            let _ = Command::new("kill").arg(pid.to_string()).status();
+        });
+    }
+    let mut log = a.serial_log.as_ref().map(std::fs::File::create).transpose()?;
+    let t0 = Instant::now();
+    let mut matched = false;
+    let mut reader = BufReader::new(stdout);
+    let mut raw = Vec::new();
+    let mut console = std::io::stdout().lock();
+    while reader.read_until(b'\n', &mut raw)? > 0 {
+        let line = String::from_utf8_lossy(&raw).replace('\r', "");
+        raw.clear();
+        let _ = console.write_all(line.as_bytes());
+        if let Some(l) = log.as_mut() {
+            let _ = l.write_all(line.as_bytes());
+        }
+        if until.as_ref().is_some_and(|re| re.is_match(&line)) {
+            matched = true;
+            eprintln!("qemu: matched after {:.1} s", t0.elapsed().as_secs_f64());
+            let _ = child.kill();
+            break;
+        }
+    }
+    let status = child.wait()?;
+    if matched {
+        return Ok(ExitCode::SUCCESS);
+    }
+    if timed_out.lock().map(|t| *t).unwrap_or(false) {
+        eprintln!("qemu: timeout after {} s{}", a.timeout, a.until.as_deref().map(|u| format!(" waiting for /{u}/")).unwrap_or_default());
+        return Ok(ExitCode::FAILURE);
+    }
+    if until.is_some() {
+        eprintln!("qemu: VM stopped ({status}) before /{}/ appeared", a.until.unwrap_or_default());
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(if status.success() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
