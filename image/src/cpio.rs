@@ -25,7 +25,13 @@ impl<W: Write> Cpio<W> {
         self.entry_dev(name, mode, data, (0, 0))
     }
 
-    fn entry_dev(&mut self, name: &str, mode: u32, data: &[u8], rdev: (u32, u32)) -> io::Result<()> {
+    fn entry_dev(
+        &mut self,
+        name: &str,
+        mode: u32,
+        data: &[u8],
+        rdev: (u32, u32),
+    ) -> io::Result<()> {
         let name = name.trim_start_matches('/');
         let nlink = if mode & 0o170000 == 0o040000 { 2 } else { 1 };
         let header = format!(

@@ -395,7 +395,16 @@ fn stage1_initramfs(
         })
     };
     for d in [
-        "dev", "proc", "sys", "run", "sysroot", "etc", "etc/nimbus", "etc/nimbus/keys", "lib", "lib/modules",
+        "dev",
+        "proc",
+        "sys",
+        "run",
+        "sysroot",
+        "etc",
+        "etc/nimbus",
+        "etc/nimbus/keys",
+        "lib",
+        "lib/modules",
     ] {
         e(c.dir(d))?;
     }

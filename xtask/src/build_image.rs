@@ -132,7 +132,17 @@ pub fn nimbus_init(root: &Path) -> anyhow::Result<PathBuf> {
     const TARGET: &str = "x86_64-unknown-linux-gnu";
     let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .current_dir(root)
-        .args(["build", "--release", "--quiet", "-p", "nimbus", "--bin", "nimbus-init", "--target", TARGET])
+        .args([
+            "build",
+            "--release",
+            "--quiet",
+            "-p",
+            "nimbus",
+            "--bin",
+            "nimbus-init",
+            "--target",
+            TARGET,
+        ])
         .env("RUSTFLAGS", "-C target-feature=+crt-static")
         .status()
         .context("cargo build nimbus-init")?;

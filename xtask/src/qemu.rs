@@ -60,7 +60,10 @@ fn extract_boot(image: &Path, dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> 
             .status()
             .context("mcopy (cargo xtask deps installs mtools)")?;
         if !st.success() {
-            bail!("{}: cannot read nimbus/{name} from the ESP", image.display());
+            bail!(
+                "{}: cannot read nimbus/{name} from the ESP",
+                image.display()
+            );
         }
         out.push(to);
     }
@@ -69,29 +72,48 @@ fn extract_boot(image: &Path, dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> 
 
 pub fn run(a: Qemu) -> anyhow::Result<ExitCode> {
     let root = crate::build_image::workspace_root();
-    let image = a
-        .image
-        .clone()
-        .unwrap_or_else(|| root.join("target/nimbus").join(env!("CARGO_PKG_VERSION")).join("nimbus.raw"));
+    let image = a.image.clone().unwrap_or_else(|| {
+        root.join("target/nimbus")
+            .join(env!("CARGO_PKG_VERSION"))
+            .join("nimbus.raw")
+    });
     if !image.is_file() {
-        bail!("{}: no such image (build one with `cargo xtask build-image`)", image.display());
+        bail!(
+            "{}: no such image (build one with `cargo xtask build-image`)",
+            image.display()
+        );
     }
-    let until = a.until.as_deref().map(regex::Regex::new).transpose().context("--until")?;
+    let until = a
+        .until
+        .as_deref()
+        .map(regex::Regex::new)
+        .transpose()
+        .context("--until")?;
     let scratch = tempfile::tempdir()?;
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args(["-accel", "tcg", "-smp", "2", "-m", &a.memory.to_string()])
         .args(["-display", "none", "-monitor", "none", "-serial", "stdio"])
         .arg("-drive")
-        .arg(format!("file={},format=raw,if=virtio,cache=writeback", image.display()))
-        .args(["-netdev", &format!("user,id=net0,hostfwd=tcp:127.0.0.1:{}-:22", a.ssh_port)])
+        .arg(format!(
+            "file={},format=raw,if=virtio,cache=writeback",
+            image.display()
+        ))
+        .args([
+            "-netdev",
+            &format!("user,id=net0,hostfwd=tcp:127.0.0.1:{}-:22", a.ssh_port),
+        ])
         .args(["-device", "virtio-net-pci,netdev=net0"]);
     if a.uefi {
         let vars = scratch.path().join("OVMF_VARS.fd");
-        std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", &vars).context("OVMF (cargo xtask deps installs ovmf)")?;
+        std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", &vars)
+            .context("OVMF (cargo xtask deps installs ovmf)")?;
         cmd.arg("-drive")
             .arg("if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd")
             .arg("-drive")
-            .arg(format!("if=pflash,format=raw,unit=1,file={}", vars.display()));
+            .arg(format!(
+                "if=pflash,format=raw,unit=1,file={}",
+                vars.display()
+            ));
     } else {
         let (kernel, initrd) = extract_boot(&image, scratch.path())?;
         cmd.arg("-kernel")
@@ -121,7 +143,11 @@ pub fn run(a: Qemu) -> anyhow::Result<ExitCode> {
             let _ = Command::new("kill").arg(pid.to_string()).status();
         });
     }
-    let mut log = a.serial_log.as_ref().map(std::fs::File::create).transpose()?;
+    let mut log = a
+        .serial_log
+        .as_ref()
+        .map(std::fs::File::create)
+        .transpose()?;
     let t0 = Instant::now();
     let mut matched = false;
     let mut reader = BufReader::new(stdout);
@@ -146,12 +172,26 @@ pub fn run(a: Qemu) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     if timed_out.lock().map(|t| *t).unwrap_or(false) {
-        eprintln!("qemu: timeout after {} s{}", a.timeout, a.until.as_deref().map(|u| format!(" waiting for /{u}/")).unwrap_or_default());
+        eprintln!(
+            "qemu: timeout after {} s{}",
+            a.timeout,
+            a.until
+                .as_deref()
+                .map(|u| format!(" waiting for /{u}/"))
+                .unwrap_or_default()
+        );
         return Ok(ExitCode::FAILURE);
     }
     if until.is_some() {
-        eprintln!("qemu: VM stopped ({status}) before /{}/ appeared", a.until.unwrap_or_default());
+        eprintln!(
+            "qemu: VM stopped ({status}) before /{}/ appeared",
+            a.until.unwrap_or_default()
+        );
         return Ok(ExitCode::FAILURE);
     }
-    Ok(if status.success() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if status.success() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

@@ -1,0 +1,276 @@
+//! The boot chain in QEMU (TCG), on a lean image built once: stage-1 slot
+//! selection, dm-verity, kexec into the slot's own kernel, stage-2,
+//! systemd, cloud-config from the OEM partition, and mark-good; then the
+//! failure cases that must fall back to USR-A with no human involved.
+//! Slot attributes are set and read with the real `cgpt`.
+
+use std::fs;
+use std::io::{Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::{Mutex, OnceLock};
+
+const EPOCH: &str = "1700000000";
+const USER_DATA: &str = r#"#cloud-config
+hostname: nimbus-test
+write_files:
+  - path: /etc/nimbus/health.conf
+    content: |
+      NIMBUS_HEALTH_DELAY=2
+coreos:
+  units:
+    - name: hello.service
+      command: start
+      content: |
+        [Service]
+        Type=oneshot
+        ExecStart=/bin/sh -c 'echo "hello-unit: hostname=$(cat /etc/hostname)" > /dev/ttyS0'
+"#;
+
+/// One VM at a time: two TCG guests on two cores would only slow each other.
+static VM: Mutex<()> = Mutex::new(());
+static IMAGE: OnceLock<PathBuf> = OnceLock::new();
+
+fn xtask(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(args)
+        .env("SOURCE_DATE_EPOCH", EPOCH)
+        .output()
+        .unwrap()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn image() -> &'static Path {
+    IMAGE.get_or_init(|| {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("boot-image");
+        let ud = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("boot-user-data");
+        fs::write(&ud, USER_DATA).unwrap();
+        let o = xtask(&[
+            "build-image",
+            "--version",
+            "1.0.0",
+            "--formats",
+            "raw",
+            "--disk-size",
+            "3G",
+            "--user-data",
+            s(&ud),
+            "--out",
+            s(&dir),
+        ]);
+        assert!(
+            o.status.success(),
+            "build-image: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        dir.join("nimbus.raw")
+    })
+}
+
+/// A private copy of the image (sparse), removed with the returned dir.
+fn copy() -> (tempfile::TempDir, PathBuf) {
+    let d = tempfile::Builder::new()
+        .prefix("boot")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .unwrap();
+    let p = d.path().join("disk.raw");
+    let o = Command::new("cp")
+        .args(["--sparse=always", s(image()), s(&p)])
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    (d, p)
+}
+
+/// Boot until `until` matches; returns the console. Fails the test on timeout.
+fn boot(img: &Path, until: &str, extra: &[&str]) -> String {
+    let _vm = VM.lock().unwrap_or_else(|e| e.into_inner());
+    let log = img.with_extension("console");
+    let mut args = vec![
+        "qemu",
+        "--image",
+        s(img),
+        "--until",
+        until,
+        "--timeout",
+        "420",
+        "--serial-log",
+        s(&log),
+    ];
+    args.extend_from_slice(extra);
+    let o = xtask(&args);
+    let console = fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        o.status.success(),
+        "no /{until}/ on the console: {}\n--- console ---\n{console}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    console
+}
+
+fn cgpt(img: &Path, part: u32) -> (u8, u8, u8) {
+    let get = |f: &str| {
+        let o = Command::new("cgpt")
+            .args(["show", "-i", &part.to_string(), f, s(img)])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).trim().parse().unwrap()
+    };
+    (get("-P"), get("-T"), get("-S"))
+}
+
+fn cgpt_set(img: &Path, part: u32, p: u8, t: u8, ok: u8) {
+    let o = Command::new("cgpt")
+        .args([
+            "add",
+            "-i",
+            &part.to_string(),
+            "-P",
+            &p.to_string(),
+            "-T",
+            &t.to_string(),
+            "-S",
+            &ok.to_string(),
+            s(img),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+}
+
+/// (byte offset, size) of a partition, from the image's own GPT.
+fn part(img: &Path, n: u32) -> (u64, u64) {
+    let d = nimbus::gpt::Disk::open_path(img, false).unwrap();
+    let p = d.partition(n).unwrap();
+    (p.offset_bytes(), p.size_bytes())
+}
+
+/// USR-A's content into USR-B, the way an update would leave it.
+fn copy_a_to_b(img: &Path) {
+    let (a, size) = part(img, 3);
+    let (b, _) = part(img, 4);
+    let mut f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(img)
+        .unwrap();
+    let mut buf = vec![0u8; 4 << 20];
+    let mut done = 0;
+    while done < size {
+        use std::io::Read;
+        f.seek(SeekFrom::Start(a + done)).unwrap();
+        f.read_exact(&mut buf).unwrap();
+        f.seek(SeekFrom::Start(b + done)).unwrap();
+        f.write_all(&buf).unwrap();
+        done += buf.len() as u64;
+    }
+}
+
+fn poke(img: &Path, at: u64, f: impl FnOnce(&mut [u8])) {
+    let mut file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(img)
+        .unwrap();
+    let mut b = [0u8; 16];
+    use std::io::Read;
+    file.seek(SeekFrom::Start(at)).unwrap();
+    file.read_exact(&mut b).unwrap();
+    f(&mut b);
+    file.seek(SeekFrom::Start(at)).unwrap();
+    file.write_all(&b).unwrap();
+}
+
+#[test]
+fn fresh_image_boots_usr_a_to_multi_user_and_marks_it_good() {
+    let (_d, img) = copy();
+    let c = boot(&img, "nimbus-mark-good: USR-A marked good", &[]);
+    assert!(
+        c.contains("nimbus-init: selected USR-A priority=1 tries=0 successful=1 version=1.0.0"),
+        "{c}"
+    );
+    assert!(
+        c.contains("nimbus-init: stage 2: USR-A version 1.0.0 verified"),
+        "{c}"
+    );
+    assert!(
+        c.contains("Reached target") && c.contains("Multi-User System"),
+        "{c}"
+    );
+    // Issue #7: user-data on the OEM partition set the hostname and started a unit.
+    assert!(c.contains("hello-unit: hostname=nimbus-test"), "{c}");
+    assert_eq!(cgpt(&img, 3), (1, 0, 1));
+}
+
+#[test]
+fn usr_b_with_one_try_boots_and_is_marked_good() {
+    let (_d, img) = copy();
+    copy_a_to_b(&img);
+    cgpt_set(&img, 4, 2, 1, 0);
+    let c = boot(&img, "nimbus-mark-good: USR-B marked good", &[]);
+    assert!(
+        c.contains("nimbus-init: selected USR-B priority=2 tries=0 successful=0 version=1.0.0"),
+        "{c}"
+    );
+    assert_eq!(cgpt(&img, 4), (2, 0, 1), "B: tries spent, marked good");
+    assert_eq!(cgpt(&img, 3), (1, 0, 1), "A untouched");
+}
+
+#[test]
+fn corrupted_usr_b_is_refused_by_dm_verity_and_usr_a_boots() {
+    let (_d, img) = copy();
+    copy_a_to_b(&img);
+    // The erofs superblock lives at byte 1024 of the filesystem.
+    let (b, _) = part(&img, 4);
+    poke(&img, b + 1024, |x| x[0] ^= 0xff);
+    cgpt_set(&img, 4, 2, 1, 0);
+    let c = boot(&img, "nimbus-init: stage 1 done", &[]);
+    let refused = c
+        .find("nimbus-init: refusing USR-B")
+        .unwrap_or_else(|| panic!("{c}"));
+    let chose_a = c
+        .find("nimbus-init: selected USR-A")
+        .unwrap_or_else(|| panic!("{c}"));
+    assert!(refused < chose_a, "{c}");
+    assert!(c.contains("dm-verity rejected the data"), "{c}");
+    assert_eq!(cgpt(&img, 4), (2, 0, 0), "B spent its try");
+}
+
+#[test]
+fn usr_b_that_is_never_marked_good_is_not_selected_again() {
+    let (_d, img) = copy();
+    copy_a_to_b(&img);
+    cgpt_set(&img, 4, 2, 1, 0);
+    // Stop the VM as soon as stage 1 has chosen B: no health check ran.
+    let c = boot(&img, "nimbus-init: selected USR-B", &[]);
+    assert!(c.contains("successful=0"), "{c}");
+    let c = boot(&img, "nimbus-init: selected USR-A", &[]);
+    assert!(!c.contains("selected USR-B"), "{c}");
+    assert_eq!(cgpt(&img, 3), (1, 0, 1), "A still successful");
+    assert_eq!(cgpt(&img, 4), (2, 0, 0));
+}
+
+#[test]
+fn usr_b_with_a_bad_signature_is_refused() {
+    let (_d, img) = copy();
+    copy_a_to_b(&img);
+    let (b, size) = part(&img, 4);
+    // A flipped byte in the version field of B's descriptor.
+    poke(&img, b + size - 4096 + 16, |x| x[0] ^= 0x01);
+    cgpt_set(&img, 4, 2, 1, 0);
+    let c = boot(&img, "nimbus-init: selected USR-A", &[]);
+    assert!(
+        c.contains("nimbus-init: refusing USR-B: slot descriptor: signature by trusted key"),
+        "{c}"
+    );
+}
+
+#[test]
+fn boots_under_ovmf() {
+    let (_d, img) = copy();
+    let c = boot(&img, "nimbus-init: stage 2: USR-A", &["--uefi"]);
+    assert!(c.contains("nimbus-init: selected USR-A"), "{c}");
+}
