@@ -304,13 +304,15 @@ fn customize(
     // convention).
     let factory = root.join("usr/share/factory");
     fs::create_dir_all(&factory).map_err(io_at(&factory))?;
-    run(
-        Command::new("cp")
-            .args(["-a"])
-            .arg(root.join("etc"))
-            .arg(factory.join("etc")),
-        "cp",
-    )?;
+    for d in ["etc", "var"] {
+        run(
+            Command::new("cp")
+                .args(["-a"])
+                .arg(root.join(d))
+                .arg(factory.join(d)),
+            "cp",
+        )?;
+    }
     Ok(())
 }
 

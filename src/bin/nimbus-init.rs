@@ -407,6 +407,63 @@ fn stage1() -> ! {
     }
 }
 
+/// Copy a tree keeping modes, owners and symlinks (no `cp` here: USR's
+/// binaries need a loader the initramfs does not have).
+fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{lchown, MetadataExt, PermissionsExt};
+    let m = fs::symlink_metadata(from)?;
+    if m.file_type().is_symlink() {
+        std::os::unix::fs::symlink(fs::read_link(from)?, to)?;
+    } else if m.is_dir() {
+        fs::create_dir_all(to)?;
+        for e in fs::read_dir(from)? {
+            let e = e?;
+            copy_tree(&e.path(), &to.join(e.file_name()))?;
+        }
+        fs::set_permissions(to, fs::Permissions::from_mode(m.mode() & 0o7777))?;
+    } else if m.is_file() {
+        fs::copy(from, to)?;
+        fs::set_permissions(to, fs::Permissions::from_mode(m.mode() & 0o7777))?;
+    } else {
+        return Ok(()); // device nodes and sockets are not part of a factory tree
+    }
+    lchown(to, Some(m.uid()), Some(m.gid()))
+}
+
+/// A blank ROOT (new disk, or wiped to reset a host) gets the merged-/usr
+/// links, the base directories and the factory /etc and /var from USR.
+fn populate_root(root: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for (link, target) in [
+        ("bin", "usr/bin"),
+        ("sbin", "usr/sbin"),
+        ("lib", "usr/lib"),
+        ("lib64", "usr/lib64"),
+    ] {
+        if fs::symlink_metadata(root.join(link)).is_err() {
+            std::os::unix::fs::symlink(target, root.join(link))?;
+        }
+    }
+    for (d, mode) in [
+        ("tmp", 0o1777),
+        ("home", 0o755),
+        ("root", 0o700),
+        ("srv", 0o755),
+        ("mnt", 0o755),
+        ("media", 0o755),
+        ("opt", 0o755),
+    ] {
+        fs::create_dir_all(root.join(d))?;
+        fs::set_permissions(root.join(d), fs::Permissions::from_mode(mode))?;
+    }
+    let factory = root.join("usr/share/factory");
+    copy_tree(&factory.join("etc"), &root.join("etc"))?;
+    if !root.join("var").exists() {
+        copy_tree(&factory.join("var"), &root.join("var"))?;
+    }
+    Ok(())
+}
+
 fn stage2(args: nimbus::boot::Stage2Args) -> ! {
     let trust = trust();
     let (disk_name, mut disk) = find_disk().unwrap_or_else(|e| emergency(&e));
@@ -435,11 +492,10 @@ fn stage2(args: nimbus::boot::Stage2Args) -> ! {
     let _ = fs::create_dir_all("/sysroot/usr");
     mount_usr(&mapped, "/sysroot/usr").unwrap_or_else(|e| emergency(&format!("{slot}: {e}")));
     if !Path::new("/sysroot/etc").exists() {
-        // A blank ROOT: repopulate /etc from the factory copy in USR.
-        say("nimbus-init: ROOT has no /etc; populating it from /usr/share/factory/etc");
-        let _ = std::process::Command::new("/sysroot/usr/bin/cp")
-            .args(["-a", "/sysroot/usr/share/factory/etc", "/sysroot/etc"])
-            .status();
+        say("nimbus-init: ROOT is blank; populating it from the factory copy in USR");
+        if let Err(e) = populate_root(Path::new("/sysroot")) {
+            emergency(&format!("populating ROOT: {e}"));
+        }
     }
     say(&format!(
         "nimbus-init: stage 2: {slot} version {} verified; switching to systemd",

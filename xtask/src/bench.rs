@@ -20,11 +20,22 @@ pub enum BenchCmd {
         #[arg(long)]
         skip_cold: bool,
     },
+    /// QEMU boot times: to the selection line and to multi-user, with and
+    /// without the stage-1 + kexec step.
+    Boot {
+        /// Image to boot (default: build one into target/nimbus/bench/boot).
+        #[arg(long)]
+        image: Option<PathBuf>,
+        /// Boots per configuration.
+        #[arg(long, default_value_t = 2)]
+        runs: u32,
+    },
 }
 
 pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         BenchCmd::Build { skip_cold } => bench_build(skip_cold),
+        BenchCmd::Boot { image, runs } => bench_boot(image, runs),
     }
 }
 
@@ -228,4 +239,157 @@ fn chrono_like_now() -> String {
         .ok()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default()
+}
+
+/// Seconds at which each `--mark` first matched, from `xtask qemu`'s stderr.
+fn boot_marks(image: &Path, append: &str, marks: &[&str]) -> anyhow::Result<Vec<Option<f64>>> {
+    let exe = std::env::current_exe()?;
+    let mut cmd = Command::new(exe);
+    cmd.args([
+        "qemu",
+        "--image",
+        image.to_str().unwrap_or_default(),
+        "--timeout",
+        "420",
+        "--until",
+        marks[marks.len() - 1],
+    ]);
+    if !append.is_empty() {
+        cmd.args(["--append", append]);
+    }
+    for m in marks {
+        cmd.args(["--mark", m]);
+    }
+    let out = cmd.stdout(std::process::Stdio::null()).output()?;
+    if !out.status.success() {
+        bail!("boot failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let err = String::from_utf8_lossy(&out.stderr);
+    Ok(marks
+        .iter()
+        .map(|m| {
+            let key = format!("qemu: mark /{m}/ at ");
+            err.lines()
+                .find_map(|l| l.strip_prefix(&key))
+                .and_then(|t| t.trim_end_matches(" s").parse().ok())
+        })
+        .collect())
+}
+
+fn bench_boot(image: Option<PathBuf>, runs: u32) -> anyhow::Result<ExitCode> {
+    let root = build_image::workspace_root();
+    let image = match image {
+        Some(i) => i,
+        None => {
+            let out = root.join("target/nimbus/bench/boot");
+            let o = build_image::prepare(build_image::parse(&[
+                "--out",
+                out.to_str().unwrap_or_default(),
+                "--formats",
+                "raw",
+                "--disk-size",
+                "3G",
+            ]))?;
+            build_image::build(&o)?;
+            out.join("nimbus.raw")
+        }
+    };
+    // Stage-2 arguments for the direct boot, read from the image itself.
+    let disk = nimbus::gpt::Disk::open_path(&image, false)?;
+    let uuid = disk.partition(3)?.uuid;
+    let mut d = disk;
+    let desc = nimbus::release::SlotDescriptor::parse_unverified(
+        &d.read_descriptor(nimbus::layout::Slot::A)?,
+    )?;
+    let direct = format!(
+        "nimbus.usr=PARTUUID={uuid} nimbus.usrhash={}",
+        desc.verity_root
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    );
+    drop(d);
+    let select = "nimbus-init: selected USR-A";
+    let stage2 = "nimbus-init: stage 2:";
+    let multi = "Reached target.*Multi-User System";
+    let mut rows: Vec<(String, Vec<f64>)> = Vec::new();
+    let mut push = |k: &str, v: Option<f64>| {
+        if let Some(v) = v {
+            match rows.iter_mut().find(|(n, _)| n == k) {
+                Some((_, vs)) => vs.push(v),
+                None => rows.push((k.to_string(), vec![v])),
+            }
+        }
+    };
+    for _ in 0..runs {
+        // A fresh copy each time: a boot changes the disk (tries, machine-id).
+        let scratch = tempfile::tempdir_in(root.join("target"))?;
+        let img = scratch.path().join("disk.raw");
+        let st = Command::new("cp")
+            .args(["--sparse=always"])
+            .arg(&image)
+            .arg(&img)
+            .status()?;
+        if !st.success() {
+            bail!("cp failed");
+        }
+        let m = boot_marks(&img, "", &[select, stage2, multi])?;
+        push("two-stage: QEMU start -> selection line", m[0]);
+        push("two-stage: QEMU start -> stage 2 (after kexec)", m[1]);
+        push("two-stage: QEMU start -> multi-user", m[2]);
+        if let (Some(a), Some(b)) = (m[0], m[1]) {
+            push(
+                "two-stage: selection line -> stage 2 (verity, mount, kexec, second kernel)",
+                Some(b - a),
+            );
+        }
+        let st = Command::new("cp")
+            .args(["--sparse=always"])
+            .arg(&image)
+            .arg(&img)
+            .status()?;
+        if !st.success() {
+            bail!("cp failed");
+        }
+        let m = boot_marks(&img, &direct, &[stage2, multi])?;
+        push("direct (no stage 1, no kexec): QEMU start -> stage 2", m[0]);
+        push(
+            "direct (no stage 1, no kexec): QEMU start -> multi-user",
+            m[1],
+        );
+    }
+    let mut table = String::from("| measurement | runs (s) | mean (s) |\n|---|---|---|\n");
+    for (k, vs) in &rows {
+        let mean = vs.iter().sum::<f64>() / vs.len() as f64;
+        let all = vs
+            .iter()
+            .map(|v| format!("{v:.1}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let _ = writeln!(table, "| {k} | {all} | {mean:.1} |");
+    }
+    let mean = |k: &str| {
+        rows.iter()
+            .find(|(n, _)| n.starts_with(k))
+            .map(|(_, v)| v.iter().sum::<f64>() / v.len() as f64)
+    };
+    let cost = match (
+        mean("two-stage: QEMU start -> multi-user"),
+        mean("direct (no stage 1, no kexec): QEMU start -> multi-user"),
+    ) {
+        (Some(a), Some(b)) => a - b,
+        _ => f64::NAN,
+    };
+    let _ = writeln!(
+        table,
+        "| **cost of stage 1 + kexec (multi-user, two-stage minus direct)** | | **{cost:.1}** |"
+    );
+    let doc = format!(
+        "# Benchmark: boot\n\n`cargo xtask bench boot`, {}.\nMachine: {}; QEMU TCG (no KVM), 2 vCPUs, 2 GiB, direct kernel boot of the ESP's stage-1 kernel.\n\n{table}\nThe selection itself (GPT read, boot rule, tries decrement written back) is logged by stage 1 as `(selection N ms)`; see the console of any boot test.\n",
+        chrono_like_now(),
+        machine()
+    );
+    std::fs::write(root.join("docs/bench-boot.md"), &doc)?;
+    print!("{table}");
+    Ok(ExitCode::SUCCESS)
 }

@@ -41,6 +41,10 @@ pub struct Qemu {
     /// Extra kernel command line (direct boot only).
     #[arg(long, default_value = "")]
     pub append: String,
+    /// Report on stderr when a line matching REGEX first appears
+    /// (`qemu: mark /REGEX/ at S s`); repeatable. For benchmarks.
+    #[arg(long)]
+    pub mark: Vec<String>,
 }
 
 /// Copy the stage-1 kernel and initramfs out of the image's ESP.
@@ -89,6 +93,12 @@ pub fn run(a: Qemu) -> anyhow::Result<ExitCode> {
         .map(regex::Regex::new)
         .transpose()
         .context("--until")?;
+    let mut marks: Vec<(String, regex::Regex)> = a
+        .mark
+        .iter()
+        .map(|m| regex::Regex::new(m).map(|r| (m.clone(), r)))
+        .collect::<Result<_, _>>()
+        .context("--mark")?;
     let scratch = tempfile::tempdir()?;
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args(["-accel", "tcg", "-smp", "2", "-m", &a.memory.to_string()])
@@ -160,6 +170,13 @@ pub fn run(a: Qemu) -> anyhow::Result<ExitCode> {
         if let Some(l) = log.as_mut() {
             let _ = l.write_all(line.as_bytes());
         }
+        marks.retain(|(m, re)| {
+            let hit = re.is_match(&line);
+            if hit {
+                eprintln!("qemu: mark /{m}/ at {:.3} s", t0.elapsed().as_secs_f64());
+            }
+            !hit
+        });
         if until.as_ref().is_some_and(|re| re.is_match(&line)) {
             matched = true;
             eprintln!("qemu: matched after {:.1} s", t0.elapsed().as_secs_f64());

@@ -274,3 +274,41 @@ fn boots_under_ovmf() {
     let c = boot(&img, "nimbus-init: stage 2: USR-A", &["--uefi"]);
     assert!(c.contains("nimbus-init: selected USR-A"), "{c}");
 }
+
+#[test]
+fn blank_root_is_populated_from_the_factory_copy() {
+    let (_d, img) = copy();
+    // Replace ROOT with an empty ext4 filesystem: a wiped host.
+    let (off, size) = part(&img, 9);
+    let blank = img.with_extension("root");
+    let o = Command::new("mkfs.ext4")
+        .args([
+            "-q",
+            "-F",
+            "-L",
+            "ROOT",
+            s(&blank),
+            &format!("{}k", size / 1024),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = Command::new("dd")
+        .args([
+            &format!("if={}", s(&blank)),
+            &format!("of={}", s(&img)),
+            "bs=1M",
+            "conv=notrunc,sparse",
+            "oflag=seek_bytes",
+            &format!("seek={off}"),
+            "status=none",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let c = boot(&img, "Reached target.*Multi-User System", &[]);
+    assert!(
+        c.contains("nimbus-init: ROOT is blank; populating it from the factory copy in USR"),
+        "{c}"
+    );
+}
