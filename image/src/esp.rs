@@ -12,7 +12,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::ImageError;
+use crate::{run_tool, ImageError};
 
 /// Files to place, as (path inside the ESP, bytes).
 pub type EspFiles = Vec<(String, Vec<u8>)>;
@@ -29,20 +29,6 @@ pub fn loader_files(cmdline: &str) -> EspFiles {
             format!("title Nimbus\nlinux /nimbus/vmlinuz\ninitrd /nimbus/stage1.img\noptions {cmdline}\n").into_bytes(),
         ),
     ]
-}
-
-fn tool(cmd: &mut Command, what: &str) -> Result<(), ImageError> {
-    let out = cmd.output().map_err(|e| ImageError::Tool {
-        tool: what.into(),
-        reason: format!("cannot run it ({e}); `cargo xtask deps` installs it"),
-    })?;
-    if !out.status.success() {
-        return Err(ImageError::Tool {
-            tool: what.into(),
-            reason: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    Ok(())
 }
 
 /// Write a FAT32 image of `size` bytes at `out` holding `files`.
@@ -85,7 +71,7 @@ pub fn build(
         }
     }
     let _ = fs::remove_file(out);
-    tool(
+    run_tool(
         Command::new("mkfs.fat")
             // --invariant: fixed volume id and boot-sector times.
             .args(["-F", "32", "-n", "EFI-SYSTEM", "--invariant", "-C"])
@@ -96,6 +82,6 @@ pub fn build(
     top.sort();
     let mut mcopy = Command::new("mcopy");
     mcopy.args(["-s", "-m", "-i"]).arg(out).args(&top).arg("::");
-    tool(mcopy.env("MTOOLS_SKIP_CHECK", "1"), "mcopy")?;
+    run_tool(mcopy.env("MTOOLS_SKIP_CHECK", "1"), "mcopy")?;
     Ok(())
 }

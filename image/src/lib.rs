@@ -2,7 +2,9 @@
 //! from the steps that run host tools (mmdebstrap, mkfs.erofs, mkfs.fat,
 //! mkfs.ext4, qemu-img); `pipeline` runs the whole build.
 
-use std::path::PathBuf;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 
 pub mod cpio;
 pub mod esp;
@@ -23,4 +25,41 @@ pub enum ImageError {
     Tool { tool: String, reason: String },
     #[error("{0}")]
     Invalid(String),
+}
+
+/// Run a host tool; a failure carries its stderr, a missing tool says how
+/// to install it.
+pub fn run_tool(cmd: &mut Command, what: &str) -> Result<(), ImageError> {
+    let out = cmd.output().map_err(|e| ImageError::Tool {
+        tool: what.into(),
+        reason: format!("cannot run it ({e}); `cargo xtask deps` installs it"),
+    })?;
+    if !out.status.success() {
+        return Err(ImageError::Tool {
+            tool: what.into(),
+            reason: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(())
+}
+
+pub fn sha256_file(p: &Path) -> Result<String, ImageError> {
+    use sha2::Digest;
+    let mut f = std::fs::File::open(p).map_err(|source| ImageError::Io {
+        path: p.to_path_buf(),
+        source,
+    })?;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(|source| ImageError::Io {
+            path: p.to_path_buf(),
+            source,
+        })?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
 }

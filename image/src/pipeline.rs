@@ -16,13 +16,12 @@ use nimbus::layout::{self, Slot};
 use nimbus::release::SlotDescriptor;
 use nimbus::slots::Prio;
 use semver::Version;
-use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use crate::cpio::Cpio;
-use crate::rootfs::{self, run, RootfsSpec};
+use crate::rootfs::{self, RootfsSpec};
 use crate::usr::{self, Compression, PayloadInfo};
-use crate::{esp, ImageError};
+use crate::{esp, run_tool, sha256_file, ImageError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -216,7 +215,7 @@ pub fn preflight(o: &BuildOptions) -> Result<ReleaseKey, ImageError> {
 
 fn copy_tree(from: &Path, to: &Path) -> Result<(), ImageError> {
     let _ = fs::remove_dir_all(to);
-    run(
+    run_tool(
         Command::new("cp")
             .args(["-a", "--reflink=auto"])
             .arg(from)
@@ -305,7 +304,7 @@ fn customize(
     let factory = root.join("usr/share/factory");
     fs::create_dir_all(&factory).map_err(io_at(&factory))?;
     for d in ["etc", "var"] {
-        run(
+        run_tool(
             Command::new("cp")
                 .args(["-a"])
                 .arg(root.join(d))
@@ -456,7 +455,7 @@ fn mkfs_ext4(
     epoch: u64,
 ) -> Result<(), ImageError> {
     let _ = fs::remove_file(img);
-    run(
+    run_tool(
         Command::new("mkfs.ext4")
             .args([
                 "-q",
@@ -517,20 +516,6 @@ fn copy_sparse(src: &Path, dev: &mut File, offset: u64, limit: u64) -> Result<()
         pos = hole;
     }
     Ok(())
-}
-
-fn sha256_file(p: &Path) -> Result<String, ImageError> {
-    let mut f = File::open(p).map_err(io_at(p))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(io_at(p))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(hex::encode(h.finalize()))
 }
 
 const VAGRANTFILE: &str = r#"# Nimbus Vagrant box (libvirt provider).
@@ -774,7 +759,7 @@ fn build_inner(o: &BuildOptions, progress: &mut dyn Progress) -> Result<BuildRep
     if want(Format::Qcow2) || want(Format::Box) {
         st.run("qcow2", || {
             let _ = fs::remove_file(&qcow_tmp);
-            run(
+            run_tool(
                 Command::new("qemu-img")
                     .args([
                         "convert",

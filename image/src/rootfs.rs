@@ -11,13 +11,12 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use sha2::{Digest, Sha256};
 
-use crate::ImageError;
+use crate::{run_tool, sha256_file, ImageError};
 
 /// Bump when the recipe below changes in a way the key does not capture.
 const RECIPE: u32 = 1;
@@ -72,20 +71,6 @@ fn io_at(p: &Path) -> impl FnOnce(std::io::Error) -> ImageError + '_ {
     }
 }
 
-fn sha256_file(p: &Path) -> std::io::Result<String> {
-    let mut f = fs::File::open(p)?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(hex::encode(h.finalize()))
-}
-
 /// Drop cache entries that do not match their recorded hash, and unknown
 /// files. Returns how many were dropped.
 pub fn verify_deb_cache(dir: &Path) -> Result<usize, ImageError> {
@@ -135,7 +120,7 @@ fn record_deb_cache(dir: &Path) -> Result<(), ImageError> {
     names.sort();
     let mut out = String::new();
     for p in names {
-        let h = sha256_file(&p).map_err(io_at(&p))?;
+        let h = sha256_file(&p)?;
         out.push_str(&format!(
             "{h}  {}\n",
             p.file_name().unwrap_or_default().to_string_lossy()
@@ -257,27 +242,13 @@ pub fn kernel_version(root: &Path) -> Result<String, ImageError> {
     }
 }
 
-pub fn run(cmd: &mut Command, what: &str) -> Result<(), ImageError> {
-    let out = cmd.output().map_err(|e| ImageError::Tool {
-        tool: what.into(),
-        reason: format!("cannot run it: {e}"),
-    })?;
-    if !out.status.success() {
-        return Err(ImageError::Tool {
-            tool: what.into(),
-            reason: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    Ok(())
-}
-
 /// Remove what a package-manager-free, read-only /usr must not carry.
 pub fn strip(root: &Path, kver: &str) -> Result<(), ImageError> {
     let moddir = root.join("usr/lib/modules").join(kver);
     for m in PRUNED_MODULES {
         let _ = fs::remove_dir_all(moddir.join(m));
     }
-    run(
+    run_tool(
         Command::new("chroot")
             .arg(root)
             .args(["depmod", "-a", kver]),

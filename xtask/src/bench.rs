@@ -276,6 +276,18 @@ fn boot_marks(image: &Path, append: &str, marks: &[&str]) -> anyhow::Result<Vec<
         .collect())
 }
 
+fn sparse_copy(from: &Path, to: &Path) -> anyhow::Result<()> {
+    let st = Command::new("cp")
+        .arg("--sparse=always")
+        .arg(from)
+        .arg(to)
+        .status()?;
+    if !st.success() {
+        bail!("cp {} {}: {st}", from.display(), to.display());
+    }
+    Ok(())
+}
+
 fn bench_boot(image: Option<PathBuf>, runs: u32) -> anyhow::Result<ExitCode> {
     let root = build_image::workspace_root();
     let image = match image {
@@ -325,14 +337,7 @@ fn bench_boot(image: Option<PathBuf>, runs: u32) -> anyhow::Result<ExitCode> {
         // A fresh copy each time: a boot changes the disk (tries, machine-id).
         let scratch = tempfile::tempdir_in(root.join("target"))?;
         let img = scratch.path().join("disk.raw");
-        let st = Command::new("cp")
-            .args(["--sparse=always"])
-            .arg(&image)
-            .arg(&img)
-            .status()?;
-        if !st.success() {
-            bail!("cp failed");
-        }
+        sparse_copy(&image, &img)?;
         let m = boot_marks(&img, "", &[select, stage2, multi])?;
         push("two-stage: QEMU start -> selection line", m[0]);
         push("two-stage: QEMU start -> stage 2 (after kexec)", m[1]);
@@ -343,14 +348,7 @@ fn bench_boot(image: Option<PathBuf>, runs: u32) -> anyhow::Result<ExitCode> {
                 Some(b - a),
             );
         }
-        let st = Command::new("cp")
-            .args(["--sparse=always"])
-            .arg(&image)
-            .arg(&img)
-            .status()?;
-        if !st.success() {
-            bail!("cp failed");
-        }
+        sparse_copy(&image, &img)?;
         let m = boot_marks(&img, &direct, &[stage2, multi])?;
         push("direct (no stage 1, no kexec): QEMU start -> stage 2", m[0]);
         push(

@@ -306,9 +306,11 @@ fn blank_root_is_populated_from_the_factory_copy() {
         .output()
         .unwrap();
     assert!(o.status.success());
-    let c = boot(&img, "Reached target.*Multi-User System", &[]);
+    // mark-good is ordered after multi-user.target: its line proves the system came up.
+    let c = boot(&img, "nimbus-mark-good: USR-A marked good", &[]);
     assert!(
         c.contains("nimbus-init: ROOT is blank; populating it from the factory copy in USR"),
         "{c}"
     );
+    assert!(c.contains("nimbus-test login:"), "{c}");
 }
