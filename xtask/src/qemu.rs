@@ -185,10 +185,13 @@ pub fn run(a: Qemu) -> anyhow::Result<ExitCode> {
         }
     }
     let status = child.wait()?;
-    if matched {
+    let timed_out = timed_out.lock().map(|t| *t).unwrap_or(false);
+    // Output still buffered when the watchdog killed QEMU can match late:
+    // past the deadline is a timeout all the same.
+    if matched && !timed_out {
         return Ok(ExitCode::SUCCESS);
     }
-    if timed_out.lock().map(|t| *t).unwrap_or(false) {
+    if timed_out {
         eprintln!(
             "qemu: timeout after {} s{}",
             a.timeout,
