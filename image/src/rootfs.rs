@@ -311,6 +311,15 @@ pub fn strip(root: &Path, kver: &str) -> Result<(), ImageError> {
         let _ = fs::remove_file(root.join(format!("{p}.pub")));
     }
     fs::write(root.join("etc/machine-id"), "").map_err(io_at(root))?;
+    // mmdebstrap leaves the build host's resolver in resolv.conf and writes
+    // no /etc/hosts; a host must not inherit the builder's network, and
+    // `localhost` must resolve without DNS (etcd's default URLs use it).
+    fs::write(root.join("etc/resolv.conf"), "").map_err(io_at(root))?;
+    fs::write(
+        root.join("etc/hosts"),
+        "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\nff02::1\tip6-allnodes\nff02::2\tip6-allrouters\n",
+    )
+    .map_err(io_at(root))?;
     let _ = fs::remove_file(root.join("var/lib/dbus/machine-id"));
     Ok(())
 }

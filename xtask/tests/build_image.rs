@@ -262,6 +262,13 @@ fn build_image_end_to_end() {
         !ok("debugfs", &["-R", "ls /etc/ssh", s(&p9)]).contains("ssh_host_ed25519_key"),
         "host keys must not ship"
     );
+    let hosts = ok("debugfs", &["-R", "cat /etc/hosts", s(&p9)]);
+    assert!(hosts.contains("127.0.0.1\tlocalhost"), "{hosts}");
+    let resolv = ok("debugfs", &["-R", "cat /etc/resolv.conf", s(&p9)]);
+    assert!(
+        !resolv.contains("nameserver"),
+        "the build host's resolver leaked: {resolv}"
+    );
     ok("qemu-img", &["check", s(&out1.join("nimbus.qcow2"))]);
     let meta = ok(
         "tar",
