@@ -172,7 +172,7 @@ pub fn check_window_start(s: &str) -> Result<(), String> {
     }
 }
 
-/// A Go-style duration: "1h30m", "45m", "90s". Returns seconds.
+/// A Go-style duration: "1h30m", "45m", "90s", plus days ("14d"). Returns seconds.
 pub fn parse_duration(s: &str) -> Result<u64, String> {
     let mut total: u64 = 0;
     let mut num = String::new();
@@ -183,10 +183,11 @@ pub fn parse_duration(s: &str) -> Result<u64, String> {
             continue;
         }
         let mult = match c {
+            'd' => 86400,
             'h' => 3600,
             'm' => 60,
             's' => 1,
-            _ => return Err(format!("{s:?}: unexpected {c:?} (use h, m, s, e.g. 1h30m)")),
+            _ => return Err(format!("{s:?}: unexpected {c:?} (use d, h, m, s, e.g. 1h30m)")),
         };
         let n: u64 = num
             .parse()

@@ -9,6 +9,7 @@ use std::process::Command;
 pub mod cpio;
 pub mod esp;
 pub mod pipeline;
+pub mod release;
 pub mod rootfs;
 pub mod slice;
 pub mod usr;

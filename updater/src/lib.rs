@@ -1,2 +1,21 @@
-//! update-engine and updatectl (issue #5): not written yet. The crate exists so
-//! the workspace has the shape DESIGN.md fixes; it deliberately exports nothing.
+//! nimbus-updater: the `update-engine` daemon and the `updatectl` client
+//! (DESIGN.md, "Release repository" and "Host configuration";
+//! docs/update-engine.md).
+//!
+//! Pure decisions (`choose`, `config`) are apart from effects: HTTP
+//! (`fetch`), the slot (`target`), cgroups (`iolimit`), persisted state
+//! (`state`). `apply` streams a payload, `engine` ties a check to an
+//! install, `api` serves the local socket.
+
+pub mod api;
+pub mod apply;
+pub mod choose;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod fetch;
+pub mod iolimit;
+pub mod sha;
+pub mod state;
+pub mod status;
+pub mod target;

@@ -43,6 +43,9 @@ enum Cmd {
     },
     /// Boot an image under QEMU (TCG), serial console on stdout.
     Qemu(qemu::Qemu),
+    /// Publish a built version into a static release repository: copy its payload and
+    /// write the channel's next signed manifest (serial + 1).
+    Release(Release),
     /// Install the Debian packages the build and the test suite need (.ci/packages.txt).
     Deps {
         /// Only report what is missing; exit 1 if anything is.
@@ -60,6 +63,7 @@ fn main() -> ExitCode {
         Cmd::BuildImage(a) => build_image::run(a),
         Cmd::Bench { cmd } => bench::run(cmd),
         Cmd::Qemu(a) => qemu::run(a),
+        Cmd::Release(a) => release(a),
     };
     match result {
         Ok(code) => code,
@@ -68,6 +72,63 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+#[derive(clap::Args)]
+struct Release {
+    /// The build's output directory, e.g. target/nimbus/1.2.0 (build.json + usr.img.zst).
+    #[arg(long, value_name = "DIR")]
+    from: PathBuf,
+    /// The repository root (channels/, payloads/); created if missing.
+    #[arg(long, value_name = "DIR")]
+    repo: PathBuf,
+    #[arg(long, value_name = "NAME")]
+    channel: String,
+    /// Directory holding release.key (see `cargo xtask keygen`).
+    #[arg(long, value_name = "DIR")]
+    key: PathBuf,
+    /// How long the manifest stays valid: clients refuse it afterwards.
+    #[arg(long, default_value = "14d", value_parser = nimbus::updateconf::parse_duration)]
+    expires: u64,
+    /// Stage the rollout over this many hours from now (each host starts at its own point).
+    #[arg(long, value_name = "H")]
+    rollout_hours: Option<f64>,
+    /// Kill switch: offer nothing above this version.
+    #[arg(long, value_name = "V")]
+    max_version: Option<semver::Version>,
+}
+
+fn release(a: Release) -> anyhow::Result<ExitCode> {
+    use anyhow::Context;
+    let key = nimbus::keys::ReleaseKey::load_dir(&a.key)
+        .with_context(|| format!("loading the release key from {}", a.key.display()))?;
+    let rollout_secs = match a.rollout_hours {
+        Some(h) if !(h.is_finite() && h > 0.0) => {
+            anyhow::bail!("--rollout-hours {h}: must be a positive number of hours")
+        }
+        Some(h) => Some((h * 3600.0).round() as u64),
+        None => None,
+    };
+    let m = nimbus_image::release::publish(&nimbus_image::release::PublishOptions {
+        from: &a.from,
+        repo: &a.repo,
+        channel: &a.channel,
+        key: &key,
+        now: chrono::Utc::now(),
+        expires_secs: a.expires,
+        rollout_secs,
+        max_version: a.max_version,
+    })?;
+    let newest = m.releases.last().map(|r| r.version.to_string()).unwrap_or_default();
+    println!(
+        "{}: channel {} serial {} offers {} (newest {newest}), expires {}",
+        nimbus_image::release::manifest_path(&a.repo, &a.channel).display(),
+        m.channel,
+        m.serial,
+        m.releases.len(),
+        m.expires.to_rfc3339()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn keygen(out: &std::path::Path) -> anyhow::Result<ExitCode> {

@@ -1,0 +1,166 @@
+//! Publishing a built version into a static release repository
+//! (DESIGN.md, "Release repository"): copy the payload, then write the next
+//! signed channel manifest. Everything a client reads is a plain file, so
+//! any web server, object store or CDN can serve the directory.
+//!
+//! Order of writes: payload first (fsynced, renamed into place), signature
+//! and manifest last. A client that fetches while a publish is running sees
+//! either the old manifest or the new one with its payload already present;
+//! the one window (new manifest, old signature file) fails verification and
+//! the client retries on its next check, never accepting anything unsigned.
+
+use std::path::{Path, PathBuf};
+
+use chrono::{DateTime, Utc};
+use nimbus::keys::ReleaseKey;
+use nimbus::release::{Manifest, Release, Rollout, MANIFEST_SCHEMA};
+use semver::Version;
+
+use crate::ImageError;
+
+pub struct PublishOptions<'a> {
+    /// `target/nimbus/<version>`: holds build.json and usr.img.zst.
+    pub from: &'a Path,
+    pub repo: &'a Path,
+    pub channel: &'a str,
+    pub key: &'a ReleaseKey,
+    pub now: DateTime<Utc>,
+    pub expires_secs: u64,
+    pub rollout_secs: Option<u64>,
+    pub max_version: Option<Version>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct BuildJson {
+    version: Version,
+    verity_root: String,
+    payload: crate::usr::PayloadInfo,
+}
+
+fn io_at(p: &Path) -> impl FnOnce(std::io::Error) -> ImageError + '_ {
+    move |source| ImageError::Io {
+        path: p.to_path_buf(),
+        source,
+    }
+}
+
+pub fn manifest_path(repo: &Path, channel: &str) -> PathBuf {
+    repo.join("channels").join(format!("{channel}.json"))
+}
+
+pub fn payload_rel(version: &Version) -> String {
+    format!("payloads/{version}/usr.img.zst")
+}
+
+/// Publish and return the new manifest.
+pub fn publish(o: &PublishOptions<'_>) -> Result<Manifest, ImageError> {
+    if !nimbus::release::valid_channel_name(o.channel) {
+        return Err(ImageError::Invalid(format!(
+            "channel name {:?} is not [a-z0-9._-]{{1,64}}",
+            o.channel
+        )));
+    }
+    let bj_path = o.from.join("build.json");
+    let bj: BuildJson = serde_json::from_slice(&std::fs::read(&bj_path).map_err(io_at(&bj_path))?)
+        .map_err(|e| ImageError::Invalid(format!("{}: {e}", bj_path.display())))?;
+    let payload = o.from.join("usr.img.zst");
+    let size = std::fs::metadata(&payload).map_err(io_at(&payload))?.len();
+    let sha = crate::sha256_file(&payload)?;
+    if size != bj.payload.compressed_size || sha != bj.payload.compressed_sha256 {
+        return Err(ImageError::Invalid(format!(
+            "{}: {size} bytes, sha256 {sha}, but build.json says {} bytes, sha256 {}; \
+             the payload changed after the build, rebuild it",
+            payload.display(),
+            bj.payload.compressed_size,
+            bj.payload.compressed_sha256
+        )));
+    }
+    let mpath = manifest_path(o.repo, o.channel);
+    let previous: Option<Manifest> = match std::fs::read(&mpath) {
+        Ok(b) => Some(
+            serde_json::from_slice(&b)
+                .map_err(|e| ImageError::Invalid(format!("{}: {e}", mpath.display())))?,
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(ImageError::Io { path: mpath, source: e }),
+    };
+    let release = Release {
+        version: bj.version.clone(),
+        payload: payload_rel(&bj.version),
+        compressed_size: size,
+        compressed_sha256: sha.clone(),
+        raw_size: bj.payload.raw_size,
+        raw_sha256: bj.payload.raw_sha256.clone(),
+        verity_root: bj.verity_root.clone(),
+        rollout: o.rollout_secs.map(|d| Rollout {
+            start: o.now,
+            duration_secs: d,
+            paused: false,
+        }),
+    };
+    let mut releases: Vec<Release> = previous
+        .as_ref()
+        .map(|m| m.releases.clone())
+        .unwrap_or_default();
+    if let Some(old) = releases.iter().find(|r| r.version == release.version) {
+        if old.compressed_sha256 != release.compressed_sha256 {
+            return Err(ImageError::Invalid(format!(
+                "channel {} already offers {} with payload sha256 {}; a published version is immutable, \
+                 build a new version instead",
+                o.channel, release.version, old.compressed_sha256
+            )));
+        }
+    }
+    releases.retain(|r| r.version != release.version);
+    releases.push(release);
+    releases.sort_by(|a, b| a.version.cmp(&b.version));
+
+    // Payload first: a manifest must never name a file that is not there.
+    let dest = o.repo.join(payload_rel(&bj.version));
+    let dest_dir = dest.parent().unwrap_or(o.repo);
+    std::fs::create_dir_all(dest_dir).map_err(io_at(dest_dir))?;
+    let same = dest.exists() && crate::sha256_file(&dest)? == sha;
+    if dest.exists() && !same {
+        return Err(ImageError::Invalid(format!(
+            "{} exists with different content; a published payload is immutable",
+            dest.display()
+        )));
+    }
+    if !same {
+        let tmp = dest_dir.join(".usr.img.zst.tmp");
+        std::fs::copy(&payload, &tmp).map_err(io_at(&tmp))?;
+        std::fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(io_at(&tmp))?;
+        std::fs::rename(&tmp, &dest).map_err(io_at(&dest))?;
+        nimbus::durable::sync_dir(dest_dir)
+            .map_err(|e| ImageError::Invalid(e.to_string()))?;
+    }
+
+    let manifest = Manifest {
+        schema: MANIFEST_SCHEMA,
+        channel: o.channel.to_string(),
+        serial: previous.as_ref().map_or(1, |m| m.serial + 1),
+        issued: o.now,
+        expires: o.now + chrono::Duration::seconds(o.expires_secs.min(i64::MAX as u64 / 2) as i64),
+        max_version: o.max_version.clone(),
+        releases,
+    };
+    manifest
+        .validate()
+        .map_err(|e| ImageError::Invalid(e.to_string()))?;
+    let mut bytes = serde_json::to_vec_pretty(&manifest)
+        .map_err(|e| ImageError::Invalid(e.to_string()))?;
+    bytes.push(b'\n');
+    let sigs = Manifest::sign_bytes(&bytes, &[o.key]);
+    let sig_bytes =
+        serde_json::to_vec(&sigs).map_err(|e| ImageError::Invalid(e.to_string()))?;
+    let chan_dir = o.repo.join("channels");
+    std::fs::create_dir_all(&chan_dir).map_err(io_at(&chan_dir))?;
+    let durable = |p: &Path, b: &[u8]| {
+        nimbus::durable::write_atomic(p, b, 0o644).map_err(|e| ImageError::Invalid(e.to_string()))
+    };
+    durable(&chan_dir.join(format!("{}.json.sig", o.channel)), &sig_bytes)?;
+    durable(&mpath, &bytes)?;
+    Ok(manifest)
+}

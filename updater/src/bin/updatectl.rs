@@ -1,0 +1,226 @@
+//! `updatectl`: talk to update-engine over its local socket.
+//!
+//! Exit codes: 0 success, 1 the engine reported a failure it did not
+//! classify, 2 bad command line, 3 network, 4 verification, 5 disk,
+//! 6 refused by policy (e.g. a downgrade without --allow-downgrade),
+//! 7 cancelled, 69 update-engine is not reachable.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use nimbus_updater::api::{Client, Request, Response, SOCKET_PATH};
+use nimbus_updater::status::Status;
+
+#[derive(Parser)]
+#[command(name = "updatectl", version, about = "Control the Nimbus update engine")]
+struct Cli {
+    /// update-engine's socket (default: ROOT/run/nimbus/update-engine.sock).
+    #[arg(long, global = true, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    #[arg(long, global = true, default_value = "/")]
+    root: PathBuf,
+    /// Machine-readable output.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// State, versions, progress and the last error.
+    Status,
+    /// Ask the server now whether a new version is offered (installs nothing).
+    Check,
+    /// Check and install now.
+    Update {
+        /// Stay until the update finished, with a progress bar.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Show the channel, or switch to NAME.
+    Channel {
+        name: Option<String>,
+        /// Allow switching to a channel whose newest version is older than the running one.
+        #[arg(long)]
+        allow_downgrade: bool,
+    },
+    /// The A/B slots: priority, tries, successful, version.
+    Slots,
+    /// Boot the other slot next (if it is bootable).
+    Rollback,
+    /// Mark the booted slot good.
+    MarkGood,
+    /// Stop a running download.
+    Cancel,
+}
+
+const EX_UNAVAILABLE: u8 = 69;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let client = Client::new(cli.socket.clone().unwrap_or_else(|| cli.root.join(SOCKET_PATH)));
+    match run(&cli, &client) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("updatectl: {e}");
+            ExitCode::from(EX_UNAVAILABLE)
+        }
+    }
+}
+
+fn answer(cli: &Cli, r: &Response) -> ExitCode {
+    if cli.json {
+        println!("{}", serde_json::to_string_pretty(r).unwrap_or_default());
+    } else if let Some(m) = r.message.as_deref().filter(|m| !m.is_empty()) {
+        println!("{m}");
+    }
+    match &r.error {
+        None => ExitCode::SUCCESS,
+        Some(e) => {
+            if !cli.json {
+                eprintln!("updatectl: {} ({})", e.message, e.kind);
+            }
+            ExitCode::from(e.exit_code.max(1))
+        }
+    }
+}
+
+fn print_status(s: &Status) {
+    println!("state:     {}", s.state);
+    println!("running:   {} (slot {})", s.running_version, s.booted_slot);
+    if let Some(v) = &s.new_version {
+        println!("new:       {v}");
+    }
+    println!("channel:   {} from {}", s.channel, s.server);
+    println!("reboot:    {}", s.reboot_strategy);
+    if let Some(p) = &s.progress {
+        println!("progress:  {} / {} bytes at {}/s", p.done, p.total, human(p.rate));
+    }
+    if let Some(t) = &s.last_check {
+        println!("checked:   {}", t.to_rfc3339());
+    }
+    if let Some(n) = &s.note {
+        println!("note:      {n}");
+    }
+    if let Some(e) = &s.last_error {
+        println!("error:     {} ({}, {})", e.message, e.kind, e.at.to_rfc3339());
+    }
+}
+
+fn human(n: u64) -> String {
+    let f = n as f64;
+    if f >= (1 << 20) as f64 {
+        format!("{:.1} MiB", f / (1 << 20) as f64)
+    } else if f >= 1024.0 {
+        format!("{:.1} KiB", f / 1024.0)
+    } else {
+        format!("{n} B")
+    }
+}
+
+fn print_slots(s: &Status) {
+    println!("{:<6} {:>4} {:>8} {:>5} {:>10}  {:<12}", "SLOT", "PART", "PRIORITY", "TRIES", "SUCCESSFUL", "VERSION");
+    for e in &s.slots {
+        println!(
+            "{:<6} {:>4} {:>8} {:>5} {:>10}  {:<12}{}",
+            e.label,
+            e.partition,
+            e.priority,
+            e.tries,
+            u8::from(e.successful),
+            e.version.as_deref().unwrap_or("-"),
+            if e.booted { "  (booted)" } else { "" }
+        );
+    }
+}
+
+fn run(cli: &Cli, client: &Client) -> Result<ExitCode, nimbus_updater::api::ClientError> {
+    match &cli.cmd {
+        Cmd::Status | Cmd::Slots => {
+            let r = client.call(&Request::Status)?;
+            let st = r.status.clone().unwrap_or_default();
+            if cli.json {
+                if matches!(cli.cmd, Cmd::Slots) {
+                    println!("{}", serde_json::to_string_pretty(&st.slots).unwrap_or_default());
+                } else {
+                    println!("{}", serde_json::to_string_pretty(&st).unwrap_or_default());
+                }
+            } else if matches!(cli.cmd, Cmd::Slots) {
+                print_slots(&st);
+            } else {
+                print_status(&st);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Check => Ok(answer(cli, &client.call(&Request::Check)?)),
+        Cmd::Rollback => Ok(answer(cli, &client.call(&Request::Rollback)?)),
+        Cmd::MarkGood => Ok(answer(cli, &client.call(&Request::MarkGood)?)),
+        Cmd::Cancel => Ok(answer(cli, &client.call(&Request::Cancel)?)),
+        Cmd::Channel { name: None, .. } => {
+            let st = client.call(&Request::Status)?.status.unwrap_or_default();
+            if cli.json {
+                println!("{}", serde_json::json!({"channel": st.channel, "server": st.server}));
+            } else {
+                println!("{}", st.channel);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Channel { name: Some(n), allow_downgrade } => Ok(answer(
+            cli,
+            &client.call(&Request::SetChannel { name: n.clone(), allow_downgrade: *allow_downgrade })?,
+        )),
+        Cmd::Update { wait: false } => Ok(answer(cli, &client.call(&Request::Apply { wait: false })?)),
+        Cmd::Update { wait: true } => update_wait(cli, client),
+    }
+}
+
+/// Run the update on one connection and show progress from a second.
+fn update_wait(cli: &Cli, client: &Client) -> Result<ExitCode, nimbus_updater::api::ClientError> {
+    let path = cli.socket.clone().unwrap_or_else(|| cli.root.join(SOCKET_PATH));
+    let worker = std::thread::spawn(move || Client::new(path).call(&Request::Apply { wait: true }));
+    let tty = std::io::stderr().is_terminal() && !cli.json;
+    let bar = if tty {
+        let b = indicatif::ProgressBar::new(0);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{msg:12} [{bar:40}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        Some(b)
+    } else {
+        None
+    };
+    let mut last_line = std::time::Instant::now() - std::time::Duration::from_secs(10);
+    let watched = client.watch(|st| {
+        if let Some(p) = &st.progress {
+            match &bar {
+                Some(b) => {
+                    b.set_length(p.total);
+                    b.set_position(p.done);
+                    b.set_message(st.state.to_string());
+                }
+                None if !cli.json && last_line.elapsed().as_secs() >= 5 => {
+                    eprintln!("{}: {} / {} bytes, {}/s", st.state, p.done, p.total, human(p.rate));
+                    last_line = std::time::Instant::now();
+                }
+                None => {}
+            }
+        }
+        !worker.is_finished()
+    });
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    let _ = watched;
+    let r = worker
+        .join()
+        .map_err(|_| nimbus_updater::api::ClientError::Protocol { path: PathBuf::new(), reason: "worker panicked".into() })??;
+    if !cli.json {
+        if let Some(st) = &r.status {
+            print_status(st);
+        }
+    }
+    Ok(answer(cli, &r))
+}

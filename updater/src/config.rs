@@ -1,0 +1,152 @@
+//! update.conf as the engine uses it: the layered file parsed and every
+//! value checked, each error naming the key and the file.
+
+use std::path::Path;
+
+use nimbus::updateconf::{self, UpdateConf};
+
+use crate::error::UpdateError;
+
+/// Applied when update.conf sets no IO_WRITE_BPS: 1 GiB in about 16 s, far
+/// below what any disk sustains, so an update never starves the workload.
+pub const DEFAULT_WRITE_BPS: u64 = 64 << 20;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineConfig {
+    pub group: String,
+    /// Repository base URL without a trailing slash; `None` = disabled.
+    pub server: Option<String>,
+    pub reboot_strategy: String,
+    /// Write-bandwidth cap for the slot writer; `None` = unlimited.
+    pub write_bps: Option<u64>,
+    /// Run the writer in the idle I/O priority class.
+    pub io_idle: bool,
+}
+
+/// "64M", "10MB", "500K", "0" (unlimited), "unlimited" -> bytes per second.
+pub fn parse_bps(s: &str) -> Result<Option<u64>, String> {
+    let t = s.trim();
+    if t.eq_ignore_ascii_case("unlimited") || t == "0" {
+        return Ok(None);
+    }
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: expected bytes per second such as 64M, 500K or unlimited"))?;
+    let mult: u64 = match unit.to_ascii_uppercase().as_str() {
+        "" | "B" => 1,
+        "K" | "KB" | "KIB" => 1 << 10,
+        "M" | "MB" | "MIB" => 1 << 20,
+        "G" | "GB" | "GIB" => 1 << 30,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use K, M or G)")),
+    };
+    n.checked_mul(mult)
+        .map(Some)
+        .ok_or_else(|| format!("{s:?} overflows"))
+}
+
+impl EngineConfig {
+    pub fn load(root: &Path) -> Result<EngineConfig, UpdateError> {
+        let where_ = root.join(updateconf::ETC_PATH);
+        let conf = UpdateConf::load_layered(root).map_err(|e| UpdateError::Config {
+            path: where_.clone(),
+            reason: e.to_string(),
+        })?;
+        EngineConfig::from_conf(&conf).map_err(|reason| UpdateError::Config {
+            path: where_,
+            reason,
+        })
+    }
+
+    pub fn from_conf(c: &UpdateConf) -> Result<EngineConfig, String> {
+        let group = c.get("GROUP").unwrap_or("stable").to_string();
+        if !nimbus::release::valid_channel_name(&group) {
+            return Err(format!("GROUP={group:?}: a channel name is [a-z0-9._-]{{1,64}}"));
+        }
+        let server = match c.get("SERVER") {
+            None => return Err("SERVER is not set (a repository URL, or `disabled`)".into()),
+            Some("disabled") => None,
+            Some(s) => {
+                let u = reqwest::Url::parse(s).map_err(|e| format!("SERVER={s:?}: {e}"))?;
+                if !matches!(u.scheme(), "http" | "https") {
+                    return Err(format!("SERVER={s:?}: only http and https are supported"));
+                }
+                Some(s.trim_end_matches('/').to_string())
+            }
+        };
+        let reboot_strategy = c.get("REBOOT_STRATEGY").unwrap_or("reboot").to_string();
+        if !updateconf::REBOOT_STRATEGIES.contains(&reboot_strategy.as_str()) {
+            return Err(format!(
+                "REBOOT_STRATEGY={reboot_strategy:?}: use one of {}",
+                updateconf::REBOOT_STRATEGIES.join(", ")
+            ));
+        }
+        let write_bps = match c.get("IO_WRITE_BPS") {
+            None => Some(DEFAULT_WRITE_BPS),
+            Some(v) => parse_bps(v).map_err(|e| format!("IO_WRITE_BPS={e}"))?,
+        };
+        let io_idle = match c.get("IO_CLASS").unwrap_or("idle") {
+            "idle" => true,
+            "best-effort" => false,
+            other => {
+                return Err(format!(
+                    "IO_CLASS={other:?}: use idle or best-effort"
+                ))
+            }
+        };
+        if let Some(w) = c.get("REBOOT_WINDOW_START") {
+            updateconf::check_window_start(w).map_err(|e| format!("REBOOT_WINDOW_START={e}"))?;
+        }
+        if let Some(l) = c.get("REBOOT_WINDOW_LENGTH") {
+            updateconf::parse_duration(l).map_err(|e| format!("REBOOT_WINDOW_LENGTH={e}"))?;
+        }
+        Ok(EngineConfig {
+            group,
+            server,
+            reboot_strategy,
+            write_bps,
+            io_idle,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conf(s: &str) -> Result<EngineConfig, String> {
+        EngineConfig::from_conf(&UpdateConf::parse(s).expect("parse"))
+    }
+
+    #[test]
+    fn values() {
+        let c = conf("GROUP=beta\nSERVER=http://127.0.0.1:8080/repo/\nIO_WRITE_BPS=10M\n").expect("ok");
+        assert_eq!(c.group, "beta");
+        assert_eq!(c.server.as_deref(), Some("http://127.0.0.1:8080/repo"));
+        assert_eq!(c.write_bps, Some(10 << 20));
+        assert!(c.io_idle);
+        assert_eq!(c.reboot_strategy, "reboot");
+        assert_eq!(conf("SERVER=disabled\n").expect("ok").server, None);
+        assert_eq!(conf("SERVER=http://x\nIO_WRITE_BPS=0").expect("ok").write_bps, None);
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        for (text, key) in [
+            ("GROUP=Beta!\nSERVER=http://x", "GROUP"),
+            ("GROUP=beta", "SERVER"),
+            ("SERVER=ftp://x", "SERVER"),
+            ("SERVER=not a url", "SERVER"),
+            ("SERVER=http://x\nREBOOT_STRATEGY=sometimes", "REBOOT_STRATEGY"),
+            ("SERVER=http://x\nIO_WRITE_BPS=fast", "IO_WRITE_BPS"),
+            ("SERVER=http://x\nIO_WRITE_BPS=10X", "IO_WRITE_BPS"),
+            ("SERVER=http://x\nIO_CLASS=realtime", "IO_CLASS"),
+            ("SERVER=http://x\nREBOOT_WINDOW_START=Fri 25:00", "REBOOT_WINDOW_START"),
+            ("SERVER=http://x\nREBOOT_WINDOW_LENGTH=soon", "REBOOT_WINDOW_LENGTH"),
+        ] {
+            let e = conf(text).expect_err(text);
+            assert!(e.starts_with(key), "{text}: {e}");
+        }
+    }
+}

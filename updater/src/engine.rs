@@ -1,0 +1,609 @@
+//! The update engine: check a channel, choose, apply into the passive slot,
+//! flip. The effects it needs (HTTP, the disk, the state file, cgroups) are
+//! narrow modules; the decisions are in `choose` and `nimbus::slots`.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::Duration;
+
+use chrono::Utc;
+use nimbus::gpt::Disk;
+use nimbus::keys::TrustStore;
+use nimbus::layout::Slot;
+use nimbus::release::{
+    Manifest, ManifestError, ManifestPolicy, Release, SlotDescriptor, MAX_MANIFEST_BYTES,
+    MAX_SIGNATURES_BYTES,
+};
+use nimbus::slots;
+use semver::Version;
+
+use crate::apply;
+use crate::choose::{self, Choice};
+use crate::config::EngineConfig;
+use crate::error::{io_at, UpdateError};
+use crate::fetch::Http;
+use crate::state::{Persisted, Store};
+use crate::status::{ErrorReport, SlotInfo, State, Status};
+use crate::target::SlotDevice;
+
+pub const KEYS_DIR: &str = "usr/share/nimbus/keys";
+
+/// Where the engine runs: a real host (booted slot from the kernel command
+/// line) or host mode (an image file; the slot the boot rule would pick).
+#[derive(Debug, Clone)]
+pub struct Host {
+    pub root: PathBuf,
+    pub disk: PathBuf,
+    pub booted: u32,
+    pub host_mode: bool,
+}
+
+impl Host {
+    pub fn image(root: &Path, disk: &Path) -> Result<Host, UpdateError> {
+        let d = Disk::open_path(disk, false)?;
+        d.check_nimbus_layout()?;
+        let mut table = d.slot_table();
+        let choice = slots::select_for_boot(&mut table, &[]).ok_or_else(|| {
+            UpdateError::NoBootedSlot(format!("{}: no USR slot is bootable", disk.display()))
+        })?;
+        Ok(Host {
+            root: root.to_path_buf(),
+            disk: disk.to_path_buf(),
+            booted: choice.number,
+            host_mode: true,
+        })
+    }
+
+    /// The running system: `nimbus.usr=PARTUUID=` names the booted slot;
+    /// the disk is whichever one holds a partition with that GUID. Never
+    /// inferred from priorities, which say what boots next, not what runs.
+    pub fn running(root: &Path) -> Result<Host, UpdateError> {
+        let cmdline = std::fs::read_to_string("/proc/cmdline").map_err(io_at(Path::new("/proc/cmdline")))?;
+        let args = nimbus::boot::parse_cmdline(&cmdline).ok_or_else(|| {
+            UpdateError::NoBootedSlot("no nimbus.usr=PARTUUID= on the kernel command line".into())
+        })?;
+        let rd = std::fs::read_dir("/sys/block").map_err(io_at(Path::new("/sys/block")))?;
+        for ent in rd.flatten() {
+            let name = ent.file_name().to_string_lossy().into_owned();
+            if ["loop", "ram", "dm-", "zram", "sr"].iter().any(|p| name.starts_with(p)) {
+                continue;
+            }
+            let dev = PathBuf::from("/dev").join(&name);
+            let Ok(d) = Disk::open_path(&dev, false) else {
+                continue;
+            };
+            if let Some(p) = d.partitions().iter().find(|p| p.uuid == args.partuuid) {
+                return Ok(Host {
+                    root: root.to_path_buf(),
+                    disk: dev,
+                    booted: p.number,
+                    host_mode: false,
+                });
+            }
+        }
+        Err(UpdateError::NoBootedSlot(format!(
+            "no disk has a partition with PARTUUID {}",
+            args.partuuid
+        )))
+    }
+}
+
+/// What API threads share with the engine.
+pub struct Shared {
+    pub status: Mutex<Status>,
+    pub changed: Condvar,
+    pub seq: AtomicU64,
+    pub cancel: AtomicBool,
+}
+
+impl Shared {
+    pub fn new() -> Shared {
+        Shared {
+            status: Mutex::new(Status::new()),
+            changed: Condvar::new(),
+            seq: AtomicU64::new(0),
+            cancel: AtomicBool::new(false),
+        }
+    }
+
+    pub fn snapshot(&self) -> Status {
+        match self.status.lock() {
+            Ok(s) => s.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    pub fn update(&self, f: impl FnOnce(&mut Status)) {
+        let mut s = match self.status.lock() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        };
+        f(&mut s);
+        self.seq.fetch_add(1, Ordering::SeqCst);
+        self.changed.notify_all();
+    }
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+pub struct Options {
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            connect_timeout: Duration::from_secs(10),
+            read_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+pub struct Engine {
+    pub host: Host,
+    pub cfg: EngineConfig,
+    store: Store,
+    persisted: Persisted,
+    trust: TrustStore,
+    http: Http,
+    pub shared: std::sync::Arc<Shared>,
+    running: Version,
+}
+
+pub struct CheckResult {
+    pub manifest: Manifest,
+    pub choice: Choice,
+}
+
+fn manifest_err(url: &str, source: ManifestError) -> UpdateError {
+    UpdateError::Manifest {
+        url: url.to_string(),
+        source,
+    }
+}
+
+impl Engine {
+    pub fn new(host: Host, opts: &Options, shared: std::sync::Arc<Shared>) -> Result<Engine, UpdateError> {
+        let cfg = EngineConfig::load(&host.root)?;
+        let keys = host.root.join(KEYS_DIR);
+        let trust = TrustStore::load_dir(&keys, 1).map_err(|e| UpdateError::Config {
+            path: keys.clone(),
+            reason: e.to_string(),
+        })?;
+        let store = Store::new(&host.root);
+        let mut persisted = store.load()?;
+        if persisted.rollout_seed.is_none() {
+            let mut b = [0u8; 8];
+            getrandom::getrandom(&mut b).map_err(|e| UpdateError::Refused(format!("no randomness for the rollout seed: {e}")))?;
+            persisted.rollout_seed = Some((u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64);
+            store.save(&persisted)?;
+        }
+        let http = Http::new(opts.connect_timeout, opts.read_timeout)?;
+        let mut e = Engine {
+            host,
+            cfg,
+            store,
+            persisted,
+            trust,
+            http,
+            shared,
+            running: Version::new(0, 0, 0),
+        };
+        e.running = e.slot_version(e.host.booted)?.ok_or_else(|| {
+            UpdateError::NoBootedSlot(format!(
+                "the booted slot (partition {}) has no valid descriptor",
+                e.host.booted
+            ))
+        })?;
+        e.refresh();
+        Ok(e)
+    }
+
+    pub fn running(&self) -> &Version {
+        &self.running
+    }
+
+    pub fn store_path(&self) -> &Path {
+        self.store.path()
+    }
+
+    fn passive(&self) -> Result<u32, UpdateError> {
+        let booted = Slot::from_partition_number(self.host.booted).ok_or_else(|| {
+            UpdateError::NoBootedSlot(format!("partition {} is not a USR slot", self.host.booted))
+        })?;
+        Ok(booted.other().partition_number())
+    }
+
+    /// The verified version in a slot, `None` when it holds no valid one.
+    fn slot_version(&self, number: u32) -> Result<Option<Version>, UpdateError> {
+        let mut d = Disk::open_path(&self.host.disk, false)?;
+        let Some(slot) = Slot::from_partition_number(number) else {
+            return Ok(None);
+        };
+        let b = d.read_descriptor(slot)?;
+        Ok(SlotDescriptor::verify(&b, &self.trust).ok().map(|d| d.version))
+    }
+
+    /// The version staged in the passive slot for the next boot, if any.
+    fn staged(&self) -> Option<Version> {
+        let passive = self.passive().ok()?;
+        let d = Disk::open_path(&self.host.disk, false).ok()?;
+        let table = d.slot_table();
+        let e = table.iter().find(|e| e.number == passive)?;
+        let booted = table.iter().find(|e| e.number == self.host.booted)?;
+        let p = e.prio();
+        if p.bootable() && !p.successful && p.priority > booted.prio().priority {
+            self.slot_version(passive).ok().flatten()
+        } else {
+            None
+        }
+    }
+
+    /// Re-read config, slots and versions into the status.
+    pub fn refresh(&mut self) {
+        if let Ok(c) = EngineConfig::load(&self.host.root) {
+            self.cfg = c;
+        }
+        let mut infos = Vec::new();
+        if let Ok(d) = Disk::open_path(&self.host.disk, false) {
+            for e in d.slot_table() {
+                let p = e.prio();
+                infos.push(SlotInfo {
+                    label: Slot::from_partition_number(e.number)
+                        .map_or_else(|| format!("#{}", e.number), |s| s.label().to_string()),
+                    partition: e.number,
+                    priority: p.priority,
+                    tries: p.tries,
+                    successful: p.successful,
+                    version: self.slot_version(e.number).ok().flatten().map(|v| v.to_string()),
+                    booted: e.number == self.host.booted,
+                });
+            }
+        }
+        let staged = self.staged();
+        let cfg = self.cfg.clone();
+        let running = self.running.to_string();
+        let booted = Slot::from_partition_number(self.host.booted)
+            .map_or_else(String::new, |s| s.label().to_string());
+        self.shared.update(|s| {
+            s.channel = cfg.group.clone();
+            s.server = cfg.server.clone().unwrap_or_else(|| "disabled".into());
+            s.reboot_strategy = cfg.reboot_strategy.clone();
+            s.running_version = running;
+            s.booted_slot = booted;
+            s.slots = infos;
+            if let Some(v) = &staged {
+                s.state = State::UpdatedNeedReboot;
+                s.new_version = Some(v.to_string());
+            }
+        });
+    }
+
+    fn set_state(&self, st: State) {
+        self.shared.update(|s| s.state = st);
+    }
+
+    pub fn report_error(&self, e: &UpdateError) {
+        tracing::error!(kind = e.kind(), "{e}");
+        self.shared.update(|s| {
+            s.state = State::ReportingErrorEvent;
+            s.progress = None;
+            s.last_error = Some(ErrorReport {
+                kind: e.kind().to_string(),
+                message: e.to_string(),
+                at: Utc::now(),
+            });
+        });
+    }
+
+    fn fetch_manifest(&mut self, channel: &str) -> Result<Manifest, UpdateError> {
+        let server = self.cfg.server.clone().ok_or(UpdateError::Disabled)?;
+        let url = format!("{server}/channels/{channel}.json");
+        // One byte over the limit is enough for the verifier to say "too large".
+        let bytes = self.http.get_small(&url, MAX_MANIFEST_BYTES + 1, || UpdateError::UnknownChannel {
+            channel: channel.to_string(),
+            url: url.clone(),
+        }).map_err(|e| match e {
+            UpdateError::ResponseTooLarge { url, limit } => manifest_err(&url, ManifestError::TooLarge { size: limit, limit: MAX_MANIFEST_BYTES }),
+            e => e,
+        })?;
+        let sig_url = format!("{url}.sig");
+        let sigs = self.http.get_small(&sig_url, MAX_SIGNATURES_BYTES, || UpdateError::SignatureMissing {
+            url: sig_url.clone(),
+        })?;
+        let policy = ManifestPolicy {
+            channel,
+            now: Utc::now(),
+            last_serial: self.persisted.last_serial.get(channel).copied(),
+        };
+        let m = Manifest::verify(&bytes, &sigs, &self.trust, &policy).map_err(|e| manifest_err(&url, e))?;
+        if policy.last_serial != Some(m.serial) {
+            self.persisted.last_serial.insert(channel.to_string(), m.serial);
+            self.store.save(&self.persisted)?;
+        }
+        Ok(m)
+    }
+
+    /// Fetch and verify the channel, decide. Changes nothing on disk but the
+    /// accepted serial.
+    pub fn check(&mut self) -> Result<CheckResult, UpdateError> {
+        self.refresh();
+        self.shared.update(|s| {
+            s.state = State::CheckingForUpdate;
+            s.last_error = None;
+            s.note = None;
+        });
+        let channel = self.cfg.group.clone();
+        let manifest = self.fetch_manifest(&channel)?;
+        let allow_down = self.persisted.allow_downgrade.as_deref() == Some(channel.as_str());
+        let seed = self.persisted.rollout_seed.unwrap_or(0.0);
+        let mut choice = choose::choose(&manifest, &self.running, seed, Utc::now(), allow_down);
+        let staged = self.staged();
+        if let (Choice::Offer(r), Some(v)) = (&choice, &staged) {
+            if r.version == *v {
+                choice = Choice::Nothing(format!("{v} is already staged for the next boot"));
+            }
+        }
+        let (state, note, newv) = match &choice {
+            Choice::Offer(r) => (State::UpdateAvailable, None, Some(r.version.to_string())),
+            Choice::Nothing(why) | Choice::Wait { reason: why, .. } => match &staged {
+                Some(v) => (State::UpdatedNeedReboot, Some(why.clone()), Some(v.to_string())),
+                None => (State::Idle, Some(why.clone()), None),
+            },
+        };
+        self.shared.update(|s| {
+            s.state = state;
+            s.note = note;
+            s.new_version = newv;
+            s.last_check = Some(Utc::now());
+        });
+        Ok(CheckResult { manifest, choice })
+    }
+
+    /// Check and, if something is offered, install it. Returns the version
+    /// staged, if any.
+    pub fn update(&mut self) -> Result<Option<Version>, UpdateError> {
+        let res = self.check()?;
+        match res.choice {
+            Choice::Offer(r) => {
+                let server = self.cfg.server.clone().ok_or(UpdateError::Disabled)?;
+                let url = format!("{server}/{}", r.payload);
+                self.install(&r, &url, None)?;
+                Ok(Some(r.version))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Air-gapped: the same verification as online, payload from a file.
+    pub fn apply_file(&mut self, payload: &Path, manifest: &Path, signatures: &Path) -> Result<Version, UpdateError> {
+        let read = |p: &Path, limit: usize| -> Result<Vec<u8>, UpdateError> {
+            let md = std::fs::metadata(p).map_err(io_at(p))?;
+            if md.len() > limit as u64 {
+                return Err(manifest_err(&p.display().to_string(), ManifestError::TooLarge { size: md.len() as usize, limit }));
+            }
+            std::fs::read(p).map_err(io_at(p))
+        };
+        let bytes = read(manifest, MAX_MANIFEST_BYTES)?;
+        let sigs = read(signatures, MAX_SIGNATURES_BYTES)?;
+        let channel = self.cfg.group.clone();
+        let policy = ManifestPolicy {
+            channel: &channel,
+            now: Utc::now(),
+            last_serial: self.persisted.last_serial.get(&channel).copied(),
+        };
+        let m = Manifest::verify(&bytes, &sigs, &self.trust, &policy)
+            .map_err(|e| manifest_err(&manifest.display().to_string(), e))?;
+        self.persisted.last_serial.insert(channel.clone(), m.serial);
+        self.store.save(&self.persisted)?;
+        let allow_down = self.persisted.allow_downgrade.as_deref() == Some(channel.as_str());
+        match choose::choose(&m, &self.running, self.persisted.rollout_seed.unwrap_or(0.0), Utc::now(), allow_down) {
+            Choice::Offer(r) => {
+                self.install(&r, &payload.display().to_string(), Some(payload))?;
+                Ok(r.version)
+            }
+            Choice::Nothing(why) | Choice::Wait { reason: why, .. } => Err(UpdateError::Refused(why)),
+        }
+    }
+
+    fn install(&mut self, r: &Release, url: &str, file: Option<&Path>) -> Result<(), UpdateError> {
+        let passive = self.passive()?;
+        if passive == self.host.booted {
+            return Err(UpdateError::BootedSlot { disk: self.host.disk.clone(), partition: passive });
+        }
+        let mut disk = Disk::open_path(&self.host.disk, true)?;
+        disk.check_nimbus_layout()?;
+        let part = disk.partition(passive)?;
+        if r.raw_size > part.size_bytes() {
+            return Err(UpdateError::TooLargeForSlot {
+                version: r.version.to_string(),
+                raw_size: r.raw_size,
+                partition: passive,
+                slot_size: part.size_bytes(),
+            });
+        }
+        // A checkpoint is only worth anything if the slot stayed invalid
+        // since it was written (nobody booted or prioritised it meanwhile).
+        let invalid_now = part.prio() == slots::Prio::default();
+        let resume = self.persisted.checkpoint.clone().filter(|_| invalid_now);
+        if !invalid_now {
+            disk.update_slots(|t| slots::invalidate(t, passive))?;
+        }
+        if resume.is_none() && self.persisted.checkpoint.is_some() {
+            self.persisted.checkpoint = None;
+            self.store.save(&self.persisted)?;
+        }
+        drop(disk);
+        self.shared.cancel.store(false, Ordering::SeqCst);
+        let newv = r.version.to_string();
+        self.shared.update(|s| {
+            s.state = State::Downloading;
+            s.new_version = Some(newv);
+            s.progress = None;
+        });
+        let slot = SlotDevice::open(&self.host.disk, passive, part.offset_bytes(), part.size_bytes())?;
+        let shared = self.shared.clone();
+        let progress = move |p: crate::status::Progress| shared.update(|s| s.progress = Some(p));
+        let store = &self.store;
+        let persisted = Mutex::new(self.persisted.clone());
+        let checkpoint = |cp: &crate::state::Checkpoint| {
+            let mut p = match persisted.lock() {
+                Ok(p) => p,
+                Err(e) => e.into_inner(),
+            };
+            p.checkpoint = Some(cp.clone());
+            store.save(&p)
+        };
+        let job = apply::Job {
+            http: &self.http,
+            url: url.to_string(),
+            file,
+            release: r,
+            slot: &slot,
+            resume,
+            write_bps: self.cfg.write_bps,
+            io_idle: self.cfg.io_idle,
+            cancel: &self.shared.cancel,
+            progress: &progress,
+            checkpoint: &checkpoint,
+        };
+        let out = apply::run(&job)?;
+        self.persisted = match persisted.into_inner() {
+            Ok(p) => p,
+            Err(e) => e.into_inner(),
+        };
+        tracing::info!(
+            downloaded = out.downloaded,
+            resumed_from = out.resumed_from,
+            direct_io = out.direct_io,
+            "payload {} written to partition {passive} ({})",
+            r.version,
+            out.io_limit
+        );
+
+        self.set_state(State::Verifying);
+        let bytes = slot.read_descriptor()?;
+        let desc_err = |reason: String| UpdateError::Descriptor { disk: self.host.disk.clone(), partition: passive, reason };
+        let d = SlotDescriptor::verify(&bytes, &self.trust).map_err(|e| desc_err(e.to_string()))?;
+        if d.version != r.version {
+            return Err(desc_err(format!("descriptor says version {}, the manifest {}", d.version, r.version)));
+        }
+        if hex::encode(d.verity_root) != r.verity_root {
+            return Err(desc_err(format!("verity root {} differs from the manifest's {}", hex::encode(d.verity_root), r.verity_root)));
+        }
+        if d.payload_end() + nimbus::release::DESCRIPTOR_SIZE as u64 != r.raw_size {
+            return Err(desc_err(format!("descriptor covers {} bytes, the payload has {}", d.payload_end(), r.raw_size)));
+        }
+
+        self.set_state(State::Finalizing);
+        let mut disk = Disk::open_path(&self.host.disk, true)?;
+        disk.update_slots(|t| slots::prioritize(t, passive))?;
+        self.persisted.checkpoint = None;
+        if self.persisted.allow_downgrade.as_deref() == Some(self.cfg.group.as_str()) {
+            self.persisted.allow_downgrade = None;
+        }
+        self.store.save(&self.persisted)?;
+        self.refresh();
+        let strategy = self.cfg.reboot_strategy.clone();
+        self.shared.update(|s| {
+            s.state = State::UpdatedNeedReboot;
+            s.progress = None;
+            s.note = Some(match strategy.as_str() {
+                "off" => "reboot to use the new version (REBOOT_STRATEGY=off: not rebooting by itself)".into(),
+                _ => "reboot to use the new version".into(),
+            });
+        });
+        Ok(())
+    }
+
+    /// Switch channels: GROUP is edited atomically only when the new
+    /// channel exists and verifies, and an older offer needs the operator's
+    /// explicit allowance.
+    pub fn set_channel(&mut self, name: &str, allow_downgrade: bool) -> Result<String, UpdateError> {
+        if !nimbus::release::valid_channel_name(name) {
+            return Err(UpdateError::Refused(format!("{name:?} is not a channel name ([a-z0-9._-]{{1,64}})")));
+        }
+        let m = self.fetch_manifest(name)?;
+        let newest = m
+            .releases
+            .iter()
+            .filter(|r| m.max_version.as_ref().is_none_or(|max| r.version <= *max))
+            .map(|r| r.version.clone())
+            .max();
+        let msg;
+        match &newest {
+            Some(v) if *v < self.running && !allow_downgrade => {
+                return Err(UpdateError::Downgrade {
+                    channel: name.to_string(),
+                    offered: v.to_string(),
+                    running: self.running.to_string(),
+                })
+            }
+            Some(v) if *v < self.running => {
+                msg = format!("switched to {name}; it offers {v}, older than the running {}: the downgrade is allowed and will be installed", self.running);
+                self.persisted.allow_downgrade = Some(name.to_string());
+            }
+            Some(v) if *v == self.running => {
+                msg = format!("switched to {name}; it offers nothing newer than the running {}", self.running);
+                self.persisted.allow_downgrade = None;
+            }
+            Some(v) => {
+                msg = format!("switched to {name}; it offers {v}, newer than the running {}", self.running);
+                self.persisted.allow_downgrade = None;
+            }
+            None => {
+                msg = format!("switched to {name}; it offers no releases yet");
+                self.persisted.allow_downgrade = None;
+            }
+        }
+        write_group(&self.host.root, name)?;
+        self.store.save(&self.persisted)?;
+        self.refresh();
+        Ok(msg)
+    }
+
+    pub fn rollback(&mut self) -> Result<String, UpdateError> {
+        let mut disk = Disk::open_path(&self.host.disk, true)?;
+        let booted = self.host.booted;
+        let target = disk.update_slots(|t| slots::rollback(t, booted))?;
+        self.refresh();
+        Ok(format!("partition {target} boots next"))
+    }
+
+    pub fn mark_good(&mut self) -> Result<String, UpdateError> {
+        let mut disk = Disk::open_path(&self.host.disk, true)?;
+        let booted = self.host.booted;
+        disk.update_slots(|t| slots::mark_good(t, booted))?;
+        self.refresh();
+        Ok(format!("partition {booted} marked good"))
+    }
+}
+
+/// Set GROUP in /etc/nimbus/update.conf, keeping every other line, with a
+/// crash-safe replace.
+pub fn write_group(root: &Path, name: &str) -> Result<(), UpdateError> {
+    let path = root.join(nimbus::updateconf::ETC_PATH);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(io_at(&path)(e)),
+    };
+    let mut conf = nimbus::updateconf::UpdateConf::parse(&text).map_err(|e| UpdateError::Config {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    conf.set("GROUP", name);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io_at(dir))?;
+    }
+    nimbus::durable::write_atomic(&path, conf.render().as_bytes(), 0o644).map_err(|e| UpdateError::Io {
+        path: path.clone(),
+        source: std::io::Error::other(e.to_string()),
+    })
+}

@@ -1,0 +1,204 @@
+//! HTTP for the engine: connect and read timeouts rather than one total
+//! deadline (a 1 GiB payload on a slow link is fine as long as bytes keep
+//! coming), bounded bodies for small files, proxies from the environment
+//! (reqwest honours HTTP_PROXY, HTTPS_PROXY, NO_PROXY).
+
+use std::io::Read;
+use std::time::Duration;
+
+use crate::error::UpdateError;
+
+pub struct Http {
+    client: reqwest::blocking::Client,
+    read_timeout: Duration,
+}
+
+pub struct Body {
+    pub url: String,
+    pub resp: reqwest::blocking::Response,
+    /// The byte offset the body starts at (0 unless a Range was honoured).
+    pub start: u64,
+    read_timeout: Duration,
+}
+
+fn classify(url: &str, e: &reqwest::Error, read_timeout: Duration) -> UpdateError {
+    if e.is_timeout() {
+        UpdateError::Stalled {
+            url: url.to_string(),
+            secs: read_timeout.as_secs().max(1),
+        }
+    } else if e.is_connect() {
+        // The root cause ("Connection refused") is what an operator needs.
+        let mut reason = e.to_string();
+        let mut src = std::error::Error::source(e);
+        while let Some(s) = src {
+            reason = s.to_string();
+            src = s.source();
+        }
+        UpdateError::Connect {
+            url: url.to_string(),
+            reason,
+        }
+    } else {
+        UpdateError::Network {
+            url: url.to_string(),
+            reason: e.to_string(),
+        }
+    }
+}
+
+impl Http {
+    pub fn new(connect_timeout: Duration, read_timeout: Duration) -> Result<Http, UpdateError> {
+        // reqwest's blocking `timeout` bounds the wait for the response head
+        // and each body read separately, which is a read timeout, not a
+        // deadline on the whole transfer.
+        let client = reqwest::blocking::Client::builder()
+            .connect_timeout(connect_timeout)
+            .timeout(read_timeout)
+            .user_agent(concat!("nimbus-update-engine/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| UpdateError::Network {
+                url: String::new(),
+                reason: format!("building the HTTP client: {e}"),
+            })?;
+        Ok(Http {
+            client,
+            read_timeout,
+        })
+    }
+
+    /// GET a small file (manifest, signatures) with a hard size cap.
+    /// `not_found` turns a 404 into the caller's specific error.
+    pub fn get_small(
+        &self,
+        url: &str,
+        limit: usize,
+        not_found: impl FnOnce() -> UpdateError,
+    ) -> Result<Vec<u8>, UpdateError> {
+        let resp = self
+            .client
+            .get(url)
+            .send()
+            .map_err(|e| classify(url, &e, self.read_timeout))?;
+        let status = resp.status();
+        if status == reqwest::StatusCode::NOT_FOUND {
+            return Err(not_found());
+        }
+        if !status.is_success() {
+            return Err(UpdateError::Http {
+                url: url.to_string(),
+                status: status.as_u16(),
+            });
+        }
+        if resp.content_length().is_some_and(|n| n > limit as u64) {
+            return Err(UpdateError::ResponseTooLarge {
+                url: url.to_string(),
+                limit,
+            });
+        }
+        let mut out = Vec::new();
+        let mut body = Body {
+            url: url.to_string(),
+            resp,
+            start: 0,
+            read_timeout: self.read_timeout,
+        };
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            let n = body.read_some(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            if out.len() + n > limit {
+                return Err(UpdateError::ResponseTooLarge {
+                    url: url.to_string(),
+                    limit,
+                });
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+        Ok(out)
+    }
+
+    /// GET from byte `offset` on. A server that ignores the Range header
+    /// answers 200 with the whole file; `Body::start` says which happened.
+    pub fn get_from(&self, url: &str, offset: u64) -> Result<Body, UpdateError> {
+        let mut req = self.client.get(url);
+        if offset > 0 {
+            req = req.header(reqwest::header::RANGE, format!("bytes={offset}-"));
+        }
+        let resp = req
+            .send()
+            .map_err(|e| classify(url, &e, self.read_timeout))?;
+        let status = resp.status();
+        if status == reqwest::StatusCode::NOT_FOUND {
+            return Err(UpdateError::PayloadMissing {
+                url: url.to_string(),
+            });
+        }
+        let start = if status == reqwest::StatusCode::PARTIAL_CONTENT && offset > 0 {
+            let cr = resp
+                .headers()
+                .get(reqwest::header::CONTENT_RANGE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            let got = cr
+                .strip_prefix("bytes ")
+                .and_then(|r| r.split('-').next())
+                .and_then(|s| s.parse::<u64>().ok());
+            if got != Some(offset) {
+                return Err(UpdateError::Network {
+                    url: url.to_string(),
+                    reason: format!(
+                        "asked for bytes from {offset}, server sent Content-Range {cr:?}"
+                    ),
+                });
+            }
+            offset
+        } else if status.is_success() {
+            0
+        } else {
+            return Err(UpdateError::Http {
+                url: url.to_string(),
+                status: status.as_u16(),
+            });
+        };
+        Ok(Body {
+            url: url.to_string(),
+            resp,
+            start,
+            read_timeout: self.read_timeout,
+        })
+    }
+}
+
+impl Body {
+    /// Read what is there; 0 at the end. Errors say whether the server
+    /// stalled or the connection broke.
+    pub fn read_some(&mut self, buf: &mut [u8]) -> Result<usize, UpdateError> {
+        loop {
+            match self.resp.read(buf) {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    let timed_out = e.kind() == std::io::ErrorKind::TimedOut
+                        || e
+                            .get_ref()
+                            .and_then(|i| i.downcast_ref::<reqwest::Error>())
+                            .is_some_and(|r| r.is_timeout());
+                    return Err(if timed_out {
+                        UpdateError::Stalled {
+                            url: self.url.clone(),
+                            secs: self.read_timeout.as_secs().max(1),
+                        }
+                    } else {
+                        UpdateError::Network {
+                            url: self.url.clone(),
+                            reason: format!("connection broke while reading: {e}"),
+                        }
+                    });
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,90 @@
+//! What update-engine keeps across restarts and power cuts, in
+//! `/var/lib/nimbus/update-engine.json`, always replaced whole with
+//! write-new, fsync, rename, fsync-dir.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use crate::error::UpdateError;
+use crate::sha::SavedState;
+
+pub const STATE_PATH: &str = "var/lib/nimbus/update-engine.json";
+
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Persisted {
+    /// Highest manifest serial accepted per channel: older ones are replays.
+    #[serde(default)]
+    pub last_serial: BTreeMap<String, u64>,
+    /// This host's place in staged rollouts, in [0, 1), drawn once.
+    #[serde(default)]
+    pub rollout_seed: Option<f64>,
+    /// The operator allowed a downgrade on this channel (`updatectl channel
+    /// NAME --allow-downgrade`); cleared once the downgrade is staged.
+    #[serde(default)]
+    pub allow_downgrade: Option<String>,
+    #[serde(default)]
+    pub checkpoint: Option<Checkpoint>,
+}
+
+/// How far a payload write got, recorded at zstd frame boundaries after the
+/// slot data up to `raw_offset` was synced. Never trusted blindly: on resume
+/// the slot's first `raw_offset` bytes are hashed again and must reproduce
+/// `raw_state`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Checkpoint {
+    pub version: String,
+    pub compressed_sha256: String,
+    pub partition: u32,
+    pub comp_offset: u64,
+    pub raw_offset: u64,
+    pub comp_state: SavedState,
+    pub raw_state: SavedState,
+}
+
+pub struct Store {
+    path: PathBuf,
+}
+
+impl Store {
+    pub fn new(root: &Path) -> Store {
+        Store {
+            path: root.join(STATE_PATH),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A missing file is a fresh host. A damaged one is an error that names
+    /// the file: silently starting over would forget accepted serials and
+    /// reopen replays.
+    pub fn load(&self) -> Result<Persisted, UpdateError> {
+        match std::fs::read(&self.path) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| UpdateError::Config {
+                path: self.path.clone(),
+                reason: format!("damaged state file ({e}); move it aside to start over"),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Persisted::default()),
+            Err(e) => Err(UpdateError::Io {
+                path: self.path.clone(),
+                source: e,
+            }),
+        }
+    }
+
+    pub fn save(&self, p: &Persisted) -> Result<(), UpdateError> {
+        if let Some(dir) = self.path.parent() {
+            std::fs::create_dir_all(dir).map_err(crate::error::io_at(dir))?;
+        }
+        let mut b = serde_json::to_vec_pretty(p).map_err(|e| UpdateError::Config {
+            path: self.path.clone(),
+            reason: e.to_string(),
+        })?;
+        b.push(b'\n');
+        nimbus::durable::write_atomic(&self.path, &b, 0o600).map_err(|e| UpdateError::Io {
+            path: self.path.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })
+    }
+}

@@ -1,0 +1,100 @@
+//! The engine's state as clients see it: Flatcar's state names, progress,
+//! versions and the last error with its reason.
+
+use chrono::{DateTime, Utc};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum State {
+    Idle,
+    CheckingForUpdate,
+    UpdateAvailable,
+    Downloading,
+    Verifying,
+    Finalizing,
+    UpdatedNeedReboot,
+    ReportingErrorEvent,
+}
+
+impl std::fmt::Display for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        f.write_str(&s)
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Progress {
+    /// Compressed bytes received (the download).
+    pub done: u64,
+    pub total: u64,
+    /// Bytes per second over the last second or so.
+    pub rate: u64,
+    /// Where this attempt started (a resumed download starts above zero).
+    pub resumed_from: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ErrorReport {
+    pub kind: String,
+    pub message: String,
+    pub at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SlotInfo {
+    pub label: String,
+    pub partition: u32,
+    pub priority: u8,
+    pub tries: u8,
+    pub successful: bool,
+    pub version: Option<String>,
+    pub booted: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Status {
+    pub state: State,
+    pub channel: String,
+    pub server: String,
+    pub running_version: String,
+    pub booted_slot: String,
+    /// The version being installed or staged for the next boot.
+    pub new_version: Option<String>,
+    pub progress: Option<Progress>,
+    pub last_check: Option<DateTime<Utc>>,
+    pub last_error: Option<ErrorReport>,
+    pub reboot_strategy: String,
+    /// Plain words on what happens next (why nothing is offered, why a
+    /// reboot waits).
+    pub note: Option<String>,
+    pub slots: Vec<SlotInfo>,
+}
+
+impl Status {
+    pub fn new() -> Status {
+        Status {
+            state: State::Idle,
+            channel: String::new(),
+            server: String::new(),
+            running_version: String::new(),
+            booted_slot: String::new(),
+            new_version: None,
+            progress: None,
+            last_check: None,
+            last_error: None,
+            reboot_strategy: String::new(),
+            note: None,
+            slots: Vec::new(),
+        }
+    }
+}
+
+impl Default for Status {
+    fn default() -> Self {
+        Self::new()
+    }
+}

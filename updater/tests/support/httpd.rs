@@ -1,0 +1,185 @@
+//! A small static HTTP/1.1 server on loopback for the updater's tests and
+//! benchmark: serves a directory with Range support, logs every request,
+//! and can misbehave on purpose (status codes, stalls, truncation,
+//! throttling, ignoring Range). Real TCP, real HTTP: the client under test
+//! is the production reqwest stack.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Default)]
+pub struct Fault {
+    /// Applies to request paths ending with this (e.g. "usr.img.zst").
+    pub suffix: String,
+    /// Answer with this status and an empty body.
+    pub status: Option<u16>,
+    /// Send this many body bytes, then stop sending but keep the socket open.
+    pub stall_after: Option<u64>,
+    /// Declare the full length but close after this many body bytes.
+    pub cut_after: Option<u64>,
+    /// Bytes per second for the body.
+    pub throttle: Option<u64>,
+    /// Answer 200 with the whole file even when a Range was asked.
+    pub ignore_range: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Logged {
+    pub path: String,
+    pub range_start: Option<u64>,
+    pub status: u16,
+    pub body_bytes: u64,
+}
+
+#[derive(Clone)]
+pub struct Httpd {
+    pub addr: SocketAddr,
+    pub root: PathBuf,
+    pub log: Arc<Mutex<Vec<Logged>>>,
+    pub fault: Arc<Mutex<Fault>>,
+}
+
+impl Httpd {
+    pub fn start(root: impl Into<PathBuf>) -> Httpd {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+        let h = Httpd {
+            addr: listener.local_addr().expect("addr"),
+            root: root.into(),
+            log: Arc::default(),
+            fault: Arc::default(),
+        };
+        let me = h.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let me = me.clone();
+                std::thread::spawn(move || me.serve(conn));
+            }
+        });
+        h
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn set_fault(&self, f: Fault) {
+        *self.fault.lock().expect("fault") = f;
+    }
+
+    pub fn requests(&self) -> Vec<Logged> {
+        self.log.lock().expect("log").clone()
+    }
+
+    pub fn clear_log(&self) {
+        self.log.lock().expect("log").clear();
+    }
+
+    fn serve(&self, mut conn: TcpStream) {
+        let mut reader = BufReader::new(conn.try_clone().expect("clone"));
+        let mut line = String::new();
+        if reader.read_line(&mut line).is_err() {
+            return;
+        }
+        let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+        let mut range_start = None;
+        loop {
+            let mut h = String::new();
+            if reader.read_line(&mut h).is_err() || h.trim().is_empty() {
+                break;
+            }
+            let lower = h.to_ascii_lowercase();
+            if let Some(v) = lower.strip_prefix("range:") {
+                range_start = v
+                    .trim()
+                    .strip_prefix("bytes=")
+                    .and_then(|r| r.split('-').next())
+                    .and_then(|s| s.parse::<u64>().ok());
+            }
+        }
+        let fault = self.fault.lock().expect("fault").clone();
+        let applies = !fault.suffix.is_empty() && path.ends_with(&fault.suffix);
+        let mut logged = Logged {
+            path: path.clone(),
+            range_start,
+            status: 200,
+            body_bytes: 0,
+        };
+        let rel = path.trim_start_matches('/');
+        let file = self.root.join(rel);
+        if let (true, Some(code)) = (applies, fault.status) {
+            logged.status = code;
+            let _ = write!(conn, "HTTP/1.1 {code} Injected\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+            self.log.lock().expect("log").push(logged);
+            return;
+        }
+        let data = match (rel.contains(".."), std::fs::read(&file)) {
+            (false, Ok(d)) => d,
+            _ => {
+                logged.status = 404;
+                let _ = write!(conn, "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                self.log.lock().expect("log").push(logged);
+                return;
+            }
+        };
+        let start = match range_start {
+            Some(s) if !(applies && fault.ignore_range) && (s as usize) < data.len() => s as usize,
+            _ => 0,
+        };
+        let body = &data[start..];
+        let head = if start > 0 {
+            logged.status = 206;
+            format!(
+                "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {}-{}/{}\r\nConnection: close\r\n\r\n",
+                body.len(),
+                start,
+                data.len() - 1,
+                data.len()
+            )
+        } else {
+            format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nAccept-Ranges: bytes\r\nConnection: close\r\n\r\n", body.len())
+        };
+        if conn.write_all(head.as_bytes()).is_err() {
+            return;
+        }
+        let idx = {
+            let mut log = self.log.lock().expect("log");
+            log.push(logged);
+            log.len() - 1
+        };
+        let limit = if applies {
+            fault.stall_after.or(fault.cut_after).unwrap_or(u64::MAX)
+        } else {
+            u64::MAX
+        };
+        let t0 = Instant::now();
+        let mut sent = 0u64;
+        for chunk in body.chunks(64 * 1024) {
+            let n = (chunk.len() as u64).min(limit - sent) as usize;
+            if n > 0 && conn.write_all(&chunk[..n]).is_err() {
+                break;
+            }
+            sent += n as u64;
+            self.log.lock().expect("log")[idx].body_bytes = sent;
+            if sent >= limit {
+                break;
+            }
+            if let (true, Some(bps)) = (applies, fault.throttle) {
+                let due = Duration::from_secs_f64(sent as f64 / bps as f64);
+                if let Some(wait) = due.checked_sub(t0.elapsed()) {
+                    std::thread::sleep(wait);
+                }
+            }
+        }
+        if applies && fault.stall_after.is_some() {
+            // Hold the connection open, sending nothing.
+            let mut sink = [0u8; 1];
+            let _ = conn.set_read_timeout(Some(Duration::from_secs(120)));
+            let _ = conn.read(&mut sink);
+        }
+    }
+}

@@ -1,0 +1,239 @@
+//! Test fixtures: small Nimbus disks with a real erofs + verity USR-A,
+//! payloads of later versions, a release repository made by the same code
+//! as `cargo xtask release`, and a loopback HTTP server serving it.
+
+#![allow(dead_code)]
+
+pub mod httpd;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use nimbus::gpt::Disk;
+use nimbus::keys::ReleaseKey;
+use nimbus::layout::{self, Slot, MIB};
+use nimbus::slots::Prio;
+use nimbus_image::usr::{self, Compression, UsrInputs};
+use semver::Version;
+use sha2::Digest;
+
+pub const ENGINE: &str = env!("CARGO_BIN_EXE_update-engine");
+pub const UPDATECTL: &str = env!("CARGO_BIN_EXE_updatectl");
+
+/// Deterministic, compressible (about 3:1) bytes: words from a small
+/// vocabulary picked by xorshift, like text and code in a real /usr.
+pub fn filler(seed: u64, len: usize) -> Vec<u8> {
+    const WORDS: &[&[u8]] = &[
+        b"the ", b"kernel ", b"update ", b"slot ", b"verity ", b"0x1f ", b"{\n", b"}\n", b"return ", b"etcd ",
+        b"container ", b"\x00\x00\x00\x00", b"\x7fELF", b"fn ", b"let ", b"mut ",
+    ];
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 16);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        if x % 5 == 0 {
+            out.extend_from_slice(&x.to_le_bytes()[..3]);
+        } else {
+            out.extend_from_slice(WORDS[(x >> 32) as usize % WORDS.len()]);
+        }
+    }
+    out.truncate(len);
+    out
+}
+
+pub struct Built {
+    pub slot: usr::UsrSlot,
+    pub dir: PathBuf,
+}
+
+/// A USR filesystem for `version` with `data_mib` of payload data, and
+/// (in `dir`) `usr.img.zst` + `build.json` as `cargo xtask build-image`
+/// leaves them.
+pub fn build_version(work: &Path, version: &str, data_mib: usize, slot_size: u64, key: &ReleaseKey) -> Built {
+    let v: Version = version.parse().expect("version");
+    let dir = work.join("build").join(version);
+    let tree = dir.join("usr-tree");
+    std::fs::create_dir_all(tree.join("lib")).expect("mkdir");
+    std::fs::write(tree.join("lib/os-release"), format!("ID=nimbus\nVERSION_ID={version}\n")).expect("write");
+    std::fs::write(tree.join("lib/data.bin"), filler(v.minor * 1000 + v.patch + 7, data_mib << 20)).expect("write");
+    let fs = dir.join("usr.erofs");
+    let slot = usr::build(&UsrInputs {
+        usr_dir: &tree,
+        out_fs: &fs,
+        version: &v,
+        compression: Compression::None,
+        epoch: 1_700_000_000,
+        fs_uuid: uuid::Uuid::from_u128(0x1234_0000 + u128::from(v.minor)),
+        slot_size,
+        key,
+    })
+    .expect("build usr");
+    let info = slot.write_payload(&dir.join("usr.img.zst"), 3).expect("payload");
+    let bj = serde_json::json!({
+        "version": version,
+        "verity_root": hex::encode(slot.fields.verity_root),
+        "payload": info,
+    });
+    std::fs::write(dir.join("build.json"), serde_json::to_vec(&bj).expect("json")).expect("write");
+    Built { slot, dir }
+}
+
+/// A sparse Nimbus disk with `slot` in USR-A (1/0/1) and USR-B empty (0/0/0).
+pub fn make_disk(path: &Path, usr_size: u64, slot: &usr::UsrSlot) {
+    let size = layout::min_disk_size(usr_size);
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .expect("create disk");
+    f.set_len(size).expect("size");
+    let a = Prio { priority: 1, tries: 0, successful: true };
+    let disk = Disk::create(
+        f,
+        path,
+        usr_size,
+        uuid::Uuid::from_u128(42),
+        |s| uuid::Uuid::from_u128(1000 + u128::from(s.number)),
+        |s| if s.number == Slot::A.partition_number() { a.apply_to(0) } else { 0 },
+    )
+    .expect("gpt");
+    let p = disk.partition(Slot::A.partition_number()).expect("usr-a");
+    let mut f = disk.into_device();
+    slot.write_to_partition(&mut f, path, p.offset_bytes(), p.size_bytes()).expect("write usr-a");
+    f.sync_all().expect("sync");
+}
+
+pub fn publish(repo: &Path, from: &Path, channel: &str, key: &ReleaseKey, expires_secs: u64) -> nimbus::release::Manifest {
+    nimbus_image::release::publish(&nimbus_image::release::PublishOptions {
+        from,
+        repo,
+        channel,
+        key,
+        now: chrono::Utc::now(),
+        expires_secs,
+        rollout_secs: None,
+        max_version: None,
+    })
+    .expect("publish")
+}
+
+pub struct Fixture {
+    pub tmp: tempfile::TempDir,
+    pub key: ReleaseKey,
+    pub disk: PathBuf,
+    pub root: PathBuf,
+    pub repo: PathBuf,
+    pub httpd: httpd::Httpd,
+    pub usr_size: u64,
+    pub next: Built,
+}
+
+impl Fixture {
+    /// Disk at 1.0.0; 1.1.0 built and published on `stable`.
+    pub fn new(data_mib: usize, usr_mib: u64) -> Fixture {
+        let tmp = tempfile::Builder::new().prefix("nimbus-upd").tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tmp");
+        let key = ReleaseKey::generate().expect("key");
+        let usr_size = usr_mib * MIB;
+        let w = tmp.path();
+        let cur = build_version(w, "1.0.0", data_mib, usr_size, &key);
+        let disk = w.join("disk.raw");
+        make_disk(&disk, usr_size, &cur.slot);
+        let next = build_version(w, "1.1.0", data_mib, usr_size, &key);
+        let repo = w.join("repo");
+        publish(&repo, &next.dir, "stable", &key, 14 * 86400);
+        let httpd = httpd::Httpd::start(&repo);
+        let root = w.join("root");
+        let keys = root.join("usr/share/nimbus/keys");
+        std::fs::create_dir_all(&keys).expect("mkdir");
+        std::fs::write(keys.join(format!("{}.pub", key.id)), nimbus::keys::public_key_json(&key.public())).expect("key");
+        std::fs::create_dir_all(root.join("etc/nimbus")).expect("mkdir");
+        std::fs::write(
+            root.join("etc/nimbus/update.conf"),
+            format!("GROUP=stable\nSERVER={}\nIO_WRITE_BPS=unlimited\n", httpd.url()),
+        )
+        .expect("conf");
+        Fixture { tmp, key, disk, root, repo, httpd, usr_size, next }
+    }
+
+    pub fn engine(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(ENGINE);
+        c.arg("--root").arg(&self.root).arg("--disk").arg(&self.disk).args(args);
+        c.env("NIMBUS_LOG", "info");
+        c
+    }
+
+    /// `update-engine --once --json`, with its output.
+    pub fn once(&self, extra: &[&str]) -> (Output, Option<serde_json::Value>) {
+        let out = self.engine(&["--once", "--json", "--read-timeout", "2", "--connect-timeout", "2"]).args(extra).output().expect("run update-engine");
+        let status = serde_json::from_slice(&out.stdout).ok();
+        (out, status)
+    }
+
+    pub fn partition_sha(&self, slot: Slot) -> String {
+        let d = Disk::open_path(&self.disk, false).expect("open");
+        let p = d.partition(slot.partition_number()).expect("part");
+        let mut f = d.into_device();
+        use std::io::{Read, Seek, SeekFrom};
+        f.seek(SeekFrom::Start(p.offset_bytes())).expect("seek");
+        let mut h = sha2::Sha256::new();
+        let mut left = p.size_bytes();
+        let mut buf = vec![0u8; 1 << 20];
+        while left > 0 {
+            let n = (left as usize).min(buf.len());
+            f.read_exact(&mut buf[..n]).expect("read");
+            h.update(&buf[..n]);
+            left -= n as u64;
+        }
+        hex::encode(h.finalize())
+    }
+
+    /// sha256 of the payload as laid out in a slot: body from the start,
+    /// the descriptor from the partition's last 4 KiB.
+    pub fn slot_payload_sha(&self, slot: Slot, raw_size: u64) -> String {
+        let d = Disk::open_path(&self.disk, false).expect("open");
+        let p = d.partition(slot.partition_number()).expect("part");
+        let f = d.into_device();
+        use std::os::unix::fs::FileExt;
+        let body = raw_size - 4096;
+        let mut h = sha2::Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut off = 0;
+        while off < body {
+            let n = ((body - off) as usize).min(buf.len());
+            f.read_exact_at(&mut buf[..n], p.offset_bytes() + off).expect("read");
+            h.update(&buf[..n]);
+            off += n as u64;
+        }
+        let mut desc = [0u8; 4096];
+        f.read_exact_at(&mut desc, p.offset_bytes() + p.size_bytes() - 4096).expect("read");
+        h.update(desc);
+        hex::encode(h.finalize())
+    }
+
+    /// (priority, tries, successful) of a slot, read with cgpt.
+    pub fn cgpt(&self, slot: Slot) -> (u8, u8, u8) {
+        let q = |flag: &str| -> u8 {
+            let out = Command::new("cgpt")
+                .args(["show", "-i", &slot.partition_number().to_string(), flag])
+                .arg(&self.disk)
+                .output()
+                .expect("cgpt must be installed (.ci/packages.txt)");
+            assert!(out.status.success(), "cgpt: {}", String::from_utf8_lossy(&out.stderr));
+            String::from_utf8_lossy(&out.stdout).trim().parse().expect("cgpt number")
+        };
+        (q("-P"), q("-T"), q("-S"))
+    }
+
+    pub fn state(&self) -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(self.root.join("var/lib/nimbus/update-engine.json")).unwrap_or_default())
+            .unwrap_or(serde_json::Value::Null)
+    }
+}
+
+pub fn release(m: &nimbus::release::Manifest, v: &str) -> nimbus::release::Release {
+    m.releases.iter().find(|r| r.version.to_string() == v).expect("release").clone()
+}
