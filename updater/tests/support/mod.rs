@@ -237,3 +237,28 @@ impl Fixture {
 pub fn release(m: &nimbus::release::Manifest, v: &str) -> nimbus::release::Release {
     m.releases.iter().find(|r| r.version.to_string() == v).expect("release").clone()
 }
+
+impl Fixture {
+    pub fn manifest(&self) -> nimbus::release::Manifest {
+        serde_json::from_slice(&std::fs::read(self.repo.join("channels/stable.json")).expect("manifest")).expect("parse")
+    }
+
+    /// Rewrite the stable manifest (edited) and sign it with `key`.
+    pub fn resign(&self, key: &ReleaseKey, edit: impl FnOnce(&mut nimbus::release::Manifest)) {
+        let mut m = self.manifest();
+        edit(&mut m);
+        let bytes = serde_json::to_vec_pretty(&m).expect("json");
+        self.write_signed(key, &bytes);
+    }
+
+    /// Serve `bytes` as the stable manifest with a valid signature by `key`.
+    pub fn write_signed(&self, key: &ReleaseKey, bytes: &[u8]) {
+        let sigs = nimbus::release::Manifest::sign_bytes(bytes, &[key]);
+        std::fs::write(self.repo.join("channels/stable.json"), bytes).expect("write");
+        std::fs::write(self.repo.join("channels/stable.json.sig"), serde_json::to_vec(&sigs).expect("json")).expect("write");
+    }
+
+    pub fn payload_path(&self) -> PathBuf {
+        self.repo.join("payloads/1.1.0/usr.img.zst")
+    }
+}
