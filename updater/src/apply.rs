@@ -91,6 +91,9 @@ pub struct Outcome {
     pub resumed_from: u64,
     pub io_limit: String,
     pub direct_io: bool,
+    /// Slot bytes written in this run, and how long the stream took.
+    pub written: u64,
+    pub seconds: f64,
 }
 
 struct FrameEnd {
@@ -181,6 +184,7 @@ pub fn run(job: &Job<'_>) -> Result<Outcome, UpdateError> {
     };
     let (comp_off, raw_off, comp, raw) =
         start.unwrap_or((0, 0, Sha256::new(), Sha256::new()));
+    let t0 = Instant::now();
 
     let (net_tx, net_rx) = sync_channel::<Result<Vec<u8>, UpdateError>>(NET_QUEUE);
     let (out_tx, out_rx) = sync_channel::<Chunk>(OUT_BUFS);
@@ -234,6 +238,8 @@ pub fn run(job: &Job<'_>) -> Result<Outcome, UpdateError> {
             resumed_from: comp_off,
             io_limit,
             direct_io: job.slot.direct,
+            written: r.raw_size - raw_off,
+            seconds: t0.elapsed().as_secs_f64(),
         })
     })
 }

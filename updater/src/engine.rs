@@ -487,6 +487,16 @@ impl Engine {
             out.io_limit
         );
 
+        let report = crate::status::ApplyReport {
+            version: r.version.to_string(),
+            written: out.written,
+            downloaded: out.downloaded,
+            resumed_from: out.resumed_from,
+            seconds: (out.seconds * 1000.0).round() / 1000.0,
+            io_limit: out.io_limit.clone(),
+            direct_io: out.direct_io,
+        };
+        self.shared.update(|s| s.last_apply = Some(report));
         self.set_state(State::Verifying);
         let bytes = slot.read_descriptor()?;
         let desc_err = |reason: String| UpdateError::Descriptor { disk: self.host.disk.clone(), partition: passive, reason };

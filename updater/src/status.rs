@@ -72,6 +72,20 @@ pub struct Status {
     /// reboot waits).
     pub note: Option<String>,
     pub slots: Vec<SlotInfo>,
+    /// How the last install went: bytes, time, and the I/O limit in force.
+    #[serde(default)]
+    pub last_apply: Option<ApplyReport>,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ApplyReport {
+    pub version: String,
+    pub written: u64,
+    pub downloaded: u64,
+    pub resumed_from: u64,
+    pub seconds: f64,
+    pub io_limit: String,
+    pub direct_io: bool,
 }
 
 impl Status {
@@ -89,6 +103,7 @@ impl Status {
             reboot_strategy: String::new(),
             note: None,
             slots: Vec::new(),
+            last_apply: None,
         }
     }
 }
