@@ -104,7 +104,11 @@ fn source_date_epoch(root: &Path) -> u64 {
 
 /// Build Nimbus's own binaries in release mode and list them for /usr/bin.
 fn nimbus_binaries(root: &Path) -> anyhow::Result<Vec<Install>> {
-    let bins = [("nimbus-cloud-config", "cloud-config")];
+    let bins = [
+        ("nimbus-cloud-config", "cloud-config"),
+        ("nimbus-updater", "update-engine"),
+        ("nimbus-updater", "updatectl"),
+    ];
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.current_dir(root)
         .args(["build", "--release", "--quiet"]);
@@ -154,7 +158,7 @@ pub fn nimbus_init(root: &Path) -> anyhow::Result<PathBuf> {
 
 fn units(root: &Path) -> anyhow::Result<Vec<UnitFile>> {
     let mut out = Vec::new();
-    for dir in ["cloud-config/units", "image/units"] {
+    for dir in ["cloud-config/units", "image/units", "updater/units"] {
         let mut names: Vec<PathBuf> = std::fs::read_dir(root.join(dir))
             .with_context(|| dir.to_string())?
             .filter_map(|e| e.ok().map(|e| e.path()))
