@@ -187,7 +187,11 @@ pub fn parse_duration(s: &str) -> Result<u64, String> {
             'h' => 3600,
             'm' => 60,
             's' => 1,
-            _ => return Err(format!("{s:?}: unexpected {c:?} (use d, h, m, s, e.g. 1h30m)")),
+            _ => {
+                return Err(format!(
+                    "{s:?}: unexpected {c:?} (use d, h, m, s, e.g. 1h30m)"
+                ))
+            }
         };
         let n: u64 = num
             .parse()

@@ -82,7 +82,12 @@ pub fn publish(o: &PublishOptions<'_>) -> Result<Manifest, ImageError> {
                 .map_err(|e| ImageError::Invalid(format!("{}: {e}", mpath.display())))?,
         ),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => return Err(ImageError::Io { path: mpath, source: e }),
+        Err(e) => {
+            return Err(ImageError::Io {
+                path: mpath,
+                source: e,
+            })
+        }
     };
     let release = Release {
         version: bj.version.clone(),
@@ -133,8 +138,7 @@ pub fn publish(o: &PublishOptions<'_>) -> Result<Manifest, ImageError> {
             .and_then(|f| f.sync_all())
             .map_err(io_at(&tmp))?;
         std::fs::rename(&tmp, &dest).map_err(io_at(&dest))?;
-        nimbus::durable::sync_dir(dest_dir)
-            .map_err(|e| ImageError::Invalid(e.to_string()))?;
+        nimbus::durable::sync_dir(dest_dir).map_err(|e| ImageError::Invalid(e.to_string()))?;
     }
 
     let manifest = Manifest {
@@ -149,18 +153,20 @@ pub fn publish(o: &PublishOptions<'_>) -> Result<Manifest, ImageError> {
     manifest
         .validate()
         .map_err(|e| ImageError::Invalid(e.to_string()))?;
-    let mut bytes = serde_json::to_vec_pretty(&manifest)
-        .map_err(|e| ImageError::Invalid(e.to_string()))?;
+    let mut bytes =
+        serde_json::to_vec_pretty(&manifest).map_err(|e| ImageError::Invalid(e.to_string()))?;
     bytes.push(b'\n');
     let sigs = Manifest::sign_bytes(&bytes, &[o.key]);
-    let sig_bytes =
-        serde_json::to_vec(&sigs).map_err(|e| ImageError::Invalid(e.to_string()))?;
+    let sig_bytes = serde_json::to_vec(&sigs).map_err(|e| ImageError::Invalid(e.to_string()))?;
     let chan_dir = o.repo.join("channels");
     std::fs::create_dir_all(&chan_dir).map_err(io_at(&chan_dir))?;
     let durable = |p: &Path, b: &[u8]| {
         nimbus::durable::write_atomic(p, b, 0o644).map_err(|e| ImageError::Invalid(e.to_string()))
     };
-    durable(&chan_dir.join(format!("{}.json.sig", o.channel)), &sig_bytes)?;
+    durable(
+        &chan_dir.join(format!("{}.json.sig", o.channel)),
+        &sig_bytes,
+    )?;
     durable(&mpath, &bytes)?;
     Ok(manifest)
 }

@@ -77,6 +77,14 @@ pub struct UsrInputs<'a> {
     pub key: &'a ReleaseKey,
 }
 
+struct SealInputs<'a> {
+    out_fs: &'a Path,
+    version: &'a Version,
+    epoch: u64,
+    slot_size: u64,
+    key: &'a ReleaseKey,
+}
+
 /// Build the filesystem, its tree and descriptor. Fails with a clear error
 /// when the result does not fit the slot, before anything is written to a
 /// disk image.
@@ -107,6 +115,26 @@ pub fn build(i: &UsrInputs<'_>) -> Result<UsrSlot, ImageError> {
             reason: String::from_utf8_lossy(&out.stderr).trim().to_string(),
         });
     }
+    seal(i.out_fs, i.version, i.epoch, i.slot_size, i.key)
+}
+
+/// Compute the verity tree and the signed descriptor for a finished
+/// filesystem image (padded to whole 4 KiB blocks). Fails when the result
+/// does not fit a slot of `slot_size` bytes.
+pub fn seal(
+    fs_path: &Path,
+    version: &Version,
+    epoch: u64,
+    slot_size: u64,
+    key: &ReleaseKey,
+) -> Result<UsrSlot, ImageError> {
+    let i = SealInputs {
+        out_fs: fs_path,
+        version,
+        epoch,
+        slot_size,
+        key,
+    };
     let f = File::options()
         .read(true)
         .write(true)
@@ -210,7 +238,9 @@ impl<W: Write> FramedEncoder<W> {
     pub fn finish(mut self) -> io::Result<W> {
         match self.enc.take() {
             Some(enc) => enc.finish(),
-            None => Err(io::Error::other("zstd encoder used after a failed frame switch")),
+            None => Err(io::Error::other(
+                "zstd encoder used after a failed frame switch",
+            )),
         }
     }
 }

@@ -104,7 +104,11 @@ fn write_line(s: &mut UnixStream, r: &Response) -> std::io::Result<()> {
 
 /// Bind the socket (replacing a stale one) and serve until the process
 /// ends. `tx` reaches the engine thread.
-pub fn serve(path: &Path, shared: Arc<Shared>, tx: Sender<Command>) -> std::io::Result<std::thread::JoinHandle<()>> {
+pub fn serve(
+    path: &Path,
+    shared: Arc<Shared>,
+    tx: Sender<Command>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -136,7 +140,10 @@ fn handle(mut conn: UnixStream, shared: Arc<Shared>, tx: Sender<Command>) -> std
     if cred.uid() != 0 && cred.uid() != me {
         return write_line(
             &mut conn,
-            &Response::refused("permission", format!("uid {} may not use update-engine (root only)", cred.uid())),
+            &Response::refused(
+                "permission",
+                format!("uid {} may not use update-engine (root only)", cred.uid()),
+            ),
         );
     }
     let reader = BufReader::new(conn.try_clone()?);
@@ -148,7 +155,10 @@ fn handle(mut conn: UnixStream, shared: Arc<Shared>, tx: Sender<Command>) -> std
         let req: Request = match serde_json::from_str(&line) {
             Ok(r) => r,
             Err(e) => {
-                write_line(&mut conn, &Response::refused("bad-request", format!("cannot parse request: {e}")))?;
+                write_line(
+                    &mut conn,
+                    &Response::refused("bad-request", format!("cannot parse request: {e}")),
+                )?;
                 continue;
             }
         };
@@ -157,11 +167,19 @@ fn handle(mut conn: UnixStream, shared: Arc<Shared>, tx: Sender<Command>) -> std
             Request::Watch => return watch(conn, &shared),
             Request::Cancel => {
                 shared.cancel.store(true, Ordering::SeqCst);
-                write_line(&mut conn, &Response::ok("cancel requested", shared.snapshot()))?
+                write_line(
+                    &mut conn,
+                    &Response::ok("cancel requested", shared.snapshot()),
+                )?
             }
             Request::Apply { wait: false } => {
                 let (rtx, _rrx) = channel();
-                let ok = tx.send(Command { request: Request::Apply { wait: false }, reply: rtx }).is_ok();
+                let ok = tx
+                    .send(Command {
+                        request: Request::Apply { wait: false },
+                        reply: rtx,
+                    })
+                    .is_ok();
                 let r = if ok {
                     Response::ok("update started", shared.snapshot())
                 } else {
@@ -171,8 +189,16 @@ fn handle(mut conn: UnixStream, shared: Arc<Shared>, tx: Sender<Command>) -> std
             }
             other => {
                 let (rtx, rrx) = channel();
-                let r = if tx.send(Command { request: other, reply: rtx }).is_ok() {
-                    rrx.recv().unwrap_or_else(|_| Response::refused("stopping", "update-engine is shutting down".into()))
+                let r = if tx
+                    .send(Command {
+                        request: other,
+                        reply: rtx,
+                    })
+                    .is_ok()
+                {
+                    rrx.recv().unwrap_or_else(|_| {
+                        Response::refused("stopping", "update-engine is shutting down".into())
+                    })
                 } else {
                     Response::refused("stopping", "update-engine is shutting down".into())
                 };
@@ -211,7 +237,10 @@ pub struct Client {
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("cannot reach update-engine at {path}: {source} (is update-engine.service running?)")]
-    Connect { path: PathBuf, source: std::io::Error },
+    Connect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("update-engine at {path}: {reason}")]
     Protocol { path: PathBuf, reason: String },
 }
@@ -241,14 +270,17 @@ impl Client {
         b.push(b'\n');
         s.write_all(&b).map_err(|e| self.proto(e))?;
         let mut line = String::new();
-        BufReader::new(s).read_line(&mut line).map_err(|e| self.proto(e))?;
+        BufReader::new(s)
+            .read_line(&mut line)
+            .map_err(|e| self.proto(e))?;
         serde_json::from_str(&line).map_err(|e| self.proto(format!("bad answer {line:?}: {e}")))
     }
 
     /// Call `f` with each status until it returns false.
     pub fn watch(&self, mut f: impl FnMut(&Status) -> bool) -> Result<(), ClientError> {
         let mut s = self.connect()?;
-        s.write_all(b"{\"op\":\"watch\"}\n").map_err(|e| self.proto(e))?;
+        s.write_all(b"{\"op\":\"watch\"}\n")
+            .map_err(|e| self.proto(e))?;
         for line in BufReader::new(s).lines() {
             let line = line.map_err(|e| self.proto(e))?;
             let r: Response = serde_json::from_str(&line).map_err(|e| self.proto(e))?;

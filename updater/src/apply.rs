@@ -26,7 +26,7 @@ use crate::fetch::{Body, Http};
 
 /// Where payload bytes come from: the repository, or a file (air-gapped).
 pub enum Source {
-    Http(Body),
+    Http(Box<Body>),
     File(std::fs::File),
 }
 
@@ -174,7 +174,7 @@ pub fn run(job: &Job<'_>) -> Result<Outcome, UpdateError> {
         let off = start.as_ref().map_or(0, |s| s.0);
         let b = match job.file {
             Some(p) => Source::File(std::fs::File::open(p).map_err(crate::error::io_at(p))?),
-            None => Source::Http(job.http.get_from(&job.url, off)?),
+            None => Source::Http(Box::new(job.http.get_from(&job.url, off)?)),
         };
         if b.start() != off {
             tracing::info!("server ignored the Range request; downloading the whole payload");
@@ -182,8 +182,7 @@ pub fn run(job: &Job<'_>) -> Result<Outcome, UpdateError> {
         }
         b
     };
-    let (comp_off, raw_off, comp, raw) =
-        start.unwrap_or((0, 0, Sha256::new(), Sha256::new()));
+    let (comp_off, raw_off, comp, raw) = start.unwrap_or((0, 0, Sha256::new(), Sha256::new()));
     let t0 = Instant::now();
 
     let (net_tx, net_rx) = sync_channel::<Result<Vec<u8>, UpdateError>>(NET_QUEUE);
@@ -319,10 +318,7 @@ fn decode(
         .map_err(derr)?;
     // A writer that died drops its end of the pool; report that as a
     // refusal and let the caller surface the writer's own error.
-    let take = |pool: &Receiver<AlignedBuf>| {
-        pool.recv()
-            .map_err(|_| UpdateError::WriterStopped)
-    };
+    let take = |pool: &Receiver<AlignedBuf>| pool.recv().map_err(|_| UpdateError::WriterStopped);
     let mut out = take(&pool)?;
     let mut out_len = 0usize;
     let mut out_raw_off = raw_start;

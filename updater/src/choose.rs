@@ -12,7 +12,10 @@ pub enum Choice {
     /// Nothing to do, and why.
     Nothing(String),
     /// A newer release exists but this host's turn has not come.
-    Wait { until: DateTime<Utc>, reason: String },
+    Wait {
+        until: DateTime<Utc>,
+        reason: String,
+    },
 }
 
 /// When a host at `seed` in [0, 1) may start a staged release.
@@ -41,15 +44,15 @@ pub fn choose(
     offered.sort_by(|a, b| b.version.cmp(&a.version));
     let Some(newest) = offered.first().map(|r| r.version.clone()) else {
         return Choice::Nothing(match &m.max_version {
-            Some(max) => format!("channel {} offers nothing at or below max_version {max}", m.channel),
+            Some(max) => format!(
+                "channel {} offers nothing at or below max_version {max}",
+                m.channel
+            ),
             None => format!("channel {} offers no releases", m.channel),
         });
     };
     if newest == *running {
-        return Choice::Nothing(format!(
-            "{running} is the newest on channel {}",
-            m.channel
-        ));
+        return Choice::Nothing(format!("{running} is the newest on channel {}", m.channel));
     }
     if newest < *running && !allow_downgrade {
         return Choice::Nothing(format!(
@@ -126,20 +129,38 @@ mod tests {
 
     #[test]
     fn newest_above_running() {
-        let m = manifest(vec![rel("1.0.0", None), rel("1.2.0", None), rel("1.1.0", None)], None);
+        let m = manifest(
+            vec![rel("1.0.0", None), rel("1.2.0", None), rel("1.1.0", None)],
+            None,
+        );
         let now = Utc::now();
-        assert!(matches!(choose(&m, &v("1.0.0"), 0.5, now, false), Choice::Offer(r) if r.version == v("1.2.0")));
-        assert!(matches!(choose(&m, &v("1.2.0"), 0.5, now, false), Choice::Nothing(_)));
-        assert!(matches!(choose(&m, &v("2.0.0"), 0.5, now, false), Choice::Nothing(_)));
-        assert!(matches!(choose(&m, &v("2.0.0"), 0.5, now, true), Choice::Offer(r) if r.version == v("1.2.0")));
+        assert!(
+            matches!(choose(&m, &v("1.0.0"), 0.5, now, false), Choice::Offer(r) if r.version == v("1.2.0"))
+        );
+        assert!(matches!(
+            choose(&m, &v("1.2.0"), 0.5, now, false),
+            Choice::Nothing(_)
+        ));
+        assert!(matches!(
+            choose(&m, &v("2.0.0"), 0.5, now, false),
+            Choice::Nothing(_)
+        ));
+        assert!(
+            matches!(choose(&m, &v("2.0.0"), 0.5, now, true), Choice::Offer(r) if r.version == v("1.2.0"))
+        );
     }
 
     #[test]
     fn max_version_caps_the_offer() {
         let m = manifest(vec![rel("1.1.0", None), rel("1.2.0", None)], Some("1.1.0"));
         let now = Utc::now();
-        assert!(matches!(choose(&m, &v("1.0.0"), 0.0, now, false), Choice::Offer(r) if r.version == v("1.1.0")));
-        assert!(matches!(choose(&m, &v("1.1.0"), 0.0, now, false), Choice::Nothing(_)));
+        assert!(
+            matches!(choose(&m, &v("1.0.0"), 0.0, now, false), Choice::Offer(r) if r.version == v("1.1.0"))
+        );
+        assert!(matches!(
+            choose(&m, &v("1.1.0"), 0.0, now, false),
+            Choice::Nothing(_)
+        ));
     }
 
     #[test]
@@ -150,16 +171,25 @@ mod tests {
             duration_secs: 4 * 3600,
             paused,
         };
-        let m = manifest(vec![rel("1.1.0", None), rel("1.2.0", Some(ro(false)))], None);
-        assert!(matches!(choose(&m, &v("1.0.0"), 0.1, now, false), Choice::Offer(r) if r.version == v("1.2.0")));
+        let m = manifest(
+            vec![rel("1.1.0", None), rel("1.2.0", Some(ro(false)))],
+            None,
+        );
+        assert!(
+            matches!(choose(&m, &v("1.0.0"), 0.1, now, false), Choice::Offer(r) if r.version == v("1.2.0"))
+        );
         match choose(&m, &v("1.0.0"), 0.9, now, false) {
             Choice::Wait { until, .. } => assert!(until > now + chrono::Duration::hours(2)),
             other => panic!("{other:?}"),
         }
         // Paused: the next release down is offered instead.
         let m = manifest(vec![rel("1.1.0", None), rel("1.2.0", Some(ro(true)))], None);
-        assert!(matches!(choose(&m, &v("1.0.0"), 0.1, now, false), Choice::Offer(r) if r.version == v("1.1.0")));
+        assert!(
+            matches!(choose(&m, &v("1.0.0"), 0.1, now, false), Choice::Offer(r) if r.version == v("1.1.0"))
+        );
         let m = manifest(vec![rel("1.2.0", Some(ro(true)))], None);
-        assert!(matches!(choose(&m, &v("1.0.0"), 0.1, now, false), Choice::Nothing(s) if s.contains("paused")));
+        assert!(
+            matches!(choose(&m, &v("1.0.0"), 0.1, now, false), Choice::Nothing(s) if s.contains("paused"))
+        );
     }
 }

@@ -62,7 +62,9 @@ impl EngineConfig {
     pub fn from_conf(c: &UpdateConf) -> Result<EngineConfig, String> {
         let group = c.get("GROUP").unwrap_or("stable").to_string();
         if !nimbus::release::valid_channel_name(&group) {
-            return Err(format!("GROUP={group:?}: a channel name is [a-z0-9._-]{{1,64}}"));
+            return Err(format!(
+                "GROUP={group:?}: a channel name is [a-z0-9._-]{{1,64}}"
+            ));
         }
         let server = match c.get("SERVER") {
             None => return Err("SERVER is not set (a repository URL, or `disabled`)".into()),
@@ -89,11 +91,7 @@ impl EngineConfig {
         let io_idle = match c.get("IO_CLASS").unwrap_or("idle") {
             "idle" => true,
             "best-effort" => false,
-            other => {
-                return Err(format!(
-                    "IO_CLASS={other:?}: use idle or best-effort"
-                ))
-            }
+            other => return Err(format!("IO_CLASS={other:?}: use idle or best-effort")),
         };
         if let Some(w) = c.get("REBOOT_WINDOW_START") {
             updateconf::check_window_start(w).map_err(|e| format!("REBOOT_WINDOW_START={e}"))?;
@@ -121,14 +119,20 @@ mod tests {
 
     #[test]
     fn values() {
-        let c = conf("GROUP=beta\nSERVER=http://127.0.0.1:8080/repo/\nIO_WRITE_BPS=10M\n").expect("ok");
+        let c =
+            conf("GROUP=beta\nSERVER=http://127.0.0.1:8080/repo/\nIO_WRITE_BPS=10M\n").expect("ok");
         assert_eq!(c.group, "beta");
         assert_eq!(c.server.as_deref(), Some("http://127.0.0.1:8080/repo"));
         assert_eq!(c.write_bps, Some(10 << 20));
         assert!(c.io_idle);
         assert_eq!(c.reboot_strategy, "reboot");
         assert_eq!(conf("SERVER=disabled\n").expect("ok").server, None);
-        assert_eq!(conf("SERVER=http://x\nIO_WRITE_BPS=0").expect("ok").write_bps, None);
+        assert_eq!(
+            conf("SERVER=http://x\nIO_WRITE_BPS=0")
+                .expect("ok")
+                .write_bps,
+            None
+        );
     }
 
     #[test]
@@ -138,12 +142,21 @@ mod tests {
             ("GROUP=beta", "SERVER"),
             ("SERVER=ftp://x", "SERVER"),
             ("SERVER=not a url", "SERVER"),
-            ("SERVER=http://x\nREBOOT_STRATEGY=sometimes", "REBOOT_STRATEGY"),
+            (
+                "SERVER=http://x\nREBOOT_STRATEGY=sometimes",
+                "REBOOT_STRATEGY",
+            ),
             ("SERVER=http://x\nIO_WRITE_BPS=fast", "IO_WRITE_BPS"),
             ("SERVER=http://x\nIO_WRITE_BPS=10X", "IO_WRITE_BPS"),
             ("SERVER=http://x\nIO_CLASS=realtime", "IO_CLASS"),
-            ("SERVER=http://x\nREBOOT_WINDOW_START=Fri 25:00", "REBOOT_WINDOW_START"),
-            ("SERVER=http://x\nREBOOT_WINDOW_LENGTH=soon", "REBOOT_WINDOW_LENGTH"),
+            (
+                "SERVER=http://x\nREBOOT_WINDOW_START=Fri 25:00",
+                "REBOOT_WINDOW_START",
+            ),
+            (
+                "SERVER=http://x\nREBOOT_WINDOW_LENGTH=soon",
+                "REBOOT_WINDOW_LENGTH",
+            ),
         ] {
             let e = conf(text).expect_err(text);
             assert!(e.starts_with(key), "{text}: {e}");

@@ -59,14 +59,18 @@ impl Host {
     /// the disk is whichever one holds a partition with that GUID. Never
     /// inferred from priorities, which say what boots next, not what runs.
     pub fn running(root: &Path) -> Result<Host, UpdateError> {
-        let cmdline = std::fs::read_to_string("/proc/cmdline").map_err(io_at(Path::new("/proc/cmdline")))?;
+        let cmdline =
+            std::fs::read_to_string("/proc/cmdline").map_err(io_at(Path::new("/proc/cmdline")))?;
         let args = nimbus::boot::parse_cmdline(&cmdline).ok_or_else(|| {
             UpdateError::NoBootedSlot("no nimbus.usr=PARTUUID= on the kernel command line".into())
         })?;
         let rd = std::fs::read_dir("/sys/block").map_err(io_at(Path::new("/sys/block")))?;
         for ent in rd.flatten() {
             let name = ent.file_name().to_string_lossy().into_owned();
-            if ["loop", "ram", "dm-", "zram", "sr"].iter().any(|p| name.starts_with(p)) {
+            if ["loop", "ram", "dm-", "zram", "sr"]
+                .iter()
+                .any(|p| name.starts_with(p))
+            {
                 continue;
             }
             let dev = PathBuf::from("/dev").join(&name);
@@ -169,7 +173,11 @@ fn manifest_err(url: &str, source: ManifestError) -> UpdateError {
 }
 
 impl Engine {
-    pub fn new(host: Host, opts: &Options, shared: std::sync::Arc<Shared>) -> Result<Engine, UpdateError> {
+    pub fn new(
+        host: Host,
+        opts: &Options,
+        shared: std::sync::Arc<Shared>,
+    ) -> Result<Engine, UpdateError> {
         let cfg = EngineConfig::load(&host.root)?;
         let keys = host.root.join(KEYS_DIR);
         let trust = TrustStore::load_dir(&keys, 1).map_err(|e| UpdateError::Config {
@@ -180,8 +188,11 @@ impl Engine {
         let mut persisted = store.load()?;
         if persisted.rollout_seed.is_none() {
             let mut b = [0u8; 8];
-            getrandom::getrandom(&mut b).map_err(|e| UpdateError::Refused(format!("no randomness for the rollout seed: {e}")))?;
-            persisted.rollout_seed = Some((u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64);
+            getrandom::getrandom(&mut b).map_err(|e| {
+                UpdateError::Refused(format!("no randomness for the rollout seed: {e}"))
+            })?;
+            persisted.rollout_seed =
+                Some((u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64);
             store.save(&persisted)?;
         }
         let http = Http::new(opts.connect_timeout, opts.read_timeout)?;
@@ -227,7 +238,9 @@ impl Engine {
             return Ok(None);
         };
         let b = d.read_descriptor(slot)?;
-        Ok(SlotDescriptor::verify(&b, &self.trust).ok().map(|d| d.version))
+        Ok(SlotDescriptor::verify(&b, &self.trust)
+            .ok()
+            .map(|d| d.version))
     }
 
     /// The version staged in the passive slot for the next boot, if any.
@@ -261,7 +274,11 @@ impl Engine {
                     priority: p.priority,
                     tries: p.tries,
                     successful: p.successful,
-                    version: self.slot_version(e.number).ok().flatten().map(|v| v.to_string()),
+                    version: self
+                        .slot_version(e.number)
+                        .ok()
+                        .flatten()
+                        .map(|v| v.to_string()),
                     booted: e.number == self.host.booted,
                 });
             }
@@ -306,25 +323,41 @@ impl Engine {
         let server = self.cfg.server.clone().ok_or(UpdateError::Disabled)?;
         let url = format!("{server}/channels/{channel}.json");
         // One byte over the limit is enough for the verifier to say "too large".
-        let bytes = self.http.get_small(&url, MAX_MANIFEST_BYTES + 1, || UpdateError::UnknownChannel {
-            channel: channel.to_string(),
-            url: url.clone(),
-        }).map_err(|e| match e {
-            UpdateError::ResponseTooLarge { url, limit } => manifest_err(&url, ManifestError::TooLarge { size: limit, limit: MAX_MANIFEST_BYTES }),
-            e => e,
-        })?;
+        let bytes = self
+            .http
+            .get_small(&url, MAX_MANIFEST_BYTES + 1, || {
+                UpdateError::UnknownChannel {
+                    channel: channel.to_string(),
+                    url: url.clone(),
+                }
+            })
+            .map_err(|e| match e {
+                UpdateError::ResponseTooLarge { url, limit } => manifest_err(
+                    &url,
+                    ManifestError::TooLarge {
+                        size: limit,
+                        limit: MAX_MANIFEST_BYTES,
+                    },
+                ),
+                e => e,
+            })?;
         let sig_url = format!("{url}.sig");
-        let sigs = self.http.get_small(&sig_url, MAX_SIGNATURES_BYTES, || UpdateError::SignatureMissing {
-            url: sig_url.clone(),
+        let sigs = self.http.get_small(&sig_url, MAX_SIGNATURES_BYTES, || {
+            UpdateError::SignatureMissing {
+                url: sig_url.clone(),
+            }
         })?;
         let policy = ManifestPolicy {
             channel,
             now: Utc::now(),
             last_serial: self.persisted.last_serial.get(channel).copied(),
         };
-        let m = Manifest::verify(&bytes, &sigs, &self.trust, &policy).map_err(|e| manifest_err(&url, e))?;
+        let m = Manifest::verify(&bytes, &sigs, &self.trust, &policy)
+            .map_err(|e| manifest_err(&url, e))?;
         if policy.last_serial != Some(m.serial) {
-            self.persisted.last_serial.insert(channel.to_string(), m.serial);
+            self.persisted
+                .last_serial
+                .insert(channel.to_string(), m.serial);
             self.store.save(&self.persisted)?;
         }
         Ok(m)
@@ -353,7 +386,11 @@ impl Engine {
         let (state, note, newv) = match &choice {
             Choice::Offer(r) => (State::UpdateAvailable, None, Some(r.version.to_string())),
             Choice::Nothing(why) | Choice::Wait { reason: why, .. } => match &staged {
-                Some(v) => (State::UpdatedNeedReboot, Some(why.clone()), Some(v.to_string())),
+                Some(v) => (
+                    State::UpdatedNeedReboot,
+                    Some(why.clone()),
+                    Some(v.to_string()),
+                ),
                 None => (State::Idle, Some(why.clone()), None),
             },
         };
@@ -382,11 +419,22 @@ impl Engine {
     }
 
     /// Air-gapped: the same verification as online, payload from a file.
-    pub fn apply_file(&mut self, payload: &Path, manifest: &Path, signatures: &Path) -> Result<Version, UpdateError> {
+    pub fn apply_file(
+        &mut self,
+        payload: &Path,
+        manifest: &Path,
+        signatures: &Path,
+    ) -> Result<Version, UpdateError> {
         let read = |p: &Path, limit: usize| -> Result<Vec<u8>, UpdateError> {
             let md = std::fs::metadata(p).map_err(io_at(p))?;
             if md.len() > limit as u64 {
-                return Err(manifest_err(&p.display().to_string(), ManifestError::TooLarge { size: md.len() as usize, limit }));
+                return Err(manifest_err(
+                    &p.display().to_string(),
+                    ManifestError::TooLarge {
+                        size: md.len() as usize,
+                        limit,
+                    },
+                ));
             }
             std::fs::read(p).map_err(io_at(p))
         };
@@ -403,19 +451,30 @@ impl Engine {
         self.persisted.last_serial.insert(channel.clone(), m.serial);
         self.store.save(&self.persisted)?;
         let allow_down = self.persisted.allow_downgrade.as_deref() == Some(channel.as_str());
-        match choose::choose(&m, &self.running, self.persisted.rollout_seed.unwrap_or(0.0), Utc::now(), allow_down) {
+        match choose::choose(
+            &m,
+            &self.running,
+            self.persisted.rollout_seed.unwrap_or(0.0),
+            Utc::now(),
+            allow_down,
+        ) {
             Choice::Offer(r) => {
                 self.install(&r, &payload.display().to_string(), Some(payload))?;
                 Ok(r.version)
             }
-            Choice::Nothing(why) | Choice::Wait { reason: why, .. } => Err(UpdateError::Refused(why)),
+            Choice::Nothing(why) | Choice::Wait { reason: why, .. } => {
+                Err(UpdateError::Refused(why))
+            }
         }
     }
 
     fn install(&mut self, r: &Release, url: &str, file: Option<&Path>) -> Result<(), UpdateError> {
         let passive = self.passive()?;
         if passive == self.host.booted {
-            return Err(UpdateError::BootedSlot { disk: self.host.disk.clone(), partition: passive });
+            return Err(UpdateError::BootedSlot {
+                disk: self.host.disk.clone(),
+                partition: passive,
+            });
         }
         let mut disk = Disk::open_path(&self.host.disk, true)?;
         disk.check_nimbus_layout()?;
@@ -447,7 +506,12 @@ impl Engine {
             s.new_version = Some(newv);
             s.progress = None;
         });
-        let slot = SlotDevice::open(&self.host.disk, passive, part.offset_bytes(), part.size_bytes())?;
+        let slot = SlotDevice::open(
+            &self.host.disk,
+            passive,
+            part.offset_bytes(),
+            part.size_bytes(),
+        )?;
         let shared = self.shared.clone();
         let progress = move |p: crate::status::Progress| shared.update(|s| s.progress = Some(p));
         let store = &self.store;
@@ -499,16 +563,31 @@ impl Engine {
         self.shared.update(|s| s.last_apply = Some(report));
         self.set_state(State::Verifying);
         let bytes = slot.read_descriptor()?;
-        let desc_err = |reason: String| UpdateError::Descriptor { disk: self.host.disk.clone(), partition: passive, reason };
+        let desc_err = |reason: String| UpdateError::Descriptor {
+            disk: self.host.disk.clone(),
+            partition: passive,
+            reason,
+        };
         let d = SlotDescriptor::verify(&bytes, &self.trust).map_err(|e| desc_err(e.to_string()))?;
         if d.version != r.version {
-            return Err(desc_err(format!("descriptor says version {}, the manifest {}", d.version, r.version)));
+            return Err(desc_err(format!(
+                "descriptor says version {}, the manifest {}",
+                d.version, r.version
+            )));
         }
         if hex::encode(d.verity_root) != r.verity_root {
-            return Err(desc_err(format!("verity root {} differs from the manifest's {}", hex::encode(d.verity_root), r.verity_root)));
+            return Err(desc_err(format!(
+                "verity root {} differs from the manifest's {}",
+                hex::encode(d.verity_root),
+                r.verity_root
+            )));
         }
         if d.payload_end() + nimbus::release::DESCRIPTOR_SIZE as u64 != r.raw_size {
-            return Err(desc_err(format!("descriptor covers {} bytes, the payload has {}", d.payload_end(), r.raw_size)));
+            return Err(desc_err(format!(
+                "descriptor covers {} bytes, the payload has {}",
+                d.payload_end(),
+                r.raw_size
+            )));
         }
 
         self.set_state(State::Finalizing);
@@ -525,7 +604,10 @@ impl Engine {
             s.state = State::UpdatedNeedReboot;
             s.progress = None;
             s.note = Some(match strategy.as_str() {
-                "off" => "reboot to use the new version (REBOOT_STRATEGY=off: not rebooting by itself)".into(),
+                "off" => {
+                    "reboot to use the new version (REBOOT_STRATEGY=off: not rebooting by itself)"
+                        .into()
+                }
                 _ => "reboot to use the new version".into(),
             });
         });
@@ -535,9 +617,15 @@ impl Engine {
     /// Switch channels: GROUP is edited atomically only when the new
     /// channel exists and verifies, and an older offer needs the operator's
     /// explicit allowance.
-    pub fn set_channel(&mut self, name: &str, allow_downgrade: bool) -> Result<String, UpdateError> {
+    pub fn set_channel(
+        &mut self,
+        name: &str,
+        allow_downgrade: bool,
+    ) -> Result<String, UpdateError> {
         if !nimbus::release::valid_channel_name(name) {
-            return Err(UpdateError::Refused(format!("{name:?} is not a channel name ([a-z0-9._-]{{1,64}})")));
+            return Err(UpdateError::Refused(format!(
+                "{name:?} is not a channel name ([a-z0-9._-]{{1,64}})"
+            )));
         }
         let m = self.fetch_manifest(name)?;
         let newest = m
@@ -560,11 +648,17 @@ impl Engine {
                 self.persisted.allow_downgrade = Some(name.to_string());
             }
             Some(v) if *v == self.running => {
-                msg = format!("switched to {name}; it offers nothing newer than the running {}", self.running);
+                msg = format!(
+                    "switched to {name}; it offers nothing newer than the running {}",
+                    self.running
+                );
                 self.persisted.allow_downgrade = None;
             }
             Some(v) => {
-                msg = format!("switched to {name}; it offers {v}, newer than the running {}", self.running);
+                msg = format!(
+                    "switched to {name}; it offers {v}, newer than the running {}",
+                    self.running
+                );
                 self.persisted.allow_downgrade = None;
             }
             None => {
@@ -604,16 +698,19 @@ pub fn write_group(root: &Path, name: &str) -> Result<(), UpdateError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
         Err(e) => return Err(io_at(&path)(e)),
     };
-    let mut conf = nimbus::updateconf::UpdateConf::parse(&text).map_err(|e| UpdateError::Config {
-        path: path.clone(),
-        reason: e.to_string(),
-    })?;
+    let mut conf =
+        nimbus::updateconf::UpdateConf::parse(&text).map_err(|e| UpdateError::Config {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
     conf.set("GROUP", name);
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(io_at(dir))?;
     }
-    nimbus::durable::write_atomic(&path, conf.render().as_bytes(), 0o644).map_err(|e| UpdateError::Io {
-        path: path.clone(),
-        source: std::io::Error::other(e.to_string()),
+    nimbus::durable::write_atomic(&path, conf.render().as_bytes(), 0o644).map_err(|e| {
+        UpdateError::Io {
+            path: path.clone(),
+            source: std::io::Error::other(e.to_string()),
+        }
     })
 }

@@ -30,8 +30,14 @@ pub enum UpdateError {
     ResponseTooLarge { url: String, limit: usize },
     #[error("manifest {url}: {source}")]
     Manifest { url: String, source: ManifestError },
-    #[error("payload {url}: ended after {got} of the {expected} bytes the manifest lists (truncated)")]
-    Truncated { url: String, got: u64, expected: u64 },
+    #[error(
+        "payload {url}: ended after {got} of the {expected} bytes the manifest lists (truncated)"
+    )]
+    Truncated {
+        url: String,
+        got: u64,
+        expected: u64,
+    },
     #[error("payload {url}: more than the {expected} bytes the manifest lists")]
     PayloadTooLarge { url: String, expected: u64 },
     #[error("release {version}: {raw_size} bytes do not fit USR partition {partition} ({slot_size} bytes)")]
@@ -44,8 +50,14 @@ pub enum UpdateError {
     #[error("payload {url}: decodes to more than the {expected} bytes the manifest lists")]
     RawTooLarge { url: String, expected: u64 },
     #[error("payload {url}: decodes to {got} bytes, the manifest lists {expected}")]
-    RawTooShort { url: String, got: u64, expected: u64 },
-    #[error("payload {url}: sha256 of the downloaded bytes is {got}, the manifest lists {expected}")]
+    RawTooShort {
+        url: String,
+        got: u64,
+        expected: u64,
+    },
+    #[error(
+        "payload {url}: sha256 of the downloaded bytes is {got}, the manifest lists {expected}"
+    )]
     CompressedHash {
         url: String,
         got: String,
@@ -132,14 +144,29 @@ impl UpdateError {
         use UpdateError::*;
         match self {
             Config { .. } => 2,
-            Connect { .. } | Stalled { .. } | Http { .. } | UnknownChannel { .. }
-            | PayloadMissing { .. } | Network { .. } => 3,
-            SignatureMissing { .. } | ResponseTooLarge { .. } | Manifest { .. }
-            | Truncated { .. } | PayloadTooLarge { .. } | RawTooLarge { .. }
-            | RawTooShort { .. } | CompressedHash { .. } | RawHash { .. } | Decode { .. }
+            Connect { .. }
+            | Stalled { .. }
+            | Http { .. }
+            | UnknownChannel { .. }
+            | PayloadMissing { .. }
+            | Network { .. } => 3,
+            SignatureMissing { .. }
+            | ResponseTooLarge { .. }
+            | Manifest { .. }
+            | Truncated { .. }
+            | PayloadTooLarge { .. }
+            | RawTooLarge { .. }
+            | RawTooShort { .. }
+            | CompressedHash { .. }
+            | RawHash { .. }
+            | Decode { .. }
             | Descriptor { .. } => 4,
-            TooLargeForSlot { .. } | Gpt(_) | Io { .. } | BootedSlot { .. }
-            | NoBootedSlot(_) | WriterStopped => 5,
+            TooLargeForSlot { .. }
+            | Gpt(_)
+            | Io { .. }
+            | BootedSlot { .. }
+            | NoBootedSlot(_)
+            | WriterStopped => 5,
             Disabled | Downgrade { .. } | Refused(_) => 6,
             Cancelled => 7,
         }

@@ -182,8 +182,7 @@ impl Body {
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     let timed_out = e.kind() == std::io::ErrorKind::TimedOut
-                        || e
-                            .get_ref()
+                        || e.get_ref()
                             .and_then(|i| i.downcast_ref::<reqwest::Error>())
                             .is_some_and(|r| r.is_timeout());
                     return Err(if timed_out {

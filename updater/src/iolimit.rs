@@ -67,8 +67,15 @@ pub fn set_idle_class() -> Result<(), std::io::Error> {
 
 pub enum Limit {
     None,
-    Cgroup { cg: Cgroup, v2: bool },
-    Userspace { bps: u64, start: Instant, bytes: u64 },
+    Cgroup {
+        cg: Cgroup,
+        v2: bool,
+    },
+    Userspace {
+        bps: u64,
+        start: Instant,
+        bytes: u64,
+    },
 }
 
 /// What the writer thread runs under; dropping it leaves the cgroup.
@@ -180,7 +187,11 @@ fn cgroup_limit(maj: u64, min: u64, bps: u64) -> Result<(Cgroup, bool, String), 
             v2,
             format!(
                 "cgroup {} {rel}: write cap {bps} B/s on device {maj}:{min}",
-                if v2 { "v2 io.max" } else { "v1 blkio.throttle.write_bps_device" }
+                if v2 {
+                    "v2 io.max"
+                } else {
+                    "v1 blkio.throttle.write_bps_device"
+                }
             ),
         )),
         Err(e) => {

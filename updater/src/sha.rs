@@ -60,7 +60,10 @@ impl Sha256 {
             if self.buf_len < 64 {
                 return;
             }
-            sha2::compress256(&mut self.state, &[GenericArray::clone_from_slice(&self.buf)]);
+            sha2::compress256(
+                &mut self.state,
+                &[GenericArray::clone_from_slice(&self.buf)],
+            );
             self.buf_len = 0;
         }
         let whole = data.len() / 64 * 64;
@@ -131,7 +134,9 @@ mod tests {
     #[test]
     fn matches_sha2_for_every_split() {
         let data: Vec<u8> = (0..5000u32).map(|i| (i * 7 + i / 13) as u8).collect();
-        for len in [0, 1, 55, 56, 63, 64, 65, 119, 120, 128, 1023, 1024, 1025, 5000] {
+        for len in [
+            0, 1, 55, 56, 63, 64, 65, 119, 120, 128, 1023, 1024, 1025, 5000,
+        ] {
             let want = hex::encode(sha2::Sha256::digest(&data[..len]));
             for split in [0, 1, 3, 63, 64, 100, len / 2, len] {
                 let split = split.min(len);

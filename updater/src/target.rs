@@ -44,7 +44,12 @@ pub struct SlotDevice {
 }
 
 impl SlotDevice {
-    pub fn open(disk: &Path, partition: u32, offset: u64, size: u64) -> Result<SlotDevice, UpdateError> {
+    pub fn open(
+        disk: &Path,
+        partition: u32,
+        offset: u64,
+        size: u64,
+    ) -> Result<SlotDevice, UpdateError> {
         let direct = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -126,7 +131,10 @@ impl SlotDevice {
     pub fn read_descriptor(&self) -> Result<Vec<u8>, UpdateError> {
         let mut b = AlignedBuf::new(DESCRIPTOR_SIZE);
         self.file
-            .read_exact_at(b.as_mut_slice(), self.offset + self.size - DESCRIPTOR_SIZE as u64)
+            .read_exact_at(
+                b.as_mut_slice(),
+                self.offset + self.size - DESCRIPTOR_SIZE as u64,
+            )
             .map_err(io_at(&self.path))?;
         Ok(b.as_slice().to_vec())
     }

@@ -25,18 +25,40 @@ fn payload_fault(f: &Fixture, fault: Fault) {
 }
 
 const CASES: &[Case] = &[
-    Case { name: "payload 404", kind: "payload-missing", setup: |f| payload_fault(f, Fault { status: Some(404), ..Fault::default() }) },
+    Case {
+        name: "payload 404",
+        kind: "payload-missing",
+        setup: |f| {
+            payload_fault(
+                f,
+                Fault {
+                    status: Some(404),
+                    ..Fault::default()
+                },
+            )
+        },
+    },
     Case {
         name: "manifest 500",
         kind: "http-status",
-        setup: |f| f.httpd.set_fault(Fault { suffix: "stable.json".into(), status: Some(500), ..Fault::default() }),
+        setup: |f| {
+            f.httpd.set_fault(Fault {
+                suffix: "stable.json".into(),
+                status: Some(500),
+                ..Fault::default()
+            })
+        },
     },
     Case {
         name: "connection refused",
         kind: "connect",
         setup: |f| {
             // A port that was just free: nothing listens there.
-            let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .expect("bind")
+                .local_addr()
+                .expect("addr")
+                .port();
             std::fs::write(
                 f.root.join("etc/nimbus/update.conf"),
                 format!("GROUP=stable\nSERVER=http://127.0.0.1:{port}\nIO_WRITE_BPS=unlimited\n"),
@@ -44,7 +66,19 @@ const CASES: &[Case] = &[
             .expect("conf");
         },
     },
-    Case { name: "server stalls mid-body", kind: "stalled", setup: |f| payload_fault(f, Fault { stall_after: Some(200_000), ..Fault::default() }) },
+    Case {
+        name: "server stalls mid-body",
+        kind: "stalled",
+        setup: |f| {
+            payload_fault(
+                f,
+                Fault {
+                    stall_after: Some(200_000),
+                    ..Fault::default()
+                },
+            )
+        },
+    },
     Case {
         name: "payload truncated on the server",
         kind: "payload-truncated",
@@ -72,14 +106,22 @@ const CASES: &[Case] = &[
     Case {
         name: "compressed hash mismatch",
         kind: "compressed-hash-mismatch",
-        setup: |f| f.resign(&f.key, |m| m.releases[0].compressed_sha256 = "ab".repeat(32)),
+        setup: |f| {
+            f.resign(&f.key, |m| {
+                m.releases[0].compressed_sha256 = "ab".repeat(32)
+            })
+        },
     },
     Case {
         name: "raw hash mismatch",
         kind: "raw-hash-mismatch",
         setup: |f| f.resign(&f.key, |m| m.releases[0].raw_sha256 = "cd".repeat(32)),
     },
-    Case { name: "malformed manifest", kind: "manifest-malformed", setup: |f| f.write_signed(&f.key, b"{\"schema\": 1, \"channel\": ") },
+    Case {
+        name: "malformed manifest",
+        kind: "manifest-malformed",
+        setup: |f| f.write_signed(&f.key, b"{\"schema\": 1, \"channel\": "),
+    },
     Case {
         name: "huge manifest",
         kind: "manifest-too-large",
@@ -95,7 +137,9 @@ const CASES: &[Case] = &[
         kind: "bad-signature",
         setup: |f| {
             let p = f.repo.join("channels/stable.json");
-            let s = std::fs::read_to_string(&p).expect("read").replace("\"serial\": 1", "\"serial\": 9");
+            let s = std::fs::read_to_string(&p)
+                .expect("read")
+                .replace("\"serial\": 1", "\"serial\": 9");
             std::fs::write(&p, s).expect("write");
         },
     },
@@ -129,7 +173,11 @@ const CASES: &[Case] = &[
             // This host accepted serial 5 before; the server now shows serial 1.
             let dir = f.root.join("var/lib/nimbus");
             std::fs::create_dir_all(&dir).expect("mkdir");
-            std::fs::write(dir.join("update-engine.json"), br#"{"last_serial": {"stable": 5}}"#).expect("write");
+            std::fs::write(
+                dir.join("update-engine.json"),
+                br#"{"last_serial": {"stable": 5}}"#,
+            )
+            .expect("write");
         },
     },
     Case {
@@ -137,7 +185,11 @@ const CASES: &[Case] = &[
         kind: "unknown-channel",
         setup: |f| {
             let url = f.httpd.url();
-            std::fs::write(f.root.join("etc/nimbus/update.conf"), format!("GROUP=nosuch\nSERVER={url}\n")).expect("conf");
+            std::fs::write(
+                f.root.join("etc/nimbus/update.conf"),
+                format!("GROUP=nosuch\nSERVER={url}\n"),
+            )
+            .expect("conf");
         },
     },
 ];
@@ -163,13 +215,18 @@ fn each_bad_input_fails_with_its_own_error_and_loses_nothing() {
                 })
             })
             .collect();
-        hs.into_iter().map(|h| h.join().expect("case thread")).collect()
+        hs.into_iter()
+            .map(|h| h.join().expect("case thread"))
+            .collect()
     });
     for (c, out, st, a_same, b, a) in results {
         let stderr = String::from_utf8_lossy(&out.stderr).to_string();
         let st = st.unwrap_or(serde_json::Value::Null);
         let kind = st["last_error"]["kind"].as_str().unwrap_or("").to_string();
-        let msg = st["last_error"]["message"].as_str().unwrap_or("").to_string();
+        let msg = st["last_error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
         let mut bad = Vec::new();
         if out.status.success() {
             bad.push("exited 0".to_string());
@@ -190,13 +247,25 @@ fn each_bad_input_fails_with_its_own_error_and_loses_nothing() {
             bad.push(format!("USR-B bootable: {b:?}"));
         }
         if !bad.is_empty() {
-            failures.push(format!("{}: {}\n  message: {msg}\n  stderr: {stderr}", c.name, bad.join("; ")));
+            failures.push(format!(
+                "{}: {}\n  message: {msg}\n  stderr: {stderr}",
+                c.name,
+                bad.join("; ")
+            ));
         }
         eprintln!("{:<40} {kind:<26} {msg}", c.name);
         kinds.insert(kind);
         messages.insert(msg);
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
-    assert_eq!(kinds.len(), CASES.len(), "every case has its own error kind");
-    assert_eq!(messages.len(), CASES.len(), "every case has its own message");
+    assert_eq!(
+        kinds.len(),
+        CASES.len(),
+        "every case has its own error kind"
+    );
+    assert_eq!(
+        messages.len(),
+        CASES.len(),
+        "every case has its own message"
+    );
 }

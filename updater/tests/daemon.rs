@@ -20,13 +20,23 @@ impl Drop for Daemon {
 }
 
 fn ctl(sock: &Path, args: &[&str]) -> (Output, String) {
-    let out = Command::new(UPDATECTL).arg("--socket").arg(sock).args(args).output().expect("updatectl");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(UPDATECTL)
+        .arg("--socket")
+        .arg(sock)
+        .args(args)
+        .output()
+        .expect("updatectl");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     (out, text)
 }
 
 fn json(out: &Output) -> serde_json::Value {
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
 }
 
 #[test]
@@ -38,13 +48,33 @@ fn updatectl_drives_the_daemon() {
     let old = support::build_version(w, "0.9.0", 3, f.usr_size, &f.key);
     support::publish(&f.repo, &old.dir, "old", &f.key, 86400);
     let conf_path = f.root.join("etc/nimbus/update.conf");
-    std::fs::write(&conf_path, format!("# operator's comment\nGROUP=stable\nSERVER={}\nIO_WRITE_BPS=unlimited\n", f.httpd.url())).expect("conf");
+    std::fs::write(
+        &conf_path,
+        format!(
+            "# operator's comment\nGROUP=stable\nSERVER={}\nIO_WRITE_BPS=unlimited\n",
+            f.httpd.url()
+        ),
+    )
+    .expect("conf");
 
     let sock = w.join("ue.sock");
-    let _d = Daemon(f.engine(&["--socket", sock.to_str().expect("utf8"), "--first-check", "3600"]).stderr(std::process::Stdio::null()).spawn().expect("daemon"));
+    let _d = Daemon(
+        f.engine(&[
+            "--socket",
+            sock.to_str().expect("utf8"),
+            "--first-check",
+            "3600",
+        ])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("daemon"),
+    );
     let t0 = Instant::now();
     while !sock.exists() {
-        assert!(t0.elapsed() < Duration::from_secs(20), "daemon did not open its socket");
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "daemon did not open its socket"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 
@@ -63,7 +93,12 @@ fn updatectl_drives_the_daemon() {
     assert!(out.status.success(), "{text}");
     assert!(text.contains("1.2.0"), "{text}");
     let conf = std::fs::read_to_string(&conf_path).expect("conf");
-    assert!(conf.contains("GROUP=beta") && conf.contains("# operator's comment") && !conf.contains("GROUP=stable"), "{conf}");
+    assert!(
+        conf.contains("GROUP=beta")
+            && conf.contains("# operator's comment")
+            && !conf.contains("GROUP=stable"),
+        "{conf}"
+    );
 
     let (out, text) = ctl(&sock, &["check", "--json"]);
     assert!(out.status.success(), "{text}");
@@ -72,17 +107,28 @@ fn updatectl_drives_the_daemon() {
     // A channel that is behind: refused without --allow-downgrade, GROUP kept.
     let (out, text) = ctl(&sock, &["channel", "old"]);
     assert_eq!(out.status.code(), Some(6), "{text}");
-    assert!(text.contains("0.9.0") && text.contains("--allow-downgrade"), "{text}");
-    assert!(std::fs::read_to_string(&conf_path).expect("conf").contains("GROUP=beta"));
+    assert!(
+        text.contains("0.9.0") && text.contains("--allow-downgrade"),
+        "{text}"
+    );
+    assert!(std::fs::read_to_string(&conf_path)
+        .expect("conf")
+        .contains("GROUP=beta"));
     // An unknown channel changes nothing either.
     let (out, text) = ctl(&sock, &["channel", "nosuch"]);
     assert_eq!(out.status.code(), Some(3), "{text}");
-    assert!(std::fs::read_to_string(&conf_path).expect("conf").contains("GROUP=beta"));
+    assert!(std::fs::read_to_string(&conf_path)
+        .expect("conf")
+        .contains("GROUP=beta"));
 
     let (out, text) = ctl(&sock, &["update", "--wait"]);
     assert!(out.status.success(), "{text}");
     assert!(text.contains("UPDATED_NEED_REBOOT"), "{text}");
-    let r = support::release(&serde_json::from_slice(&std::fs::read(f.repo.join("channels/beta.json")).expect("m")).expect("parse"), "1.2.0");
+    let r = support::release(
+        &serde_json::from_slice(&std::fs::read(f.repo.join("channels/beta.json")).expect("m"))
+            .expect("parse"),
+        "1.2.0",
+    );
     assert_eq!(f.slot_payload_sha(Slot::B, r.raw_size), r.raw_sha256);
     assert_eq!(f.cgpt(Slot::B), (2, 1, 0));
 
@@ -96,7 +142,9 @@ fn updatectl_drives_the_daemon() {
     // With the operator's say-so the older channel is taken.
     let (out, text) = ctl(&sock, &["channel", "old", "--allow-downgrade"]);
     assert!(out.status.success(), "{text}");
-    assert!(std::fs::read_to_string(&conf_path).expect("conf").contains("GROUP=old"));
+    assert!(std::fs::read_to_string(&conf_path)
+        .expect("conf")
+        .contains("GROUP=old"));
     let (out, text) = ctl(&sock, &["check", "--json"]);
     assert_eq!(json(&out)["message"], "0.9.0 is available", "{text}");
 

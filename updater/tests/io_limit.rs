@@ -18,15 +18,26 @@ impl Drop for Loop {
 }
 
 fn attach(file: &std::path::Path) -> Loop {
-    let out = Command::new("losetup").args(["-f", "--show"]).arg(file).output().expect("losetup (util-linux)");
-    assert!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("losetup")
+        .args(["-f", "--show"])
+        .arg(file)
+        .output()
+        .expect("losetup (util-linux)");
+    assert!(
+        out.status.success(),
+        "losetup: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Loop(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 fn apply_rate(f: &Fixture, dev: &str, cap: &str) -> (f64, serde_json::Value) {
     std::fs::write(
         f.root.join("etc/nimbus/update.conf"),
-        format!("GROUP=stable\nSERVER={}\nIO_WRITE_BPS={cap}\n", f.httpd.url()),
+        format!(
+            "GROUP=stable\nSERVER={}\nIO_WRITE_BPS={cap}\n",
+            f.httpd.url()
+        ),
     )
     .expect("conf");
     let out = Command::new(support::ENGINE)
@@ -35,10 +46,15 @@ fn apply_rate(f: &Fixture, dev: &str, cap: &str) -> (f64, serde_json::Value) {
         .args(["--disk", dev])
         .output()
         .expect("update-engine");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let st: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     let a = st["last_apply"].clone();
-    let rate = a["written"].as_f64().expect("written") / a["seconds"].as_f64().expect("seconds") / 1e6;
+    let rate =
+        a["written"].as_f64().expect("written") / a["seconds"].as_f64().expect("seconds") / 1e6;
     (rate, a)
 }
 
@@ -49,22 +65,46 @@ fn ten_mb_cap_holds_and_no_cap_runs_at_device_speed() {
     let (capped, a) = apply_rate(&f, &lo.0, "10000000");
     eprintln!("capped: {capped:.2} MB/s ({a})");
     let how = a["io_limit"].as_str().unwrap_or("");
-    assert!(how.contains("blkio.throttle.write_bps_device"), "the cgroup v1 cap was used: {how}");
+    assert!(
+        how.contains("blkio.throttle.write_bps_device"),
+        "the cgroup v1 cap was used: {how}"
+    );
     assert!(a["direct_io"] == true);
     assert!(capped <= 11.0, "10 MB/s cap measured {capped:.2} MB/s");
-    assert!(capped >= 7.0, "the cap should not starve the writer: {capped:.2} MB/s");
+    assert!(
+        capped >= 7.0,
+        "the cap should not starve the writer: {capped:.2} MB/s"
+    );
     assert_eq!(f.cgpt(Slot::B), (2, 1, 0));
 
     // Again, uncapped: roll back to A so B is passive once more.
-    let out = Command::new("cgpt").args(["add", "-i", "4", "-P", "0", "-T", "0", "-S", "0"]).arg(&lo.0).output().expect("cgpt");
+    let out = Command::new("cgpt")
+        .args(["add", "-i", "4", "-P", "0", "-T", "0", "-S", "0"])
+        .arg(&lo.0)
+        .output()
+        .expect("cgpt");
     assert!(out.status.success());
     let (free, a) = apply_rate(&f, &lo.0, "unlimited");
     eprintln!("uncapped: {free:.2} MB/s ({a})");
-    assert!(a["io_limit"].as_str().unwrap_or("").contains("no bandwidth cap"));
-    assert!(free > 3.0 * capped, "uncapped {free:.2} MB/s should run far above the cap ({capped:.2} MB/s)");
+    assert!(a["io_limit"]
+        .as_str()
+        .unwrap_or("")
+        .contains("no bandwidth cap"));
+    assert!(
+        free > 3.0 * capped,
+        "uncapped {free:.2} MB/s should run far above the cap ({capped:.2} MB/s)"
+    );
     // No writer cgroup is left behind.
     let leftovers = std::fs::read_dir("/sys/fs/cgroup/blkio")
-        .map(|rd| rd.flatten().filter(|e| e.file_name().to_string_lossy().starts_with("nimbus-update-writer")).count())
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .starts_with("nimbus-update-writer")
+                })
+                .count()
+        })
         .unwrap_or(0);
     assert_eq!(leftovers, 0);
 }

@@ -19,17 +19,31 @@ fn killed_mid_download_resumes_with_range() {
     // Slow enough that a checkpoint (first frame end after 2 s) lands well
     // before the end.
     let bps = (r.compressed_size / 7).max(1);
-    f.httpd.set_fault(Fault { suffix: "usr.img.zst".into(), throttle: Some(bps), ..Fault::default() });
+    f.httpd.set_fault(Fault {
+        suffix: "usr.img.zst".into(),
+        throttle: Some(bps),
+        ..Fault::default()
+    });
 
-    let mut child = f.engine(&["--once"]).stderr(std::process::Stdio::null()).spawn().expect("spawn");
+    let mut child = f
+        .engine(&["--once"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
     let t0 = Instant::now();
     let cp = loop {
         let st = f.state();
         if !st["checkpoint"].is_null() {
             break st["checkpoint"].clone();
         }
-        assert!(t0.elapsed() < Duration::from_secs(60), "no checkpoint appeared");
-        assert!(child.try_wait().expect("wait").is_none(), "update-engine ended before a checkpoint");
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no checkpoint appeared"
+        );
+        assert!(
+            child.try_wait().expect("wait").is_none(),
+            "update-engine ended before a checkpoint"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     child.kill().expect("SIGKILL");
@@ -41,17 +55,36 @@ fn killed_mid_download_resumes_with_range() {
     f.httpd.set_fault(Fault::default());
     f.httpd.clear_log();
     let (out, st) = f.once(&[]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(st.expect("status")["state"], "UPDATED_NEED_REBOOT");
-    let gets: Vec<_> = f.httpd.requests().into_iter().filter(|l| l.path.ends_with("usr.img.zst")).collect();
+    let gets: Vec<_> = f
+        .httpd
+        .requests()
+        .into_iter()
+        .filter(|l| l.path.ends_with("usr.img.zst"))
+        .collect();
     assert_eq!(gets.len(), 1, "{gets:?}");
-    assert_eq!(gets[0].range_start, Some(comp_off), "resumed at the checkpoint");
+    assert_eq!(
+        gets[0].range_start,
+        Some(comp_off),
+        "resumed at the checkpoint"
+    );
     assert_eq!(gets[0].status, 206);
-    assert!(gets[0].body_bytes < r.compressed_size, "downloaded less than the whole payload again");
+    assert!(
+        gets[0].body_bytes < r.compressed_size,
+        "downloaded less than the whole payload again"
+    );
     assert_eq!(gets[0].body_bytes, r.compressed_size - comp_off);
     assert_eq!(f.slot_payload_sha(Slot::B, r.raw_size), r.raw_sha256);
     assert_eq!(f.cgpt(Slot::B), (2, 1, 0));
-    assert!(f.state()["checkpoint"].is_null(), "checkpoint cleared after success");
+    assert!(
+        f.state()["checkpoint"].is_null(),
+        "checkpoint cleared after success"
+    );
 }
 
 #[test]
@@ -59,15 +92,26 @@ fn a_checkpoint_that_does_not_match_the_slot_is_not_trusted() {
     let f = Fixture::new(96, 160);
     let r = support::release(&f.manifest(), "1.1.0");
     let bps = (r.compressed_size / 7).max(1);
-    f.httpd.set_fault(Fault { suffix: "usr.img.zst".into(), throttle: Some(bps), ..Fault::default() });
-    let mut child = f.engine(&["--once"]).stderr(std::process::Stdio::null()).spawn().expect("spawn");
+    f.httpd.set_fault(Fault {
+        suffix: "usr.img.zst".into(),
+        throttle: Some(bps),
+        ..Fault::default()
+    });
+    let mut child = f
+        .engine(&["--once"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
     let t0 = Instant::now();
     let cp = loop {
         let st = f.state();
         if !st["checkpoint"].is_null() {
             break st["checkpoint"].clone();
         }
-        assert!(t0.elapsed() < Duration::from_secs(60), "no checkpoint appeared");
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no checkpoint appeared"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     child.kill().expect("SIGKILL");
@@ -76,15 +120,29 @@ fn a_checkpoint_that_does_not_match_the_slot_is_not_trusted() {
     let d = nimbus::gpt::Disk::open_path(&f.disk, true).expect("open");
     let p = d.partition(4).expect("usr-b");
     use std::os::unix::fs::FileExt;
-    d.into_device().write_all_at(b"garbage", p.offset_bytes() + 4096).expect("write");
+    d.into_device()
+        .write_all_at(b"garbage", p.offset_bytes() + 4096)
+        .expect("write");
     assert!(cp["raw_offset"].as_u64().unwrap_or(0) > 8192);
 
     f.httpd.set_fault(Fault::default());
     f.httpd.clear_log();
     let (out, _) = f.once(&[]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let gets: Vec<_> = f.httpd.requests().into_iter().filter(|l| l.path.ends_with("usr.img.zst")).collect();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let gets: Vec<_> = f
+        .httpd
+        .requests()
+        .into_iter()
+        .filter(|l| l.path.ends_with("usr.img.zst"))
+        .collect();
     assert_eq!(gets.len(), 1);
-    assert_eq!(gets[0].range_start, None, "started over instead of resuming onto a damaged prefix");
+    assert_eq!(
+        gets[0].range_start, None,
+        "started over instead of resuming onto a damaged prefix"
+    );
     assert_eq!(f.slot_payload_sha(Slot::B, r.raw_size), r.raw_sha256);
 }

@@ -20,6 +20,12 @@ pub enum BenchCmd {
         #[arg(long)]
         skip_cold: bool,
     },
+    /// update-engine apply throughput and memory vs the shell pipeline and zstd decode-only.
+    Update {
+        /// zstd level of the 1 GiB payload.
+        #[arg(long, default_value_t = 19)]
+        level: i32,
+    },
     /// QEMU boot times: to the selection line and to multi-user, with and
     /// without the stage-1 + kexec step.
     Boot {
@@ -34,6 +40,7 @@ pub enum BenchCmd {
 
 pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
     match cmd {
+        BenchCmd::Update { level } => crate::bench_update::bench_update(level),
         BenchCmd::Build { skip_cold } => bench_build(skip_cold),
         BenchCmd::Boot { image, runs } => bench_boot(image, runs),
     }
@@ -56,7 +63,7 @@ fn stage(r: &nimbus_image::pipeline::BuildReport, name: &str) -> f64 {
         .sum()
 }
 
-fn machine() -> String {
+pub fn machine() -> String {
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(0);

@@ -10,6 +10,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod bench_update;
 mod build_image;
 mod deps;
 mod disk;
@@ -119,7 +120,11 @@ fn release(a: Release) -> anyhow::Result<ExitCode> {
         rollout_secs,
         max_version: a.max_version,
     })?;
-    let newest = m.releases.last().map(|r| r.version.to_string()).unwrap_or_default();
+    let newest = m
+        .releases
+        .last()
+        .map(|r| r.version.to_string())
+        .unwrap_or_default();
     println!(
         "{}: channel {} serial {} offers {} (newest {newest}), expires {}",
         nimbus_image::release::manifest_path(&a.repo, &a.channel).display(),

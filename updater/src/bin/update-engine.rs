@@ -16,7 +16,11 @@ use nimbus_updater::engine::{Engine, Host, Options, Shared};
 use nimbus_updater::error::UpdateError;
 
 #[derive(Parser)]
-#[command(name = "update-engine", version, about = "Nimbus update engine: follow a channel, install into the passive USR slot")]
+#[command(
+    name = "update-engine",
+    version,
+    about = "Nimbus update engine: follow a channel, install into the passive USR slot"
+)]
 struct Cli {
     /// The root holding etc/, usr/share/nimbus/ and var/lib/nimbus/.
     #[arg(long, default_value = "/", global = true)]
@@ -71,7 +75,8 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("NIMBUS_LOG").unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_env("NIMBUS_LOG")
+                .unwrap_or_else(|_| "info".into()),
         )
         .init();
     let cli = Cli::parse();
@@ -97,7 +102,11 @@ fn run(cli: Cli) -> Result<ExitCode, UpdateError> {
     let shared = Arc::new(Shared::new());
     let mut engine = Engine::new(host, &opts, shared.clone())?;
     match &cli.cmd {
-        Some(Sub::ApplyFile { payload, manifest, signatures }) => {
+        Some(Sub::ApplyFile {
+            payload,
+            manifest,
+            signatures,
+        }) => {
             let sigs = signatures.clone().unwrap_or_else(|| {
                 let mut s = manifest.clone().into_os_string();
                 s.push(".sig");
@@ -115,7 +124,11 @@ fn run(cli: Cli) -> Result<ExitCode, UpdateError> {
     daemon(cli, engine, shared)
 }
 
-fn finish(engine: &Engine, r: Result<Option<semver::Version>, UpdateError>, json: bool) -> Result<ExitCode, UpdateError> {
+fn finish(
+    engine: &Engine,
+    r: Result<Option<semver::Version>, UpdateError>,
+    json: bool,
+) -> Result<ExitCode, UpdateError> {
     let code = match &r {
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => {
@@ -129,7 +142,10 @@ fn finish(engine: &Engine, r: Result<Option<semver::Version>, UpdateError>, json
         println!("{}", serde_json::to_string_pretty(&st).unwrap_or_default());
     } else {
         match (&r, &st.new_version) {
-            (Ok(Some(v)), _) => println!("{v} installed into the passive slot; {}", st.note.clone().unwrap_or_default()),
+            (Ok(Some(v)), _) => println!(
+                "{v} installed into the passive slot; {}",
+                st.note.clone().unwrap_or_default()
+            ),
             (Ok(None), _) => println!("{}: {}", st.state, st.note.clone().unwrap_or_default()),
             (Err(_), _) => {}
         }
@@ -157,7 +173,11 @@ fn reboot(cli: &Cli, engine: &Engine) {
         }
     };
     tracing::info!("REBOOT_STRATEGY=reboot: running {cmd:?}");
-    match std::process::Command::new("/bin/sh").arg("-c").arg(&cmd).status() {
+    match std::process::Command::new("/bin/sh")
+        .arg("-c")
+        .arg(&cmd)
+        .status()
+    {
         Ok(s) if s.success() => {}
         Ok(s) => tracing::error!("reboot command {cmd:?} failed: {s}"),
         Err(e) => tracing::error!("reboot command {cmd:?}: {e}"),
@@ -166,9 +186,15 @@ fn reboot(cli: &Cli, engine: &Engine) {
 
 fn daemon(cli: Cli, mut engine: Engine, shared: Arc<Shared>) -> Result<ExitCode, UpdateError> {
     nimbus_updater::iolimit::sweep_stale();
-    let sock = cli.socket.clone().unwrap_or_else(|| cli.root.join(api::SOCKET_PATH));
+    let sock = cli
+        .socket
+        .clone()
+        .unwrap_or_else(|| cli.root.join(api::SOCKET_PATH));
     let (tx, rx) = channel::<Command>();
-    api::serve(&sock, shared.clone(), tx).map_err(|e| UpdateError::Io { path: sock.clone(), source: e })?;
+    api::serve(&sock, shared.clone(), tx).map_err(|e| UpdateError::Io {
+        path: sock.clone(),
+        source: e,
+    })?;
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     tracing::info!(
         "update-engine {} on {} (booted partition {}, running {}), API at {}",
@@ -199,9 +225,16 @@ fn daemon(cli: Cli, mut engine: Engine, shared: Arc<Shared>) -> Result<ExitCode,
                     reboot(&cli, &engine);
                     format!("{v} installed; reboot to use it")
                 }
-                None => engine.shared.snapshot().note.unwrap_or_else(|| "nothing to install".into()),
+                None => engine
+                    .shared
+                    .snapshot()
+                    .note
+                    .unwrap_or_else(|| "nothing to install".into()),
             }),
-            Request::SetChannel { name, allow_downgrade } => engine.set_channel(&name, allow_downgrade),
+            Request::SetChannel {
+                name,
+                allow_downgrade,
+            } => engine.set_channel(&name, allow_downgrade),
             Request::Rollback => engine.rollback(),
             Request::MarkGood => engine.mark_good(),
             Request::Status | Request::Watch | Request::Cancel => Ok(String::new()),

@@ -14,7 +14,11 @@ use nimbus_updater::api::{Client, Request, Response, SOCKET_PATH};
 use nimbus_updater::status::Status;
 
 #[derive(Parser)]
-#[command(name = "updatectl", version, about = "Control the Nimbus update engine")]
+#[command(
+    name = "updatectl",
+    version,
+    about = "Control the Nimbus update engine"
+)]
 struct Cli {
     /// update-engine's socket (default: ROOT/run/nimbus/update-engine.sock).
     #[arg(long, global = true, value_name = "PATH")]
@@ -61,7 +65,11 @@ const EX_UNAVAILABLE: u8 = 69;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let client = Client::new(cli.socket.clone().unwrap_or_else(|| cli.root.join(SOCKET_PATH)));
+    let client = Client::new(
+        cli.socket
+            .clone()
+            .unwrap_or_else(|| cli.root.join(SOCKET_PATH)),
+    );
     match run(&cli, &client) {
         Ok(c) => c,
         Err(e) => {
@@ -97,7 +105,12 @@ fn print_status(s: &Status) {
     println!("channel:   {} from {}", s.channel, s.server);
     println!("reboot:    {}", s.reboot_strategy);
     if let Some(p) = &s.progress {
-        println!("progress:  {} / {} bytes at {}/s", p.done, p.total, human(p.rate));
+        println!(
+            "progress:  {} / {} bytes at {}/s",
+            p.done,
+            p.total,
+            human(p.rate)
+        );
     }
     if let Some(t) = &s.last_check {
         println!("checked:   {}", t.to_rfc3339());
@@ -106,7 +119,12 @@ fn print_status(s: &Status) {
         println!("note:      {n}");
     }
     if let Some(e) = &s.last_error {
-        println!("error:     {} ({}, {})", e.message, e.kind, e.at.to_rfc3339());
+        println!(
+            "error:     {} ({}, {})",
+            e.message,
+            e.kind,
+            e.at.to_rfc3339()
+        );
     }
 }
 
@@ -122,7 +140,10 @@ fn human(n: u64) -> String {
 }
 
 fn print_slots(s: &Status) {
-    println!("{:<6} {:>4} {:>8} {:>5} {:>10}  {:<12}", "SLOT", "PART", "PRIORITY", "TRIES", "SUCCESSFUL", "VERSION");
+    println!(
+        "{:<6} {:>4} {:>8} {:>5} {:>10}  {:<12}",
+        "SLOT", "PART", "PRIORITY", "TRIES", "SUCCESSFUL", "VERSION"
+    );
     for e in &s.slots {
         println!(
             "{:<6} {:>4} {:>8} {:>5} {:>10}  {:<12}{}",
@@ -144,7 +165,10 @@ fn run(cli: &Cli, client: &Client) -> Result<ExitCode, nimbus_updater::api::Clie
             let st = r.status.clone().unwrap_or_default();
             if cli.json {
                 if matches!(cli.cmd, Cmd::Slots) {
-                    println!("{}", serde_json::to_string_pretty(&st.slots).unwrap_or_default());
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&st.slots).unwrap_or_default()
+                    );
                 } else {
                     println!("{}", serde_json::to_string_pretty(&st).unwrap_or_default());
                 }
@@ -162,31 +186,47 @@ fn run(cli: &Cli, client: &Client) -> Result<ExitCode, nimbus_updater::api::Clie
         Cmd::Channel { name: None, .. } => {
             let st = client.call(&Request::Status)?.status.unwrap_or_default();
             if cli.json {
-                println!("{}", serde_json::json!({"channel": st.channel, "server": st.server}));
+                println!(
+                    "{}",
+                    serde_json::json!({"channel": st.channel, "server": st.server})
+                );
             } else {
                 println!("{}", st.channel);
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Channel { name: Some(n), allow_downgrade } => Ok(answer(
+        Cmd::Channel {
+            name: Some(n),
+            allow_downgrade,
+        } => Ok(answer(
             cli,
-            &client.call(&Request::SetChannel { name: n.clone(), allow_downgrade: *allow_downgrade })?,
+            &client.call(&Request::SetChannel {
+                name: n.clone(),
+                allow_downgrade: *allow_downgrade,
+            })?,
         )),
-        Cmd::Update { wait: false } => Ok(answer(cli, &client.call(&Request::Apply { wait: false })?)),
+        Cmd::Update { wait: false } => {
+            Ok(answer(cli, &client.call(&Request::Apply { wait: false })?))
+        }
         Cmd::Update { wait: true } => update_wait(cli, client),
     }
 }
 
 /// Run the update on one connection and show progress from a second.
 fn update_wait(cli: &Cli, client: &Client) -> Result<ExitCode, nimbus_updater::api::ClientError> {
-    let path = cli.socket.clone().unwrap_or_else(|| cli.root.join(SOCKET_PATH));
+    let path = cli
+        .socket
+        .clone()
+        .unwrap_or_else(|| cli.root.join(SOCKET_PATH));
     let worker = std::thread::spawn(move || Client::new(path).call(&Request::Apply { wait: true }));
     let tty = std::io::stderr().is_terminal() && !cli.json;
     let bar = if tty {
         let b = indicatif::ProgressBar::new(0);
         b.set_style(
-            indicatif::ProgressStyle::with_template("{msg:12} [{bar:40}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            indicatif::ProgressStyle::with_template(
+                "{msg:12} [{bar:40}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         Some(b)
     } else {
@@ -202,7 +242,13 @@ fn update_wait(cli: &Cli, client: &Client) -> Result<ExitCode, nimbus_updater::a
                     b.set_message(st.state.to_string());
                 }
                 None if !cli.json && last_line.elapsed().as_secs() >= 5 => {
-                    eprintln!("{}: {} / {} bytes, {}/s", st.state, p.done, p.total, human(p.rate));
+                    eprintln!(
+                        "{}: {} / {} bytes, {}/s",
+                        st.state,
+                        p.done,
+                        p.total,
+                        human(p.rate)
+                    );
                     last_line = std::time::Instant::now();
                 }
                 None => {}
@@ -216,7 +262,10 @@ fn update_wait(cli: &Cli, client: &Client) -> Result<ExitCode, nimbus_updater::a
     let _ = watched;
     let r = worker
         .join()
-        .map_err(|_| nimbus_updater::api::ClientError::Protocol { path: PathBuf::new(), reason: "worker panicked".into() })??;
+        .map_err(|_| nimbus_updater::api::ClientError::Protocol {
+            path: PathBuf::new(),
+            reason: "worker panicked".into(),
+        })??;
     if !cli.json {
         if let Some(st) = &r.status {
             print_status(st);

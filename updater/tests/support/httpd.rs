@@ -113,7 +113,10 @@ impl Httpd {
         let file = self.root.join(rel);
         if let (true, Some(code)) = (applies, fault.status) {
             logged.status = code;
-            let _ = write!(conn, "HTTP/1.1 {code} Injected\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+            let _ = write!(
+                conn,
+                "HTTP/1.1 {code} Injected\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
             self.log.lock().expect("log").push(logged);
             return;
         }
@@ -121,7 +124,10 @@ impl Httpd {
             (false, Ok(d)) => d,
             _ => {
                 logged.status = 404;
-                let _ = write!(conn, "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                );
                 self.log.lock().expect("log").push(logged);
                 return;
             }

@@ -24,8 +24,22 @@ pub const UPDATECTL: &str = env!("CARGO_BIN_EXE_updatectl");
 /// vocabulary picked by xorshift, like text and code in a real /usr.
 pub fn filler(seed: u64, len: usize) -> Vec<u8> {
     const WORDS: &[&[u8]] = &[
-        b"the ", b"kernel ", b"update ", b"slot ", b"verity ", b"0x1f ", b"{\n", b"}\n", b"return ", b"etcd ",
-        b"container ", b"\x00\x00\x00\x00", b"\x7fELF", b"fn ", b"let ", b"mut ",
+        b"the ",
+        b"kernel ",
+        b"update ",
+        b"slot ",
+        b"verity ",
+        b"0x1f ",
+        b"{\n",
+        b"}\n",
+        b"return ",
+        b"etcd ",
+        b"container ",
+        b"\x00\x00\x00\x00",
+        b"\x7fELF",
+        b"fn ",
+        b"let ",
+        b"mut ",
     ];
     let mut x = seed | 1;
     let mut out = Vec::with_capacity(len + 16);
@@ -33,7 +47,7 @@ pub fn filler(seed: u64, len: usize) -> Vec<u8> {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        if x % 5 == 0 {
+        if x.is_multiple_of(5) {
             out.extend_from_slice(&x.to_le_bytes()[..3]);
         } else {
             out.extend_from_slice(WORDS[(x >> 32) as usize % WORDS.len()]);
@@ -51,13 +65,27 @@ pub struct Built {
 /// A USR filesystem for `version` with `data_mib` of payload data, and
 /// (in `dir`) `usr.img.zst` + `build.json` as `cargo xtask build-image`
 /// leaves them.
-pub fn build_version(work: &Path, version: &str, data_mib: usize, slot_size: u64, key: &ReleaseKey) -> Built {
+pub fn build_version(
+    work: &Path,
+    version: &str,
+    data_mib: usize,
+    slot_size: u64,
+    key: &ReleaseKey,
+) -> Built {
     let v: Version = version.parse().expect("version");
     let dir = work.join("build").join(version);
     let tree = dir.join("usr-tree");
     std::fs::create_dir_all(tree.join("lib")).expect("mkdir");
-    std::fs::write(tree.join("lib/os-release"), format!("ID=nimbus\nVERSION_ID={version}\n")).expect("write");
-    std::fs::write(tree.join("lib/data.bin"), filler(v.minor * 1000 + v.patch + 7, data_mib << 20)).expect("write");
+    std::fs::write(
+        tree.join("lib/os-release"),
+        format!("ID=nimbus\nVERSION_ID={version}\n"),
+    )
+    .expect("write");
+    std::fs::write(
+        tree.join("lib/data.bin"),
+        filler(v.minor * 1000 + v.patch + 7, data_mib << 20),
+    )
+    .expect("write");
     let fs = dir.join("usr.erofs");
     let slot = usr::build(&UsrInputs {
         usr_dir: &tree,
@@ -70,13 +98,19 @@ pub fn build_version(work: &Path, version: &str, data_mib: usize, slot_size: u64
         key,
     })
     .expect("build usr");
-    let info = slot.write_payload(&dir.join("usr.img.zst"), 3).expect("payload");
+    let info = slot
+        .write_payload(&dir.join("usr.img.zst"), 3)
+        .expect("payload");
     let bj = serde_json::json!({
         "version": version,
         "verity_root": hex::encode(slot.fields.verity_root),
         "payload": info,
     });
-    std::fs::write(dir.join("build.json"), serde_json::to_vec(&bj).expect("json")).expect("write");
+    std::fs::write(
+        dir.join("build.json"),
+        serde_json::to_vec(&bj).expect("json"),
+    )
+    .expect("write");
     Built { slot, dir }
 }
 
@@ -91,23 +125,40 @@ pub fn make_disk(path: &Path, usr_size: u64, slot: &usr::UsrSlot) {
         .open(path)
         .expect("create disk");
     f.set_len(size).expect("size");
-    let a = Prio { priority: 1, tries: 0, successful: true };
+    let a = Prio {
+        priority: 1,
+        tries: 0,
+        successful: true,
+    };
     let disk = Disk::create(
         f,
         path,
         usr_size,
         uuid::Uuid::from_u128(42),
         |s| uuid::Uuid::from_u128(1000 + u128::from(s.number)),
-        |s| if s.number == Slot::A.partition_number() { a.apply_to(0) } else { 0 },
+        |s| {
+            if s.number == Slot::A.partition_number() {
+                a.apply_to(0)
+            } else {
+                0
+            }
+        },
     )
     .expect("gpt");
     let p = disk.partition(Slot::A.partition_number()).expect("usr-a");
     let mut f = disk.into_device();
-    slot.write_to_partition(&mut f, path, p.offset_bytes(), p.size_bytes()).expect("write usr-a");
+    slot.write_to_partition(&mut f, path, p.offset_bytes(), p.size_bytes())
+        .expect("write usr-a");
     f.sync_all().expect("sync");
 }
 
-pub fn publish(repo: &Path, from: &Path, channel: &str, key: &ReleaseKey, expires_secs: u64) -> nimbus::release::Manifest {
+pub fn publish(
+    repo: &Path,
+    from: &Path,
+    channel: &str,
+    key: &ReleaseKey,
+    expires_secs: u64,
+) -> nimbus::release::Manifest {
     nimbus_image::release::publish(&nimbus_image::release::PublishOptions {
         from,
         repo,
@@ -135,7 +186,10 @@ pub struct Fixture {
 impl Fixture {
     /// Disk at 1.0.0; 1.1.0 built and published on `stable`.
     pub fn new(data_mib: usize, usr_mib: u64) -> Fixture {
-        let tmp = tempfile::Builder::new().prefix("nimbus-upd").tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tmp");
+        let tmp = tempfile::Builder::new()
+            .prefix("nimbus-upd")
+            .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+            .expect("tmp");
         let key = ReleaseKey::generate().expect("key");
         let usr_size = usr_mib * MIB;
         let w = tmp.path();
@@ -149,26 +203,57 @@ impl Fixture {
         let root = w.join("root");
         let keys = root.join("usr/share/nimbus/keys");
         std::fs::create_dir_all(&keys).expect("mkdir");
-        std::fs::write(keys.join(format!("{}.pub", key.id)), nimbus::keys::public_key_json(&key.public())).expect("key");
+        std::fs::write(
+            keys.join(format!("{}.pub", key.id)),
+            nimbus::keys::public_key_json(&key.public()),
+        )
+        .expect("key");
         std::fs::create_dir_all(root.join("etc/nimbus")).expect("mkdir");
         std::fs::write(
             root.join("etc/nimbus/update.conf"),
-            format!("GROUP=stable\nSERVER={}\nIO_WRITE_BPS=unlimited\n", httpd.url()),
+            format!(
+                "GROUP=stable\nSERVER={}\nIO_WRITE_BPS=unlimited\n",
+                httpd.url()
+            ),
         )
         .expect("conf");
-        Fixture { tmp, key, disk, root, repo, httpd, usr_size, next }
+        Fixture {
+            tmp,
+            key,
+            disk,
+            root,
+            repo,
+            httpd,
+            usr_size,
+            next,
+        }
     }
 
     pub fn engine(&self, args: &[&str]) -> Command {
         let mut c = Command::new(ENGINE);
-        c.arg("--root").arg(&self.root).arg("--disk").arg(&self.disk).args(args);
+        c.arg("--root")
+            .arg(&self.root)
+            .arg("--disk")
+            .arg(&self.disk)
+            .args(args);
         c.env("NIMBUS_LOG", "info");
         c
     }
 
     /// `update-engine --once --json`, with its output.
     pub fn once(&self, extra: &[&str]) -> (Output, Option<serde_json::Value>) {
-        let out = self.engine(&["--once", "--json", "--read-timeout", "2", "--connect-timeout", "2"]).args(extra).output().expect("run update-engine");
+        let out = self
+            .engine(&[
+                "--once",
+                "--json",
+                "--read-timeout",
+                "2",
+                "--connect-timeout",
+                "2",
+            ])
+            .args(extra)
+            .output()
+            .expect("run update-engine");
         let status = serde_json::from_slice(&out.stdout).ok();
         (out, status)
     }
@@ -204,12 +289,14 @@ impl Fixture {
         let mut off = 0;
         while off < body {
             let n = ((body - off) as usize).min(buf.len());
-            f.read_exact_at(&mut buf[..n], p.offset_bytes() + off).expect("read");
+            f.read_exact_at(&mut buf[..n], p.offset_bytes() + off)
+                .expect("read");
             h.update(&buf[..n]);
             off += n as u64;
         }
         let mut desc = [0u8; 4096];
-        f.read_exact_at(&mut desc, p.offset_bytes() + p.size_bytes() - 4096).expect("read");
+        f.read_exact_at(&mut desc, p.offset_bytes() + p.size_bytes() - 4096)
+            .expect("read");
         h.update(desc);
         hex::encode(h.finalize())
     }
@@ -222,25 +309,41 @@ impl Fixture {
                 .arg(&self.disk)
                 .output()
                 .expect("cgpt must be installed (.ci/packages.txt)");
-            assert!(out.status.success(), "cgpt: {}", String::from_utf8_lossy(&out.stderr));
-            String::from_utf8_lossy(&out.stdout).trim().parse().expect("cgpt number")
+            assert!(
+                out.status.success(),
+                "cgpt: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .parse()
+                .expect("cgpt number")
         };
         (q("-P"), q("-T"), q("-S"))
     }
 
     pub fn state(&self) -> serde_json::Value {
-        serde_json::from_slice(&std::fs::read(self.root.join("var/lib/nimbus/update-engine.json")).unwrap_or_default())
-            .unwrap_or(serde_json::Value::Null)
+        serde_json::from_slice(
+            &std::fs::read(self.root.join("var/lib/nimbus/update-engine.json")).unwrap_or_default(),
+        )
+        .unwrap_or(serde_json::Value::Null)
     }
 }
 
 pub fn release(m: &nimbus::release::Manifest, v: &str) -> nimbus::release::Release {
-    m.releases.iter().find(|r| r.version.to_string() == v).expect("release").clone()
+    m.releases
+        .iter()
+        .find(|r| r.version.to_string() == v)
+        .expect("release")
+        .clone()
 }
 
 impl Fixture {
     pub fn manifest(&self) -> nimbus::release::Manifest {
-        serde_json::from_slice(&std::fs::read(self.repo.join("channels/stable.json")).expect("manifest")).expect("parse")
+        serde_json::from_slice(
+            &std::fs::read(self.repo.join("channels/stable.json")).expect("manifest"),
+        )
+        .expect("parse")
     }
 
     /// Rewrite the stable manifest (edited) and sign it with `key`.
@@ -255,7 +358,11 @@ impl Fixture {
     pub fn write_signed(&self, key: &ReleaseKey, bytes: &[u8]) {
         let sigs = nimbus::release::Manifest::sign_bytes(bytes, &[key]);
         std::fs::write(self.repo.join("channels/stable.json"), bytes).expect("write");
-        std::fs::write(self.repo.join("channels/stable.json.sig"), serde_json::to_vec(&sigs).expect("json")).expect("write");
+        std::fs::write(
+            self.repo.join("channels/stable.json.sig"),
+            serde_json::to_vec(&sigs).expect("json"),
+        )
+        .expect("write");
     }
 
     pub fn payload_path(&self) -> PathBuf {
