@@ -11,7 +11,7 @@ use crate::error::UpdateError;
 /// below what any disk sustains, so an update never starves the workload.
 pub const DEFAULT_WRITE_BPS: u64 = 64 << 20;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct EngineConfig {
     pub group: String,
     /// Repository base URL without a trailing slash; `None` = disabled.
@@ -21,7 +21,12 @@ pub struct EngineConfig {
     pub write_bps: Option<u64>,
     /// Run the writer in the idle I/O priority class.
     pub io_idle: bool,
+    pub strategy: crate::policy::Strategy,
+    pub window: Option<crate::policy::Window>,
+    pub etcd: crate::lock::EtcdOptions,
 }
+
+pub const DEFAULT_ETCD: &str = "http://127.0.0.1:2379";
 
 /// "64M", "10MB", "500K", "0" (unlimited), "unlimited" -> bytes per second.
 pub fn parse_bps(s: &str) -> Result<Option<u64>, String> {
@@ -93,20 +98,77 @@ impl EngineConfig {
             "best-effort" => false,
             other => return Err(format!("IO_CLASS={other:?}: use idle or best-effort")),
         };
-        if let Some(w) = c.get("REBOOT_WINDOW_START") {
-            updateconf::check_window_start(w).map_err(|e| format!("REBOOT_WINDOW_START={e}"))?;
-        }
-        if let Some(l) = c.get("REBOOT_WINDOW_LENGTH") {
-            updateconf::parse_duration(l).map_err(|e| format!("REBOOT_WINDOW_LENGTH={e}"))?;
-        }
+        let strategy = reboot_strategy.parse()?;
+        let window = match (c.get("REBOOT_WINDOW_START"), c.get("REBOOT_WINDOW_LENGTH")) {
+            (Some(st), Some(len)) => Some(crate::policy::Window::parse(st, len)?),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err("REBOOT_WINDOW_START is set without REBOOT_WINDOW_LENGTH".into())
+            }
+            (None, Some(_)) => {
+                return Err("REBOOT_WINDOW_LENGTH is set without REBOOT_WINDOW_START".into())
+            }
+        };
+        let etcd = etcd_from_conf(c)?;
         Ok(EngineConfig {
             group,
             server,
             reboot_strategy,
             write_bps,
             io_idle,
+            strategy,
+            window,
+            etcd,
         })
     }
+}
+
+/// The etcd settings alone (`updatectl lock` needs no SERVER).
+pub fn etcd_from_conf(c: &UpdateConf) -> Result<crate::lock::EtcdOptions, String> {
+    let endpoints: Vec<String> = c
+        .get("ETCD_ENDPOINTS")
+        .unwrap_or(DEFAULT_ETCD)
+        .split(',')
+        .map(|e| e.trim().trim_end_matches('/').to_string())
+        .filter(|e| !e.is_empty())
+        .collect();
+    for e in &endpoints {
+        let u = reqwest::Url::parse(e).map_err(|err| format!("ETCD_ENDPOINTS: {e:?}: {err}"))?;
+        if !matches!(u.scheme(), "http" | "https") {
+            return Err(format!(
+                "ETCD_ENDPOINTS: {e:?}: only http and https are supported"
+            ));
+        }
+    }
+    if endpoints.is_empty() {
+        return Err("ETCD_ENDPOINTS is empty".into());
+    }
+    let path = |k: &str| {
+        c.get(k)
+            .filter(|v| !v.is_empty())
+            .map(std::path::PathBuf::from)
+    };
+    let etcd = crate::lock::EtcdOptions {
+        endpoints,
+        ca_file: path("ETCD_CAFILE"),
+        cert_file: path("ETCD_CERTFILE"),
+        key_file: path("ETCD_KEYFILE"),
+        username: c.get("ETCD_USERNAME").map(str::to_string),
+        password: c.get("ETCD_PASSWORD").map(str::to_string),
+        group: c.get("REBOOT_GROUP").map(str::to_string),
+    };
+    if etcd.cert_file.is_some() != etcd.key_file.is_some() {
+        return Err("ETCD_CERTFILE and ETCD_KEYFILE must be set together".into());
+    }
+    if etcd.username.is_some() != etcd.password.is_some() {
+        return Err("ETCD_USERNAME and ETCD_PASSWORD must be set together".into());
+    }
+    if let Some(g) = &etcd.group {
+        if !nimbus::release::valid_channel_name(g) {
+            return Err(format!("REBOOT_GROUP={g:?}: use [a-z0-9._-]{{1,64}}"));
+        }
+    }
+    Ok(etcd)
 }
 
 #[cfg(test)]
@@ -150,13 +212,22 @@ mod tests {
             ("SERVER=http://x\nIO_WRITE_BPS=10X", "IO_WRITE_BPS"),
             ("SERVER=http://x\nIO_CLASS=realtime", "IO_CLASS"),
             (
-                "SERVER=http://x\nREBOOT_WINDOW_START=Fri 25:00",
+                "SERVER=http://x\nREBOOT_WINDOW_START=Fri 25:00\nREBOOT_WINDOW_LENGTH=1h",
                 "REBOOT_WINDOW_START",
             ),
             (
-                "SERVER=http://x\nREBOOT_WINDOW_LENGTH=soon",
+                "SERVER=http://x\nREBOOT_WINDOW_START=04:00\nREBOOT_WINDOW_LENGTH=soon",
                 "REBOOT_WINDOW_LENGTH",
             ),
+            (
+                "SERVER=http://x\nREBOOT_WINDOW_START=04:00",
+                "REBOOT_WINDOW_START",
+            ),
+            ("SERVER=http://x\nETCD_ENDPOINTS=ftp://e", "ETCD_ENDPOINTS"),
+            ("SERVER=http://x\nETCD_ENDPOINTS=,", "ETCD_ENDPOINTS"),
+            ("SERVER=http://x\nETCD_CERTFILE=/c", "ETCD_CERTFILE"),
+            ("SERVER=http://x\nETCD_USERNAME=u", "ETCD_USERNAME"),
+            ("SERVER=http://x\nREBOOT_GROUP=A B", "REBOOT_GROUP"),
         ] {
             let e = conf(text).expect_err(text);
             assert!(e.starts_with(key), "{text}: {e}");

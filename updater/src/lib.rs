@@ -15,6 +15,8 @@ pub mod engine;
 pub mod error;
 pub mod fetch;
 pub mod iolimit;
+pub mod lock;
+pub mod policy;
 pub mod sha;
 pub mod state;
 pub mod status;

@@ -24,6 +24,11 @@ pub struct Persisted {
     pub allow_downgrade: Option<String>,
     #[serde(default)]
     pub checkpoint: Option<Checkpoint>,
+    /// The etcd key of a reboot lock this host took and has not given back
+    /// yet. Persisted before rebooting so the next boot releases it once
+    /// the new slot is marked good (or the host rolled back).
+    #[serde(default)]
+    pub lock_taken: Option<String>,
 }
 
 /// How far a payload write got, recorded at zstd frame boundaries after the

@@ -49,10 +49,14 @@ struct Cli {
     read_timeout: u64,
     #[arg(long, default_value_t = 10, global = true)]
     connect_timeout: u64,
-    /// Run this instead of `systemctl reboot` when REBOOT_STRATEGY=reboot
-    /// (host mode never reboots without it).
+    /// Run this instead of `systemctl reboot` when policy allows a reboot.
+    /// Host mode never reboots without it, and exits after it succeeds
+    /// (the host "went down").
     #[arg(long, value_name = "CMD")]
     reboot_command: Option<String>,
+    /// Seconds between reboot-policy steps (window, lock, release after boot).
+    #[arg(long, default_value_t = 60)]
+    reboot_poll: u64,
     #[command(subcommand)]
     cmd: Option<Sub>,
 }
@@ -160,27 +164,48 @@ fn jitter(secs: u64) -> Duration {
     Duration::from_secs_f64(secs as f64 * (0.9 + 0.2 * frac))
 }
 
-fn reboot(cli: &Cli, engine: &Engine) {
-    if engine.cfg.reboot_strategy != "reboot" {
-        return;
-    }
+/// Carry out a reboot decision. True when the process should end (host
+/// mode: the simulated host went down).
+fn reboot(cli: &Cli, engine: &Engine) -> bool {
     let cmd = match (&cli.reboot_command, engine.host.host_mode) {
         (Some(c), _) => c.clone(),
         (None, false) => "systemctl reboot".to_string(),
         (None, true) => {
             tracing::info!("host mode: not rebooting (no --reboot-command)");
-            return;
+            return false;
         }
     };
-    tracing::info!("REBOOT_STRATEGY=reboot: running {cmd:?}");
+    tracing::info!("rebooting into the new version: running {cmd:?}");
     match std::process::Command::new("/bin/sh")
         .arg("-c")
         .arg(&cmd)
         .status()
     {
-        Ok(s) if s.success() => {}
-        Ok(s) => tracing::error!("reboot command {cmd:?} failed: {s}"),
-        Err(e) => tracing::error!("reboot command {cmd:?}: {e}"),
+        Ok(s) if s.success() => engine.host.host_mode,
+        Ok(s) => {
+            tracing::error!("reboot command {cmd:?} failed: {s}");
+            false
+        }
+        Err(e) => {
+            tracing::error!("reboot command {cmd:?}: {e}");
+            false
+        }
+    }
+}
+
+/// One reboot-policy step; true when the process should end.
+fn reboot_tick(cli: &Cli, engine: &mut Engine) -> bool {
+    match engine.reboot_step() {
+        Ok(nimbus_updater::policy::Decision::Reboot) => reboot(cli, engine),
+        Ok(nimbus_updater::policy::Decision::Wait { why, .. }) => {
+            tracing::info!("reboot waits: {why}");
+            false
+        }
+        Ok(_) => false,
+        Err(e) => {
+            engine.report_error(&e);
+            false
+        }
     }
 }
 
@@ -206,11 +231,29 @@ fn daemon(cli: Cli, mut engine: Engine, shared: Arc<Shared>) -> Result<ExitCode,
     );
     let mut next = Instant::now() + Duration::from_secs(cli.first_check);
     let mut failures = 0u32;
+    // First thing after a boot: give back a reboot lock taken before it.
+    if reboot_tick(&cli, &mut engine) {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let poll = Duration::from_secs(cli.reboot_poll.max(1));
+    let mut next_tick = Instant::now() + poll;
     loop {
-        let wait = next.saturating_duration_since(Instant::now());
+        let now = Instant::now();
+        if now >= next_tick {
+            next_tick = now + poll;
+            if reboot_tick(&cli, &mut engine) {
+                return Ok(ExitCode::SUCCESS);
+            }
+        }
+        let wait = next
+            .min(next_tick)
+            .saturating_duration_since(Instant::now());
         let (req, reply) = match rx.recv_timeout(wait) {
             Ok(c) => (c.request, Some(c.reply)),
-            Err(RecvTimeoutError::Timeout) => (Request::Apply { wait: false }, None),
+            Err(RecvTimeoutError::Timeout) if Instant::now() >= next => {
+                (Request::Apply { wait: false }, None)
+            }
+            Err(RecvTimeoutError::Timeout) => continue,
             Err(RecvTimeoutError::Disconnected) => return Ok(ExitCode::SUCCESS),
         };
         let scheduled = reply.is_none();
@@ -222,7 +265,8 @@ fn daemon(cli: Cli, mut engine: Engine, shared: Arc<Shared>) -> Result<ExitCode,
             }),
             Request::Apply { .. } => engine.update().map(|v| match v {
                 Some(v) => {
-                    reboot(&cli, &engine);
+                    // Judge the reboot at once rather than at the next poll.
+                    next_tick = Instant::now();
                     format!("{v} installed; reboot to use it")
                 }
                 None => engine
@@ -235,8 +279,14 @@ fn daemon(cli: Cli, mut engine: Engine, shared: Arc<Shared>) -> Result<ExitCode,
                 name,
                 allow_downgrade,
             } => engine.set_channel(&name, allow_downgrade),
-            Request::Rollback => engine.rollback(),
-            Request::MarkGood => engine.mark_good(),
+            Request::Rollback | Request::MarkGood => {
+                next_tick = Instant::now();
+                if matches!(req, Request::Rollback) {
+                    engine.rollback()
+                } else {
+                    engine.mark_good()
+                }
+            }
             Request::Status | Request::Watch | Request::Cancel => Ok(String::new()),
         };
         if let Err(e) = &result {

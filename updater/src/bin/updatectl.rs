@@ -59,6 +59,27 @@ enum Cmd {
     MarkGood,
     /// Stop a running download.
     Cancel,
+    /// The cluster reboot lock in etcd (talks to etcd directly, not to update-engine).
+    Lock {
+        #[command(subcommand)]
+        cmd: LockCmd,
+        /// etcd endpoint (default: ETCD_ENDPOINTS from update.conf).
+        #[arg(long, value_name = "URL", global = true)]
+        endpoint: Option<String>,
+        /// Reboot group (default: REBOOT_GROUP from update.conf).
+        #[arg(long, value_name = "G", global = true)]
+        group: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum LockCmd {
+    /// Slots, maximum and holders.
+    Status,
+    /// Remove MACHINE-ID from the holders (a host that will not come back).
+    Unlock { machine_id: String },
+    /// Let N hosts reboot at once.
+    SetMax { n: i64 },
 }
 
 const EX_UNAVAILABLE: u8 = 69;
@@ -209,6 +230,87 @@ fn run(cli: &Cli, client: &Client) -> Result<ExitCode, nimbus_updater::api::Clie
             Ok(answer(cli, &client.call(&Request::Apply { wait: false })?))
         }
         Cmd::Update { wait: true } => update_wait(cli, client),
+        Cmd::Lock {
+            cmd,
+            endpoint,
+            group,
+        } => Ok(lock(cli, cmd, endpoint.as_deref(), group.as_deref())),
+    }
+}
+
+fn lock(cli: &Cli, cmd: &LockCmd, endpoint: Option<&str>, group: Option<&str>) -> ExitCode {
+    let conf = match nimbus::updateconf::UpdateConf::load_layered(&cli.root) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!(
+                "updatectl: {}: {e}",
+                cli.root.join(nimbus::updateconf::ETC_PATH).display()
+            );
+            return ExitCode::from(2);
+        }
+    };
+    let mut opts = match nimbus_updater::config::etcd_from_conf(&conf) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("updatectl: update.conf: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(e) = endpoint {
+        opts.endpoints = vec![e.trim_end_matches('/').to_string()];
+    }
+    if let Some(g) = group {
+        opts.group = Some(g.to_string());
+    }
+    let result = nimbus_updater::lock::LockClient::new(opts).and_then(|c| {
+        let key = c.key().to_string();
+        let (msg, sem) = match cmd {
+            LockCmd::Status => (String::new(), c.get()?.0),
+            LockCmd::Unlock { machine_id } => {
+                let held = c.release(machine_id)?;
+                let m = if held {
+                    format!("{machine_id} released")
+                } else {
+                    format!("{machine_id} held no slot")
+                };
+                (m, c.get()?.0)
+            }
+            LockCmd::SetMax { n } => (format!("max set to {n}"), c.set_max(*n)?),
+        };
+        Ok((key, msg, sem))
+    });
+    match result {
+        Ok((key, msg, sem)) => {
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"key": key, "semaphore": sem.semaphore, "max": sem.max, "holders": sem.holders, "message": msg})
+                );
+            } else {
+                if !msg.is_empty() {
+                    println!("{msg}");
+                }
+                println!("key:     {key}");
+                println!("free:    {} of {}", sem.semaphore, sem.max);
+                println!(
+                    "holders: {}",
+                    if sem.holders.is_empty() {
+                        "-".to_string()
+                    } else {
+                        sem.holders.join(", ")
+                    }
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("updatectl: {e}");
+            ExitCode::from(match e {
+                nimbus_updater::lock::LockError::Malformed { .. } => 4,
+                nimbus_updater::lock::LockError::Tls { .. } => 2,
+                _ => 3,
+            })
+        }
     }
 }
 

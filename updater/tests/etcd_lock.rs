@@ -1,0 +1,416 @@
+//! Reboot coordination with a real etcd: three hosts in host mode, each
+//! with its own image, machine-id and a reboot hook that records when it
+//! "rebooted". With max=1, at no moment are two hosts between reboot and
+//! marked good; killing etcd makes hosts wait; the semaphore ends empty.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use nimbus::layout::Slot;
+use support::etcd::Etcd;
+use support::{Fixture, UPDATECTL};
+
+const KEY: &str = "coreos.com/updateengine/rebootlock/semaphore";
+
+fn now_secs() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64()
+}
+
+struct Host {
+    f: Fixture,
+    name: String,
+    sock: PathBuf,
+    reboots: PathBuf,
+}
+
+impl Host {
+    fn new(name: &str, etcd: &str, extra_conf: &str) -> Host {
+        let f = Fixture::new(3, 32);
+        std::fs::write(f.root.join("etc/machine-id"), format!("{name}\n")).expect("machine-id");
+        std::fs::write(
+            f.root.join("etc/nimbus/update.conf"),
+            format!(
+                "GROUP=stable\nSERVER={}\nIO_WRITE_BPS=unlimited\nREBOOT_STRATEGY=etcd-lock\nETCD_ENDPOINTS={etcd}\n{extra_conf}",
+                f.httpd.url()
+            ),
+        )
+        .expect("conf");
+        let sock = f.tmp.path().join("ue.sock");
+        let reboots = f.tmp.path().join("reboots");
+        Host {
+            f,
+            name: name.into(),
+            sock,
+            reboots,
+        }
+    }
+
+    fn daemon(&self) -> Child {
+        let _ = std::fs::remove_file(&self.sock);
+        let hook = format!("date +%s.%N >> {}", self.reboots.display());
+        self.f
+            .engine(&[
+                "--socket",
+                self.sock.to_str().expect("utf8"),
+                "--first-check",
+                "0",
+                "--reboot-poll",
+                "1",
+                "--reboot-command",
+                &hook,
+                "--connect-timeout",
+                "1",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("daemon")
+    }
+
+    fn reboot_times(&self) -> Vec<f64> {
+        std::fs::read_to_string(&self.reboots)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    }
+
+    fn ctl(&self, args: &[&str]) -> std::process::Output {
+        Command::new(UPDATECTL)
+            .arg("--socket")
+            .arg(&self.sock)
+            .args(args)
+            .output()
+            .expect("updatectl")
+    }
+
+    fn wait_socket(&self) {
+        let t0 = Instant::now();
+        while !self.sock.exists() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "{}: no socket",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn lock_taken(&self) -> bool {
+        !self.f.state()["lock_taken"].is_null()
+    }
+}
+
+fn wait_exit(c: &mut Child, limit: Duration, what: &str) {
+    let t0 = Instant::now();
+    loop {
+        if c.try_wait().expect("wait").is_some() {
+            return;
+        }
+        if t0.elapsed() > limit {
+            let _ = c.kill();
+            panic!("{what}: still running after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Update, wait for the lock, "reboot", come back, pass the health check,
+/// give the lock back. Returns (reboot time, marked-good time).
+fn lifecycle(h: &Host) -> (f64, f64) {
+    let mut d = h.daemon();
+    wait_exit(
+        &mut d,
+        Duration::from_secs(120),
+        &format!("{}: reboot", h.name),
+    );
+    let rebooted = *h
+        .reboot_times()
+        .last()
+        .unwrap_or_else(|| panic!("{}: exited without rebooting", h.name));
+    // The "boot": host mode picks the slot the boot rule would, now USR-B.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut d = h.daemon();
+    h.wait_socket();
+    std::thread::sleep(Duration::from_millis(300));
+    let out = h.ctl(&["mark-good"]);
+    assert!(
+        out.status.success(),
+        "{}: mark-good: {}",
+        h.name,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let good = now_secs();
+    let t0 = Instant::now();
+    while h.lock_taken() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "{}: lock never released",
+            h.name
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let st = h.ctl(&["status", "--json"]);
+    let st: serde_json::Value = serde_json::from_slice(&st.stdout).expect("status json");
+    assert_eq!(st["running_version"], "1.1.0", "{}", h.name);
+    let _ = d.kill();
+    let _ = d.wait();
+    (rebooted, good)
+}
+
+#[test]
+fn three_hosts_one_at_a_time_and_etcd_outage_makes_them_wait() {
+    let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tmp");
+    let etcd = Arc::new(Mutex::new(Etcd::start(tmp.path().join("etcd"))));
+    let url = etcd.lock().expect("etcd").url();
+    let hosts: Vec<Host> = ["m1", "m2", "m3"]
+        .iter()
+        .map(|n| Host::new(n, &url, ""))
+        .collect();
+
+    let outage: Arc<Mutex<Option<(f64, f64)>>> = Arc::default();
+    let intervals: Vec<(String, f64, f64)> = std::thread::scope(|s| {
+        // The outage: as soon as the first host reboots, stop etcd for 4 s.
+        let (etcd2, outage2, hosts_ref) = (etcd.clone(), outage.clone(), &hosts);
+        s.spawn(move || {
+            let t0 = Instant::now();
+            while hosts_ref.iter().all(|h| h.reboot_times().is_empty()) {
+                assert!(t0.elapsed() < Duration::from_secs(120), "no host rebooted");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let down = now_secs();
+            etcd2.lock().expect("etcd").stop();
+            std::thread::sleep(Duration::from_secs(4));
+            let up = now_secs();
+            etcd2.lock().expect("etcd").resume();
+            *outage2.lock().expect("outage") = Some((down, up));
+        });
+        let hs: Vec<_> = hosts
+            .iter()
+            .map(|h| s.spawn(move || (h.name.clone(), lifecycle(h))))
+            .collect();
+        hs.into_iter()
+            .map(|j| {
+                let (n, (r, g)) = j.join().expect("host thread");
+                (n, r, g)
+            })
+            .collect()
+    });
+
+    eprintln!("intervals {intervals:?} outage {:?}", outage.lock().expect("o"));
+    // One at a time: no two [reboot, marked good] intervals overlap.
+    let mut sorted = intervals.clone();
+    sorted.sort_by(|a, b| a.1.total_cmp(&b.1));
+    for w in sorted.windows(2) {
+        assert!(
+            w[0].2 < w[1].1,
+            "{} was still rebooting ({:.3}..{:.3}) when {} rebooted at {:.3}",
+            w[0].0,
+            w[0].1,
+            w[0].2,
+            w[1].0,
+            w[1].1
+        );
+    }
+    // No reboot while etcd was down.
+    let (down, up) = outage.lock().expect("outage").expect("the outage happened");
+    for (n, r, _) in &intervals {
+        assert!(
+            !(*r > down && *r < up),
+            "{n} rebooted at {r:.3} during the etcd outage {down:.3}..{up:.3}"
+        );
+    }
+    for h in &hosts {
+        assert_eq!(h.reboot_times().len(), 1, "{} rebooted once", h.name);
+        assert_eq!(h.f.cgpt(Slot::B), (2, 0, 1), "{}: USR-B good", h.name);
+    }
+    let sem: serde_json::Value =
+        serde_json::from_str(&etcd.lock().expect("etcd").get(KEY)).expect("semaphore json");
+    assert_eq!(sem["holders"], serde_json::json!([]), "{sem}");
+    assert_eq!(sem["semaphore"], 1);
+}
+
+#[test]
+fn a_host_back_outside_its_window_still_releases_the_lock() {
+    let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tmp");
+    let etcd = Etcd::start(tmp.path().join("etcd"));
+    // A window open now (it started a minute ago, lasts an hour).
+    let open = (chrono::Local::now() - chrono::Duration::minutes(1))
+        .format("%H:%M")
+        .to_string();
+    let h = Host::new(
+        "w1",
+        &etcd.url(),
+        &format!("REBOOT_WINDOW_START={open}\nREBOOT_WINDOW_LENGTH=1h\n"),
+    );
+    let mut d = h.daemon();
+    wait_exit(&mut d, Duration::from_secs(120), "reboot inside the window");
+    assert!(h.lock_taken());
+    assert!(etcd.get(KEY).contains("w1"));
+    // It comes back when the window is closed.
+    let closed = (chrono::Local::now() + chrono::Duration::hours(6))
+        .format("%H:%M")
+        .to_string();
+    let conf = h.f.root.join("etc/nimbus/update.conf");
+    let text = std::fs::read_to_string(&conf).expect("conf").replace(
+        &format!("REBOOT_WINDOW_START={open}"),
+        &format!("REBOOT_WINDOW_START={closed}"),
+    );
+    std::fs::write(&conf, text).expect("conf");
+    let mut d = h.daemon();
+    h.wait_socket();
+    assert!(h.ctl(&["mark-good"]).status.success());
+    let t0 = Instant::now();
+    while h.lock_taken() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "lock not released outside the window"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = d.kill();
+    let _ = d.wait();
+    assert!(!etcd.get(KEY).contains("w1"), "{}", etcd.get(KEY));
+}
+
+fn status_note(h: &Host) -> String {
+    let st = h.ctl(&["status", "--json"]);
+    let st: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap_or_default();
+    format!("{} {}", st["note"].as_str().unwrap_or(""), st["state"])
+}
+
+/// Run the daemon until its status note says `want`; assert it never rebooted.
+fn waits_with(h: &Host, want: &str) {
+    let mut d = h.daemon();
+    h.wait_socket();
+    let t0 = Instant::now();
+    let note = loop {
+        let n = status_note(h);
+        if n.contains(want) {
+            break n;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "{}: note never said {want:?}: {n}",
+            h.name
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // A few more policy steps: still no reboot.
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        d.try_wait().expect("wait").is_none(),
+        "{}: daemon exited (rebooted?): {note}",
+        h.name
+    );
+    let _ = d.kill();
+    let _ = d.wait();
+    assert!(
+        h.reboot_times().is_empty(),
+        "{}: rebooted without the lock",
+        h.name
+    );
+    assert!(note.contains("UPDATED_NEED_REBOOT"), "{note}");
+}
+
+#[test]
+fn bad_etcd_inputs_mean_no_reboot_and_no_lost_lock() {
+    let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tmp");
+    // Unreachable etcd.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let h = Host::new("u1", &format!("http://127.0.0.1:{port}"), "");
+    waits_with(&h, "cannot reach etcd");
+
+    // A malformed semaphore value: reported, never overwritten.
+    let etcd = Etcd::start(tmp.path().join("etcd"));
+    let junk = r#"{"semaphore":0,"max":1,"holders":["other-host"],"extra":"#;
+    etcd.ctl(&["put", KEY, junk]);
+    let h = Host::new("b1", &etcd.url(), "");
+    waits_with(&h, "malformed");
+    assert_eq!(etcd.get(KEY), junk, "the value is left for a human");
+
+    // Held by another host: waits, and says who holds it.
+    etcd.ctl(&[
+        "put",
+        KEY,
+        r#"{"semaphore":0,"max":1,"holders":["other-host"]}"#,
+    ]);
+    let h = Host::new("b2", &etcd.url(), "");
+    waits_with(&h, "held by other-host");
+    assert!(etcd.get(KEY).contains("other-host"));
+
+    // Bad credentials on an etcd with auth enabled.
+    etcd.ctl(&["user", "add", "root:rootpw"]);
+    etcd.ctl(&["auth", "enable"]);
+    let h = Host::new(
+        "b3",
+        &etcd.url(),
+        "ETCD_USERNAME=root\nETCD_PASSWORD=wrong\n",
+    );
+    waits_with(&h, "authentication failed");
+    // With the right password the same host gets through to the lock.
+    let ok = Host::new(
+        "b4",
+        &etcd.url(),
+        "ETCD_USERNAME=root\nETCD_PASSWORD=rootpw\n",
+    );
+    waits_with(&ok, "held by other-host");
+}
+
+#[test]
+fn updatectl_lock_commands() {
+    let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tmp");
+    let etcd = Etcd::start(tmp.path().join("etcd"));
+    let root = tmp.path().join("root");
+    std::fs::create_dir_all(&root).expect("root");
+    let ctl = |args: &[&str]| -> (std::process::Output, serde_json::Value) {
+        let out = Command::new(UPDATECTL)
+            .arg("--root")
+            .arg(&root)
+            .args(["--json", "lock"])
+            .args(args)
+            .args(["--endpoint", &etcd.url()])
+            .output()
+            .expect("updatectl");
+        let v = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        (out, v)
+    };
+    let (out, v) = ctl(&["status"]);
+    assert!(out.status.success());
+    assert_eq!(v["max"], 1);
+    assert_eq!(v["semaphore"], 1);
+    let (_, v) = ctl(&["set-max", "2"]);
+    assert_eq!(v["max"], 2);
+    etcd.ctl(&[
+        "put",
+        KEY,
+        r#"{"semaphore":1,"max":2,"holders":["gone-host"]}"#,
+    ]);
+    let (out, v) = ctl(&["unlock", "gone-host"]);
+    assert!(out.status.success());
+    assert_eq!(v["holders"], serde_json::json!([]));
+    assert_eq!(v["semaphore"], 2);
+    // Groups get their own key.
+    let (_, v) = ctl(&["status", "--group", "db"]);
+    assert_eq!(
+        v["key"],
+        "coreos.com/updateengine/rebootlock/groups/db/semaphore"
+    );
+    // Malformed value: exit 4, untouched.
+    etcd.ctl(&["put", KEY, "nonsense"]);
+    let (out, _) = ctl(&["unlock", "x"]);
+    assert_eq!(out.status.code(), Some(4));
+    assert_eq!(etcd.get(KEY), "nonsense");
+    let _ = Path::new("");
+}

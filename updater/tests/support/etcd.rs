@@ -1,0 +1,110 @@
+//! A real etcd (Debian's etcd-server) on loopback ports with a temporary
+//! data directory; it can be stopped and started again on the same data.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Etcd {
+    pub client_port: u16,
+    peer_port: u16,
+    data: PathBuf,
+    child: Option<Child>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+impl Etcd {
+    pub fn start(data: PathBuf) -> Etcd {
+        let mut e = Etcd {
+            client_port: free_port(),
+            peer_port: free_port(),
+            data,
+            child: None,
+        };
+        e.resume();
+        e
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    pub fn resume(&mut self) {
+        let c = format!("http://127.0.0.1:{}", self.client_port);
+        let p = format!("http://127.0.0.1:{}", self.peer_port);
+        let child = Command::new("etcd")
+            .arg("--name=nimbus-test")
+            .arg(format!("--data-dir={}", self.data.display()))
+            .arg(format!("--listen-client-urls={c}"))
+            .arg(format!("--advertise-client-urls={c}"))
+            .arg(format!("--listen-peer-urls={p}"))
+            .arg(format!("--initial-advertise-peer-urls={p}"))
+            .arg(format!("--initial-cluster=nimbus-test={p}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("etcd must be installed (etcd-server in .ci/packages.txt)");
+        self.child = Some(child);
+        let t0 = Instant::now();
+        loop {
+            let ok = Command::new("etcdctl")
+                .env("ETCDCTL_API", "3")
+                .args(["--endpoints", &c, "endpoint", "health"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if ok {
+                return;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "etcd did not become healthy"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn ctl(&self, args: &[&str]) -> String {
+        let out = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", &self.url()])
+            .args(args)
+            .output()
+            .expect("etcdctl (etcd-client)");
+        assert!(
+            out.status.success(),
+            "etcdctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    }
+
+    pub fn get(&self, key: &str) -> String {
+        self.ctl(&["get", key, "--print-value-only"])
+            .trim()
+            .to_string()
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
