@@ -265,7 +265,14 @@ mod tests {
         };
         let down = Lock::Unavailable("connection refused".into());
         use Strategy::*;
-        type Row<'a> = (bool, Strategy, Option<&'a Window>, &'a Lock, NaiveDateTime, &'a str);
+        type Row<'a> = (
+            bool,
+            Strategy,
+            Option<&'a Window>,
+            &'a Lock,
+            NaiveDateTime,
+            &'a str,
+        );
         let rows: Vec<Row> = vec![
             (false, Reboot, None, &Lock::NotAsked, outside, "nothing"),
             (false, EtcdLock, Some(&w), &Lock::Held, inside, "nothing"),

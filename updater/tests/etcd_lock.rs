@@ -204,7 +204,10 @@ fn three_hosts_one_at_a_time_and_etcd_outage_makes_them_wait() {
             .collect()
     });
 
-    eprintln!("intervals {intervals:?} outage {:?}", outage.lock().expect("o"));
+    eprintln!(
+        "intervals {intervals:?} outage {:?}",
+        outage.lock().expect("o")
+    );
     // One at a time: no two [reboot, marked good] intervals overlap.
     let mut sorted = intervals.clone();
     sorted.sort_by(|a, b| a.1.total_cmp(&b.1));
