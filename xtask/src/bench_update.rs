@@ -135,7 +135,9 @@ fn host(
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(dir.join("root/usr/share/nimbus/keys"))?;
     std::fs::create_dir_all(dir.join("root/etc/nimbus"))?;
-    std::fs::create_dir_all(dir.join("empty"))?;
+    std::fs::create_dir_all(dir.join("tiny"))?;
+    // A few blocks: a one-block filesystem has no verity tree at all.
+    std::fs::write(dir.join("tiny/os-release"), "ID=nimbus\n".repeat(4096))?;
     std::fs::write(
         dir.join(format!("root/usr/share/nimbus/keys/{}.pub", key.id)),
         nimbus::keys::public_key_json(&key.public()),
@@ -145,7 +147,7 @@ fn host(
         format!("GROUP=bench\nSERVER={server}\nIO_WRITE_BPS=unlimited\nIO_CLASS=best-effort\n"),
     )?;
     let small = nimbus_image::usr::build(&nimbus_image::usr::UsrInputs {
-        usr_dir: &dir.join("empty"),
+        usr_dir: &dir.join("tiny"),
         out_fs: &dir.join("a.erofs"),
         version: &"0.0.1".parse()?,
         compression: nimbus_image::usr::Compression::None,
