@@ -342,4 +342,84 @@ mod tests {
             );
         }
     }
+
+    /// The engine's two gates in sequence, as `check` and `reboot_step` run
+    /// them: the rollout decides whether to download, then strategy, window
+    /// and lock decide whether to reboot.
+    #[test]
+    fn rollout_window_and_lock_together() {
+        use crate::choose::{choose, Choice};
+        use chrono::TimeZone;
+        let start = chrono::Utc
+            .with_ymd_and_hms(2026, 11, 26, 0, 0, 0)
+            .single()
+            .expect("time");
+        let release = |paused| nimbus::release::Release {
+            version: "1.1.0".parse().expect("v"),
+            payload: "payloads/1.1.0/usr.img.zst".into(),
+            compressed_size: 1,
+            compressed_sha256: "0".repeat(64),
+            raw_size: 8192,
+            raw_sha256: "0".repeat(64),
+            verity_root: "0".repeat(64),
+            rollout: Some(nimbus::release::Rollout {
+                start,
+                duration_secs: 10 * 3600,
+                paused,
+            }),
+        };
+        let manifest = |paused| nimbus::release::Manifest {
+            schema: 1,
+            channel: "stable".into(),
+            serial: 1,
+            issued: start,
+            expires: start + Duration::days(7),
+            max_version: None,
+            releases: vec![release(paused)],
+        };
+        let running: semver::Version = "1.0.0".parse().expect("v");
+        let w = Window::parse("04:00", "2h").expect("w");
+        let full = Lock::Full {
+            holders: vec!["m9".into()],
+            max: 1,
+        };
+        let down = Lock::Unavailable("down".into());
+        // (seed, paused, hour of day, lock, expected)
+        let rows: Vec<(f64, bool, u32, &Lock, &str)> = vec![
+            (0.9, false, 5, &Lock::Free, "wait:rollout"), // position 0.9 starts at 09:00
+            (0.1, true, 5, &Lock::Free, "nothing:paused"),
+            (0.1, false, 2, &Lock::Free, "download,wait:window"), // 02:00: may download, not reboot
+            (0.1, false, 5, &Lock::Free, "download,take"),
+            (0.1, false, 5, &full, "download,wait:lock"),
+            (0.1, false, 5, &down, "download,wait:etcd"),
+            (0.3, false, 5, &Lock::Held, "download,reboot"), // 0.3 starts at 03:00
+            (0.5, false, 5, &Lock::Held, "download,reboot"), // 0.5 starts exactly at 05:00
+            (0.51, false, 5, &Lock::Held, "wait:rollout"),
+        ];
+        for (seed, paused, hour, lock, want) in rows {
+            let now_utc = start + Duration::hours(hour as i64);
+            let now_local = now_utc.naive_utc();
+            let got = match choose(&manifest(paused), &running, seed, now_utc, false) {
+                Choice::Wait { .. } => "wait:rollout".to_string(),
+                Choice::Nothing(why) if why.contains("paused") => "nothing:paused".into(),
+                Choice::Nothing(why) => format!("nothing:{why}"),
+                Choice::Offer(_) => {
+                    let d = decide(true, Strategy::EtcdLock, Some(&w), lock, now_local);
+                    let r = match d {
+                        Decision::Reboot => "reboot".to_string(),
+                        Decision::TakeLock => "take".into(),
+                        Decision::Nothing => "nothing".into(),
+                        Decision::Wait { why, .. } if why.contains("window") => {
+                            "wait:window".into()
+                        }
+                        Decision::Wait { why, .. } if why.contains("held by") => "wait:lock".into(),
+                        Decision::Wait { why, .. } if why.contains("etcd") => "wait:etcd".into(),
+                        Decision::Wait { why, .. } => format!("wait:{why}"),
+                    };
+                    format!("download,{r}")
+                }
+            };
+            assert_eq!(got, want, "seed {seed} paused {paused} {hour}:00 {lock:?}");
+        }
+    }
 }

@@ -137,18 +137,35 @@ fn air_gapped_apply_file_verifies_like_online() {
 #[test]
 fn bad_update_conf_and_foreign_disk_are_refused_before_any_write() {
     let f = Fixture::new(3, 32);
-    std::fs::write(
-        f.root.join("etc/nimbus/update.conf"),
-        "GROUP=stable\nSERVER=http://x\nIO_WRITE_BPS=fast\n",
-    )
-    .expect("conf");
-    let (out, _) = f.once(&[]);
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("IO_WRITE_BPS") && err.contains("update.conf"),
-        "{err}"
-    );
+    let a_before = f.partition_sha(Slot::A);
+    for (line, key) in [
+        ("IO_WRITE_BPS=fast", "IO_WRITE_BPS"),
+        ("REBOOT_STRATEGY=sometimes", "REBOOT_STRATEGY"),
+        (
+            "REBOOT_WINDOW_START=Fri 25:00\nREBOOT_WINDOW_LENGTH=1h",
+            "REBOOT_WINDOW_START",
+        ),
+        (
+            "REBOOT_WINDOW_START=04:00\nREBOOT_WINDOW_LENGTH=forever",
+            "REBOOT_WINDOW_LENGTH",
+        ),
+        ("ETCD_ENDPOINTS=gopher://x", "ETCD_ENDPOINTS"),
+    ] {
+        std::fs::write(
+            f.root.join("etc/nimbus/update.conf"),
+            format!("GROUP=stable\nSERVER=http://x\n{line}\n"),
+        )
+        .expect("conf");
+        let (out, _) = f.once(&[]);
+        assert_eq!(out.status.code(), Some(2), "{line}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(key) && err.contains("update.conf"),
+            "{line}: {err}"
+        );
+    }
+    assert_eq!(f.partition_sha(Slot::A), a_before);
+    assert_eq!(f.cgpt(Slot::B).0, 0);
 
     // A disk that is not a Nimbus layout: refused, left byte-identical.
     let foreign = f.tmp.path().join("foreign.raw");
