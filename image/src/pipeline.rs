@@ -280,6 +280,26 @@ fn customize(
                 .map_err(io_at(&link))?;
         }
     }
+    // Networking: DHCP on every wired NIC through systemd-networkd (in the
+    // systemd package), so update-engine reaches its server on first boot.
+    // Operators override it with a .network file in /etc/systemd/network.
+    w(
+        &root.join("usr/lib/systemd/network/80-nimbus-dhcp.network"),
+        b"# Nimbus default: DHCP on wired NICs.\n[Match]\nName=en* eth*\n\n[Network]\nDHCP=yes\n",
+    )?;
+    for (wants, unit) in [
+        ("multi-user.target.wants", "systemd-networkd.service"),
+        ("sockets.target.wants", "systemd-networkd.socket"),
+    ] {
+        let target = format!("/lib/systemd/system/{unit}");
+        if root.join(target.trim_start_matches('/')).exists() {
+            let d = root.join("etc/systemd/system").join(wants);
+            fs::create_dir_all(&d).map_err(io_at(&d))?;
+            let link = d.join(unit);
+            let _ = fs::remove_file(&link);
+            std::os::unix::fs::symlink(&target, &link).map_err(io_at(&link))?;
+        }
+    }
     w(
         &root.join("usr/share/nimbus/update.conf"),
         format!("# Defaults of this image; override in /etc/nimbus/update.conf.\nGROUP={}\nSERVER={}\nREBOOT_STRATEGY=reboot\n", o.channel, o.server).as_bytes(),

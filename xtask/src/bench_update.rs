@@ -12,8 +12,7 @@ use nimbus::keys::ReleaseKey;
 use nimbus::layout::{Slot, MIB};
 use semver::Version;
 
-#[path = "../../updater/tests/support/httpd.rs"]
-mod httpd;
+use crate::httpd;
 
 const GIB: u64 = 1 << 30;
 

@@ -14,6 +14,9 @@ mod bench_update;
 mod build_image;
 mod deps;
 mod disk;
+mod e2e;
+#[path = "../../updater/tests/support/httpd.rs"]
+mod httpd;
 mod qemu;
 
 #[derive(Parser)]
@@ -42,6 +45,13 @@ enum Cmd {
         #[command(subcommand)]
         cmd: bench::BenchCmd,
     },
+    /// The whole loop in QEMU: build N and N+1, publish N+1, boot N and let the guest's
+    /// update-engine install N+1, reboot into it and mark it good.
+    E2e {
+        /// Keep target/nimbus/e2e afterwards (images, repo, console log).
+        #[arg(long)]
+        keep: bool,
+    },
     /// Boot an image under QEMU (TCG), serial console on stdout.
     Qemu(qemu::Qemu),
     /// Publish a built version into a static release repository: copy its payload and
@@ -65,6 +75,7 @@ fn main() -> ExitCode {
         Cmd::Bench { cmd } => bench::run(cmd),
         Cmd::Qemu(a) => qemu::run(a),
         Cmd::Release(a) => release(a),
+        Cmd::E2e { keep } => e2e::run(keep),
     };
     match result {
         Ok(code) => code,

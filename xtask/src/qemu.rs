@@ -45,6 +45,9 @@ pub struct Qemu {
     /// (`qemu: mark /REGEX/ at S s`); repeatable. For benchmarks.
     #[arg(long)]
     pub mark: Vec<String>,
+    /// Do not echo the console to stdout (it still goes to --serial-log).
+    #[arg(long)]
+    pub quiet: bool,
 }
 
 /// Copy the stage-1 kernel and initramfs out of the image's ESP.
@@ -166,7 +169,9 @@ pub fn run(a: Qemu) -> anyhow::Result<ExitCode> {
     while reader.read_until(b'\n', &mut raw)? > 0 {
         let line = String::from_utf8_lossy(&raw).replace('\r', "");
         raw.clear();
-        let _ = console.write_all(line.as_bytes());
+        if !a.quiet {
+            let _ = console.write_all(line.as_bytes());
+        }
         if let Some(l) = log.as_mut() {
             let _ = l.write_all(line.as_bytes());
         }

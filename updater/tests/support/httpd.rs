@@ -47,6 +47,12 @@ pub struct Httpd {
 impl Httpd {
     pub fn start(root: impl Into<PathBuf>) -> Httpd {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+        Httpd::start_on(listener, root)
+    }
+
+    /// Serve on a listener the caller bound (its port may already be
+    /// written into an image).
+    pub fn start_on(listener: TcpListener, root: impl Into<PathBuf>) -> Httpd {
         let h = Httpd {
             addr: listener.local_addr().expect("addr"),
             root: root.into(),
