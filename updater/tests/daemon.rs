@@ -148,6 +148,26 @@ fn updatectl_drives_the_daemon() {
     let (out, text) = ctl(&sock, &["check", "--json"]);
     assert_eq!(json(&out)["message"], "0.9.0 is available", "{text}");
 
+    // Another user: refused (the socket is root's, 0600).
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            UPDATECTL,
+            "--socket",
+        ])
+        .arg(&sock)
+        .arg("status")
+        .output()
+        .expect("setpriv (util-linux)");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("ermission denied"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // No daemon: a clear error and its own exit code.
     let (out, text) = ctl(&w.join("nothing.sock"), &["status"]);
     assert_eq!(out.status.code(), Some(69), "{text}");

@@ -146,3 +146,54 @@ fn a_checkpoint_that_does_not_match_the_slot_is_not_trusted() {
     );
     assert_eq!(f.slot_payload_sha(Slot::B, r.raw_size), r.raw_sha256);
 }
+
+#[test]
+fn a_server_that_ignores_range_gets_a_full_download() {
+    let f = Fixture::new(96, 160);
+    let r = support::release(&f.manifest(), "1.1.0");
+    let bps = (r.compressed_size / 7).max(1);
+    f.httpd.set_fault(Fault {
+        suffix: "usr.img.zst".into(),
+        throttle: Some(bps),
+        ..Fault::default()
+    });
+    let mut child = f
+        .engine(&["--once"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let t0 = Instant::now();
+    while f.state()["checkpoint"].is_null() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no checkpoint appeared"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reap");
+    f.httpd.set_fault(Fault {
+        suffix: "usr.img.zst".into(),
+        ignore_range: true,
+        ..Fault::default()
+    });
+    f.httpd.clear_log();
+    let (out, _) = f.once(&[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let gets: Vec<_> = f
+        .httpd
+        .requests()
+        .into_iter()
+        .filter(|l| l.path.ends_with("usr.img.zst"))
+        .collect();
+    assert_eq!(gets.len(), 1);
+    assert!(gets[0].range_start.is_some(), "it asked for a range");
+    assert_eq!(gets[0].status, 200);
+    assert_eq!(gets[0].body_bytes, r.compressed_size);
+    assert_eq!(f.slot_payload_sha(Slot::B, r.raw_size), r.raw_sha256);
+    assert_eq!(f.cgpt(Slot::B), (2, 1, 0));
+}

@@ -30,6 +30,9 @@ pub struct Fault {
 
 #[derive(Debug, Clone)]
 pub struct Logged {
+    /// Unique per request: a connection still sending after `clear_log`
+    /// must not update someone else's entry.
+    pub id: u64,
     pub path: String,
     pub range_start: Option<u64>,
     pub status: u16,
@@ -77,12 +80,16 @@ impl Httpd {
         *self.fault.lock().expect("fault") = f;
     }
 
+    fn lock_log(&self) -> std::sync::MutexGuard<'_, Vec<Logged>> {
+        self.log.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub fn requests(&self) -> Vec<Logged> {
-        self.log.lock().expect("log").clone()
+        self.lock_log().clone()
     }
 
     pub fn clear_log(&self) {
-        self.log.lock().expect("log").clear();
+        self.lock_log().clear();
     }
 
     fn serve(&self, mut conn: TcpStream) {
@@ -109,7 +116,10 @@ impl Httpd {
         }
         let fault = self.fault.lock().expect("fault").clone();
         let applies = !fault.suffix.is_empty() && path.ends_with(&fault.suffix);
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut logged = Logged {
+            id,
             path: path.clone(),
             range_start,
             status: 200,
@@ -123,7 +133,7 @@ impl Httpd {
                 conn,
                 "HTTP/1.1 {code} Injected\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
             );
-            self.log.lock().expect("log").push(logged);
+            self.lock_log().push(logged);
             return;
         }
         let data = match (rel.contains(".."), std::fs::read(&file)) {
@@ -134,7 +144,7 @@ impl Httpd {
                     conn,
                     "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
                 );
-                self.log.lock().expect("log").push(logged);
+                self.lock_log().push(logged);
                 return;
             }
         };
@@ -158,11 +168,7 @@ impl Httpd {
         if conn.write_all(head.as_bytes()).is_err() {
             return;
         }
-        let idx = {
-            let mut log = self.log.lock().expect("log");
-            log.push(logged);
-            log.len() - 1
-        };
+        self.lock_log().push(logged);
         let limit = if applies {
             fault.stall_after.or(fault.cut_after).unwrap_or(u64::MAX)
         } else {
@@ -176,7 +182,9 @@ impl Httpd {
                 break;
             }
             sent += n as u64;
-            self.log.lock().expect("log")[idx].body_bytes = sent;
+            if let Some(e) = self.lock_log().iter_mut().find(|l| l.id == id) {
+                e.body_bytes = sent;
+            }
             if sent >= limit {
                 break;
             }
