@@ -417,3 +417,144 @@ fn updatectl_lock_commands() {
     assert_eq!(etcd.get(KEY), "nonsense");
     let _ = Path::new("");
 }
+
+fn openssl(args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate.
+fn certs(dir: &Path) {
+    let p = |n: &str| dir.join(n).to_str().expect("utf8").to_string();
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut a = vec!["req", "-x509"];
+    a.extend(ec);
+    let (cakey, capem) = (p("ca.key"), p("ca.pem"));
+    a.extend([
+        "-days",
+        "2",
+        "-subj",
+        "/CN=nimbus-test-ca",
+        "-keyout",
+        &cakey,
+        "-out",
+        &capem,
+    ]);
+    openssl(&a);
+    for (name, ext) in [
+        (
+            "server",
+            // etcd 3.4's JSON gateway dials its own gRPC port with the server
+            // certificate, so it must be good for client auth too.
+            "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth",
+        ),
+        ("client", "extendedKeyUsage=clientAuth"),
+    ] {
+        let (key, csr, pem, extf) = (
+            p(&format!("{name}.key")),
+            p(&format!("{name}.csr")),
+            p(&format!("{name}.pem")),
+            p(&format!("{name}.ext")),
+        );
+        std::fs::write(&extf, ext).expect("ext");
+        let mut a = vec!["req"];
+        a.extend(ec);
+        a.extend(["-subj", "/CN=127.0.0.1", "-keyout", &key, "-out", &csr]);
+        openssl(&a);
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &capem,
+            "-CAkey",
+            &cakey,
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-out",
+            &pem,
+            "-extfile",
+            &extf,
+        ]);
+    }
+}
+
+#[test]
+fn etcd_over_tls_with_client_certificates() {
+    let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tmp");
+    let d = tmp.path();
+    certs(d);
+    let etcd = Etcd::start_tls(d.join("etcd"), d);
+    let root = d.join("root");
+    std::fs::create_dir_all(root.join("etc/nimbus")).expect("mkdir");
+    let run = |conf: &str| -> std::process::Output {
+        std::fs::write(root.join("etc/nimbus/update.conf"), conf).expect("conf");
+        Command::new(UPDATECTL)
+            .arg("--root")
+            .arg(&root)
+            .args(["--json", "lock", "set-max", "2"])
+            .output()
+            .expect("updatectl")
+    };
+    let base = format!(
+        "ETCD_ENDPOINTS={}\nETCD_CAFILE={}\n",
+        etcd.url(),
+        d.join("ca.pem").display()
+    );
+    let with_cert = format!(
+        "{base}ETCD_CERTFILE={}\nETCD_KEYFILE={}\n",
+        d.join("client.pem").display(),
+        d.join("client.key").display()
+    );
+    let out = run(&with_cert);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["max"], 2);
+    // Without a client certificate, or trusting the wrong CA: refused.
+    let out = run(&base);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let wrong = format!(
+        "ETCD_ENDPOINTS={}\nETCD_CAFILE={}\nETCD_CERTFILE={}\nETCD_KEYFILE={}\n",
+        etcd.url(),
+        d.join("client.pem").display(),
+        d.join("client.pem").display(),
+        d.join("client.key").display()
+    );
+    let out = run(&wrong);
+    assert!(!out.status.success());
+    // A key file that does not exist: a configuration error naming it.
+    let out = run(&format!(
+        "{base}ETCD_CERTFILE=/nonexistent.pem\nETCD_KEYFILE=/nonexistent.key\n"
+    ));
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent.pem"));
+}

@@ -12,6 +12,9 @@ pub struct Etcd {
     peer_port: u16,
     data: PathBuf,
     child: Option<Child>,
+    /// A directory with ca.pem, server.{pem,key} and client.{pem,key} when
+    /// clients must use TLS with a certificate.
+    tls: Option<PathBuf>,
 }
 
 fn free_port() -> u16 {
@@ -29,19 +32,46 @@ impl Etcd {
             peer_port: free_port(),
             data,
             child: None,
+            tls: None,
+        };
+        e.resume();
+        e
+    }
+
+    /// etcd serving clients over TLS and requiring client certificates.
+    pub fn start_tls(data: PathBuf, certs: &std::path::Path) -> Etcd {
+        let mut e = Etcd {
+            client_port: free_port(),
+            peer_port: free_port(),
+            data,
+            child: None,
+            tls: Some(certs.to_path_buf()),
         };
         e.resume();
         e
     }
 
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     pub fn resume(&mut self) {
-        let c = format!("http://127.0.0.1:{}", self.client_port);
+        let c = self.url();
         let p = format!("http://127.0.0.1:{}", self.peer_port);
-        let child = Command::new("etcd")
+        let mut cmd = Command::new("etcd");
+        let mut health = Command::new("etcdctl");
+        if let Some(d) = &self.tls {
+            cmd.arg(format!("--cert-file={}", d.join("server.pem").display()))
+                .arg(format!("--key-file={}", d.join("server.key").display()))
+                .arg(format!("--trusted-ca-file={}", d.join("ca.pem").display()))
+                .arg("--client-cert-auth");
+            health
+                .arg(format!("--cacert={}", d.join("ca.pem").display()))
+                .arg(format!("--cert={}", d.join("client.pem").display()))
+                .arg(format!("--key={}", d.join("client.key").display()));
+        }
+        let child = cmd
             .arg("--name=nimbus-test")
             .arg(format!("--data-dir={}", self.data.display()))
             .arg(format!("--listen-client-urls={c}"))
@@ -56,7 +86,7 @@ impl Etcd {
         self.child = Some(child);
         let t0 = Instant::now();
         loop {
-            let ok = Command::new("etcdctl")
+            let ok = health
                 .env("ETCDCTL_API", "3")
                 .args(["--endpoints", &c, "endpoint", "health"])
                 .stdout(Stdio::null())
