@@ -10,8 +10,10 @@ use nimbus::layout::Slot;
 use support::httpd::Fault;
 use support::Fixture;
 
-#[test]
-fn killed_mid_download_resumes_with_range() {
+/// A fixture whose payload spans three zstd frames, an update-engine
+/// started against a throttled server and SIGKILLed as soon as it saved a
+/// checkpoint. Returns the fixture, the release and the checkpoint.
+fn killed_after_checkpoint() -> (Fixture, nimbus::release::Release, serde_json::Value) {
     // 96 MiB raw = three 32 MiB zstd frames, so there are frame boundaries
     // to checkpoint at.
     let f = Fixture::new(96, 160);
@@ -24,7 +26,6 @@ fn killed_mid_download_resumes_with_range() {
         throttle: Some(bps),
         ..Fault::default()
     });
-
     let mut child = f
         .engine(&["--once"])
         .stderr(std::process::Stdio::null())
@@ -48,6 +49,12 @@ fn killed_mid_download_resumes_with_range() {
     };
     child.kill().expect("SIGKILL");
     child.wait().expect("reap");
+    (f, r, cp)
+}
+
+#[test]
+fn killed_mid_download_resumes_with_range() {
+    let (f, r, cp) = killed_after_checkpoint();
     let comp_off = cp["comp_offset"].as_u64().expect("comp_offset");
     assert!(comp_off > 0 && comp_off < r.compressed_size, "{cp}");
     assert_eq!(f.cgpt(Slot::B).0, 0, "a half-written slot is not bootable");
@@ -89,33 +96,7 @@ fn killed_mid_download_resumes_with_range() {
 
 #[test]
 fn a_checkpoint_that_does_not_match_the_slot_is_not_trusted() {
-    let f = Fixture::new(96, 160);
-    let r = support::release(&f.manifest(), "1.1.0");
-    let bps = (r.compressed_size / 7).max(1);
-    f.httpd.set_fault(Fault {
-        suffix: "usr.img.zst".into(),
-        throttle: Some(bps),
-        ..Fault::default()
-    });
-    let mut child = f
-        .engine(&["--once"])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn");
-    let t0 = Instant::now();
-    let cp = loop {
-        let st = f.state();
-        if !st["checkpoint"].is_null() {
-            break st["checkpoint"].clone();
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "no checkpoint appeared"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    child.kill().expect("SIGKILL");
-    child.wait().expect("reap");
+    let (f, r, cp) = killed_after_checkpoint();
     // Damage the slot inside the checkpointed prefix.
     let d = nimbus::gpt::Disk::open_path(&f.disk, true).expect("open");
     let p = d.partition(4).expect("usr-b");
@@ -149,29 +130,7 @@ fn a_checkpoint_that_does_not_match_the_slot_is_not_trusted() {
 
 #[test]
 fn a_server_that_ignores_range_gets_a_full_download() {
-    let f = Fixture::new(96, 160);
-    let r = support::release(&f.manifest(), "1.1.0");
-    let bps = (r.compressed_size / 7).max(1);
-    f.httpd.set_fault(Fault {
-        suffix: "usr.img.zst".into(),
-        throttle: Some(bps),
-        ..Fault::default()
-    });
-    let mut child = f
-        .engine(&["--once"])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn");
-    let t0 = Instant::now();
-    while f.state()["checkpoint"].is_null() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "no checkpoint appeared"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.kill().expect("SIGKILL");
-    child.wait().expect("reap");
+    let (f, r, _) = killed_after_checkpoint();
     f.httpd.set_fault(Fault {
         suffix: "usr.img.zst".into(),
         ignore_range: true,
