@@ -34,6 +34,23 @@ fn ok(o: Output, what: &str) -> String {
     String::from_utf8_lossy(&o.stdout).to_string()
 }
 
+/// `cargo xtask release --from FROM --repo REPO --channel CH --key KEY EXTRA...`
+fn release(from: &str, repo: &Path, channel: &str, key: &str, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "release",
+        "--from",
+        from,
+        "--repo",
+        s(repo),
+        "--channel",
+        channel,
+        "--key",
+        key,
+    ];
+    args.extend_from_slice(extra);
+    xtask(&args)
+}
+
 fn workspace() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
@@ -76,79 +93,27 @@ fn build_release_serve_update() {
     let repo = t.path().join("repo");
 
     // Bad inputs to `xtask release` first: nothing half-published.
-    let o = xtask(&[
-        "release",
-        "--from",
-        s(&t.path().join("nope")),
-        "--repo",
-        s(&repo),
-        "--channel",
-        "stable",
-        "--key",
-        s(&key),
-    ]);
+    let o = release(s(&t.path().join("nope")), &repo, "stable", s(&key), &[]);
     assert!(!o.status.success());
     assert!(
         String::from_utf8_lossy(&o.stderr).contains("build.json"),
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
-    let o = xtask(&[
-        "release",
-        "--from",
-        s(&v2),
-        "--repo",
-        s(&repo),
-        "--channel",
-        "Not A Channel",
-        "--key",
-        s(&key),
-    ]);
+    let o = release(s(&v2), &repo, "Not A Channel", s(&key), &[]);
     assert!(!o.status.success());
-    let o = xtask(&[
-        "release",
-        "--from",
-        s(&v2),
-        "--repo",
-        s(&repo),
-        "--channel",
-        "stable",
-        "--key",
-        s(&t.path().join("nokey")),
-    ]);
+    let o = release(s(&v2), &repo, "stable", s(&t.path().join("nokey")), &[]);
     assert!(!o.status.success());
     assert!(!repo.join("channels/stable.json").exists());
 
     let out = ok(
-        xtask(&[
-            "release",
-            "--from",
-            s(&v2),
-            "--repo",
-            s(&repo),
-            "--channel",
-            "stable",
-            "--key",
-            s(&key),
-            "--expires",
-            "2d",
-        ]),
+        release(s(&v2), &repo, "stable", s(&key), &["--expires", "2d"]),
         "release",
     );
     assert!(out.contains("serial 1"), "{out}");
     // Publishing again bumps the serial and keeps the payload.
     let out = ok(
-        xtask(&[
-            "release",
-            "--from",
-            s(&v2),
-            "--repo",
-            s(&repo),
-            "--channel",
-            "stable",
-            "--key",
-            s(&key),
-        ]),
+        release(s(&v2), &repo, "stable", s(&key), &[]),
         "release again",
     );
     assert!(out.contains("serial 2"), "{out}");
@@ -180,17 +145,7 @@ fn build_release_serve_update() {
         serde_json::to_vec(&b).expect("json"),
     )
     .expect("write");
-    let o = xtask(&[
-        "release",
-        "--from",
-        s(&tampered),
-        "--repo",
-        s(&repo),
-        "--channel",
-        "stable",
-        "--key",
-        s(&key),
-    ]);
+    let o = release(s(&tampered), &repo, "stable", s(&key), &[]);
     assert!(!o.status.success());
     assert!(
         String::from_utf8_lossy(&o.stderr).contains("immutable"),
