@@ -37,6 +37,12 @@ impl<T: BlockDevice + ?Sized> BlockDevice for &mut T {
     }
 }
 
+impl<T: BlockDevice + ?Sized> BlockDevice for Box<T> {
+    fn sync(&mut self) -> io::Result<()> {
+        (**self).sync()
+    }
+}
+
 impl BlockDevice for io::Cursor<Vec<u8>> {
     fn sync(&mut self) -> io::Result<()> {
         Ok(())

@@ -8,7 +8,7 @@ use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
 use chrono::Utc;
-use nimbus::gpt::Disk;
+use nimbus::gpt::{Disk, GptError};
 use nimbus::keys::TrustStore;
 use nimbus::layout::Slot;
 use nimbus::release::{
@@ -29,14 +29,53 @@ use crate::target::SlotDevice;
 
 pub const KEYS_DIR: &str = "usr/share/nimbus/keys";
 
+/// How the engine reaches the disk: the GPT and the slot's bytes. Files and
+/// block devices in production; the power-cut harness records and cuts.
+pub trait Storage: Send + Sync {
+    fn gpt(&self, writable: bool) -> Result<Disk<Box<dyn nimbus::gpt::BlockDevice>>, GptError>;
+    fn slot(&self, partition: u32, offset: u64, size: u64) -> Result<SlotDevice, UpdateError>;
+}
+
+/// A disk image file or a block device.
+pub struct FileStorage(pub PathBuf);
+
+impl Storage for FileStorage {
+    fn gpt(&self, writable: bool) -> Result<Disk<Box<dyn nimbus::gpt::BlockDevice>>, GptError> {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(&self.0)
+            .map_err(|source| GptError::Io {
+                path: self.0.clone(),
+                source,
+            })?;
+        Disk::open(Box::new(f) as Box<dyn nimbus::gpt::BlockDevice>, &self.0)
+    }
+    fn slot(&self, partition: u32, offset: u64, size: u64) -> Result<SlotDevice, UpdateError> {
+        SlotDevice::open(&self.0, partition, offset, size)
+    }
+}
+
 /// Where the engine runs: a real host (booted slot from the kernel command
 /// line) or host mode (an image file; the slot the boot rule would pick).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Host {
     pub root: PathBuf,
     pub disk: PathBuf,
     pub booted: u32,
     pub host_mode: bool,
+    pub storage: std::sync::Arc<dyn Storage>,
+}
+
+impl std::fmt::Debug for Host {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Host")
+            .field("root", &self.root)
+            .field("disk", &self.disk)
+            .field("booted", &self.booted)
+            .field("host_mode", &self.host_mode)
+            .finish()
+    }
 }
 
 impl Host {
@@ -52,6 +91,7 @@ impl Host {
             disk: disk.to_path_buf(),
             booted: choice.number,
             host_mode: true,
+            storage: std::sync::Arc::new(FileStorage(disk.to_path_buf())),
         })
     }
 
@@ -80,6 +120,7 @@ impl Host {
             if let Some(p) = d.partitions().iter().find(|p| p.uuid == args.partuuid) {
                 return Ok(Host {
                     root: root.to_path_buf(),
+                    storage: std::sync::Arc::new(FileStorage(dev.clone())),
                     disk: dev,
                     booted: p.number,
                     host_mode: false,
@@ -233,7 +274,7 @@ impl Engine {
 
     /// The verified version in a slot, `None` when it holds no valid one.
     fn slot_version(&self, number: u32) -> Result<Option<Version>, UpdateError> {
-        let mut d = Disk::open_path(&self.host.disk, false)?;
+        let mut d = self.host.storage.gpt(false)?;
         let Some(slot) = Slot::from_partition_number(number) else {
             return Ok(None);
         };
@@ -246,7 +287,7 @@ impl Engine {
     /// The version staged in the passive slot for the next boot, if any.
     fn staged(&self) -> Option<Version> {
         let passive = self.passive().ok()?;
-        let d = Disk::open_path(&self.host.disk, false).ok()?;
+        let d = self.host.storage.gpt(false).ok()?;
         let table = d.slot_table();
         let e = table.iter().find(|e| e.number == passive)?;
         let booted = table.iter().find(|e| e.number == self.host.booted)?;
@@ -264,7 +305,7 @@ impl Engine {
             self.cfg = c;
         }
         let mut infos = Vec::new();
-        if let Ok(d) = Disk::open_path(&self.host.disk, false) {
+        if let Ok(d) = self.host.storage.gpt(false) {
             for e in d.slot_table() {
                 let p = e.prio();
                 infos.push(SlotInfo {
@@ -476,7 +517,7 @@ impl Engine {
                 partition: passive,
             });
         }
-        let mut disk = Disk::open_path(&self.host.disk, true)?;
+        let mut disk = self.host.storage.gpt(true)?;
         disk.check_nimbus_layout()?;
         let part = disk.partition(passive)?;
         if r.raw_size > part.size_bytes() {
@@ -506,8 +547,7 @@ impl Engine {
             s.new_version = Some(newv);
             s.progress = None;
         });
-        let slot = SlotDevice::open(
-            &self.host.disk,
+        let slot = self.host.storage.slot(
             passive,
             part.offset_bytes(),
             part.size_bytes(),
@@ -591,7 +631,7 @@ impl Engine {
         }
 
         self.set_state(State::Finalizing);
-        let mut disk = Disk::open_path(&self.host.disk, true)?;
+        let mut disk = self.host.storage.gpt(true)?;
         disk.update_slots(|t| slots::prioritize(t, passive))?;
         self.persisted.checkpoint = None;
         if self.persisted.allow_downgrade.as_deref() == Some(self.cfg.group.as_str()) {
@@ -673,7 +713,7 @@ impl Engine {
     }
 
     pub fn rollback(&mut self) -> Result<String, UpdateError> {
-        let mut disk = Disk::open_path(&self.host.disk, true)?;
+        let mut disk = self.host.storage.gpt(true)?;
         let booted = self.host.booted;
         let target = disk.update_slots(|t| slots::rollback(t, booted))?;
         self.refresh();
@@ -681,7 +721,7 @@ impl Engine {
     }
 
     pub fn mark_good(&mut self) -> Result<String, UpdateError> {
-        let mut disk = Disk::open_path(&self.host.disk, true)?;
+        let mut disk = self.host.storage.gpt(true)?;
         let booted = self.host.booted;
         disk.update_slots(|t| slots::mark_good(t, booted))?;
         self.refresh();
@@ -712,7 +752,7 @@ impl Engine {
     }
 
     fn booted_is_good(&self) -> bool {
-        Disk::open_path(&self.host.disk, false)
+        self.host.storage.gpt(false)
             .ok()
             .and_then(|d| {
                 d.slot_table()

@@ -34,8 +34,29 @@ impl AlignedBuf {
     }
 }
 
+/// Positioned I/O on the disk that holds the slot: a file or block device
+/// in production, a fault-injecting recorder in the power-cut harness.
+pub trait SlotIo: Send + Sync {
+    fn write_all_at(&self, buf: &[u8], off: u64) -> std::io::Result<()>;
+    fn read_exact_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()>;
+    /// Make everything written so far durable.
+    fn sync_data(&self) -> std::io::Result<()>;
+}
+
+impl SlotIo for File {
+    fn write_all_at(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
+        FileExt::write_all_at(self, buf, off)
+    }
+    fn read_exact_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+        FileExt::read_exact_at(self, buf, off)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        File::sync_data(self)
+    }
+}
+
 pub struct SlotDevice {
-    file: File,
+    file: Box<dyn SlotIo>,
     path: PathBuf,
     pub partition: u32,
     offset: u64,
@@ -70,13 +91,25 @@ impl SlotDevice {
             Err(e) => return Err(io_at(disk)(e)),
         };
         Ok(SlotDevice {
-            file,
+            file: Box::new(file),
             path: disk.to_path_buf(),
             partition,
             offset,
             size,
             direct,
         })
+    }
+
+    /// A slot on any [`SlotIo`] (the power-cut harness's recorder).
+    pub fn with_io(io: Box<dyn SlotIo>, disk: &Path, partition: u32, offset: u64, size: u64) -> SlotDevice {
+        SlotDevice {
+            file: io,
+            path: disk.to_path_buf(),
+            partition,
+            offset,
+            size,
+            direct: false,
+        }
     }
 
     pub fn path(&self) -> &Path {
