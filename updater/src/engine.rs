@@ -547,11 +547,10 @@ impl Engine {
             s.new_version = Some(newv);
             s.progress = None;
         });
-        let slot = self.host.storage.slot(
-            passive,
-            part.offset_bytes(),
-            part.size_bytes(),
-        )?;
+        let slot = self
+            .host
+            .storage
+            .slot(passive, part.offset_bytes(), part.size_bytes())?;
         let shared = self.shared.clone();
         let progress = move |p: crate::status::Progress| shared.update(|s| s.progress = Some(p));
         let store = &self.store;
@@ -752,7 +751,9 @@ impl Engine {
     }
 
     fn booted_is_good(&self) -> bool {
-        self.host.storage.gpt(false)
+        self.host
+            .storage
+            .gpt(false)
             .ok()
             .and_then(|d| {
                 d.slot_table()

@@ -13,9 +13,9 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use cgroups_rs::fs::blkio::BlkIoController;
-use cgroups_rs::fs::{hierarchies, Cgroup};
+use cgroups_rs::blkio::BlkIoController;
 use cgroups_rs::CgroupPid;
+use cgroups_rs::{hierarchies, Cgroup};
 
 /// The whole disk (major, minor) that a write to `path` lands on: the device
 /// itself for a block device, the filesystem's disk for a file. Throttle

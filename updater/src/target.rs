@@ -101,7 +101,13 @@ impl SlotDevice {
     }
 
     /// A slot on any [`SlotIo`] (the power-cut harness's recorder).
-    pub fn with_io(io: Box<dyn SlotIo>, disk: &Path, partition: u32, offset: u64, size: u64) -> SlotDevice {
+    pub fn with_io(
+        io: Box<dyn SlotIo>,
+        disk: &Path,
+        partition: u32,
+        offset: u64,
+        size: u64,
+    ) -> SlotDevice {
         SlotDevice {
             file: io,
             path: disk.to_path_buf(),

@@ -17,6 +17,7 @@ mod disk;
 mod e2e;
 #[path = "../../updater/tests/support/httpd.rs"]
 mod httpd;
+mod powercut;
 mod qemu;
 
 #[derive(Parser)]
@@ -52,6 +53,13 @@ enum Cmd {
         #[arg(long)]
         keep: bool,
     },
+    /// Cut the power at every write and sync of an update (and of the boot's GPT writes)
+    /// and check that the disk still boots a verified slot with an old-or-new GPT.
+    Powercut {
+        /// At least this many cut points (ops x variants of what landed).
+        #[arg(long, default_value_t = 200)]
+        points: usize,
+    },
     /// Boot an image under QEMU (TCG), serial console on stdout.
     Qemu(qemu::Qemu),
     /// Publish a built version into a static release repository: copy its payload and
@@ -76,6 +84,7 @@ fn main() -> ExitCode {
         Cmd::Qemu(a) => qemu::run(a),
         Cmd::Release(a) => release(a),
         Cmd::E2e { keep } => e2e::run(keep),
+        Cmd::Powercut { points } => powercut::run(points),
     };
     match result {
         Ok(code) => code,

@@ -1,0 +1,521 @@
+//! `cargo xtask powercut`: cut the power at every point of an update and
+//! prove the disk still boots.
+//!
+//! The real update-engine (in process, `apply-file` path) installs 1.1.0
+//! into USR-B of a Nimbus disk held in memory; then stage 1's tries
+//! decrement and boot health's mark-good run on it. Every write and every
+//! sync is recorded. A power cut after op k leaves what was synced before k
+//! plus some of the unsynced writes: none of them, all of them, all with
+//! the last one torn (only its first sectors landed), or random subsets.
+//! For each such image the harness runs the boot rule as stage 1 does
+//! (select, verify the signed descriptor, verify the data against its
+//! verity root, else try the next slot) and requires a bootable, verified
+//! slot; and the GPT must read back as the table of the last completed
+//! sync or of the one in flight, never anything else.
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{bail, Context};
+use nimbus::gpt::{BlockDevice, Disk, GptError, MemDisk};
+use nimbus::keys::{ReleaseKey, TrustStore};
+use nimbus::layout::{Slot, MIB};
+use nimbus::release::SlotDescriptor;
+use nimbus::slots;
+use nimbus_updater::engine::{Engine, Host, Options, Shared, Storage};
+use nimbus_updater::error::UpdateError;
+use nimbus_updater::target::{SlotDevice, SlotIo};
+
+#[derive(Clone)]
+enum Op {
+    Write { off: u64, data: Vec<u8> },
+    Sync,
+}
+
+struct Recorder {
+    live: Mutex<MemDisk>,
+    ops: Mutex<Vec<Op>>,
+}
+
+fn put(d: &mut MemDisk, off: u64, data: &[u8]) -> std::io::Result<()> {
+    d.seek(SeekFrom::Start(off))?;
+    d.write_all(data)
+}
+
+fn get(d: &mut MemDisk, off: u64, buf: &mut [u8]) -> std::io::Result<()> {
+    d.seek(SeekFrom::Start(off))?;
+    d.read_exact(buf)
+}
+
+impl Recorder {
+    fn write(&self, off: u64, data: &[u8]) -> std::io::Result<()> {
+        let mut live = self
+            .live
+            .lock()
+            .map_err(|_| std::io::Error::other("poisoned"))?;
+        put(&mut live, off, data)?;
+        self.ops
+            .lock()
+            .map_err(|_| std::io::Error::other("poisoned"))?
+            .push(Op::Write {
+                off,
+                data: data.to_vec(),
+            });
+        Ok(())
+    }
+    fn read(&self, off: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let mut live = self
+            .live
+            .lock()
+            .map_err(|_| std::io::Error::other("poisoned"))?;
+        get(&mut live, off, buf)
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        self.ops
+            .lock()
+            .map_err(|_| std::io::Error::other("poisoned"))?
+            .push(Op::Sync);
+        Ok(())
+    }
+}
+
+/// The GPT's view: a seekable device over the recorder.
+struct RecDev {
+    rec: Arc<Recorder>,
+    pos: u64,
+    len: u64,
+}
+
+impl Read for RecDev {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = buf.len().min(self.len.saturating_sub(self.pos) as usize);
+        self.rec.read(self.pos, &mut buf[..n])?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl Write for RecDev {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.rec.write(self.pos, buf)?;
+        self.pos += buf.len() as u64;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Seek for RecDev {
+    fn seek(&mut self, pos: SeekFrom) -> std::io::Result<u64> {
+        self.pos = match pos {
+            SeekFrom::Start(p) => p,
+            SeekFrom::End(d) => self.len.checked_add_signed(d).context_io()?,
+            SeekFrom::Current(d) => self.pos.checked_add_signed(d).context_io()?,
+        };
+        Ok(self.pos)
+    }
+}
+
+trait ContextIo<T> {
+    fn context_io(self) -> std::io::Result<T>;
+}
+impl<T> ContextIo<T> for Option<T> {
+    fn context_io(self) -> std::io::Result<T> {
+        self.ok_or_else(|| std::io::Error::other("seek out of range"))
+    }
+}
+
+impl BlockDevice for RecDev {
+    fn sync(&mut self) -> std::io::Result<()> {
+        self.rec.sync()
+    }
+}
+
+struct RecSlot(Arc<Recorder>);
+
+impl SlotIo for RecSlot {
+    fn write_all_at(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
+        self.0.write(off, buf)
+    }
+    fn read_exact_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+        self.0.read(off, buf)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.0.sync()
+    }
+}
+
+struct RecStorage {
+    rec: Arc<Recorder>,
+    len: u64,
+}
+
+impl Storage for RecStorage {
+    fn gpt(&self, _writable: bool) -> Result<Disk<Box<dyn BlockDevice>>, GptError> {
+        let dev = RecDev {
+            rec: self.rec.clone(),
+            pos: 0,
+            len: self.len,
+        };
+        Disk::open(Box::new(dev) as Box<dyn BlockDevice>, "powercut-disk")
+    }
+    fn slot(&self, partition: u32, offset: u64, size: u64) -> Result<SlotDevice, UpdateError> {
+        Ok(SlotDevice::with_io(
+            Box::new(RecSlot(self.rec.clone())),
+            Path::new("powercut-disk"),
+            partition,
+            offset,
+            size,
+        ))
+    }
+}
+
+/// A tree of `mib` MiB of compressible bytes and an os-release.
+fn tree(dir: &Path, version: &str, mib: usize) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir.join("lib"))?;
+    std::fs::write(
+        dir.join("lib/os-release"),
+        format!("ID=nimbus\nVERSION_ID={version}\n"),
+    )?;
+    let mut x: u64 = version
+        .bytes()
+        .fold(7, |a, b| a.wrapping_mul(31).wrapping_add(u64::from(b)));
+    let mut data = Vec::with_capacity(mib << 20);
+    while data.len() < mib << 20 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        if x.is_multiple_of(3) {
+            data.extend_from_slice(&x.to_le_bytes()[..5]);
+        } else {
+            data.extend_from_slice(b"nimbus slot data ");
+        }
+    }
+    data.truncate(mib << 20);
+    std::fs::write(dir.join("lib/data.bin"), data)?;
+    Ok(())
+}
+
+struct Setup {
+    base: MemDisk,
+    trust: TrustStore,
+    root: PathBuf,
+    payload: PathBuf,
+    manifest: PathBuf,
+}
+
+fn setup(work: &Path) -> anyhow::Result<Setup> {
+    let key = ReleaseKey::generate()?;
+    let usr_size = 24 * MIB;
+    let mut slots = Vec::new();
+    // 0.9.0 sits in USR-B from an earlier update, 1.0.0 in USR-A (booted),
+    // 1.1.0 is the payload: the engine must invalidate B before writing it.
+    for v in ["1.0.0", "1.1.0", "0.9.0"] {
+        let d = work.join(v);
+        tree(&d.join("tree"), v, 6)?;
+        let slot = nimbus_image::usr::build(&nimbus_image::usr::UsrInputs {
+            usr_dir: &d.join("tree"),
+            out_fs: &d.join("usr.erofs"),
+            version: &v.parse()?,
+            compression: nimbus_image::usr::Compression::None,
+            epoch: 1_700_000_000,
+            fs_uuid: uuid::Uuid::from_u128(v.len() as u128 + 9),
+            slot_size: usr_size,
+            key: &key,
+        })?;
+        let info = slot.write_payload(&d.join("usr.img.zst"), 3)?;
+        std::fs::write(
+            d.join("build.json"),
+            serde_json::to_vec(
+                &serde_json::json!({"version": v, "verity_root": hex::encode(slot.fields.verity_root), "payload": info}),
+            )?,
+        )?;
+        slots.push(slot);
+    }
+    // The base disk: a sparse file with USR-A at 1.0.0 (1/0/1), loaded into memory.
+    let file = work.join("disk.raw");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&file)?;
+    f.set_len(nimbus::layout::min_disk_size(usr_size))?;
+    let a = slots::Prio {
+        priority: 2,
+        tries: 0,
+        successful: true,
+    };
+    let b = slots::Prio {
+        priority: 1,
+        tries: 0,
+        successful: true,
+    };
+    let d = Disk::create(
+        f,
+        &file,
+        usr_size,
+        uuid::Uuid::from_u128(5),
+        |s| uuid::Uuid::from_u128(50 + u128::from(s.number)),
+        |s| match s.number {
+            3 => a.apply_to(0),
+            4 => b.apply_to(0),
+            _ => 0,
+        },
+    )?;
+    let (pa, pb) = (d.partition(3)?, d.partition(4)?);
+    let mut f = d.into_device();
+    slots[0].write_to_partition(&mut f, &file, pa.offset_bytes(), pa.size_bytes())?;
+    slots[2].write_to_partition(&mut f, &file, pb.offset_bytes(), pb.size_bytes())?;
+    let len = f.metadata()?.len();
+    let mut base = MemDisk::new(len);
+    let mut buf = vec![0u8; 4096];
+    let mut off = 0;
+    use std::os::unix::fs::FileExt;
+    while off < len {
+        FileExt::read_exact_at(&f, &mut buf, off)?;
+        if buf.iter().any(|&b| b != 0) {
+            put(&mut base, off, &buf)?;
+        }
+        off += 4096;
+    }
+    std::fs::remove_file(&file)?;
+    let repo = work.join("repo");
+    nimbus_image::release::publish(&nimbus_image::release::PublishOptions {
+        from: &work.join("1.1.0"),
+        repo: &repo,
+        channel: "stable",
+        key: &key,
+        now: chrono::Utc::now(),
+        expires_secs: 86400,
+        rollout_secs: None,
+        max_version: None,
+    })?;
+    let root = work.join("root");
+    std::fs::create_dir_all(root.join("usr/share/nimbus/keys"))?;
+    std::fs::create_dir_all(root.join("etc/nimbus"))?;
+    std::fs::write(
+        root.join(format!("usr/share/nimbus/keys/{}.pub", key.id)),
+        nimbus::keys::public_key_json(&key.public()),
+    )?;
+    std::fs::write(
+        root.join("etc/nimbus/update.conf"),
+        "GROUP=stable\nSERVER=disabled\nIO_WRITE_BPS=unlimited\n",
+    )?;
+    Ok(Setup {
+        base,
+        trust: TrustStore::new([key.public()], 1),
+        root,
+        payload: repo.join("payloads/1.1.0/usr.img.zst"),
+        manifest: repo.join("channels/stable.json"),
+    })
+}
+
+/// What the disk boots after a cut: the version stage 1 would run, or why
+/// nothing boots.
+fn boots(img: &MemDisk, trust: &TrustStore) -> Result<(String, bool), String> {
+    let disk = Disk::open(img.clone(), "cut").map_err(|e| format!("GPT unreadable: {e}"))?;
+    disk.check_nimbus_layout().map_err(|e| e.to_string())?;
+    let mut exclude = Vec::new();
+    loop {
+        let mut table = disk.slot_table();
+        let Some(choice) = slots::select_for_boot(&mut table, &exclude) else {
+            return Err(format!(
+                "no bootable slot (excluded after verification: {exclude:?})"
+            ));
+        };
+        match verify_slot(img, &disk, choice.number, trust) {
+            Ok(v) => {
+                let label = Slot::from_partition_number(choice.number).map_or("?", |s| s.label());
+                return Ok((format!("{label}:{v}"), !exclude.is_empty()));
+            }
+            Err(_) => exclude.push(choice.number),
+        }
+    }
+}
+
+/// Descriptor signature, then the verity tree over the data, as dm-verity
+/// would see it: the root must match and the on-disk tree must be intact.
+fn verify_slot(
+    img: &MemDisk,
+    disk: &Disk<MemDisk>,
+    n: u32,
+    trust: &TrustStore,
+) -> anyhow::Result<String> {
+    let p = disk.partition(n)?;
+    let mut d = img.clone();
+    let mut desc = vec![0u8; 4096];
+    get(&mut d, p.offset_bytes() + p.size_bytes() - 4096, &mut desc)?;
+    let fields = SlotDescriptor::verify(&desc, trust)?;
+    let mut data = vec![0u8; fields.data_size as usize];
+    get(&mut d, p.offset_bytes(), &mut data)?;
+    let t = nimbus_image::verity::build(&data[..], fields.data_size, &fields.verity_salt)?;
+    if t.root != fields.verity_root {
+        bail!("data does not match the verity root");
+    }
+    let mut tree = vec![0u8; fields.hash_size as usize];
+    get(&mut d, p.offset_bytes() + fields.hash_offset, &mut tree)?;
+    if tree != t.bytes {
+        bail!("hash tree damaged");
+    }
+    Ok(fields.version.to_string())
+}
+
+fn table(img: &MemDisk) -> Option<Vec<u64>> {
+    Disk::open(img.clone(), "cut")
+        .ok()
+        .map(|d| d.slot_table().iter().map(|e| e.attributes).collect())
+}
+
+pub fn run(points: usize) -> anyhow::Result<ExitCode> {
+    let work = tempfile::Builder::new()
+        .prefix("powercut")
+        .tempdir()
+        .context("temp dir")?;
+    let s = setup(work.path())?;
+    let len = s.base.len();
+    let rec = Arc::new(Recorder {
+        live: Mutex::new(s.base.clone()),
+        ops: Mutex::new(Vec::new()),
+    });
+    let storage = Arc::new(RecStorage {
+        rec: rec.clone(),
+        len,
+    });
+
+    // The real engine, on the recorder: invalidate, stream, verify, flip.
+    let host = Host {
+        root: s.root.clone(),
+        disk: PathBuf::from("powercut-disk"),
+        booted: 3,
+        host_mode: true,
+        storage: storage.clone(),
+    };
+    let mut engine = Engine::new(host, &Options::default(), Arc::new(Shared::new()))?;
+    let sigs = PathBuf::from(format!("{}.sig", s.manifest.display()));
+    let v = engine.apply_file(&s.payload, &s.manifest, &sigs)?;
+    let update_ops = rec
+        .ops
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?
+        .len();
+    // The next boot: stage 1 spends USR-B's try, then health marks it good.
+    let mut d = storage.gpt(true)?;
+    d.update_slots(|t| {
+        slots::select_for_boot(t, &[]);
+        Ok(())
+    })?;
+    d.update_slots(|t| slots::mark_good(t, 4))?;
+    drop(d);
+    let ops = rec
+        .ops
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?
+        .clone();
+    eprintln!(
+        "powercut: installed {v}; {update_ops} ops for the update, {} with the boot and mark-good",
+        ops.len()
+    );
+
+    // Tables at each sync boundary: the durable states a cut must land on.
+    let mut synced = s.base.clone();
+    let mut boundary_tables = vec![table(&synced)];
+    let mut cuts = Vec::new(); // (k, synced image before k, boundary index)
+    for (k, op) in ops.iter().enumerate() {
+        cuts.push((k, boundary_tables.len() - 1));
+        match op {
+            Op::Write { off, data } => put(&mut synced, *off, data)?,
+            Op::Sync => boundary_tables.push(table(&synced)),
+        }
+    }
+    let variants_per_cut = points.div_ceil(cuts.len().max(1)).max(4);
+    let mut rng: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+
+    let (mut n, mut unbootable, mut mixed, mut old, mut new, mut refused) =
+        (0usize, 0usize, 0usize, 0usize, 0usize, 0usize);
+    let mut failures = Vec::new();
+    let mut image = s.base.clone();
+    let mut pending: Vec<(u64, Vec<u8>)> = Vec::new();
+    for (k, op) in ops.iter().enumerate() {
+        // The cut lands before op k: `image` is durable, `pending` is not.
+        let (_, bidx) = cuts[k];
+        for variant in 0..variants_per_cut {
+            let mut img = image.clone();
+            let landed: Vec<&(u64, Vec<u8>)> = match variant {
+                0 => Vec::new(),
+                1 => pending.iter().collect(),
+                _ => pending.iter().filter(|_| next() % 2 == 0).collect(),
+            };
+            for (off, data) in &landed {
+                put(&mut img, *off, data)?;
+            }
+            if variant == 2 {
+                // Torn: the last unsynced write only got its first sectors down.
+                if let Some((off, data)) = pending.last() {
+                    let keep = (data.len() / 512 / 2) * 512;
+                    put(&mut img, *off, &data[..keep])?;
+                }
+            }
+            n += 1;
+            let booted = boots(&img, &s.trust);
+            if let Ok((_, true)) = &booted {
+                // Stage 1 would have burnt a try on a slot that does not verify.
+                refused += 1;
+            }
+            match booted.map(|(b, _)| b) {
+                Ok(b) if b.starts_with("USR-A:1.0.0") => old += 1,
+                Ok(b) if b.starts_with("USR-B:1.1.0") => new += 1,
+                Ok(b) => {
+                    unbootable += 1;
+                    failures.push(format!("cut before op {k} variant {variant}: boots {b}"));
+                }
+                Err(e) => {
+                    unbootable += 1;
+                    failures.push(format!("cut before op {k} variant {variant}: {e}"));
+                }
+            }
+            let t = table(&img);
+            let ok = t == boundary_tables[bidx]
+                || boundary_tables.get(bidx + 1).is_some_and(|b| *b == t);
+            if !ok {
+                mixed += 1;
+                failures.push(format!(
+                    "cut before op {k} variant {variant}: GPT table {t:?} is neither {:?} nor {:?}",
+                    boundary_tables[bidx],
+                    boundary_tables.get(bidx + 1)
+                ));
+            }
+        }
+        match op {
+            Op::Write { off, data } => pending.push((*off, data.clone())),
+            Op::Sync => {
+                for (off, data) in pending.drain(..) {
+                    put(&mut image, off, &data)?;
+                }
+            }
+        }
+    }
+    println!("| cut points | boots 1.0.0 (old) | boots 1.1.0 (new) | first choice failed verification | unbootable | GPT neither old nor new |");
+    println!("|---|---|---|---|---|---|");
+    println!("| {n} ({} ops x {variants_per_cut} variants) | {old} | {new} | {refused} | {unbootable} | {mixed} |", ops.len());
+    for f in failures.iter().take(20) {
+        println!("  {f}");
+    }
+    println!("powercut: points={n} unbootable={unbootable} mixed_state={mixed}");
+    Ok(
+        if unbootable == 0 && mixed == 0 && refused == 0 && n >= points {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        },
+    )
+}
