@@ -15,6 +15,7 @@ mod build_image;
 mod deps;
 mod disk;
 mod e2e;
+mod fuzz;
 #[path = "../../updater/tests/support/httpd.rs"]
 mod httpd;
 mod powercut;
@@ -60,6 +61,18 @@ enum Cmd {
         #[arg(long, default_value_t = 200)]
         points: usize,
     },
+    /// Build the cargo-fuzz targets (nightly) and run each for a while.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only these targets (manifest, descriptor, gpt, update_conf, cloud_config).
+        #[arg(long = "target")]
+        targets: Vec<String>,
+        /// Write the table to docs/fuzz.md.
+        #[arg(long)]
+        record: bool,
+    },
     /// Boot an image under QEMU (TCG), serial console on stdout.
     Qemu(qemu::Qemu),
     /// Publish a built version into a static release repository: copy its payload and
@@ -84,6 +97,7 @@ fn main() -> ExitCode {
         Cmd::Qemu(a) => qemu::run(a),
         Cmd::Release(a) => release(a),
         Cmd::E2e { keep } => e2e::run(keep),
+        Cmd::Fuzz { seconds, targets, record } => fuzz::run(seconds, targets, record),
         Cmd::Powercut { points } => powercut::run(points),
     };
     match result {

@@ -1,0 +1,115 @@
+//! `cargo xtask fuzz`: build the cargo-fuzz (libFuzzer) targets in fuzz/
+//! and run each for a while; a table of executions and findings, optionally
+//! written to docs/fuzz.md.
+
+use std::fmt::Write as _;
+use std::process::{Command, ExitCode};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+
+pub const TARGETS: &[&str] = &["manifest", "descriptor", "gpt", "update_conf", "cloud_config"];
+
+fn ensure_tools() -> anyhow::Result<()> {
+    let nightly = Command::new("rustup")
+        .args(["run", "nightly", "rustc", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !nightly {
+        bail!("cargo-fuzz needs a nightly toolchain: `rustup toolchain install nightly`");
+    }
+    let have = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have {
+        eprintln!("fuzz: installing cargo-fuzz (cargo install --locked cargo-fuzz)");
+        let st = Command::new("cargo")
+            .args(["install", "--locked", "cargo-fuzz"])
+            .status()
+            .context("cargo install cargo-fuzz")?;
+        if !st.success() {
+            bail!("cargo install cargo-fuzz failed ({st})");
+        }
+    }
+    Ok(())
+}
+
+pub fn run(seconds: u64, only: Vec<String>, record: bool) -> anyhow::Result<ExitCode> {
+    ensure_tools()?;
+    let root = crate::build_image::workspace_root();
+    let targets: Vec<&str> = if only.is_empty() {
+        TARGETS.to_vec()
+    } else {
+        for t in &only {
+            if !TARGETS.contains(&t.as_str()) {
+                bail!("unknown fuzz target {t:?}: one of {}", TARGETS.join(", "));
+            }
+        }
+        TARGETS.iter().copied().filter(|t| only.iter().any(|o| o == t)).collect()
+    };
+    let t = Instant::now();
+    let st = Command::new("cargo")
+        .current_dir(&root)
+        .args(["+nightly", "fuzz", "build"])
+        .status()
+        .context("cargo +nightly fuzz build")?;
+    if !st.success() {
+        bail!("building the fuzz targets failed ({st})");
+    }
+    eprintln!("fuzz: targets built in {:.0} s", t.elapsed().as_secs_f64());
+    let mut table = String::new();
+    writeln!(table, "| target | seconds | executions | exec/s | corpus | result |")?;
+    writeln!(table, "|---|---|---|---|---|---|")?;
+    let mut failed = Vec::new();
+    for target in targets {
+        let corpus = root.join("fuzz/corpus").join(target);
+        std::fs::create_dir_all(&corpus)?;
+        let t = Instant::now();
+        let out = Command::new("cargo")
+            .current_dir(&root)
+            .args(["+nightly", "fuzz", "run", target, "--"])
+            .arg(format!("-max_total_time={seconds}"))
+            .args(["-print_final_stats=1", "-rss_limit_mb=2048", "-max_len=65536"])
+            .output()
+            .with_context(|| format!("cargo fuzz run {target}"))?;
+        let secs = t.elapsed().as_secs_f64();
+        let err = String::from_utf8_lossy(&out.stderr);
+        let stat = |k: &str| -> u64 {
+            err.lines()
+                .find_map(|l| l.strip_prefix(&format!("stat::{k}:")))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        let execs = stat("number_of_executed_units");
+        let files = std::fs::read_dir(&corpus).map(|d| d.count()).unwrap_or(0);
+        let result = if out.status.success() {
+            "no crash".to_string()
+        } else {
+            let artifact = err
+                .lines()
+                .find(|l| l.contains("Test unit written to"))
+                .unwrap_or("see the output")
+                .to_string();
+            failed.push(target);
+            eprintln!("{err}");
+            format!("CRASH: {artifact}")
+        };
+        writeln!(
+            table,
+            "| {target} | {secs:.0} | {execs} | {:.0} | {files} | {result} |",
+            execs as f64 / secs.max(1.0)
+        )?;
+        eprintln!("fuzz: {target}: {execs} executions in {secs:.0} s, {result}");
+    }
+    print!("{table}");
+    if record {
+        let doc = format!(
+            "# Fuzzing\n\nTargets in `fuzz/fuzz_targets/` (cargo-fuzz, libFuzzer, AddressSanitizer), run with\n`cargo xtask fuzz --seconds {seconds} --record` on {}:\n\n{table}\n\
+             Inputs that crashed become regression tests next to the code they broke; none so far.\n",
+            crate::bench::machine()
+        );
+        std::fs::write(root.join("docs/fuzz.md"), doc)?;
+    }
+    Ok(if failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
