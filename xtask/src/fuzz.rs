@@ -8,7 +8,13 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 
-pub const TARGETS: &[&str] = &["manifest", "descriptor", "gpt", "update_conf", "cloud_config"];
+pub const TARGETS: &[&str] = &[
+    "manifest",
+    "descriptor",
+    "gpt",
+    "update_conf",
+    "cloud_config",
+];
 
 fn ensure_tools() -> anyhow::Result<()> {
     let nightly = Command::new("rustup")
@@ -46,7 +52,11 @@ pub fn run(seconds: u64, only: Vec<String>, record: bool) -> anyhow::Result<Exit
                 bail!("unknown fuzz target {t:?}: one of {}", TARGETS.join(", "));
             }
         }
-        TARGETS.iter().copied().filter(|t| only.iter().any(|o| o == t)).collect()
+        TARGETS
+            .iter()
+            .copied()
+            .filter(|t| only.iter().any(|o| o == t))
+            .collect()
     };
     let t = Instant::now();
     let st = Command::new("cargo")
@@ -59,7 +69,10 @@ pub fn run(seconds: u64, only: Vec<String>, record: bool) -> anyhow::Result<Exit
     }
     eprintln!("fuzz: targets built in {:.0} s", t.elapsed().as_secs_f64());
     let mut table = String::new();
-    writeln!(table, "| target | seconds | executions | exec/s | corpus | result |")?;
+    writeln!(
+        table,
+        "| target | seconds | executions | exec/s | corpus | result |"
+    )?;
     writeln!(table, "|---|---|---|---|---|---|")?;
     let mut failed = Vec::new();
     for target in targets {
@@ -70,7 +83,11 @@ pub fn run(seconds: u64, only: Vec<String>, record: bool) -> anyhow::Result<Exit
             .current_dir(&root)
             .args(["+nightly", "fuzz", "run", target, "--"])
             .arg(format!("-max_total_time={seconds}"))
-            .args(["-print_final_stats=1", "-rss_limit_mb=2048", "-max_len=65536"])
+            .args([
+                "-print_final_stats=1",
+                "-rss_limit_mb=2048",
+                "-max_len=65536",
+            ])
             .output()
             .with_context(|| format!("cargo fuzz run {target}"))?;
         let secs = t.elapsed().as_secs_f64();
@@ -111,5 +128,9 @@ pub fn run(seconds: u64, only: Vec<String>, record: bool) -> anyhow::Result<Exit
         );
         std::fs::write(root.join("docs/fuzz.md"), doc)?;
     }
-    Ok(if failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

@@ -97,7 +97,11 @@ fn main() -> ExitCode {
         Cmd::Qemu(a) => qemu::run(a),
         Cmd::Release(a) => release(a),
         Cmd::E2e { keep } => e2e::run(keep),
-        Cmd::Fuzz { seconds, targets, record } => fuzz::run(seconds, targets, record),
+        Cmd::Fuzz {
+            seconds,
+            targets,
+            record,
+        } => fuzz::run(seconds, targets, record),
         Cmd::Powercut { points } => powercut::run(points),
     };
     match result {
