@@ -553,34 +553,40 @@ impl Engine {
             .slot(passive, part.offset_bytes(), part.size_bytes())?;
         let shared = self.shared.clone();
         let progress = move |p: crate::status::Progress| shared.update(|s| s.progress = Some(p));
-        let store = &self.store;
         let persisted = Mutex::new(self.persisted.clone());
-        let checkpoint = |cp: &crate::state::Checkpoint| {
-            let mut p = match persisted.lock() {
-                Ok(p) => p,
-                Err(e) => e.into_inner(),
+        let result = {
+            let store = &self.store;
+            let checkpoint = |cp: &crate::state::Checkpoint| {
+                let mut p = match persisted.lock() {
+                    Ok(p) => p,
+                    Err(e) => e.into_inner(),
+                };
+                p.checkpoint = Some(cp.clone());
+                store.save(&p)
             };
-            p.checkpoint = Some(cp.clone());
-            store.save(&p)
+            let job = apply::Job {
+                http: &self.http,
+                url: url.to_string(),
+                file,
+                release: r,
+                slot: &slot,
+                resume,
+                write_bps: self.cfg.write_bps,
+                io_idle: self.cfg.io_idle,
+                cancel: &self.shared.cancel,
+                progress: &progress,
+                checkpoint: &checkpoint,
+            };
+            apply::run(&job)
         };
-        let job = apply::Job {
-            http: &self.http,
-            url: url.to_string(),
-            file,
-            release: r,
-            slot: &slot,
-            resume,
-            write_bps: self.cfg.write_bps,
-            io_idle: self.cfg.io_idle,
-            cancel: &self.shared.cancel,
-            progress: &progress,
-            checkpoint: &checkpoint,
-        };
-        let out = apply::run(&job)?;
+        // Keep the checkpoints written during the attempt even when it
+        // failed: the daemon's next attempt resumes from them, and a later
+        // save of the state must not drop them.
         self.persisted = match persisted.into_inner() {
             Ok(p) => p,
             Err(e) => e.into_inner(),
         };
+        let out = result?;
         tracing::info!(
             downloaded = out.downloaded,
             resumed_from = out.resumed_from,
