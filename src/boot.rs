@@ -28,6 +28,39 @@ pub fn parse_cmdline(cmdline: &str) -> Option<Stage2Args> {
     })
 }
 
+/// Where `nimbus-init mark-good` records a failed health check, relative to
+/// the root: on ROOT, so the slot that boots next (the fallback) can read
+/// why the one before it was given up. update-engine consumes it.
+pub const HEALTH_FAILURE_PATH: &str = "var/lib/nimbus/health-failure.json";
+
+/// A failed boot-health check on an unproven slot: the contract between
+/// mark-good, which writes it before rebooting, and update-engine, which
+/// reports it as the reason for the rollback.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HealthFailure {
+    /// GPT partition number of the slot that failed.
+    pub partition: u32,
+    pub partuuid: uuid::Uuid,
+    /// The version its descriptor named ("unknown" when unreadable).
+    pub version: String,
+    /// What failed, in words: "required unit foo.service is failed (exit-code)".
+    pub reason: String,
+    /// Unix seconds.
+    pub at: i64,
+}
+
+impl HealthFailure {
+    pub fn to_json(&self) -> Vec<u8> {
+        let mut b = serde_json::to_vec_pretty(self).unwrap_or_default();
+        b.push(b'\n');
+        b
+    }
+
+    pub fn parse(b: &[u8]) -> Result<HealthFailure, serde_json::Error> {
+        serde_json::from_slice(b)
+    }
+}
+
 /// The device-mapper table line for a slot whose data and hash tree share
 /// one device (`dev` as "major:minor").
 pub fn verity_table(d: &SlotDescriptor, dev: &str) -> (u64, String) {
@@ -56,6 +89,19 @@ mod tests {
             "6052f078-ef0c-5bb9-b832-df3670f381a3"
         );
         assert_eq!(parse_cmdline("console=ttyS0"), None);
+    }
+
+    #[test]
+    fn health_failure_roundtrip() {
+        let h = HealthFailure {
+            partition: 3,
+            partuuid: uuid::Uuid::nil(),
+            version: "1.2.0".into(),
+            reason: "required unit x.service is failed".into(),
+            at: 7,
+        };
+        assert_eq!(HealthFailure::parse(&h.to_json()).unwrap(), h);
+        assert!(HealthFailure::parse(b"{}").is_err());
     }
 
     #[test]

@@ -238,6 +238,22 @@ pub fn rollback(table: &mut [Entry], booted: u32) -> Result<u32, SlotError> {
     Ok(target)
 }
 
+/// Slots other than `booted` that were given their one try and never
+/// proven: priority still set, no tries left, not successful. Only a boot
+/// attempt leads there ([`prioritize`] gives one try, [`select_for_boot`]
+/// takes it, [`mark_good`] would have set successful), so running on
+/// another slot while one is in this state means the host rolled back.
+pub fn failed_attempts(table: &[Entry], booted: u32) -> Vec<u32> {
+    table
+        .iter()
+        .filter(|e| {
+            let p = e.prio();
+            e.number != booted && p.priority > 0 && p.tries == 0 && !p.successful
+        })
+        .map(|e| e.number)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -423,5 +439,32 @@ mod tests {
             let p = Prio::from_bits(bits);
             prop_assert_eq!(p.apply_to(bits), bits);
         }
+    }
+
+    #[test]
+    fn failed_attempt_after_one_unproven_boot() {
+        // A proven on 1.1.0, B staged: prioritize gives B one try.
+        let mut t = vec![e(3, 1, 0, true), e(4, 0, 0, false)];
+        prioritize(&mut t, 4).unwrap();
+        assert!(failed_attempts(&t, 3).is_empty(), "staged, not tried yet");
+        // The boot takes the try; B is running and unproven: not a rollback.
+        let c = select_for_boot(&mut t, &[]).unwrap();
+        assert_eq!(c.number, 4);
+        assert!(failed_attempts(&t, 4).is_empty());
+        // B never got marked good: the next boot falls back to A.
+        let c = select_for_boot(&mut t, &[]).unwrap();
+        assert_eq!(c.number, 3);
+        assert_eq!(failed_attempts(&t, 3), vec![4]);
+        // A's own mark-good raises it above B; B still counts as failed.
+        mark_good(&mut t, 3).unwrap();
+        assert_eq!(failed_attempts(&t, 3), vec![4]);
+        // Once handled (invalidated) it is gone.
+        invalidate(&mut t, 4).unwrap();
+        assert!(failed_attempts(&t, 3).is_empty());
+        // A proven slot or one still holding tries is not a failure.
+        let t = vec![e(3, 2, 0, true), e(4, 1, 0, true)];
+        assert!(failed_attempts(&t, 3).is_empty());
+        let t = vec![e(3, 1, 0, true), e(4, 2, 1, false)];
+        assert!(failed_attempts(&t, 3).is_empty());
     }
 }

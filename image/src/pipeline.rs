@@ -271,13 +271,15 @@ fn customize(
     let unitdir = root.join("usr/lib/systemd/system");
     for u in &o.units {
         w(&unitdir.join(&u.name), u.content.as_bytes())?;
+        // Enabled in /usr (vendor links, as Flatcar does), not /etc: /etc is
+        // on ROOT and only seeded on first boot, so a unit that an update
+        // adds would otherwise never start on existing hosts.
         for wants in install_targets(&u.content) {
-            let d = root.join("etc/systemd/system").join(&wants);
+            let d = unitdir.join(&wants);
             fs::create_dir_all(&d).map_err(io_at(&d))?;
             let link = d.join(&u.name);
             let _ = fs::remove_file(&link);
-            std::os::unix::fs::symlink(format!("/usr/lib/systemd/system/{}", u.name), &link)
-                .map_err(io_at(&link))?;
+            std::os::unix::fs::symlink(format!("../{}", u.name), &link).map_err(io_at(&link))?;
         }
     }
     // Networking: DHCP on every wired NIC through systemd-networkd (in the

@@ -526,8 +526,110 @@ fn stage2(args: nimbus::boot::Stage2Args) -> ! {
     emergency(&format!("exec /sbin/init: {e:?}"))
 }
 
+/// Why `unit` does not count as healthy, or `None` when it is active.
+fn unit_failure(unit: &str) -> Option<String> {
+    let active = std::process::Command::new("systemctl")
+        .args(["is-active", "--quiet", unit])
+        .status()
+        .is_ok_and(|s| s.success());
+    if active {
+        return None;
+    }
+    let out = std::process::Command::new("systemctl")
+        .args(["show", "-p", "ActiveState", "-p", "Result", unit])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let field = |k: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(k)?.strip_prefix('='))
+            .unwrap_or("unknown")
+            .to_string()
+    };
+    Some(format!(
+        "required unit {unit} is {} (result: {})",
+        field("ActiveState"),
+        field("Result")
+    ))
+}
+
+/// The health check failed on `slot`. An unproven slot is given up: the
+/// reason goes to ROOT for update-engine to report after the fallback,
+/// then the host reboots, and the boot rule (no tries left, not
+/// successful) picks the previous slot. A proven slot, or one with nothing
+/// to fall back to, stays up: rebooting would only come back to it.
+fn health_failed<D: nimbus::gpt::BlockDevice>(
+    disk: &Disk<D>,
+    slot: Slot,
+    partuuid: uuid::Uuid,
+    version: &str,
+    reason: &str,
+) -> i32 {
+    say(&format!(
+        "nimbus-mark-good: health check failed on {slot} (version {version}): {reason}"
+    ));
+    let table = disk.slot_table();
+    let n = slot.partition_number();
+    let proven = table
+        .iter()
+        .find(|e| e.number == n)
+        .is_some_and(|e| e.prio().successful);
+    if proven {
+        say(&format!(
+            "nimbus-mark-good: {slot} was proven good before; staying on it (no rollback)"
+        ));
+        return 1;
+    }
+    let Ok(target) = slots::rollback_target(&table, n) else {
+        say("nimbus-mark-good: no other bootable slot to fall back to; staying up");
+        return 1;
+    };
+    let record = nimbus::boot::HealthFailure {
+        partition: n,
+        partuuid,
+        version: version.to_string(),
+        reason: reason.to_string(),
+        at: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64),
+    };
+    let path = Path::new("/").join(nimbus::boot::HEALTH_FAILURE_PATH);
+    if let Some(dir) = path.parent() {
+        let _ = fs::create_dir_all(dir);
+    }
+    // Written durably before the reboot: the fallback boot must be able to
+    // say why. Failing to record is reported but does not stop the fallback.
+    if let Err(e) = nimbus::durable::write_atomic(&path, &record.to_json(), 0o644) {
+        say(&format!("nimbus-mark-good: cannot record the failure: {e}"));
+    }
+    let target_label = Slot::from_partition_number(target)
+        .map_or_else(|| format!("partition {target}"), |s| s.to_string());
+    if std::env::var("NIMBUS_HEALTH_ON_FAILURE").as_deref() == Ok("none") {
+        say(&format!(
+            "nimbus-mark-good: {slot} has no tries left; the next boot falls back to {target_label} (NIMBUS_HEALTH_ON_FAILURE=none: not rebooting)"
+        ));
+        return 1;
+    }
+    say(&format!(
+        "nimbus-mark-good: {slot} has no tries left: rebooting to fall back to {target_label}"
+    ));
+    match std::process::Command::new("systemctl")
+        .arg("reboot")
+        .status()
+    {
+        Ok(s) if s.success() => 1,
+        r => {
+            say(&format!(
+                "nimbus-mark-good: systemctl reboot failed ({r:?})"
+            ));
+            1
+        }
+    }
+}
+
 /// `nimbus-init mark-good`: after the boot-health delay, if every required
-/// unit is active, mark the booted slot good.
+/// unit is active, mark the booted slot good; otherwise give an unproven
+/// slot up (see [`health_failed`]).
 fn mark_good() -> i32 {
     let delay: u64 = std::env::var("NIMBUS_HEALTH_DELAY")
         .ok()
@@ -546,18 +648,7 @@ fn mark_good() -> i32 {
         return 1;
     };
     std::thread::sleep(Duration::from_secs(delay));
-    for u in &units {
-        let ok = std::process::Command::new("systemctl")
-            .args(["is-active", "--quiet", u])
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            say(&format!(
-                "nimbus-mark-good: not marking the slot good: required unit {u} is not active"
-            ));
-            return 1;
-        }
-    }
+    let failure = units.iter().find_map(|u| unit_failure(u));
     let (_, mut disk) = match find_disk() {
         Ok(x) => x,
         Err(e) => {
@@ -581,6 +672,9 @@ fn mark_good() -> i32 {
         .and_then(|b| SlotDescriptor::parse_unverified(&b).ok())
         .map(|d| d.version.to_string())
         .unwrap_or_else(|| "unknown".into());
+    if let Some(reason) = failure {
+        return health_failed(&disk, slot, args.partuuid, &version, &reason);
+    }
     match disk.update_slots(|t| slots::mark_good(t, slot.partition_number())) {
         Ok(()) => {
             say(&format!(

@@ -36,6 +36,20 @@ pub fn choose(
     now: DateTime<Utc>,
     allow_downgrade: bool,
 ) -> Choice {
+    choose_excluding(m, running, seed, now, allow_downgrade, &[])
+}
+
+/// [`choose`], never offering a version in `failed` (it rolled back on this
+/// host): an older release between it and the running one, or a newer
+/// one, is still taken.
+pub fn choose_excluding(
+    m: &Manifest,
+    running: &Version,
+    seed: f64,
+    now: DateTime<Utc>,
+    allow_downgrade: bool,
+    failed: &[Version],
+) -> Choice {
     let mut offered: Vec<&Release> = m
         .releases
         .iter()
@@ -60,12 +74,17 @@ pub fn choose(
             m.channel
         ));
     }
+    let mut skipped: Vec<String> = Vec::new();
     for r in offered {
         if r.version < *running && !allow_downgrade {
             break;
         }
         if r.version == *running {
             break;
+        }
+        if failed.contains(&r.version) {
+            skipped.push(r.version.to_string());
+            continue;
         }
         match &r.rollout {
             Some(ro) if ro.paused => continue,
@@ -85,6 +104,13 @@ pub fn choose(
             }
             None => return Choice::Offer(r.clone()),
         }
+    }
+    if !skipped.is_empty() {
+        return Choice::Nothing(format!(
+            "{} rolled back on this host before and is not installed again; waiting for a newer release on channel {}",
+            skipped.join(", "),
+            m.channel
+        ));
     }
     Choice::Nothing(format!(
         "the rollout of {newest} on channel {} is paused",
@@ -190,6 +216,24 @@ mod tests {
         let m = manifest(vec![rel("1.2.0", Some(ro(true)))], None);
         assert!(
             matches!(choose(&m, &v("1.0.0"), 0.1, now, false), Choice::Nothing(s) if s.contains("paused"))
+        );
+    }
+
+    #[test]
+    fn failed_versions_are_skipped_not_newer_ones() {
+        let now = Utc::now();
+        let m = manifest(vec![rel("1.1.0", None), rel("1.2.0", None)], None);
+        let failed = [v("1.2.0")];
+        assert!(
+            matches!(choose_excluding(&m, &v("1.0.0"), 0.5, now, false, &failed), Choice::Offer(r) if r.version == v("1.1.0"))
+        );
+        match choose_excluding(&m, &v("1.1.0"), 0.5, now, false, &failed) {
+            Choice::Nothing(why) => assert!(why.contains("1.2.0 rolled back"), "{why}"),
+            c => panic!("{c:?}"),
+        }
+        let m = manifest(vec![rel("1.2.0", None), rel("1.3.0", None)], None);
+        assert!(
+            matches!(choose_excluding(&m, &v("1.1.0"), 0.5, now, false, &failed), Choice::Offer(r) if r.version == v("1.3.0"))
         );
     }
 }

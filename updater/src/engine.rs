@@ -253,8 +253,70 @@ impl Engine {
                 e.host.booted
             ))
         })?;
+        if let Err(err) = e.detect_rollback() {
+            tracing::warn!("checking for a rollback: {err}");
+        }
         e.refresh();
         Ok(e)
+    }
+
+    /// After a fallback boot: the other slot was tried and never proven.
+    /// Record why (mark-good's health record, when it names that slot and
+    /// version), never offer that version again, then invalidate the slot so
+    /// the same event is not seen twice. Each step is idempotent and the
+    /// state is saved before the GPT changes, so a crash anywhere in
+    /// between leads to the same result on the next start.
+    pub fn detect_rollback(&mut self) -> Result<(), UpdateError> {
+        let table = self.host.storage.gpt(false)?.slot_table();
+        let failed = slots::failed_attempts(&table, self.host.booted);
+        let Some(&n) = failed.first() else {
+            return Ok(());
+        };
+        let label = Slot::from_partition_number(n)
+            .map_or_else(|| format!("partition {n}"), |s| s.label().to_string());
+        let version = self.slot_version(n).ok().flatten();
+        let vs = version
+            .as_ref()
+            .map_or_else(|| "unknown".to_string(), |v| v.to_string());
+        let record_path = self.host.root.join(nimbus::boot::HEALTH_FAILURE_PATH);
+        let record = std::fs::read(&record_path)
+            .ok()
+            .and_then(|b| nimbus::boot::HealthFailure::parse(&b).ok())
+            .filter(|h| h.partition == n && h.version == vs);
+        let (reason, at) = match &record {
+            Some(h) => (
+                format!("health check failed: {}", h.reason),
+                chrono::DateTime::from_timestamp(h.at, 0).unwrap_or_else(Utc::now),
+            ),
+            None => (
+                "it never reached a good health check (it crashed, hung, or failed verification before the check ran)".to_string(),
+                Utc::now(),
+            ),
+        };
+        let rb = crate::status::Rollback {
+            failed_version: version.as_ref().map(|v| v.to_string()),
+            failed_slot: label.clone(),
+            reason,
+            at,
+            running_version: self.running.to_string(),
+        };
+        tracing::warn!(
+            "rolled back: {label} ({vs}) was given up: {}; running {} from the previous slot",
+            rb.reason,
+            self.running
+        );
+        self.persisted.rollback = Some(rb);
+        if let Some(v) = &version {
+            self.persisted.remember_failed(v);
+        }
+        self.store.save(&self.persisted)?;
+        let mut disk = self.host.storage.gpt(true)?;
+        disk.update_slots(|t| slots::invalidate(t, n))?;
+        if record.is_some() {
+            // Only after the state and the GPT carry the event.
+            let _ = std::fs::remove_file(&record_path);
+        }
+        Ok(())
     }
 
     pub fn running(&self) -> &Version {
@@ -329,7 +391,9 @@ impl Engine {
         let running = self.running.to_string();
         let booted = Slot::from_partition_number(self.host.booted)
             .map_or_else(String::new, |s| s.label().to_string());
+        let rollback = self.persisted.rollback.clone();
         self.shared.update(|s| {
+            s.rollback = rollback;
             s.channel = cfg.group.clone();
             s.server = cfg.server.clone().unwrap_or_else(|| "disabled".into());
             s.reboot_strategy = cfg.reboot_strategy.clone();
@@ -417,7 +481,17 @@ impl Engine {
         let manifest = self.fetch_manifest(&channel)?;
         let allow_down = self.persisted.allow_downgrade.as_deref() == Some(channel.as_str());
         let seed = self.persisted.rollout_seed.unwrap_or(0.0);
-        let mut choice = choose::choose(&manifest, &self.running, seed, Utc::now(), allow_down);
+        let mut choice = choose::choose_excluding(
+            &manifest,
+            &self.running,
+            seed,
+            Utc::now(),
+            allow_down,
+            &self.persisted.failed_versions,
+        );
+        if let (Choice::Offer(r), Err(why)) = (&choice, self.ensure_proven()) {
+            choice = Choice::Nothing(format!("{} is available; {why}", r.version));
+        }
         let staged = self.staged();
         if let (Choice::Offer(r), Some(v)) = (&choice, &staged) {
             if r.version == *v {
@@ -492,12 +566,13 @@ impl Engine {
         self.persisted.last_serial.insert(channel.clone(), m.serial);
         self.store.save(&self.persisted)?;
         let allow_down = self.persisted.allow_downgrade.as_deref() == Some(channel.as_str());
-        match choose::choose(
+        match choose::choose_excluding(
             &m,
             &self.running,
             self.persisted.rollout_seed.unwrap_or(0.0),
             Utc::now(),
             allow_down,
+            &self.persisted.failed_versions,
         ) {
             Choice::Offer(r) => {
                 self.install(&r, &payload.display().to_string(), Some(payload))?;
@@ -509,7 +584,25 @@ impl Engine {
         }
     }
 
+    /// Installing overwrites the passive slot, which is the fallback while
+    /// the running slot is unproven: wait for mark-good first, as ChromeOS
+    /// and Flatcar do.
+    fn ensure_proven(&self) -> Result<(), UpdateError> {
+        if self.booted_is_good() {
+            return Ok(());
+        }
+        let label = |n: u32| {
+            Slot::from_partition_number(n)
+                .map_or_else(|| format!("partition {n}"), |s| s.label().to_string())
+        };
+        Err(UpdateError::Unproven {
+            slot: label(self.host.booted),
+            other: label(self.passive()?),
+        })
+    }
+
     fn install(&mut self, r: &Release, url: &str, file: Option<&Path>) -> Result<(), UpdateError> {
+        self.ensure_proven()?;
         let passive = self.passive()?;
         if passive == self.host.booted {
             return Err(UpdateError::BootedSlot {
@@ -639,6 +732,7 @@ impl Engine {
         let mut disk = self.host.storage.gpt(true)?;
         disk.update_slots(|t| slots::prioritize(t, passive))?;
         self.persisted.checkpoint = None;
+        self.persisted.rollback = None;
         if self.persisted.allow_downgrade.as_deref() == Some(self.cfg.group.as_str()) {
             self.persisted.allow_downgrade = None;
         }

@@ -94,6 +94,8 @@ pub enum UpdateError {
         offered: String,
         running: String,
     },
+    #[error("the running slot {slot} is not marked good yet: installing now would overwrite {other}, the slot to fall back to (waiting for nimbus-mark-good)")]
+    Unproven { slot: String, other: String },
     #[error("{0}")]
     Refused(String),
     #[error("cancelled by the operator")]
@@ -132,6 +134,7 @@ impl UpdateError {
             BootedSlot { .. } => "booted-slot",
             NoBootedSlot(_) => "no-booted-slot",
             Downgrade { .. } => "downgrade-refused",
+            Unproven { .. } => "booted-unproven",
             Refused(_) => "refused",
             Cancelled => "cancelled",
             WriterStopped => "io",
@@ -167,7 +170,7 @@ impl UpdateError {
             | BootedSlot { .. }
             | NoBootedSlot(_)
             | WriterStopped => 5,
-            Disabled | Downgrade { .. } | Refused(_) => 6,
+            Disabled | Downgrade { .. } | Unproven { .. } | Refused(_) => 6,
             Cancelled => 7,
         }
     }

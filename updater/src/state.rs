@@ -29,6 +29,29 @@ pub struct Persisted {
     /// the new slot is marked good (or the host rolled back).
     #[serde(default)]
     pub lock_taken: Option<String>,
+    /// The last automatic rollback, reported until a newer version is
+    /// installed.
+    #[serde(default)]
+    pub rollback: Option<crate::status::Rollback>,
+    /// Versions that failed on this host; never offered again (a newer
+    /// release is). Newest last, at most [`MAX_FAILED_VERSIONS`].
+    #[serde(default)]
+    pub failed_versions: Vec<semver::Version>,
+}
+
+pub const MAX_FAILED_VERSIONS: usize = 16;
+
+impl Persisted {
+    pub fn remember_failed(&mut self, v: &semver::Version) {
+        if !self.failed_versions.contains(v) {
+            self.failed_versions.push(v.clone());
+        }
+        let extra = self
+            .failed_versions
+            .len()
+            .saturating_sub(MAX_FAILED_VERSIONS);
+        self.failed_versions.drain(..extra);
+    }
 }
 
 /// How far a payload write got, recorded at zstd frame boundaries after the

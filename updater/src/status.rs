@@ -75,6 +75,24 @@ pub struct Status {
     /// How the last install went: bytes, time, and the I/O limit in force.
     #[serde(default)]
     pub last_apply: Option<ApplyReport>,
+    /// The last automatic rollback: which version was given up and why.
+    #[serde(default)]
+    pub rollback: Option<Rollback>,
+}
+
+/// A slot that was tried and never proven good, so the host went back to
+/// the one it runs now.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Rollback {
+    /// The version that failed (`None` when its descriptor is unreadable).
+    pub failed_version: Option<String>,
+    pub failed_slot: String,
+    /// The health check's words, or what is known without them.
+    pub reason: String,
+    /// When the failure was recorded, or detected when nothing recorded it.
+    pub at: DateTime<Utc>,
+    /// The version running after the rollback.
+    pub running_version: String,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -104,6 +122,7 @@ impl Status {
             note: None,
             slots: Vec::new(),
             last_apply: None,
+            rollback: None,
         }
     }
 }

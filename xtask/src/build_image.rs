@@ -49,6 +49,11 @@ pub struct BuildImage {
     /// Update server written to /usr/share/nimbus/update.conf (or "disabled").
     #[arg(long, default_value = "disabled")]
     server: String,
+    /// Site units baked into USR: every file under DIR goes to
+    /// /usr/lib/systemd/system with its relative path (so `foo.service.d/x.conf`
+    /// is a drop-in), enabled from its [Install] section. Repeatable.
+    #[arg(long, value_name = "DIR")]
+    extra_units: Vec<PathBuf>,
 }
 
 struct Bars {
@@ -156,6 +161,46 @@ pub fn nimbus_init(root: &Path) -> anyhow::Result<PathBuf> {
     Ok(root.join("target").join(TARGET).join("release/nimbus-init"))
 }
 
+/// Files under `dir`, as (path relative to `dir`, path), sorted.
+fn files_under(dir: &Path) -> anyhow::Result<Vec<(String, PathBuf)>> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).with_context(|| d.display().to_string())? {
+            let p = e?.path();
+            if p.is_dir() {
+                todo.push(p);
+            } else {
+                let rel = p
+                    .strip_prefix(dir)
+                    .with_context(|| p.display().to_string())?
+                    .to_string_lossy()
+                    .into_owned();
+                out.push((rel, p));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn extra_units(dirs: &[PathBuf]) -> anyhow::Result<Vec<UnitFile>> {
+    let mut out = Vec::new();
+    for dir in dirs {
+        let files = files_under(dir).with_context(|| format!("--extra-units {}", dir.display()))?;
+        if files.is_empty() {
+            bail!("--extra-units {}: no files in it", dir.display());
+        }
+        for (name, p) in files {
+            out.push(UnitFile {
+                name,
+                content: std::fs::read_to_string(&p).with_context(|| p.display().to_string())?,
+            });
+        }
+    }
+    Ok(out)
+}
+
 fn units(root: &Path) -> anyhow::Result<Vec<UnitFile>> {
     let mut out = Vec::new();
     for dir in ["cloud-config/units", "image/units", "updater/units"] {
@@ -217,7 +262,11 @@ pub fn prepare(a: BuildImage) -> anyhow::Result<BuildOptions> {
         zstd_level: a.zstd_level,
         server: a.server,
         installs: Vec::new(),
-        units: units(&root)?,
+        units: {
+            let mut u = units(&root)?;
+            u.extend(extra_units(&a.extra_units)?);
+            u
+        },
         stage1_init: None,
         rootfs: RootfsSpec::default_for(epoch),
         keep_work: false,

@@ -153,6 +153,14 @@ fn finish(
             (Ok(None), _) => println!("{}: {}", st.state, st.note.clone().unwrap_or_default()),
             (Err(_), _) => {}
         }
+        if let Some(rb) = &st.rollback {
+            println!(
+                "rolled back: {} {} was given up: {}",
+                rb.failed_slot,
+                rb.failed_version.as_deref().unwrap_or("(unknown version)"),
+                rb.reason
+            );
+        }
     }
     Ok(code)
 }

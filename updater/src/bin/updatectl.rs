@@ -139,6 +139,16 @@ fn print_status(s: &Status) {
     if let Some(n) = &s.note {
         println!("note:      {n}");
     }
+    if let Some(r) = &s.rollback {
+        println!(
+            "rollback:  {} {} was given up at {}: {}; back on {}",
+            r.failed_slot,
+            r.failed_version.as_deref().unwrap_or("(unknown version)"),
+            r.at.to_rfc3339(),
+            r.reason,
+            r.running_version
+        );
+    }
     if let Some(e) = &s.last_error {
         println!(
             "error:     {} ({}, {})",
