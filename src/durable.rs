@@ -16,6 +16,61 @@ pub struct DurableError {
     pub source: io::Error,
 }
 
+/// One step of a crash-safe write, as a crash-consistency harness needs to
+/// see it (`cargo xtask powercut` replays these and cuts between them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FsEvent {
+    /// A new file was written with these bytes (not durable before its sync).
+    Write {
+        path: PathBuf,
+        data: Vec<u8>,
+    },
+    /// A new symlink (durable once its directory is synced).
+    Symlink {
+        path: PathBuf,
+        target: PathBuf,
+    },
+    SyncFile {
+        path: PathBuf,
+    },
+    Rename {
+        from: PathBuf,
+        to: PathBuf,
+    },
+    SyncDir {
+        dir: PathBuf,
+    },
+}
+
+/// `Some` while a harness records. A process-wide switch rather than a
+/// parameter: the writers are deep inside the engine and cloud-config, and
+/// recording must see exactly the calls production makes.
+static TRACE: std::sync::Mutex<Option<Vec<FsEvent>>> = std::sync::Mutex::new(None);
+
+/// Start recording [`FsEvent`]s (testing and the power-cut harness only).
+pub fn trace_start() {
+    if let Ok(mut t) = TRACE.lock() {
+        *t = Some(Vec::new());
+    }
+}
+
+/// Stop recording and return what was recorded.
+pub fn trace_take() -> Vec<FsEvent> {
+    TRACE
+        .lock()
+        .ok()
+        .and_then(|mut t| t.take())
+        .unwrap_or_default()
+}
+
+fn emit(e: impl FnOnce() -> FsEvent) {
+    if let Ok(mut t) = TRACE.lock() {
+        if let Some(v) = t.as_mut() {
+            v.push(e());
+        }
+    }
+}
+
 fn err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(io::Error) -> DurableError + 'a {
     move |source| DurableError {
         path: path.to_path_buf(),
@@ -67,8 +122,17 @@ pub fn write_atomic_owned(
         // After chown: chown clears setuid/setgid bits.
         f.set_permissions(fs::Permissions::from_mode(mode))
             .map_err(err(&tmp, "chmod"))?;
+        emit(|| FsEvent::Write {
+            path: tmp.clone(),
+            data: data.to_vec(),
+        });
         f.sync_all().map_err(err(&tmp, "fsync"))?;
+        emit(|| FsEvent::SyncFile { path: tmp.clone() });
         fs::rename(&tmp, path).map_err(err(path, "rename"))?;
+        emit(|| FsEvent::Rename {
+            from: tmp.clone(),
+            to: path.to_path_buf(),
+        });
         sync_dir(dir)
     })();
     if result.is_err() {
@@ -81,7 +145,40 @@ pub fn write_atomic_owned(
 pub fn sync_dir(dir: &Path) -> Result<(), DurableError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
-        .map_err(err(dir, "fsync directory"))
+        .map_err(err(dir, "fsync directory"))?;
+    emit(|| FsEvent::SyncDir {
+        dir: dir.to_path_buf(),
+    });
+    Ok(())
+}
+
+/// Replace `path` with a symlink to `target`: link beside it, rename over,
+/// fsync the directory.
+pub fn symlink_atomic(target: &Path, path: &Path) -> Result<(), DurableError> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "link".into());
+    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+    let _ = fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(target, &tmp).map_err(err(&tmp, "symlink"))?;
+    emit(|| FsEvent::Symlink {
+        path: tmp.clone(),
+        target: target.to_path_buf(),
+    });
+    if let Err(e) = fs::rename(&tmp, path) {
+        let _ = fs::remove_file(&tmp);
+        return Err(err(path, "rename")(e));
+    }
+    emit(|| FsEvent::Rename {
+        from: tmp.clone(),
+        to: path.to_path_buf(),
+    });
+    sync_dir(dir)
 }
 
 #[cfg(test)]
@@ -102,6 +199,37 @@ mod tests {
         );
         // No temp files left behind.
         assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn trace_sees_write_sync_rename_syncdir_in_order() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("f");
+        trace_start();
+        write_atomic(&p, b"x", 0o644).unwrap();
+        symlink_atomic(Path::new("/dev/null"), &d.path().join("l")).unwrap();
+        // Other tests in this process may write meanwhile: keep ours.
+        let mine = |q: &Path| q.starts_with(d.path());
+        let kinds: Vec<&str> = trace_take()
+            .iter()
+            .filter_map(|e| match e {
+                FsEvent::Write { path, .. } if mine(path) => Some("write"),
+                FsEvent::Symlink { path, .. } if mine(path) => Some("symlink"),
+                FsEvent::SyncFile { path } if mine(path) => Some("sync"),
+                FsEvent::Rename { to, .. } if mine(to) => Some("rename"),
+                FsEvent::SyncDir { dir } if mine(dir) => Some("syncdir"),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            ["write", "sync", "rename", "syncdir", "symlink", "rename", "syncdir"]
+        );
+        assert_eq!(
+            std::fs::read_link(d.path().join("l")).unwrap(),
+            Path::new("/dev/null")
+        );
+        assert!(trace_take().is_empty(), "recording stopped");
     }
 
     #[test]

@@ -240,17 +240,7 @@ impl Root {
         if let Some(parent) = host.parent() {
             self.mkdirs(parent)?;
         }
-        let tmp = host.with_file_name(format!(
-            ".{}.tmp.{}",
-            host.file_name().and_then(|n| n.to_str()).unwrap_or("link"),
-            std::process::id()
-        ));
-        let _ = fs::remove_file(&tmp);
-        std::os::unix::fs::symlink(target, &tmp).map_err(io_err(&tmp))?;
-        fs::rename(&tmp, &host).map_err(io_err(&host))?;
-        if let Some(parent) = host.parent() {
-            durable::sync_dir(parent)?;
-        }
+        durable::symlink_atomic(Path::new(target), &host)?;
         self.report.changed.push(path.to_string());
         Ok(())
     }

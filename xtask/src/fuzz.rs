@@ -16,14 +16,14 @@ pub const TARGETS: &[&str] = &[
     "cloud_config",
 ];
 
-fn ensure_tools() -> anyhow::Result<()> {
-    let nightly = Command::new("rustup")
+fn have_nightly() -> bool {
+    Command::new("rustup")
         .args(["run", "nightly", "rustc", "--version"])
         .output()
-        .is_ok_and(|o| o.status.success());
-    if !nightly {
-        bail!("cargo-fuzz needs a nightly toolchain: `rustup toolchain install nightly`");
-    }
+        .is_ok_and(|o| o.status.success())
+}
+
+fn ensure_cargo_fuzz() -> anyhow::Result<()> {
     let have = Command::new("cargo")
         .args(["fuzz", "--version"])
         .output()
@@ -41,8 +41,37 @@ fn ensure_tools() -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn run(seconds: u64, only: Vec<String>, record: bool) -> anyhow::Result<ExitCode> {
-    ensure_tools()?;
+/// `address` needs a nightly toolchain (`-Zsanitizer`); `none` builds the
+/// same coverage-guided libFuzzer targets with the stable one, which is
+/// what a machine that can fetch no other toolchain (CI) has.
+fn toolchain_args(sanitizer: &str) -> anyhow::Result<Vec<String>> {
+    match sanitizer {
+        "address" => {
+            if !have_nightly() {
+                bail!("--sanitizer address needs a nightly toolchain (`rustup toolchain install nightly`); --sanitizer none works on stable");
+            }
+            Ok(vec!["+nightly".into()])
+        }
+        "none" => Ok(Vec::new()),
+        s => bail!("--sanitizer {s:?}: address or none"),
+    }
+}
+
+pub fn run(
+    seconds: u64,
+    only: Vec<String>,
+    record: bool,
+    sanitizer: Option<String>,
+) -> anyhow::Result<ExitCode> {
+    let sanitizer = sanitizer.unwrap_or_else(|| {
+        if have_nightly() {
+            "address".into()
+        } else {
+            "none".into()
+        }
+    });
+    let toolchain = toolchain_args(&sanitizer)?;
+    ensure_cargo_fuzz()?;
     let root = crate::build_image::workspace_root();
     let targets: Vec<&str> = if only.is_empty() {
         TARGETS.to_vec()
@@ -61,13 +90,17 @@ pub fn run(seconds: u64, only: Vec<String>, record: bool) -> anyhow::Result<Exit
     let t = Instant::now();
     let st = Command::new("cargo")
         .current_dir(&root)
-        .args(["+nightly", "fuzz", "build"])
+        .args(&toolchain)
+        .args(["fuzz", "build", "--sanitizer", &sanitizer])
         .status()
-        .context("cargo +nightly fuzz build")?;
+        .context("cargo fuzz build")?;
     if !st.success() {
         bail!("building the fuzz targets failed ({st})");
     }
-    eprintln!("fuzz: targets built in {:.0} s", t.elapsed().as_secs_f64());
+    eprintln!(
+        "fuzz: targets built in {:.0} s (sanitizer: {sanitizer})",
+        t.elapsed().as_secs_f64()
+    );
     let mut table = String::new();
     writeln!(
         table,
@@ -81,7 +114,8 @@ pub fn run(seconds: u64, only: Vec<String>, record: bool) -> anyhow::Result<Exit
         let t = Instant::now();
         let out = Command::new("cargo")
             .current_dir(&root)
-            .args(["+nightly", "fuzz", "run", target, "--"])
+            .args(&toolchain)
+            .args(["fuzz", "run", "--sanitizer", &sanitizer, target, "--"])
             .arg(format!("-max_total_time={seconds}"))
             .args([
                 "-print_final_stats=1",
@@ -122,7 +156,7 @@ pub fn run(seconds: u64, only: Vec<String>, record: bool) -> anyhow::Result<Exit
     print!("{table}");
     if record {
         let doc = format!(
-            "# Fuzzing\n\nTargets in `fuzz/fuzz_targets/` (cargo-fuzz, libFuzzer, AddressSanitizer), run with\n`cargo xtask fuzz --seconds {seconds} --record` on {}:\n\n{table}\n\
+            "# Fuzzing\n\nTargets in `fuzz/fuzz_targets/` (cargo-fuzz, libFuzzer, sanitizer: {sanitizer}), run with\n`cargo xtask fuzz --seconds {seconds} --sanitizer {sanitizer} --record` on {}:\n\n{table}\n\
              Inputs that crashed become regression tests next to the code they broke; none so far.\n",
             crate::bench::machine()
         );

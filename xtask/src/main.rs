@@ -19,6 +19,7 @@ mod fuzz;
 #[path = "../../updater/tests/support/httpd.rs"]
 mod httpd;
 mod powercut;
+mod powercut_fs;
 mod qemu;
 
 #[derive(Parser)]
@@ -72,6 +73,10 @@ enum Cmd {
         /// Write the table to docs/fuzz.md.
         #[arg(long)]
         record: bool,
+        /// address (nightly toolchain) or none (stable). Default: address
+        /// when a nightly toolchain is installed, else none.
+        #[arg(long)]
+        sanitizer: Option<String>,
     },
     /// Boot an image under QEMU (TCG), serial console on stdout.
     Qemu(qemu::Qemu),
@@ -101,7 +106,8 @@ fn main() -> ExitCode {
             seconds,
             targets,
             record,
-        } => fuzz::run(seconds, targets, record),
+            sanitizer,
+        } => fuzz::run(seconds, targets, record, sanitizer),
         Cmd::Powercut { points } => powercut::run(points),
     };
     match result {

@@ -394,9 +394,16 @@ pub fn run(points: usize) -> anyhow::Result<ExitCode> {
         host_mode: true,
         storage: storage.clone(),
     };
+    // The engine's file writes (state file, update.conf) are recorded too.
+    let root_before = crate::powercut_fs::snapshot(&s.root)?;
+    nimbus::durable::trace_start();
     let mut engine = Engine::new(host, &Options::default(), Arc::new(Shared::new()))?;
     let sigs = PathBuf::from(format!("{}.sig", s.manifest.display()));
-    let v = engine.apply_file(&s.payload, &s.manifest, &sigs)?;
+    let applied = engine.apply_file(&s.payload, &s.manifest, &sigs);
+    let switched = nimbus_updater::engine::write_group(&s.root, "beta");
+    let engine_trace = nimbus::durable::trace_take();
+    let v = applied?;
+    switched?;
     let update_ops = rec
         .ops
         .lock()
@@ -510,6 +517,64 @@ pub fn run(points: usize) -> anyhow::Result<ExitCode> {
     for f in failures.iter().take(20) {
         println!("  {f}");
     }
+
+    // File writes: the engine's, then cloud-config's.
+    let cloud = work.path().join("cloud-root");
+    crate::powercut_fs::cloud_root(&cloud)?;
+    let cloud_before = crate::powercut_fs::snapshot(&cloud)?;
+    let (data, problems) = nimbus_cloud_config::schema::check(crate::powercut_fs::USER_DATA);
+    let Some(nimbus_cloud_config::schema::UserData::CloudConfig(cfg)) = data else {
+        bail!("the power-cut user-data does not validate: {problems:?}");
+    };
+    nimbus::durable::trace_start();
+    let applied = nimbus_cloud_config::apply::Root::new(&cloud).and_then(|mut r| {
+        nimbus_cloud_config::apply::apply(&mut r, &cfg, &mut nimbus_cloud_config::apply::NoCommands)
+            .map(|_| r.report)
+    });
+    let cloud_trace = nimbus::durable::trace_take();
+    let report = applied?;
+    if !report.errors.is_empty() {
+        bail!("cloud-config apply reported: {:?}", report.errors);
+    }
+    println!();
+    println!("| file writes | steps | files replaced | cut points | neither old nor new | same, without fsync before rename |");
+    println!("|---|---|---|---|---|---|");
+    let mut file_points = 0;
+    let mut file_mixed = 0;
+    for (name, trace, before) in [
+        (
+            "update-engine (state file, update.conf)",
+            &engine_trace,
+            &root_before,
+        ),
+        ("cloud-config apply", &cloud_trace, &cloud_before),
+    ] {
+        let r = crate::powercut_fs::check(trace, before, 6, 0x5eed);
+        let m = crate::powercut_fs::check(
+            &crate::powercut_fs::without_file_syncs(trace),
+            before,
+            6,
+            0x5eed,
+        );
+        println!(
+            "| {name} | {} | {} | {} | {} | {} |",
+            trace.len(),
+            r.files,
+            r.points,
+            r.mixed,
+            m.mixed
+        );
+        for f in &r.failures {
+            println!("  {name}: {f}");
+        }
+        if r.files == 0 || m.mixed == 0 {
+            bail!("{name}: the file trace is empty or the harness cannot tell a broken write path ({} files, {} mixed without fsync)", r.files, m.mixed);
+        }
+        file_points += r.points;
+        file_mixed += r.mixed;
+    }
+    let n = n + file_points;
+    let mixed = mixed + file_mixed;
     println!("powercut: points={n} unbootable={unbootable} mixed_state={mixed}");
     Ok(
         if unbootable == 0 && mixed == 0 && refused == 0 && n >= points {

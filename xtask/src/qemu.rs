@@ -77,6 +77,147 @@ fn extract_boot(image: &Path, dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> 
     Ok((out[0].clone(), out[1].clone()))
 }
 
+/// The QEMU command line for `a`, with the boot files placed in `scratch`.
+fn command(a: &Qemu, image: &Path, scratch: &Path) -> anyhow::Result<Command> {
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args(["-accel", "tcg", "-smp", "2", "-m", &a.memory.to_string()])
+        .args(["-display", "none", "-monitor", "none", "-serial", "stdio"])
+        .arg("-drive")
+        .arg(format!(
+            "file={},format=raw,if=virtio,cache=writeback",
+            image.display()
+        ))
+        .args([
+            "-netdev",
+            &format!("user,id=net0,hostfwd=tcp:127.0.0.1:{}-:22", a.ssh_port),
+        ])
+        .args(["-device", "virtio-net-pci,netdev=net0"]);
+    if a.uefi {
+        let vars = scratch.join("OVMF_VARS.fd");
+        std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", &vars)
+            .context("OVMF (cargo xtask deps installs ovmf)")?;
+        cmd.arg("-drive")
+            .arg("if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd")
+            .arg("-drive")
+            .arg(format!(
+                "if=pflash,format=raw,unit=1,file={}",
+                vars.display()
+            ));
+    } else {
+        let (kernel, initrd) = extract_boot(image, scratch)?;
+        cmd.arg("-kernel")
+            .arg(kernel)
+            .arg("-initrd")
+            .arg(initrd)
+            .arg("-append")
+            .arg(format!("console=ttyS0 panic=-1 {}", a.append).trim());
+    }
+    Ok(cmd)
+}
+
+/// A VM running in the background whose console lines are collected, for
+/// tests that act on the guest while it runs (`cargo xtask e2e`).
+pub struct Vm {
+    child: std::process::Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+    _scratch: tempfile::TempDir,
+}
+
+impl Vm {
+    /// Start `a.image`; the console goes to `a.serial_log` (and stdout
+    /// unless `a.quiet`). `a.until` and `a.timeout` are not used: the
+    /// caller waits with [`Vm::wait_for`].
+    pub fn spawn(a: &Qemu) -> anyhow::Result<Vm> {
+        let image = a.image.clone().context("Vm::spawn needs an image")?;
+        let scratch = tempfile::tempdir()?;
+        let mut child = command(a, &image, scratch.path())?
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("qemu-system-x86_64 (cargo xtask deps installs qemu-system-x86)")?;
+        let stdout = child.stdout.take().context("qemu stdout")?;
+        let mut log = a
+            .serial_log
+            .as_ref()
+            .map(std::fs::File::create)
+            .transpose()?;
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let quiet = a.quiet;
+        let sink = lines.clone();
+        let reader = std::thread::spawn(move || {
+            let mut reader = BufReader::new(stdout);
+            let mut raw = Vec::new();
+            while reader.read_until(b'\n', &mut raw).unwrap_or(0) > 0 {
+                let line = String::from_utf8_lossy(&raw).replace('\r', "");
+                raw.clear();
+                if !quiet {
+                    let _ = std::io::stdout().write_all(line.as_bytes());
+                }
+                if let Some(l) = log.as_mut() {
+                    let _ = l.write_all(line.as_bytes());
+                }
+                if let Ok(mut v) = sink.lock() {
+                    v.push(line.trim_end_matches('\n').to_string());
+                }
+            }
+        });
+        Ok(Vm {
+            child,
+            lines,
+            reader: Some(reader),
+            _scratch: scratch,
+        })
+    }
+
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+
+    /// Index of the first console line at or after `from` matching `re`;
+    /// an error when `timeout` passes or the VM stops first.
+    pub fn wait_for(&mut self, re: &str, from: usize, timeout: Duration) -> anyhow::Result<usize> {
+        let r = regex::Regex::new(re)?;
+        let t0 = Instant::now();
+        loop {
+            if let Some(i) = self
+                .lines()
+                .iter()
+                .enumerate()
+                .skip(from)
+                .find(|(_, l)| r.is_match(l))
+                .map(|(i, _)| i)
+            {
+                return Ok(i);
+            }
+            if let Some(st) = self.child.try_wait()? {
+                bail!("the VM stopped ({st}) before /{re}/ appeared on the console");
+            }
+            if t0.elapsed() > timeout {
+                bail!("no /{re}/ on the console within {} s", timeout.as_secs());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Power off (kill) the VM and wait for it; the console log is complete
+    /// afterwards.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 pub fn run(a: Qemu) -> anyhow::Result<ExitCode> {
     let root = crate::build_image::workspace_root();
     let image = a.image.clone().unwrap_or_else(|| {
@@ -103,39 +244,7 @@ pub fn run(a: Qemu) -> anyhow::Result<ExitCode> {
         .collect::<Result<_, _>>()
         .context("--mark")?;
     let scratch = tempfile::tempdir()?;
-    let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args(["-accel", "tcg", "-smp", "2", "-m", &a.memory.to_string()])
-        .args(["-display", "none", "-monitor", "none", "-serial", "stdio"])
-        .arg("-drive")
-        .arg(format!(
-            "file={},format=raw,if=virtio,cache=writeback",
-            image.display()
-        ))
-        .args([
-            "-netdev",
-            &format!("user,id=net0,hostfwd=tcp:127.0.0.1:{}-:22", a.ssh_port),
-        ])
-        .args(["-device", "virtio-net-pci,netdev=net0"]);
-    if a.uefi {
-        let vars = scratch.path().join("OVMF_VARS.fd");
-        std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", &vars)
-            .context("OVMF (cargo xtask deps installs ovmf)")?;
-        cmd.arg("-drive")
-            .arg("if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd")
-            .arg("-drive")
-            .arg(format!(
-                "if=pflash,format=raw,unit=1,file={}",
-                vars.display()
-            ));
-    } else {
-        let (kernel, initrd) = extract_boot(&image, scratch.path())?;
-        cmd.arg("-kernel")
-            .arg(kernel)
-            .arg("-initrd")
-            .arg(initrd)
-            .arg("-append")
-            .arg(format!("console=ttyS0 panic=-1 {}", a.append).trim());
-    }
+    let mut cmd = command(&a, &image, scratch.path())?;
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

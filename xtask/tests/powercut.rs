@@ -1,6 +1,8 @@
 //! `cargo xtask powercut`: at least 200 power cuts across the update's
 //! writes and the boot's GPT writes; every one leaves a disk that boots a
-//! verified slot and a GPT that is the old or the new table.
+//! verified slot and a GPT that is the old or the new table; cuts in the
+//! state-file, update.conf and cloud-config writes leave every file old or
+//! new, and the same writes without their fsync are caught.
 
 #[test]
 fn every_cut_leaves_a_bootable_disk() {
@@ -24,4 +26,29 @@ fn every_cut_leaves_a_bootable_disk() {
     assert!(field("points") >= 200, "{last}");
     assert_eq!(field("unbootable"), 0, "{out}");
     assert_eq!(field("mixed_state"), 0, "{out}");
+    for name in [
+        "update-engine (state file, update.conf)",
+        "cloud-config apply",
+    ] {
+        let row: Vec<usize> = out
+            .lines()
+            .find(|l| l.starts_with(&format!("| {name} |")))
+            .unwrap_or_else(|| panic!("no row for {name}: {out}"))
+            .split('|')
+            .skip(2)
+            .filter_map(|c| c.trim().parse().ok())
+            .collect();
+        let [steps, files, points, mixed, without_fsync] = row[..] else {
+            panic!("{name}: {row:?}");
+        };
+        assert!(
+            steps >= 8 && files >= 2 && points > steps,
+            "{name}: {row:?}"
+        );
+        assert_eq!(mixed, 0, "{name}: {out}");
+        assert!(
+            without_fsync > 0,
+            "{name}: a broken write path must show: {row:?}"
+        );
+    }
 }

@@ -1,0 +1,30 @@
+//! The fuzz targets build and run in the suite: `cargo xtask fuzz` with the
+//! stable toolchain (`--sanitizer none`: CI can fetch no nightly), a short
+//! run per target. Long runs with AddressSanitizer are in docs/fuzz.md.
+
+#[test]
+fn every_fuzz_target_builds_and_runs_without_a_crash() {
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(["fuzz", "--seconds", "15", "--sanitizer", "none"])
+        .output()
+        .expect("xtask fuzz");
+    let out = String::from_utf8_lossy(&o.stdout);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "xtask fuzz failed:\n{out}\n{err}");
+    for t in [
+        "manifest",
+        "descriptor",
+        "gpt",
+        "update_conf",
+        "cloud_config",
+    ] {
+        let row = out
+            .lines()
+            .find(|l| l.starts_with(&format!("| {t} |")))
+            .unwrap_or_else(|| panic!("no row for {t}:\n{out}"));
+        let cols: Vec<&str> = row.split('|').map(str::trim).collect();
+        let execs: u64 = cols[3].parse().unwrap_or(0);
+        assert!(execs > 1000, "{t} barely ran: {row}");
+        assert_eq!(cols[6], "no crash", "{row}");
+    }
+}
