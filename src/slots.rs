@@ -238,6 +238,31 @@ pub fn rollback(table: &mut [Entry], booted: u32) -> Result<u32, SlotError> {
     Ok(target)
 }
 
+/// What a failed boot-health check on `booted` leads to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HealthFailureAction {
+    /// The slot was proven before: stay (rebooting would come back to it).
+    StayProven,
+    /// Unproven, but nothing else is bootable: stay up.
+    NoFallback,
+    /// Unproven: give it up; this slot boots next.
+    FallBack(u32),
+}
+
+pub fn on_health_failure(table: &[Entry], booted: u32) -> HealthFailureAction {
+    if table
+        .iter()
+        .find(|e| e.number == booted)
+        .is_some_and(|e| e.prio().successful)
+    {
+        return HealthFailureAction::StayProven;
+    }
+    match rollback_target(table, booted) {
+        Ok(n) => HealthFailureAction::FallBack(n),
+        Err(_) => HealthFailureAction::NoFallback,
+    }
+}
+
 /// Slots other than `booted` that were given their one try and never
 /// proven: priority still set, no tries left, not successful. Only a boot
 /// attempt leads there ([`prioritize`] gives one try, [`select_for_boot`]
@@ -466,5 +491,18 @@ mod tests {
         assert!(failed_attempts(&t, 3).is_empty());
         let t = vec![e(3, 1, 0, true), e(4, 2, 1, false)];
         assert!(failed_attempts(&t, 3).is_empty());
+    }
+
+    #[test]
+    fn health_failure_falls_back_only_from_an_unproven_slot() {
+        use HealthFailureAction::*;
+        // B just booted with its one try spent; A proven.
+        let t = vec![e(3, 1, 0, true), e(4, 2, 0, false)];
+        assert_eq!(on_health_failure(&t, 4), FallBack(3));
+        // A proven slot stays, whatever else is bootable.
+        assert_eq!(on_health_failure(&t, 3), StayProven);
+        // Nothing to fall back to (the other slot was invalidated).
+        let t = vec![e(3, 0, 0, false), e(4, 2, 0, false)];
+        assert_eq!(on_health_failure(&t, 4), NoFallback);
     }
 }

@@ -568,21 +568,19 @@ fn health_failed<D: nimbus::gpt::BlockDevice>(
     say(&format!(
         "nimbus-mark-good: health check failed on {slot} (version {version}): {reason}"
     ));
-    let table = disk.slot_table();
     let n = slot.partition_number();
-    let proven = table
-        .iter()
-        .find(|e| e.number == n)
-        .is_some_and(|e| e.prio().successful);
-    if proven {
-        say(&format!(
-            "nimbus-mark-good: {slot} was proven good before; staying on it (no rollback)"
-        ));
-        return 1;
-    }
-    let Ok(target) = slots::rollback_target(&table, n) else {
-        say("nimbus-mark-good: no other bootable slot to fall back to; staying up");
-        return 1;
+    let target = match slots::on_health_failure(&disk.slot_table(), n) {
+        slots::HealthFailureAction::StayProven => {
+            say(&format!(
+                "nimbus-mark-good: {slot} was proven good before; staying on it (no rollback)"
+            ));
+            return 1;
+        }
+        slots::HealthFailureAction::NoFallback => {
+            say("nimbus-mark-good: no other bootable slot to fall back to; staying up");
+            return 1;
+        }
+        slots::HealthFailureAction::FallBack(t) => t,
     };
     let record = nimbus::boot::HealthFailure {
         partition: n,
