@@ -171,24 +171,20 @@ impl Vm {
         })
     }
 
-    pub fn lines(&self) -> Vec<String> {
-        self.lines.lock().map(|v| v.clone()).unwrap_or_default()
-    }
-
     /// Index of the first console line at or after `from` matching `re`;
     /// an error when `timeout` passes or the VM stops first.
     pub fn wait_for(&mut self, re: &str, from: usize, timeout: Duration) -> anyhow::Result<usize> {
         let r = regex::Regex::new(re)?;
         let t0 = Instant::now();
         loop {
-            if let Some(i) = self
-                .lines()
-                .iter()
-                .enumerate()
-                .skip(from)
-                .find(|(_, l)| r.is_match(l))
-                .map(|(i, _)| i)
-            {
+            let hit = self.lines.lock().ok().and_then(|v| {
+                v.iter()
+                    .enumerate()
+                    .skip(from)
+                    .find(|(_, l)| r.is_match(l))
+                    .map(|(i, _)| i)
+            });
+            if let Some(i) = hit {
                 return Ok(i);
             }
             if let Some(st) = self.child.try_wait()? {
