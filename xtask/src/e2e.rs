@@ -157,6 +157,34 @@ fn build(
     Ok((out, opts))
 }
 
+fn marked_good(slot: &str, version: &str) -> String {
+    format!(
+        r"nimbus-mark-good: {slot} marked good \(version {}\)",
+        regex::escape(version)
+    )
+}
+
+/// The console lines of a boot into `slot` that ends marked good:
+/// selection (tries spent, `successful` as it was), stage 2, mark-good.
+fn good_boot(slot: &str, version: &str, successful: u8) -> Vec<String> {
+    let v = regex::escape(version);
+    vec![
+        format!(
+            r"nimbus-init: selected {slot} priority=\d+ tries=0 successful={successful} version={v}"
+        ),
+        format!(r"stage 2: {slot} version {v} verified"),
+        marked_good(slot, version),
+    ]
+}
+
+/// Wait for each pattern in order; the line index of the last.
+fn expect(vm: &mut qemu::Vm, mut from: usize, res: &[String]) -> anyhow::Result<usize> {
+    for re in res {
+        from = vm.wait_for(re, from, Duration::from_secs(600))?;
+    }
+    Ok(from)
+}
+
 struct Steps {
     rows: Vec<(String, f64)>,
     t: Instant,
@@ -282,54 +310,27 @@ fn story(work: &Path, log: &Path) -> anyhow::Result<()> {
     let long = Duration::from_secs(600);
 
     // 1: N -> N+1 by itself.
-    let i = vm.wait_for(r"nimbus-init: selected USR-A .*version=1\.0\.0", 0, long)?;
-    let i = vm.wait_for(
-        r"nimbus-mark-good: USR-A marked good \(version 1\.0\.0\)",
-        i,
-        long,
+    let i = expect(
+        &mut vm,
+        0,
+        &[
+            r"nimbus-init: selected USR-A .*version=1\.0\.0".into(),
+            marked_good("USR-A", "1.0.0"),
+        ],
     )?;
-    let i = vm.wait_for(
-        r"nimbus-init: selected USR-B priority=\d+ tries=0 successful=0 version=1\.1\.0",
-        i,
-        long,
-    )?;
-    let i = vm.wait_for(r"stage 2: USR-B version 1\.1\.0 verified", i, long)?;
-    let i = vm.wait_for(
-        r"nimbus-mark-good: USR-B marked good \(version 1\.1\.0\)",
-        i,
-        long,
-    )?;
+    let i = expect(&mut vm, i, &good_boot("USR-B", "1.1.0", 0))?;
     steps.done("boot 1.0.0, update itself to 1.1.0, reboot, USR-B marked good");
 
     // 2: N+2 fails its health check; the guest falls back by itself.
     publish(&n2, "stable")?;
-    let i = vm.wait_for(
-        r"nimbus-init: selected USR-A priority=\d+ tries=0 successful=0 version=1\.2\.0",
-        i,
-        long,
-    )?;
+    let i = expect(&mut vm, i, &good_boot("USR-A", "1.2.0", 0)[..1])?;
     steps.done("publish 1.2.0 on stable; guest installs it into USR-A and reboots");
-    let i = vm.wait_for(
-        r"nimbus-mark-good: health check failed on USR-A \(version 1\.2\.0\): required unit nimbus-e2e-broken\.service is failed",
-        i,
-        long,
-    )?;
-    let i = vm.wait_for(
-        r"nimbus-mark-good: USR-A has no tries left: rebooting to fall back to USR-B",
-        i,
-        long,
-    )?;
-    let i = vm.wait_for(
-        r"nimbus-init: selected USR-B priority=\d+ tries=0 successful=1 version=1\.1\.0",
-        i,
-        long,
-    )?;
-    let i = vm.wait_for(r"stage 2: USR-B version 1\.1\.0 verified", i, long)?;
-    let i = vm.wait_for(
-        r"nimbus-mark-good: USR-B marked good \(version 1\.1\.0\)",
-        i,
-        long,
-    )?;
+    let mut fall_back = vec![
+        r"nimbus-mark-good: health check failed on USR-A \(version 1\.2\.0\): required unit nimbus-e2e-broken\.service is failed".to_string(),
+        r"nimbus-mark-good: USR-A has no tries left: rebooting to fall back to USR-B".into(),
+    ];
+    fall_back.extend(good_boot("USR-B", "1.1.0", 1));
+    let i = expect(&mut vm, i, &fall_back)?;
     steps.done("1.2.0 fails health, guest reboots itself, falls back to USR-B (1.1.0)");
     let status = ssh.run_ok(
         "updatectl status | tee /dev/console",
@@ -351,13 +352,14 @@ fn story(work: &Path, log: &Path) -> anyhow::Result<()> {
     if json["rollback"]["failed_version"] != "1.2.0" || json["rollback"]["failed_slot"] != "USR-A" {
         bail!("updatectl status --json: {json}");
     }
-    let gets = |v: &str| {
+    let payload_gets = |v: &str| -> Vec<u64> {
         srv.requests()
             .iter()
             .filter(|l| l.path.ends_with(&format!("payloads/{v}/usr.img.zst")))
-            .count()
+            .map(|l| l.body_bytes)
+            .collect()
     };
-    let gets_12 = gets("1.2.0");
+    let gets_12 = payload_gets("1.2.0").len();
     steps.done("`updatectl status` in the guest reports the rollback and its reason");
 
     // 3: channel switch inside the guest, followed to the beta release.
@@ -366,31 +368,16 @@ fn story(work: &Path, log: &Path) -> anyhow::Result<()> {
         bail!("updatectl channel beta: {out}");
     }
     let i = vm.wait_for(r"switched to beta; it offers 1\.3\.0", i, long)?;
-    let i = vm.wait_for(
-        r"nimbus-init: selected USR-A priority=\d+ tries=0 successful=0 version=1\.3\.0",
-        i,
-        long,
-    )?;
-    let i = vm.wait_for(r"stage 2: USR-A version 1\.3\.0 verified", i, long)?;
-    vm.wait_for(
-        r"nimbus-mark-good: USR-A marked good \(version 1\.3\.0\)",
-        i,
-        long,
-    )?;
+    expect(&mut vm, i, &good_boot("USR-A", "1.3.0", 0))?;
     steps.done("`updatectl channel beta` in the guest; 1.3.0 installed, booted, marked good");
     vm.stop();
 
-    if gets("1.2.0") != gets_12 {
+    if payload_gets("1.2.0").len() != gets_12 {
         bail!("the guest downloaded 1.2.0 again after rolling it back");
     }
     for v in ["1.1.0", "1.2.0", "1.3.0"] {
         let payload = std::fs::metadata(work.join(format!("repo/payloads/{v}/usr.img.zst")))?;
-        let got: u64 = srv
-            .requests()
-            .iter()
-            .filter(|l| l.path.ends_with(&format!("payloads/{v}/usr.img.zst")))
-            .map(|l| l.body_bytes)
-            .sum();
+        let got: u64 = payload_gets(v).iter().sum();
         if got < payload.len() {
             bail!(
                 "the guest did not download all of {v}: {got} of {} bytes",
