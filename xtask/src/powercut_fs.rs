@@ -59,8 +59,11 @@ fn parent(p: &Path) -> &Path {
 fn durable(trace: &[FsEvent], i: usize, k: usize) -> bool {
     let later = &trace[i + 1..k];
     match &trace[i] {
+        // Temp names are reused by later writes (a new inode each time):
+        // only a sync before the name is written again covers this one.
         FsEvent::Write { path, .. } => later
             .iter()
+            .take_while(|e| !matches!(e, FsEvent::Write { path: p, .. } if p == path))
             .any(|e| matches!(e, FsEvent::SyncFile { path: p } if p == path)),
         FsEvent::Symlink { path, .. } => later
             .iter()
