@@ -10,22 +10,132 @@ use crate::release::{SlotDescriptor, VERITY_BLOCK};
 pub struct Stage2Args {
     pub partuuid: uuid::Uuid,
     pub root_hash: String,
+    /// `nimbus.disk=<disk GUID>`: the disk stage 1 booted from. Several
+    /// disks can hold a USR partition with the same PARTUUID (a pristine
+    /// copy of the image attached for rescue), never with the same disk
+    /// GUID once the first boot gave the boot disk its own.
+    pub disk: Option<uuid::Uuid>,
 }
 
 pub fn parse_cmdline(cmdline: &str) -> Option<Stage2Args> {
     let mut partuuid = None;
     let mut root_hash = None;
+    let mut disk = None;
     for w in cmdline.split_whitespace() {
         if let Some(v) = w.strip_prefix("nimbus.usr=PARTUUID=") {
             partuuid = v.parse().ok();
         } else if let Some(v) = w.strip_prefix("nimbus.usrhash=") {
             root_hash = Some(v.to_string());
+        } else if let Some(v) = w.strip_prefix("nimbus.disk=") {
+            disk = v.parse().ok();
         }
     }
     Some(Stage2Args {
         partuuid: partuuid?,
         root_hash: root_hash?,
+        disk,
     })
+}
+
+/// `nimbus.esp=PARTUUID=<uuid>`: the ESP the boot loader read stage 1 from
+/// (GRUB's `probe --part-uuid` under BIOS; systemd-boot's
+/// LoaderDevicePartUUID under UEFI is read from efivarfs instead).
+pub fn esp_hint(cmdline: &str) -> Option<uuid::Uuid> {
+    cmdline
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("nimbus.esp=PARTUUID="))
+        .and_then(|v| v.parse().ok())
+}
+
+/// One disk with a Nimbus layout, as the boot-disk choice sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskId {
+    /// Kernel name ("vda").
+    pub name: String,
+    pub disk_guid: uuid::Uuid,
+    /// PARTUUID of partition 1 (the ESP).
+    pub esp: Option<uuid::Uuid>,
+    /// PARTUUIDs of the USR partitions.
+    pub usr: Vec<uuid::Uuid>,
+}
+
+fn one<'a>(found: Vec<&'a DiskId>, what: &str) -> Result<&'a DiskId, String> {
+    match found.as_slice() {
+        [d] => Ok(d),
+        [] => Err(format!("no disk {what}")),
+        many => Err(format!(
+            "{} disks {what} ({}): identical copies of one disk; refusing to guess",
+            many.len(),
+            many.iter()
+                .map(|d| d.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+    }
+}
+
+/// Stage 1: the disk the loader read us from. With a hint (the ESP's
+/// PARTUUID) only that disk; without one (direct kernel boot), the only
+/// Nimbus disk. A hint that matches nothing falls back to the only disk:
+/// a power cut in the first boot's GUID change can leave the loader and
+/// us reading different copies of the table. Never by name order.
+pub fn pick_boot_disk(disks: &[DiskId], esp_hint: Option<uuid::Uuid>) -> Result<&DiskId, String> {
+    if let Some(h) = esp_hint {
+        let m: Vec<&DiskId> = disks.iter().filter(|d| d.esp == Some(h)).collect();
+        if !m.is_empty() || disks.len() != 1 {
+            return one(m, &format!("with an ESP of PARTUUID {h}"));
+        }
+    }
+    one(disks.iter().collect(), "with a Nimbus layout")
+}
+
+/// Stage 2, mark-good and update-engine: the disk holding the booted USR
+/// partition, and when stage 1 said which disk it was, that disk only.
+pub fn pick_running_disk<'a>(disks: &'a [DiskId], args: &Stage2Args) -> Result<&'a DiskId, String> {
+    let m: Vec<&DiskId> = disks
+        .iter()
+        .filter(|d| d.usr.contains(&args.partuuid) && args.disk.is_none_or(|g| g == d.disk_guid))
+        .collect();
+    let what = match args.disk {
+        Some(g) => format!("with GUID {g} and a USR partition {}", args.partuuid),
+        None => format!("with a USR partition {}", args.partuuid),
+    };
+    one(m, &what)
+}
+
+/// Every whole disk under `/sys/block` with a Nimbus layout, opened
+/// read-only. Loop, RAM, device-mapper and optical devices are skipped.
+pub fn scan_disks() -> Vec<DiskId> {
+    let Ok(rd) = std::fs::read_dir("/sys/block") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if ["loop", "ram", "dm-", "zram", "sr"]
+            .iter()
+            .any(|p| name.starts_with(p))
+        {
+            continue;
+        }
+        let path = std::path::PathBuf::from(format!("/dev/{name}"));
+        let Ok(d) = crate::gpt::Disk::open_path(&path, false) else {
+            continue;
+        };
+        if d.check_nimbus_layout().is_err() {
+            continue;
+        }
+        out.push(DiskId {
+            esp: d.partition(1).ok().map(|p| p.uuid),
+            usr: crate::layout::Slot::ALL
+                .iter()
+                .filter_map(|s| d.partition(s.partition_number()).ok().map(|p| p.uuid))
+                .collect(),
+            disk_guid: d.disk_guid(),
+            name,
+        });
+    }
+    out
 }
 
 /// Where `nimbus-init mark-good` records a failed health check, relative to
@@ -89,6 +199,78 @@ mod tests {
             "6052f078-ef0c-5bb9-b832-df3670f381a3"
         );
         assert_eq!(parse_cmdline("console=ttyS0"), None);
+        assert_eq!(a.disk, None);
+        let g = "0f0e0d0c-0b0a-4908-8706-050403020100";
+        let b = parse_cmdline(&format!(
+            "nimbus.usr=PARTUUID=6052f078-ef0c-5bb9-b832-df3670f381a3 nimbus.usrhash=ab nimbus.disk={g}"
+        ))
+        .unwrap();
+        assert_eq!(b.disk.unwrap().to_string(), g);
+        assert_eq!(
+            esp_hint(&format!("x nimbus.esp=PARTUUID={g}"))
+                .unwrap()
+                .to_string(),
+            g
+        );
+        assert_eq!(esp_hint("nimbus.esp=PARTUUID=nonsense"), None);
+    }
+
+    fn disk(name: &str, guid: u128, esp: u128, usr: u128) -> DiskId {
+        DiskId {
+            name: name.into(),
+            disk_guid: uuid::Uuid::from_u128(guid),
+            esp: Some(uuid::Uuid::from_u128(esp)),
+            usr: vec![uuid::Uuid::from_u128(usr), uuid::Uuid::from_u128(usr + 1)],
+        }
+    }
+
+    #[test]
+    fn boot_disk_is_the_one_the_loader_named_never_the_first_by_name() {
+        let pristine = disk("vda", 1, 10, 100);
+        let own = disk("vdb", 7, 70, 100);
+        let both = [pristine.clone(), own.clone()];
+        let u = uuid::Uuid::from_u128;
+        assert_eq!(pick_boot_disk(&both, Some(u(70))).unwrap().name, "vdb");
+        assert_eq!(pick_boot_disk(&both, Some(u(10))).unwrap().name, "vda");
+        // No hint, several disks: refuse rather than take vda.
+        assert!(pick_boot_disk(&both, None)
+            .unwrap_err()
+            .contains("vda, vdb"));
+        // A hint that matches nothing with several disks: refuse.
+        assert!(pick_boot_disk(&both, Some(u(5))).is_err());
+        // One disk: it, whatever the hint (torn first-boot GUID change).
+        assert_eq!(
+            pick_boot_disk(&[own.clone()], Some(u(5))).unwrap().name,
+            "vdb"
+        );
+        assert_eq!(pick_boot_disk(&[own.clone()], None).unwrap().name, "vdb");
+        // Two pristine copies: ambiguous.
+        let copy = disk("vdc", 1, 10, 100);
+        assert!(pick_boot_disk(&[pristine.clone(), copy], Some(u(10))).is_err());
+        assert!(pick_boot_disk(&[], None).is_err());
+    }
+
+    #[test]
+    fn running_disk_needs_the_usr_partuuid_and_the_disk_guid() {
+        let pristine = disk("vda", 1, 10, 100);
+        let own = disk("vdb", 7, 70, 100);
+        let both = [pristine, own];
+        let mut a = Stage2Args {
+            partuuid: uuid::Uuid::from_u128(101),
+            root_hash: String::new(),
+            disk: Some(uuid::Uuid::from_u128(7)),
+        };
+        assert_eq!(pick_running_disk(&both, &a).unwrap().name, "vdb");
+        a.disk = None;
+        assert!(
+            pick_running_disk(&both, &a).is_err(),
+            "same USR PARTUUID on both"
+        );
+        a.disk = Some(uuid::Uuid::from_u128(8));
+        assert!(pick_running_disk(&both, &a).is_err());
+        a.disk = Some(uuid::Uuid::from_u128(7));
+        a.partuuid = uuid::Uuid::from_u128(5);
+        assert!(pick_running_disk(&both, &a).is_err());
     }
 
     #[test]

@@ -76,6 +76,13 @@ impl MemDisk {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+
+    /// Grow (or shrink) the device, as `qemu-img resize` does to an image.
+    pub fn set_len(&mut self, len: u64) {
+        self.len = len;
+        let last = len.div_ceil(Self::BLOCK as u64);
+        self.blocks.retain(|b, _| *b < last);
+    }
 }
 
 impl Read for MemDisk {
@@ -187,6 +194,17 @@ impl Health {
     pub fn is_clean(&self) -> bool {
         self.primary_error.is_none() && self.backup_error.is_none() && !self.copies_differ
     }
+}
+
+/// What [`Disk::prepare_host`] changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Prepared {
+    /// The new disk GUID, when the disk was pristine.
+    pub new_identity: Option<Uuid>,
+    /// Backup header LBA before and after.
+    pub backup_moved: Option<(u64, u64)>,
+    /// ROOT's size in bytes before and after.
+    pub root_grown: Option<(u64, u64)>,
 }
 
 /// One partition entry, decoded.
@@ -380,7 +398,19 @@ impl<D: BlockDevice> Disk<D> {
             });
         }
         let primary = read_copy(&mut dev, 1);
-        let backup = read_copy(&mut dev, len / SECTOR - 1);
+        let end = len / SECTOR - 1;
+        let mut backup = read_copy(&mut dev, end);
+        // A disk grown after the table was written (a bigger cloud volume,
+        // `qemu-img resize`) has its backup where the primary says, not at
+        // the new end: look there too.
+        if let (Ok(p), Err(_)) = (&primary, &backup) {
+            let alt = p.header.backup_lba;
+            if alt != end && alt > 1 && alt < end {
+                if let Ok(b) = read_copy(&mut dev, alt) {
+                    backup = Ok(b);
+                }
+            }
+        }
         let (gpt, health) = match (primary, backup) {
             (Ok(p), Ok(b)) => {
                 let differ = p.iter().ne(b.iter())
@@ -438,6 +468,93 @@ impl<D: BlockDevice> Disk<D> {
 
     pub fn disk_guid(&self) -> Uuid {
         guid(self.gpt.header.disk_guid)
+    }
+
+    /// Size of the device in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// First boot's work on the table, in memory and then in one commit
+    /// (backup first, so a cut leaves the old table or the new one):
+    /// - a pristine disk ([`layout::PRISTINE_DISK_GUID`]) gets a fresh disk
+    ///   GUID and fresh GUIDs for [`layout::HOST_UNIQUE_PARTITIONS`] from
+    ///   `fresh`;
+    /// - a disk larger than its table gets the backup table moved to its
+    ///   end and ROOT grown to the last aligned sector before it, when ROOT
+    ///   is the last partition.
+    ///
+    /// Idempotent: a second call changes nothing and writes nothing.
+    pub fn prepare_host(&mut self, mut fresh: impl FnMut() -> Uuid) -> Result<Prepared, GptError> {
+        self.check_nimbus_layout()?;
+        let mut out = Prepared::default();
+        let mut gpt = self.gpt.clone();
+        if gpt.header.primary_lba != 1 {
+            gpt.header.backup_lba = gpt.header.primary_lba;
+            gpt.header.primary_lba = 1;
+            gpt.header.partition_entry_lba = 2;
+        }
+        if guid(gpt.header.disk_guid) == layout::PRISTINE_DISK_GUID {
+            gpt.header.disk_guid = guid_bytes(fresh());
+            for n in layout::HOST_UNIQUE_PARTITIONS {
+                if gpt[n].is_used() {
+                    gpt[n].unique_partition_guid = guid_bytes(fresh());
+                }
+            }
+            out.new_identity = Some(guid(gpt.header.disk_guid));
+        }
+        let end = self.len / SECTOR - 1;
+        if gpt.header.backup_lba > end {
+            return Err(GptError::Write {
+                path: self.path.clone(),
+                reason: format!(
+                    "the table says the disk ends at LBA {}, the device at LBA {end}: it shrank; not touching it",
+                    gpt.header.backup_lba
+                ),
+            });
+        }
+        if gpt.header.backup_lba < end {
+            out.backup_moved = Some((gpt.header.backup_lba, end));
+            let mut seek = Capture {
+                pos: 0,
+                len: self.len,
+                writes: Vec::new(),
+            };
+            gpt.header
+                .update_from(&mut seek, SECTOR)
+                .map_err(|e| GptError::Write {
+                    path: self.path.clone(),
+                    reason: e.to_string(),
+                })?;
+        }
+        let root = layout::ROOT_PARTITION;
+        let last_of_all = gpt
+            .iter()
+            .filter(|(_, e)| e.is_used())
+            .map(|(_, e)| e.ending_lba)
+            .max()
+            .unwrap_or(0);
+        if gpt[root].is_used() && gpt[root].ending_lba == last_of_all {
+            let align = layout::ALIGN / SECTOR;
+            let want = (gpt.header.last_usable_lba + 1) / align * align - 1;
+            if want > gpt[root].ending_lba {
+                let first = gpt[root].starting_lba;
+                out.root_grown = Some((
+                    (gpt[root].ending_lba - first + 1) * SECTOR,
+                    (want - first + 1) * SECTOR,
+                ));
+                gpt[root].ending_lba = want;
+            }
+        }
+        if out.new_identity.is_some() || out.backup_moved.is_some() || out.root_grown.is_some() {
+            self.gpt = gpt;
+            self.commit()?;
+        }
+        Ok(out)
     }
 
     pub fn device(&mut self) -> &mut D {
@@ -773,6 +890,136 @@ mod tests {
         fn sync(&mut self) -> io::Result<()> {
             Ok(())
         }
+    }
+
+    fn grown_pristine() -> MemDisk {
+        let dev = MemDisk::new(SIZE);
+        let d = Disk::create(
+            dev,
+            "mem",
+            8 * MIB,
+            layout::PRISTINE_DISK_GUID,
+            |s| Uuid::from_u128(100 + u128::from(s.number)),
+            |_| 0,
+        )
+        .unwrap();
+        let mut dev = d.into_device();
+        dev.set_len(2 * SIZE);
+        dev
+    }
+
+    #[test]
+    fn backup_is_found_where_the_primary_says_on_a_grown_disk() {
+        let dev = grown_pristine();
+        let d = Disk::open(dev.clone(), "mem").unwrap();
+        assert!(d.health().is_clean(), "{:?}", d.health());
+        // The backup at the old end damaged: reported, not silently ignored.
+        let mut dev = d.into_device();
+        poke(&mut dev, SIZE - SECTOR + 8, &[0xff; 4]);
+        let d = Disk::open(dev, "mem").unwrap();
+        assert!(d.health().backup_error.is_some(), "{:?}", d.health());
+    }
+
+    #[test]
+    fn first_boot_moves_the_backup_grows_root_and_makes_guids_unique_once() {
+        let dev = grown_pristine();
+        let mut d = Disk::open(dev, "mem").unwrap();
+        let before = d.partitions();
+        let mut n = 1000u128;
+        let p = d
+            .prepare_host(|| {
+                n += 1;
+                Uuid::from_u128(n)
+            })
+            .unwrap();
+        assert_eq!(p.new_identity, Some(Uuid::from_u128(1001)));
+        assert_eq!(
+            p.backup_moved,
+            Some((SIZE / SECTOR - 1, 2 * SIZE / SECTOR - 1))
+        );
+        let (old, new) = p.root_grown.unwrap();
+        assert_eq!(new - old, SIZE);
+        let d2 = Disk::open(d.into_device(), "mem").unwrap();
+        assert!(d2.health().is_clean(), "{:?}", d2.health());
+        assert_eq!(d2.disk_guid(), Uuid::from_u128(1001));
+        let after = d2.partitions();
+        for (b, a) in before.iter().zip(&after) {
+            let unique = layout::HOST_UNIQUE_PARTITIONS.contains(&b.number);
+            assert_eq!(b.uuid != a.uuid, unique, "partition {}", b.number);
+            assert_eq!(b.first_lba, a.first_lba);
+            assert_eq!(b.last_lba == a.last_lba, b.number != layout::ROOT_PARTITION);
+        }
+        let root = d2.partition(layout::ROOT_PARTITION).unwrap();
+        assert_eq!((root.last_lba + 1) % (layout::ALIGN / SECTOR), 0);
+        assert!(root.last_lba < 2 * SIZE / SECTOR - layout::GPT_TAIL_SECTORS);
+        // Idempotent: nothing to do, nothing written.
+        let mut d3 = d2;
+        let image = d3.dev.clone();
+        assert_eq!(
+            d3.prepare_host(|| panic!("no new GUID")).unwrap(),
+            Prepared::default()
+        );
+        assert!(d3.dev.blocks == image.blocks);
+    }
+
+    #[test]
+    fn a_shrunken_disk_is_not_touched() {
+        let mut dev = grown_pristine();
+        dev.set_len(SIZE / 2);
+        if let Ok(mut d) = Disk::open(dev, "mem") {
+            assert!(d.prepare_host(Uuid::new_v4).is_err());
+        }
+    }
+
+    #[test]
+    fn every_cut_point_of_first_boot_leaves_old_or_new_table() {
+        let base = grown_pristine();
+        let old = Disk::open(base.clone(), "mem").unwrap().partitions();
+        let mut nd = Disk::open(base.clone(), "mem").unwrap();
+        let mut n = 0u128;
+        let next = move || {
+            n += 1;
+            Uuid::from_u128(5000 + n)
+        };
+        nd.prepare_host(next.clone()).unwrap();
+        let new = nd.partitions();
+        let total = 2 * (16 * 1024 + 512);
+        let mut outcomes = [0usize; 2];
+        for budget in (0..=total).step_by(29) {
+            let mut d = Disk::open(
+                PowerCut {
+                    inner: base.clone(),
+                    budget,
+                },
+                "mem",
+            )
+            .unwrap();
+            d.prepare_host(next.clone()).unwrap();
+            let after = d.into_device().inner;
+            let mut d = Disk::open(after, "mem")
+                .unwrap_or_else(|e| panic!("cut at {budget}: unreadable: {e}"));
+            d.check_nimbus_layout().unwrap();
+            let t = d.partitions();
+            if t == old {
+                outcomes[0] += 1;
+            } else if t == new {
+                outcomes[1] += 1;
+            } else {
+                panic!("cut at {budget}: mixed table {t:?}");
+            }
+            // The next boot finishes the job.
+            d.prepare_host(next.clone()).unwrap();
+            d.update_slots(|_| Ok(())).unwrap();
+            let d = Disk::open(d.into_device(), "mem").unwrap();
+            assert!(d.health().is_clean(), "cut at {budget}: {:?}", d.health());
+            let r = d.partition(layout::ROOT_PARTITION).unwrap();
+            assert_eq!(
+                r.last_lba,
+                new.iter().find(|p| p.number == 9).unwrap().last_lba
+            );
+            assert_ne!(d.disk_guid(), layout::PRISTINE_DISK_GUID);
+        }
+        assert!(outcomes[0] > 0 && outcomes[1] > 0, "{outcomes:?}");
     }
 
     #[test]

@@ -9,6 +9,21 @@ pub const SECTOR: u64 = 512;
 pub const MIB: u64 = 1024 * 1024;
 /// Partitions start on 1 MiB boundaries.
 pub const ALIGN: u64 = MIB;
+
+/// The disk GUID every image is built with (Flatcar's convention): a disk
+/// still carrying it has never booted. Stage 1 then gives the disk and
+/// [`HOST_UNIQUE_PARTITIONS`] fresh random GUIDs, so two hosts made from one
+/// image, or a host and a pristine copy attached to it, can be told apart.
+pub const PRISTINE_DISK_GUID: Uuid = uuid!("00000000-0000-0000-0000-000000000001");
+
+/// Partitions whose GUID becomes per-host at first boot: the ESP (its
+/// PARTUUID is how the loaders name the boot disk to stage 1), OEM and
+/// ROOT. The USR slots keep theirs: update payloads and the boot command
+/// line refer to them, and `nimbus.disk=` disambiguates.
+pub const HOST_UNIQUE_PARTITIONS: [u32; 3] = [1, 6, 9];
+
+/// ROOT, the partition that grows to fill a larger disk.
+pub const ROOT_PARTITION: u32 = 9;
 /// Sectors a GPT needs at each end: MBR + header + 32 sectors of entries at the
 /// start, entries + header at the end.
 pub const GPT_HEAD_SECTORS: u64 = 34;

@@ -474,9 +474,119 @@ fn days_since_epoch() -> u64 {
     secs / 86400
 }
 
+/// Read a regular file without following a symlink at its last component:
+/// these live in directories the user owns, and root must not read through
+/// a link the user planted there.
+fn read_user_file(p: &Path) -> Option<String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(p)
+        .ok()?;
+    if !f.metadata().ok()?.is_file() {
+        return None;
+    }
+    let mut s = String::new();
+    f.by_ref()
+        .take(crate::yaml::MAX_BYTES as u64)
+        .read_to_string(&mut s)
+        .ok()?;
+    Some(s)
+}
+
+fn key_lines(text: &str) -> impl Iterator<Item = &str> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+}
+
+/// What `authorized_keys` becomes, from the files in `authorized_keys.d`
+/// (name, text) and the user's own edits since cloud-config last wrote it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyMerge {
+    pub authorized_keys: String,
+    /// Keys added to `authorized_keys` by hand (or by Vagrant, ssh-copy-id):
+    /// kept, in `authorized_keys.d/local`.
+    pub added: Vec<String>,
+    /// Keys removed from `authorized_keys` by hand: never put back.
+    pub removed: Vec<String>,
+}
+
+/// The user's edits win: a key added to `authorized_keys` by hand stays,
+/// a key removed by hand stays removed (until it is added by hand again).
+/// This is how Vagrant's insecure key, given by the OEM user-data on every
+/// boot, is gone for good once Vagrant replaced it with its own.
+/// `last` is what cloud-config wrote last time (`.generated`); without it,
+/// every key in an existing file counts as the user's.
+pub fn merge_keys(
+    sources: &[(String, String)],
+    current: Option<&str>,
+    last: Option<&str>,
+    removed_before: &str,
+) -> KeyMerge {
+    use std::collections::BTreeSet;
+    let cur: Vec<&str> = current.map(|c| key_lines(c).collect()).unwrap_or_default();
+    let gen: BTreeSet<&str> = last.map(|l| key_lines(l).collect()).unwrap_or_default();
+    let added: Vec<String> = cur
+        .iter()
+        .filter(|k| !gen.contains(*k))
+        .map(|k| k.to_string())
+        .collect();
+    let mut removed: Vec<String> = key_lines(removed_before)
+        .filter(|k| !added.iter().any(|a| a == k))
+        .map(str::to_string)
+        .collect();
+    if current.is_some() {
+        for k in &gen {
+            if !cur.contains(k) && !removed.iter().any(|r| r == k) {
+                removed.push(k.to_string());
+            }
+        }
+    }
+    let mut seen: BTreeSet<String> = removed.iter().cloned().collect();
+    let mut out = String::new();
+    let local_text;
+    let mut all: Vec<(&str, &str)> = sources
+        .iter()
+        .map(|(n, t)| (n.as_str(), t.as_str()))
+        .collect();
+    if !added.is_empty() {
+        let existing = all.iter().position(|(n, _)| *n == "local");
+        let mut t = existing.map(|i| all[i].1.to_string()).unwrap_or_default();
+        for k in &added {
+            t.push_str(k);
+            t.push('\n');
+        }
+        local_text = t;
+        match existing {
+            Some(i) => all[i].1 = &local_text,
+            None => {
+                all.push(("local", &local_text));
+                all.sort();
+            }
+        }
+    }
+    for (name, text) in all {
+        out.push_str(&format!("# {name}\n"));
+        for k in key_lines(text) {
+            if seen.insert(k.to_string()) {
+                out.push_str(k);
+                out.push('\n');
+            }
+        }
+    }
+    KeyMerge {
+        authorized_keys: out,
+        added,
+        removed,
+    }
+}
+
 /// Flatcar's layout: each source of keys gets a file in authorized_keys.d,
-/// and authorized_keys is their concatenation, so keys added by other tools
-/// survive.
+/// and authorized_keys is their concatenation, with the user's own edits
+/// kept (see [`merge_keys`]).
 fn write_ssh_keys(
     root: &mut Root,
     home: &str,
@@ -484,40 +594,70 @@ fn write_ssh_keys(
     keys: &[String],
 ) -> Result<(), ApplyError> {
     root.mkdir_owned(&format!("{home}/.ssh"), 0o700, owner)?;
-    root.mkdir_owned(&format!("{home}/.ssh/authorized_keys.d"), 0o700, owner)?;
+    let d = format!("{home}/.ssh/authorized_keys.d");
+    root.mkdir_owned(&d, 0o700, owner)?;
     let mut body = keys.join("\n");
     body.push('\n');
     root.write(
-        &format!("{home}/.ssh/authorized_keys.d/cloud-config"),
+        &format!("{d}/cloud-config"),
         body.as_bytes(),
         0o600,
         Some(owner),
     )?;
-    let dir = root.resolve(&format!("{home}/.ssh/authorized_keys.d"))?;
-    let mut names: Vec<PathBuf> = fs::read_dir(&dir)
-        .map_err(io_err(&dir))?
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .filter(|p| {
-            p.is_file()
-                && !p
-                    .file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with('.'))
-        })
-        .collect();
-    names.sort();
-    let mut all = String::new();
-    for p in names {
-        let name = p
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        all.push_str(&format!("# {name}\n"));
-        all.push_str(&fs::read_to_string(&p).map_err(io_err(&p))?);
+    let dir = root.resolve(&d)?;
+    let mut sources: Vec<(String, String)> = Vec::new();
+    for e in fs::read_dir(&dir).map_err(io_err(&dir))?.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') {
+            continue;
+        }
+        // Regular files only; a symlink is skipped, never read through.
+        if let Some(text) = read_user_file(&e.path()) {
+            sources.push((name, text));
+        }
     }
+    sources.sort();
+    let ak = format!("{home}/.ssh/authorized_keys");
+    let current = read_user_file(&root.resolve(&ak)?);
+    let last = read_user_file(&dir.join(".generated"));
+    let removed_before = read_user_file(&dir.join(".removed")).unwrap_or_default();
+    let m = merge_keys(
+        &sources,
+        current.as_deref(),
+        last.as_deref(),
+        &removed_before,
+    );
+    if !m.added.is_empty() {
+        let mut local = sources
+            .iter()
+            .find(|(n, _)| n == "local")
+            .map(|(_, t)| t.clone())
+            .unwrap_or_default();
+        for k in &m.added {
+            local.push_str(k);
+            local.push('\n');
+        }
+        root.write(&format!("{d}/local"), local.as_bytes(), 0o600, Some(owner))?;
+    }
+    let mut removed = m.removed.join("\n");
+    if !removed.is_empty() {
+        removed.push('\n');
+    }
+    if removed != removed_before {
+        root.write(
+            &format!("{d}/.removed"),
+            removed.as_bytes(),
+            0o600,
+            Some(owner),
+        )?;
+    }
+    // authorized_keys before the record of it: a cut between the two makes
+    // the next run see cloud-config's own keys as hand-added (kept), never
+    // as hand-removed (lost).
+    root.write(&ak, m.authorized_keys.as_bytes(), 0o600, Some(owner))?;
     root.write(
-        &format!("{home}/.ssh/authorized_keys"),
-        all.as_bytes(),
+        &format!("{d}/.generated"),
+        m.authorized_keys.as_bytes(),
         0o600,
         Some(owner),
     )
@@ -905,4 +1045,62 @@ pub fn apply_script(
             .push(format!("{} (skipped: not a live system)", argv.join(" ")));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::merge_keys;
+
+    fn src(v: &[(&str, &str)]) -> Vec<(String, String)> {
+        v.iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn vagrant_replaces_the_insecure_key_for_good() {
+        let s = src(&[("cloud-config", "ssh-rsa INSECURE vagrant\n")]);
+        // First boot: nothing there yet.
+        let m1 = merge_keys(&s, None, None, "");
+        assert_eq!(
+            m1.authorized_keys,
+            "# cloud-config\nssh-rsa INSECURE vagrant\n"
+        );
+        // Vagrant appends its key and deletes the insecure one.
+        let edited = "# cloud-config\nssh-ed25519 OWN vagrant\n";
+        let m2 = merge_keys(&s, Some(edited), Some(&m1.authorized_keys), "");
+        assert_eq!(m2.added, vec!["ssh-ed25519 OWN vagrant"]);
+        assert_eq!(m2.removed, vec!["ssh-rsa INSECURE vagrant"]);
+        assert_eq!(
+            m2.authorized_keys,
+            "# cloud-config\n# local\nssh-ed25519 OWN vagrant\n"
+        );
+        // Next boot: the OEM user-data still names the insecure key; it stays out.
+        let s3 = src(&[
+            ("cloud-config", "ssh-rsa INSECURE vagrant\n"),
+            ("local", "ssh-ed25519 OWN vagrant\n"),
+        ]);
+        let removed = m2.removed.join("\n") + "\n";
+        let m3 = merge_keys(
+            &s3,
+            Some(&m2.authorized_keys),
+            Some(&m2.authorized_keys),
+            &removed,
+        );
+        assert_eq!(m3.authorized_keys, m2.authorized_keys);
+        assert!(m3.added.is_empty());
+        assert_eq!(m3.removed, m2.removed);
+    }
+
+    #[test]
+    fn a_key_added_back_by_hand_is_no_longer_removed_and_duplicates_collapse() {
+        let s = src(&[("a", "k1\nk2\n"), ("b", "k2\n")]);
+        let m = merge_keys(&s, Some("k1\nk2\n"), Some("k1\n"), "k2\n");
+        assert!(m.removed.is_empty(), "{m:?}");
+        assert_eq!(m.authorized_keys, "# a\nk1\nk2\n# b\n# local\n");
+        // A file that existed before cloud-config managed it: all its keys are the user's.
+        let m = merge_keys(&src(&[("cloud-config", "k1\n")]), Some("mine\n"), None, "");
+        assert_eq!(m.added, vec!["mine"]);
+        assert!(m.authorized_keys.contains("mine") && m.authorized_keys.contains("k1"));
+    }
 }

@@ -6,6 +6,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+pub mod bios;
 pub mod cpio;
 pub mod esp;
 pub mod pipeline;

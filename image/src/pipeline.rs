@@ -21,7 +21,7 @@ use uuid::Uuid;
 use crate::cpio::Cpio;
 use crate::rootfs::{self, RootfsSpec};
 use crate::usr::{self, Compression, PayloadInfo};
-use crate::{esp, run_tool, sha256_file, ImageError};
+use crate::{bios, esp, run_tool, sha256_file, ImageError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -318,6 +318,28 @@ fn customize(
         d = if o.dev_key { "yes" } else { "no" }
     );
     w(&root.join("usr/lib/os-release"), os_release.as_bytes())?;
+    // The login banner (agetty expands \n to the host name, \l to the tty).
+    let issue = format!("Nimbus {} ({}) \\n \\l\n\n", o.version, o.channel);
+    w(&root.join("etc/issue"), issue.as_bytes())?;
+    w(
+        &root.join("etc/issue.net"),
+        format!("Nimbus {}\n", o.version).as_bytes(),
+    )?;
+    // CoreOS: members of `sudo` (cloud-config puts `core` there) need no
+    // password.
+    let sudoers = root.join("etc/sudoers.d/nimbus");
+    w(&sudoers, b"# Nimbus: as on CoreOS, the sudo group (core) needs no password.\n%sudo ALL=(ALL:ALL) NOPASSWD: ALL\n")?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&sudoers, fs::Permissions::from_mode(0o440))
+            .map_err(io_at(&sudoers))?;
+    }
+    // CoreOS's unit for applying one cloud-config file: Vagrant's coreos
+    // guest sets the host name through it (`config.vm.hostname`).
+    w(
+        &root.join("usr/lib/systemd/system/system-cloudinit@.service"),
+        b"[Unit]\nDescription=Apply the cloud-config file %f\nAfter=cloud-config.service\n\n[Service]\nType=oneshot\nExecStart=/usr/bin/cloud-config apply %f\n",
+    )?;
     let etc_os = root.join("etc/os-release");
     let _ = fs::remove_file(&etc_os);
     std::os::unix::fs::symlink("../usr/lib/os-release", &etc_os).map_err(io_at(&etc_os))?;
@@ -353,6 +375,8 @@ pub fn stage1_modules(root: &Path, kver: &str) -> Result<Vec<String>, ImageError
         "dm_verity",
         "erofs",
         "ext4",
+        // UEFI: systemd-boot's LoaderDevicePartUUID names the boot disk.
+        "efivarfs",
     ];
     let dir = root.join("usr/lib/modules").join(kver);
     let dep = fs::read_to_string(dir.join("modules.dep")).map_err(io_at(&dir))?;
@@ -540,6 +564,41 @@ fn copy_sparse(src: &Path, dev: &mut File, offset: u64, limit: u64) -> Result<()
     Ok(())
 }
 
+/// Vagrant's well-known insecure public key (from Vagrant's own `keys/`),
+/// which every Vagrant box accepts until Vagrant replaces it.
+pub const VAGRANT_INSECURE_KEY: &str = include_str!("../vagrant/insecure_key.pub");
+
+fn vagrant_user_data() -> String {
+    format!(
+        "#cloud-config\n# Vagrant build: `vagrant up` logs in as core with Vagrant's insecure key\n# and replaces it with a key of its own (cloud-config keeps that change).\nssh_authorized_keys:\n  - {}\n",
+        VAGRANT_INSECURE_KEY.trim()
+    )
+}
+
+fn qcow2(raw: &Path, out: &Path) -> Result<(), ImageError> {
+    run_tool(
+        Command::new("qemu-img")
+            .args([
+                "convert",
+                "-f",
+                "raw",
+                "-O",
+                "qcow2",
+                "-c",
+                "-o",
+                "compression_type=zstd",
+            ])
+            .arg(raw)
+            .arg(out),
+        "qemu-img",
+    )
+}
+
+/// The stage-1 kernel's command line on every firmware path: the kernel
+/// logs to the VGA console and to ttyS0; ttyS0 comes last, so it is
+/// /dev/console (what serial consoles and the tests read).
+pub const KERNEL_CMDLINE: &str = "console=tty0 console=ttyS0,115200 panic=-1";
+
 const VAGRANTFILE: &str = r#"# Nimbus Vagrant box (libvirt provider).
 Vagrant.configure("2") do |config|
   config.ssh.username = "core"
@@ -547,6 +606,10 @@ Vagrant.configure("2") do |config|
   config.vm.provider :libvirt do |libvirt|
     libvirt.memory = 2048
     libvirt.cpus = 2
+    # libvirt's default domain type is kvm; without a usable /dev/kvm take
+    # QEMU's emulator (a Vagrantfile that sets libvirt.driver wins).
+    kvm = File.exist?("/dev/kvm") && File.readable?("/dev/kvm") && File.writable?("/dev/kvm")
+    libvirt.driver = "qemu" unless kvm
   end
 end
 "#;
@@ -668,8 +731,8 @@ fn build_inner(o: &BuildOptions, progress: &mut dyn Progress) -> Result<BuildRep
             .copied()
             .ok_or_else(|| ImageError::Invalid(format!("layout has no partition {n}")))
     };
-    st.run("filesystems", || {
-        let mut files = esp::loader_files("console=ttyS0 panic=-1");
+    let grub_core = st.run("filesystems", || {
+        let mut files = esp::loader_files(KERNEL_CMDLINE);
         files.push(("nimbus/vmlinuz".into(), kernel.clone()));
         files.push(("nimbus/stage1.img".into(), stage1.clone()));
         let sdboot = usr_dir.join("lib/systemd/boot/efi/systemd-bootx64.efi");
@@ -706,7 +769,11 @@ fn build_inner(o: &BuildOptions, progress: &mut dyn Progress) -> Result<BuildRep
             &staging,
             o.epoch,
         )?;
-        Ok(((), "ESP (FAT32), OEM and ROOT (ext4)".into()))
+        let core = bios::core_image(&work, &bios::embedded_config(KERNEL_CMDLINE))?;
+        Ok((
+            core,
+            "ESP (FAT32), GRUB i386-pc core, OEM and ROOT (ext4)".into(),
+        ))
     })?;
 
     let raw_tmp = o.out.join(".nimbus.raw.tmp");
@@ -728,7 +795,9 @@ fn build_inner(o: &BuildOptions, progress: &mut dyn Progress) -> Result<BuildRep
             &mut f,
             &raw_tmp,
             o.usr_size,
-            seeded(&o.version, "disk"),
+            // Every image starts pristine; stage 1 gives each host its own
+            // disk, ESP, OEM and ROOT GUIDs at first boot.
+            nimbus::layout::PRISTINE_DISK_GUID,
             |s| seeded(&o.version, s.label),
             |s| {
                 if s.number == Slot::A.partition_number() {
@@ -744,6 +813,13 @@ fn build_inner(o: &BuildOptions, progress: &mut dyn Progress) -> Result<BuildRep
             &mut f,
             part(1)?.offset_bytes(),
             part(1)?.size_bytes(),
+        )?;
+        bios::install(
+            &mut f,
+            &raw_tmp,
+            &grub_core,
+            part(2)?.offset_bytes(),
+            part(2)?.size_bytes(),
         )?;
         let a = part(3)?;
         let sha = slot.write_to_partition(&mut f, &raw_tmp, a.offset_bytes(), a.size_bytes())?;
@@ -778,30 +854,48 @@ fn build_inner(o: &BuildOptions, progress: &mut dyn Progress) -> Result<BuildRep
     let want = |f: Format| o.formats.contains(&f);
     let qcow_tmp = o.out.join(".nimbus.qcow2.tmp");
     let box_tmp = o.out.join(".nimbus.box.tmp");
-    if want(Format::Qcow2) || want(Format::Box) {
+    if want(Format::Qcow2) {
         st.run("qcow2", || {
             let _ = fs::remove_file(&qcow_tmp);
-            run_tool(
-                Command::new("qemu-img")
-                    .args([
-                        "convert",
-                        "-f",
-                        "raw",
-                        "-O",
-                        "qcow2",
-                        "-c",
-                        "-o",
-                        "compression_type=zstd",
-                    ])
-                    .arg(&raw_tmp)
-                    .arg(&qcow_tmp),
-                "qemu-img",
-            )?;
+            qcow2(&raw_tmp, &qcow_tmp)?;
             Ok(((), String::new()))
         })?;
     }
     if want(Format::Box) {
         st.run("box", || {
+            // The box differs from nimbus.raw only in its OEM partition:
+            // the user-data of the Vagrant build (Vagrant's insecure key for
+            // `core`, which Vagrant replaces with its own on first `up`).
+            let oem_dir = work.join("oem-vagrant");
+            let _ = fs::remove_dir_all(&oem_dir);
+            fs::create_dir_all(&oem_dir).map_err(io_at(&oem_dir))?;
+            let ud = oem_dir.join("user-data");
+            match &o.user_data {
+                Some(own) => fs::copy(own, &ud).map(drop).map_err(io_at(own))?,
+                None => fs::write(&ud, vagrant_user_data()).map_err(io_at(&ud))?,
+            }
+            let oem_img = work.join("oem-vagrant.img");
+            mkfs_ext4(
+                &oem_img,
+                part(6)?.size_bytes(),
+                "OEM",
+                seeded(&o.version, "oem-fs"),
+                &oem_dir,
+                o.epoch,
+            )?;
+            let box_raw = work.join("box.raw");
+            let _ = fs::remove_file(&box_raw);
+            run_tool(
+                Command::new("cp").arg("--sparse=always").arg(&raw_tmp).arg(&box_raw),
+                "cp",
+            )?;
+            let mut f = File::options().write(true).open(&box_raw).map_err(io_at(&box_raw))?;
+            copy_sparse(&oem_img, &mut f, part(6)?.offset_bytes(), part(6)?.size_bytes())?;
+            f.sync_all().map_err(io_at(&box_raw))?;
+            let box_qcow = work.join("box.qcow2");
+            let _ = fs::remove_file(&box_qcow);
+            qcow2(&box_raw, &box_qcow)?;
+            let _ = fs::remove_file(&box_raw);
             let f = File::create(&box_tmp).map_err(io_at(&box_tmp))?;
             let mut t = tar::Builder::new(f);
             let meta = serde_json::json!({"provider": "libvirt", "format": "qcow2", "virtual_size": o.disk_size.div_ceil(1 << 30)});
@@ -816,10 +910,10 @@ fn build_inner(o: &BuildOptions, progress: &mut dyn Progress) -> Result<BuildRep
             let e = io_at(&box_tmp);
             add(&mut t, "metadata.json", meta.to_string().as_bytes()).map_err(e)?;
             add(&mut t, "Vagrantfile", VAGRANTFILE.as_bytes()).map_err(io_at(&box_tmp))?;
-            let mut q = File::open(&qcow_tmp).map_err(io_at(&qcow_tmp))?;
+            let mut q = File::open(&box_qcow).map_err(io_at(&box_qcow))?;
             t.append_file("box.img", &mut q).map_err(io_at(&box_tmp))?;
             t.into_inner().and_then(|f| f.sync_all()).map_err(io_at(&box_tmp))?;
-            Ok(((), String::new()))
+            Ok(((), "OEM user-data with Vagrant's insecure key".into()))
         })?;
     }
 

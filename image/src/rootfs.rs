@@ -50,6 +50,8 @@ impl RootfsSpec {
                 "containerd",
                 "linux-image-amd64",
                 "systemd-boot-efi",
+                // `core` has passwordless sudo, as on CoreOS (Vagrant needs it).
+                "sudo",
             ]
             .iter()
             .map(|s| s.to_string())

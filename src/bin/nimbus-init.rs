@@ -82,44 +82,83 @@ fn load_modules() {
     }
 }
 
-/// Whole-disk block devices, e.g. ["vda"].
-fn disks() -> Vec<String> {
-    let mut v: Vec<String> = fs::read_dir("/sys/block")
-        .map(|d| {
-            d.filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
-                .collect()
-        })
-        .unwrap_or_default();
-    v.retain(|n| {
-        !n.starts_with("loop")
-            && !n.starts_with("ram")
-            && !n.starts_with("dm-")
-            && !n.starts_with("sr")
-    });
-    v.sort();
-    v
+const LOADER_DEVICE_PARTUUID: &str =
+    "/sys/firmware/efi/efivars/LoaderDevicePartUUID-4a67b082-0a4c-41cf-b6c7-440b29bb8c4f";
+
+/// The ESP the loader read stage 1 from: GRUB puts it on the command line
+/// (`nimbus.esp=PARTUUID=`), systemd-boot in an EFI variable (4 bytes of
+/// attributes, then the GUID as UTF-16LE text).
+fn esp_hint() -> Option<uuid::Uuid> {
+    let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    if let Some(u) = nimbus::boot::esp_hint(&cmdline) {
+        return Some(u);
+    }
+    if Path::new("/sys/firmware/efi").exists() {
+        let _ = mount(
+            Some("efivarfs"),
+            "/sys/firmware/efi/efivars",
+            Some("efivarfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY,
+            None::<&str>,
+        );
+    }
+    let raw = fs::read(LOADER_DEVICE_PARTUUID).ok()?;
+    let units: Vec<u16> = raw
+        .get(4..)?
+        .chunks_exact(2)
+        .map(|c| u16::from_le_bytes([c[0], c[1]]))
+        .take_while(|&c| c != 0)
+        .collect();
+    String::from_utf16(&units).ok()?.trim().parse().ok()
 }
 
-/// The first disk with a Nimbus layout; waits for slow device probing.
-fn find_disk() -> R<(String, Disk<File>)> {
+/// Wait (device probing is slow under emulation) until `pick` accepts the
+/// disks found, then open that disk.
+fn find_disk_by(
+    what: &str,
+    pick: impl Fn(&[nimbus::boot::DiskId]) -> R<nimbus::boot::DiskId>,
+    writable: bool,
+) -> R<(String, Disk<File>)> {
     let t = Instant::now();
     loop {
-        for name in disks() {
-            let path = PathBuf::from(format!("/dev/{name}"));
-            if let Ok(d) = Disk::open_path(&path, true) {
-                if d.check_nimbus_layout().is_ok() {
-                    return Ok((name, d));
-                }
+        let found = nimbus::boot::scan_disks();
+        match pick(&found) {
+            Ok(d) => {
+                let path = PathBuf::from(format!("/dev/{}", d.name));
+                let disk = Disk::open_path(&path, writable).map_err(|e| e.to_string())?;
+                return Ok((d.name, disk));
             }
+            Err(e) if t.elapsed() > Duration::from_secs(20) => {
+                return Err(format!("{what}: {e}"));
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
         }
-        if t.elapsed() > Duration::from_secs(20) {
-            return Err(format!(
-                "no disk with a Nimbus GPT layout (saw {:?})",
-                disks()
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Stage 1: the disk the loader named, or the only Nimbus disk.
+fn find_boot_disk() -> R<(String, Disk<File>)> {
+    let hint = esp_hint();
+    if let Some(h) = hint {
+        say(&format!(
+            "nimbus-init: the loader booted from the ESP with PARTUUID {h}"
+        ));
+    }
+    find_disk_by(
+        "boot disk",
+        |d| nimbus::boot::pick_boot_disk(d, hint).cloned(),
+        true,
+    )
+}
+
+/// Stage 2 and mark-good: the disk stage 1 booted (`nimbus.disk=`) that
+/// holds the booted USR partition.
+fn find_running_disk(args: &nimbus::boot::Stage2Args, writable: bool) -> R<(String, Disk<File>)> {
+    find_disk_by(
+        "booted disk",
+        |d| nimbus::boot::pick_running_disk(d, args).cloned(),
+        writable,
+    )
 }
 
 /// "major:minor" of partition `n` of `disk`.
@@ -334,10 +373,43 @@ fn console_args() -> String {
         .join(" ")
 }
 
+/// What CoreOS's disk-uuid and the first boot's growpart did, on the GPT
+/// and before anything else uses it: fresh per-host GUIDs on a pristine
+/// disk, the backup table at the end of a grown disk, ROOT filling it. One
+/// crash-ordered commit; an interrupted one is redone on the next boot.
+/// ROOT's filesystem follows in stage 2, whose kernel reads the new table.
+fn first_boot(name: &str, disk: &mut Disk<File>) {
+    match disk.prepare_host(uuid::Uuid::new_v4) {
+        Ok(p) => {
+            if let Some(g) = p.new_identity {
+                say(&format!(
+                    "nimbus-init: first boot of /dev/{name}: new disk GUID {g}, new ESP/OEM/ROOT PARTUUIDs"
+                ));
+            }
+            if let Some((from, to)) = p.backup_moved {
+                say(&format!(
+                    "nimbus-init: /dev/{name} grew: backup GPT moved from LBA {from} to {to}"
+                ));
+            }
+            if let Some((from, to)) = p.root_grown {
+                say(&format!(
+                    "nimbus-init: ROOT partition grown from {} MiB to {} MiB",
+                    from >> 20,
+                    to >> 20
+                ));
+            }
+        }
+        // Booting the unchanged disk is better than not booting.
+        Err(e) => say(&format!("nimbus-init: first-boot disk setup skipped: {e}")),
+    }
+}
+
 fn stage1() -> ! {
     let t0 = Instant::now();
     let trust = trust();
-    let (disk_name, mut disk) = find_disk().unwrap_or_else(|e| emergency(&e));
+    let (disk_name, mut disk) = find_boot_disk().unwrap_or_else(|e| emergency(&e));
+    first_boot(&disk_name, &mut disk);
+    let disk_guid = disk.disk_guid();
     let mut excluded: Vec<u32> = Vec::new();
     loop {
         let t_sel = Instant::now();
@@ -379,7 +451,7 @@ fn stage1() -> ! {
                     .map(|p| p.uuid)
                     .unwrap_or_else(|e| emergency(&e.to_string()));
                 let cmdline = format!(
-                    "{} panic=-1 nimbus.usr=PARTUUID={uuid} nimbus.usrhash={}",
+                    "{} panic=-1 nimbus.disk={disk_guid} nimbus.usr=PARTUUID={uuid} nimbus.usrhash={}",
                     console_args(),
                     hex::encode(d.verity_root)
                 );
@@ -405,6 +477,48 @@ fn stage1() -> ! {
             }
         }
     }
+}
+
+/// Grow the ext4 filesystem mounted at `mnt` (device `dev`) to the size of
+/// its partition, online, as resize2fs does: EXT4_IOC_RESIZE_FS with the
+/// new block count. The kernel journals each step, so a power cut leaves a
+/// consistent, partly grown filesystem that the next boot finishes.
+/// Returns the sizes before and after when it grew.
+fn grow_ext4(dev: &Path, mnt: &Path) -> R<Option<(u64, u64)>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = File::open(dev).map_err(|e| format!("{}: {e}", dev.display()))?;
+    let mut sb = [0u8; 1024];
+    f.seek(SeekFrom::Start(1024))
+        .and_then(|_| f.read_exact(&mut sb))
+        .map_err(|e| format!("{}: superblock: {e}", dev.display()))?;
+    let le32 = |o: usize| u64::from(u32::from_le_bytes([sb[o], sb[o + 1], sb[o + 2], sb[o + 3]]));
+    if sb[0x38..0x3a] != [0x53, 0xef] {
+        return Err(format!("{}: not ext4", dev.display()));
+    }
+    let block = 1024u64 << le32(0x18).min(6);
+    let incompat_64bit = le32(0x60) & 0x80 != 0;
+    let blocks = le32(0x04) | if incompat_64bit { le32(0x150) << 32 } else { 0 };
+    let part_bytes = f
+        .seek(SeekFrom::End(0))
+        .map_err(|e| format!("{}: size: {e}", dev.display()))?;
+    let want = part_bytes / block;
+    if want <= blocks {
+        return Ok(None);
+    }
+    let dir = File::open(mnt).map_err(|e| format!("{}: {e}", mnt.display()))?;
+    // EXT4_IOC_RESIZE_FS = _IOW('f', 16, __u64)
+    const EXT4_IOC_RESIZE_FS: libc::c_ulong = 0x4008_6610;
+    let n: u64 = want;
+    // SAFETY: the ioctl reads one u64 through the pointer, which outlives
+    // the call.
+    let rc = unsafe { libc::ioctl(dir.as_raw_fd(), EXT4_IOC_RESIZE_FS, &n as *const u64) };
+    if rc != 0 {
+        return Err(format!(
+            "EXT4_IOC_RESIZE_FS to {want} blocks: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(Some((blocks * block, want * block)))
 }
 
 /// Copy a tree keeping modes, owners and symlinks (no `cp` here: USR's
@@ -466,7 +580,7 @@ fn populate_root(root: &Path) -> std::io::Result<()> {
 
 fn stage2(args: nimbus::boot::Stage2Args) -> ! {
     let trust = trust();
-    let (disk_name, mut disk) = find_disk().unwrap_or_else(|e| emergency(&e));
+    let (disk_name, mut disk) = find_running_disk(&args, false).unwrap_or_else(|e| emergency(&e));
     let slot = layout::Slot::ALL
         .into_iter()
         .find(|s| disk.partition(s.partition_number()).ok().map(|p| p.uuid) == Some(args.partuuid))
@@ -489,6 +603,16 @@ fn stage2(args: nimbus::boot::Stage2Args) -> ! {
         None::<&str>,
     )
     .unwrap_or_else(|e| emergency(&format!("mount ROOT {}: {e}", root_dev.display())));
+    match grow_ext4(&root_dev, Path::new("/sysroot")) {
+        Ok(Some((from, to))) => say(&format!(
+            "nimbus-init: ROOT filesystem grown online from {} MiB to {} MiB",
+            from >> 20,
+            to >> 20
+        )),
+        Ok(None) => {}
+        // A full ROOT is better than no boot; the next boot tries again.
+        Err(e) => say(&format!("nimbus-init: growing the ROOT filesystem: {e}")),
+    }
     let _ = fs::create_dir_all("/sysroot/usr");
     mount_usr(&mapped, "/sysroot/usr").unwrap_or_else(|e| emergency(&format!("{slot}: {e}")));
     if !Path::new("/sysroot/etc").exists() {
@@ -647,7 +771,7 @@ fn mark_good() -> i32 {
     };
     std::thread::sleep(Duration::from_secs(delay));
     let failure = units.iter().find_map(|u| unit_failure(u));
-    let (_, mut disk) = match find_disk() {
+    let (_, mut disk) = match find_running_disk(&args, true) {
         Ok(x) => x,
         Err(e) => {
             eprintln!("nimbus-mark-good: {e}");

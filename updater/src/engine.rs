@@ -104,33 +104,33 @@ impl Host {
         let args = nimbus::boot::parse_cmdline(&cmdline).ok_or_else(|| {
             UpdateError::NoBootedSlot("no nimbus.usr=PARTUUID= on the kernel command line".into())
         })?;
-        let rd = std::fs::read_dir("/sys/block").map_err(io_at(Path::new("/sys/block")))?;
-        for ent in rd.flatten() {
-            let name = ent.file_name().to_string_lossy().into_owned();
-            if ["loop", "ram", "dm-", "zram", "sr"]
-                .iter()
-                .any(|p| name.starts_with(p))
-            {
-                continue;
-            }
-            let dev = PathBuf::from("/dev").join(&name);
-            let Ok(d) = Disk::open_path(&dev, false) else {
-                continue;
-            };
-            if let Some(p) = d.partitions().iter().find(|p| p.uuid == args.partuuid) {
-                return Ok(Host {
-                    root: root.to_path_buf(),
-                    storage: std::sync::Arc::new(FileStorage(dev.clone())),
-                    disk: dev,
-                    booted: p.number,
-                    host_mode: false,
-                });
-            }
-        }
-        Err(UpdateError::NoBootedSlot(format!(
-            "no disk has a partition with PARTUUID {}",
-            args.partuuid
-        )))
+        // Several disks can hold this PARTUUID (a pristine copy of the
+        // image attached for rescue): stage 1's `nimbus.disk=` names ours,
+        // and any other disk is never touched.
+        let disks = nimbus::boot::scan_disks();
+        let d =
+            nimbus::boot::pick_running_disk(&disks, &args).map_err(UpdateError::NoBootedSlot)?;
+        let dev = PathBuf::from("/dev").join(&d.name);
+        let disk =
+            Disk::open_path(&dev, false).map_err(|e| UpdateError::NoBootedSlot(e.to_string()))?;
+        let p = disk
+            .partitions()
+            .into_iter()
+            .find(|p| p.uuid == args.partuuid)
+            .ok_or_else(|| {
+                UpdateError::NoBootedSlot(format!(
+                    "{}: no partition with PARTUUID {}",
+                    dev.display(),
+                    args.partuuid
+                ))
+            })?;
+        Ok(Host {
+            root: root.to_path_buf(),
+            storage: std::sync::Arc::new(FileStorage(dev.clone())),
+            disk: dev,
+            booted: p.number,
+            host_mode: false,
+        })
     }
 }
 

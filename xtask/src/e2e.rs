@@ -297,7 +297,9 @@ fn story(work: &Path, log: &Path) -> anyhow::Result<()> {
     let disk = n.join("nimbus.raw");
     let mut vm = qemu::Vm::spawn(&qemu::Qemu {
         image: Some(disk.clone()),
+        firmware: qemu::Firmware::Direct,
         uefi: false,
+        extra_disk: Vec::new(),
         serial_log: Some(log.to_path_buf()),
         timeout: 0,
         until: None,

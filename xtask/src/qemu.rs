@@ -1,7 +1,8 @@
 //! `cargo xtask qemu`: boot a Nimbus image under QEMU (TCG: these machines
-//! have no usable KVM). By default the ESP's stage-1 kernel and initramfs are
-//! booted directly (fast); `--uefi` boots the disk through OVMF and
-//! systemd-boot instead. The serial console goes to stdout; `--until REGEX`
+//! have no usable KVM). `--firmware direct` (the default) boots the ESP's
+//! stage-1 kernel and initramfs directly (fast); `--firmware bios` boots the
+//! disk as plain `qemu-system-x86_64` does, through SeaBIOS and GRUB in the
+//! MBR and BIOS-BOOT; `--firmware uefi` through OVMF and systemd-boot. The serial console goes to stdout; `--until REGEX`
 //! ends the VM with exit 0 once a console line matches, and a timeout ends
 //! it with exit 1.
 
@@ -20,9 +21,18 @@ pub struct Qemu {
     /// Raw disk image (default: target/nimbus/<version>/nimbus.raw).
     #[arg(long)]
     pub image: Option<PathBuf>,
-    /// Boot through OVMF (UEFI firmware) and the ESP's boot loader.
+    /// How the VM boots: direct (QEMU loads the ESP's stage-1 kernel),
+    /// bios (SeaBIOS -> GRUB in the MBR), uefi (OVMF -> systemd-boot).
+    #[arg(long, value_enum, default_value_t = Firmware::Direct)]
+    pub firmware: Firmware,
+    /// Same as --firmware uefi.
     #[arg(long)]
     pub uefi: bool,
+    /// Another disk image to attach (raw or qcow2), before the boot disk so
+    /// it is the guest's /dev/vda; the firmware still boots the image.
+    /// Repeatable.
+    #[arg(long)]
+    pub extra_disk: Vec<PathBuf>,
     /// Also write the console to this file.
     #[arg(long)]
     pub serial_log: Option<PathBuf>,
@@ -48,6 +58,21 @@ pub struct Qemu {
     /// Do not echo the console to stdout (it still goes to --serial-log).
     #[arg(long)]
     pub quiet: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Firmware {
+    Direct,
+    Bios,
+    Uefi,
+}
+
+fn drive_format(p: &Path) -> &'static str {
+    if p.extension().is_some_and(|e| e == "qcow2") {
+        "qcow2"
+    } else {
+        "raw"
+    }
 }
 
 /// Copy the stage-1 kernel and initramfs out of the image's ESP.
@@ -81,18 +106,30 @@ fn extract_boot(image: &Path, dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> 
 fn command(a: &Qemu, image: &Path, scratch: &Path) -> anyhow::Result<Command> {
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args(["-accel", "tcg", "-smp", "2", "-m", &a.memory.to_string()])
-        .args(["-display", "none", "-monitor", "none", "-serial", "stdio"])
-        .arg("-drive")
+        .args(["-display", "none", "-monitor", "none", "-serial", "stdio"]);
+    for (i, d) in a.extra_disk.iter().enumerate() {
+        cmd.arg("-drive")
+            .arg(format!(
+                "file={},format={},if=none,id=extra{i},cache=writeback",
+                d.display(),
+                drive_format(d)
+            ))
+            .args(["-device", &format!("virtio-blk-pci,drive=extra{i}")]);
+    }
+    cmd.arg("-drive")
         .arg(format!(
-            "file={},format=raw,if=virtio,cache=writeback",
-            image.display()
+            "file={},format={},if=none,id=boot,cache=writeback",
+            image.display(),
+            drive_format(image)
         ))
+        .args(["-device", "virtio-blk-pci,drive=boot,bootindex=0"])
         .args([
             "-netdev",
             &format!("user,id=net0,hostfwd=tcp:127.0.0.1:{}-:22", a.ssh_port),
         ])
         .args(["-device", "virtio-net-pci,netdev=net0"]);
-    if a.uefi {
+    let firmware = if a.uefi { Firmware::Uefi } else { a.firmware };
+    if firmware == Firmware::Uefi {
         let vars = scratch.join("OVMF_VARS.fd");
         std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", &vars)
             .context("OVMF (cargo xtask deps installs ovmf)")?;
@@ -103,14 +140,41 @@ fn command(a: &Qemu, image: &Path, scratch: &Path) -> anyhow::Result<Command> {
                 "if=pflash,format=raw,unit=1,file={}",
                 vars.display()
             ));
-    } else {
-        let (kernel, initrd) = extract_boot(image, scratch)?;
+    } else if firmware == Firmware::Direct {
+        let raw = if drive_format(image) == "raw" {
+            image.to_path_buf()
+        } else {
+            let r = scratch.join("boot.raw");
+            let st = Command::new("qemu-img")
+                .args(["convert", "-O", "raw"])
+                .arg(image)
+                .arg(&r)
+                .status()
+                .context("qemu-img")?;
+            if !st.success() {
+                bail!("{}: qemu-img convert failed", image.display());
+            }
+            r
+        };
+        let (kernel, initrd) = extract_boot(&raw, scratch)?;
+        // What a loader does: name the ESP stage 1 came from, so stage 1
+        // finds this disk among several.
+        let esp = Disk::open_path(&raw, false)?.partition(1)?.uuid;
         cmd.arg("-kernel")
             .arg(kernel)
             .arg("-initrd")
             .arg(initrd)
             .arg("-append")
-            .arg(format!("console=ttyS0 panic=-1 {}", a.append).trim());
+            .arg(
+                format!(
+                    "{} nimbus.esp=PARTUUID={esp} {}",
+                    nimbus_image::pipeline::KERNEL_CMDLINE,
+                    a.append
+                )
+                .trim(),
+            );
+    } else if !a.append.is_empty() {
+        bail!("--append works with --firmware direct only (the loader on the disk sets the command line)");
     }
     Ok(cmd)
 }
