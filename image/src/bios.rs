@@ -53,7 +53,7 @@ pub fn embedded_config(cmdline: &str) -> String {
          terminal_output serial console\n\
          set root=(hd0,gpt1)\n\
          probe --set=esp --part-uuid (hd0,gpt1)\n\
-         echo \"Nimbus: BIOS boot, stage 1 from ESP PARTUUID $esp\"\n\
+         echo Nimbus: BIOS boot, stage 1 from ESP PARTUUID $esp\n\
          linux /nimbus/vmlinuz {cmdline} nimbus.esp=PARTUUID=$esp\n\
          initrd /nimbus/stage1.img\n\
          boot\n"

@@ -72,7 +72,8 @@ fn load_modules() {
                 if let Err(e) =
                     nix::kmod::finit_module(&f, c"", nix::kmod::ModuleInitFlags::empty())
                 {
-                    if e != nix::errno::Errno::EEXIST {
+                    // ENODEV: efivarfs on a machine booted without UEFI.
+                    if e != nix::errno::Errno::EEXIST && e != nix::errno::Errno::ENODEV {
                         say(&format!("nimbus-init: module {m}: {e}"));
                     }
                 }
@@ -373,13 +374,46 @@ fn console_args() -> String {
         .join(" ")
 }
 
+/// A random GUID that never waits for the kernel's entropy pool: under
+/// emulation with no RNG device it can take minutes to initialise, and
+/// getrandom() would block the boot that long. GRND_INSECURE bytes (the
+/// same generator, before it is credited as seeded) are hashed with the
+/// clocks and interrupt counts; these GUIDs need to be unique, not secret.
+fn fresh_guid() -> uuid::Uuid {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    let mut buf = [0u8; 32];
+    // SAFETY: getrandom writes at most buf.len() bytes into buf.
+    let _ = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), libc::GRND_INSECURE) };
+    h.update(buf);
+    for clock in [
+        libc::CLOCK_REALTIME,
+        libc::CLOCK_MONOTONIC,
+        libc::CLOCK_BOOTTIME,
+    ] {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime fills the timespec it is given.
+        unsafe { libc::clock_gettime(clock, &mut ts) };
+        h.update(ts.tv_sec.to_le_bytes());
+        h.update(ts.tv_nsec.to_le_bytes());
+    }
+    h.update(fs::read("/proc/interrupts").unwrap_or_default());
+    let d = h.finalize();
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&d[..16]);
+    uuid::Builder::from_random_bytes(b).into_uuid()
+}
+
 /// What CoreOS's disk-uuid and the first boot's growpart did, on the GPT
 /// and before anything else uses it: fresh per-host GUIDs on a pristine
 /// disk, the backup table at the end of a grown disk, ROOT filling it. One
 /// crash-ordered commit; an interrupted one is redone on the next boot.
 /// ROOT's filesystem follows in stage 2, whose kernel reads the new table.
 fn first_boot(name: &str, disk: &mut Disk<File>) {
-    match disk.prepare_host(uuid::Uuid::new_v4) {
+    match disk.prepare_host(fresh_guid) {
         Ok(p) => {
             if let Some(g) = p.new_identity {
                 say(&format!(

@@ -295,14 +295,30 @@ fn story(work: &Path, log: &Path) -> anyhow::Result<()> {
         key: work.join("id_ed25519"),
     };
     let disk = n.join("nimbus.raw");
+    // A pristine copy of the same image attached as the guest's first disk
+    // (/dev/vda; the host's own is vdb): same USR PARTUUIDs, same ESP.
+    // Stage 1, mark-good and update-engine must keep to the boot disk.
+    let pristine = work.join("pristine.raw");
+    let st = Command::new("cp")
+        .arg("--sparse=always")
+        .arg(&disk)
+        .arg(&pristine)
+        .status()?;
+    if !st.success() {
+        bail!("cp {} {}", disk.display(), pristine.display());
+    }
+    let pristine_sha = nimbus_image::sha256_file(&pristine)?;
+    steps.done("a pristine copy of 1.0.0 attached as the first disk");
     let mut vm = qemu::Vm::spawn(&qemu::Qemu {
         image: Some(disk.clone()),
-        firmware: qemu::Firmware::Direct,
+        // What plain QEMU does: SeaBIOS, GRUB from the MBR on every reboot.
+        firmware: qemu::Firmware::Bios,
         uefi: false,
-        extra_disk: Vec::new(),
+        extra_disk: vec![pristine.clone()],
         serial_log: Some(log.to_path_buf()),
         timeout: 0,
         until: None,
+        until_delay_ms: 0,
         ssh_port: ssh.port,
         memory: 2048,
         append: String::new(),
@@ -316,6 +332,7 @@ fn story(work: &Path, log: &Path) -> anyhow::Result<()> {
         &mut vm,
         0,
         &[
+            r"nimbus-init: first boot of /dev/vdb: new disk GUID".into(),
             r"nimbus-init: selected USR-A .*version=1\.0\.0".into(),
             marked_good("USR-A", "1.0.0"),
         ],
@@ -374,6 +391,10 @@ fn story(work: &Path, log: &Path) -> anyhow::Result<()> {
     steps.done("`updatectl channel beta` in the guest; 1.3.0 installed, booted, marked good");
     vm.stop();
 
+    if nimbus_image::sha256_file(&pristine)? != pristine_sha {
+        bail!("the attached pristine disk was written to");
+    }
+    steps.done("the attached pristine disk is byte-identical");
     if payload_gets("1.2.0").len() != gets_12 {
         bail!("the guest downloaded 1.2.0 again after rolling it back");
     }

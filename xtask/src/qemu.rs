@@ -42,6 +42,10 @@ pub struct Qemu {
     /// Stop the VM and exit 0 once a console line matches.
     #[arg(long)]
     pub until: Option<String>,
+    /// With --until: let the VM run this many milliseconds more after the
+    /// match, then kill it (SIGKILL: a power cut, for crash tests).
+    #[arg(long, default_value_t = 0)]
+    pub until_delay_ms: u64,
     /// Host port forwarded to the guest's SSH port.
     #[arg(long, default_value_t = 2222)]
     pub ssh_port: u16,
@@ -351,11 +355,22 @@ pub fn run(a: Qemu) -> anyhow::Result<ExitCode> {
             }
             !hit
         });
-        if until.as_ref().is_some_and(|re| re.is_match(&line)) {
+        if !matched && until.as_ref().is_some_and(|re| re.is_match(&line)) {
             matched = true;
             eprintln!("qemu: matched after {:.1} s", t0.elapsed().as_secs_f64());
-            let _ = child.kill();
-            break;
+            if a.until_delay_ms == 0 {
+                let _ = child.kill();
+                break;
+            }
+            // Keep draining the console (a full pipe would stall the guest)
+            // until the cut.
+            let delay = Duration::from_millis(a.until_delay_ms);
+            std::thread::spawn(move || {
+                std::thread::sleep(delay);
+                let _ = Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status();
+            });
         }
     }
     let status = child.wait()?;

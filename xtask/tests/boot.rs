@@ -184,10 +184,49 @@ fn poke(img: &Path, at: u64, f: impl FnOnce(&mut [u8])) {
     file.write_all(&b).unwrap();
 }
 
+/// The image as nimbus.qcow2 is shipped (plain qcow2), next to `img`.
+fn to_qcow2(img: &Path) -> PathBuf {
+    let q = img.with_extension("qcow2");
+    let o = Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "qcow2", s(img), s(&q)])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    q
+}
+
+fn from_qcow2(q: &Path, img: &Path) {
+    let o = Command::new("qemu-img")
+        .args(["convert", "-f", "qcow2", "-O", "raw", s(q), s(img)])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// Plain `qemu-system-x86_64 -drive file=nimbus.qcow2`: SeaBIOS, GRUB from
+/// the MBR and BIOS-BOOT, no `-kernel`.
 #[test]
 fn fresh_image_boots_usr_a_to_multi_user_and_marks_it_good() {
     let (_d, img) = copy();
-    let c = boot(&img, "nimbus-mark-good: USR-A marked good", &[]);
+    let q = to_qcow2(&img);
+    let c = boot(
+        &q,
+        "nimbus-mark-good: USR-A marked good",
+        &["--firmware", "bios"],
+    );
+    from_qcow2(&q, &img);
+    assert!(
+        c.contains("Nimbus: BIOS boot, stage 1 from ESP PARTUUID"),
+        "{c}"
+    );
+    assert!(
+        c.contains("nimbus-init: the loader booted from the ESP with PARTUUID"),
+        "{c}"
+    );
+    assert!(
+        c.contains("nimbus-init: first boot of /dev/vda: new disk GUID"),
+        "{c}"
+    );
     assert!(
         c.contains("nimbus-init: selected USR-A priority=1 tries=0 successful=1 version=1.0.0"),
         "{c}"
@@ -276,8 +315,181 @@ fn usr_b_with_a_bad_signature_is_refused() {
 #[test]
 fn boots_under_ovmf() {
     let (_d, img) = copy();
-    let c = boot(&img, "nimbus-init: stage 2: USR-A", &["--uefi"]);
+    let q = to_qcow2(&img);
+    let c = boot(
+        &q,
+        "nimbus-mark-good: USR-A marked good",
+        &["--firmware", "uefi"],
+    );
     assert!(c.contains("nimbus-init: selected USR-A"), "{c}");
+    // systemd-boot's LoaderDevicePartUUID reached stage 1.
+    assert!(
+        c.contains("nimbus-init: the loader booted from the ESP with PARTUUID"),
+        "{c}"
+    );
+}
+
+/// Bytes of both GPT copies (head and tail of the disk).
+fn gpt_bytes(img: &Path) -> Vec<u8> {
+    use std::io::Read;
+    let mut f = fs::File::open(img).unwrap();
+    let len = f.metadata().unwrap().len();
+    let mut head = vec![0u8; 34 * 512];
+    f.read_exact(&mut head).unwrap();
+    let mut tail = vec![0u8; 33 * 512];
+    f.seek(SeekFrom::Start(len - tail.len() as u64)).unwrap();
+    f.read_exact(&mut tail).unwrap();
+    head.extend(tail);
+    head
+}
+
+/// ROOT as a loop device (offset and size from the GPT).
+struct Loop(String);
+impl Loop {
+    fn new(img: &Path, off: u64, size: u64) -> Loop {
+        let o = Command::new("losetup")
+            .args([
+                "--find",
+                "--show",
+                "-o",
+                &off.to_string(),
+                "--sizelimit",
+                &size.to_string(),
+                s(img),
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "losetup: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        Loop(String::from_utf8_lossy(&o.stdout).trim().to_string())
+    }
+}
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+/// CoreOS's first boot on a bigger disk, under SeaBIOS: the VM is killed
+/// (SIGKILL) at random moments around the growth, each next boot finishes
+/// it, the disk always boots; then `sgdisk -v` is clean, ROOT ends at the
+/// disk's end, its ext4 spans it, and a further boot changes nothing.
+#[test]
+fn grown_disk_is_taken_over_crash_safely_under_seabios() {
+    let (_d, img) = copy();
+    const SIZE: u64 = 8 << 30;
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .set_len(SIZE)
+        .unwrap();
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64;
+    let mut x = seed | 1;
+    let mut rnd = |max: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % max
+    };
+    eprintln!("cut seed {seed}");
+    for (at, max_ms) in [
+        ("nimbus-init: the loader booted from the ESP", 1500),
+        (
+            "nimbus-init: (first boot|/dev/vda grew|ROOT partition grown|selected)",
+            3000,
+        ),
+        ("nimbus-init: stage 1 done", 8000),
+    ] {
+        let ms = rnd(max_ms).to_string();
+        let c = boot(&img, at, &["--firmware", "bios", "--until-delay-ms", &ms]);
+        eprintln!(
+            "cut {ms} ms after /{at}/; last console line: {:?}",
+            c.lines().last()
+        );
+        let d = nimbus::gpt::Disk::open_path(&img, false)
+            .unwrap_or_else(|e| panic!("cut {ms} ms after /{at}/: no table: {e}"));
+        d.check_nimbus_layout().unwrap();
+    }
+    let c = boot(
+        &img,
+        "nimbus-mark-good: USR-A marked good",
+        &["--firmware", "bios"],
+    );
+    assert!(c.contains("nimbus-init: selected USR-A"), "{c}");
+
+    let o = Command::new("sgdisk")
+        .args(["-v", s(&img)])
+        .output()
+        .unwrap();
+    let v = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success() && v.contains("No problems found"), "{v}");
+    let (off, size) = part(&img, 9);
+    assert_eq!(
+        off + size,
+        SIZE - (1 << 20),
+        "ROOT ends on the last whole MiB before the backup GPT"
+    );
+    let d = nimbus::gpt::Disk::open_path(&img, false).unwrap();
+    assert_ne!(d.disk_guid(), nimbus::layout::PRISTINE_DISK_GUID);
+    assert!(d.health().is_clean(), "{:?}", d.health());
+    drop(d);
+
+    // A further boot changes nothing on the table, and grows nothing.
+    let before = gpt_bytes(&img);
+    let c = boot(
+        &img,
+        "nimbus-init: stage 2: USR-A version 1.0.0 verified",
+        &["--firmware", "bios"],
+    );
+    assert!(
+        !c.contains("grew") && !c.contains("grown") && !c.contains("first boot"),
+        "{c}"
+    );
+    assert!(gpt_bytes(&img) == before, "the second boot rewrote the GPT");
+
+    let lo = Loop::new(&img, off, size);
+    // The VM was killed: the journal needs replaying (exit 1 = fixed), then clean.
+    let o = Command::new("e2fsck")
+        .args(["-fy", &lo.0])
+        .output()
+        .unwrap();
+    assert!(
+        o.status.code().is_some_and(|c| c <= 1),
+        "e2fsck -fy: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    let o = Command::new("e2fsck")
+        .args(["-fn", &lo.0])
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "e2fsck -fn: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    let o = Command::new("dumpe2fs")
+        .args(["-h", &lo.0])
+        .output()
+        .unwrap();
+    let h = String::from_utf8_lossy(&o.stdout);
+    let field = |k: &str| -> u64 {
+        h.lines()
+            .find_map(|l| l.strip_prefix(k))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {k} in {h}"))
+    };
+    assert_eq!(
+        field("Block count:") * field("Block size:"),
+        size,
+        "ext4 spans ROOT"
+    );
 }
 
 #[test]

@@ -1,0 +1,209 @@
+//! A real `vagrant up --provider libvirt` of the built box, as a new user
+//! runs it: Debian's vagrant and vagrant-libvirt, libvirtd and virtlogd
+//! started as daemons inside a network namespace this test makes (so the
+//! management network and its DHCP exist only there), and a Vagrantfile
+//! that sets only the box, the host name and the libvirt driver (`qemu`:
+//! these machines have no usable KVM). The domain boots under
+//! vagrant-libvirt's default firmware (SeaBIOS), so GRUB in the MBR is what
+//! boots it. Vagrant logs in with its insecure key from the box's OEM
+//! user-data, replaces it with its own, sets the host name; then
+//! `halt`, a second `up` (with Vagrant's own key only), `ssh`, `destroy`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+const EPOCH: &str = "1700000000";
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let o = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    o
+}
+
+fn ok(cmd: &mut Command) -> String {
+    let dbg = format!("{cmd:?}");
+    let o = run(cmd);
+    assert!(
+        o.status.success(),
+        "{dbg}: {}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// libvirtd + virtlogd in their own network namespace; torn down on drop.
+struct Libvirt {
+    ns: String,
+}
+
+impl Libvirt {
+    fn start() -> Libvirt {
+        let ns = format!("nimbus-vagrant-{}", std::process::id());
+        ok(Command::new("ip").args(["netns", "add", &ns]));
+        let l = Libvirt { ns };
+        ok(Command::new("ip").args(["-n", &l.ns, "link", "set", "lo", "up"]));
+        ok(l.exec("virtlogd").arg("-d"));
+        ok(l.exec("libvirtd").arg("-d"));
+        // libvirtd answers once its socket is up.
+        let t = Instant::now();
+        while !run(l.exec("virsh").args(["-c", "qemu:///system", "version"]))
+            .status
+            .success()
+        {
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "libvirtd did not come up"
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        l
+    }
+
+    fn exec(&self, prog: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.ns, prog]);
+        c
+    }
+}
+
+impl Drop for Libvirt {
+    fn drop(&mut self) {
+        let o = run(Command::new("ip").args(["netns", "pids", &self.ns]));
+        for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+            let _ = Command::new("kill").arg(pid).status();
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        let o = run(Command::new("ip").args(["netns", "pids", &self.ns]));
+        for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+            let _ = Command::new("kill").args(["-9", pid]).status();
+        }
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
+    }
+}
+
+fn build_box(dir: &Path) -> PathBuf {
+    let o = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args([
+            "build-image",
+            "--version",
+            "1.0.0",
+            "--formats",
+            "box",
+            "--out",
+            s(dir),
+        ])
+        .env("SOURCE_DATE_EPOCH", EPOCH)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "build-image: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    dir.join("nimbus.box")
+}
+
+#[test]
+fn stock_vagrant_up_halt_up_ssh_destroy() {
+    let tmp = tempfile::Builder::new()
+        .prefix("vagrant")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .unwrap();
+    let boxfile = build_box(&tmp.path().join("image"));
+    let home = tmp.path().join("vagrant.d");
+    let project = tmp.path().join("project");
+    std::fs::create_dir_all(&project).unwrap();
+    std::fs::write(
+        project.join("Vagrantfile"),
+        "Vagrant.configure(\"2\") do |config|\n  config.vm.box = \"nimbus-test\"\n  config.vm.hostname = \"nimbus-vagrant\"\n  config.vm.provider :libvirt do |libvirt|\n    libvirt.driver = \"qemu\"\n  end\nend\n",
+    )
+    .unwrap();
+    let lv = Libvirt::start();
+    let vagrant = |args: &[&str]| {
+        let mut c = lv.exec("vagrant");
+        c.args(args)
+            .current_dir(&project)
+            .env("VAGRANT_HOME", &home)
+            .env("VAGRANT_DEFAULT_PROVIDER", "libvirt")
+            .env("VAGRANT_CHECKPOINT_DISABLE", "1");
+        c
+    };
+    ok(&mut vagrant(&[
+        "box",
+        "add",
+        "--name",
+        "nimbus-test",
+        s(&boxfile),
+    ]));
+    // From here on, destroy the domain whatever happens.
+    struct Destroy<'a>(&'a dyn Fn(&[&str]) -> Command);
+    impl Drop for Destroy<'_> {
+        fn drop(&mut self) {
+            let _ = (self.0)(&["destroy", "-f"]).output();
+        }
+    }
+    let _destroy = Destroy(&vagrant);
+
+    let t = Instant::now();
+    let up = ok(&mut vagrant(&["up", "--provider", "libvirt"]));
+    eprintln!("vagrant up: {:.0} s", t.elapsed().as_secs_f64());
+    assert!(
+        up.contains("Inserting generated public key within guest"),
+        "Vagrant did not replace its insecure key:\n{up}"
+    );
+    let out = ok(&mut vagrant(&[
+        "ssh",
+        "-c",
+        "hostname; sudo updatectl status; cat /etc/issue; grep PRETTY_NAME /etc/os-release",
+    ]));
+    assert!(
+        out.lines()
+            .next()
+            .is_some_and(|l| l.trim() == "nimbus-vagrant"),
+        "{out}"
+    );
+    assert!(out.contains("USR-A"), "updatectl status: {out}");
+    assert!(out.contains("Nimbus 1.0.0"), "{out}");
+    // The insecure key is gone from the guest; Vagrant's own is there.
+    let keys = ok(&mut vagrant(&["ssh", "-c", "cat ~/.ssh/authorized_keys"]));
+    let insecure = nimbus_image::pipeline::VAGRANT_INSECURE_KEY
+        .split_whitespace()
+        .nth(1)
+        .unwrap();
+    assert!(!keys.contains(insecure), "{keys}");
+
+    let t = Instant::now();
+    ok(&mut vagrant(&["halt"]));
+    eprintln!("vagrant halt: {:.0} s", t.elapsed().as_secs_f64());
+    let status = ok(&mut vagrant(&["status"]));
+    assert!(
+        status.contains("shutoff") || status.contains("not running"),
+        "{status}"
+    );
+
+    // Second boot: cloud-config runs again with the insecure key in the OEM
+    // user-data; Vagrant gets in with its own key only.
+    let t = Instant::now();
+    ok(&mut vagrant(&["up"]));
+    eprintln!("second vagrant up: {:.0} s", t.elapsed().as_secs_f64());
+    let out = ok(&mut vagrant(&[
+        "ssh",
+        "-c",
+        "hostname; cat ~/.ssh/authorized_keys",
+    ]));
+    assert!(out.contains("nimbus-vagrant"), "{out}");
+    assert!(
+        !out.contains(insecure),
+        "the insecure key came back after a reboot:\n{out}"
+    );
+
+    ok(&mut vagrant(&["destroy", "-f"]));
+    let status = ok(&mut vagrant(&["status"]));
+    assert!(status.contains("not created"), "{status}");
+    let _ = vagrant(&["box", "remove", "-f", "nimbus-test"]).output();
+}
