@@ -7,7 +7,8 @@
 //! vagrant-libvirt's default firmware (SeaBIOS), so GRUB in the MBR is what
 //! boots it. Vagrant logs in with its insecure key from the box's OEM
 //! user-data, replaces it with its own, sets the host name; then
-//! `halt`, a second `up` (with Vagrant's own key only), `ssh`, `destroy`.
+//! `halt`, a second `up` (with Vagrant's own key only), `ssh`, `reload`,
+//! `destroy`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -20,8 +21,7 @@ fn s(p: &Path) -> &str {
 }
 
 fn run(cmd: &mut Command) -> Output {
-    let o = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    o
+    cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"))
 }
 
 fn ok(cmd: &mut Command) -> String {
@@ -201,6 +201,12 @@ fn stock_vagrant_up_halt_up_ssh_destroy() {
         !out.contains(insecure),
         "the insecure key came back after a reboot:\n{out}"
     );
+
+    let t = Instant::now();
+    ok(&mut vagrant(&["reload"]));
+    eprintln!("vagrant reload: {:.0} s", t.elapsed().as_secs_f64());
+    let out = ok(&mut vagrant(&["ssh", "-c", "hostname"]));
+    assert!(out.contains("nimbus-vagrant"), "{out}");
 
     ok(&mut vagrant(&["destroy", "-f"]));
     let status = ok(&mut vagrant(&["status"]));
