@@ -981,7 +981,7 @@ mod tests {
             n += 1;
             Uuid::from_u128(5000 + n)
         };
-        nd.prepare_host(next.clone()).unwrap();
+        nd.prepare_host(next).unwrap();
         let new = nd.partitions();
         let total = 2 * (16 * 1024 + 512);
         let mut outcomes = [0usize; 2];
@@ -994,7 +994,7 @@ mod tests {
                 "mem",
             )
             .unwrap();
-            d.prepare_host(next.clone()).unwrap();
+            d.prepare_host(next).unwrap();
             let after = d.into_device().inner;
             let mut d = Disk::open(after, "mem")
                 .unwrap_or_else(|e| panic!("cut at {budget}: unreadable: {e}"));
@@ -1008,7 +1008,7 @@ mod tests {
                 panic!("cut at {budget}: mixed table {t:?}");
             }
             // The next boot finishes the job.
-            d.prepare_host(next.clone()).unwrap();
+            d.prepare_host(next).unwrap();
             d.update_slots(|_| Ok(())).unwrap();
             let d = Disk::open(d.into_device(), "mem").unwrap();
             assert!(d.health().is_clean(), "cut at {budget}: {:?}", d.health());
