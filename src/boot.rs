@@ -240,10 +240,17 @@ mod tests {
         assert!(pick_boot_disk(&both, Some(u(5))).is_err());
         // One disk: it, whatever the hint (torn first-boot GUID change).
         assert_eq!(
-            pick_boot_disk(std::slice::from_ref(&own), Some(u(5))).unwrap().name,
+            pick_boot_disk(std::slice::from_ref(&own), Some(u(5)))
+                .unwrap()
+                .name,
             "vdb"
         );
-        assert_eq!(pick_boot_disk(std::slice::from_ref(&own), None).unwrap().name, "vdb");
+        assert_eq!(
+            pick_boot_disk(std::slice::from_ref(&own), None)
+                .unwrap()
+                .name,
+            "vdb"
+        );
         // Two pristine copies: ambiguous.
         let copy = disk("vdc", 1, 10, 100);
         assert!(pick_boot_disk(&[pristine.clone(), copy], Some(u(10))).is_err());
