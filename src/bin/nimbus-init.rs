@@ -627,6 +627,7 @@ fn stage2(args: nimbus::boot::Stage2Args) -> ! {
         ));
     }
     let (_, root_dev) = partition_dev(&disk_name, 9).unwrap_or_else(|e| emergency(&e));
+    let oem_dev = partition_dev(&disk_name, 6).map(|(_, p)| p);
     drop(disk);
     let _ = fs::create_dir_all("/sysroot");
     mount(
@@ -649,6 +650,25 @@ fn stage2(args: nimbus::boot::Stage2Args) -> ! {
     }
     let _ = fs::create_dir_all("/sysroot/usr");
     mount_usr(&mapped, "/sysroot/usr").unwrap_or_else(|e| emergency(&format!("{slot}: {e}")));
+    // The boot disk's OEM partition, mounted here rather than by label
+    // (oem.mount finds /oem already mounted): with a second Nimbus disk
+    // attached, /dev/disk/by-partlabel/OEM may be the other disk's, and its
+    // user-data is not this host's.
+    match oem_dev {
+        Ok(dev) => {
+            let _ = fs::create_dir_all("/sysroot/oem");
+            if let Err(e) = mount(
+                Some(&dev),
+                "/sysroot/oem",
+                Some("ext4"),
+                MsFlags::MS_RDONLY | MsFlags::MS_NODEV | MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+                None::<&str>,
+            ) {
+                say(&format!("nimbus-init: OEM partition {}: {e}", dev.display()));
+            }
+        }
+        Err(e) => say(&format!("nimbus-init: OEM partition: {e}")),
+    }
     if !Path::new("/sysroot/etc").exists() {
         say("nimbus-init: ROOT is blank; populating it from the factory copy in USR");
         if let Err(e) = populate_root(Path::new("/sysroot")) {

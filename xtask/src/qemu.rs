@@ -108,6 +108,7 @@ fn extract_boot(image: &Path, dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> 
 
 /// The QEMU command line for `a`, with the boot files placed in `scratch`.
 fn command(a: &Qemu, image: &Path, scratch: &Path) -> anyhow::Result<Command> {
+    let firmware = if a.uefi { Firmware::Uefi } else { a.firmware };
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args(["-accel", "tcg", "-smp", "2", "-m", &a.memory.to_string()])
         .args(["-display", "none", "-monitor", "none", "-serial", "stdio"]);
@@ -126,13 +127,21 @@ fn command(a: &Qemu, image: &Path, scratch: &Path) -> anyhow::Result<Command> {
             image.display(),
             drive_format(image)
         ))
-        .args(["-device", "virtio-blk-pci,drive=boot,bootindex=0"])
+        // The firmware boots this disk, not the extra ones (QEMU's -kernel
+        // loader takes bootindex 0 itself).
+        .args([
+            "-device",
+            if firmware == Firmware::Direct {
+                "virtio-blk-pci,drive=boot"
+            } else {
+                "virtio-blk-pci,drive=boot,bootindex=0"
+            },
+        ])
         .args([
             "-netdev",
             &format!("user,id=net0,hostfwd=tcp:127.0.0.1:{}-:22", a.ssh_port),
         ])
         .args(["-device", "virtio-net-pci,netdev=net0"]);
-    let firmware = if a.uefi { Firmware::Uefi } else { a.firmware };
     if firmware == Firmware::Uefi {
         let vars = scratch.join("OVMF_VARS.fd");
         std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", &vars)

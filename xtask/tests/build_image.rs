@@ -147,6 +147,33 @@ fn build_image_end_to_end() {
         (cg("4", "-P"), cg("4", "-T"), cg("4", "-S")),
         ("0".into(), "0".into(), "0".into())
     );
+    // Pristine disk GUID (per-host GUIDs come at first boot).
+    let info = ok("sgdisk", &["-p", s(&raw)]);
+    assert!(
+        info.contains("Disk identifier (GUID): 00000000-0000-0000-0000-000000000001"),
+        "{info}"
+    );
+    // BIOS boot: GRUB's boot.img in the MBR pointing at its core image at
+    // the start of BIOS-BOOT, whose block list points at the next sector.
+    let (bios_first, _) = part(&raw, 2);
+    let read_at = |off: u64| {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut f = fs::File::open(&raw).unwrap();
+        let mut b = vec![0u8; 512];
+        f.seek(SeekFrom::Start(off)).unwrap();
+        f.read_exact(&mut b).unwrap();
+        b
+    };
+    let bytes = read_at(0);
+    assert_eq!(&bytes[0x1fe..0x200], &[0x55, 0xaa]);
+    assert!(bytes[..0x1b8].iter().any(|&b| b != 0), "MBR boot code is empty");
+    let kernel_sector = u64::from_le_bytes(bytes[0x5c..0x64].try_into().unwrap());
+    assert_eq!(kernel_sector, bios_first);
+    let core = read_at(bios_first * 512);
+    let next = u64::from_le_bytes(core[0x1f4..0x1fc].try_into().unwrap());
+    assert_eq!(next, bios_first + 1);
+    let boot_img = fs::read("/usr/lib/grub/i386-pc/boot.img").unwrap();
+    assert_eq!(&bytes[0x68..0x1b8], &boot_img[0x68..0x1b8], "boot.img code");
 
     // USR-A: verity over the filesystem with the root from the descriptor.
     let show: serde_json::Value = serde_json::from_str(&ok(
