@@ -442,6 +442,10 @@ fn stage1() -> ! {
     let t0 = Instant::now();
     let trust = trust();
     let (disk_name, mut disk) = find_boot_disk().unwrap_or_else(|e| emergency(&e));
+    say(&format!(
+        "nimbus-init: boot disk /dev/{disk_name} (GUID {})",
+        disk.disk_guid()
+    ));
     first_boot(&disk_name, &mut disk);
     let disk_guid = disk.disk_guid();
     let mut excluded: Vec<u32> = Vec::new();
