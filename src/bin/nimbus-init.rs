@@ -668,7 +668,10 @@ fn stage2(args: nimbus::boot::Stage2Args) -> ! {
                 MsFlags::MS_RDONLY | MsFlags::MS_NODEV | MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
                 None::<&str>,
             ) {
-                say(&format!("nimbus-init: OEM partition {}: {e}", dev.display()));
+                say(&format!(
+                    "nimbus-init: OEM partition {}: {e}",
+                    dev.display()
+                ));
             }
         }
         Err(e) => say(&format!("nimbus-init: OEM partition: {e}")),

@@ -166,7 +166,10 @@ fn build_image_end_to_end() {
     };
     let bytes = read_at(0);
     assert_eq!(&bytes[0x1fe..0x200], &[0x55, 0xaa]);
-    assert!(bytes[..0x1b8].iter().any(|&b| b != 0), "MBR boot code is empty");
+    assert!(
+        bytes[..0x1b8].iter().any(|&b| b != 0),
+        "MBR boot code is empty"
+    );
     let kernel_sector = u64::from_le_bytes(bytes[0x5c..0x64].try_into().unwrap());
     assert_eq!(kernel_sector, bios_first);
     let core = read_at(bios_first * 512);
