@@ -575,6 +575,37 @@ fn vagrant_user_data() -> String {
     )
 }
 
+/// The OEM partition's ext4 image, `work/<name>.img`, holding `user_data`
+/// as `user-data` when given.
+fn oem_image(
+    o: &BuildOptions,
+    work: &Path,
+    name: &str,
+    size: u64,
+    user_data: Option<&[u8]>,
+) -> Result<PathBuf, ImageError> {
+    let dir = work.join(name);
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).map_err(io_at(&dir))?;
+    if let Some(ud) = user_data {
+        let p = dir.join("user-data");
+        fs::write(&p, ud).map_err(io_at(&p))?;
+        // User-data can hold credentials: root-only on the OEM partition.
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).map_err(io_at(&p))?;
+    }
+    let img = work.join(format!("{name}.img"));
+    mkfs_ext4(
+        &img,
+        size,
+        "OEM",
+        seeded(&o.version, "oem-fs"),
+        &dir,
+        o.epoch,
+    )?;
+    Ok(img)
+}
+
 fn qcow2(raw: &Path, out: &Path) -> Result<(), ImageError> {
     run_tool(
         Command::new("qemu-img")
@@ -747,20 +778,11 @@ fn build_inner(o: &BuildOptions, progress: &mut dyn Progress) -> Result<BuildRep
             &work.join("esp"),
             o.epoch,
         )?;
-        let oem_dir = work.join("oem");
-        let _ = fs::remove_dir_all(&oem_dir);
-        fs::create_dir_all(&oem_dir).map_err(io_at(&oem_dir))?;
-        if let Some(ud) = &o.user_data {
-            fs::copy(ud, oem_dir.join("user-data")).map_err(io_at(ud))?;
-        }
-        mkfs_ext4(
-            &oem_img,
-            part(6)?.size_bytes(),
-            "OEM",
-            seeded(&o.version, "oem-fs"),
-            &oem_dir,
-            o.epoch,
-        )?;
+        let user_data = match &o.user_data {
+            Some(ud) => Some(fs::read(ud).map_err(io_at(ud))?),
+            None => None,
+        };
+        oem_image(o, &work, "oem", part(6)?.size_bytes(), user_data.as_deref())?;
         mkfs_ext4(
             &root_img,
             part(9)?.size_bytes(),
@@ -866,23 +888,11 @@ fn build_inner(o: &BuildOptions, progress: &mut dyn Progress) -> Result<BuildRep
             // The box differs from nimbus.raw only in its OEM partition:
             // the user-data of the Vagrant build (Vagrant's insecure key for
             // `core`, which Vagrant replaces with its own on first `up`).
-            let oem_dir = work.join("oem-vagrant");
-            let _ = fs::remove_dir_all(&oem_dir);
-            fs::create_dir_all(&oem_dir).map_err(io_at(&oem_dir))?;
-            let ud = oem_dir.join("user-data");
-            match &o.user_data {
-                Some(own) => fs::copy(own, &ud).map(drop).map_err(io_at(own))?,
-                None => fs::write(&ud, vagrant_user_data()).map_err(io_at(&ud))?,
-            }
-            let oem_img = work.join("oem-vagrant.img");
-            mkfs_ext4(
-                &oem_img,
-                part(6)?.size_bytes(),
-                "OEM",
-                seeded(&o.version, "oem-fs"),
-                &oem_dir,
-                o.epoch,
-            )?;
+            let user_data = match &o.user_data {
+                Some(own) => fs::read(own).map_err(io_at(own))?,
+                None => vagrant_user_data().into_bytes(),
+            };
+            let oem_img = oem_image(o, &work, "oem-vagrant", part(6)?.size_bytes(), Some(&user_data))?;
             let box_raw = work.join("box.raw");
             let _ = fs::remove_file(&box_raw);
             run_tool(
