@@ -79,6 +79,34 @@ fn err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(io::Error) -> Durabl
     }
 }
 
+/// A temp name beside the target that nobody can guess in advance:
+/// `.NAME.<16 random hex>.tmp`.
+fn temp_name(dir: &Path, name: &str) -> std::path::PathBuf {
+    let mut r = [0u8; 8];
+    // Without randomness (never on Linux >= 3.17) the pid and clock still
+    // make collisions unlikely, and O_EXCL turns one into an error.
+    if getrandom::getrandom(&mut r).is_err() {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        r = (t ^ u64::from(std::process::id()).rotate_left(32)).to_le_bytes();
+    }
+    dir.join(format!(".{name}.{}.tmp", hex::encode(r)))
+}
+
+/// Replace `path` with `data`, keeping the mode and owner of the file it
+/// replaces (an update.conf made 0600 because it holds a password stays
+/// 0600); a new file gets `new_mode` and the caller's owner.
+pub fn write_atomic_keep_mode(path: &Path, data: &[u8], new_mode: u32) -> Result<(), DurableError> {
+    use std::os::unix::fs::MetadataExt;
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.is_file() => {
+            write_atomic_owned(path, data, m.mode() & 0o7777, Some((m.uid(), m.gid())))
+        }
+        _ => write_atomic_owned(path, data, new_mode, None),
+    }
+}
+
 /// Replace `path` with `data`, created with `mode` (e.g. 0o600 for secrets).
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), DurableError> {
     write_atomic_owned(path, data, mode, None)
@@ -106,12 +134,14 @@ pub fn write_atomic_owned(
             source: io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"),
         })?
         .to_string_lossy();
-    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+    let tmp = temp_name(dir, &name);
     let result = (|| {
+        // O_EXCL and O_NOFOLLOW: in a directory someone else can write, a
+        // name planted in advance (file or symlink) is never opened.
         let mut f = OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
             .mode(mode)
             .open(&tmp)
             .map_err(err(&tmp, "create"))?;
@@ -163,8 +193,8 @@ pub fn symlink_atomic(target: &Path, path: &Path) -> Result<(), DurableError> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "link".into());
-    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
-    let _ = fs::remove_file(&tmp);
+    let tmp = temp_name(dir, &name);
+    // symlink(2) never follows or replaces an existing name: it is O_EXCL.
     std::os::unix::fs::symlink(target, &tmp).map_err(err(&tmp, "symlink"))?;
     emit(|| FsEvent::Symlink {
         path: tmp.clone(),
@@ -185,6 +215,45 @@ pub fn symlink_atomic(target: &Path, path: &Path) -> Result<(), DurableError> {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn keep_mode_keeps_a_secret_file_secret() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("update.conf");
+        write_atomic(&p, b"ETCD_PASSWORD=x\n", 0o600).unwrap();
+        write_atomic_keep_mode(&p, b"GROUP=beta\nETCD_PASSWORD=x\n", 0o644).unwrap();
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let q = d.path().join("new.conf");
+        write_atomic_keep_mode(&q, b"GROUP=beta\n", 0o644).unwrap();
+        assert_eq!(
+            fs::metadata(&q).unwrap().permissions().mode() & 0o777,
+            0o644
+        );
+    }
+
+    #[test]
+    fn temp_names_are_unpredictable_and_a_planted_one_is_not_followed() {
+        let d = tempfile::tempdir().unwrap();
+        let a = temp_name(d.path(), "f");
+        let b = temp_name(d.path(), "f");
+        assert_ne!(a, b);
+        assert!(a.file_name().unwrap().to_string_lossy().starts_with(".f."));
+        // Even a planted symlink at the exact temp name is refused, not followed.
+        let victim = d.path().join("victim");
+        fs::write(&victim, b"keep").unwrap();
+        std::os::unix::fs::symlink(&victim, &a).unwrap();
+        let e = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&a)
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(fs::read(&victim).unwrap(), b"keep");
+    }
 
     #[test]
     fn replaces_and_sets_mode() {

@@ -118,6 +118,17 @@ impl UpdateConf {
         }
     }
 
+    /// The mode a new update.conf with this content gets: 0600 when it
+    /// holds a credential (the etcd password), else 0644. A file that
+    /// exists keeps its own mode (`durable::write_atomic_keep_mode`).
+    pub fn new_file_mode(&self) -> u32 {
+        if self.get("ETCD_PASSWORD").is_some() {
+            0o600
+        } else {
+            0o644
+        }
+    }
+
     pub fn keys(&self) -> Vec<&str> {
         self.lines
             .iter()

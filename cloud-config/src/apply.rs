@@ -888,7 +888,15 @@ fn apply_update_conf(root: &mut Root, cfg: &CloudConfig) -> Result<(), ApplyErro
         };
         conf.set(k, &v);
     }
-    root.write(&path, conf.render().as_bytes(), 0o644, Some((0, 0)))
+    // Keep the mode of the file replaced (0600 when it holds a password);
+    // a new file holding a credential is 0600.
+    let mode = root
+        .resolve(&path)
+        .ok()
+        .and_then(|h| fs::symlink_metadata(h).ok())
+        .filter(|m| m.is_file())
+        .map_or_else(|| conf.new_file_mode(), |m| m.permissions().mode() & 0o7777);
+    root.write(&path, conf.render().as_bytes(), mode, Some((0, 0)))
 }
 
 /// Apply everything. Problems that concern one item (a group that does not

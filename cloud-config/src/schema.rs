@@ -750,23 +750,33 @@ fn user(c: &mut Checker, n: &Node) -> Option<User> {
                 }
             }
         }
-        "passwd" => u.passwd = c.string(v, "passwd"),
-        "gecos" => u.gecos = c.string(v, "gecos"),
+        "passwd" => u.passwd = account_field(c, v, "passwd"),
+        "gecos" => u.gecos = account_field(c, v, "gecos"),
         "homedir" => {
-            u.homedir = c.string(v, "homedir");
+            u.homedir = account_field(c, v, "homedir");
             if let Some(p) = u.homedir.as_deref().and_then(path_problem) {
                 c.error(v.line, format!("homedir: {p}"));
             }
         }
         "no_create_home" => u.no_create_home = c.boolean(v, "no_create_home").unwrap_or(false),
-        "primary_group" => u.primary_group = c.string(v, "primary_group"),
-        "groups" => u.groups = c.strings(v, "groups"),
+        "primary_group" => u.primary_group = account_field(c, v, "primary_group"),
+        "groups" => {
+            u.groups = c.strings(v, "groups");
+            if let Some(bad) = u.groups.iter().find(|g| !valid_user_name(g)) {
+                c.error(
+                    v.line,
+                    format!(
+                        "groups: {bad:?} is not a valid group name ([a-z_][a-z0-9_-]*, at most 32)"
+                    ),
+                );
+            }
+        }
         "no_user_group" => u.no_user_group = c.boolean(v, "no_user_group").unwrap_or(false),
         "system" => u.system = c.boolean(v, "system").unwrap_or(false),
         "no_log_init" => {
             c.boolean(v, "no_log_init");
         }
-        "shell" => u.shell = c.string(v, "shell"),
+        "shell" => u.shell = account_field(c, v, "shell"),
         "ssh_authorized_keys" => {
             u.ssh_authorized_keys = ssh_keys(c, v, "users.ssh_authorized_keys")
         }
@@ -790,6 +800,24 @@ fn user(c: &mut Checker, n: &Node) -> Option<User> {
         }
     }
     Some(u)
+}
+
+/// A value that goes into a field of /etc/passwd, /etc/shadow or
+/// /etc/group: a `:` would start another field and a line break another
+/// account (`gecos: "x\nroot2::0:0::/:/bin/sh"` must not make a root
+/// account).
+fn account_field(c: &mut Checker, v: &Node, key: &str) -> Option<String> {
+    let s = c.string(v, key)?;
+    if let Some(ch) = s.chars().find(|ch| matches!(ch, ':' | '\n' | '\r' | '\0')) {
+        c.error(
+            v.line,
+            format!(
+                "users.{key}: {ch:?} is not allowed (it would split the account database line)"
+            ),
+        );
+        return None;
+    }
+    Some(s)
 }
 
 fn write_file(c: &mut Checker, n: &Node) -> Option<WriteFile> {

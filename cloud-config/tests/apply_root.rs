@@ -524,3 +524,28 @@ fn boot_with_a_bad_source_fails_loudly() {
         String::from_utf8_lossy(&o.stderr).contains("oem: line 2: error: unknown key `hostnam`")
     );
 }
+
+/// A secret-holding update.conf keeps its mode when cloud-config rewrites it.
+#[test]
+fn update_conf_keeps_its_mode() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = base_root();
+    let conf = d.path().join("etc/nimbus/update.conf");
+    fs::create_dir_all(conf.parent().unwrap()).unwrap();
+    fs::write(&conf, "ETCD_PASSWORD=hunter2\nGROUP=stable\n").unwrap();
+    fs::set_permissions(&conf, fs::Permissions::from_mode(0o600)).unwrap();
+    let o = apply(
+        d.path(),
+        "#cloud-config\ncoreos:\n  update:\n    group: beta\n",
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = fs::read_to_string(&conf).unwrap();
+    assert!(
+        text.contains("GROUP=beta") && text.contains("ETCD_PASSWORD=hunter2"),
+        "{text}"
+    );
+    assert_eq!(
+        fs::metadata(&conf).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+}

@@ -257,3 +257,24 @@ fn all_problems_are_reported_not_just_the_first() {
     let lines: Vec<usize> = problems.iter().map(|p| p.line).collect();
     assert_eq!(lines, [2, 3, 5]);
 }
+
+#[test]
+fn account_fields_cannot_inject_lines_or_fields() {
+    for (key, value) in [
+        ("gecos", "\"x\\nroot2::0:0::/root:/bin/sh\""),
+        ("gecos", "\"a:b\""),
+        ("shell", "\"/bin/sh:x\""),
+        ("homedir", "\"/home/a:0\""),
+        ("passwd", "\"$6$x\\nroot::0\""),
+        ("primary_group", "\"users:x\""),
+    ] {
+        let doc = format!("#cloud-config\nusers:\n  - name: alice\n    {key}: {value}\n");
+        expect(&doc, 4, Severity::Error, &format!("users.{key}"));
+    }
+    expect(
+        "#cloud-config\nusers:\n  - name: alice\n    groups: [\"sudo,root\"]\n",
+        4,
+        Severity::Error,
+        "not a valid group name",
+    );
+}

@@ -980,10 +980,38 @@ pub fn write_group(root: &Path, name: &str) -> Result<(), UpdateError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(io_at(dir))?;
     }
-    nimbus::durable::write_atomic(&path, conf.render().as_bytes(), 0o644).map_err(|e| {
-        UpdateError::Io {
+    nimbus::durable::write_atomic_keep_mode(&path, conf.render().as_bytes(), conf.new_file_mode())
+        .map_err(|e| UpdateError::Io {
             path: path.clone(),
             source: std::io::Error::other(e.to_string()),
-        }
-    })
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn channel_switch_keeps_a_secret_update_conf_secret() {
+        let d = tempfile::tempdir().unwrap();
+        let conf = d.path().join(nimbus::updateconf::ETC_PATH);
+        std::fs::create_dir_all(conf.parent().unwrap()).unwrap();
+        std::fs::write(&conf, "ETCD_PASSWORD=hunter2\nGROUP=stable\n").unwrap();
+        std::fs::set_permissions(&conf, std::fs::Permissions::from_mode(0o600)).unwrap();
+        super::write_group(d.path(), "beta").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&conf).unwrap(),
+            "ETCD_PASSWORD=hunter2\nGROUP=beta\n"
+        );
+        let mode = std::fs::metadata(&conf).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        // A new file: 0644 without a credential in it.
+        let d2 = tempfile::tempdir().unwrap();
+        super::write_group(d2.path(), "beta").unwrap();
+        let p2 = d2.path().join(nimbus::updateconf::ETC_PATH);
+        assert_eq!(
+            std::fs::metadata(p2).unwrap().permissions().mode() & 0o777,
+            0o644
+        );
+    }
 }
