@@ -27,7 +27,11 @@ pub struct PublishOptions<'a> {
     pub now: DateTime<Utc>,
     pub expires_secs: u64,
     pub rollout_secs: Option<u64>,
+    /// Kill switch: offer nothing above this version. `None` keeps the
+    /// one the channel has (a kill switch must not vanish because the next
+    /// publish forgot to repeat it); `clear_max_version` removes it.
     pub max_version: Option<Version>,
+    pub clear_max_version: bool,
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -147,7 +151,11 @@ pub fn publish(o: &PublishOptions<'_>) -> Result<Manifest, ImageError> {
         serial: previous.as_ref().map_or(1, |m| m.serial + 1),
         issued: o.now,
         expires: o.now + chrono::Duration::seconds(o.expires_secs.min(i64::MAX as u64 / 2) as i64),
-        max_version: o.max_version.clone(),
+        max_version: match (&o.max_version, o.clear_max_version) {
+            (Some(v), _) => Some(v.clone()),
+            (None, true) => None,
+            (None, false) => previous.as_ref().and_then(|m| m.max_version.clone()),
+        },
         releases,
     };
     manifest
@@ -169,4 +177,59 @@ pub fn publish(o: &PublishOptions<'_>) -> Result<Manifest, ImageError> {
     )?;
     durable(&mpath, &bytes)?;
     Ok(manifest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A build directory with a small stand-in payload: publish only reads
+    /// build.json and hashes the payload.
+    fn fake_build(dir: &Path, version: &str) {
+        std::fs::create_dir_all(dir).unwrap();
+        let payload = format!("payload of {version}");
+        std::fs::write(dir.join("usr.img.zst"), &payload).unwrap();
+        let sha = crate::sha256_file(&dir.join("usr.img.zst")).unwrap();
+        let bj = serde_json::json!({
+            "version": version,
+            "verity_root": "ab".repeat(32),
+            "payload": {
+                "compressed_size": payload.len(),
+                "compressed_sha256": sha,
+                "raw_size": 4096,
+                "raw_sha256": "cd".repeat(32),
+            }
+        });
+        std::fs::write(dir.join("build.json"), bj.to_string()).unwrap();
+    }
+
+    #[test]
+    fn the_kill_switch_stays_until_cleared() {
+        let d = tempfile::tempdir().unwrap();
+        let key = nimbus::keys::ReleaseKey::generate().unwrap();
+        let repo = d.path().join("repo");
+        let pubv = |v: &str, max: Option<&str>, clear: bool| {
+            let from = d.path().join(v);
+            fake_build(&from, v);
+            publish(&PublishOptions {
+                from: &from,
+                repo: &repo,
+                channel: "stable",
+                key: &key,
+                now: chrono::Utc::now(),
+                expires_secs: 3600,
+                rollout_secs: None,
+                max_version: max.map(|m| m.parse().unwrap()),
+                clear_max_version: clear,
+            })
+            .unwrap()
+        };
+        let v = |s: &str| Some(s.parse::<Version>().unwrap());
+        assert_eq!(pubv("1.0.0", Some("1.0.0"), false).max_version, v("1.0.0"));
+        // The next publish does not repeat it: still in force.
+        assert_eq!(pubv("1.1.0", None, false).max_version, v("1.0.0"));
+        assert_eq!(pubv("1.2.0", Some("1.2.0"), false).max_version, v("1.2.0"));
+        assert_eq!(pubv("1.3.0", None, true).max_version, None);
+        assert_eq!(pubv("1.4.0", None, false).max_version, None);
+    }
 }

@@ -291,6 +291,7 @@ pub fn bench_update(level: i32) -> anyhow::Result<std::process::ExitCode> {
             expires_secs: 86400,
             rollout_secs: None,
             max_version: None,
+            clear_max_version: false,
         })?;
     }
     let url1 = format!("{}/payloads/1.0.0/usr.img.zst", srv.url());

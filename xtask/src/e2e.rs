@@ -280,6 +280,7 @@ fn story(work: &Path, log: &Path) -> anyhow::Result<()> {
             expires_secs: 86400,
             rollout_secs: None,
             max_version: None,
+            clear_max_version: false,
         })
     };
     publish(&n1, "stable")?;

@@ -138,9 +138,13 @@ struct Release {
     /// Stage the rollout over this many hours from now (each host starts at its own point).
     #[arg(long, value_name = "H")]
     rollout_hours: Option<f64>,
-    /// Kill switch: offer nothing above this version.
-    #[arg(long, value_name = "V")]
+    /// Kill switch: offer nothing above this version. It stays in force for
+    /// later publishes on the channel until --clear-max-version.
+    #[arg(long, value_name = "V", conflicts_with = "clear_max_version")]
     max_version: Option<semver::Version>,
+    /// Remove the channel's kill switch.
+    #[arg(long)]
+    clear_max_version: bool,
 }
 
 fn release(a: Release) -> anyhow::Result<ExitCode> {
@@ -163,6 +167,7 @@ fn release(a: Release) -> anyhow::Result<ExitCode> {
         expires_secs: a.expires,
         rollout_secs,
         max_version: a.max_version,
+        clear_max_version: a.clear_max_version,
     })?;
     let newest = m
         .releases

@@ -293,6 +293,7 @@ fn setup(work: &Path) -> anyhow::Result<Setup> {
         expires_secs: 86400,
         rollout_secs: None,
         max_version: None,
+        clear_max_version: false,
     })?;
     let root = work.join("root");
     std::fs::create_dir_all(root.join("usr/share/nimbus/keys"))?;

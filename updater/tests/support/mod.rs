@@ -169,6 +169,7 @@ pub fn publish(
         expires_secs,
         rollout_secs: None,
         max_version: None,
+        clear_max_version: false,
     })
     .expect("publish")
 }
