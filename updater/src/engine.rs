@@ -392,8 +392,10 @@ impl Engine {
         let booted = Slot::from_partition_number(self.host.booted)
             .map_or_else(String::new, |s| s.label().to_string());
         let rollback = self.persisted.rollback.clone();
+        let state_reset = self.persisted.state_reset.clone();
         self.shared.update(|s| {
             s.rollback = rollback;
+            s.state_reset = state_reset;
             s.channel = cfg.group.clone();
             s.server = cfg.server.clone().unwrap_or_else(|| "disabled".into());
             s.reboot_strategy = cfg.reboot_strategy.clone();
@@ -733,6 +735,7 @@ impl Engine {
         disk.update_slots(|t| slots::prioritize(t, passive))?;
         self.persisted.checkpoint = None;
         self.persisted.rollback = None;
+        self.persisted.state_reset = None;
         if self.persisted.allow_downgrade.as_deref() == Some(self.cfg.group.as_str()) {
             self.persisted.allow_downgrade = None;
         }

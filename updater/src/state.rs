@@ -37,6 +37,19 @@ pub struct Persisted {
     /// release is). Newest last, at most [`MAX_FAILED_VERSIONS`].
     #[serde(default)]
     pub failed_versions: Vec<semver::Version>,
+    /// The state file was damaged and put aside; reported by `updatectl
+    /// status` until the next install.
+    #[serde(default)]
+    pub state_reset: Option<StateReset>,
+}
+
+/// A damaged state file, kept aside so updates go on.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StateReset {
+    /// Where the damaged file was kept.
+    pub kept_as: String,
+    pub reason: String,
+    pub at: chrono::DateTime<chrono::Utc>,
 }
 
 pub const MAX_FAILED_VERSIONS: usize = 16;
@@ -84,21 +97,58 @@ impl Store {
         &self.path
     }
 
-    /// A missing file is a fresh host. A damaged one is an error that names
-    /// the file: silently starting over would forget accepted serials and
-    /// reopen replays.
+    /// A missing file is a fresh host. A damaged one is kept aside
+    /// (`<file>.damaged-<unix time>`) with a loud log line, and the engine
+    /// goes on from defaults: the running version still forbids downgrades,
+    /// and a replayed older manifest can at worst hide a newer release until
+    /// that manifest expires, which beats a host that never updates again.
+    /// The reset is recorded for `updatectl status`.
     pub fn load(&self) -> Result<Persisted, UpdateError> {
         match std::fs::read(&self.path) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| UpdateError::Config {
-                path: self.path.clone(),
-                reason: format!("damaged state file ({e}); move it aside to start over"),
-            }),
+            Ok(b) => match serde_json::from_slice(&b) {
+                Ok(p) => Ok(p),
+                Err(e) => self.put_aside(&e.to_string()),
+            },
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Persisted::default()),
             Err(e) => Err(UpdateError::Io {
                 path: self.path.clone(),
                 source: e,
             }),
         }
+    }
+
+    fn put_aside(&self, reason: &str) -> Result<Persisted, UpdateError> {
+        let now = chrono::Utc::now();
+        let mut kept = self.path.as_os_str().to_owned();
+        kept.push(format!(".damaged-{}", now.timestamp()));
+        let kept = PathBuf::from(kept);
+        std::fs::rename(&self.path, &kept).map_err(|e| UpdateError::Io {
+            path: self.path.clone(),
+            source: e,
+        })?;
+        if let Some(dir) = self.path.parent() {
+            nimbus::durable::sync_dir(dir).map_err(|e| UpdateError::Io {
+                path: dir.to_path_buf(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+        }
+        tracing::error!(
+            "{}: damaged state file ({reason}); kept as {} and starting over from defaults \
+             (accepted manifest serials are forgotten: an older manifest could be replayed \
+             until it expires; downgrades stay refused)",
+            self.path.display(),
+            kept.display()
+        );
+        let p = Persisted {
+            state_reset: Some(StateReset {
+                kept_as: kept.display().to_string(),
+                reason: reason.to_string(),
+                at: now,
+            }),
+            ..Persisted::default()
+        };
+        self.save(&p)?;
+        Ok(p)
     }
 
     pub fn save(&self, p: &Persisted) -> Result<(), UpdateError> {
@@ -114,5 +164,28 @@ impl Store {
             path: self.path.clone(),
             source: std::io::Error::other(e.to_string()),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_damaged_state_file_is_kept_aside_and_updates_go_on() {
+        let d = tempfile::tempdir().unwrap();
+        let store = Store::new(d.path());
+        std::fs::create_dir_all(store.path().parent().unwrap()).unwrap();
+        std::fs::write(store.path(), b"{\"last_serial\": {\"stable\": 7").unwrap();
+        let p = store.load().unwrap();
+        let reset = p.state_reset.clone().unwrap();
+        assert!(reset.reason.contains("EOF"), "{reset:?}");
+        assert_eq!(
+            std::fs::read(&reset.kept_as).unwrap(),
+            b"{\"last_serial\": {\"stable\": 7"
+        );
+        assert!(p.last_serial.is_empty());
+        // The fresh file is valid and says what happened.
+        assert_eq!(store.load().unwrap(), p);
     }
 }

@@ -78,6 +78,9 @@ pub struct Status {
     /// The last automatic rollback: which version was given up and why.
     #[serde(default)]
     pub rollback: Option<Rollback>,
+    /// The state file was found damaged and started over.
+    #[serde(default)]
+    pub state_reset: Option<crate::state::StateReset>,
 }
 
 /// A slot that was tried and never proven good, so the host went back to
@@ -123,6 +126,7 @@ impl Status {
             slots: Vec::new(),
             last_apply: None,
             rollback: None,
+            state_reset: None,
         }
     }
 }

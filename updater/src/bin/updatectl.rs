@@ -139,6 +139,15 @@ fn print_status(s: &Status) {
     if let Some(n) = &s.note {
         println!("note:      {n}");
     }
+    if let Some(r) = &s.state_reset {
+        println!(
+            "state:     the state file was damaged ({}) and kept as {}; started over at {} \
+             (downgrades stay refused; an older manifest could be replayed until it expires)",
+            r.reason,
+            r.kept_as,
+            r.at.to_rfc3339()
+        );
+    }
     if let Some(r) = &s.rollback {
         println!(
             "rollback:  {} {} was given up at {}: {}; back on {}",
