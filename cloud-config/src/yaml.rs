@@ -17,6 +17,9 @@ use saphyr_parser::{Event, Parser, ScalarStyle};
 pub const MAX_BYTES: usize = 4 * 1024 * 1024;
 pub const MAX_DEPTH: usize = 64;
 pub const MAX_NODES: usize = 200_000;
+/// Scalar bytes in the tree after alias expansion: a 1.5 MiB scalar
+/// aliased 150 000 times is few nodes but 200 GiB.
+pub const MAX_EXPANDED_BYTES: usize = 4 * MAX_BYTES;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Kind {
@@ -68,6 +71,8 @@ pub enum YamlError {
     TooDeep { line: usize },
     #[error("line {line}: more than {MAX_NODES} nodes after expanding aliases (alias bomb?)")]
     TooManyNodes { line: usize },
+    #[error("line {line}: more than {MAX_EXPANDED_BYTES} bytes of scalars after expanding aliases (alias bomb?)")]
+    TooManyBytes { line: usize },
     #[error("line {line}: alias to an unknown anchor")]
     UnknownAnchor { line: usize },
     #[error("more than one YAML document in the file")]
@@ -80,17 +85,23 @@ impl YamlError {
             YamlError::Syntax { line, .. }
             | YamlError::TooDeep { line }
             | YamlError::TooManyNodes { line }
+            | YamlError::TooManyBytes { line }
             | YamlError::UnknownAnchor { line } => *line,
             YamlError::TooLarge { .. } | YamlError::MultipleDocuments => 1,
         }
     }
 }
 
-fn count(n: &Node) -> usize {
+/// (nodes, scalar bytes) of a tree.
+fn count(n: &Node) -> (usize, usize) {
+    let add = |a: (usize, usize), b: (usize, usize)| (a.0 + b.0, a.1 + b.1);
     match &n.kind {
-        Kind::Scalar { .. } => 1,
-        Kind::Seq(v) => 1 + v.iter().map(count).sum::<usize>(),
-        Kind::Map(v) => 1 + v.iter().map(|(k, x)| count(k) + count(x)).sum::<usize>(),
+        Kind::Scalar { value, .. } => (1, value.len()),
+        Kind::Seq(v) => v.iter().map(count).fold((1, 0), add),
+        Kind::Map(v) => v
+            .iter()
+            .map(|(k, x)| add(count(k), count(x)))
+            .fold((1, 0), add),
     }
 }
 
@@ -106,8 +117,9 @@ pub fn parse(text: &str) -> Result<Node, YamlError> {
     }
     let mut stack: Vec<Open> = Vec::new();
     // Anchored nodes by id, with their size, for alias expansion.
-    let mut anchors: std::collections::HashMap<usize, (Node, usize)> = Default::default();
+    let mut anchors: std::collections::HashMap<usize, (Node, (usize, usize))> = Default::default();
     let mut nodes = 0usize;
+    let mut bytes = 0usize;
     let mut root: Option<Node> = None;
     let mut docs = 0;
 
@@ -135,6 +147,10 @@ pub fn parse(text: &str) -> Result<Node, YamlError> {
             }
             Event::Scalar(value, style, anchor, _tag) => {
                 let plain = style == ScalarStyle::Plain;
+                bytes += value.len();
+                if bytes > MAX_EXPANDED_BYTES {
+                    return Err(YamlError::TooManyBytes { line });
+                }
                 Some((
                     Node {
                         kind: Kind::Scalar {
@@ -147,15 +163,20 @@ pub fn parse(text: &str) -> Result<Node, YamlError> {
                 ))
             }
             Event::Alias(id) => {
-                let (n, size) = anchors
+                // Check the budget before cloning: the clone is the cost.
+                let (n, (size, size_bytes)) = anchors
                     .get(&id)
-                    .cloned()
+                    .map(|(n, c)| (n, *c))
                     .ok_or(YamlError::UnknownAnchor { line })?;
                 nodes += size;
                 if nodes > MAX_NODES {
                     return Err(YamlError::TooManyNodes { line });
                 }
-                Some((n, 0))
+                bytes += size_bytes;
+                if bytes > MAX_EXPANDED_BYTES {
+                    return Err(YamlError::TooManyBytes { line });
+                }
+                Some((n.clone(), 0))
             }
             Event::SequenceStart(anchor, _) => {
                 if stack.len() >= MAX_DEPTH {
@@ -262,6 +283,22 @@ mod tests {
             doc.push_str(&format!("a{i}: &a{i} [{refs}]\n"));
         }
         assert!(matches!(parse(&doc), Err(YamlError::TooManyNodes { .. })));
+    }
+
+    #[test]
+    fn alias_bytes_are_bounded_not_only_nodes() {
+        // Under 2 MiB of text: one 1.5 MiB scalar, aliased many times.
+        let big = "x".repeat(3 << 19);
+        let mut doc = format!("a: &big {big}\nb: [");
+        doc.push_str(&vec!["*big"; 60_000].join(", "));
+        doc.push_str("]\n");
+        assert!(doc.len() < 2 << 20);
+        // Refused by the byte budget after a handful of copies (the node
+        // budget alone would let all 60 000 through: 90 GB).
+        assert!(matches!(parse(&doc), Err(YamlError::TooManyBytes { .. })));
+        // A few aliases of a big scalar are fine.
+        let ok = format!("a: &big {}\nb: [*big, *big]\n", "y".repeat(1 << 20));
+        parse(&ok).unwrap();
     }
 
     #[test]
