@@ -221,10 +221,14 @@ pub struct PartitionInfo {
 
 impl PartitionInfo {
     pub fn offset_bytes(&self) -> u64 {
-        self.first_lba * SECTOR
+        self.first_lba.saturating_mul(SECTOR)
     }
+    /// Saturates instead of wrapping on an entry whose end lies before its
+    /// start; [`Disk::check_nimbus_layout`] refuses such a table first.
     pub fn size_bytes(&self) -> u64 {
-        (self.last_lba - self.first_lba + 1) * SECTOR
+        (self.last_lba.saturating_add(1))
+            .saturating_sub(self.first_lba)
+            .saturating_mul(SECTOR)
     }
     pub fn prio(&self) -> slots::Prio {
         slots::Prio::from_bits(self.attributes)
@@ -623,6 +627,55 @@ impl<D: BlockDevice> Disk<D> {
                 )));
             }
         }
+        // Extents: a CRC-valid table can still say anything. Every entry
+        // inside the usable LBAs, none overlapping another, both USR slots
+        // the same size with room for a descriptor: otherwise a payload for
+        // USR-B could land on ROOT.
+        let (first_usable, last_usable) = (
+            self.gpt.header.first_usable_lba,
+            self.gpt.header.last_usable_lba,
+        );
+        for p in &parts {
+            if p.first_lba > p.last_lba || p.first_lba < first_usable || p.last_lba > last_usable {
+                return Err(fail(format!(
+                    "partition {} spans LBA {}..={}, outside the usable LBAs {first_usable}..={last_usable}",
+                    p.number, p.first_lba, p.last_lba
+                )));
+            }
+        }
+        let mut by_start: Vec<&PartitionInfo> = parts.iter().collect();
+        by_start.sort_by_key(|p| p.first_lba);
+        for w in by_start.windows(2) {
+            if w[1].first_lba <= w[0].last_lba {
+                return Err(fail(format!(
+                    "partitions {} and {} overlap",
+                    w[0].number, w[1].number
+                )));
+            }
+        }
+        let usr: Vec<&PartitionInfo> = parts
+            .iter()
+            .filter(|p| layout::Slot::from_partition_number(p.number).is_some())
+            .collect();
+        if let [a, b] = usr[..] {
+            if a.size_bytes() != b.size_bytes() {
+                return Err(fail(format!(
+                    "USR-A is {} bytes and USR-B {}: the slots must be the same size",
+                    a.size_bytes(),
+                    b.size_bytes()
+                )));
+            }
+        }
+        if let Some(p) = usr
+            .iter()
+            .find(|p| p.size_bytes() < 2 * crate::release::DESCRIPTOR_SIZE as u64)
+        {
+            return Err(fail(format!(
+                "partition {} is too small for a USR slot ({} bytes)",
+                p.number,
+                p.size_bytes()
+            )));
+        }
         if let Some(p) = parts.iter().find(|p| {
             p.type_guid == layout::USR_TYPE
                 && layout::Slot::from_partition_number(p.number).is_none()
@@ -657,7 +710,19 @@ impl<D: BlockDevice> Disk<D> {
     ) -> Result<[u8; crate::release::DESCRIPTOR_SIZE], GptError> {
         let p = self.partition(slot.partition_number())?;
         let mut buf = [0u8; crate::release::DESCRIPTOR_SIZE];
-        let off = p.offset_bytes() + p.size_bytes() - buf.len() as u64;
+        let off = p
+            .offset_bytes()
+            .checked_add(p.size_bytes())
+            .and_then(|end| end.checked_sub(buf.len() as u64))
+            .filter(|_| p.size_bytes() >= buf.len() as u64)
+            .ok_or_else(|| GptError::NotNimbus {
+                path: self.path.clone(),
+                reason: format!(
+                    "partition {} ({} bytes) cannot hold a slot descriptor",
+                    p.number,
+                    p.size_bytes()
+                ),
+            })?;
         self.dev
             .seek(SeekFrom::Start(off))
             .and_then(|_| self.dev.read_exact(&mut buf))
@@ -1020,6 +1085,62 @@ mod tests {
             assert_ne!(d.disk_guid(), layout::PRISTINE_DISK_GUID);
         }
         assert!(outcomes[0] > 0 && outcomes[1] > 0, "{outcomes:?}");
+    }
+
+    /// Rewrite partition entry `n` (start, end) in both copies of the table
+    /// with valid CRCs: what a hostile or buggy tool could leave.
+    fn forge(dev: &mut MemDisk, n: usize, first: u64, last: u64) {
+        let last_lba = dev.len() / SECTOR - 1;
+        for (hdr, ent) in [(1, 2), (last_lba, last_lba - 32)] {
+            let mut e = vec![0u8; 128 * 128];
+            dev.seek(SeekFrom::Start(ent * SECTOR)).unwrap();
+            dev.read_exact(&mut e).unwrap();
+            let o = (n - 1) * 128;
+            e[o + 32..o + 40].copy_from_slice(&first.to_le_bytes());
+            e[o + 40..o + 48].copy_from_slice(&last.to_le_bytes());
+            poke(dev, ent * SECTOR, &e);
+            let mut h = [0u8; 92];
+            dev.seek(SeekFrom::Start(hdr * SECTOR)).unwrap();
+            dev.read_exact(&mut h).unwrap();
+            h[88..92].copy_from_slice(&crc32fast::hash(&e).to_le_bytes());
+            h[16..20].copy_from_slice(&[0; 4]);
+            let crc = crc32fast::hash(&h);
+            h[16..20].copy_from_slice(&crc.to_le_bytes());
+            poke(dev, hdr * SECTOR, &h);
+        }
+    }
+
+    #[test]
+    fn extents_are_validated_before_any_write() {
+        let base = fresh(SIZE);
+        let p = |n| base.partition(n).unwrap();
+        let (b, root, oem) = (p(4), p(9), p(6));
+        let last_usable = base.gpt.header.last_usable_lba;
+        let base = base.into_device();
+        for (n, first, last, want) in [
+            // USR-B reaching into ROOT: an update would write over ROOT.
+            (4, b.first_lba, root.first_lba + 10, "overlap"),
+            (4, b.first_lba, b.last_lba - 2048, "same size"),
+            (9, root.first_lba, last_usable + 1, "outside the usable"),
+            (6, oem.first_lba, oem.first_lba - 1, "outside the usable"),
+        ] {
+            let mut dev = base.clone();
+            forge(&mut dev, n, first, last);
+            let mut d = Disk::open(dev, "mem").unwrap();
+            assert!(d.health().is_clean(), "the forged table is CRC-valid");
+            let before = d.dev.clone();
+            let e = d
+                .update_slots(|t| slots::prioritize(t, 4))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{n}: {e}");
+            assert!(d.dev.blocks == before.blocks, "written despite: {e}");
+            assert!(d.prepare_host(Uuid::new_v4).is_err());
+            // Sizes never wrap, even on such an entry.
+            for p in d.partitions() {
+                let _ = (p.offset_bytes(), p.size_bytes());
+            }
+        }
     }
 
     #[test]
