@@ -392,6 +392,13 @@ fn is_hex64(s: &str) -> bool {
             .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
 }
 
+/// The longest staged rollout a manifest may ask for (90 days): beyond
+/// it, date arithmetic on the clients could overflow, and no fleet waits
+/// that long.
+pub const MAX_ROLLOUT_SECS: u64 = 90 * 86400;
+/// The longest a manifest may stay valid (366 days).
+pub const MAX_MANIFEST_LIFETIME_SECS: i64 = 366 * 86400;
+
 impl Manifest {
     /// Structural checks that do not depend on the client.
     pub fn validate(&self) -> Result<(), ManifestError> {
@@ -409,6 +416,14 @@ impl Manifest {
             return bad(format!(
                 "expires {} is not after issued {}",
                 self.expires, self.issued
+            ));
+        }
+        if (self.expires - self.issued).num_seconds() > MAX_MANIFEST_LIFETIME_SECS {
+            return bad(format!(
+                "expires {} is more than {} days after issued {}",
+                self.expires,
+                MAX_MANIFEST_LIFETIME_SECS / 86400,
+                self.issued
             ));
         }
         let mut seen = BTreeSet::new();
@@ -433,6 +448,15 @@ impl Manifest {
                 if !is_hex64(h) {
                     return bad(format!(
                         "release {v}: {name} is not 64 lowercase hex digits"
+                    ));
+                }
+            }
+            if let Some(ro) = &r.rollout {
+                if ro.duration_secs > MAX_ROLLOUT_SECS {
+                    return bad(format!(
+                        "release {v}: rollout of {} s is longer than {} days",
+                        ro.duration_secs,
+                        MAX_ROLLOUT_SECS / 86400
                     ));
                 }
             }
@@ -651,6 +675,30 @@ mod tests {
             SlotDescriptor::verify(&good[..100], &trust_a),
             Err(DescriptorError::Size(100))
         ));
+    }
+
+    #[test]
+    fn rollout_and_lifetime_are_bounded() {
+        let now = Utc::now();
+        let mut m = manifest(1, now);
+        m.validate().unwrap();
+        m.releases[0].rollout = Some(Rollout {
+            start: now,
+            duration_secs: MAX_ROLLOUT_SECS + 1,
+            paused: false,
+        });
+        assert!(m
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("longer than 90 days"));
+        let mut m = manifest(1, now);
+        m.expires = m.issued + Duration::days(400);
+        assert!(m
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("more than 366 days"));
     }
 
     fn manifest(serial: u64, now: DateTime<Utc>) -> Manifest {

@@ -124,6 +124,27 @@ pub fn publish(o: &PublishOptions<'_>) -> Result<Manifest, ImageError> {
     releases.push(release);
     releases.sort_by(|a, b| a.version.cmp(&b.version));
 
+    let manifest = Manifest {
+        schema: MANIFEST_SCHEMA,
+        channel: o.channel.to_string(),
+        serial: previous.as_ref().map_or(1, |m| m.serial + 1),
+        issued: o.now,
+        expires: o.now
+            + chrono::Duration::seconds(
+                o.expires_secs
+                    .min(nimbus::release::MAX_MANIFEST_LIFETIME_SECS as u64 + 1)
+                    as i64,
+            ),
+        max_version: match (&o.max_version, o.clear_max_version) {
+            (Some(v), _) => Some(v.clone()),
+            (None, true) => None,
+            (None, false) => previous.as_ref().and_then(|m| m.max_version.clone()),
+        },
+        releases,
+    };
+    manifest
+        .validate()
+        .map_err(|e| ImageError::Invalid(e.to_string()))?;
     // Payload first: a manifest must never name a file that is not there.
     let dest = o.repo.join(payload_rel(&bj.version));
     let dest_dir = dest.parent().unwrap_or(o.repo);
@@ -145,22 +166,6 @@ pub fn publish(o: &PublishOptions<'_>) -> Result<Manifest, ImageError> {
         nimbus::durable::sync_dir(dest_dir).map_err(|e| ImageError::Invalid(e.to_string()))?;
     }
 
-    let manifest = Manifest {
-        schema: MANIFEST_SCHEMA,
-        channel: o.channel.to_string(),
-        serial: previous.as_ref().map_or(1, |m| m.serial + 1),
-        issued: o.now,
-        expires: o.now + chrono::Duration::seconds(o.expires_secs.min(i64::MAX as u64 / 2) as i64),
-        max_version: match (&o.max_version, o.clear_max_version) {
-            (Some(v), _) => Some(v.clone()),
-            (None, true) => None,
-            (None, false) => previous.as_ref().and_then(|m| m.max_version.clone()),
-        },
-        releases,
-    };
-    manifest
-        .validate()
-        .map_err(|e| ImageError::Invalid(e.to_string()))?;
     let mut bytes =
         serde_json::to_vec_pretty(&manifest).map_err(|e| ImageError::Invalid(e.to_string()))?;
     bytes.push(b'\n');

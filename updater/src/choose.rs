@@ -21,8 +21,13 @@ pub enum Choice {
 /// When a host at `seed` in [0, 1) may start a staged release.
 pub fn rollout_start(r: &Release, seed: f64) -> Option<DateTime<Utc>> {
     let ro = r.rollout.as_ref()?;
-    let offset = (seed.clamp(0.0, 1.0) * ro.duration_secs as f64) as i64;
-    Some(ro.start + chrono::Duration::seconds(offset))
+    // Bounded by Manifest::validate; checked anyway, since a panic here
+    // would stop the engine on every check.
+    let secs = ro.duration_secs.min(nimbus::release::MAX_ROLLOUT_SECS);
+    let offset = (seed.clamp(0.0, 1.0) * secs as f64) as i64;
+    ro.start
+        .checked_add_signed(chrono::Duration::try_seconds(offset)?)
+        .or(Some(DateTime::<Utc>::MAX_UTC))
 }
 
 /// The newest release this host may install now. Above `running` only,
@@ -151,6 +156,26 @@ mod tests {
 
     fn v(s: &str) -> Version {
         s.parse().expect("version")
+    }
+
+    #[test]
+    fn a_huge_rollout_or_start_does_not_panic() {
+        for (start, secs) in [
+            (Utc::now(), u64::MAX),
+            (
+                DateTime::<Utc>::MAX_UTC - chrono::Duration::days(1),
+                86400 * 30,
+            ),
+        ] {
+            let ro = Rollout {
+                start,
+                duration_secs: secs,
+                paused: false,
+            };
+            let m = manifest(vec![rel("1.1.0", Some(ro))], None);
+            let c = choose(&m, &v("1.0.0"), 0.99, Utc::now(), false);
+            assert!(matches!(c, Choice::Wait { .. }), "{c:?}");
+        }
     }
 
     #[test]

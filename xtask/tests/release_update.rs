@@ -104,6 +104,17 @@ fn build_release_serve_update() {
     assert!(!o.status.success());
     let o = release(s(&v2), &repo, "stable", s(&t.path().join("nokey")), &[]);
     assert!(!o.status.success());
+    // Absurd rollout and lifetime: refused with what is wrong, no panic.
+    for (args, want) in [
+        (&["--rollout-hours", "1e12"][..], "longer than 90 days"),
+        (&["--expires", "1000000000d"][..], "more than 366 days"),
+        (&["--rollout-hours", "0"][..], "positive number of hours"),
+    ] {
+        let o = release(s(&v2), &repo, "stable", s(&key), args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(want), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
     assert!(!repo.join("channels/stable.json").exists());
 
     let out = ok(
