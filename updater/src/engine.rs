@@ -604,6 +604,30 @@ impl Engine {
     }
 
     fn install(&mut self, r: &Release, url: &str, file: Option<&Path>) -> Result<(), UpdateError> {
+        let result = self.install_inner(r, url, file);
+        if let Err(e) = &result {
+            if poisons_checkpoint(e) && self.persisted.checkpoint.is_some() {
+                // The bytes behind the checkpoint (a stale mirror, a brief
+                // man in the middle on http) did not make the payload the
+                // manifest names: resuming from them would fail the same
+                // way on every attempt until a new release.
+                tracing::warn!(
+                    "install of {} failed verification ({e}); dropping its checkpoint, the next attempt starts from the beginning",
+                    r.version
+                );
+                self.persisted.checkpoint = None;
+                self.store.save(&self.persisted)?;
+            }
+        }
+        result
+    }
+
+    fn install_inner(
+        &mut self,
+        r: &Release,
+        url: &str,
+        file: Option<&Path>,
+    ) -> Result<(), UpdateError> {
         self.ensure_proven()?;
         let passive = self.passive()?;
         if passive == self.host.booted {
@@ -963,6 +987,23 @@ impl Engine {
         }
         Ok(d)
     }
+}
+
+/// Errors that say the bytes written so far are not the payload's: a
+/// checkpoint saved during that attempt must not be resumed from. A cut
+/// connection (`Truncated`, network errors) keeps it: that is what
+/// checkpoints are for.
+fn poisons_checkpoint(e: &UpdateError) -> bool {
+    matches!(
+        e,
+        UpdateError::CompressedHash { .. }
+            | UpdateError::RawHash { .. }
+            | UpdateError::Decode { .. }
+            | UpdateError::RawTooLarge { .. }
+            | UpdateError::RawTooShort { .. }
+            | UpdateError::PayloadTooLarge { .. }
+            | UpdateError::Descriptor { .. }
+    )
 }
 
 /// Set GROUP in /etc/nimbus/update.conf, keeping every other line, with a

@@ -156,3 +156,69 @@ fn a_server_that_ignores_range_gets_a_full_download() {
     assert_eq!(f.slot_payload_sha(Slot::B, r.raw_size), r.raw_sha256);
     assert_eq!(f.cgpt(Slot::B), (2, 1, 0));
 }
+
+/// A checkpoint made from bytes that are not the payload's (a stale mirror
+/// or a brief man in the middle served them): the slot prefix agrees with
+/// the checkpoint, so resuming looks fine, and the finished slot fails its
+/// hash. That attempt drops the checkpoint; the next one starts over and
+/// succeeds, instead of failing the same way until a new release.
+#[test]
+fn a_poisoned_checkpoint_is_dropped_after_the_attempt_it_spoils() {
+    let (f, r, mut cp) = killed_after_checkpoint();
+    // Rewrite the checkpointed prefix with other bytes and make the
+    // checkpoint agree with them, as if they had been served.
+    let raw_off = cp["raw_offset"].as_u64().expect("raw_offset");
+    let d = nimbus::gpt::Disk::open_path(&f.disk, true).expect("open");
+    let p = d.partition(4).expect("usr-b");
+    let dev = d.into_device();
+    use std::os::unix::fs::FileExt;
+    let stale = vec![0x5au8; 1 << 20];
+    let mut h = nimbus_updater::sha::Sha256::new();
+    let mut off = 0;
+    while off < raw_off {
+        let n = (raw_off - off).min(stale.len() as u64) as usize;
+        dev.write_all_at(&stale[..n], p.offset_bytes() + off)
+            .expect("write");
+        h.update(&stale[..n]);
+        off += n as u64;
+    }
+    dev.sync_all().expect("sync");
+    cp["raw_state"] = serde_json::to_value(h.save()).expect("state");
+    let mut st = f.state();
+    st["checkpoint"] = cp;
+    std::fs::write(
+        f.root.join("var/lib/nimbus/update-engine.json"),
+        serde_json::to_vec(&st).expect("json"),
+    )
+    .expect("write state");
+
+    f.httpd.set_fault(Fault::default());
+    f.httpd.clear_log();
+    let (out, _) = f.once(&[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the spoiled attempt cannot succeed");
+    assert!(err.contains("sha256"), "{err}");
+    assert!(
+        f.state()["checkpoint"].is_null(),
+        "the poisoned checkpoint was kept: {}",
+        f.state()["checkpoint"]
+    );
+    assert_eq!(f.cgpt(Slot::B).0, 0, "a failed slot is not bootable");
+
+    f.httpd.clear_log();
+    let (out, _) = f.once(&[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let gets: Vec<_> = f
+        .httpd
+        .requests()
+        .into_iter()
+        .filter(|l| l.path.ends_with("usr.img.zst"))
+        .collect();
+    assert_eq!(gets.len(), 1);
+    assert_eq!(gets[0].range_start, None, "started over");
+    assert_eq!(f.slot_payload_sha(Slot::B, r.raw_size), r.raw_sha256);
+}
