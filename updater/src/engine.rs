@@ -179,6 +179,8 @@ impl Default for Shared {
 pub struct Options {
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
+    /// Total time allowed for a manifest or signature fetch.
+    pub fetch_deadline: Duration,
 }
 
 impl Default for Options {
@@ -186,6 +188,7 @@ impl Default for Options {
         Options {
             connect_timeout: Duration::from_secs(10),
             read_timeout: Duration::from_secs(30),
+            fetch_deadline: Duration::from_secs(60),
         }
     }
 }
@@ -236,7 +239,7 @@ impl Engine {
                 Some((u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64);
             store.save(&persisted)?;
         }
-        let http = Http::new(opts.connect_timeout, opts.read_timeout)?;
+        let http = Http::new(opts.connect_timeout, opts.read_timeout, opts.fetch_deadline)?;
         let mut e = Engine {
             host,
             cfg,

@@ -16,6 +16,8 @@ pub enum UpdateError {
     Connect { url: String, reason: String },
     #[error("GET {url}: no data for {secs} s, giving up (server stalled)")]
     Stalled { url: String, secs: u64 },
+    #[error("GET {url}: not done after {secs} s, giving up (a small file must arrive within that; server trickling?)")]
+    Deadline { url: String, secs: u64 },
     #[error("GET {url}: server answered HTTP {status}")]
     Http { url: String, status: u16 },
     #[error("channel {channel:?} does not exist on the server (GET {url}: HTTP 404)")]
@@ -113,6 +115,7 @@ impl UpdateError {
             Disabled => "disabled",
             Connect { .. } => "connect",
             Stalled { .. } => "stalled",
+            Deadline { .. } => "deadline",
             Http { .. } => "http-status",
             UnknownChannel { .. } => "unknown-channel",
             SignatureMissing { .. } => "signature-missing",
@@ -149,6 +152,7 @@ impl UpdateError {
             Config { .. } => 2,
             Connect { .. }
             | Stalled { .. }
+            | Deadline { .. }
             | Http { .. }
             | UnknownChannel { .. }
             | PayloadMissing { .. }

@@ -1,6 +1,8 @@
-//! HTTP for the engine: connect and read timeouts rather than one total
-//! deadline (a 1 GiB payload on a slow link is fine as long as bytes keep
-//! coming), bounded bodies for small files, proxies from the environment
+//! HTTP for the engine: connect and read timeouts for the payload rather
+//! than one total deadline (a 1 GiB payload on a slow link is fine as long
+//! as bytes keep coming); small files (manifest, signatures) get a size
+//! cap and a total deadline as well, so a server trickling one byte every
+//! few seconds cannot hold the engine. Proxies come from the environment
 //! (reqwest honours HTTP_PROXY, HTTPS_PROXY, NO_PROXY).
 
 use std::io::Read;
@@ -11,6 +13,7 @@ use crate::error::UpdateError;
 pub struct Http {
     client: reqwest::blocking::Client,
     read_timeout: Duration,
+    small_deadline: Duration,
 }
 
 pub struct Body {
@@ -48,7 +51,11 @@ fn classify(url: &str, e: &reqwest::Error, read_timeout: Duration) -> UpdateErro
 }
 
 impl Http {
-    pub fn new(connect_timeout: Duration, read_timeout: Duration) -> Result<Http, UpdateError> {
+    pub fn new(
+        connect_timeout: Duration,
+        read_timeout: Duration,
+        small_deadline: Duration,
+    ) -> Result<Http, UpdateError> {
         // reqwest's blocking `timeout` bounds the wait for the response head
         // and each body read separately, which is a read timeout, not a
         // deadline on the whole transfer.
@@ -64,6 +71,7 @@ impl Http {
         Ok(Http {
             client,
             read_timeout,
+            small_deadline,
         })
     }
 
@@ -75,11 +83,21 @@ impl Http {
         limit: usize,
         not_found: impl FnOnce() -> UpdateError,
     ) -> Result<Vec<u8>, UpdateError> {
-        let resp = self
-            .client
-            .get(url)
-            .send()
-            .map_err(|e| classify(url, &e, self.read_timeout))?;
+        let t0 = std::time::Instant::now();
+        let deadline = self.small_deadline;
+        let late = || UpdateError::Deadline {
+            url: url.to_string(),
+            secs: deadline.as_secs().max(1),
+        };
+        // A per-request timeout is total in reqwest (head and body); the
+        // elapsed-time check below catches what slips between reads.
+        let resp = self.client.get(url).timeout(deadline).send().map_err(|e| {
+            if e.is_timeout() && t0.elapsed() >= deadline {
+                late()
+            } else {
+                classify(url, &e, self.read_timeout)
+            }
+        })?;
         let status = resp.status();
         if status == reqwest::StatusCode::NOT_FOUND {
             return Err(not_found());
@@ -105,7 +123,14 @@ impl Http {
         };
         let mut buf = [0u8; 16 * 1024];
         loop {
-            let n = body.read_some(&mut buf)?;
+            let n = match body.read_some(&mut buf) {
+                Ok(n) => n,
+                Err(_) if t0.elapsed() >= deadline => return Err(late()),
+                Err(e) => return Err(e),
+            };
+            if t0.elapsed() >= deadline {
+                return Err(late());
+            }
             if n == 0 {
                 break;
             }

@@ -99,6 +99,34 @@ fn parse_value(key: &str, raw: &[u8]) -> Result<Semaphore, LockError> {
     Ok(s)
 }
 
+/// Total time for one etcd call, answer included (reqwest's per-request
+/// timeout is total); the client's own timeout only bounds each wait.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
+/// The semaphore value and etcd's answers are small; a larger answer is
+/// not etcd's, and is not read into memory.
+const MAX_RESPONSE_BYTES: u64 = 1 << 20;
+
+fn read_json(resp: reqwest::blocking::Response, ep: &str) -> Result<Value, LockError> {
+    use std::io::Read;
+    let mut body = Vec::new();
+    resp.take(MAX_RESPONSE_BYTES + 1)
+        .read_to_end(&mut body)
+        .map_err(|e| LockError::Protocol {
+            endpoint: ep.to_string(),
+            reason: format!("reading the answer: {e}"),
+        })?;
+    if body.len() as u64 > MAX_RESPONSE_BYTES {
+        return Err(LockError::Protocol {
+            endpoint: ep.to_string(),
+            reason: format!("answer larger than {MAX_RESPONSE_BYTES} bytes"),
+        });
+    }
+    serde_json::from_slice(&body).map_err(|e| LockError::Protocol {
+        endpoint: ep.to_string(),
+        reason: e.to_string(),
+    })
+}
+
 pub struct LockClient {
     http: reqwest::blocking::Client,
     opts: EtcdOptions,
@@ -180,16 +208,14 @@ impl LockClient {
         let resp = self
             .http
             .post(&url)
+            .timeout(REQUEST_DEADLINE)
             .json(&json!({"name": user, "password": pass}))
             .send()
             .map_err(|e| LockError::Unreachable {
                 endpoints: ep.to_string(),
                 reason: e.to_string(),
             })?;
-        let v: Value = resp.json().map_err(|e| LockError::Protocol {
-            endpoint: ep.to_string(),
-            reason: e.to_string(),
-        })?;
+        let v = read_json(resp, ep)?;
         match v["token"].as_str() {
             Some(t) => {
                 if let Ok(mut g) = self.token.lock() {
@@ -221,7 +247,7 @@ impl LockClient {
                 Err(e) => return Err(e),
             };
             let url = format!("{}{path}", ep.trim_end_matches('/'));
-            let mut req = self.http.post(&url).json(body);
+            let mut req = self.http.post(&url).timeout(REQUEST_DEADLINE).json(body);
             if let Some(t) = token {
                 req = req.header("Authorization", t);
             }
@@ -233,10 +259,7 @@ impl LockClient {
                 }
             };
             let status = resp.status();
-            let v: Value = resp.json().map_err(|e| LockError::Protocol {
-                endpoint: ep.clone(),
-                reason: e.to_string(),
-            })?;
+            let v = read_json(resp, ep)?;
             if !status.is_success() || v.get("error").is_some() {
                 let msg = v["error"]
                     .as_str()
@@ -382,6 +405,43 @@ impl LockClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A loopback server that answers every request with `body_len` bytes.
+    fn huge_answer_server(body_len: usize) -> String {
+        use std::io::{Read, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        std::thread::spawn(move || {
+            for c in l.incoming().take(4) {
+                let Ok(mut c) = c else { return };
+                let mut req = [0u8; 4096];
+                let _ = c.read(&mut req);
+                let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {body_len}\r\n\r\n");
+                let _ = c.write_all(head.as_bytes());
+                let chunk = vec![b' '; 64 * 1024];
+                let mut left = body_len;
+                while left > 0 {
+                    let n = left.min(chunk.len());
+                    if c.write_all(&chunk[..n]).is_err() {
+                        break;
+                    }
+                    left -= n;
+                }
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    #[test]
+    fn an_oversized_etcd_answer_is_refused_not_read() {
+        let c = LockClient::new(EtcdOptions {
+            endpoints: vec![huge_answer_server(64 << 20)],
+            ..EtcdOptions::default()
+        })
+        .expect("client");
+        let e = c.get().expect_err("a 64 MiB answer");
+        assert!(e.to_string().contains("larger than"), "{e}");
+    }
 
     #[test]
     fn values() {

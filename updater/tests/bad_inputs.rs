@@ -80,6 +80,17 @@ const CASES: &[Case] = &[
         },
     },
     Case {
+        name: "manifest trickles a byte a second",
+        kind: "deadline",
+        setup: |f| {
+            f.httpd.set_fault(Fault {
+                suffix: "stable.json".into(),
+                trickle_ms: Some(1000),
+                ..Fault::default()
+            })
+        },
+    },
+    Case {
         name: "payload truncated on the server",
         kind: "payload-truncated",
         setup: |f| {

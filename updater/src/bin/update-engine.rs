@@ -49,6 +49,10 @@ struct Cli {
     read_timeout: u64,
     #[arg(long, default_value_t = 10, global = true)]
     connect_timeout: u64,
+    /// Give up on a manifest or signature file not complete after this
+    /// many seconds, however slowly bytes keep coming.
+    #[arg(long, default_value_t = 60, global = true)]
+    fetch_deadline: u64,
     /// Run this instead of `systemctl reboot` when policy allows a reboot.
     /// Host mode never reboots without it, and exits after it succeeds
     /// (the host "went down").
@@ -102,6 +106,7 @@ fn run(cli: Cli) -> Result<ExitCode, UpdateError> {
     let opts = Options {
         connect_timeout: Duration::from_secs(cli.connect_timeout),
         read_timeout: Duration::from_secs(cli.read_timeout),
+        fetch_deadline: Duration::from_secs(cli.fetch_deadline.max(1)),
     };
     let shared = Arc::new(Shared::new());
     let mut engine = Engine::new(host, &opts, shared.clone())?;

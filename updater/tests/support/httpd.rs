@@ -26,6 +26,9 @@ pub struct Fault {
     pub throttle: Option<u64>,
     /// Answer 200 with the whole file even when a Range was asked.
     pub ignore_range: bool,
+    /// Send the body one byte at a time, this many ms apart (a server
+    /// that never stalls long enough for a read timeout).
+    pub trickle_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -176,7 +179,14 @@ impl Httpd {
         };
         let t0 = Instant::now();
         let mut sent = 0u64;
-        for chunk in body.chunks(64 * 1024) {
+        let chunk_size = match (applies, fault.trickle_ms) {
+            (true, Some(_)) => 1,
+            _ => 64 * 1024,
+        };
+        for chunk in body.chunks(chunk_size) {
+            if let (true, Some(ms)) = (applies, fault.trickle_ms) {
+                std::thread::sleep(Duration::from_millis(ms));
+            }
             let n = (chunk.len() as u64).min(limit - sent) as usize;
             if n > 0 && conn.write_all(&chunk[..n]).is_err() {
                 break;

@@ -252,6 +252,8 @@ impl Fixture {
                 "2",
                 "--connect-timeout",
                 "2",
+                "--fetch-deadline",
+                "5",
             ])
             .args(extra)
             .output()
