@@ -2,8 +2,11 @@
 //! rename it over the target, fsync the directory. After a power cut the file
 //! holds either the old or the new bytes, never a mix.
 
+use std::ffi::{CString, OsStr, OsString};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
@@ -121,63 +124,136 @@ pub fn write_atomic_owned(
     mode: u32,
     owner: Option<(u32, u32)>,
 ) -> Result<(), DurableError> {
-    use std::os::unix::fs::PermissionsExt;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
+    let (dir, dir_path, name) = open_parent(path)?;
+    write_atomic_at(dir.as_fd(), &dir_path, &name, data, mode, owner)
+}
+
+/// The directory holding `path` (opened, following symlinks: for paths the
+/// caller controls) and the last component.
+fn open_parent(path: &Path) -> Result<(File, PathBuf, OsString), DurableError> {
+    let dir_path = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
     };
-    let name = path
-        .file_name()
-        .ok_or_else(|| DurableError {
-            path: path.to_path_buf(),
-            op: "name",
-            source: io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"),
-        })?
-        .to_string_lossy();
-    let tmp = temp_name(dir, &name);
+    let name = path.file_name().ok_or_else(|| DurableError {
+        path: path.to_path_buf(),
+        op: "name",
+        source: io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"),
+    })?;
+    let dir = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY)
+        .open(&dir_path)
+        .map_err(err(path, "open directory"))?;
+    Ok((dir, dir_path, name.to_os_string()))
+}
+
+fn cstr(p: &Path, name: &OsStr) -> Result<CString, DurableError> {
+    CString::new(name.as_bytes()).map_err(|_| DurableError {
+        path: p.join(name),
+        op: "name",
+        source: io::Error::new(io::ErrorKind::InvalidInput, "NUL in a file name"),
+    })
+}
+
+fn last_err(path: PathBuf, op: &'static str) -> DurableError {
+    DurableError {
+        path,
+        op,
+        source: io::Error::last_os_error(),
+    }
+}
+
+/// [`write_atomic_owned`] of `name` in the directory `dir` (whose path,
+/// `dir_path`, is for messages and the trace): the temp file is created
+/// relative to the open directory with O_EXCL|O_NOFOLLOW and an
+/// unpredictable name, owner and mode are set on its descriptor, and it is
+/// renamed within the same directory. Nothing on the way is resolved by
+/// path again, so a directory a user can write cannot redirect the write
+/// with a symlink, before or during it.
+pub fn write_atomic_at(
+    dir: BorrowedFd<'_>,
+    dir_path: &Path,
+    name: &OsStr,
+    data: &[u8],
+    mode: u32,
+    owner: Option<(u32, u32)>,
+) -> Result<(), DurableError> {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp_path = temp_name(dir_path, &name.to_string_lossy());
+    let tmp_name = tmp_path.file_name().unwrap_or_default().to_os_string();
+    let c_tmp = cstr(dir_path, &tmp_name)?;
+    let c_name = cstr(dir_path, name)?;
+    let target = dir_path.join(name);
+    // SAFETY: openat with a valid directory fd and NUL-terminated name.
+    let fd = unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            c_tmp.as_ptr(),
+            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            mode as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(last_err(tmp_path, "create"));
+    }
+    // SAFETY: fd was just returned by openat and is owned here only.
+    let mut f = unsafe { File::from_raw_fd(fd) };
     let result = (|| {
-        // O_EXCL and O_NOFOLLOW: in a directory someone else can write, a
-        // name planted in advance (file or symlink) is never opened.
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .mode(mode)
-            .open(&tmp)
-            .map_err(err(&tmp, "create"))?;
-        f.write_all(data).map_err(err(&tmp, "write"))?;
+        f.write_all(data).map_err(err(&tmp_path, "write"))?;
         if let Some((uid, gid)) = owner {
-            std::os::unix::fs::fchown(&f, Some(uid), Some(gid)).map_err(err(&tmp, "chown"))?;
+            std::os::unix::fs::fchown(&f, Some(uid), Some(gid)).map_err(err(&tmp_path, "chown"))?;
         }
         // After chown: chown clears setuid/setgid bits.
         f.set_permissions(fs::Permissions::from_mode(mode))
-            .map_err(err(&tmp, "chmod"))?;
+            .map_err(err(&tmp_path, "chmod"))?;
         emit(|| FsEvent::Write {
-            path: tmp.clone(),
+            path: tmp_path.clone(),
             data: data.to_vec(),
         });
-        f.sync_all().map_err(err(&tmp, "fsync"))?;
-        emit(|| FsEvent::SyncFile { path: tmp.clone() });
-        fs::rename(&tmp, path).map_err(err(path, "rename"))?;
-        emit(|| FsEvent::Rename {
-            from: tmp.clone(),
-            to: path.to_path_buf(),
+        f.sync_all().map_err(err(&tmp_path, "fsync"))?;
+        emit(|| FsEvent::SyncFile {
+            path: tmp_path.clone(),
         });
-        sync_dir(dir)
+        // SAFETY: both names are NUL-terminated; both fds are the directory.
+        let rc = unsafe {
+            libc::renameat(
+                dir.as_raw_fd(),
+                c_tmp.as_ptr(),
+                dir.as_raw_fd(),
+                c_name.as_ptr(),
+            )
+        };
+        if rc != 0 {
+            return Err(last_err(target.clone(), "rename"));
+        }
+        emit(|| FsEvent::Rename {
+            from: tmp_path.clone(),
+            to: target.clone(),
+        });
+        sync_dir_fd(dir, dir_path)
     })();
     if result.is_err() {
-        let _ = fs::remove_file(&tmp);
+        // SAFETY: as above; a failed unlink leaves only a stray temp file.
+        unsafe { libc::unlinkat(dir.as_raw_fd(), c_tmp.as_ptr(), 0) };
     }
     result
 }
 
 /// Make a rename or create in `dir` durable.
 pub fn sync_dir(dir: &Path) -> Result<(), DurableError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(err(dir, "fsync directory"))?;
+    let d = File::open(dir).map_err(err(dir, "open directory"))?;
+    sync_dir_fd(d.as_fd(), dir)
+}
+
+/// [`sync_dir`] on an open directory.
+pub fn sync_dir_fd(dir: BorrowedFd<'_>, dir_path: &Path) -> Result<(), DurableError> {
+    // SAFETY: fsync on a borrowed, open descriptor.
+    if unsafe { libc::fsync(dir.as_raw_fd()) } != 0 {
+        return Err(last_err(dir_path.to_path_buf(), "fsync directory"));
+    }
     emit(|| FsEvent::SyncDir {
-        dir: dir.to_path_buf(),
+        dir: dir_path.to_path_buf(),
     });
     Ok(())
 }
@@ -185,30 +261,56 @@ pub fn sync_dir(dir: &Path) -> Result<(), DurableError> {
 /// Replace `path` with a symlink to `target`: link beside it, rename over,
 /// fsync the directory.
 pub fn symlink_atomic(target: &Path, path: &Path) -> Result<(), DurableError> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "link".into());
-    let tmp = temp_name(dir, &name);
-    // symlink(2) never follows or replaces an existing name: it is O_EXCL.
-    std::os::unix::fs::symlink(target, &tmp).map_err(err(&tmp, "symlink"))?;
+    let (dir, dir_path, name) = open_parent(path)?;
+    symlink_atomic_at(dir.as_fd(), &dir_path, &name, target)
+}
+
+/// [`symlink_atomic`] of `name` in the open directory `dir`.
+pub fn symlink_atomic_at(
+    dir: BorrowedFd<'_>,
+    dir_path: &Path,
+    name: &OsStr,
+    target: &Path,
+) -> Result<(), DurableError> {
+    let tmp_path = temp_name(dir_path, &name.to_string_lossy());
+    let tmp_name = tmp_path.file_name().unwrap_or_default().to_os_string();
+    let c_tmp = cstr(dir_path, &tmp_name)?;
+    let c_name = cstr(dir_path, name)?;
+    let c_target = CString::new(target.as_os_str().as_bytes()).map_err(|_| DurableError {
+        path: dir_path.join(name),
+        op: "symlink",
+        source: io::Error::new(io::ErrorKind::InvalidInput, "NUL in the link target"),
+    })?;
+    let path = dir_path.join(name);
+    // symlinkat never follows or replaces an existing name: it is O_EXCL.
+    // SAFETY: NUL-terminated strings and a valid directory fd.
+    if unsafe { libc::symlinkat(c_target.as_ptr(), dir.as_raw_fd(), c_tmp.as_ptr()) } != 0 {
+        return Err(last_err(tmp_path, "symlink"));
+    }
     emit(|| FsEvent::Symlink {
-        path: tmp.clone(),
+        path: tmp_path.clone(),
         target: target.to_path_buf(),
     });
-    if let Err(e) = fs::rename(&tmp, path) {
-        let _ = fs::remove_file(&tmp);
-        return Err(err(path, "rename")(e));
+    // SAFETY: as above.
+    if unsafe {
+        libc::renameat(
+            dir.as_raw_fd(),
+            c_tmp.as_ptr(),
+            dir.as_raw_fd(),
+            c_name.as_ptr(),
+        )
+    } != 0
+    {
+        let e = last_err(path, "rename");
+        // SAFETY: as above.
+        unsafe { libc::unlinkat(dir.as_raw_fd(), c_tmp.as_ptr(), 0) };
+        return Err(e);
     }
     emit(|| FsEvent::Rename {
-        from: tmp.clone(),
-        to: path.to_path_buf(),
+        from: tmp_path.clone(),
+        to: path,
     });
-    sync_dir(dir)
+    sync_dir_fd(dir, dir_path)
 }
 
 #[cfg(test)]
