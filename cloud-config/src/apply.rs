@@ -1,14 +1,20 @@
 //! Apply a checked [`CloudConfig`] to a root directory.
 //!
-//! Every path is resolved inside the root with chroot semantics (absolute
-//! symlink targets are re-rooted, `..` may not climb out), so a hostile or
-//! careless symlink cannot make us write outside it. Every write is atomic
+//! Every path is walked inside the root by directory descriptors with
+//! chroot semantics (absolute symlink targets are re-rooted, `..` may not
+//! climb out), so a hostile or careless symlink cannot make us write
+//! outside it; and symlinks are followed only in directories only root can
+//! write, so a user cannot point a path we write, chown or read as root at
+//! anything of root's (see [`Root::walk`]). Every write is atomic
 //! and skipped when the file already has the wanted bytes, mode and owner:
 //! applying the same file twice changes nothing the second time.
 
 use std::collections::BTreeMap;
+use std::ffi::{CString, OsStr, OsString};
 use std::fs;
-use std::io;
+use std::io::{self, Read};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
@@ -31,6 +37,12 @@ pub enum ApplyError {
     },
     #[error("{path}: too many levels of symbolic links")]
     Loop { path: String },
+    #[error("{path}: not following symlink {link} (owned by uid {uid}, or in a directory others can write); refusing")]
+    Untrusted {
+        path: String,
+        link: PathBuf,
+        uid: u32,
+    },
     #[error("{path}: {component} is not a directory")]
     NotADirectory { path: String, component: PathBuf },
     #[error(transparent)]
@@ -95,14 +107,109 @@ impl CommandRunner for SystemCommands {
 
 pub struct Root {
     root: PathBuf,
+    fd: OwnedFd,
     pub report: Report,
+}
+
+/// An open directory inside the root and its host path (for messages and
+/// the power-cut trace; never used to reach it again).
+struct Dir {
+    fd: OwnedFd,
+    path: PathBuf,
+}
+
+fn openat(dir: BorrowedFd<'_>, name: &OsStr, flags: libc::c_int, mode: u32) -> io::Result<OwnedFd> {
+    let c = CString::new(name.as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in a path"))?;
+    // SAFETY: a valid directory fd and a NUL-terminated name; the returned
+    // fd is owned by the OwnedFd.
+    let fd = unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            c.as_ptr(),
+            flags | libc::O_CLOEXEC,
+            mode as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// lstat relative to a directory.
+fn lstatat(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<libc::stat> {
+    let c = CString::new(name.as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in a path"))?;
+    // SAFETY: zeroed stat is a valid out-parameter for fstatat.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: valid fd, NUL-terminated name, st outlives the call.
+    let rc = unsafe {
+        libc::fstatat(
+            dir.as_raw_fd(),
+            c.as_ptr(),
+            &mut st,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st)
+}
+
+fn fstat(fd: BorrowedFd<'_>) -> io::Result<libc::stat> {
+    // SAFETY: as in lstatat.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: valid fd, st outlives the call.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st)
+}
+
+fn readlinkat(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<PathBuf> {
+    let c = CString::new(name.as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in a path"))?;
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: buf is writable for its length.
+    let n = unsafe {
+        libc::readlinkat(
+            dir.as_raw_fd(),
+            c.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    buf.truncate(n as usize);
+    Ok(PathBuf::from(OsString::from_vec(buf)))
+}
+
+/// Only root can have put anything in this directory: owned by root and
+/// writable by nobody else. Symlinks are followed only in such directories;
+/// in a directory a user can write (a home, `~/.ssh`), a symlink is never
+/// followed, read through, chowned or chmodded.
+fn root_only(dir: BorrowedFd<'_>) -> bool {
+    fstat(dir).is_ok_and(|st| st.st_uid == 0 && st.st_mode & 0o022 == 0)
+}
+
+fn is_type(st: &libc::stat, t: libc::mode_t) -> bool {
+    st.st_mode & libc::S_IFMT == t
 }
 
 impl Root {
     pub fn new(root: &Path) -> Result<Root, ApplyError> {
         let root = fs::canonicalize(root).map_err(io_err(root))?;
+        let fd = fs::File::open(&root)
+            .map(OwnedFd::from)
+            .map_err(io_err(&root))?;
         Ok(Root {
             root,
+            fd,
             report: Report::default(),
         })
     }
@@ -111,88 +218,170 @@ impl Root {
         &self.root
     }
 
-    /// Map an absolute in-root path to a host path, resolving symlinks in the
-    /// parent directories inside the root. The last component is not
-    /// followed: writes replace it.
-    pub fn resolve(&self, path: &str) -> Result<PathBuf, ApplyError> {
-        let mut todo: Vec<PathBuf> = Path::new(path)
+    /// Walk an absolute in-root path by directory descriptors, with chroot
+    /// semantics (an absolute symlink target starts again at the root, `..`
+    /// never climbs out of it). Returns the directory holding the last
+    /// component, and that component. With `follow_last`, a symlink there
+    /// is resolved too (under the same rules). With `create`, missing
+    /// directories are made (root-owned, 0755).
+    ///
+    /// A symlink is followed only when it sits in a directory only root can
+    /// write (`root_only`): a user who owns a directory on the way cannot
+    /// point it anywhere, and nothing is looked up by path twice, so it
+    /// cannot be swapped under us either.
+    fn walk(
+        &self,
+        path: &str,
+        create: bool,
+        follow_last: bool,
+    ) -> Result<(Dir, OsString), ApplyError> {
+        let mut todo: Vec<OsString> = Path::new(path)
             .components()
             .filter_map(|c| match c {
-                Component::Normal(s) => Some(PathBuf::from(s)),
-                Component::ParentDir => Some(PathBuf::from("..")),
+                Component::Normal(s) => Some(s.to_os_string()),
+                Component::ParentDir => Some(OsString::from("..")),
                 _ => None,
             })
             .rev()
             .collect();
-        let Some(last) = todo.first().cloned() else {
-            return Ok(self.root.clone());
-        };
-        if last == Path::new("..") {
+        if todo.first().is_none_or(|l| l == "..") {
             return Err(ApplyError::Invalid {
                 what: path.into(),
-                reason: "ends in `..`".into(),
+                reason: "names no file (empty or ends in `..`)".into(),
             });
         }
-        todo.remove(0);
-        let mut done: Vec<PathBuf> = Vec::new();
+        let dup = |fd: &OwnedFd| fd.try_clone().map_err(io_err(&self.root));
+        let mut stack: Vec<Dir> = vec![Dir {
+            fd: dup(&self.fd)?,
+            path: self.root.clone(),
+        }];
         let mut hops = 0;
         let mut last_link: Option<PathBuf> = None;
         while let Some(c) = todo.pop() {
-            if c == Path::new("..") {
-                if done.pop().is_none() {
+            let Some(cur) = stack.last() else {
+                return Err(ApplyError::Invalid {
+                    what: path.into(),
+                    reason: "internal: empty directory stack".into(),
+                });
+            };
+            if c == ".." {
+                if stack.len() == 1 {
                     return Err(ApplyError::Escapes {
                         path: path.into(),
                         root: self.root.clone(),
                         link: last_link.unwrap_or_else(|| PathBuf::from("..")),
                     });
                 }
+                stack.pop();
                 continue;
             }
-            let here: PathBuf = self.root.join(done.iter().collect::<PathBuf>()).join(&c);
-            match fs::symlink_metadata(&here) {
-                Ok(m) if m.file_type().is_symlink() => {
-                    hops += 1;
-                    if hops > 40 {
-                        return Err(ApplyError::Loop { path: path.into() });
-                    }
-                    let target = fs::read_link(&here).map_err(io_err(&here))?;
-                    // chroot semantics: an absolute target starts again at
-                    // the root; a relative one continues from the link's dir.
-                    if target.is_absolute() {
-                        done.clear();
-                    }
-                    for tc in target.components().rev() {
-                        match tc {
-                            Component::Normal(s) => todo.push(PathBuf::from(s)),
-                            Component::ParentDir => todo.push(PathBuf::from("..")),
-                            _ => {}
-                        }
-                    }
-                    last_link = Some(here);
+            let here = cur.path.join(&c);
+            let is_last = todo.is_empty();
+            let st = match lstatat(cur.fd.as_fd(), &c) {
+                Ok(st) => Some(st),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+                Err(e) => return Err(io_err(&here)(e)),
+            };
+            if let Some(st) = st.filter(|st| is_type(st, libc::S_IFLNK)) {
+                if is_last && !follow_last {
+                    return Ok((stack.pop().unwrap_or_else(|| unreachable!()), c));
                 }
-                Ok(m) if !m.is_dir() => {
+                if !root_only(cur.fd.as_fd()) || st.st_uid != 0 {
+                    return Err(ApplyError::Untrusted {
+                        path: path.into(),
+                        link: here,
+                        uid: st.st_uid,
+                    });
+                }
+                hops += 1;
+                if hops > 40 {
+                    return Err(ApplyError::Loop { path: path.into() });
+                }
+                let target = readlinkat(cur.fd.as_fd(), &c).map_err(io_err(&here))?;
+                if target.is_absolute() {
+                    stack.truncate(1);
+                }
+                let before = todo.len();
+                for tc in target.components().rev() {
+                    match tc {
+                        Component::Normal(s) => todo.push(s.to_os_string()),
+                        Component::ParentDir => todo.push(OsString::from("..")),
+                        _ => {}
+                    }
+                }
+                if is_last && todo.len() == before {
+                    return Err(ApplyError::Invalid {
+                        what: path.into(),
+                        reason: format!("symlink {} names no file", here.display()),
+                    });
+                }
+                last_link = Some(here);
+                continue;
+            }
+            if is_last {
+                return Ok((stack.pop().unwrap_or_else(|| unreachable!()), c));
+            }
+            match st {
+                Some(st) if !is_type(&st, libc::S_IFDIR) => {
                     return Err(ApplyError::NotADirectory {
                         path: path.into(),
                         component: here,
                     })
                 }
-                _ => done.push(c),
+                None if create => {
+                    let cn = CString::new(c.as_bytes()).map_err(|_| ApplyError::Invalid {
+                        what: path.into(),
+                        reason: "NUL in a path".into(),
+                    })?;
+                    // SAFETY: valid fd and NUL-terminated name.
+                    if unsafe { libc::mkdirat(cur.fd.as_fd().as_raw_fd(), cn.as_ptr(), 0o755) } != 0
+                    {
+                        let e = io::Error::last_os_error();
+                        if e.kind() != io::ErrorKind::AlreadyExists {
+                            return Err(io_err(&here)(e));
+                        }
+                    }
+                }
+                None => {
+                    return Err(io_err(&here)(io::Error::from(io::ErrorKind::NotFound)));
+                }
+                Some(_) => {}
             }
+            // O_NOFOLLOW: if it became a symlink since the lstat, this fails.
+            let fd = openat(
+                cur.fd.as_fd(),
+                &c,
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+                0,
+            )
+            .map_err(io_err(&here))?;
+            stack.push(Dir { fd, path: here });
         }
-        let mut out = self.root.clone();
-        for d in done {
-            out.push(d);
-        }
-        out.push(last);
-        Ok(out)
+        Err(ApplyError::Invalid {
+            what: path.into(),
+            reason: "names no file".into(),
+        })
     }
 
-    fn mkdirs(&mut self, host_dir: &Path) -> Result<(), ApplyError> {
-        if host_dir.is_dir() {
-            return Ok(());
-        }
-        fs::create_dir_all(host_dir).map_err(io_err(host_dir))?;
-        Ok(())
+    /// The host path `path` resolves to (for messages and for tests).
+    pub fn resolve(&self, path: &str) -> Result<PathBuf, ApplyError> {
+        let (dir, name) = self.walk(path, false, false)?;
+        Ok(dir.path.join(name))
+    }
+
+    /// Open the regular file `path` for reading, never through a symlink
+    /// at its end unless root alone could have made it.
+    fn open_file(&self, path: &str) -> Option<(fs::File, libc::stat)> {
+        let (dir, name) = self.walk(path, false, true).ok()?;
+        let fd = openat(
+            dir.fd.as_fd(),
+            &name,
+            libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK,
+            0,
+        )
+        .ok()?;
+        let st = fstat(fd.as_fd()).ok()?;
+        is_type(&st, libc::S_IFREG).then(|| (fs::File::from(fd), st))
     }
 
     /// Write `data` at in-root `path` unless it is already there exactly.
@@ -203,28 +392,36 @@ impl Root {
         mode: u32,
         owner: Option<(u32, u32)>,
     ) -> Result<(), ApplyError> {
-        let host = self.resolve(path)?;
-        if let Ok(m) = fs::symlink_metadata(&host) {
-            let same_owner = owner.is_none_or(|(u, g)| m.uid() == u && m.gid() == g);
-            if m.is_file()
-                && m.permissions().mode() & 0o7777 == mode
-                && same_owner
-                && fs::read(&host).ok().as_deref() == Some(data)
-            {
-                self.report.unchanged += 1;
-                return Ok(());
-            }
-            if m.is_dir() {
+        let (dir, name) = self.walk(path, true, false)?;
+        if let Ok(st) = lstatat(dir.fd.as_fd(), &name) {
+            if is_type(&st, libc::S_IFDIR) {
                 return Err(ApplyError::Invalid {
                     what: path.into(),
                     reason: "is a directory".into(),
                 });
             }
+            let same_owner = owner.is_none_or(|(u, g)| st.st_uid == u && st.st_gid == g);
+            if is_type(&st, libc::S_IFREG) && st.st_mode & 0o7777 == mode && same_owner {
+                let same = openat(
+                    dir.fd.as_fd(),
+                    &name,
+                    libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK,
+                    0,
+                )
+                .ok()
+                .map(fs::File::from)
+                .and_then(|mut f| {
+                    let mut b = Vec::new();
+                    f.read_to_end(&mut b).ok().map(|_| b)
+                })
+                .is_some_and(|b| b == data);
+                if same {
+                    self.report.unchanged += 1;
+                    return Ok(());
+                }
+            }
         }
-        if let Some(parent) = host.parent() {
-            self.mkdirs(parent)?;
-        }
-        durable::write_atomic_owned(&host, data, mode, owner)?;
+        durable::write_atomic_at(dir.fd.as_fd(), &dir.path, &name, data, mode, owner)?;
         self.report.changed.push(path.to_string());
         Ok(())
     }
@@ -232,40 +429,115 @@ impl Root {
     /// Make in-root `path` a symlink to `target` (a path as seen by the host
     /// system once booted).
     pub fn symlink(&mut self, path: &str, target: &str) -> Result<(), ApplyError> {
-        let host = self.resolve(path)?;
-        if fs::read_link(&host).ok().as_deref() == Some(Path::new(target)) {
+        let (dir, name) = self.walk(path, true, false)?;
+        if readlinkat(dir.fd.as_fd(), &name).ok().as_deref() == Some(Path::new(target)) {
             self.report.unchanged += 1;
             return Ok(());
         }
-        if let Some(parent) = host.parent() {
-            self.mkdirs(parent)?;
-        }
-        durable::symlink_atomic(Path::new(target), &host)?;
+        durable::symlink_atomic_at(dir.fd.as_fd(), &dir.path, &name, Path::new(target))?;
         self.report.changed.push(path.to_string());
         Ok(())
     }
 
     pub fn read(&self, path: &str) -> Option<String> {
-        fs::read_to_string(self.resolve(path).ok()?).ok()
+        let (mut f, _) = self.open_file(path)?;
+        let mut s = String::new();
+        f.read_to_string(&mut s).ok()?;
+        Some(s)
     }
 
+    /// Mode bits of the regular file at `path`, if there is one.
+    fn file_mode(&self, path: &str) -> Option<u32> {
+        self.open_file(path).map(|(_, st)| st.st_mode & 0o7777)
+    }
+
+    /// Create directory `path` (or take the existing one) with `mode` and
+    /// `owner`, set on its descriptor. A symlink in its place is refused:
+    /// `core` pointing `~/.ssh` at /root/.ssh must not get it handed over.
     fn mkdir_owned(&mut self, path: &str, mode: u32, owner: (u32, u32)) -> Result<(), ApplyError> {
-        let host = self.resolve(path)?;
-        if !host.is_dir() {
-            if let Some(parent) = host.parent() {
-                self.mkdirs(parent)?;
-            }
-            fs::create_dir(&host).map_err(io_err(&host))?;
+        let (dir, name) = self.walk(path, true, false)?;
+        let here = dir.path.join(&name);
+        let cn = CString::new(name.as_bytes()).map_err(|_| ApplyError::Invalid {
+            what: path.into(),
+            reason: "NUL in a path".into(),
+        })?;
+        // SAFETY: valid fd and NUL-terminated name.
+        if unsafe { libc::mkdirat(dir.fd.as_fd().as_raw_fd(), cn.as_ptr(), mode) } == 0 {
             self.report.changed.push(format!("{path}/"));
+        } else {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::AlreadyExists {
+                return Err(io_err(&here)(e));
+            }
         }
-        let m = fs::metadata(&host).map_err(io_err(&host))?;
+        let fd = openat(
+            dir.fd.as_fd(),
+            &name,
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+            0,
+        )
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) | Some(libc::ENOTDIR) => ApplyError::Invalid {
+                what: here.display().to_string(),
+                reason: "is not a directory (a symlink?); refusing to take it over".into(),
+            },
+            _ => io_err(&here)(e),
+        })?;
+        let f = fs::File::from(fd);
+        let m = f.metadata().map_err(io_err(&here))?;
         if (m.uid(), m.gid()) != owner {
-            std::os::unix::fs::chown(&host, Some(owner.0), Some(owner.1)).map_err(io_err(&host))?;
+            std::os::unix::fs::fchown(&f, Some(owner.0), Some(owner.1)).map_err(io_err(&here))?;
         }
         if m.permissions().mode() & 0o7777 != mode {
-            fs::set_permissions(&host, fs::Permissions::from_mode(mode)).map_err(io_err(&host))?;
+            f.set_permissions(fs::Permissions::from_mode(mode))
+                .map_err(io_err(&here))?;
         }
         Ok(())
+    }
+
+    /// The regular files in directory `path` (name, text), hidden ones
+    /// skipped; symlinks and anything else are never opened.
+    fn read_dir_files(&self, path: &str) -> Result<Vec<(String, String)>, ApplyError> {
+        let (dir, name) = self.walk(path, false, false)?;
+        let here = dir.path.join(&name);
+        let fd = openat(
+            dir.fd.as_fd(),
+            &name,
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+            0,
+        )
+        .map_err(io_err(&here))?;
+        // Listing through /proc/self/fd keeps to this very directory.
+        let listing =
+            fs::read_dir(format!("/proc/self/fd/{}", fd.as_raw_fd())).map_err(io_err(&here))?;
+        let mut out = Vec::new();
+        for e in listing.flatten() {
+            let n = e.file_name();
+            if n.as_bytes().starts_with(b".") {
+                continue;
+            }
+            let Ok(f) = openat(
+                fd.as_fd(),
+                &n,
+                libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK,
+                0,
+            ) else {
+                continue;
+            };
+            if !fstat(f.as_fd()).is_ok_and(|st| is_type(&st, libc::S_IFREG)) {
+                continue;
+            }
+            let mut text = String::new();
+            if fs::File::from(f)
+                .take(crate::yaml::MAX_BYTES as u64)
+                .read_to_string(&mut text)
+                .is_ok()
+            {
+                out.push((n.to_string_lossy().into_owned(), text));
+            }
+        }
+        out.sort();
+        Ok(out)
     }
 }
 
@@ -474,28 +746,6 @@ fn days_since_epoch() -> u64 {
     secs / 86400
 }
 
-/// Read a regular file without following a symlink at its last component:
-/// these live in directories the user owns, and root must not read through
-/// a link the user planted there.
-fn read_user_file(p: &Path) -> Option<String> {
-    use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(p)
-        .ok()?;
-    if !f.metadata().ok()?.is_file() {
-        return None;
-    }
-    let mut s = String::new();
-    f.by_ref()
-        .take(crate::yaml::MAX_BYTES as u64)
-        .read_to_string(&mut s)
-        .ok()?;
-    Some(s)
-}
-
 fn key_lines(text: &str) -> impl Iterator<Item = &str> {
     text.lines()
         .map(str::trim)
@@ -604,23 +854,13 @@ fn write_ssh_keys(
         0o600,
         Some(owner),
     )?;
-    let dir = root.resolve(&d)?;
-    let mut sources: Vec<(String, String)> = Vec::new();
-    for e in fs::read_dir(&dir).map_err(io_err(&dir))?.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if name.starts_with('.') {
-            continue;
-        }
-        // Regular files only; a symlink is skipped, never read through.
-        if let Some(text) = read_user_file(&e.path()) {
-            sources.push((name, text));
-        }
-    }
-    sources.sort();
+    // Regular files only: a symlink the user put there is skipped, never
+    // read through (it could name a root-only file).
+    let sources = root.read_dir_files(&d)?;
     let ak = format!("{home}/.ssh/authorized_keys");
-    let current = read_user_file(&root.resolve(&ak)?);
-    let last = read_user_file(&dir.join(".generated"));
-    let removed_before = read_user_file(&dir.join(".removed")).unwrap_or_default();
+    let current = root.read(&ak);
+    let last = root.read(&format!("{d}/.generated"));
+    let removed_before = root.read(&format!("{d}/.removed")).unwrap_or_default();
     let m = merge_keys(
         &sources,
         current.as_deref(),
@@ -891,11 +1131,8 @@ fn apply_update_conf(root: &mut Root, cfg: &CloudConfig) -> Result<(), ApplyErro
     // Keep the mode of the file replaced (0600 when it holds a password);
     // a new file holding a credential is 0600.
     let mode = root
-        .resolve(&path)
-        .ok()
-        .and_then(|h| fs::symlink_metadata(h).ok())
-        .filter(|m| m.is_file())
-        .map_or_else(|| conf.new_file_mode(), |m| m.permissions().mode() & 0o7777);
+        .file_mode(&path)
+        .unwrap_or_else(|| conf.new_file_mode());
     root.write(&path, conf.render().as_bytes(), mode, Some((0, 0)))
 }
 

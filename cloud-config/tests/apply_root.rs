@@ -549,3 +549,75 @@ fn update_conf_keeps_its_mode() {
         0o600
     );
 }
+
+/// The local privilege escalation class: root applying user-data must not
+/// follow, chown through or read through a symlink a user planted in a
+/// directory the user owns.
+#[test]
+fn symlinks_planted_by_a_user_are_never_followed() {
+    use std::os::unix::fs::{lchown, MetadataExt, PermissionsExt};
+    let d = base_root();
+    let r = d.path();
+    let doc = "#cloud-config\nssh_authorized_keys:\n  - ssh-ed25519 AAAA core@laptop\n";
+    let o = apply(r, doc);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let home = r.join("home/core");
+    let uid = fs::metadata(&home).unwrap().uid();
+    assert_ne!(uid, 0);
+    // Root-only things the user must not get.
+    fs::create_dir_all(r.join("root/.ssh")).unwrap();
+    fs::set_permissions(r.join("root/.ssh"), fs::Permissions::from_mode(0o700)).unwrap();
+    let shadow_before = fs::read(r.join("etc/shadow")).unwrap();
+    let plant = |link: &Path, target: &str| {
+        let _ = fs::remove_file(link);
+        let _ = fs::remove_dir_all(link);
+        std::os::unix::fs::symlink(target, link).unwrap();
+        lchown(link, Some(uid), Some(uid)).unwrap();
+    };
+
+    // 1. ~/.ssh pointed at root's: refused, root's directory not handed over.
+    plant(&home.join(".ssh"), "/root/.ssh");
+    let o = apply(r, doc);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("refusing"), "{err}");
+    let m = fs::metadata(r.join("root/.ssh")).unwrap();
+    assert_eq!(
+        (m.uid(), m.mode() & 0o777),
+        (0, 0o700),
+        "root's .ssh was taken over"
+    );
+    assert_eq!(fs::read_dir(r.join("root/.ssh")).unwrap().count(), 0);
+
+    // 2. A key file linked to /etc/shadow, and authorized_keys itself linked
+    //    to it: never read into the user's file, shadow untouched.
+    fs::remove_file(home.join(".ssh")).unwrap();
+    let o = apply(r, doc);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    plant(&home.join(".ssh/authorized_keys.d/stolen"), "/etc/shadow");
+    plant(&home.join(".ssh/authorized_keys"), "/etc/shadow");
+    let o = apply(r, doc);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ak = home.join(".ssh/authorized_keys");
+    assert!(!fs::symlink_metadata(&ak).unwrap().file_type().is_symlink());
+    let text = fs::read_to_string(&ak).unwrap();
+    assert!(
+        !text.contains("root:"),
+        "shadow read into authorized_keys: {text}"
+    );
+    assert!(text.contains("core@laptop"), "{text}");
+    assert_eq!(fs::read(r.join("etc/shadow")).unwrap(), shadow_before);
+    assert_eq!(fs::metadata(r.join("etc/shadow")).unwrap().uid(), 0);
+
+    // 3. A directory on a write_files path, owned by the user, linked to /etc.
+    plant(&home.join("notes"), "/etc");
+    let o = apply(
+        r,
+        "#cloud-config\nwrite_files:\n  - path: /home/core/notes/sudoers.d-evil\n    content: x\n",
+    );
+    assert!(!o.status.success());
+    assert!(
+        !r.join("etc/sudoers.d-evil").exists(),
+        "wrote through the user's symlink"
+    );
+}
