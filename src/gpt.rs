@@ -817,8 +817,61 @@ impl<D: BlockDevice> Disk<D> {
     }
 }
 
+/// Take the exclusive BSD lock on an open disk, waiting up to `wait`. The
+/// lock lasts as long as the open file. See [`Disk::open_path`].
+pub fn lock_exclusive(
+    f: &std::fs::File,
+    path: &Path,
+    wait: std::time::Duration,
+) -> Result<(), GptError> {
+    use std::os::fd::AsRawFd;
+    let io_err = |source| GptError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let t0 = std::time::Instant::now();
+    loop {
+        // SAFETY: flock on a descriptor the caller keeps open.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::WouldBlock {
+            return Err(io_err(e));
+        }
+        if t0.elapsed() >= wait {
+            return Err(io_err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                format!(
+                    "another writer has held the disk's lock for {} s; not writing",
+                    wait.as_secs_f64().round()
+                ),
+            )));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// How long a writer waits for another to release the disk.
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 impl Disk<std::fs::File> {
+    /// Open a disk (image file or whole-disk node). A writable open takes an
+    /// exclusive BSD lock on it for the life of the `Disk`, waiting up to
+    /// [`LOCK_WAIT`]: update-engine, mark-good and stage 1's first-boot
+    /// growth each read, modify and write the table, and must not
+    /// interleave. It is the convention udev and systemd-repart honour (udev
+    /// does not re-probe a locked disk).
     pub fn open_path(path: &Path, writable: bool) -> Result<Self, GptError> {
+        Self::open_path_waiting(path, writable, LOCK_WAIT)
+    }
+
+    /// [`Disk::open_path`] with its own wait for the lock.
+    pub fn open_path_waiting(
+        path: &Path,
+        writable: bool,
+        wait: std::time::Duration,
+    ) -> Result<Self, GptError> {
         let f = std::fs::OpenOptions::new()
             .read(true)
             .write(writable)
@@ -827,6 +880,9 @@ impl Disk<std::fs::File> {
                 path: path.to_path_buf(),
                 source,
             })?;
+        if writable {
+            lock_exclusive(&f, path, wait)?;
+        }
         Disk::open(f, path)
     }
 }
@@ -1141,6 +1197,51 @@ mod tests {
                 let _ = (p.offset_bytes(), p.size_bytes());
             }
         }
+    }
+
+    #[test]
+    fn writers_take_turns_on_the_disk_lock() {
+        use std::os::fd::AsRawFd;
+        use std::time::Duration;
+        let d = tempfile::tempdir().unwrap();
+        let img = d.path().join("disk.img");
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&img)
+            .unwrap();
+        f.set_len(SIZE).unwrap();
+        Disk::create(
+            f,
+            &img,
+            8 * MIB,
+            Uuid::from_u128(1),
+            |_| Uuid::new_v4(),
+            |_| 0,
+        )
+        .unwrap();
+        let held = Disk::open_path(&img, true).unwrap();
+        // A second writer waits, then gives up with a clear error.
+        let e = Disk::open_path_waiting(&img, true, Duration::from_millis(200))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("lock"), "{e}");
+        // Readers are not blocked.
+        Disk::open_path(&img, false).unwrap();
+        // Once the first lets go, the second gets in.
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            drop(held);
+        });
+        let d2 = Disk::open_path_waiting(&img, true, Duration::from_secs(10)).unwrap();
+        t.join().unwrap();
+        // SAFETY: probing the lock on a fresh fd of the same file.
+        let probe = std::fs::File::open(&img).unwrap();
+        let rc = unsafe { libc::flock(probe.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        assert_ne!(rc, 0, "the second writer holds the lock");
+        drop(d2);
     }
 
     #[test]

@@ -49,6 +49,9 @@ impl Storage for FileStorage {
                 path: self.0.clone(),
                 source,
             })?;
+        if writable {
+            nimbus::gpt::lock_exclusive(&f, &self.0, nimbus::gpt::LOCK_WAIT)?;
+        }
         Disk::open(Box::new(f) as Box<dyn nimbus::gpt::BlockDevice>, &self.0)
     }
     fn slot(&self, partition: u32, offset: u64, size: u64) -> Result<SlotDevice, UpdateError> {

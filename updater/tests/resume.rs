@@ -183,6 +183,8 @@ fn a_poisoned_checkpoint_is_dropped_after_the_attempt_it_spoils() {
         off += n as u64;
     }
     dev.sync_all().expect("sync");
+    // Our writable open holds the disk's lock: let go before the engine runs.
+    drop(dev);
     cp["raw_state"] = serde_json::to_value(h.save()).expect("state");
     let mut st = f.state();
     st["checkpoint"] = cp;
