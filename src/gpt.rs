@@ -1237,8 +1237,8 @@ mod tests {
         });
         let d2 = Disk::open_path_waiting(&img, true, Duration::from_secs(10)).unwrap();
         t.join().unwrap();
-        // SAFETY: probing the lock on a fresh fd of the same file.
         let probe = std::fs::File::open(&img).unwrap();
+        // SAFETY: probing the lock on a fresh fd of the same file.
         let rc = unsafe { libc::flock(probe.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
         assert_ne!(rc, 0, "the second writer holds the lock");
         drop(d2);
