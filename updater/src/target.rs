@@ -71,6 +71,7 @@ impl SlotDevice {
         offset: u64,
         size: u64,
     ) -> Result<SlotDevice, UpdateError> {
+        check_extent(disk, partition, offset, size)?;
         let direct = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -99,7 +100,21 @@ impl SlotDevice {
             direct,
         })
     }
+}
 
+/// A slot's byte range must be addressable and hold at least a descriptor
+/// and one block; a GPT entry is checked before this, this is the last line.
+fn check_extent(disk: &Path, partition: u32, offset: u64, size: u64) -> Result<(), UpdateError> {
+    if size < 2 * DESCRIPTOR_SIZE as u64 || offset.checked_add(size).is_none() {
+        return Err(UpdateError::Refused(format!(
+            "{}: partition {partition} at byte {offset}, {size} bytes, cannot be a USR slot",
+            disk.display()
+        )));
+    }
+    Ok(())
+}
+
+impl SlotDevice {
     /// A slot on any [`SlotIo`] (the power-cut harness's recorder).
     pub fn with_io(
         io: Box<dyn SlotIo>,
@@ -127,12 +142,29 @@ impl SlotDevice {
     }
 
     /// Disk byte offsets of payload bytes `[raw_off, raw_off + len)` split
-    /// where the body ends and the descriptor begins.
-    fn map(&self, raw_size: u64, raw_off: u64, len: u64) -> Vec<(u64, u64, u64)> {
-        let body_end = raw_size - DESCRIPTOR_SIZE as u64;
-        let desc_at = self.offset + self.size - DESCRIPTOR_SIZE as u64;
+    /// where the body ends and the descriptor begins. A range outside the
+    /// payload, or a payload that does not fit the slot, is an error, never
+    /// a wrapped offset somewhere else on the disk.
+    fn map(
+        &self,
+        raw_size: u64,
+        raw_off: u64,
+        len: u64,
+    ) -> Result<Vec<(u64, u64, u64)>, UpdateError> {
+        let d = DESCRIPTOR_SIZE as u64;
+        let end = raw_off.checked_add(len);
+        if raw_size < 2 * d || raw_size > self.size || end.is_none_or(|e| e > raw_size) {
+            return Err(UpdateError::Refused(format!(
+                "{}: payload bytes {raw_off}+{len} of {raw_size} do not fit partition {} ({} bytes)",
+                self.path.display(),
+                self.partition,
+                self.size
+            )));
+        }
+        let end = end.unwrap_or(raw_size);
+        let body_end = raw_size - d;
+        let desc_at = self.descriptor_at()?;
         let mut out = Vec::with_capacity(2);
-        let end = raw_off + len;
         if raw_off < body_end {
             let e = end.min(body_end);
             out.push((raw_off, self.offset + raw_off, e - raw_off));
@@ -141,12 +173,12 @@ impl SlotDevice {
             let s = raw_off.max(body_end);
             out.push((s, desc_at + (s - body_end), end - s));
         }
-        out
+        Ok(out)
     }
 
     /// Write payload bytes starting at payload offset `raw_off`.
     pub fn write_raw(&self, raw_size: u64, raw_off: u64, data: &[u8]) -> Result<(), UpdateError> {
-        for (from, at, len) in self.map(raw_size, raw_off, data.len() as u64) {
+        for (from, at, len) in self.map(raw_size, raw_off, data.len() as u64)? {
             let s = (from - raw_off) as usize;
             self.file
                 .write_all_at(&data[s..s + len as usize], at)
@@ -158,7 +190,7 @@ impl SlotDevice {
     /// Read payload bytes back (for re-hashing on resume).
     pub fn read_raw(&self, raw_size: u64, raw_off: u64, buf: &mut [u8]) -> Result<(), UpdateError> {
         let base = raw_off;
-        for (from, at, len) in self.map(raw_size, raw_off, buf.len() as u64) {
+        for (from, at, len) in self.map(raw_size, raw_off, buf.len() as u64)? {
             let s = (from - base) as usize;
             self.file
                 .read_exact_at(&mut buf[s..s + len as usize], at)
@@ -167,18 +199,73 @@ impl SlotDevice {
         Ok(())
     }
 
+    /// Disk offset of the slot's last 4 KiB.
+    fn descriptor_at(&self) -> Result<u64, UpdateError> {
+        check_extent(&self.path, self.partition, self.offset, self.size)?;
+        Ok(self.offset + self.size - DESCRIPTOR_SIZE as u64)
+    }
+
     pub fn read_descriptor(&self) -> Result<Vec<u8>, UpdateError> {
         let mut b = AlignedBuf::new(DESCRIPTOR_SIZE);
+        let at = self.descriptor_at()?;
         self.file
-            .read_exact_at(
-                b.as_mut_slice(),
-                self.offset + self.size - DESCRIPTOR_SIZE as u64,
-            )
+            .read_exact_at(b.as_mut_slice(), at)
             .map_err(io_at(&self.path))?;
         Ok(b.as_slice().to_vec())
     }
 
     pub fn sync(&self) -> Result<(), UpdateError> {
         self.file.sync_data().map_err(io_at(&self.path))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// Records the highest byte written; reads return zeros.
+    struct Mem(Mutex<u64>);
+    impl SlotIo for Mem {
+        fn write_all_at(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
+            let mut m = self.0.lock().unwrap();
+            *m = (*m).max(off + buf.len() as u64);
+            Ok(())
+        }
+        fn read_exact_at(&self, buf: &mut [u8], _off: u64) -> std::io::Result<()> {
+            buf.fill(0);
+            Ok(())
+        }
+        fn sync_data(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn payload_ranges_and_slot_extents_never_wrap() {
+        let d = DESCRIPTOR_SIZE as u64;
+        let slot = |offset: u64, size: u64| {
+            SlotDevice::with_io(
+                Box::new(Mem(Mutex::new(0))),
+                Path::new("mem"),
+                4,
+                offset,
+                size,
+            )
+        };
+        let s = slot(1 << 20, 64 * d);
+        s.write_raw(8 * d, 0, &[1u8; 4096]).unwrap();
+        // Past the payload's end, a payload larger than the slot, a payload
+        // smaller than a descriptor, an offset that overflows: errors.
+        assert!(s.write_raw(8 * d, 8 * d, &[1u8; 1]).is_err());
+        assert!(s.write_raw(65 * d, 0, &[1u8; 1]).is_err());
+        assert!(s.write_raw(d - 1, 0, &[1u8; 1]).is_err());
+        assert!(s.write_raw(8 * d, u64::MAX, &[1u8; 2]).is_err());
+        // Slots too small or at the end of the address space.
+        assert!(slot(0, d).read_descriptor().is_err());
+        assert!(slot(u64::MAX - d, 4 * d).read_descriptor().is_err());
+        assert!(SlotDevice::open(Path::new("/dev/null"), 4, u64::MAX - 10, 2 * d).is_err());
+        let mut buf = [0u8; 16];
+        assert!(s.read_raw(8 * d, 8 * d - 8, &mut buf).is_err());
     }
 }
