@@ -61,7 +61,21 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(mut d) = Disk::open(dev, "fuzz") {
         let _ = d.check_nimbus_layout();
         let _ = d.slot_table();
-        let _ = d.partitions();
+        for p in d.partitions() {
+            let _ = (p.offset_bytes(), p.size_bytes(), p.prio());
+        }
+        for n in [1, 2, 3, 4, 6, 9, 128] {
+            let _ = d.partition(n).map(|p| p.size_bytes());
+        }
+        for s in nimbus::layout::Slot::ALL {
+            let _ = d.read_descriptor(s);
+        }
+        // First boot on whatever was read: GUIDs, a moved backup, ROOT grown.
+        let mut n = 0u128;
+        let _ = d.prepare_host(|| {
+            n += 1;
+            uuid::Uuid::from_u128(n)
+        });
         // A write on whatever was read must not panic either.
         let _ = d.update_slots(|t| {
             let _ = nimbus::slots::select_for_boot(t, &[]);

@@ -25,7 +25,21 @@ fuzz_target!(|data: &[u8]| {
     let _ = verify_detached(m, s, &trust);
     // The same bytes as if they had been signed: the checks after the signature.
     let sigs = serde_json_bytes(&Manifest::sign_bytes(m, &[&key]));
-    let _ = Manifest::verify(m, &sigs, &trust, &policy);
+    if let Ok(man) = Manifest::verify(m, &sigs, &trust, &policy) {
+        // What the engine does next with a verified manifest: choose, with
+        // rollouts, at several host positions and times (a huge rollout
+        // once panicked chrono here).
+        let running: semver::Version = "1.0.0".parse().expect("version");
+        for seed in [0.0, 0.5, 0.999_999] {
+            for now in [policy.now, chrono::DateTime::<chrono::Utc>::MAX_UTC] {
+                let _ = nimbus_updater::choose::choose(&man, &running, seed, now, false);
+                let _ = nimbus_updater::choose::choose(&man, &running, seed, now, true);
+            }
+        }
+        for r in &man.releases {
+            let _ = nimbus_updater::choose::rollout_start(r, 0.7);
+        }
+    }
 });
 
 fn serde_json_bytes(sigs: &[nimbus::release::SignatureEntry]) -> Vec<u8> {

@@ -14,6 +14,7 @@ pub const TARGETS: &[&str] = &[
     "gpt",
     "update_conf",
     "cloud_config",
+    "payload",
 ];
 
 fn have_nightly() -> bool {

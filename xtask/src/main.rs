@@ -67,7 +67,7 @@ enum Cmd {
         /// Seconds per target.
         #[arg(long, default_value_t = 60)]
         seconds: u64,
-        /// Only these targets (manifest, descriptor, gpt, update_conf, cloud_config).
+        /// Only these targets (manifest, descriptor, gpt, update_conf, cloud_config, payload).
         #[arg(long = "target")]
         targets: Vec<String>,
         /// Write the table to docs/fuzz.md.
