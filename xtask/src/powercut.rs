@@ -371,6 +371,174 @@ fn table(img: &MemDisk) -> Option<Vec<u64>> {
         .map(|d| d.slot_table().iter().map(|e| e.attributes).collect())
 }
 
+/// What the cuts over one sequence of writes gave.
+struct Stats {
+    n: usize,
+    variants: usize,
+    unbootable: usize,
+    mixed: usize,
+    old: usize,
+    new: usize,
+    refused: usize,
+    failures: Vec<String>,
+}
+
+/// A write in the GPT's head or tail sectors of a disk of `len` bytes.
+fn is_gpt(off: u64, data_len: usize, len: u64) -> bool {
+    off < nimbus::layout::GPT_HEAD_SECTORS * 512
+        || off + data_len as u64 > len - nimbus::layout::GPT_TAIL_SECTORS * 512
+}
+
+/// The update's writes with its last GPT commit (the flip to the new slot)
+/// moved before the first slot-data write: a broken engine, for the
+/// negative control.
+fn flip_before_write(ops: &[Op], len: u64) -> Vec<Op> {
+    let first_data = ops
+        .iter()
+        .position(|o| matches!(o, Op::Write { off, data } if !is_gpt(*off, data.len(), len)));
+    let last_data = ops
+        .iter()
+        .rposition(|o| matches!(o, Op::Write { off, data } if !is_gpt(*off, data.len(), len)));
+    let (Some(first), Some(last)) = (first_data, last_data) else {
+        return ops.to_vec();
+    };
+    let flip: Vec<Op> = ops[last + 1..]
+        .iter()
+        .filter(|o| matches!(o, Op::Write { off, data } if is_gpt(*off, data.len(), len)))
+        .cloned()
+        .flat_map(|w| [w, Op::Sync])
+        .collect();
+    let mut out = ops[..first].to_vec();
+    out.extend(flip);
+    out.extend(ops[first..=last].iter().cloned());
+    out.push(Op::Sync);
+    out
+}
+
+/// Cut the power before every op of `ops` (starting from `base`) in
+/// several ways: nothing unsynced landed, all of it, random subsets, and,
+/// for a GPT-sized unsynced write, torn at every 512-byte boundary; check
+/// each result boots a verified slot and holds a table that is the old or
+/// the new one.
+fn check_ops(
+    ops: &[Op],
+    base: &MemDisk,
+    trust: &TrustStore,
+    points: usize,
+) -> anyhow::Result<Stats> {
+    // Tables at each sync boundary: the durable states a cut must land on.
+    let mut synced = base.clone();
+    let mut boundary_tables = vec![table(&synced)];
+    let mut cuts = Vec::new(); // (k, boundary index)
+    for (k, op) in ops.iter().enumerate() {
+        cuts.push((k, boundary_tables.len() - 1));
+        match op {
+            Op::Write { off, data } => put(&mut synced, *off, data)?,
+            Op::Sync => boundary_tables.push(table(&synced)),
+        }
+    }
+    let variants_per_cut = points.div_ceil(cuts.len().max(1)).max(4);
+    let mut rng: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let mut st = Stats {
+        n: 0,
+        variants: variants_per_cut,
+        unbootable: 0,
+        mixed: 0,
+        old: 0,
+        new: 0,
+        refused: 0,
+        failures: Vec::new(),
+    };
+    let mut image = base.clone();
+    let mut pending: Vec<(u64, Vec<u8>)> = Vec::new();
+    for (k, op) in ops.iter().enumerate() {
+        // The cut lands before op k: `image` is durable, `pending` is not.
+        let (_, bidx) = cuts[k];
+        // Torn variants: the newest unsynced write, when GPT-sized, stopped
+        // at each sector boundary (the others all landed).
+        let torn: Vec<usize> = match pending.last() {
+            Some((_, d)) if d.len() <= 64 * 1024 => (1..d.len() / 512).map(|s| s * 512).collect(),
+            _ => Vec::new(),
+        };
+        for variant in 0..variants_per_cut + torn.len() {
+            let mut img = image.clone();
+            if variant >= variants_per_cut {
+                let keep = torn[variant - variants_per_cut];
+                for (i, (off, data)) in pending.iter().enumerate() {
+                    let n = if i + 1 == pending.len() {
+                        keep
+                    } else {
+                        data.len()
+                    };
+                    put(&mut img, *off, &data[..n])?;
+                }
+            } else {
+                let landed: Vec<&(u64, Vec<u8>)> = match variant {
+                    0 => Vec::new(),
+                    1 => pending.iter().collect(),
+                    _ => pending.iter().filter(|_| next() % 2 == 0).collect(),
+                };
+                for (off, data) in &landed {
+                    put(&mut img, *off, data)?;
+                }
+                if variant == 2 {
+                    // Torn: the last unsynced write only got its first sectors down.
+                    if let Some((off, data)) = pending.last() {
+                        let keep = (data.len() / 512 / 2) * 512;
+                        put(&mut img, *off, &data[..keep])?;
+                    }
+                }
+            }
+            st.n += 1;
+            let booted = boots(&img, trust);
+            if let Ok((_, true)) = &booted {
+                // Stage 1 would have burnt a try on a slot that does not verify.
+                st.refused += 1;
+            }
+            match booted.map(|(b, _)| b) {
+                Ok(b) if b.starts_with("USR-A:1.0.0") => st.old += 1,
+                Ok(b) if b.starts_with("USR-B:1.1.0") => st.new += 1,
+                Ok(b) => {
+                    st.unbootable += 1;
+                    st.failures
+                        .push(format!("cut before op {k} variant {variant}: boots {b}"));
+                }
+                Err(e) => {
+                    st.unbootable += 1;
+                    st.failures
+                        .push(format!("cut before op {k} variant {variant}: {e}"));
+                }
+            }
+            let t = table(&img);
+            let ok = t == boundary_tables[bidx]
+                || boundary_tables.get(bidx + 1).is_some_and(|b| *b == t);
+            if !ok {
+                st.mixed += 1;
+                st.failures.push(format!(
+                    "cut before op {k} variant {variant}: GPT table {t:?} is neither {:?} nor {:?}",
+                    boundary_tables[bidx],
+                    boundary_tables.get(bidx + 1)
+                ));
+            }
+        }
+        match op {
+            Op::Write { off, data } => pending.push((*off, data.clone())),
+            Op::Sync => {
+                for (off, data) in pending.drain(..) {
+                    put(&mut image, off, &data)?;
+                }
+            }
+        }
+    }
+    Ok(st)
+}
+
 pub fn run(points: usize) -> anyhow::Result<ExitCode> {
     let work = tempfile::Builder::new()
         .prefix("powercut")
@@ -428,95 +596,35 @@ pub fn run(points: usize) -> anyhow::Result<ExitCode> {
         ops.len()
     );
 
-    // Tables at each sync boundary: the durable states a cut must land on.
-    let mut synced = s.base.clone();
-    let mut boundary_tables = vec![table(&synced)];
-    let mut cuts = Vec::new(); // (k, synced image before k, boundary index)
-    for (k, op) in ops.iter().enumerate() {
-        cuts.push((k, boundary_tables.len() - 1));
-        match op {
-            Op::Write { off, data } => put(&mut synced, *off, data)?,
-            Op::Sync => boundary_tables.push(table(&synced)),
-        }
-    }
-    let variants_per_cut = points.div_ceil(cuts.len().max(1)).max(4);
-    let mut rng: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut next = || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
-
-    let (mut n, mut unbootable, mut mixed, mut old, mut new, mut refused) =
-        (0usize, 0usize, 0usize, 0usize, 0usize, 0usize);
-    let mut failures = Vec::new();
-    let mut image = s.base.clone();
-    let mut pending: Vec<(u64, Vec<u8>)> = Vec::new();
-    for (k, op) in ops.iter().enumerate() {
-        // The cut lands before op k: `image` is durable, `pending` is not.
-        let (_, bidx) = cuts[k];
-        for variant in 0..variants_per_cut {
-            let mut img = image.clone();
-            let landed: Vec<&(u64, Vec<u8>)> = match variant {
-                0 => Vec::new(),
-                1 => pending.iter().collect(),
-                _ => pending.iter().filter(|_| next() % 2 == 0).collect(),
-            };
-            for (off, data) in &landed {
-                put(&mut img, *off, data)?;
-            }
-            if variant == 2 {
-                // Torn: the last unsynced write only got its first sectors down.
-                if let Some((off, data)) = pending.last() {
-                    let keep = (data.len() / 512 / 2) * 512;
-                    put(&mut img, *off, &data[..keep])?;
-                }
-            }
-            n += 1;
-            let booted = boots(&img, &s.trust);
-            if let Ok((_, true)) = &booted {
-                // Stage 1 would have burnt a try on a slot that does not verify.
-                refused += 1;
-            }
-            match booted.map(|(b, _)| b) {
-                Ok(b) if b.starts_with("USR-A:1.0.0") => old += 1,
-                Ok(b) if b.starts_with("USR-B:1.1.0") => new += 1,
-                Ok(b) => {
-                    unbootable += 1;
-                    failures.push(format!("cut before op {k} variant {variant}: boots {b}"));
-                }
-                Err(e) => {
-                    unbootable += 1;
-                    failures.push(format!("cut before op {k} variant {variant}: {e}"));
-                }
-            }
-            let t = table(&img);
-            let ok = t == boundary_tables[bidx]
-                || boundary_tables.get(bidx + 1).is_some_and(|b| *b == t);
-            if !ok {
-                mixed += 1;
-                failures.push(format!(
-                    "cut before op {k} variant {variant}: GPT table {t:?} is neither {:?} nor {:?}",
-                    boundary_tables[bidx],
-                    boundary_tables.get(bidx + 1)
-                ));
-            }
-        }
-        match op {
-            Op::Write { off, data } => pending.push((*off, data.clone())),
-            Op::Sync => {
-                for (off, data) in pending.drain(..) {
-                    put(&mut image, off, &data)?;
-                }
-            }
-        }
-    }
+    let st = check_ops(&ops, &s.base, &s.trust, points)?;
+    let Stats {
+        n,
+        variants: variants_per_cut,
+        unbootable,
+        mixed,
+        old,
+        new,
+        refused,
+        failures,
+    } = st;
     println!("| cut points | boots 1.0.0 (old) | boots 1.1.0 (new) | first choice failed verification | unbootable | GPT neither old nor new |");
     println!("|---|---|---|---|---|---|");
     println!("| {n} ({} ops x {variants_per_cut} variants) | {old} | {new} | {refused} | {unbootable} | {mixed} |", ops.len());
     for f in failures.iter().take(20) {
         println!("  {f}");
+    }
+    // Negative control: the same writes with the GPT flip moved before
+    // the slot data (what a broken engine would do). The harness must see
+    // cut points where stage 1 meets an unverifiable first choice or
+    // nothing bootable; if it saw none, it could not tell a broken order.
+    let broken = flip_before_write(&ops[..update_ops], len);
+    let control = check_ops(&broken, &s.base, &s.trust, 0)?;
+    println!(
+        "negative control (GPT flip before the slot data): {} cut points, {} first choices failed verification, {} unbootable",
+        control.n, control.refused, control.unbootable
+    );
+    if control.refused + control.unbootable == 0 {
+        bail!("the harness cannot tell a flip-before-write engine from a correct one");
     }
 
     // File writes: the engine's, then cloud-config's.

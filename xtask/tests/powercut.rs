@@ -1,4 +1,4 @@
-//! `cargo xtask powercut`: at least 200 power cuts across the update's
+//! `cargo xtask powercut`: at least 2000 power cuts across the update's
 //! writes and the boot's GPT writes; every one leaves a disk that boots a
 //! verified slot and a GPT that is the old or the new table; cuts in the
 //! state-file, update.conf and cloud-config writes leave every file old or
@@ -7,7 +7,7 @@
 #[test]
 fn every_cut_leaves_a_bootable_disk() {
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .args(["powercut", "--points", "200"])
+        .args(["powercut", "--points", "2000"])
         .output()
         .expect("xtask powercut");
     let out = String::from_utf8_lossy(&o.stdout);
@@ -23,7 +23,18 @@ fn every_cut_leaves_a_bootable_disk() {
             .and_then(|v| v.parse().ok())
             .unwrap_or_else(|| panic!("no {k}= in {last:?}"))
     };
-    assert!(field("points") >= 200, "{last}");
+    assert!(field("points") >= 2000, "{last}");
+    // The negative control: the harness itself must catch a broken write
+    // order (the GPT flip before the slot data).
+    let control = out
+        .lines()
+        .find(|l| l.starts_with("negative control"))
+        .unwrap_or_else(|| panic!("no negative control in {out}"));
+    let nums: Vec<usize> = control
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    assert!(nums.len() >= 3 && nums[1] + nums[2] > 0, "{control}");
     assert_eq!(field("unbootable"), 0, "{out}");
     assert_eq!(field("mixed_state"), 0, "{out}");
     for name in [
