@@ -52,6 +52,21 @@ fn killed_after_checkpoint() -> (Fixture, nimbus::release::Release, serde_json::
     (f, r, cp)
 }
 
+/// Run update-engine once; it must succeed. The payload requests it made.
+fn payload_gets_of_a_good_run(f: &Fixture) -> Vec<support::httpd::Logged> {
+    let (out, _) = f.once(&[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    f.httpd
+        .requests()
+        .into_iter()
+        .filter(|l| l.path.ends_with("usr.img.zst"))
+        .collect()
+}
+
 #[test]
 fn killed_mid_download_resumes_with_range() {
     let (f, r, cp) = killed_after_checkpoint();
@@ -108,18 +123,7 @@ fn a_checkpoint_that_does_not_match_the_slot_is_not_trusted() {
 
     f.httpd.set_fault(Fault::default());
     f.httpd.clear_log();
-    let (out, _) = f.once(&[]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let gets: Vec<_> = f
-        .httpd
-        .requests()
-        .into_iter()
-        .filter(|l| l.path.ends_with("usr.img.zst"))
-        .collect();
+    let gets = payload_gets_of_a_good_run(&f);
     assert_eq!(gets.len(), 1);
     assert_eq!(
         gets[0].range_start, None,
@@ -137,18 +141,7 @@ fn a_server_that_ignores_range_gets_a_full_download() {
         ..Fault::default()
     });
     f.httpd.clear_log();
-    let (out, _) = f.once(&[]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let gets: Vec<_> = f
-        .httpd
-        .requests()
-        .into_iter()
-        .filter(|l| l.path.ends_with("usr.img.zst"))
-        .collect();
+    let gets = payload_gets_of_a_good_run(&f);
     assert_eq!(gets.len(), 1);
     assert!(gets[0].range_start.is_some(), "it asked for a range");
     assert_eq!(gets[0].status, 200);
@@ -208,18 +201,7 @@ fn a_poisoned_checkpoint_is_dropped_after_the_attempt_it_spoils() {
     assert_eq!(f.cgpt(Slot::B).0, 0, "a failed slot is not bootable");
 
     f.httpd.clear_log();
-    let (out, _) = f.once(&[]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let gets: Vec<_> = f
-        .httpd
-        .requests()
-        .into_iter()
-        .filter(|l| l.path.ends_with("usr.img.zst"))
-        .collect();
+    let gets = payload_gets_of_a_good_run(&f);
     assert_eq!(gets.len(), 1);
     assert_eq!(gets[0].range_start, None, "started over");
     assert_eq!(f.slot_payload_sha(Slot::B, r.raw_size), r.raw_sha256);
