@@ -371,6 +371,20 @@ fn table(img: &MemDisk) -> Option<Vec<u64>> {
         .map(|d| d.slot_table().iter().map(|e| e.attributes).collect())
 }
 
+/// `cp -a` of a small tree (the host's root of the harness).
+fn copy_tree(from: &Path, to: &Path) -> anyhow::Result<()> {
+    let st = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .context("cp")?;
+    if !st.success() {
+        bail!("cp -a {} {}", from.display(), to.display());
+    }
+    Ok(())
+}
+
 /// What the cuts over one sequence of writes gave.
 struct Stats {
     n: usize,
@@ -565,6 +579,9 @@ pub fn run(points: usize) -> anyhow::Result<ExitCode> {
     };
     // The engine's file writes (state file, update.conf) are recorded too.
     let root_before = crate::powercut_fs::snapshot(&s.root)?;
+    // The host's files before the update, for the re-runs after each cut.
+    let root_template = work.path().join("root-template");
+    copy_tree(&s.root, &root_template)?;
     nimbus::durable::trace_start();
     let mut engine = Engine::new(host, &Options::default(), Arc::new(Shared::new()))?;
     let sigs = PathBuf::from(format!("{}.sig", s.manifest.display()));
@@ -617,6 +634,78 @@ pub fn run(points: usize) -> anyhow::Result<ExitCode> {
     // the slot data (what a broken engine would do). The harness must see
     // cut points where stage 1 meets an unverifiable first choice or
     // nothing bootable; if it saw none, it could not tell a broken order.
+    // After a cut, the next run of the engine on that disk (from the host's
+    // files as they were before the update) must finish the update or
+    // refuse cleanly; either way the disk must boot a verified slot.
+    let sigs_path = PathBuf::from(format!("{}.sig", s.manifest.display()));
+    let (mut rerun_done, mut rerun_refused, mut rerun_bad) = (0usize, 0usize, Vec::new());
+    let mut image = s.base.clone();
+    let mut pending: Vec<(u64, Vec<u8>)> = Vec::new();
+    for (k, op) in ops[..update_ops].iter().enumerate() {
+        for landed in [false, true] {
+            let mut img = image.clone();
+            if landed {
+                for (off, data) in &pending {
+                    put(&mut img, *off, data)?;
+                }
+            }
+            let root = work.path().join(format!("rerun-{k}-{landed}"));
+            copy_tree(&root_template, &root)?;
+            let rec = Arc::new(Recorder {
+                live: Mutex::new(img),
+                ops: Mutex::new(Vec::new()),
+            });
+            let host = Host {
+                root: root.clone(),
+                disk: PathBuf::from("powercut-disk"),
+                booted: 3,
+                host_mode: true,
+                storage: Arc::new(RecStorage {
+                    rec: rec.clone(),
+                    len,
+                }),
+            };
+            let r = Engine::new(host, &Options::default(), Arc::new(Shared::new()))
+                .and_then(|mut e| e.apply_file(&s.payload, &s.manifest, &sigs_path));
+            let after = rec
+                .live
+                .lock()
+                .map_err(|_| anyhow::anyhow!("poisoned"))?
+                .clone();
+            match (r, boots(&after, &s.trust)) {
+                (Ok(_), Ok((b, false))) if b.starts_with("USR-B:1.1.0") => rerun_done += 1,
+                (Err(_), Ok((b, false))) if b.starts_with("USR-A:1.0.0") => rerun_refused += 1,
+                (r, b) => rerun_bad.push(format!(
+                    "re-run after a cut before op {k} (unsynced {}): engine {:?}, boots {b:?}",
+                    if landed { "landed" } else { "lost" },
+                    r.map(|v| v.to_string()).map_err(|e| e.to_string())
+                )),
+            }
+            let _ = std::fs::remove_dir_all(&root);
+        }
+        match op {
+            Op::Write { off, data } => pending.push((*off, data.clone())),
+            Op::Sync => {
+                for (off, data) in pending.drain(..) {
+                    put(&mut image, off, &data)?;
+                }
+            }
+        }
+    }
+    println!(
+        "engine re-run after a cut: {} cuts, {rerun_done} finished the update, {rerun_refused} refused cleanly, {} otherwise",
+        2 * update_ops,
+        rerun_bad.len()
+    );
+    for f in rerun_bad.iter().take(10) {
+        println!("  {f}");
+    }
+    if !rerun_bad.is_empty() {
+        bail!(
+            "{} engine re-runs after a cut neither finished nor refused cleanly",
+            rerun_bad.len()
+        );
+    }
     let broken = flip_before_write(&ops[..update_ops], len);
     let control = check_ops(&broken, &s.base, &s.trust, 0)?;
     println!(

@@ -24,6 +24,13 @@ fn every_cut_leaves_a_bootable_disk() {
             .unwrap_or_else(|| panic!("no {k}= in {last:?}"))
     };
     assert!(field("points") >= 2000, "{last}");
+    // After each cut in the update, the engine run again on the cut disk
+    // finished or refused cleanly (the run fails otherwise).
+    let rerun = out
+        .lines()
+        .find(|l| l.starts_with("engine re-run after a cut"))
+        .unwrap_or_else(|| panic!("no engine re-runs in {out}"));
+    assert!(rerun.ends_with(", 0 otherwise"), "{rerun}");
     // The negative control: the harness itself must catch a broken write
     // order (the GPT flip before the slot data).
     let control = out
