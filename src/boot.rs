@@ -37,6 +37,44 @@ pub fn parse_cmdline(cmdline: &str) -> Option<Stage2Args> {
     })
 }
 
+/// Why [`boot_loop`] found nothing to boot.
+#[derive(Debug, thiserror::Error)]
+pub enum BootLoopError {
+    #[error("no bootable USR slot left (refused in this boot: {refused:?})")]
+    NoSlot { refused: Vec<u32> },
+    #[error("slot selection: {0}")]
+    Gpt(#[from] crate::gpt::GptError),
+}
+
+/// The boot rule as stage 1 runs it, shared with the power-cut harness so
+/// that the harness checks the very loop that boots hosts: select the slot
+/// (persisting the tries decrement), try it (`try_slot`: verify the
+/// descriptor, map and mount it, load its kernel); a slot that fails is
+/// reported to `refused` and excluded, and the next one is selected in the
+/// same boot. Returns the choice, what `try_slot` made of it, and the
+/// partitions refused on the way.
+pub fn boot_loop<D: crate::gpt::BlockDevice, V>(
+    disk: &mut crate::gpt::Disk<D>,
+    mut try_slot: impl FnMut(&mut crate::gpt::Disk<D>, &crate::slots::Choice) -> Result<V, String>,
+    mut refused: impl FnMut(&crate::slots::Choice, &str),
+) -> Result<(crate::slots::Choice, V, Vec<u32>), BootLoopError> {
+    let mut excluded: Vec<u32> = Vec::new();
+    loop {
+        let choice = disk
+            .update_slots(|t| Ok(crate::slots::select_for_boot(t, &excluded)))?
+            .ok_or_else(|| BootLoopError::NoSlot {
+                refused: excluded.clone(),
+            })?;
+        match try_slot(disk, &choice) {
+            Ok(v) => return Ok((choice, v, excluded)),
+            Err(why) => {
+                refused(&choice, &why);
+                excluded.push(choice.number);
+            }
+        }
+    }
+}
+
 /// `nimbus.esp=PARTUUID=<uuid>`: the ESP the boot loader read stage 1 from
 /// (GRUB's `probe --part-uuid` under BIOS; systemd-boot's
 /// LoaderDevicePartUUID under UEFI is read from efivarfs instead).
@@ -222,6 +260,59 @@ mod tests {
             esp: Some(uuid::Uuid::from_u128(esp)),
             usr: vec![uuid::Uuid::from_u128(usr), uuid::Uuid::from_u128(usr + 1)],
         }
+    }
+
+    #[test]
+    fn boot_loop_moves_on_from_a_refused_slot_and_spends_its_try() {
+        use crate::gpt::{Disk, MemDisk};
+        use crate::slots::Prio;
+        let mut d = Disk::create(
+            MemDisk::new(3 << 30),
+            "mem",
+            8 << 20,
+            uuid::Uuid::from_u128(1),
+            |s| uuid::Uuid::from_u128(10 + u128::from(s.number)),
+            |s| match s.number {
+                3 => Prio {
+                    priority: 1,
+                    tries: 0,
+                    successful: true,
+                }
+                .apply_to(0),
+                4 => Prio {
+                    priority: 2,
+                    tries: 1,
+                    successful: false,
+                }
+                .apply_to(0),
+                _ => 0,
+            },
+        )
+        .unwrap();
+        let mut seen = Vec::new();
+        let (c, v, refused) = boot_loop(
+            &mut d,
+            |_, c| {
+                if c.number == 4 {
+                    Err("bad signature".into())
+                } else {
+                    Ok(c.number * 10)
+                }
+            },
+            |c, why| seen.push((c.number, why.to_string())),
+        )
+        .unwrap();
+        assert_eq!((c.number, v, refused), (3, 30, vec![4]));
+        assert_eq!(seen, vec![(4, "bad signature".to_string())]);
+        // B's try was spent and written before it was tried.
+        let t = d.slot_table();
+        assert_eq!(t.iter().find(|e| e.number == 4).unwrap().prio().tries, 0);
+        // Nothing verifies: the error lists what was refused.
+        let e = boot_loop(&mut d, |_, _| Err::<(), _>("no".into()), |_, _| {}).unwrap_err();
+        assert!(
+            matches!(e, BootLoopError::NoSlot { ref refused } if refused == &vec![3]),
+            "{e}"
+        );
     }
 
     #[test]

@@ -448,73 +448,72 @@ fn stage1() -> ! {
     ));
     first_boot(&disk_name, &mut disk);
     let disk_guid = disk.disk_guid();
-    let mut excluded: Vec<u32> = Vec::new();
-    loop {
-        let t_sel = Instant::now();
-        let choice = match disk.update_slots(|t| Ok(slots::select_for_boot(t, &excluded))) {
-            Ok(Some(c)) => c,
-            Ok(None) => emergency("no bootable USR slot left"),
-            Err(e) => emergency(&format!("slot selection: {e}")),
-        };
-        let select_ms = t_sel.elapsed().as_secs_f64() * 1000.0;
-        let Some(slot) = Slot::from_partition_number(choice.number) else {
-            emergency("selected a non-USR partition")
-        };
-        let p = choice.before;
-        let dm = "usr";
-        match open_slot(&mut disk, &disk_name, slot, &trust, dm) {
-            Err(e) => {
-                say(&format!("nimbus-init: refusing {slot}: {e}"));
-                excluded.push(choice.number);
-                continue;
+    let dm = "usr";
+    // The loop itself (select, persist the tries decrement, try, exclude
+    // what fails) is nimbus::boot::boot_loop, the one the power-cut
+    // harness checks; trying a slot here means verify, map, mount, load.
+    let t_sel = std::cell::Cell::new(Instant::now());
+    let booted = nimbus::boot::boot_loop(
+        &mut disk,
+        |disk, choice| {
+            let select_ms = t_sel.get().elapsed().as_secs_f64() * 1000.0;
+            let slot = Slot::from_partition_number(choice.number)
+                .ok_or_else(|| format!("partition {} is not a USR slot", choice.number))?;
+            let (mapped, d) = open_slot(disk, &disk_name, slot, &trust, dm)?;
+            let p = choice.before;
+            say(&format!(
+                "nimbus-init: selected {slot} priority={} tries={} successful={} version={} (selection {select_ms:.1} ms)",
+                p.priority,
+                if p.successful { p.tries } else { p.tries.saturating_sub(1) },
+                u8::from(p.successful),
+                d.version
+            ));
+            if let Err(e) = mount_usr(&mapped, USR_MNT) {
+                verity_close(dm);
+                return Err(format!("{e} (dm-verity rejected the data)"));
             }
-            Ok((mapped, d)) => {
-                say(&format!(
-                    "nimbus-init: selected {slot} priority={} tries={} successful={} version={} (selection {select_ms:.1} ms)",
-                    p.priority,
-                    if p.successful { p.tries } else { p.tries.saturating_sub(1) },
-                    u8::from(p.successful),
-                    d.version
-                ));
-                if let Err(e) = mount_usr(&mapped, USR_MNT) {
-                    say(&format!(
-                        "nimbus-init: refusing {slot}: {e} (dm-verity rejected the data)"
-                    ));
-                    verity_close(dm);
-                    excluded.push(choice.number);
-                    continue;
-                }
-                let uuid = disk
-                    .partition(choice.number)
-                    .map(|p| p.uuid)
-                    .unwrap_or_else(|e| emergency(&e.to_string()));
-                let cmdline = format!(
-                    "{} panic=-1 nimbus.disk={disk_guid} nimbus.usr=PARTUUID={uuid} nimbus.usrhash={}",
-                    console_args(),
-                    hex::encode(d.verity_root)
-                );
-                let boot = Path::new(USR_MNT).join("lib/nimbus/boot");
-                if let Err(e) = kexec(&boot.join("vmlinuz"), &boot.join("initramfs.img"), &cmdline)
-                {
-                    say(&format!("nimbus-init: refusing {slot}: {e}"));
+            let uuid = match disk.partition(choice.number) {
+                Ok(p) => p.uuid,
+                Err(e) => {
                     let _ = umount(USR_MNT);
                     verity_close(dm);
-                    excluded.push(choice.number);
-                    continue;
+                    return Err(e.to_string());
                 }
-                say(&format!(
-                    "nimbus-init: stage 1 done in {} ms; starting the kernel of {slot}",
-                    t0.elapsed().as_millis()
-                ));
+            };
+            let cmdline = format!(
+                "{} panic=-1 nimbus.disk={disk_guid} nimbus.usr=PARTUUID={uuid} nimbus.usrhash={}",
+                console_args(),
+                hex::encode(d.verity_root)
+            );
+            let boot = Path::new(USR_MNT).join("lib/nimbus/boot");
+            if let Err(e) = kexec(&boot.join("vmlinuz"), &boot.join("initramfs.img"), &cmdline) {
                 let _ = umount(USR_MNT);
                 verity_close(dm);
-                drop(disk);
-                nix::unistd::sync();
-                let e = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_KEXEC);
-                emergency(&format!("kexec reboot: {e:?}"));
+                return Err(e);
             }
-        }
-    }
+            Ok(slot)
+        },
+        |choice, why| {
+            let label = Slot::from_partition_number(choice.number)
+                .map_or_else(|| format!("partition {}", choice.number), |s| s.to_string());
+            say(&format!("nimbus-init: refusing {label}: {why}"));
+            t_sel.set(Instant::now());
+        },
+    );
+    let slot = match booted {
+        Ok((_, slot, _)) => slot,
+        Err(e) => emergency(&e.to_string()),
+    };
+    say(&format!(
+        "nimbus-init: stage 1 done in {} ms; starting the kernel of {slot}",
+        t0.elapsed().as_millis()
+    ));
+    let _ = umount(USR_MNT);
+    verity_close(dm);
+    drop(disk);
+    nix::unistd::sync();
+    let e = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_KEXEC);
+    emergency(&format!("kexec reboot: {e:?}"))
 }
 
 /// Grow the ext4 filesystem mounted at `mnt` (device `dev`) to the size of

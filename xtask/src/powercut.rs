@@ -316,26 +316,20 @@ fn setup(work: &Path) -> anyhow::Result<Setup> {
 }
 
 /// What the disk boots after a cut: the version stage 1 would run, or why
-/// nothing boots.
+/// nothing boots, through stage 1's own loop (`nimbus::boot::boot_loop`,
+/// on a copy: its tries decrement is not kept). The flag says a first
+/// choice failed verification.
 fn boots(img: &MemDisk, trust: &TrustStore) -> Result<(String, bool), String> {
-    let disk = Disk::open(img.clone(), "cut").map_err(|e| format!("GPT unreadable: {e}"))?;
+    let mut disk = Disk::open(img.clone(), "cut").map_err(|e| format!("GPT unreadable: {e}"))?;
     disk.check_nimbus_layout().map_err(|e| e.to_string())?;
-    let mut exclude = Vec::new();
-    loop {
-        let mut table = disk.slot_table();
-        let Some(choice) = slots::select_for_boot(&mut table, &exclude) else {
-            return Err(format!(
-                "no bootable slot (excluded after verification: {exclude:?})"
-            ));
-        };
-        match verify_slot(img, &disk, choice.number, trust) {
-            Ok(v) => {
-                let label = Slot::from_partition_number(choice.number).map_or("?", |s| s.label());
-                return Ok((format!("{label}:{v}"), !exclude.is_empty()));
-            }
-            Err(_) => exclude.push(choice.number),
-        }
-    }
+    let (choice, v, refused) = nimbus::boot::boot_loop(
+        &mut disk,
+        |d, c| verify_slot(img, d, c.number, trust).map_err(|e| e.to_string()),
+        |_, _| {},
+    )
+    .map_err(|e| e.to_string())?;
+    let label = Slot::from_partition_number(choice.number).map_or("?", |s| s.label());
+    Ok((format!("{label}:{v}"), !refused.is_empty()))
 }
 
 /// Descriptor signature, then the verity tree over the data, as dm-verity
