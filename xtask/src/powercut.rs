@@ -28,15 +28,20 @@ use nimbus_updater::engine::{Engine, Host, Options, Shared, Storage};
 use nimbus_updater::error::UpdateError;
 use nimbus_updater::target::{SlotDevice, SlotIo};
 
+/// A recorded step; `h` is the open handle it went through. A sync makes
+/// durable only what its own handle wrote (the stricter model: on a real
+/// block device one flush covers every handle, so a result that holds here
+/// holds there).
 #[derive(Clone)]
 enum Op {
-    Write { off: u64, data: Vec<u8> },
-    Sync,
+    Write { h: u32, off: u64, data: Vec<u8> },
+    Sync { h: u32 },
 }
 
 struct Recorder {
     live: Mutex<MemDisk>,
     ops: Mutex<Vec<Op>>,
+    handles: std::sync::atomic::AtomicU32,
 }
 
 fn put(d: &mut MemDisk, off: u64, data: &[u8]) -> std::io::Result<()> {
@@ -50,7 +55,18 @@ fn get(d: &mut MemDisk, off: u64, buf: &mut [u8]) -> std::io::Result<()> {
 }
 
 impl Recorder {
-    fn write(&self, off: u64, data: &[u8]) -> std::io::Result<()> {
+    fn new(img: MemDisk) -> Recorder {
+        Recorder {
+            live: Mutex::new(img),
+            ops: Mutex::new(Vec::new()),
+            handles: std::sync::atomic::AtomicU32::new(0),
+        }
+    }
+    fn handle(&self) -> u32 {
+        self.handles
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+    }
+    fn write(&self, h: u32, off: u64, data: &[u8]) -> std::io::Result<()> {
         let mut live = self
             .live
             .lock()
@@ -60,6 +76,7 @@ impl Recorder {
             .lock()
             .map_err(|_| std::io::Error::other("poisoned"))?
             .push(Op::Write {
+                h,
                 off,
                 data: data.to_vec(),
             });
@@ -72,11 +89,11 @@ impl Recorder {
             .map_err(|_| std::io::Error::other("poisoned"))?;
         get(&mut live, off, buf)
     }
-    fn sync(&self) -> std::io::Result<()> {
+    fn sync(&self, h: u32) -> std::io::Result<()> {
         self.ops
             .lock()
             .map_err(|_| std::io::Error::other("poisoned"))?
-            .push(Op::Sync);
+            .push(Op::Sync { h });
         Ok(())
     }
 }
@@ -84,6 +101,7 @@ impl Recorder {
 /// The GPT's view: a seekable device over the recorder.
 struct RecDev {
     rec: Arc<Recorder>,
+    h: u32,
     pos: u64,
     len: u64,
 }
@@ -99,7 +117,7 @@ impl Read for RecDev {
 
 impl Write for RecDev {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.rec.write(self.pos, buf)?;
+        self.rec.write(self.h, self.pos, buf)?;
         self.pos += buf.len() as u64;
         Ok(buf.len())
     }
@@ -130,21 +148,21 @@ impl<T> ContextIo<T> for Option<T> {
 
 impl BlockDevice for RecDev {
     fn sync(&mut self) -> std::io::Result<()> {
-        self.rec.sync()
+        self.rec.sync(self.h)
     }
 }
 
-struct RecSlot(Arc<Recorder>);
+struct RecSlot(Arc<Recorder>, u32);
 
 impl SlotIo for RecSlot {
     fn write_all_at(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
-        self.0.write(off, buf)
+        self.0.write(self.1, off, buf)
     }
     fn read_exact_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
         self.0.read(off, buf)
     }
     fn sync_data(&self) -> std::io::Result<()> {
-        self.0.sync()
+        self.0.sync(self.1)
     }
 }
 
@@ -157,6 +175,7 @@ impl Storage for RecStorage {
     fn gpt(&self, _writable: bool) -> Result<Disk<Box<dyn BlockDevice>>, GptError> {
         let dev = RecDev {
             rec: self.rec.clone(),
+            h: self.rec.handle(),
             pos: 0,
             len: self.len,
         };
@@ -164,7 +183,7 @@ impl Storage for RecStorage {
     }
     fn slot(&self, partition: u32, offset: u64, size: u64) -> Result<SlotDevice, UpdateError> {
         Ok(SlotDevice::with_io(
-            Box::new(RecSlot(self.rec.clone())),
+            Box::new(RecSlot(self.rec.clone(), self.rec.handle())),
             Path::new("powercut-disk"),
             partition,
             offset,
@@ -403,24 +422,51 @@ fn is_gpt(off: u64, data_len: usize, len: u64) -> bool {
 fn flip_before_write(ops: &[Op], len: u64) -> Vec<Op> {
     let first_data = ops
         .iter()
-        .position(|o| matches!(o, Op::Write { off, data } if !is_gpt(*off, data.len(), len)));
+        .position(|o| matches!(o, Op::Write { off, data, .. } if !is_gpt(*off, data.len(), len)));
     let last_data = ops
         .iter()
-        .rposition(|o| matches!(o, Op::Write { off, data } if !is_gpt(*off, data.len(), len)));
+        .rposition(|o| matches!(o, Op::Write { off, data, .. } if !is_gpt(*off, data.len(), len)));
     let (Some(first), Some(last)) = (first_data, last_data) else {
         return ops.to_vec();
     };
     let flip: Vec<Op> = ops[last + 1..]
         .iter()
-        .filter(|o| matches!(o, Op::Write { off, data } if is_gpt(*off, data.len(), len)))
+        .filter(|o| matches!(o, Op::Write { off, data, .. } if is_gpt(*off, data.len(), len)))
         .cloned()
-        .flat_map(|w| [w, Op::Sync])
+        .flat_map(|w| {
+            let h = match &w {
+                Op::Write { h, .. } | Op::Sync { h } => *h,
+            };
+            [w, Op::Sync { h }]
+        })
         .collect();
+    let data_h = match &ops[last] {
+        Op::Write { h, .. } | Op::Sync { h } => *h,
+    };
     let mut out = ops[..first].to_vec();
     out.extend(flip);
     out.extend(ops[first..=last].iter().cloned());
-    out.push(Op::Sync);
+    out.push(Op::Sync { h: data_h });
     out
+}
+
+/// Unsynced writes: (handle, offset, bytes).
+type Pending = Vec<(u32, u64, Vec<u8>)>;
+
+/// Apply `op` to the durable `image` and the `pending` writes: a write is
+/// pending until a sync of its own handle.
+fn step(op: &Op, image: &mut MemDisk, pending: &mut Pending) -> std::io::Result<()> {
+    match op {
+        Op::Write { h, off, data } => pending.push((*h, *off, data.clone())),
+        Op::Sync { h } => {
+            let (now, later): (Pending, Pending) = pending.drain(..).partition(|(w, ..)| w == h);
+            *pending = later;
+            for (_, off, data) in now {
+                put(image, off, &data)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Cut the power before every op of `ops` (starting from `base`) in
@@ -436,13 +482,14 @@ fn check_ops(
 ) -> anyhow::Result<Stats> {
     // Tables at each sync boundary: the durable states a cut must land on.
     let mut synced = base.clone();
+    let mut synced_pending = Pending::new();
     let mut boundary_tables = vec![table(&synced)];
     let mut cuts = Vec::new(); // (k, boundary index)
     for (k, op) in ops.iter().enumerate() {
         cuts.push((k, boundary_tables.len() - 1));
-        match op {
-            Op::Write { off, data } => put(&mut synced, *off, data)?,
-            Op::Sync => boundary_tables.push(table(&synced)),
+        step(op, &mut synced, &mut synced_pending)?;
+        if matches!(op, Op::Sync { .. }) {
+            boundary_tables.push(table(&synced));
         }
     }
     let variants_per_cut = points.div_ceil(cuts.len().max(1)).max(4);
@@ -464,21 +511,23 @@ fn check_ops(
         failures: Vec::new(),
     };
     let mut image = base.clone();
-    let mut pending: Vec<(u64, Vec<u8>)> = Vec::new();
+    let mut pending = Pending::new();
     for (k, op) in ops.iter().enumerate() {
         // The cut lands before op k: `image` is durable, `pending` is not.
         let (_, bidx) = cuts[k];
         // Torn variants: the newest unsynced write, when GPT-sized, stopped
         // at each sector boundary (the others all landed).
         let torn: Vec<usize> = match pending.last() {
-            Some((_, d)) if d.len() <= 64 * 1024 => (1..d.len() / 512).map(|s| s * 512).collect(),
+            Some((_, _, d)) if d.len() <= 64 * 1024 => {
+                (1..d.len() / 512).map(|s| s * 512).collect()
+            }
             _ => Vec::new(),
         };
         for variant in 0..variants_per_cut + torn.len() {
             let mut img = image.clone();
             if variant >= variants_per_cut {
                 let keep = torn[variant - variants_per_cut];
-                for (i, (off, data)) in pending.iter().enumerate() {
+                for (i, (_, off, data)) in pending.iter().enumerate() {
                     let n = if i + 1 == pending.len() {
                         keep
                     } else {
@@ -487,17 +536,17 @@ fn check_ops(
                     put(&mut img, *off, &data[..n])?;
                 }
             } else {
-                let landed: Vec<&(u64, Vec<u8>)> = match variant {
+                let landed: Vec<&(u32, u64, Vec<u8>)> = match variant {
                     0 => Vec::new(),
                     1 => pending.iter().collect(),
                     _ => pending.iter().filter(|_| next() % 2 == 0).collect(),
                 };
-                for (off, data) in &landed {
+                for (_, off, data) in &landed {
                     put(&mut img, *off, data)?;
                 }
                 if variant == 2 {
                     // Torn: the last unsynced write only got its first sectors down.
-                    if let Some((off, data)) = pending.last() {
+                    if let Some((_, off, data)) = pending.last() {
                         let keep = (data.len() / 512 / 2) * 512;
                         put(&mut img, *off, &data[..keep])?;
                     }
@@ -535,14 +584,7 @@ fn check_ops(
                 ));
             }
         }
-        match op {
-            Op::Write { off, data } => pending.push((*off, data.clone())),
-            Op::Sync => {
-                for (off, data) in pending.drain(..) {
-                    put(&mut image, off, &data)?;
-                }
-            }
-        }
+        step(op, &mut image, &mut pending)?;
     }
     Ok(st)
 }
@@ -554,10 +596,7 @@ pub fn run(points: usize) -> anyhow::Result<ExitCode> {
         .context("temp dir")?;
     let s = setup(work.path())?;
     let len = s.base.len();
-    let rec = Arc::new(Recorder {
-        live: Mutex::new(s.base.clone()),
-        ops: Mutex::new(Vec::new()),
-    });
+    let rec = Arc::new(Recorder::new(s.base.clone()));
     let storage = Arc::new(RecStorage {
         rec: rec.clone(),
         len,
@@ -634,21 +673,18 @@ pub fn run(points: usize) -> anyhow::Result<ExitCode> {
     let sigs_path = PathBuf::from(format!("{}.sig", s.manifest.display()));
     let (mut rerun_done, mut rerun_refused, mut rerun_bad) = (0usize, 0usize, Vec::new());
     let mut image = s.base.clone();
-    let mut pending: Vec<(u64, Vec<u8>)> = Vec::new();
+    let mut pending = Pending::new();
     for (k, op) in ops[..update_ops].iter().enumerate() {
         for landed in [false, true] {
             let mut img = image.clone();
             if landed {
-                for (off, data) in &pending {
+                for (_, off, data) in &pending {
                     put(&mut img, *off, data)?;
                 }
             }
             let root = work.path().join(format!("rerun-{k}-{landed}"));
             copy_tree(&root_template, &root)?;
-            let rec = Arc::new(Recorder {
-                live: Mutex::new(img),
-                ops: Mutex::new(Vec::new()),
-            });
+            let rec = Arc::new(Recorder::new(img));
             let host = Host {
                 root: root.clone(),
                 disk: PathBuf::from("powercut-disk"),
@@ -677,14 +713,7 @@ pub fn run(points: usize) -> anyhow::Result<ExitCode> {
             }
             let _ = std::fs::remove_dir_all(&root);
         }
-        match op {
-            Op::Write { off, data } => pending.push((*off, data.clone())),
-            Op::Sync => {
-                for (off, data) in pending.drain(..) {
-                    put(&mut image, off, &data)?;
-                }
-            }
-        }
+        step(op, &mut image, &mut pending)?;
     }
     println!(
         "engine re-run after a cut: {} cuts, {rerun_done} finished the update, {rerun_refused} refused cleanly, {} otherwise",
