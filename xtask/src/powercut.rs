@@ -450,6 +450,23 @@ fn flip_before_write(ops: &[Op], len: u64) -> Vec<Op> {
     out
 }
 
+/// The update's writes with the slot writer's syncs dropped (an engine
+/// that flips the GPT without making the slot data durable first), for
+/// the second negative control: only a per-handle sync model catches it.
+fn without_slot_syncs(ops: &[Op], len: u64) -> Vec<Op> {
+    let data_handles: std::collections::BTreeSet<u32> = ops
+        .iter()
+        .filter_map(|o| match o {
+            Op::Write { h, off, data } if !is_gpt(*off, data.len(), len) => Some(*h),
+            _ => None,
+        })
+        .collect();
+    ops.iter()
+        .filter(|o| !matches!(o, Op::Sync { h } if data_handles.contains(h)))
+        .cloned()
+        .collect()
+}
+
 /// Unsynced writes: (handle, offset, bytes).
 type Pending = Vec<(u32, u64, Vec<u8>)>;
 
@@ -737,6 +754,15 @@ pub fn run(points: usize) -> anyhow::Result<ExitCode> {
     );
     if control.refused + control.unbootable == 0 {
         bail!("the harness cannot tell a flip-before-write engine from a correct one");
+    }
+    let unsynced = without_slot_syncs(&ops[..update_ops], len);
+    let control2 = check_ops(&unsynced, &s.base, &s.trust, 0)?;
+    println!(
+        "negative control (slot data never synced before the flip): {} cut points, {} first choices failed verification, {} unbootable",
+        control2.n, control2.refused, control2.unbootable
+    );
+    if control2.refused + control2.unbootable == 0 {
+        bail!("the harness cannot tell an engine that skips the slot's sync from a correct one");
     }
 
     // File writes: the engine's, then cloud-config's.
