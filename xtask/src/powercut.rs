@@ -746,23 +746,25 @@ pub fn run(points: usize) -> anyhow::Result<ExitCode> {
             rerun_bad.len()
         );
     }
-    let broken = flip_before_write(&ops[..update_ops], len);
-    let control = check_ops(&broken, &s.base, &s.trust, 0)?;
-    println!(
-        "negative control (GPT flip before the slot data): {} cut points, {} first choices failed verification, {} unbootable",
-        control.n, control.refused, control.unbootable
-    );
-    if control.refused + control.unbootable == 0 {
-        bail!("the harness cannot tell a flip-before-write engine from a correct one");
-    }
-    let unsynced = without_slot_syncs(&ops[..update_ops], len);
-    let control2 = check_ops(&unsynced, &s.base, &s.trust, 0)?;
-    println!(
-        "negative control (slot data never synced before the flip): {} cut points, {} first choices failed verification, {} unbootable",
-        control2.n, control2.refused, control2.unbootable
-    );
-    if control2.refused + control2.unbootable == 0 {
-        bail!("the harness cannot tell an engine that skips the slot's sync from a correct one");
+    // Negative controls: broken engines' writes through the same checks.
+    for (what, broken) in [
+        (
+            "GPT flip before the slot data",
+            flip_before_write(&ops[..update_ops], len),
+        ),
+        (
+            "slot data never synced before the flip",
+            without_slot_syncs(&ops[..update_ops], len),
+        ),
+    ] {
+        let c = check_ops(&broken, &s.base, &s.trust, 0)?;
+        println!(
+            "negative control ({what}): {} cut points, {} first choices failed verification, {} unbootable",
+            c.n, c.refused, c.unbootable
+        );
+        if c.refused + c.unbootable == 0 {
+            bail!("the harness cannot tell this broken engine from a correct one: {what}");
+        }
     }
 
     // File writes: the engine's, then cloud-config's.
