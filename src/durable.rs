@@ -215,23 +215,7 @@ pub fn write_atomic_at(
         emit(|| FsEvent::SyncFile {
             path: tmp_path.clone(),
         });
-        // SAFETY: both names are NUL-terminated; both fds are the directory.
-        let rc = unsafe {
-            libc::renameat(
-                dir.as_raw_fd(),
-                c_tmp.as_ptr(),
-                dir.as_raw_fd(),
-                c_name.as_ptr(),
-            )
-        };
-        if rc != 0 {
-            return Err(last_err(target.clone(), "rename"));
-        }
-        emit(|| FsEvent::Rename {
-            from: tmp_path.clone(),
-            to: target.clone(),
-        });
-        sync_dir_fd(dir, dir_path)
+        rename_into_place(dir, dir_path, (&c_tmp, &tmp_path), (&c_name, &target))
     })();
     if result.is_err() {
         // SAFETY: as above; a failed unlink leaves only a stray temp file.
@@ -291,24 +275,38 @@ pub fn symlink_atomic_at(
         path: tmp_path.clone(),
         target: target.to_path_buf(),
     });
-    // SAFETY: as above.
-    if unsafe {
+    let r = rename_into_place(dir, dir_path, (&c_tmp, &tmp_path), (&c_name, &path));
+    if r.is_err() {
+        // SAFETY: as above; a failed unlink leaves only a stray temp link.
+        unsafe { libc::unlinkat(dir.as_raw_fd(), c_tmp.as_ptr(), 0) };
+    }
+    r
+}
+
+/// Rename the temp name over the target within the open directory, then
+/// fsync the directory: the step that makes a replacement visible and
+/// durable, traced for the power-cut harness.
+fn rename_into_place(
+    dir: BorrowedFd<'_>,
+    dir_path: &Path,
+    (c_tmp, tmp_path): (&CString, &Path),
+    (c_name, target): (&CString, &Path),
+) -> Result<(), DurableError> {
+    // SAFETY: both names are NUL-terminated; both fds are the directory.
+    let rc = unsafe {
         libc::renameat(
             dir.as_raw_fd(),
             c_tmp.as_ptr(),
             dir.as_raw_fd(),
             c_name.as_ptr(),
         )
-    } != 0
-    {
-        let e = last_err(path, "rename");
-        // SAFETY: as above.
-        unsafe { libc::unlinkat(dir.as_raw_fd(), c_tmp.as_ptr(), 0) };
-        return Err(e);
+    };
+    if rc != 0 {
+        return Err(last_err(target.to_path_buf(), "rename"));
     }
     emit(|| FsEvent::Rename {
-        from: tmp_path.clone(),
-        to: path,
+        from: tmp_path.to_path_buf(),
+        to: target.to_path_buf(),
     });
     sync_dir_fd(dir, dir_path)
 }
@@ -337,23 +335,25 @@ mod tests {
     }
 
     #[test]
-    fn temp_names_are_unpredictable_and_a_planted_one_is_not_followed() {
+    fn temp_names_are_unpredictable_and_a_planted_link_is_replaced_not_followed() {
         let d = tempfile::tempdir().unwrap();
         let a = temp_name(d.path(), "f");
         let b = temp_name(d.path(), "f");
         assert_ne!(a, b);
         assert!(a.file_name().unwrap().to_string_lossy().starts_with(".f."));
-        // Even a planted symlink at the exact temp name is refused, not followed.
+        // A symlink planted at the target is replaced, never written through.
         let victim = d.path().join("victim");
         fs::write(&victim, b"keep").unwrap();
-        std::os::unix::fs::symlink(&victim, &a).unwrap();
-        let e = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&a)
-            .unwrap_err();
-        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
+        let target = d.path().join("authorized_keys");
+        std::os::unix::fs::symlink(&victim, &target).unwrap();
+        write_atomic(&target, b"new", 0o600).unwrap();
+        assert_eq!(fs::read(&victim).unwrap(), b"keep");
+        assert!(!fs::symlink_metadata(&target)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(fs::read(&target).unwrap(), b"new");
+        symlink_atomic(Path::new("/dev/null"), &target).unwrap();
         assert_eq!(fs::read(&victim).unwrap(), b"keep");
     }
 

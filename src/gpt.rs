@@ -474,15 +474,6 @@ impl<D: BlockDevice> Disk<D> {
         guid(self.gpt.header.disk_guid)
     }
 
-    /// Size of the device in bytes.
-    pub fn len(&self) -> u64 {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
     /// First boot's work on the table, in memory and then in one commit
     /// (backup first, so a cut leaves the old table or the new one):
     /// - a pristine disk ([`layout::PRISTINE_DISK_GUID`]) gets a fresh disk

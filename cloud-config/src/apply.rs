@@ -169,6 +169,22 @@ fn fstat(fd: BorrowedFd<'_>) -> io::Result<libc::stat> {
     Ok(st)
 }
 
+/// mkdir relative to a directory; `Ok(false)` when the name already exists.
+fn mkdirat(dir: BorrowedFd<'_>, name: &OsStr, mode: u32) -> io::Result<bool> {
+    let c = CString::new(name.as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in a path"))?;
+    // SAFETY: valid fd and NUL-terminated name.
+    if unsafe { libc::mkdirat(dir.as_raw_fd(), c.as_ptr(), mode as libc::mode_t) } == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    if e.kind() == io::ErrorKind::AlreadyExists {
+        Ok(false)
+    } else {
+        Err(e)
+    }
+}
+
 fn readlinkat(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<PathBuf> {
     let c = CString::new(name.as_bytes())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in a path"))?;
@@ -329,18 +345,7 @@ impl Root {
                     })
                 }
                 None if create => {
-                    let cn = CString::new(c.as_bytes()).map_err(|_| ApplyError::Invalid {
-                        what: path.into(),
-                        reason: "NUL in a path".into(),
-                    })?;
-                    // SAFETY: valid fd and NUL-terminated name.
-                    if unsafe { libc::mkdirat(cur.fd.as_fd().as_raw_fd(), cn.as_ptr(), 0o755) } != 0
-                    {
-                        let e = io::Error::last_os_error();
-                        if e.kind() != io::ErrorKind::AlreadyExists {
-                            return Err(io_err(&here)(e));
-                        }
-                    }
+                    mkdirat(cur.fd.as_fd(), &c, 0o755).map_err(io_err(&here))?;
                 }
                 None => {
                     return Err(io_err(&here)(io::Error::from(io::ErrorKind::NotFound)));
@@ -401,7 +406,13 @@ impl Root {
                 });
             }
             let same_owner = owner.is_none_or(|(u, g)| st.st_uid == u && st.st_gid == g);
-            if is_type(&st, libc::S_IFREG) && st.st_mode & 0o7777 == mode && same_owner {
+            // Same size first: a file the user grew (or made sparse and
+            // huge) is not read into memory just to learn it differs.
+            if is_type(&st, libc::S_IFREG)
+                && st.st_mode & 0o7777 == mode
+                && same_owner
+                && st.st_size as u64 == data.len() as u64
+            {
                 let same = openat(
                     dir.fd.as_fd(),
                     &name,
@@ -440,9 +451,12 @@ impl Root {
     }
 
     pub fn read(&self, path: &str) -> Option<String> {
-        let (mut f, _) = self.open_file(path)?;
+        let (f, _) = self.open_file(path)?;
         let mut s = String::new();
-        f.read_to_string(&mut s).ok()?;
+        // Bounded: some of these files are the user's (authorized_keys).
+        f.take(crate::yaml::MAX_BYTES as u64)
+            .read_to_string(&mut s)
+            .ok()?;
         Some(s)
     }
 
@@ -457,18 +471,8 @@ impl Root {
     fn mkdir_owned(&mut self, path: &str, mode: u32, owner: (u32, u32)) -> Result<(), ApplyError> {
         let (dir, name) = self.walk(path, true, false)?;
         let here = dir.path.join(&name);
-        let cn = CString::new(name.as_bytes()).map_err(|_| ApplyError::Invalid {
-            what: path.into(),
-            reason: "NUL in a path".into(),
-        })?;
-        // SAFETY: valid fd and NUL-terminated name.
-        if unsafe { libc::mkdirat(dir.fd.as_fd().as_raw_fd(), cn.as_ptr(), mode) } == 0 {
+        if mkdirat(dir.fd.as_fd(), &name, mode).map_err(io_err(&here))? {
             self.report.changed.push(format!("{path}/"));
-        } else {
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::AlreadyExists {
-                return Err(io_err(&here)(e));
-            }
         }
         let fd = openat(
             dir.fd.as_fd(),

@@ -545,10 +545,9 @@ fn grow_ext4(dev: &Path, mnt: &Path) -> R<Option<(u64, u64)>> {
     let dir = File::open(mnt).map_err(|e| format!("{}: {e}", mnt.display()))?;
     // EXT4_IOC_RESIZE_FS = _IOW('f', 16, __u64)
     const EXT4_IOC_RESIZE_FS: libc::c_ulong = 0x4008_6610;
-    let n: u64 = want;
     // SAFETY: the ioctl reads one u64 through the pointer, which outlives
     // the call.
-    let rc = unsafe { libc::ioctl(dir.as_raw_fd(), EXT4_IOC_RESIZE_FS, &n as *const u64) };
+    let rc = unsafe { libc::ioctl(dir.as_raw_fd(), EXT4_IOC_RESIZE_FS, &want as *const u64) };
     if rc != 0 {
         return Err(format!(
             "EXT4_IOC_RESIZE_FS to {want} blocks: {}",
