@@ -2,6 +2,8 @@
 //! mark-good command: finding the Nimbus disk, the verity table of a slot,
 //! and the kernel command line contract between the two stages.
 
+use std::path::PathBuf;
+
 use crate::release::{SlotDescriptor, VERITY_BLOCK};
 
 /// `nimbus.usr=PARTUUID=<uuid>` and `nimbus.usrhash=<root>` from a command
@@ -143,6 +145,33 @@ pub fn pick_running_disk<'a>(disks: &'a [DiskId], args: &Stage2Args) -> Result<&
 
 /// Every whole disk under `/sys/block` with a Nimbus layout, opened
 /// read-only. Loop, RAM, device-mapper and optical devices are skipped.
+/// Partition `n` of block device `disk` (a name under /sys/block): its
+/// `major:minor` and its /dev node, found through sysfs, so it works for
+/// vda1, nvme0n1p1 and loop0p1 alike.
+pub fn partition_device(disk: &str, n: u32) -> Result<(String, PathBuf), String> {
+    let dir = format!("/sys/block/{disk}");
+    for e in std::fs::read_dir(&dir)
+        .map_err(|e| format!("{dir}: {e}"))?
+        .flatten()
+    {
+        let p = e.path();
+        if std::fs::read_to_string(p.join("partition"))
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+            == Some(n)
+        {
+            let dev = std::fs::read_to_string(p.join("dev"))
+                .map_err(|e| format!("{}: {e}", p.display()))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            return Ok((
+                dev.trim().to_string(),
+                PathBuf::from(format!("/dev/{name}")),
+            ));
+        }
+    }
+    Err(format!("{disk} has no partition {n} in sysfs"))
+}
+
 pub fn scan_disks() -> Vec<DiskId> {
     let Ok(rd) = std::fs::read_dir("/sys/block") else {
         return Vec::new();
@@ -394,7 +423,7 @@ mod tests {
             verity_root: [0xab; 32],
             verity_salt: [0xcd; 32],
             created: 0,
-            keyid: crate::keys::KeyId([0; 8]),
+            signers: vec![],
         };
         let (sectors, t) = verity_table(&d, "254:3");
         assert_eq!(sectors, 800);

@@ -14,7 +14,8 @@ use std::path::{Path, PathBuf};
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
-use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
+pub use ed25519_dalek::VerifyingKey;
+use ed25519_dalek::{Signer, SigningKey};
 use sha2::{Digest, Sha256};
 
 use crate::durable;
@@ -250,10 +251,13 @@ pub fn load_public(path: &Path) -> Result<VerifyingKey, KeyError> {
 }
 
 /// The keys a client trusts and how many distinct ones must sign.
-#[derive(Debug, Clone)]
+/// On hosts it comes from a trust set file (`crate::trust`), whose
+/// version it carries; 0 marks an ad-hoc store (tests, `disk show --keys`).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TrustStore {
     pub keys: BTreeMap<KeyId, VerifyingKey>,
     pub threshold: usize,
+    pub version: u64,
 }
 
 impl TrustStore {
@@ -261,7 +265,20 @@ impl TrustStore {
         TrustStore {
             keys: keys.into_iter().map(|k| (KeyId::of(&k), k)).collect(),
             threshold: threshold.max(1),
+            version: 0,
         }
+    }
+
+    /// `version 3, 2 of 3 keys: 1f2e.., 55aa.., 9c0d..` for logs and status.
+    pub fn summary(&self) -> String {
+        let ids: Vec<String> = self.keys.keys().map(|k| k.to_string()).collect();
+        format!(
+            "version {}, {} of {} key(s): {}",
+            self.version,
+            self.threshold,
+            self.keys.len(),
+            ids.join(", ")
+        )
     }
 
     /// Every `*.pub` in `dir` (e.g. /usr/share/nimbus/keys). One bad file fails

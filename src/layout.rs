@@ -24,6 +24,8 @@ pub const HOST_UNIQUE_PARTITIONS: [u32; 3] = [1, 6, 9];
 
 /// ROOT, the partition that grows to fill a larger disk.
 pub const ROOT_PARTITION: u32 = 9;
+/// The EFI system partition: stage 1, loader files, trust rotations.
+pub const ESP_PARTITION: u32 = 1;
 /// Sectors a GPT needs at each end: MBR + header + 32 sectors of entries at the
 /// start, entries + header at the end.
 pub const GPT_HEAD_SECTORS: u64 = 34;

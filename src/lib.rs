@@ -8,6 +8,7 @@
 //! - [`gpt`]: reading and writing a Nimbus GPT on any [`gpt::BlockDevice`].
 //! - [`keys`], [`release`]: release keys, the signed slot descriptor and the
 //!   signed channel manifest.
+//! - [`trust`]: the trust set file and its rotation chain.
 //! - [`durable`]: crash-safe file replacement.
 
 pub mod boot;
@@ -17,6 +18,7 @@ pub mod keys;
 pub mod layout;
 pub mod release;
 pub mod slots;
+pub mod trust;
 pub mod updateconf;
 
 pub use semver::Version;

@@ -27,10 +27,59 @@ pub enum VerifyError {
     BadSignature { keyid: String },
     #[error("signature claims key {claimed} but was made by trusted key {signer} (wrong key)")]
     WrongKey { claimed: String, signer: String },
-    #[error("{valid} valid signature(s) from distinct trusted keys, {needed} required")]
-    Threshold { valid: usize, needed: usize },
+    #[error("{valid} valid signature(s) from distinct trusted keys, {needed} required{}", duplicate_note(*duplicates))]
+    Threshold {
+        valid: usize,
+        needed: usize,
+        /// Further valid signatures by a key that had already signed.
+        duplicates: usize,
+    },
     #[error("signature file: {0}")]
     SignatureFile(String),
+}
+
+fn duplicate_note(n: usize) -> String {
+    match n {
+        0 => String::new(),
+        n => format!(" ({n} more by a key that had already signed: one key counts once)"),
+    }
+}
+
+/// Count the valid signatures by distinct trusted keys over `msg` and hold
+/// them to the threshold. Signatures by keys the store does not know are
+/// passed over (a release signed for a newer trust set as well), but with
+/// nothing valid the first specific reason is the error.
+fn require_threshold(
+    trust: &TrustStore,
+    msg: &[u8],
+    entries: impl IntoIterator<Item = (String, Result<Vec<u8>, VerifyError>)>,
+) -> Result<(), VerifyError> {
+    let mut valid = BTreeSet::new();
+    let mut duplicates = 0;
+    let mut first_err = None;
+    for (keyid, sig) in entries {
+        match sig.and_then(|sig| verify_one(trust, &keyid, msg, &sig)) {
+            Ok(id) => {
+                if !valid.insert(id) {
+                    duplicates += 1;
+                }
+            }
+            Err(err) => {
+                first_err.get_or_insert(err);
+            }
+        }
+    }
+    if valid.len() >= trust.threshold {
+        return Ok(());
+    }
+    match first_err {
+        Some(e) if valid.is_empty() => Err(e),
+        _ => Err(VerifyError::Threshold {
+            valid: valid.len(),
+            needed: trust.threshold,
+            duplicates,
+        }),
+    }
 }
 
 /// Check one signature against the trust store. A failure under the named
@@ -79,8 +128,14 @@ fn verify_one(
 
 pub const DESCRIPTOR_SIZE: usize = 4096;
 pub const DESCRIPTOR_MAGIC: &[u8; 8] = b"NIMBUSSD";
-pub const DESCRIPTOR_FORMAT: u32 = 1;
-const SIG_OFFSET: usize = DESCRIPTOR_SIZE - 64;
+pub const DESCRIPTOR_FORMAT: u32 = 2;
+/// Bytes 0..SIGNED_END are signed; the signature table follows.
+const SIGNED_END: usize = 2048;
+/// One table entry: the signer's key id, then its ed25519 signature.
+const SIG_ENTRY: usize = 8 + 64;
+/// Room for 28 signatures, as many as a trust set may hold keys.
+pub const MAX_DESCRIPTOR_SIGNATURES: usize = 28;
+const COUNT_FIELD: usize = 12;
 const VERSION_FIELD: std::ops::Range<usize> = 16..80;
 const USED_END: usize = 192;
 pub const VERITY_BLOCK: u32 = 4096;
@@ -100,8 +155,10 @@ pub struct SlotDescriptor {
     pub verity_salt: [u8; 32],
     /// Unix seconds (SOURCE_DATE_EPOCH for reproducible builds).
     pub created: u64,
-    #[serde(serialize_with = "display")]
-    pub keyid: KeyId,
+    /// Who signed, in table order; filled when a descriptor is read, ignored
+    /// when one is signed (the keys passed to `sign` are the signers).
+    #[serde(serialize_with = "display_all")]
+    pub signers: Vec<KeyId>,
 }
 
 mod hex_bytes {
@@ -110,8 +167,11 @@ mod hex_bytes {
     }
 }
 
-fn display<S: serde::Serializer, T: std::fmt::Display>(v: &T, s: S) -> Result<S::Ok, S::Error> {
-    s.collect_str(v)
+fn display_all<S: serde::Serializer, T: std::fmt::Display>(
+    v: &[T],
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_seq(v.iter().map(|x| x.to_string()))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -172,16 +232,26 @@ impl SlotDescriptor {
         self.hash_offset + self.hash_size
     }
 
-    /// Encode and sign. Fails only if a field is out of range.
-    pub fn sign(&self, key: &ReleaseKey) -> Result<[u8; DESCRIPTOR_SIZE], DescriptorError> {
-        let d = SlotDescriptor {
-            keyid: key.id,
-            ..self.clone()
-        };
-        d.check_fields()?;
+    /// Encode and sign with every key (distinct keys, 1 to 28). Fails only
+    /// if a field is out of range or the key list is.
+    pub fn sign(&self, keys: &[&ReleaseKey]) -> Result<[u8; DESCRIPTOR_SIZE], DescriptorError> {
+        self.check_fields()?;
+        let ids: BTreeSet<KeyId> = keys.iter().map(|k| k.id).collect();
+        if keys.is_empty() || keys.len() > MAX_DESCRIPTOR_SIGNATURES || ids.len() != keys.len() {
+            return Err(field(
+                "signatures",
+                format!(
+                    "{} keys given; a descriptor is signed by 1 to {MAX_DESCRIPTOR_SIGNATURES} distinct keys",
+                    keys.len()
+                ),
+            ));
+        }
+        let d = self;
         let mut b = [0u8; DESCRIPTOR_SIZE];
         b[0..8].copy_from_slice(DESCRIPTOR_MAGIC);
         b[8..12].copy_from_slice(&DESCRIPTOR_FORMAT.to_le_bytes());
+        // The count is signed, so a table cut short is caught as such.
+        b[COUNT_FIELD..COUNT_FIELD + 4].copy_from_slice(&(keys.len() as u32).to_le_bytes());
         let v = d.version.to_string();
         b[VERSION_FIELD.start..VERSION_FIELD.start + v.len()].copy_from_slice(v.as_bytes());
         b[80..88].copy_from_slice(&d.data_size.to_le_bytes());
@@ -191,11 +261,50 @@ impl SlotDescriptor {
         b[108..112].copy_from_slice(&VERITY_BLOCK.to_le_bytes());
         b[112..144].copy_from_slice(&d.verity_root);
         b[144..176].copy_from_slice(&d.verity_salt);
-        b[176..184].copy_from_slice(&d.keyid.0);
         b[184..192].copy_from_slice(&d.created.to_le_bytes());
-        let sig = key.sign(&b[..SIG_OFFSET]);
-        b[SIG_OFFSET..].copy_from_slice(&sig);
+        for (n, key) in keys.iter().enumerate() {
+            let sig = key.sign(&b[..SIGNED_END]);
+            let at = SIGNED_END + n * SIG_ENTRY;
+            b[at..at + 8].copy_from_slice(&key.id.0);
+            b[at + 8..at + SIG_ENTRY].copy_from_slice(&sig);
+        }
         Ok(b)
+    }
+
+    /// The signature table: (key id, signature) for each of `count`
+    /// entries, after checking that everything past them is zero.
+    fn signature_table(b: &[u8]) -> Result<Vec<(KeyId, [u8; 64])>, DescriptorError> {
+        let count = u32::from_le_bytes([
+            b[COUNT_FIELD],
+            b[COUNT_FIELD + 1],
+            b[COUNT_FIELD + 2],
+            b[COUNT_FIELD + 3],
+        ]) as usize;
+        if count == 0 || count > MAX_DESCRIPTOR_SIGNATURES {
+            return Err(field(
+                "signature_count",
+                format!(
+                    "{count} (a descriptor carries 1 to {MAX_DESCRIPTOR_SIGNATURES} signatures)"
+                ),
+            ));
+        }
+        let end = SIGNED_END + count * SIG_ENTRY;
+        if let Some(off) = b[end..].iter().position(|&c| c != 0) {
+            return Err(DescriptorError::NonZeroReserved {
+                offset: end + off,
+                value: b[end + off],
+            });
+        }
+        Ok(b[SIGNED_END..end]
+            .chunks_exact(SIG_ENTRY)
+            .map(|e| {
+                let mut id = [0u8; 8];
+                id.copy_from_slice(&e[..8]);
+                let mut sig = [0u8; 64];
+                sig.copy_from_slice(&e[8..]);
+                (KeyId(id), sig)
+            })
+            .collect())
     }
 
     /// Decode without checking the signature: for display only (`disk show`
@@ -219,7 +328,11 @@ impl SlotDescriptor {
         if fmt != DESCRIPTOR_FORMAT {
             return Err(DescriptorError::UnsupportedFormat(fmt));
         }
-        for off in (12..16).chain(USED_END..SIG_OFFSET) {
+        let signers = SlotDescriptor::signature_table(b)?
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        for off in (176..184).chain(USED_END..SIGNED_END) {
             if b[off] != 0 {
                 return Err(DescriptorError::NonZeroReserved {
                     offset: off,
@@ -249,8 +362,6 @@ impl SlotDescriptor {
         verity_root.copy_from_slice(&b[112..144]);
         let mut verity_salt = [0u8; 32];
         verity_salt.copy_from_slice(&b[144..176]);
-        let mut keyid = [0u8; 8];
-        keyid.copy_from_slice(&b[176..184]);
         let d = SlotDescriptor {
             version,
             data_size: u64_at(80),
@@ -259,15 +370,16 @@ impl SlotDescriptor {
             verity_root,
             verity_salt,
             created: u64_at(184),
-            keyid: KeyId(keyid),
+            signers,
         };
         d.check_fields()?;
         Ok(d)
     }
 
-    /// Verify the signature over bytes 0..4032, then decode. Every byte is
-    /// covered: the signature by the key, the signature field by ed25519's
-    /// strict encoding checks.
+    /// Verify the signatures over bytes 0..2048 against the trust store's
+    /// threshold, then decode. Every byte is covered: the signed half by
+    /// the signatures, the table by its signed count, each signature by
+    /// ed25519's strict checks, and all bytes past the table must be zero.
     pub fn verify(b: &[u8], trust: &TrustStore) -> Result<SlotDescriptor, DescriptorError> {
         if b.len() != DESCRIPTOR_SIZE {
             return Err(DescriptorError::Size(b.len()));
@@ -277,8 +389,18 @@ impl SlotDescriptor {
                 String::from_utf8_lossy(&b[0..8]).into_owned(),
             ));
         }
-        let keyid = hex::encode(&b[176..184]);
-        verify_one(trust, &keyid, &b[..SIG_OFFSET], &b[SIG_OFFSET..])?;
+        let fmt = u32::from_le_bytes([b[8], b[9], b[10], b[11]]);
+        if fmt != DESCRIPTOR_FORMAT {
+            return Err(DescriptorError::UnsupportedFormat(fmt));
+        }
+        let table = SlotDescriptor::signature_table(b)?;
+        require_threshold(
+            trust,
+            &b[..SIGNED_END],
+            table
+                .into_iter()
+                .map(|(id, sig)| (id.to_string(), Ok(sig.to_vec()))),
+        )?;
         SlotDescriptor::parse_unverified(b)
     }
 }
@@ -545,40 +667,16 @@ pub fn verify_detached(
     if entries.is_empty() {
         return Err(VerifyError::SignatureFile("no signatures".into()));
     }
-    let mut valid = BTreeSet::new();
-    let mut first_err = None;
-    for e in &entries {
-        let sig = match B64.decode(&e.sig) {
-            Ok(s) => s,
-            Err(err) => {
-                first_err.get_or_insert(VerifyError::SignatureFile(format!(
-                    "key {}: sig is not base64: {err}",
-                    e.keyid
-                )));
-                continue;
-            }
-        };
-        match verify_one(trust, &e.keyid, bytes, &sig) {
-            Ok(id) => {
-                valid.insert(id);
-            }
-            Err(err) => {
-                first_err.get_or_insert(err);
-            }
-        }
-    }
-    if valid.len() >= trust.threshold {
-        return Ok(());
-    }
-    // With nothing valid, the specific reason is the useful one; with some
-    // valid but too few, say so.
-    match first_err {
-        Some(e) if valid.is_empty() => Err(e),
-        _ => Err(VerifyError::Threshold {
-            valid: valid.len(),
-            needed: trust.threshold,
+    require_threshold(
+        trust,
+        bytes,
+        entries.iter().map(|e| {
+            let sig = B64.decode(&e.sig).map_err(|err| {
+                VerifyError::SignatureFile(format!("key {}: sig is not base64: {err}", e.keyid))
+            });
+            (e.keyid.clone(), sig)
         }),
-    }
+    )
 }
 
 #[cfg(test)]
@@ -599,20 +697,20 @@ mod tests {
             verity_root: [7; 32],
             verity_salt: [9; 32],
             created: 1_700_000_000,
-            keyid: KeyId([0; 8]),
+            signers: vec![],
         }
     }
 
     #[test]
     fn descriptor_roundtrip() {
         let k = key(1);
-        let b = descriptor().sign(&k).unwrap();
+        let b = descriptor().sign(&[&k]).unwrap();
         let trust = TrustStore::new([k.public()], 1);
         let d = SlotDescriptor::verify(&b, &trust).unwrap();
         assert_eq!(
             d,
             SlotDescriptor {
-                keyid: k.id,
+                signers: vec![k.id],
                 ..descriptor()
             }
         );
@@ -621,7 +719,7 @@ mod tests {
     #[test]
     fn every_flipped_byte_is_caught() {
         let k = key(1);
-        let b = descriptor().sign(&k).unwrap();
+        let b = descriptor().sign(&[&k]).unwrap();
         let trust = TrustStore::new([k.public()], 1);
         for i in 0..DESCRIPTOR_SIZE {
             let mut c = b;
@@ -638,7 +736,7 @@ mod tests {
         let (a, b) = (key(1), key(2));
         let trust_a = TrustStore::new([a.public()], 1);
         let trust_ab = TrustStore::new([a.public(), b.public()], 1);
-        let good = descriptor().sign(&a).unwrap();
+        let good = descriptor().sign(&[&a]).unwrap();
 
         let mut flipped = good;
         flipped[90] ^= 0x10; // hash_offset
@@ -647,19 +745,15 @@ mod tests {
             Err(DescriptorError::Signature(VerifyError::BadSignature { .. }))
         ));
 
-        let by_b = descriptor().sign(&b).unwrap();
+        let by_b = descriptor().sign(&[&b]).unwrap();
         assert!(matches!(
             SlotDescriptor::verify(&by_b, &trust_a),
             Err(DescriptorError::Signature(VerifyError::UntrustedKey { .. }))
         ));
 
-        // Signed by B, but claiming to be A's: the key id field is part of
-        // the signed bytes, so re-sign after editing to model a forger who
-        // holds B and labels it A.
+        // Signed by B, but the table says A.
         let mut wrong = by_b;
-        wrong[176..184].copy_from_slice(&a.id.0);
-        let sig = b.sign(&wrong[..SIG_OFFSET]);
-        wrong[SIG_OFFSET..].copy_from_slice(&sig);
+        wrong[SIGNED_END..SIGNED_END + 8].copy_from_slice(&a.id.0);
         assert!(matches!(
             SlotDescriptor::verify(&wrong, &trust_ab),
             Err(DescriptorError::Signature(VerifyError::WrongKey { .. }))
@@ -675,6 +769,63 @@ mod tests {
             SlotDescriptor::verify(&good[..100], &trust_a),
             Err(DescriptorError::Size(100))
         ));
+    }
+
+    #[test]
+    fn descriptor_threshold_counts_distinct_trusted_signers() {
+        let (a, b, c, d) = (key(1), key(2), key(3), key(4));
+        let two_of_three = TrustStore::new([a.public(), b.public(), c.public()], 2);
+        let one = descriptor().sign(&[&a]).unwrap();
+        assert!(matches!(
+            SlotDescriptor::verify(&one, &two_of_three),
+            Err(DescriptorError::Signature(VerifyError::Threshold {
+                valid: 1,
+                needed: 2,
+                duplicates: 0
+            }))
+        ));
+        let two = descriptor().sign(&[&a, &c]).unwrap();
+        let got = SlotDescriptor::verify(&two, &two_of_three).unwrap();
+        assert_eq!(got.signers, vec![a.id, c.id]);
+        // An extra signature by a key this store does not know is passed
+        // over (signed for a newer trust set as well).
+        let with_new = descriptor().sign(&[&d, &a, &b]).unwrap();
+        SlotDescriptor::verify(&with_new, &two_of_three).unwrap();
+
+        // One key's signature copied into the second entry counts once,
+        // and the error says so.
+        let mut dup = two;
+        dup.copy_within(SIGNED_END..SIGNED_END + SIG_ENTRY, SIGNED_END + SIG_ENTRY);
+        let e = SlotDescriptor::verify(&dup, &two_of_three).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                DescriptorError::Signature(VerifyError::Threshold {
+                    valid: 1,
+                    needed: 2,
+                    duplicates: 1
+                })
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("one key counts once"), "{e}");
+
+        // The count is signed: cutting the table changes the signed bytes.
+        let mut cut = descriptor().sign(&[&a, &b]).unwrap();
+        cut[COUNT_FIELD] = 1;
+        cut[SIGNED_END + SIG_ENTRY..SIGNED_END + 2 * SIG_ENTRY].fill(0);
+        assert!(SlotDescriptor::verify(&cut, &two_of_three).is_err());
+        let mut none = descriptor().sign(&[&a]).unwrap();
+        none[COUNT_FIELD] = 0;
+        assert!(matches!(
+            SlotDescriptor::verify(&none, &two_of_three),
+            Err(DescriptorError::Field {
+                field: "signature_count",
+                ..
+            })
+        ));
+        // Signing refuses a key twice.
+        assert!(descriptor().sign(&[&a, &a]).is_err());
     }
 
     #[test]
@@ -832,14 +983,22 @@ mod tests {
                 e,
                 ManifestError::Signature(VerifyError::Threshold {
                     valid: 1,
-                    needed: 2
+                    needed: 2,
+                    duplicates: 0
                 })
             ),
             "{e}"
         );
         // Two signatures by the same key count once.
         let (_, twice) = signed(&m, &[&a, &a]);
-        assert!(Manifest::verify(&bytes, &twice, &trust2, &pol).is_err());
+        assert!(matches!(
+            Manifest::verify(&bytes, &twice, &trust2, &pol),
+            Err(ManifestError::Signature(VerifyError::Threshold {
+                valid: 1,
+                needed: 2,
+                duplicates: 1
+            }))
+        ));
         let (_, both) = signed(&m, &[&a, &b]);
         Manifest::verify(&bytes, &both, &trust2, &pol).unwrap();
 

@@ -63,7 +63,11 @@ pub struct UnitFile {
 pub struct BuildOptions {
     pub version: Version,
     pub channel: String,
-    pub key_dir: PathBuf,
+    /// Release key directories; every key signs the USR descriptor.
+    pub key_dirs: Vec<PathBuf>,
+    /// The built-in trust set (USR and stage 1); without it, the signing
+    /// keys with threshold 1, version 1.
+    pub trust: Option<PathBuf>,
     pub dev_key: bool,
     pub usr_size: u64,
     pub disk_size: u64,
@@ -107,7 +111,8 @@ pub struct Artifact {
 pub struct BuildReport {
     pub version: String,
     pub channel: String,
-    pub key_id: String,
+    pub key_ids: Vec<String>,
+    pub trust_version: u64,
     pub dev_key: bool,
     pub source_date_epoch: u64,
     pub kernel: String,
@@ -164,7 +169,7 @@ impl Stages<'_> {
 }
 
 /// Checks that need no large writes: run them first.
-pub fn preflight(o: &BuildOptions) -> Result<ReleaseKey, ImageError> {
+pub fn preflight(o: &BuildOptions) -> Result<Signing, ImageError> {
     if !nimbus::release::valid_channel_name(&o.channel) {
         return Err(ImageError::Invalid(format!(
             "--channel {:?} is not a valid channel name ([a-z0-9._-])",
@@ -176,14 +181,7 @@ pub fn preflight(o: &BuildOptions) -> Result<ReleaseKey, ImageError> {
     if o.formats.is_empty() {
         return Err(ImageError::Invalid("--formats is empty".into()));
     }
-    if !o.key_dir.is_dir() {
-        return Err(ImageError::Invalid(format!(
-            "--key {}: no such directory (create one with `cargo xtask keygen --out DIR`)",
-            o.key_dir.display()
-        )));
-    }
-    let key =
-        ReleaseKey::load_dir(&o.key_dir).map_err(|e| ImageError::Invalid(format!("--key: {e}")))?;
+    let signing = signing(o)?;
     if let Some(ud) = &o.user_data {
         let text = fs::read_to_string(ud).map_err(io_at(ud))?;
         if !(text.starts_with("#cloud-config") || text.starts_with("#!")) {
@@ -210,7 +208,71 @@ pub fn preflight(o: &BuildOptions) -> Result<ReleaseKey, ImageError> {
         ImageError::Invalid(format!("--out {}: not writable: {e}", o.out.display()))
     })?;
     let _ = fs::remove_file(&probe);
-    Ok(key)
+    Ok(signing)
+}
+
+/// The keys that sign this build and the trust set it carries.
+pub struct Signing {
+    pub keys: Vec<ReleaseKey>,
+    pub trust: TrustStore,
+}
+
+impl Signing {
+    pub fn key_refs(&self) -> Vec<&ReleaseKey> {
+        self.keys.iter().collect()
+    }
+
+    pub fn trust_json(&self) -> Vec<u8> {
+        nimbus::trust::TrustDoc::from_store(&self.trust).to_bytes()
+    }
+}
+
+fn signing(o: &BuildOptions) -> Result<Signing, ImageError> {
+    if o.key_dirs.is_empty() {
+        return Err(ImageError::Invalid("no --key given".into()));
+    }
+    let mut keys: Vec<ReleaseKey> = Vec::new();
+    for d in &o.key_dirs {
+        if !d.is_dir() {
+            return Err(ImageError::Invalid(format!(
+                "--key {}: no such directory (create one with `cargo xtask keygen --out DIR`)",
+                d.display()
+            )));
+        }
+        let k = ReleaseKey::load_dir(d).map_err(|e| ImageError::Invalid(format!("--key: {e}")))?;
+        if keys.iter().any(|x| x.id == k.id) {
+            return Err(ImageError::Invalid(format!(
+                "--key {}: key {} is given twice",
+                d.display(),
+                k.id
+            )));
+        }
+        keys.push(k);
+    }
+    let trust = match &o.trust {
+        Some(p) => {
+            nimbus::trust::load(p).map_err(|e| ImageError::Invalid(format!("--trust: {e}")))?
+        }
+        None => {
+            let mut t = TrustStore::new(keys.iter().map(|k| k.public()), 1);
+            t.version = 1;
+            t
+        }
+    };
+    // The build must boot under its own trust set: enough of the signing
+    // keys must be in it. Checked now, not after a 5-minute build.
+    let trusted = keys
+        .iter()
+        .filter(|k| trust.keys.contains_key(&k.id))
+        .count();
+    if trusted < trust.threshold {
+        return Err(ImageError::Invalid(format!(
+            "the trust set ({}) needs {} signatures but only {trusted} of the --key keys are in it",
+            trust.summary(),
+            trust.threshold
+        )));
+    }
+    Ok(Signing { keys, trust })
 }
 
 fn copy_tree(from: &Path, to: &Path) -> Result<(), ImageError> {
@@ -243,7 +305,7 @@ fn install_targets(content: &str) -> Vec<String> {
 fn customize(
     o: &BuildOptions,
     root: &Path,
-    key: &ReleaseKey,
+    signing: &Signing,
     kver: &str,
 ) -> Result<(), ImageError> {
     let w = |p: &Path, data: &[u8]| -> Result<(), ImageError> {
@@ -306,15 +368,17 @@ fn customize(
         &root.join("usr/share/nimbus/update.conf"),
         format!("# Defaults of this image; override in /etc/nimbus/update.conf.\nGROUP={}\nSERVER={}\nREBOOT_STRATEGY=reboot\n", o.channel, o.server).as_bytes(),
     )?;
-    w(
-        &root.join(format!("usr/share/nimbus/keys/{}.pub", key.id)),
-        &nimbus::keys::public_key_json(&key.public()),
-    )?;
+    w(&root.join(nimbus::trust::USR_TRUST), &signing.trust_json())?;
     let os_release = format!(
         "NAME=\"Nimbus\"\nID=nimbus\nID_LIKE=coreos\nVERSION={v}\nVERSION_ID={v}\nPRETTY_NAME=\"Nimbus {v} ({c})\"\nNIMBUS_CHANNEL={c}\nNIMBUS_RELEASE_KEY={k}\nNIMBUS_DEV_KEY={d}\n",
         v = o.version,
         c = o.channel,
-        k = key.id,
+        k = signing
+            .keys
+            .iter()
+            .map(|k| k.id.to_string())
+            .collect::<Vec<_>>()
+            .join(","),
         d = if o.dev_key { "yes" } else { "no" }
     );
     w(&root.join("usr/lib/os-release"), os_release.as_bytes())?;
@@ -377,6 +441,10 @@ pub fn stage1_modules(root: &Path, kver: &str) -> Result<Vec<String>, ImageError
         "ext4",
         // UEFI: systemd-boot's LoaderDevicePartUUID names the boot disk.
         "efivarfs",
+        // The ESP, for the trust rotations update-engine leaves there.
+        "vfat",
+        "nls_cp437",
+        "nls_ascii",
     ];
     let dir = root.join("usr/lib/modules").join(kver);
     let dep = fs::read_to_string(dir.join("modules.dep")).map_err(io_at(&dir))?;
@@ -431,7 +499,7 @@ fn stage1_initramfs(
     o: &BuildOptions,
     root: &Path,
     kver: &str,
-    key: &ReleaseKey,
+    signing: &Signing,
 ) -> Result<Vec<u8>, ImageError> {
     let mods = stage1_modules(root, kver)?;
     let mut c = Cpio::new(Vec::new(), o.epoch as u32);
@@ -449,7 +517,6 @@ fn stage1_initramfs(
         "sysroot",
         "etc",
         "etc/nimbus",
-        "etc/nimbus/keys",
         "lib",
         "lib/modules",
     ] {
@@ -477,11 +544,7 @@ fn stage1_initramfs(
         0o644,
         (mods.join("\n") + "\n").as_bytes(),
     ))?;
-    e(c.file(
-        &format!("etc/nimbus/keys/{}.pub", key.id),
-        0o644,
-        &nimbus::keys::public_key_json(&key.public()),
-    ))?;
+    e(c.file(nimbus::trust::STAGE1_TRUST, 0o644, &signing.trust_json()))?;
     if let Some(init) = &o.stage1_init {
         let data = fs::read(init).map_err(io_at(init))?;
         e(c.file("init", 0o755, &data))?;
@@ -665,7 +728,7 @@ pub fn build(o: &BuildOptions, progress: &mut dyn Progress) -> Result<BuildRepor
 
 fn build_inner(o: &BuildOptions, progress: &mut dyn Progress) -> Result<BuildReport, ImageError> {
     let t0 = Instant::now();
-    let key = preflight(o)?;
+    let signing = preflight(o)?;
     let mut st = Stages {
         progress,
         times: Vec::new(),
@@ -691,12 +754,12 @@ fn build_inner(o: &BuildOptions, progress: &mut dyn Progress) -> Result<BuildRep
         copy_tree(&rootfs.dir, &staging)?;
         let _ = fs::remove_file(staging.join(".complete"));
         let kver = rootfs::kernel_version(&staging)?;
-        customize(o, &staging, &key, &kver)?;
+        customize(o, &staging, &signing, &kver)?;
         Ok((kver.clone(), format!("kernel {kver}")))
     })?;
     let kernel = fs::read(staging.join("usr/lib/nimbus/boot/vmlinuz")).map_err(io_at(&staging))?;
     let stage1 = st.run("stage1-initramfs", || {
-        let b = stage1_initramfs(o, &staging, &kver, &key)?;
+        let b = stage1_initramfs(o, &staging, &kver, &signing)?;
         let n = format!(
             "{} KiB{}",
             b.len() / 1024,
@@ -728,7 +791,7 @@ fn build_inner(o: &BuildOptions, progress: &mut dyn Progress) -> Result<BuildRep
             epoch: o.epoch,
             fs_uuid: seeded(&o.version, "usr-fs"),
             slot_size: o.usr_size,
-            key: &key,
+            keys: &signing.key_refs(),
         })?;
         let n = format!(
             "erofs {} MiB, tree {} KiB, root {}",
@@ -865,7 +928,7 @@ fn build_inner(o: &BuildOptions, progress: &mut dyn Progress) -> Result<BuildRep
         let desc = d
             .read_descriptor(Slot::A)
             .map_err(|e| ImageError::Invalid(e.to_string()))?;
-        SlotDescriptor::verify(&desc, &TrustStore::new([key.public()], 1)).map_err(|e| {
+        SlotDescriptor::verify(&desc, &signing.trust).map_err(|e| {
             ImageError::Invalid(format!(
                 "USR-A descriptor does not verify after writing: {e}"
             ))
@@ -960,7 +1023,8 @@ fn build_inner(o: &BuildOptions, progress: &mut dyn Progress) -> Result<BuildRep
     let report = BuildReport {
         version: o.version.to_string(),
         channel: o.channel.clone(),
-        key_id: key.id.to_string(),
+        key_ids: signing.keys.iter().map(|k| k.id.to_string()).collect(),
+        trust_version: signing.trust.version,
         dev_key: o.dev_key,
         source_date_epoch: o.epoch,
         kernel: kver,
@@ -984,6 +1048,10 @@ fn build_inner(o: &BuildOptions, progress: &mut dyn Progress) -> Result<BuildRep
     };
     let json =
         serde_json::to_vec_pretty(&report).map_err(|e| ImageError::Invalid(e.to_string()))?;
+    // The release step starts a trust rotation from the set the image
+    // carries when the repository has none yet.
+    nimbus::durable::write_atomic(&o.out.join("trust.json"), &signing.trust_json(), 0o644)
+        .map_err(|e| ImageError::Invalid(e.to_string()))?;
     nimbus::durable::write_atomic(&o.out.join("build.json"), &json, 0o644)
         .map_err(|e| ImageError::Invalid(e.to_string()))?;
     Ok(report)

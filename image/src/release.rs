@@ -8,12 +8,18 @@
 //! either the old manifest or the new one with its payload already present;
 //! the one window (new manifest, old signature file) fails verification and
 //! the client retries on its next check, never accepting anything unsigned.
+//!
+//! A publish may also rotate the trust set (docs/security.md): the new set
+//! goes to `trust/<n>.json` (+ `.sig`), signed by the publishing keys, before
+//! the payload and the manifest, so a client that sees a manifest signed by
+//! new keys can already fetch the set that makes them trusted.
 
 use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Utc};
-use nimbus::keys::ReleaseKey;
+use nimbus::keys::{KeyId, ReleaseKey, TrustStore, VerifyingKey};
 use nimbus::release::{Manifest, Release, Rollout, MANIFEST_SCHEMA};
+use nimbus::trust::TrustError;
 use semver::Version;
 
 use crate::ImageError;
@@ -23,7 +29,10 @@ pub struct PublishOptions<'a> {
     pub from: &'a Path,
     pub repo: &'a Path,
     pub channel: &'a str,
-    pub key: &'a ReleaseKey,
+    /// Every key signs the manifest (and the new trust set, if any).
+    pub keys: &'a [&'a ReleaseKey],
+    /// Publish a new trust set first.
+    pub rotation: Option<Rotation>,
     pub now: DateTime<Utc>,
     pub expires_secs: u64,
     pub rollout_secs: Option<u64>,
@@ -32,6 +41,15 @@ pub struct PublishOptions<'a> {
     /// publish forgot to repeat it); `clear_max_version` removes it.
     pub max_version: Option<Version>,
     pub clear_max_version: bool,
+}
+
+/// Changes to the newest trust set of the repository (or, when it has
+/// none, to the set the build carries).
+#[derive(Debug, Clone, Default)]
+pub struct Rotation {
+    pub add: Vec<VerifyingKey>,
+    pub remove: Vec<KeyId>,
+    pub threshold: Option<usize>,
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -56,6 +74,87 @@ pub fn payload_rel(version: &Version) -> String {
     format!("payloads/{version}/usr.img.zst")
 }
 
+/// The newest trust set of the repository (each link checked against the
+/// one before, from the build's set), else the build's own.
+pub fn current_trust(repo: &Path, build: &Path) -> Result<TrustStore, ImageError> {
+    let bt = build.join("trust.json");
+    let base = nimbus::trust::load(&bt).map_err(|e| ImageError::Invalid(e.to_string()))?;
+    let links = nimbus::trust::read_chain_dir(&repo.join("trust"))
+        .map_err(|e| ImageError::Invalid(e.to_string()))?;
+    let (sets, err) = nimbus::trust::walk(base, &links);
+    if let Some(e) = err {
+        return Err(ImageError::Invalid(format!(
+            "{}: the repository's trust chain does not follow from the build's trust set ({}): {e}",
+            repo.join("trust").display(),
+            bt.display()
+        )));
+    }
+    // Invariant: walk returns at least the base set.
+    Ok(sets.last().cloned().unwrap_or_else(|| unreachable!()))
+}
+
+fn sign_json(bytes: &[u8], keys: &[&ReleaseKey]) -> Result<Vec<u8>, ImageError> {
+    serde_json::to_vec(&Manifest::sign_bytes(bytes, keys))
+        .map_err(|e| ImageError::Invalid(e.to_string()))
+}
+
+/// Make, check and write the next trust set; returns it.
+fn rotate(
+    o: &PublishOptions<'_>,
+    current: &TrustStore,
+    r: &Rotation,
+) -> Result<TrustStore, ImageError> {
+    let doc = nimbus::trust::rotate(current, &r.add, &r.remove, r.threshold)
+        .map_err(|e| ImageError::Invalid(format!("trust rotation: {e}")))?;
+    // Stricter than a host: each added key signs, proving it is held and
+    // was not mistyped before any host is asked to trust it.
+    for k in &r.add {
+        let id = KeyId::of(k);
+        if !o.keys.iter().any(|s| s.id == id) {
+            return Err(ImageError::Invalid(format!(
+                "trust rotation adds key {id} but it did not sign: pass its --key so the new keys sign as well"
+            )));
+        }
+    }
+    let bytes = doc.to_bytes();
+    let sigs = sign_json(&bytes, o.keys)?;
+    // The same check every host makes: vouched for by the current set's
+    // threshold and signed by the new set's own.
+    let next = nimbus::trust::advance(current, &bytes, &sigs).map_err(|e| {
+        ImageError::Invalid(match e {
+            TrustError::NotVouched { .. } => format!(
+                "{e}; sign with --key for {} of the current keys ({})",
+                current.threshold,
+                current.summary()
+            ),
+            TrustError::NotSelfSigned { .. } => {
+                format!("{e}; sign with --key for the new keys as well")
+            }
+            e => e.to_string(),
+        })
+    })?;
+    let dir = o.repo.join("trust");
+    std::fs::create_dir_all(&dir).map_err(io_at(&dir))?;
+    let path = dir.join(nimbus::trust::chain_file(doc.version));
+    if path.exists() {
+        return Err(ImageError::Invalid(format!(
+            "{} exists; a published trust set is immutable",
+            path.display()
+        )));
+    }
+    let durable = |p: &Path, b: &[u8]| {
+        nimbus::durable::write_atomic(p, b, 0o644).map_err(|e| ImageError::Invalid(e.to_string()))
+    };
+    // The set, then its signatures: a reader that finds the set without
+    // them stops its walk there and comes back on its next check.
+    durable(&path, &bytes)?;
+    durable(
+        &dir.join(format!("{}.sig", nimbus::trust::chain_file(doc.version))),
+        &sigs,
+    )?;
+    Ok(next)
+}
+
 /// Publish and return the new manifest.
 pub fn publish(o: &PublishOptions<'_>) -> Result<Manifest, ImageError> {
     if !nimbus::release::valid_channel_name(o.channel) {
@@ -78,6 +177,10 @@ pub fn publish(o: &PublishOptions<'_>) -> Result<Manifest, ImageError> {
             bj.payload.compressed_size,
             bj.payload.compressed_sha256
         )));
+    }
+    let mut trust = current_trust(o.repo, o.from)?;
+    if let Some(r) = &o.rotation {
+        trust = rotate(o, &trust, r)?;
     }
     let mpath = manifest_path(o.repo, o.channel);
     let previous: Option<Manifest> = match std::fs::read(&mpath) {
@@ -169,8 +272,14 @@ pub fn publish(o: &PublishOptions<'_>) -> Result<Manifest, ImageError> {
     let mut bytes =
         serde_json::to_vec_pretty(&manifest).map_err(|e| ImageError::Invalid(e.to_string()))?;
     bytes.push(b'\n');
-    let sigs = Manifest::sign_bytes(&bytes, &[o.key]);
-    let sig_bytes = serde_json::to_vec(&sigs).map_err(|e| ImageError::Invalid(e.to_string()))?;
+    let sig_bytes = sign_json(&bytes, o.keys)?;
+    // Refuse to publish what no host would accept.
+    nimbus::release::verify_detached(&bytes, &sig_bytes, &trust).map_err(|e| {
+        ImageError::Invalid(format!(
+            "the manifest's signatures do not satisfy the repository's trust set ({}): {e}",
+            trust.summary()
+        ))
+    })?;
     let chan_dir = o.repo.join("channels");
     std::fs::create_dir_all(&chan_dir).map_err(io_at(&chan_dir))?;
     let durable = |p: &Path, b: &[u8]| {
@@ -187,11 +296,17 @@ pub fn publish(o: &PublishOptions<'_>) -> Result<Manifest, ImageError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nimbus::trust::TrustDoc;
 
     /// A build directory with a small stand-in payload: publish only reads
     /// build.json and hashes the payload.
-    fn fake_build(dir: &Path, version: &str) {
+    fn fake_build(dir: &Path, version: &str, key: &ReleaseKey) {
         std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(
+            dir.join("trust.json"),
+            TrustDoc::initial([key.public()], 1).to_bytes(),
+        )
+        .unwrap();
         let payload = format!("payload of {version}");
         std::fs::write(dir.join("usr.img.zst"), &payload).unwrap();
         let sha = crate::sha256_file(&dir.join("usr.img.zst")).unwrap();
@@ -215,12 +330,13 @@ mod tests {
         let repo = d.path().join("repo");
         let pubv = |v: &str, max: Option<&str>, clear: bool| {
             let from = d.path().join(v);
-            fake_build(&from, v);
+            fake_build(&from, v, &key);
             publish(&PublishOptions {
                 from: &from,
                 repo: &repo,
                 channel: "stable",
-                key: &key,
+                keys: &[&key],
+                rotation: None,
                 now: chrono::Utc::now(),
                 expires_secs: 3600,
                 rollout_secs: None,
@@ -236,5 +352,64 @@ mod tests {
         assert_eq!(pubv("1.2.0", Some("1.2.0"), false).max_version, v("1.2.0"));
         assert_eq!(pubv("1.3.0", None, true).max_version, None);
         assert_eq!(pubv("1.4.0", None, false).max_version, None);
+    }
+
+    #[test]
+    fn rotation_is_checked_like_a_host_checks_it() {
+        let d = tempfile::tempdir().unwrap();
+        let (k1, k2) = (
+            ReleaseKey::from_secret([1; 32]),
+            ReleaseKey::from_secret([2; 32]),
+        );
+        let repo = d.path().join("repo");
+        let pubv = |v: &str, keys: &[&ReleaseKey], rotation: Option<Rotation>| {
+            let from = d.path().join(v);
+            fake_build(&from, v, &k1);
+            publish(&PublishOptions {
+                from: &from,
+                repo: &repo,
+                channel: "stable",
+                keys,
+                rotation,
+                now: chrono::Utc::now(),
+                expires_secs: 3600,
+                rollout_secs: None,
+                max_version: None,
+                clear_max_version: false,
+            })
+        };
+        let add2 = Rotation {
+            add: vec![k2.public()],
+            ..Rotation::default()
+        };
+        // The new key must sign its own set.
+        let e = pubv("1.0.0", &[&k1], Some(add2.clone())).unwrap_err();
+        assert!(e.to_string().contains("did not sign"), "{e}");
+        assert!(!repo.join("trust/2.json").exists());
+        pubv("1.0.0", &[&k1, &k2], Some(add2)).unwrap();
+        assert!(repo.join("trust/2.json.sig").exists());
+        // Signed by key 2 alone: trusted since version 2.
+        pubv("1.1.0", &[&k2], None).unwrap();
+        let remove1 = Rotation {
+            remove: vec![k1.id],
+            ..Rotation::default()
+        };
+        pubv("1.2.0", &[&k2], Some(remove1)).unwrap();
+        let t = current_trust(&repo, &d.path().join("1.0.0")).unwrap();
+        assert_eq!(t.version, 3);
+        assert!(!t.keys.contains_key(&k1.id));
+        // Key 1 was removed: nothing it signs is published.
+        let e = pubv("1.3.0", &[&k1], None).unwrap_err();
+        assert!(e.to_string().contains("not trusted"), "{e}");
+        let e = pubv(
+            "1.3.0",
+            &[&k1],
+            Some(Rotation {
+                add: vec![k1.public()],
+                ..Rotation::default()
+            }),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("not vouched for"), "{e}");
     }
 }

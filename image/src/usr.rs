@@ -74,7 +74,8 @@ pub struct UsrInputs<'a> {
     pub epoch: u64,
     pub fs_uuid: uuid::Uuid,
     pub slot_size: u64,
-    pub key: &'a ReleaseKey,
+    /// Every key signs the descriptor (as many as the trust set's threshold).
+    pub keys: &'a [&'a ReleaseKey],
 }
 
 struct SealInputs<'a> {
@@ -82,7 +83,7 @@ struct SealInputs<'a> {
     version: &'a Version,
     epoch: u64,
     slot_size: u64,
-    key: &'a ReleaseKey,
+    keys: &'a [&'a ReleaseKey],
 }
 
 /// Build the filesystem, its tree and descriptor. Fails with a clear error
@@ -115,7 +116,7 @@ pub fn build(i: &UsrInputs<'_>) -> Result<UsrSlot, ImageError> {
             reason: String::from_utf8_lossy(&out.stderr).trim().to_string(),
         });
     }
-    seal(i.out_fs, i.version, i.epoch, i.slot_size, i.key)
+    seal(i.out_fs, i.version, i.epoch, i.slot_size, i.keys)
 }
 
 /// Compute the verity tree and the signed descriptor for a finished
@@ -126,14 +127,14 @@ pub fn seal(
     version: &Version,
     epoch: u64,
     slot_size: u64,
-    key: &ReleaseKey,
+    keys: &[&ReleaseKey],
 ) -> Result<UsrSlot, ImageError> {
     let i = SealInputs {
         out_fs: fs_path,
         version,
         epoch,
         slot_size,
-        key,
+        keys,
     };
     let f = File::options()
         .read(true)
@@ -167,10 +168,10 @@ pub fn seal(
         verity_root: tree.root,
         verity_salt: salt,
         created: i.epoch,
-        keyid: i.key.id,
+        signers: i.keys.iter().map(|k| k.id).collect(),
     };
     let descriptor = fields
-        .sign(i.key)
+        .sign(i.keys)
         .map_err(|e| ImageError::Invalid(e.to_string()))?;
     Ok(UsrSlot {
         fs_path: i.out_fs.to_path_buf(),

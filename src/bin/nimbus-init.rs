@@ -26,7 +26,7 @@ use nimbus::release::SlotDescriptor;
 use nimbus::slots;
 use nix::mount::{mount, umount, MsFlags};
 
-const KEYS: &str = "/etc/nimbus/keys";
+const ESP_MNT: &str = "/esp";
 const USR_MNT: &str = "/usr-stage1";
 
 fn say(msg: &str) {
@@ -164,27 +164,7 @@ fn find_running_disk(args: &nimbus::boot::Stage2Args, writable: bool) -> R<(Stri
 
 /// "major:minor" of partition `n` of `disk`.
 fn partition_dev(disk: &str, n: u32) -> R<(String, PathBuf)> {
-    let dir = format!("/sys/block/{disk}");
-    for e in fs::read_dir(&dir)
-        .map_err(|e| format!("{dir}: {e}"))?
-        .flatten()
-    {
-        let p = e.path();
-        if fs::read_to_string(p.join("partition"))
-            .ok()
-            .and_then(|s| s.trim().parse::<u32>().ok())
-            == Some(n)
-        {
-            let dev =
-                fs::read_to_string(p.join("dev")).map_err(|e| format!("{}: {e}", p.display()))?;
-            let name = e.file_name().to_string_lossy().into_owned();
-            return Ok((
-                dev.trim().to_string(),
-                PathBuf::from(format!("/dev/{name}")),
-            ));
-        }
-    }
-    Err(format!("{disk} has no partition {n} in sysfs"))
+    nimbus::boot::partition_device(disk, n)
 }
 
 // --- device-mapper ioctls (linux/dm-ioctl.h, interface 4.x) ---------------
@@ -308,9 +288,58 @@ fn verity_close(name: &str) {
     let _ = dm_ioctl(DM_DEV_REMOVE, name, 0, &[], 0);
 }
 
-fn trust() -> TrustStore {
-    TrustStore::load_dir(Path::new(KEYS), 1)
-        .unwrap_or_else(|e| emergency(&format!("trusted keys: {e}")))
+/// The built-in set, advanced by the rotations update-engine left on the
+/// boot disk's ESP (each checked against the one before; a set never goes
+/// back below the built-in one). The ESP is mounted read-only and only
+/// for this; without it, or past a link that does not verify, the walk
+/// stops with what it reached and says why.
+fn trust(disk_name: &str) -> TrustStore {
+    let builtin = builtin_trust();
+    let links = match esp_chain(disk_name) {
+        Ok(l) => l,
+        Err(e) => {
+            say(&format!(
+                "nimbus-init: trust rotations on the ESP not read: {e}"
+            ));
+            Vec::new()
+        }
+    };
+    let (sets, err) = nimbus::trust::walk(builtin, &links);
+    if let Some(e) = err {
+        say(&format!(
+            "nimbus-init: ignoring a trust rotation on the ESP: {e}"
+        ));
+    }
+    // Invariant: walk returns at least the built-in set.
+    let t = sets.last().cloned().unwrap_or_else(|| unreachable!());
+    say(&format!("nimbus-init: trust set {}", t.summary()));
+    t
+}
+
+/// Stage 2 runs from the slot's own initramfs, whose set was checked
+/// against this very slot's descriptor when it was built; stage 1 has
+/// already applied the rotations.
+fn builtin_trust() -> TrustStore {
+    nimbus::trust::load(&Path::new("/").join(nimbus::trust::STAGE1_TRUST))
+        .unwrap_or_else(|e| emergency(&format!("built-in trust set: {e}")))
+}
+
+fn esp_chain(disk_name: &str) -> R<Vec<nimbus::trust::Link>> {
+    let (_, dev) = partition_dev(disk_name, layout::ESP_PARTITION)?;
+    let _ = fs::create_dir_all(ESP_MNT);
+    mount(
+        Some(&dev),
+        ESP_MNT,
+        Some("vfat"),
+        MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some("codepage=437,iocharset=ascii"),
+    )
+    .map_err(|e| format!("mount {} (vfat): {e}", dev.display()))?;
+    let links =
+        nimbus::trust::read_chain_dir(&Path::new(ESP_MNT).join(nimbus::trust::ESP_CHAIN_DIR))
+            .map_err(|e| e.to_string());
+    let _ = umount(ESP_MNT);
+    links
 }
 
 /// Verify a slot and map it; the mapped device and the descriptor.
@@ -440,13 +469,13 @@ fn first_boot(name: &str, disk: &mut Disk<File>) {
 
 fn stage1() -> ! {
     let t0 = Instant::now();
-    let trust = trust();
     let (disk_name, mut disk) = find_boot_disk().unwrap_or_else(|e| emergency(&e));
     say(&format!(
         "nimbus-init: boot disk /dev/{disk_name} (GUID {})",
         disk.disk_guid()
     ));
     first_boot(&disk_name, &mut disk);
+    let trust = trust(&disk_name);
     let disk_guid = disk.disk_guid();
     let dm = "usr";
     // The loop itself (select, persist the tries decrement, try, exclude
@@ -481,9 +510,10 @@ fn stage1() -> ! {
                 }
             };
             let cmdline = format!(
-                "{} panic=-1 nimbus.disk={disk_guid} nimbus.usr=PARTUUID={uuid} nimbus.usrhash={}",
+                "{} panic=-1 nimbus.disk={disk_guid} nimbus.usr=PARTUUID={uuid} nimbus.usrhash={} {}",
                 console_args(),
-                hex::encode(d.verity_root)
+                hex::encode(d.verity_root),
+                nimbus::trust::cmdline_arg(&trust)
             );
             let boot = Path::new(USR_MNT).join("lib/nimbus/boot");
             if let Err(e) = kexec(&boot.join("vmlinuz"), &boot.join("initramfs.img"), &cmdline) {
@@ -615,7 +645,7 @@ fn populate_root(root: &Path) -> std::io::Result<()> {
 }
 
 fn stage2(args: nimbus::boot::Stage2Args) -> ! {
-    let trust = trust();
+    let trust = builtin_trust();
     let (disk_name, mut disk) = find_running_disk(&args, false).unwrap_or_else(|e| emergency(&e));
     let slot = layout::Slot::ALL
         .into_iter()

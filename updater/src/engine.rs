@@ -16,6 +16,7 @@ use nimbus::release::{
     MAX_SIGNATURES_BYTES,
 };
 use nimbus::slots;
+use nimbus::trust::Link;
 use semver::Version;
 
 use crate::apply;
@@ -26,8 +27,6 @@ use crate::fetch::Http;
 use crate::state::{Persisted, Store};
 use crate::status::{ErrorReport, SlotInfo, State, Status};
 use crate::target::SlotDevice;
-
-pub const KEYS_DIR: &str = "usr/share/nimbus/keys";
 
 /// How the engine reaches the disk: the GPT and the slot's bytes. Files and
 /// block devices in production; the power-cut harness records and cuts.
@@ -68,6 +67,8 @@ pub struct Host {
     pub booted: u32,
     pub host_mode: bool,
     pub storage: std::sync::Arc<dyn Storage>,
+    /// The boot disk's ESP, for the trust rotations stage 1 reads.
+    pub esp: std::sync::Arc<dyn crate::esp::Esp>,
 }
 
 impl std::fmt::Debug for Host {
@@ -89,12 +90,17 @@ impl Host {
         let choice = slots::select_for_boot(&mut table, &[]).ok_or_else(|| {
             UpdateError::NoBootedSlot(format!("{}: no USR slot is bootable", disk.display()))
         })?;
+        let esp = d.partition(nimbus::layout::ESP_PARTITION)?;
         Ok(Host {
             root: root.to_path_buf(),
             disk: disk.to_path_buf(),
             booted: choice.number,
             host_mode: true,
             storage: std::sync::Arc::new(FileStorage(disk.to_path_buf())),
+            esp: std::sync::Arc::new(crate::esp::ImageEsp {
+                image: disk.to_path_buf(),
+                offset: esp.offset_bytes(),
+            }),
         })
     }
 
@@ -127,12 +133,18 @@ impl Host {
                     args.partuuid
                 ))
             })?;
+        let (_, esp_dev) = nimbus::boot::partition_device(&d.name, nimbus::layout::ESP_PARTITION)
+            .map_err(UpdateError::NoBootedSlot)?;
         Ok(Host {
             root: root.to_path_buf(),
             storage: std::sync::Arc::new(FileStorage(dev.clone())),
             disk: dev,
             booted: p.number,
             host_mode: false,
+            esp: std::sync::Arc::new(crate::esp::MountedEsp {
+                dev: esp_dev,
+                run_dir: root.join("run/nimbus/mnt"),
+            }),
         })
     }
 }
@@ -196,12 +208,42 @@ impl Default for Options {
     }
 }
 
+/// The trust sets this host knows (docs/security.md, "Rotating keys").
+#[derive(Debug, Clone)]
+pub struct TrustView {
+    /// USR's built-in set, then each rotation learned from the release
+    /// repository, each checked against the one before.
+    pub sets: Vec<TrustStore>,
+    /// The learned rotations as stored on ROOT, for the copy on the ESP.
+    links: Vec<Link>,
+    /// Index in `sets` of the newest set that still verifies the booted
+    /// slot: the newest stage 1 may be given without making the running
+    /// version unbootable.
+    pub active: usize,
+    /// Why a stored rotation was not taken, if one was not.
+    pub chain_error: Option<String>,
+    /// The newest version known to be on the ESP (read once, then kept).
+    pub esp_version: Option<u64>,
+}
+
+impl TrustView {
+    /// Manifests, new slots and trust rotations are checked against this.
+    pub fn newest(&self) -> &TrustStore {
+        // Invariant: `sets` always holds the built-in set.
+        &self.sets[self.sets.len() - 1]
+    }
+
+    pub fn active(&self) -> &TrustStore {
+        &self.sets[self.active.min(self.sets.len() - 1)]
+    }
+}
+
 pub struct Engine {
     pub host: Host,
     pub cfg: EngineConfig,
     store: Store,
     persisted: Persisted,
-    trust: TrustStore,
+    trust: TrustView,
     http: Http,
     pub shared: std::sync::Arc<Shared>,
     running: Version,
@@ -226,11 +268,7 @@ impl Engine {
         shared: std::sync::Arc<Shared>,
     ) -> Result<Engine, UpdateError> {
         let cfg = EngineConfig::load(&host.root)?;
-        let keys = host.root.join(KEYS_DIR);
-        let trust = TrustStore::load_dir(&keys, 1).map_err(|e| UpdateError::Config {
-            path: keys.clone(),
-            reason: e.to_string(),
-        })?;
+        let trust = load_trust(&host)?;
         let store = Store::new(&host.root);
         let mut persisted = store.load()?;
         if persisted.rollout_seed.is_none() {
@@ -253,12 +291,26 @@ impl Engine {
             shared,
             running: Version::new(0, 0, 0),
         };
-        e.running = e.slot_version(e.host.booted)?.ok_or_else(|| {
+        // The booted slot was checked by stage 1; what it verifies under
+        // is the newest set that stage 1 may be given.
+        let booted = Slot::from_partition_number(e.host.booted).ok_or_else(|| {
+            UpdateError::NoBootedSlot(format!("partition {} is not a USR slot", e.host.booted))
+        })?;
+        let desc = e.host.storage.gpt(false)?.read_descriptor(booted)?;
+        let verified = e.trust.sets.iter().enumerate().rev().find_map(|(i, t)| {
+            SlotDescriptor::verify(&desc, t)
+                .ok()
+                .map(|d| (i, d.version))
+        });
+        let (active, version) = verified.ok_or_else(|| {
             UpdateError::NoBootedSlot(format!(
-                "the booted slot (partition {}) has no valid descriptor",
+                "the booted slot (partition {}) has no descriptor valid under any known trust set",
                 e.host.booted
             ))
         })?;
+        e.trust.active = active;
+        e.running = version;
+        e.publish_trust();
         if let Err(err) = e.detect_rollback() {
             tracing::warn!("checking for a rollback: {err}");
         }
@@ -340,16 +392,21 @@ impl Engine {
         Ok(booted.other().partition_number())
     }
 
-    /// The verified version in a slot, `None` when it holds no valid one.
+    /// The verified version in a slot, `None` when it holds no valid one:
+    /// the booted slot under the set it booted with, the other under the
+    /// newest (a slot signed by a removed key is shown as invalid).
     fn slot_version(&self, number: u32) -> Result<Option<Version>, UpdateError> {
         let mut d = self.host.storage.gpt(false)?;
         let Some(slot) = Slot::from_partition_number(number) else {
             return Ok(None);
         };
         let b = d.read_descriptor(slot)?;
-        Ok(SlotDescriptor::verify(&b, &self.trust)
-            .ok()
-            .map(|d| d.version))
+        let trust = if number == self.host.booted {
+            self.trust.active()
+        } else {
+            self.trust.newest()
+        };
+        Ok(SlotDescriptor::verify(&b, trust).ok().map(|d| d.version))
     }
 
     /// The version staged in the passive slot for the next boot, if any.
@@ -432,8 +489,131 @@ impl Engine {
         });
     }
 
+    /// Learn the trust rotations the repository published since the newest
+    /// set this host knows (`trust/<n+1>.json`, until a 404), each checked
+    /// against the one before and stored on ROOT before it is used. Done
+    /// before the manifest is read, as TUF updates its root first, so a
+    /// manifest signed by new keys is understood.
+    fn learn_trust(&mut self, server: &str) -> Result<(), UpdateError> {
+        let dir = self.host.root.join(nimbus::trust::ROOT_CHAIN_DIR);
+        for _ in 0..nimbus::trust::MAX_CHAIN {
+            let next = self.trust.newest().version + 1;
+            let url = format!("{server}/{}", nimbus::trust::repo_path(next));
+            let Some(bytes) = self
+                .http
+                .get_small_opt(&url, nimbus::trust::MAX_TRUST_BYTES + 1)?
+            else {
+                return Ok(());
+            };
+            let sig_url = format!("{url}.sig");
+            // A set published without its signatures yet: the next check.
+            let Some(sigs) = self.http.get_small_opt(&sig_url, MAX_SIGNATURES_BYTES)? else {
+                return Ok(());
+            };
+            let set =
+                nimbus::trust::advance(self.trust.newest(), &bytes, &sigs).map_err(|source| {
+                    UpdateError::Trust {
+                        url: url.clone(),
+                        source,
+                    }
+                })?;
+            std::fs::create_dir_all(&dir).map_err(io_at(&dir))?;
+            let link = Link {
+                version: set.version,
+                bytes,
+                sigs,
+            };
+            crate::esp::write_links_in(&dir, std::slice::from_ref(&link))?;
+            tracing::info!("learned trust set {} from {url}", set.summary());
+            self.trust.sets.push(set);
+            self.trust.links.push(link);
+            self.settle_active();
+        }
+        Ok(())
+    }
+
+    /// The newest set the booted slot verifies under.
+    fn settle_active(&mut self) {
+        let Some(slot) = Slot::from_partition_number(self.host.booted) else {
+            return;
+        };
+        let Ok(desc) = self
+            .host
+            .storage
+            .gpt(false)
+            .and_then(|mut d| d.read_descriptor(slot))
+        else {
+            return;
+        };
+        if let Some(i) = (self.trust.active..self.trust.sets.len())
+            .rev()
+            .find(|&i| SlotDescriptor::verify(&desc, &self.trust.sets[i]).is_ok())
+        {
+            self.trust.active = i;
+        }
+        self.publish_trust();
+    }
+
+    /// Give stage 1 (through the ESP) the rotations up to the active set,
+    /// once the booted slot is proven: before that, a fallback to the other
+    /// slot must still find the keys that signed it. Never fatal: stage 1
+    /// keeps booting with what it has.
+    pub fn sync_stage1_trust(&mut self) {
+        let want = self.trust.active().version;
+        if self.trust.esp_version.is_some_and(|v| v >= want) || !self.booted_is_good() {
+            return;
+        }
+        let on_esp = match self.host.esp.read_chain() {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!("reading the trust rotations on the ESP: {e}");
+                return;
+            }
+        };
+        let have: std::collections::BTreeSet<u64> = on_esp.iter().map(|l| l.version).collect();
+        let missing: Vec<Link> = self
+            .trust
+            .links
+            .iter()
+            .filter(|l| l.version <= want && !have.contains(&l.version))
+            .cloned()
+            .collect();
+        if !missing.is_empty() {
+            if let Err(e) = self.host.esp.write_links(&missing) {
+                tracing::warn!("copying trust rotations to the ESP: {e}");
+                return;
+            }
+            tracing::info!(
+                "stage 1 will use trust set {} from the next boot",
+                self.trust.active().summary()
+            );
+        }
+        self.trust.esp_version = Some(want.max(have.last().copied().unwrap_or(0)));
+        self.publish_trust();
+    }
+
+    fn publish_trust(&self) {
+        let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+        let stage1 = if self.host.host_mode {
+            None
+        } else {
+            nimbus::trust::parse_cmdline_arg(&cmdline)
+        };
+        let t = &self.trust;
+        let info = crate::status::TrustStatus {
+            usr: crate::status::TrustSetInfo::of(t.newest()),
+            usr_builtin_version: t.sets[0].version,
+            active_version: t.active().version,
+            esp_version: t.esp_version,
+            stage1,
+            chain_error: t.chain_error.clone(),
+        };
+        self.shared.update(|s| s.trust = Some(info));
+    }
+
     fn fetch_manifest(&mut self, channel: &str) -> Result<Manifest, UpdateError> {
         let server = self.cfg.server.clone().ok_or(UpdateError::Disabled)?;
+        self.learn_trust(&server)?;
         let url = format!("{server}/channels/{channel}.json");
         // One byte over the limit is enough for the verifier to say "too large".
         let bytes = self
@@ -465,7 +645,7 @@ impl Engine {
             now: Utc::now(),
             last_serial: self.persisted.last_serial.get(channel).copied(),
         };
-        let m = Manifest::verify(&bytes, &sigs, &self.trust, &policy)
+        let m = Manifest::verify(&bytes, &sigs, self.trust.newest(), &policy)
             .map_err(|e| manifest_err(&url, e))?;
         if policy.last_serial != Some(m.serial) {
             self.persisted
@@ -569,7 +749,7 @@ impl Engine {
             now: Utc::now(),
             last_serial: self.persisted.last_serial.get(&channel).copied(),
         };
-        let m = Manifest::verify(&bytes, &sigs, &self.trust, &policy)
+        let m = Manifest::verify(&bytes, &sigs, self.trust.newest(), &policy)
             .map_err(|e| manifest_err(&manifest.display().to_string(), e))?;
         self.persisted.last_serial.insert(channel.clone(), m.serial);
         self.store.save(&self.persisted)?;
@@ -738,7 +918,19 @@ impl Engine {
             partition: passive,
             reason,
         };
-        let d = SlotDescriptor::verify(&bytes, &self.trust).map_err(|e| desc_err(e.to_string()))?;
+        let d = SlotDescriptor::verify(&bytes, self.trust.newest())
+            .map_err(|e| desc_err(e.to_string()))?;
+        // Stage 1 checks the slot under the set on the ESP, which follows
+        // the active set: a slot signed only by keys it does not trust yet
+        // would never boot, so it is not staged (docs/security.md: sign
+        // one release with old and new keys).
+        if let Err(e) = SlotDescriptor::verify(&bytes, self.trust.active()) {
+            return Err(desc_err(format!(
+                "signed only by keys that stage 1 does not trust yet (it has trust set {}): {e}; \
+                 the release that rotates keys must also be signed by the keys the host boots with",
+                self.trust.active().summary()
+            )));
+        }
         if d.version != r.version {
             return Err(desc_err(format!(
                 "descriptor says version {}, the manifest {}",
@@ -904,6 +1096,7 @@ impl Engine {
         use crate::lock::LockError;
         use crate::policy::{decide, Decision, Lock, Strategy};
         self.refresh();
+        self.sync_stage1_trust();
         let staged = self.staged().is_some();
         if let Some(key) = self.persisted.lock_taken.clone() {
             if !staged && self.booted_is_good() {
@@ -999,6 +1192,36 @@ impl Engine {
 /// checkpoint saved during that attempt must not be resumed from. A cut
 /// connection (`Truncated`, network errors) keeps it: that is what
 /// checkpoints are for.
+/// USR's built-in set advanced by the rotations stored on ROOT. A stored
+/// rotation that does not verify is reported and left out, never fatal:
+/// the host keeps the sets it could check.
+fn load_trust(host: &Host) -> Result<TrustView, UpdateError> {
+    let p = host.root.join(nimbus::trust::USR_TRUST);
+    let builtin = nimbus::trust::load(&p).map_err(|e| UpdateError::Config {
+        path: p.clone(),
+        reason: e.to_string(),
+    })?;
+    let dir = host.root.join(nimbus::trust::ROOT_CHAIN_DIR);
+    let (links, read_err) = match nimbus::trust::read_chain_dir(&dir) {
+        Ok(l) => (l, None),
+        Err(e) => (Vec::new(), Some(e.to_string())),
+    };
+    let (sets, err) = nimbus::trust::walk(builtin, &links);
+    let chain_error = read_err.or(err.map(|e| format!("{}: {e}", dir.display())));
+    if let Some(e) = &chain_error {
+        tracing::warn!("stored trust rotations: {e}");
+    }
+    let reached = sets[sets.len() - 1].version;
+    let links = links.into_iter().filter(|l| l.version <= reached).collect();
+    Ok(TrustView {
+        sets,
+        links,
+        active: 0,
+        chain_error,
+        esp_version: None,
+    })
+}
+
 fn poisons_checkpoint(e: &UpdateError) -> bool {
     matches!(
         e,

@@ -32,6 +32,11 @@ pub enum UpdateError {
     ResponseTooLarge { url: String, limit: usize },
     #[error("manifest {url}: {source}")]
     Manifest { url: String, source: ManifestError },
+    #[error("trust set {url}: {source}")]
+    Trust {
+        url: String,
+        source: nimbus::trust::TrustError,
+    },
     #[error(
         "payload {url}: ended after {got} of the {expected} bytes the manifest lists (truncated)"
     )]
@@ -123,6 +128,7 @@ impl UpdateError {
             Network { .. } => "network",
             ResponseTooLarge { .. } => "response-too-large",
             Manifest { source, .. } => manifest_kind(source),
+            Trust { source, .. } => trust_kind(source),
             Truncated { .. } => "payload-truncated",
             PayloadTooLarge { .. } => "payload-too-large",
             TooLargeForSlot { .. } => "payload-exceeds-slot",
@@ -160,6 +166,7 @@ impl UpdateError {
             SignatureMissing { .. }
             | ResponseTooLarge { .. }
             | Manifest { .. }
+            | Trust { .. }
             | Truncated { .. }
             | PayloadTooLarge { .. }
             | RawTooLarge { .. }
@@ -176,6 +183,19 @@ impl UpdateError {
             | WriterStopped => 5,
             Disabled | Downgrade { .. } | Unproven { .. } | Refused(_) => 6,
             Cancelled => 7,
+        }
+    }
+}
+
+fn trust_kind(e: &nimbus::trust::TrustError) -> &'static str {
+    use nimbus::trust::TrustError as T;
+    match e {
+        T::Older { .. } => "trust-older",
+        T::Gap { .. } => "trust-gap",
+        T::NotVouched { .. } => "trust-not-vouched",
+        T::NotSelfSigned { .. } => "trust-not-self-signed",
+        T::Io { .. } | T::TooLarge { .. } | T::Parse(_) | T::Schema(_) | T::Invalid(_) => {
+            "trust-malformed"
         }
     }
 }

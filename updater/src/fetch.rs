@@ -83,6 +83,12 @@ impl Http {
         limit: usize,
         not_found: impl FnOnce() -> UpdateError,
     ) -> Result<Vec<u8>, UpdateError> {
+        self.get_small_opt(url, limit)?.ok_or_else(not_found)
+    }
+
+    /// As `get_small`, with a 404 as `None`: for files that may not exist
+    /// yet (the next trust rotation).
+    pub fn get_small_opt(&self, url: &str, limit: usize) -> Result<Option<Vec<u8>>, UpdateError> {
         let t0 = std::time::Instant::now();
         let deadline = self.small_deadline;
         let late = || UpdateError::Deadline {
@@ -100,7 +106,7 @@ impl Http {
         })?;
         let status = resp.status();
         if status == reqwest::StatusCode::NOT_FOUND {
-            return Err(not_found());
+            return Ok(None);
         }
         if !status.is_success() {
             return Err(UpdateError::Http {
@@ -142,7 +148,7 @@ impl Http {
             }
             out.extend_from_slice(&buf[..n]);
         }
-        Ok(out)
+        Ok(Some(out))
     }
 
     /// GET from byte `offset` on. A server that ignores the Range header

@@ -13,6 +13,7 @@ pub mod choose;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod esp;
 pub mod fetch;
 pub mod iolimit;
 pub mod lock;

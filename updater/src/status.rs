@@ -81,6 +81,44 @@ pub struct Status {
     /// The state file was found damaged and started over.
     #[serde(default)]
     pub state_reset: Option<crate::state::StateReset>,
+    /// The trust sets of update-engine and stage 1 (`updatectl trust`).
+    #[serde(default)]
+    pub trust: Option<TrustStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TrustSetInfo {
+    pub version: u64,
+    pub threshold: usize,
+    pub keys: Vec<String>,
+}
+
+impl TrustSetInfo {
+    pub fn of(t: &nimbus::keys::TrustStore) -> TrustSetInfo {
+        TrustSetInfo {
+            version: t.version,
+            threshold: t.threshold,
+            keys: t.keys.keys().map(|k| k.to_string()).collect(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TrustStatus {
+    /// What update-engine checks manifests and new slots against: the
+    /// newest set it learned.
+    pub usr: TrustSetInfo,
+    /// The set built into the running USR.
+    pub usr_builtin_version: u64,
+    /// The newest set the booted slot is valid under: what stage 1 is
+    /// given once the booted slot is good.
+    pub active_version: u64,
+    /// The newest rotation on the ESP (unknown until first looked at).
+    pub esp_version: Option<u64>,
+    /// What stage 1 booted with (from the kernel command line).
+    pub stage1: Option<nimbus::trust::Stage1Trust>,
+    /// A stored rotation that did not verify, if any.
+    pub chain_error: Option<String>,
 }
 
 /// A slot that was tried and never proven good, so the host went back to
@@ -127,6 +165,7 @@ impl Status {
             last_apply: None,
             rollback: None,
             state_reset: None,
+            trust: None,
         }
     }
 }

@@ -103,7 +103,7 @@ fn payload(
         "bench update: sealing and compressing {} MiB at zstd -{level} ...",
         size >> 20
     );
-    let slot = nimbus_image::usr::seal(&fs, &v, 1_700_000_000, size + 256 * MIB, key)?;
+    let slot = nimbus_image::usr::seal(&fs, &v, 1_700_000_000, size + 256 * MIB, &[key])?;
     let info = slot.write_payload(&dir.join("usr.img.zst"), level)?;
     std::fs::remove_file(&fs)?;
     let bj = serde_json::json!({
@@ -132,14 +132,14 @@ fn host(
 ) -> anyhow::Result<(PathBuf, PathBuf)> {
     let dir = work.join(name);
     let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(dir.join("root/usr/share/nimbus/keys"))?;
+    std::fs::create_dir_all(dir.join("root/usr/share/nimbus"))?;
     std::fs::create_dir_all(dir.join("root/etc/nimbus"))?;
     std::fs::create_dir_all(dir.join("tiny"))?;
     // A few blocks: a one-block filesystem has no verity tree at all.
     std::fs::write(dir.join("tiny/os-release"), "ID=nimbus\n".repeat(4096))?;
     std::fs::write(
-        dir.join(format!("root/usr/share/nimbus/keys/{}.pub", key.id)),
-        nimbus::keys::public_key_json(&key.public()),
+        dir.join("root").join(nimbus::trust::USR_TRUST),
+        nimbus::trust::TrustDoc::initial([key.public()], 1).to_bytes(),
     )?;
     std::fs::write(
         dir.join("root/etc/nimbus/update.conf"),
@@ -153,7 +153,7 @@ fn host(
         epoch: 1_700_000_000,
         fs_uuid: uuid::Uuid::from_u128(1),
         slot_size: usr_size,
-        key,
+        keys: &[key],
     })?;
     let disk = dir.join("disk.raw");
     let f = std::fs::OpenOptions::new()
@@ -286,7 +286,8 @@ pub fn bench_update(level: i32) -> anyhow::Result<std::process::ExitCode> {
             from: &p.dir,
             repo: &repo,
             channel: ch,
-            key: &key,
+            keys: &[&key],
+            rotation: None,
             now,
             expires_secs: 86400,
             rollout_secs: None,

@@ -22,10 +22,17 @@ pub struct BuildImage {
     /// Release channel the image follows (GROUP in update.conf).
     #[arg(long, default_value = "stable")]
     channel: String,
-    /// Release key directory (release.key). Without it, a development key
-    /// generated once under target/nimbus/dev-key is used and the image says so.
+    /// Release key directory (release.key); repeat it to sign the USR
+    /// descriptor with several keys (as many as the trust set's threshold).
+    /// Without it, a development key generated once under
+    /// target/nimbus/dev-key is used and the image says so.
     #[arg(long, value_name = "DIR")]
-    key: Option<PathBuf>,
+    key: Vec<PathBuf>,
+    /// The trust set the image carries in USR and stage 1 (docs/formats.md,
+    /// "Trust set"), e.g. the newest `trust/<n>.json` of the release
+    /// repository. Default: the --key keys, threshold 1, version 1.
+    #[arg(long, value_name = "FILE")]
+    trust: Option<PathBuf>,
     /// Size of each USR partition (fixed for the life of a host: leave room to grow).
     #[arg(long, value_parser = parse_size, default_value_t = DEFAULT_USR_SIZE)]
     usr_size: u64,
@@ -228,9 +235,9 @@ fn units(root: &Path) -> anyhow::Result<Vec<UnitFile>> {
 pub fn prepare(a: BuildImage) -> anyhow::Result<BuildOptions> {
     let root = workspace_root();
     let target = root.join("target/nimbus");
-    let (key_dir, dev_key) = match a.key {
-        Some(k) => (k, false),
-        None => {
+    let (key_dirs, dev_key) = match a.key {
+        k if !k.is_empty() => (k, false),
+        _ => {
             let d = target.join("dev-key");
             if !d.join(nimbus::keys::SECRET_FILE).exists() {
                 let k = nimbus::keys::ReleaseKey::generate()?;
@@ -241,7 +248,7 @@ pub fn prepare(a: BuildImage) -> anyhow::Result<BuildOptions> {
                     d.display()
                 );
             }
-            (d, true)
+            (vec![d], true)
         }
     };
     let epoch = source_date_epoch(&root);
@@ -249,7 +256,8 @@ pub fn prepare(a: BuildImage) -> anyhow::Result<BuildOptions> {
     let mut opts = BuildOptions {
         version: a.version,
         channel: a.channel,
-        key_dir,
+        key_dirs,
+        trust: a.trust,
         dev_key,
         usr_size: a.usr_size,
         disk_size: a.disk_size,

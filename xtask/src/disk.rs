@@ -39,8 +39,9 @@ pub enum DiskCmd {
         file: PathBuf,
         #[arg(long)]
         json: bool,
-        /// Check descriptor signatures against the *.pub keys in DIR.
-        #[arg(long, value_name = "DIR")]
+        /// Check descriptor signatures against a trust set file
+        /// (trust.json) or the *.pub keys in a directory (threshold 1).
+        #[arg(long, value_name = "PATH")]
         keys: Option<PathBuf>,
     },
     /// Make a slot the next boot: top priority, tries 1, successful 0.
@@ -245,7 +246,11 @@ struct ShowDisk {
 }
 
 fn show(file: &Path, json: bool, keys: Option<&Path>) -> anyhow::Result<ExitCode> {
-    let trust = keys.map(|k| TrustStore::load_dir(k, 1)).transpose()?;
+    let trust = match keys {
+        Some(k) if k.is_file() => Some(nimbus::trust::load(k)?),
+        Some(k) => Some(TrustStore::load_dir(k, 1)?),
+        None => None,
+    };
     let mut d = Disk::open_path(file, false)?;
     let nimbus_layout = d.check_nimbus_layout().is_ok();
     let parts: Vec<PartitionInfo> = d.partitions();

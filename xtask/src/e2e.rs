@@ -269,13 +269,14 @@ fn story(work: &Path, log: &Path) -> anyhow::Result<()> {
     steps.done("build 1.3.0 (for channel beta)");
 
     let repo = work.join("repo");
-    let key = nimbus::keys::ReleaseKey::load_dir(&opts.key_dir)?;
+    let key = nimbus::keys::ReleaseKey::load_dir(&opts.key_dirs[0])?;
     let publish = |from: &Path, channel: &str| {
         nimbus_image::release::publish(&nimbus_image::release::PublishOptions {
             from,
             repo: &repo,
             channel,
-            key: &key,
+            keys: &[&key],
+            rotation: None,
             now: chrono::Utc::now(),
             expires_secs: 86400,
             rollout_secs: None,

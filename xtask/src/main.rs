@@ -129,9 +129,21 @@ struct Release {
     repo: PathBuf,
     #[arg(long, value_name = "NAME")]
     channel: String,
-    /// Directory holding release.key (see `cargo xtask keygen`).
-    #[arg(long, value_name = "DIR")]
-    key: PathBuf,
+    /// Directory holding release.key (see `cargo xtask keygen`); repeat it
+    /// for a threshold of keys. Every key signs the manifest and any new
+    /// trust set.
+    #[arg(long, value_name = "DIR", required = true)]
+    key: Vec<PathBuf>,
+    /// Rotate the trust set: add this public key (a release.pub). The key
+    /// must sign too (pass its --key). Repeatable.
+    #[arg(long, value_name = "PUB")]
+    add_key: Vec<PathBuf>,
+    /// Rotate the trust set: remove the key with this id. Repeatable.
+    #[arg(long, value_name = "KEYID")]
+    remove_key: Vec<String>,
+    /// Rotate the trust set: distinct keys that must sign from now on.
+    #[arg(long, value_name = "N")]
+    threshold: Option<usize>,
     /// How long the manifest stays valid: clients refuse it afterwards.
     #[arg(long, default_value = "14d", value_parser = nimbus::updateconf::parse_duration)]
     expires: u64,
@@ -149,8 +161,38 @@ struct Release {
 
 fn release(a: Release) -> anyhow::Result<ExitCode> {
     use anyhow::Context;
-    let key = nimbus::keys::ReleaseKey::load_dir(&a.key)
-        .with_context(|| format!("loading the release key from {}", a.key.display()))?;
+    let keys = a
+        .key
+        .iter()
+        .map(|d| {
+            nimbus::keys::ReleaseKey::load_dir(d)
+                .with_context(|| format!("loading the release key from {}", d.display()))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let key_refs: Vec<&nimbus::keys::ReleaseKey> = keys.iter().collect();
+    let rotation = if a.add_key.is_empty() && a.remove_key.is_empty() && a.threshold.is_none() {
+        None
+    } else {
+        Some(nimbus_image::release::Rotation {
+            add: a
+                .add_key
+                .iter()
+                .map(|p| {
+                    nimbus::keys::load_public(p)
+                        .with_context(|| format!("--add-key {}", p.display()))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?,
+            remove: a
+                .remove_key
+                .iter()
+                .map(|s| {
+                    s.parse::<nimbus::keys::KeyId>()
+                        .map_err(|e| anyhow::anyhow!("--remove-key: {e}"))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?,
+            threshold: a.threshold,
+        })
+    };
     let rollout_secs = match a.rollout_hours {
         Some(h) if !(h.is_finite() && h > 0.0) => {
             anyhow::bail!("--rollout-hours {h}: must be a positive number of hours")
@@ -162,7 +204,8 @@ fn release(a: Release) -> anyhow::Result<ExitCode> {
         from: &a.from,
         repo: &a.repo,
         channel: &a.channel,
-        key: &key,
+        keys: &key_refs,
+        rotation,
         now: chrono::Utc::now(),
         expires_secs: a.expires,
         rollout_secs,
@@ -181,6 +224,12 @@ fn release(a: Release) -> anyhow::Result<ExitCode> {
         m.serial,
         m.releases.len(),
         m.expires.to_rfc3339()
+    );
+    let t = nimbus_image::release::current_trust(&a.repo, &a.from)?;
+    println!(
+        "{}: trust set {}",
+        a.repo.join("trust").display(),
+        t.summary()
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -243,7 +243,7 @@ fn setup(work: &Path) -> anyhow::Result<Setup> {
             epoch: 1_700_000_000,
             fs_uuid: uuid::Uuid::from_u128(v.len() as u128 + 9),
             slot_size: usr_size,
-            key: &key,
+            keys: &[&key],
         })?;
         let info = slot.write_payload(&d.join("usr.img.zst"), 3)?;
         std::fs::write(
@@ -307,7 +307,8 @@ fn setup(work: &Path) -> anyhow::Result<Setup> {
         from: &work.join("1.1.0"),
         repo: &repo,
         channel: "stable",
-        key: &key,
+        keys: &[&key],
+        rotation: None,
         now: chrono::Utc::now(),
         expires_secs: 86400,
         rollout_secs: None,
@@ -315,11 +316,11 @@ fn setup(work: &Path) -> anyhow::Result<Setup> {
         clear_max_version: false,
     })?;
     let root = work.join("root");
-    std::fs::create_dir_all(root.join("usr/share/nimbus/keys"))?;
+    std::fs::create_dir_all(root.join("usr/share/nimbus"))?;
     std::fs::create_dir_all(root.join("etc/nimbus"))?;
     std::fs::write(
-        root.join(format!("usr/share/nimbus/keys/{}.pub", key.id)),
-        nimbus::keys::public_key_json(&key.public()),
+        root.join(nimbus::trust::USR_TRUST),
+        nimbus::trust::TrustDoc::initial([key.public()], 1).to_bytes(),
     )?;
     std::fs::write(
         root.join("etc/nimbus/update.conf"),
@@ -626,6 +627,7 @@ pub fn run(points: usize) -> anyhow::Result<ExitCode> {
         booted: 3,
         host_mode: true,
         storage: storage.clone(),
+        esp: Arc::new(nimbus_updater::esp::DirEsp(s.root.join("esp"))),
     };
     // The engine's file writes (state file, update.conf) are recorded too.
     let root_before = crate::powercut_fs::snapshot(&s.root)?;
@@ -711,6 +713,7 @@ pub fn run(points: usize) -> anyhow::Result<ExitCode> {
                     rec: rec.clone(),
                     len,
                 }),
+                esp: Arc::new(nimbus_updater::esp::DirEsp(root.join("esp"))),
             };
             let r = Engine::new(host, &Options::default(), Arc::new(Shared::new()))
                 .and_then(|mut e| e.apply_file(&s.payload, &s.manifest, &sigs_path));

@@ -116,6 +116,7 @@ fn build_image_end_to_end() {
         "nimbus.box",
         "usr.img.zst",
         "build.json",
+        "trust.json",
     ] {
         assert!(out1.join(a).is_file(), "{a} missing");
     }
@@ -260,7 +261,17 @@ fn build_image_end_to_end() {
     for p in ["bin/apt-get", "bin/dpkg", "bin/apt"] {
         assert!(!mnt.join(p).exists(), "/usr/{p} must not ship");
     }
-    assert!(fs::read_dir(mnt.join("share/nimbus/keys")).unwrap().count() == 1);
+    // The trust set: the signing key, threshold 1, version 1, the same in
+    // USR and beside the build (where the release step starts from).
+    let trust = nimbus::trust::load(&mnt.join("share/nimbus/trust.json")).unwrap();
+    assert_eq!(
+        (trust.version, trust.threshold, trust.keys.len()),
+        (1, 1, 1)
+    );
+    assert_eq!(
+        fs::read(mnt.join("share/nimbus/trust.json")).unwrap(),
+        fs::read(out1.join("trust.json")).unwrap()
+    );
     let osr = fs::read_to_string(mnt.join("lib/os-release")).unwrap();
     assert!(
         osr.contains("ID=nimbus")
@@ -368,7 +379,28 @@ fn build_image_end_to_end() {
 fn bad_build_inputs_fail_fast() {
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("out");
+    // A trust set none of whose keys signs this build, and a broken one.
+    let other = nimbus::keys::ReleaseKey::from_secret([7; 32]);
+    let foreign = d.path().join("foreign-trust.json");
+    fs::write(
+        &foreign,
+        nimbus::trust::TrustDoc::initial([other.public()], 1).to_bytes(),
+    )
+    .unwrap();
+    let broken = d.path().join("broken-trust.json");
+    fs::write(
+        &broken,
+        "{\"schema\": 1, \"version\": 1, \"threshold\": 2, \"keys\": []}",
+    )
+    .unwrap();
     let cases: Vec<(Vec<&str>, i32, &str)> = vec![
+        (vec!["--trust", s(&foreign)], 1, "only 0 of the --key keys"),
+        (vec!["--trust", s(&broken)], 1, "0 keys"),
+        (
+            vec!["--trust", "/nonexistent/trust.json"],
+            1,
+            "/nonexistent/trust.json",
+        ),
         (vec!["--disk-size", "1G"], 1, "too small"),
         (vec!["--formats", "raw,vhd"], 2, "unknown format"),
         (vec!["--key", "/nonexistent/keys"], 1, "no such directory"),

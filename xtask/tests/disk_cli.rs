@@ -380,9 +380,9 @@ fn show_reports_descriptor_and_signature() {
         verity_root: [0xab; 32],
         verity_salt: [0xcd; 32],
         created: 0,
-        keyid: key.id,
+        signers: vec![],
     };
-    let bytes = d.sign(&key).unwrap();
+    let bytes = d.sign(&[&key]).unwrap();
     // USR-A ends where USR-B starts: LBA of partition 4 minus one.
     let v = show_json(&img, &[]);
     let end = (slot_json(&v, 3)["last_lba"].as_u64().unwrap() + 1) * 512;

@@ -148,6 +148,7 @@ fn build_release_serve_update() {
     let tampered = t.path().join("tampered");
     std::fs::create_dir_all(&tampered).expect("mkdir");
     std::fs::copy(v1.join("usr.img.zst"), tampered.join("usr.img.zst")).expect("copy");
+    std::fs::copy(v1.join("trust.json"), tampered.join("trust.json")).expect("copy");
     let mut b: serde_json::Value =
         serde_json::from_slice(&std::fs::read(v1.join("build.json")).expect("bj")).expect("json");
     b["version"] = "1.1.0".into();
@@ -167,13 +168,9 @@ fn build_release_serve_update() {
     // The host: the 1.0.0 image, its trusted key, a config pointing at the repo.
     let srv = httpd::Httpd::start(&repo);
     let root = t.path().join("root");
-    std::fs::create_dir_all(root.join("usr/share/nimbus/keys")).expect("mkdir");
+    std::fs::create_dir_all(root.join("usr/share/nimbus")).expect("mkdir");
     std::fs::create_dir_all(root.join("etc/nimbus")).expect("mkdir");
-    std::fs::copy(
-        key.join("release.pub"),
-        root.join("usr/share/nimbus/keys/dev.pub"),
-    )
-    .expect("key");
+    std::fs::copy(v1.join("trust.json"), root.join(nimbus::trust::USR_TRUST)).expect("trust set");
     std::fs::write(
         root.join("etc/nimbus/update.conf"),
         format!(

@@ -53,6 +53,9 @@ enum Cmd {
     },
     /// The A/B slots: priority, tries, successful, version.
     Slots,
+    /// The trusted release keys and threshold: update-engine's set, the
+    /// one stage 1 booted with, and what is on the ESP for the next boot.
+    Trust,
     /// Boot the other slot next (if it is bootable).
     Rollback,
     /// Mark the booted slot good.
@@ -114,6 +117,43 @@ fn answer(cli: &Cli, r: &Response) -> ExitCode {
             }
             ExitCode::from(e.exit_code.max(1))
         }
+    }
+}
+
+fn print_trust(s: &Status) {
+    let Some(t) = &s.trust else {
+        println!("trust: not known yet (update-engine is starting)");
+        return;
+    };
+    println!(
+        "update-engine: trust set version {}, {} of {} key(s): {}",
+        t.usr.version,
+        t.usr.threshold,
+        t.usr.keys.len(),
+        t.usr.keys.join(", ")
+    );
+    println!(
+        "               built into USR: version {}; the booted slot is valid up to version {}",
+        t.usr_builtin_version, t.active_version
+    );
+    match &t.stage1 {
+        Some(s1) => println!(
+            "stage 1:       trust set version {}, {} of {} key(s): {}",
+            s1.version,
+            s1.threshold,
+            s1.keys.len(),
+            s1.keys.join(", ")
+        ),
+        None => println!("stage 1:       not known (no nimbus.trust= on the kernel command line)"),
+    }
+    match t.esp_version {
+        Some(v) => println!(
+            "ESP:           rotations up to version {v} (stage 1 uses them from the next boot)"
+        ),
+        None => println!("ESP:           not read yet (read once the booted slot is marked good)"),
+    }
+    if let Some(e) = &t.chain_error {
+        println!("warning:       a stored rotation was not taken: {e}");
     }
 }
 
@@ -200,7 +240,7 @@ fn print_slots(s: &Status) {
 
 fn run(cli: &Cli, client: &Client) -> Result<ExitCode, nimbus_updater::api::ClientError> {
     match &cli.cmd {
-        Cmd::Status | Cmd::Slots => {
+        Cmd::Status | Cmd::Slots | Cmd::Trust => {
             let r = client.call(&Request::Status)?;
             let st = r.status.clone().unwrap_or_default();
             if cli.json {
@@ -209,11 +249,18 @@ fn run(cli: &Cli, client: &Client) -> Result<ExitCode, nimbus_updater::api::Clie
                         "{}",
                         serde_json::to_string_pretty(&st.slots).unwrap_or_default()
                     );
+                } else if matches!(cli.cmd, Cmd::Trust) {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&st.trust).unwrap_or_default()
+                    );
                 } else {
                     println!("{}", serde_json::to_string_pretty(&st).unwrap_or_default());
                 }
             } else if matches!(cli.cmd, Cmd::Slots) {
                 print_slots(&st);
+            } else if matches!(cli.cmd, Cmd::Trust) {
+                print_trust(&st);
             } else {
                 print_status(&st);
             }

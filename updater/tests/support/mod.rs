@@ -73,6 +73,19 @@ pub fn build_version(
     slot_size: u64,
     key: &ReleaseKey,
 ) -> Built {
+    let trust = nimbus::trust::TrustDoc::initial([key.public()], 1);
+    build_signed(work, version, data_mib, slot_size, &[key], &trust)
+}
+
+/// As `build_version`, signed by `keys`, carrying the trust set `trust`.
+pub fn build_signed(
+    work: &Path,
+    version: &str,
+    data_mib: usize,
+    slot_size: u64,
+    keys: &[&ReleaseKey],
+    trust: &nimbus::trust::TrustDoc,
+) -> Built {
     let v: Version = version.parse().expect("version");
     let dir = work.join("build").join(version);
     let tree = dir.join("usr-tree");
@@ -96,7 +109,7 @@ pub fn build_version(
         epoch: 1_700_000_000,
         fs_uuid: uuid::Uuid::from_u128(0x1234_0000 + u128::from(v.minor)),
         slot_size,
-        key,
+        keys,
     })
     .expect("build usr");
     let info = slot
@@ -112,6 +125,7 @@ pub fn build_version(
         serde_json::to_vec(&bj).expect("json"),
     )
     .expect("write");
+    std::fs::write(dir.join("trust.json"), trust.to_bytes()).expect("write");
     Built { slot, dir }
 }
 
@@ -164,7 +178,8 @@ pub fn publish(
         from,
         repo,
         channel,
-        key,
+        keys: &[key],
+        rotation: None,
         now: chrono::Utc::now(),
         expires_secs,
         rollout_secs: None,
@@ -203,13 +218,12 @@ impl Fixture {
         publish(&repo, &next.dir, "stable", &key, 14 * 86400);
         let httpd = httpd::Httpd::start(&repo);
         let root = w.join("root");
-        let keys = root.join("usr/share/nimbus/keys");
-        std::fs::create_dir_all(&keys).expect("mkdir");
-        std::fs::write(
-            keys.join(format!("{}.pub", key.id)),
-            nimbus::keys::public_key_json(&key.public()),
+        std::fs::create_dir_all(root.join("usr/share/nimbus")).expect("mkdir");
+        std::fs::copy(
+            cur.dir.join("trust.json"),
+            root.join(nimbus::trust::USR_TRUST),
         )
-        .expect("key");
+        .expect("trust set");
         std::fs::create_dir_all(root.join("etc/nimbus")).expect("mkdir");
         std::fs::write(
             root.join("etc/nimbus/update.conf"),
