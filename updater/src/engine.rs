@@ -315,6 +315,7 @@ impl Engine {
             tracing::warn!("checking for a rollback: {err}");
         }
         e.refresh();
+        e.sync_stage1_trust();
         Ok(e)
     }
 
