@@ -316,9 +316,6 @@ fn trust(disk_name: &str) -> TrustStore {
     t
 }
 
-/// Stage 2 runs from the slot's own initramfs, whose set was checked
-/// against this very slot's descriptor when it was built; stage 1 has
-/// already applied the rotations.
 fn builtin_trust() -> TrustStore {
     nimbus::trust::load(&Path::new("/").join(nimbus::trust::STAGE1_TRUST))
         .unwrap_or_else(|e| emergency(&format!("built-in trust set: {e}")))
@@ -645,8 +642,10 @@ fn populate_root(root: &Path) -> std::io::Result<()> {
 }
 
 fn stage2(args: nimbus::boot::Stage2Args) -> ! {
-    let trust = builtin_trust();
     let (disk_name, mut disk) = find_running_disk(&args, false).unwrap_or_else(|e| emergency(&e));
+    // The slot's own initramfs, its built-in set advanced by the same
+    // rotations stage 1 read: the descriptor stage 1 accepted verifies.
+    let trust = trust(&disk_name);
     let slot = layout::Slot::ALL
         .into_iter()
         .find(|s| disk.partition(s.partition_number()).ok().map(|p| p.uuid) == Some(args.partuuid))

@@ -1040,6 +1040,23 @@ impl Engine {
     pub fn rollback(&mut self) -> Result<String, UpdateError> {
         let mut disk = self.host.storage.gpt(true)?;
         let booted = self.host.booted;
+        // A slot signed by keys since removed would only be refused by
+        // stage 1 at the next boot: say so now, and change nothing.
+        let target = slots::rollback_target(&disk.slot_table(), booted).map_err(|source| {
+            UpdateError::Gpt(GptError::Slot {
+                path: self.host.disk.clone(),
+                source,
+            })
+        })?;
+        if let Some(slot) = Slot::from_partition_number(target) {
+            let b = disk.read_descriptor(slot)?;
+            if let Err(e) = SlotDescriptor::verify(&b, self.trust.newest()) {
+                return Err(UpdateError::Refused(format!(
+                    "not rolling back: {slot} has no valid descriptor under trust set version {} ({e})",
+                    self.trust.newest().version
+                )));
+            }
+        }
         let target = disk.update_slots(|t| slots::rollback(t, booted))?;
         self.refresh();
         Ok(format!("partition {target} boots next"))

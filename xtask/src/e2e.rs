@@ -11,6 +11,14 @@
 //! 3. `updatectl channel beta` in the guest; the engine follows the channel
 //!    to 1.3.0, installs it into USR-A, reboots, marks it good.
 //!
+//! Keys rotate along the way (docs/security.md): 1.1.0 is published with
+//! trust set 2, which adds key 2 (signed by keys 1 and 2); 1.3.0 is signed
+//! by key 2 alone and published with trust set 3, which removes key 1.
+//! Stage 1 boots 1.3.0 under set 2 (from the ESP), then gets set 3. A
+//! manifest signed by key 1 is refused by update-engine, `updatectl
+//! rollback` to the key-1 slot is refused, and that slot made bootable by
+//! hand (cgpt, VM stopped) is refused by stage 1, which boots 1.3.0.
+//!
 //! Every step is asserted from the serial console, and the slot table from
 //! `cgpt` on the disk image after the VM stopped.
 
@@ -265,18 +273,22 @@ fn story(work: &Path, log: &Path) -> anyhow::Result<()> {
         &["--extra-units", broken.to_str().context("utf8")?],
     )?;
     steps.done("build N+2 (1.2.0, a required unit exits 1)");
-    let (n3, _) = build(work, "1.3.0", &[])?;
-    steps.done("build 1.3.0 (for channel beta)");
 
     let repo = work.join("repo");
     let key = nimbus::keys::ReleaseKey::load_dir(&opts.key_dirs[0])?;
-    let publish = |from: &Path, channel: &str| {
+    let key2_dir = work.join("key2");
+    let key2 = nimbus::keys::ReleaseKey::generate()?;
+    key2.write_to_dir(&key2_dir)?;
+    let publish = |from: &Path,
+                   channel: &str,
+                   keys: &[&nimbus::keys::ReleaseKey],
+                   rotation: Option<nimbus_image::release::Rotation>| {
         nimbus_image::release::publish(&nimbus_image::release::PublishOptions {
             from,
             repo: &repo,
             channel,
-            keys: &[&key],
-            rotation: None,
+            keys,
+            rotation,
             now: chrono::Utc::now(),
             expires_secs: 86400,
             rollout_secs: None,
@@ -284,12 +296,31 @@ fn story(work: &Path, log: &Path) -> anyhow::Result<()> {
             clear_max_version: false,
         })
     };
-    publish(&n1, "stable")?;
-    publish(&n3, "beta")?;
+    publish(
+        &n1,
+        "stable",
+        &[&key, &key2],
+        Some(nimbus_image::release::Rotation {
+            add: vec![key2.public()],
+            ..Default::default()
+        }),
+    )?;
     let srv = httpd::Httpd::start_on(listener, &repo);
     steps.done(&format!(
-        "publish 1.1.0 on stable, 1.3.0 on beta; serve on 127.0.0.1:{port}"
+        "publish 1.1.0 on stable with trust set 2 (adds key 2); serve on 127.0.0.1:{port}"
     ));
+    let trust2 = repo.join("trust/2.json");
+    let (n3, _) = build(
+        work,
+        "1.3.0",
+        &[
+            "--key",
+            key2_dir.to_str().context("utf8")?,
+            "--trust",
+            trust2.to_str().context("utf8")?,
+        ],
+    )?;
+    steps.done("build 1.3.0 (for channel beta), signed by key 2 alone, carrying trust set 2");
 
     // A free port for QEMU's ssh forward (released before QEMU binds it).
     let ssh = Ssh {
@@ -356,7 +387,7 @@ fn story(work: &Path, log: &Path) -> anyhow::Result<()> {
     steps.done("boot 1.0.0, update itself to 1.1.0, reboot, USR-B marked good");
 
     // 2: N+2 fails its health check; the guest falls back by itself.
-    publish(&n2, "stable")?;
+    publish(&n2, "stable", &[&key], None)?;
     let i = expect(&mut vm, i, &good_boot("USR-A", "1.2.0", 0)[..1])?;
     steps.done("publish 1.2.0 on stable; guest installs it into USR-A and reboots");
     let mut fall_back = vec![
@@ -396,15 +427,119 @@ fn story(work: &Path, log: &Path) -> anyhow::Result<()> {
     let gets_12 = payload_gets("1.2.0").len();
     steps.done("`updatectl status` in the guest reports the rollback and its reason");
 
-    // 3: channel switch inside the guest, followed to the beta release.
+    // 3: channel switch inside the guest, followed to the beta release,
+    // which is signed by key 2 alone and removes key 1.
+    publish(
+        &n3,
+        "beta",
+        &[&key2],
+        Some(nimbus_image::release::Rotation {
+            remove: vec![key.id],
+            ..Default::default()
+        }),
+    )?;
     let out = ssh.run_ok("updatectl channel beta | tee /dev/console", long)?;
     if !out.contains("switched to beta; it offers 1.3.0") {
         bail!("updatectl channel beta: {out}");
     }
     let i = vm.wait_for(r"switched to beta; it offers 1\.3\.0", i, long)?;
-    expect(&mut vm, i, &good_boot("USR-A", "1.3.0", 0))?;
-    steps.done("`updatectl channel beta` in the guest; 1.3.0 installed, booted, marked good");
+    // Stage 1 (still 1.0.0's, built-in set 1) boots a slot signed by key
+    // 2 alone because set 2 is on the ESP.
+    let i = vm.wait_for(
+        r"nimbus-init: trust set version 2, 1 of 2 key\(s\)",
+        i,
+        long,
+    )?;
+    let i = expect(&mut vm, i, &good_boot("USR-A", "1.3.0", 0))?;
+    steps.done("`updatectl channel beta` in the guest; 1.3.0 (key 2 only) installed, booted under trust set 2, marked good");
+
+    // 4: key 1 is no longer trusted anywhere.
+    let k2 = key2.id.to_string();
+    let t0 = Instant::now();
+    let trust = loop {
+        let t: serde_json::Value =
+            serde_json::from_str(&ssh.run_ok("updatectl trust --json", long)?)?;
+        if t["esp_version"] == 3 || t0.elapsed() > Duration::from_secs(120) {
+            break t;
+        }
+        std::thread::sleep(Duration::from_secs(3));
+    };
+    if trust["usr"]["version"] != 3
+        || trust["usr"]["keys"] != serde_json::json!([k2])
+        || trust["active_version"] != 3
+        || trust["esp_version"] != 3
+        || trust["stage1"]["version"] != 2
+    {
+        bail!("updatectl trust --json after 1.3.0 was marked good: {trust}");
+    }
+    let shown = ssh.run_ok("updatectl trust | tee /dev/console", long)?;
+    if !shown.contains(&format!(
+        "update-engine: trust set version 3, 1 of 1 key(s): {k2}"
+    )) {
+        bail!("updatectl trust:\n{shown}");
+    }
+    vm.wait_for(r"stage 1: +trust set version 2, 1 of 2 key\(s\)", i, long)?;
+    // A manifest signed by key 1 alone (offering 1.2.0 on beta again).
+    let mpath = repo.join("channels/beta.json");
+    let mut m: nimbus::release::Manifest = serde_json::from_slice(&std::fs::read(&mpath)?)?;
+    m.serial += 1;
+    m.releases.push(nimbus::release::Release {
+        version: "1.4.0".parse()?,
+        ..m.releases[0].clone()
+    });
+    let bytes = serde_json::to_vec_pretty(&m)?;
+    std::fs::write(&mpath, &bytes)?;
+    std::fs::write(
+        repo.join("channels/beta.json.sig"),
+        serde_json::to_vec(&nimbus::release::Manifest::sign_bytes(&bytes, &[&key]))?,
+    )?;
+    let o = ssh.run("updatectl check")?;
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    if o.status.code() != Some(4) || !said.contains("is not trusted") {
+        bail!(
+            "updatectl check of a manifest signed by the removed key: {:?}: {said}",
+            o.status
+        );
+    }
+    let o = ssh.run("updatectl rollback")?;
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    if o.status.success() || !said.contains("no valid descriptor under trust set version 3") {
+        bail!(
+            "updatectl rollback to the key-1 slot: {:?}: {said}",
+            o.status
+        );
+    }
+    steps.done("update-engine refuses a manifest signed by the removed key 1, and a rollback to the key-1 slot");
     vm.stop();
+    // USR-B holds 1.1.0, signed by key 1 alone: made bootable by hand, it
+    // is refused by stage 1, which now has set 3.
+    let st = Command::new("cgpt")
+        .args(["add", "-i", "4", "-P", "9", "-T", "1", "-S", "0"])
+        .arg(&disk)
+        .status()
+        .context("cgpt")?;
+    if !st.success() {
+        bail!("cgpt add -i 4 failed");
+    }
+    let mut vm = qemu::Vm::spawn(&vm_opts(vec![pristine.clone()]))?;
+    let mut refused = vec![
+        r"nimbus-init: trust set version 3, 1 of 1 key\(s\)".to_string(),
+        r"nimbus-init: refusing USR-B: .*key is not trusted".into(),
+    ];
+    refused.extend(good_boot("USR-A", "1.3.0", 1));
+    expect(&mut vm, 0, &refused)?;
+    vm.stop();
+    steps.done(
+        "USR-B (key 1) made bootable by hand is refused by stage 1 (trust set 3); 1.3.0 boots",
+    );
 
     if nimbus_image::sha256_file(&pristine)? != pristine_sha {
         bail!("the attached pristine disk was written to");
@@ -425,10 +560,11 @@ fn story(work: &Path, log: &Path) -> anyhow::Result<()> {
     }
     let (a, b) = (cgpt(&disk, 3)?, cgpt(&disk, 4)?);
     // A was invalidated by the rollback, then given 1.3.0: 3/1/0, the boot
-    // took its try, mark-good set successful; B kept 2 since its own
-    // mark-good (nothing ranked above it once A was invalidated).
-    if a != "3/0/1" || b != "2/0/1" {
-        bail!("after the story: USR-A {a}, USR-B {b}; expected 3/0/1 and 2/0/1");
+    // took its try, mark-good set successful. B, made bootable by hand,
+    // spent its one try on stage 1's refusal (and update-engine may have
+    // given it up since: priority 0).
+    if a != "3/0/1" || !b.ends_with("/0/0") {
+        bail!("after the story: USR-A {a}, USR-B {b}; expected 3/0/1 and B not bootable");
     }
     steps
         .rows

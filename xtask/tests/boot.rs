@@ -169,6 +169,84 @@ fn copy_a_to_b(img: &Path) {
     }
 }
 
+/// The key build-image signs with when given none.
+fn dev_key() -> nimbus::keys::ReleaseKey {
+    let d = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/nimbus/dev-key");
+    nimbus::keys::ReleaseKey::load_dir(&d).unwrap()
+}
+
+/// A key of the tests' own, that no image trusts by itself.
+fn other_key() -> nimbus::keys::ReleaseKey {
+    nimbus::keys::ReleaseKey::from_secret([0x42; 32])
+}
+
+/// Sign USR-B's descriptor again, by `key` alone.
+fn resign_b(img: &Path, key: &nimbus::keys::ReleaseKey) {
+    use std::io::Read;
+    let (b, size) = part(img, 4);
+    let mut f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(img)
+        .unwrap();
+    let mut d = vec![0u8; 4096];
+    f.seek(SeekFrom::Start(b + size - 4096)).unwrap();
+    f.read_exact(&mut d).unwrap();
+    let signed = nimbus::release::SlotDescriptor::parse_unverified(&d)
+        .unwrap()
+        .sign(&[key])
+        .unwrap();
+    f.seek(SeekFrom::Start(b + size - 4096)).unwrap();
+    f.write_all(&signed).unwrap();
+}
+
+/// Trust rotations as update-engine leaves them on the ESP: set 2 adds
+/// the tests' key; with `remove`, set 3 takes it away again.
+fn put_rotations(img: &Path, remove: bool) {
+    use nimbus::trust::{advance, rotate};
+    let (dev, other) = (dev_key(), other_key());
+    let sign = |doc: &nimbus::trust::TrustDoc, keys: &[&nimbus::keys::ReleaseKey]| {
+        let bytes = doc.to_bytes();
+        let sigs =
+            serde_json::to_vec(&nimbus::release::Manifest::sign_bytes(&bytes, keys)).unwrap();
+        (bytes, sigs)
+    };
+    let mut v1 = nimbus::keys::TrustStore::new([dev.public()], 1);
+    v1.version = 1;
+    let d2 = rotate(&v1, &[other.public()], &[], None).unwrap();
+    let l2 = sign(&d2, &[&dev, &other]);
+    let mut files = vec![("2.json", l2.0.clone()), ("2.json.sig", l2.1.clone())];
+    if remove {
+        let v2 = advance(&v1, &l2.0, &l2.1).unwrap();
+        let d3 = rotate(&v2, &[], &[other.id], None).unwrap();
+        let l3 = sign(&d3, &[&dev]);
+        files.push(("3.json", l3.0));
+        files.push(("3.json.sig", l3.1));
+    }
+    let (esp, _) = part(img, 1);
+    let target = format!("{}@@{esp}", s(img));
+    let dir = tempfile::tempdir().unwrap();
+    let mtool = |args: &[&str]| {
+        let o = Command::new(args[0])
+            .args(["-i", &target])
+            .args(&args[1..])
+            .env("MTOOLS_SKIP_CHECK", "1")
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    mtool(&["mmd", "::/nimbus/trust"]);
+    for (name, bytes) in files {
+        let p = dir.path().join(name);
+        fs::write(&p, bytes).unwrap();
+        mtool(&["mcopy", s(&p), &format!("::/nimbus/trust/{name}")]);
+    }
+}
+
 fn poke(img: &Path, at: u64, f: impl FnOnce(&mut [u8])) {
     let mut file = fs::OpenOptions::new()
         .read(true)
@@ -253,8 +331,16 @@ fn fresh_image_boots_usr_a_to_multi_user_and_marks_it_good() {
 fn usr_b_with_one_try_boots_and_is_marked_good() {
     let (_d, img) = copy();
     copy_a_to_b(&img);
+    // B is signed by a key that only a rotation on the ESP makes trusted:
+    // stage 1 (direct kernel boot) and stage 2 both read it.
+    resign_b(&img, &other_key());
+    put_rotations(&img, false);
     cgpt_set(&img, 4, 2, 1, 0);
     let c = boot(&img, "nimbus-mark-good: USR-B marked good", &[]);
+    assert!(
+        c.contains("nimbus-init: trust set version 2, 1 of 2 key(s)"),
+        "{c}"
+    );
     assert!(
         c.contains("nimbus-init: selected USR-B priority=2 tries=0 successful=0 version=1.0.0"),
         "{c}"
@@ -315,11 +401,26 @@ fn usr_b_with_a_bad_signature_is_refused() {
 #[test]
 fn boots_under_ovmf() {
     let (_d, img) = copy();
+    // B is signed by a key that set 2 added and set 3 removed: under
+    // systemd-boot too, stage 1 reads both rotations and refuses B.
+    copy_a_to_b(&img);
+    resign_b(&img, &other_key());
+    put_rotations(&img, true);
+    cgpt_set(&img, 4, 2, 1, 0);
     let q = to_qcow2(&img);
     let c = boot(
         &q,
         "nimbus-mark-good: USR-A marked good",
         &["--firmware", "uefi"],
+    );
+    assert!(
+        c.contains("nimbus-init: trust set version 3, 1 of 1 key(s)"),
+        "{c}"
+    );
+    assert!(
+        c.contains("nimbus-init: refusing USR-B: slot descriptor: signature by key")
+            && c.contains("key is not trusted"),
+        "{c}"
     );
     assert!(c.contains("nimbus-init: selected USR-A"), "{c}");
     // systemd-boot's LoaderDevicePartUUID reached stage 1.
