@@ -4,6 +4,12 @@
 
 use std::path::PathBuf;
 
+/// The command line every loader gives stage 1 (GRUB, systemd-boot's
+/// entries, `xtask qemu --firmware direct`), before the loader's own
+/// `nimbus.esp=` / `nimbus.stage1=`: VGA and serial consoles, and a panic
+/// resets the machine (so a stage 1 that cannot start falls back).
+pub const KERNEL_CMDLINE: &str = "console=tty0 console=ttyS0,115200 panic=-1";
+
 use crate::release::{SlotDescriptor, VERITY_BLOCK};
 
 /// `nimbus.usr=PARTUUID=<uuid>` and `nimbus.usrhash=<root>` from a command

@@ -43,6 +43,10 @@ pub enum FsEvent {
     SyncDir {
         dir: PathBuf,
     },
+    /// A name removed (durable once its directory is synced).
+    Remove {
+        path: PathBuf,
+    },
 }
 
 /// `Some` while a harness records. A process-wide switch rather than a
@@ -222,6 +226,40 @@ pub fn write_atomic_at(
         unsafe { libc::unlinkat(dir.as_raw_fd(), c_tmp.as_ptr(), 0) };
     }
     result
+}
+
+/// Rename `from` to `to` (same directory or not) and make it durable:
+/// the target's directory is synced, then the source's if it differs.
+pub fn rename_and_sync(from: &Path, to: &Path) -> Result<(), DurableError> {
+    std::fs::rename(from, to).map_err(err(to, "rename"))?;
+    emit(|| FsEvent::Rename {
+        from: from.to_path_buf(),
+        to: to.to_path_buf(),
+    });
+    let (pf, pt) = (from.parent(), to.parent());
+    if let Some(d) = pt {
+        sync_dir(d)?;
+    }
+    if let Some(d) = pf.filter(|d| Some(*d) != pt) {
+        sync_dir(d)?;
+    }
+    Ok(())
+}
+
+/// Remove `path` (a missing file is not an error) and make it durable.
+pub fn remove_and_sync(path: &Path) -> Result<(), DurableError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(err(path, "remove")(e)),
+    }
+    emit(|| FsEvent::Remove {
+        path: path.to_path_buf(),
+    });
+    match path.parent() {
+        Some(d) => sync_dir(d),
+        None => Ok(()),
+    }
 }
 
 /// Make a rename or create in `dir` durable.

@@ -13,6 +13,7 @@
 
 pub mod boot;
 pub mod durable;
+pub mod esp;
 pub mod gpt;
 pub mod keys;
 pub mod layout;

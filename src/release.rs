@@ -443,6 +443,36 @@ pub struct Release {
     pub verity_root: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<Rollout>,
+    /// The release's stage 1 (kernel and initramfs), installed into the
+    /// ESP's other copy with the slot (docs/boot.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage1: Option<Box<Stage1Files>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Stage1Files {
+    pub kernel: FileRef,
+    pub initramfs: FileRef,
+}
+
+/// A file of a release, by path inside the repository, size and hash.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRef {
+    pub path: String,
+    pub size: u64,
+    pub sha256: String,
+}
+
+/// The largest stage-1 file a client fetches (a kernel or an initramfs).
+pub const MAX_STAGE1_FILE: u64 = 256 << 20;
+
+fn plain_relative(p: &str) -> bool {
+    !(p.is_empty()
+        || p.starts_with('/')
+        || p.contains("://")
+        || p.split('/').any(|c| c.is_empty() || c == "." || c == ".."))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -555,12 +585,27 @@ impl Manifest {
                 return bad(format!("release {v} is listed twice"));
             }
             let p = &r.payload;
-            if p.is_empty()
-                || p.starts_with('/')
-                || p.contains("://")
-                || p.split('/').any(|c| c.is_empty() || c == "." || c == "..")
-            {
+            if !plain_relative(p) {
                 return bad(format!("release {v}: payload path {p:?} must be a plain relative path inside the repository"));
+            }
+            if let Some(s1) = &r.stage1 {
+                for (name, f) in [("kernel", &s1.kernel), ("initramfs", &s1.initramfs)] {
+                    if !plain_relative(&f.path) {
+                        return bad(format!("release {v}: stage1 {name} path {:?} must be a plain relative path inside the repository", f.path));
+                    }
+                    if !is_hex64(&f.sha256) {
+                        return bad(format!(
+                            "release {v}: stage1 {name} sha256 is not 64 lowercase hex digits"
+                        ));
+                    }
+                    if f.size == 0 || f.size > MAX_STAGE1_FILE {
+                        return bad(format!(
+                            "release {v}: stage1 {name} size {} is not between 1 byte and {} MiB",
+                            f.size,
+                            MAX_STAGE1_FILE >> 20
+                        ));
+                    }
+                }
             }
             for (name, h) in [
                 ("compressed_sha256", &r.compressed_sha256),
@@ -869,6 +914,7 @@ mod tests {
                 raw_sha256: "b".repeat(64),
                 verity_root: "c".repeat(64),
                 rollout: None,
+                stage1: None,
             }],
         }
     }
@@ -1030,6 +1076,59 @@ mod tests {
                 matches!(m.validate(), Err(ManifestError::Invalid(_))),
                 "{p} passed"
             );
+        }
+    }
+
+    #[test]
+    fn stage1_files_are_checked_like_payloads() {
+        let now = Utc::now();
+        let good = FileRef {
+            path: "payloads/1.2.0/stage1/vmlinuz".into(),
+            size: 10,
+            sha256: "d".repeat(64),
+        };
+        let mut m = manifest(1, now);
+        m.releases[0].stage1 = Some(Box::new(Stage1Files {
+            kernel: good.clone(),
+            initramfs: good.clone(),
+        }));
+        m.validate().unwrap();
+        for (f, want) in [
+            (
+                FileRef {
+                    path: "../k".into(),
+                    ..good.clone()
+                },
+                "plain relative",
+            ),
+            (
+                FileRef {
+                    sha256: "x".into(),
+                    ..good.clone()
+                },
+                "sha256",
+            ),
+            (
+                FileRef {
+                    size: 0,
+                    ..good.clone()
+                },
+                "size 0",
+            ),
+            (
+                FileRef {
+                    size: MAX_STAGE1_FILE + 1,
+                    ..good.clone()
+                },
+                "MiB",
+            ),
+        ] {
+            let mut m = m.clone();
+            if let Some(s) = m.releases[0].stage1.as_mut() {
+                s.initramfs = f;
+            }
+            let e = m.validate().unwrap_err().to_string();
+            assert!(e.contains(want), "{want}: {e}");
         }
     }
 

@@ -30,9 +30,12 @@ use crate::{run_tool, ImageError};
 /// Where Debian's `grub-pc-bin` puts the i386-pc images and modules.
 pub const GRUB_PC_DIR: &str = "/usr/lib/grub/i386-pc";
 
-/// Built into the core image; nothing is loaded from disk at boot.
+/// Built into the core image; no module is loaded from disk at boot.
+/// `normal` runs the script on the ESP (the embedded configuration runs
+/// under GRUB's rescue parser, which has no `if`).
 const MODULES: &[&str] = &[
     "biosdisk", "part_gpt", "fat", "linux", "boot", "echo", "probe", "serial", "terminal", "test",
+    "loadenv", "normal",
 ];
 
 const SECTOR: usize = 512;
@@ -43,20 +46,48 @@ const PART_TABLE: std::ops::Range<usize> = 0x1b8..0x1fe;
 const BLOCKLIST_START: usize = SECTOR - 12;
 const BLOCKLIST_LEN: usize = SECTOR - 4;
 
-/// The embedded configuration. `(hd0)` is the disk the BIOS booted, so the
-/// ESP read is always the boot disk's; its PARTUUID goes to stage 1, which
-/// uses it to find that same disk among several (see docs/boot.md).
-pub fn embedded_config(cmdline: &str) -> String {
+/// The embedded configuration (GRUB's rescue syntax: plain commands).
+/// `(hd0)` is the disk the BIOS booted, so the ESP read is always the boot
+/// disk's; its PARTUUID goes to stage 1, which uses it to find that same
+/// disk among several (see docs/boot.md). With `prefix` set, GRUB's normal
+/// mode then runs `nimbus/grub.cfg` from the ESP ([`script`]).
+pub fn embedded_config() -> String {
+    "serial --unit=0 --speed=115200\n\
+     terminal_input serial console\n\
+     terminal_output serial console\n\
+     set root=(hd0,gpt1)\n\
+     probe --set=esp --part-uuid (hd0,gpt1)\n\
+     set prefix=(hd0,gpt1)/nimbus\n"
+        .to_string()
+}
+
+/// Where the script lives on the ESP (written by the build, never by
+/// updates: they change `nimbus/grubenv` only).
+pub const SCRIPT: &str = "nimbus/grub.cfg";
+
+/// The script: which stage-1 copy, from `nimbus/grubenv`
+/// (nimbus::esp::Grubenv, whose `grub_boot` is this rule in Rust): the
+/// default copy, or once, the copy on trial, with the try written back
+/// before it starts (`save_env` rewrites the block in place). A trial
+/// that is never blessed leaves `nimbus_s1_tries=0`, and the next boot
+/// takes the default again.
+pub fn script(cmdline: &str) -> String {
     format!(
-        "serial --unit=0 --speed=115200\n\
-         terminal_input serial console\n\
-         terminal_output serial console\n\
-         set root=(hd0,gpt1)\n\
-         probe --set=esp --part-uuid (hd0,gpt1)\n\
-         echo Nimbus: BIOS boot, stage 1 from ESP PARTUUID $esp\n\
-         linux /nimbus/vmlinuz {cmdline} nimbus.esp=PARTUUID=$esp\n\
-         initrd /nimbus/stage1.img\n\
-         boot\n"
+        "set s1=a\n\
+         load_env --file /{env} nimbus_s1 nimbus_s1_try nimbus_s1_tries\n\
+         if [ -n \"$nimbus_s1\" ]; then set s1=$nimbus_s1; fi\n\
+         if [ -n \"$nimbus_s1_try\" ]; then\n\
+           if [ \"$nimbus_s1_tries\" = 1 ]; then\n\
+             set nimbus_s1_tries=0\n\
+             save_env --file /{env} nimbus_s1_tries\n\
+             set s1=$nimbus_s1_try\n\
+           fi\n\
+         fi\n\
+         echo Nimbus: BIOS boot, stage 1 copy $s1 from ESP PARTUUID $esp\n\
+         linux /nimbus/$s1/vmlinuz {cmdline} nimbus.esp=PARTUUID=$esp nimbus.stage1=$s1\n\
+         initrd /nimbus/$s1/stage1.img\n\
+         boot\n",
+        env = nimbus::esp::GRUBENV
     )
 }
 

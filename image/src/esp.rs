@@ -5,8 +5,8 @@
 //! directory, and `fsck.vfat` rejects the result (see docs/image.md).
 //!
 //! Contents: systemd-boot as the removable-media loader
-//! (`EFI/BOOT/BOOTX64.EFI`) with one entry for the stage-1 kernel and
-//! initramfs.
+//! (`EFI/BOOT/BOOTX64.EFI`), stage 1 as copy a with its entry, and GRUB's
+//! environment block (the layout and its later changes: `nimbus::esp`).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -16,20 +16,6 @@ use crate::{run_tool, ImageError};
 
 /// Files to place, as (path inside the ESP, bytes).
 pub type EspFiles = Vec<(String, Vec<u8>)>;
-
-/// systemd-boot configuration for the stage-1 entry.
-pub fn loader_files(cmdline: &str) -> EspFiles {
-    vec![
-        (
-            "loader/loader.conf".into(),
-            b"default nimbus.conf\ntimeout 0\nconsole-mode keep\n".to_vec(),
-        ),
-        (
-            "loader/entries/nimbus.conf".into(),
-            format!("title Nimbus\nlinux /nimbus/vmlinuz\ninitrd /nimbus/stage1.img\noptions {cmdline}\n").into_bytes(),
-        ),
-    ]
-}
 
 /// Write a FAT32 image of `size` bytes at `out` holding `files`.
 /// `staging` is a scratch directory.

@@ -691,7 +691,7 @@ fn qcow2(raw: &Path, out: &Path) -> Result<(), ImageError> {
 /// The stage-1 kernel's command line on every firmware path: the kernel
 /// logs to the VGA console and to ttyS0; ttyS0 comes last, so it is
 /// /dev/console (what serial consoles and the tests read).
-pub const KERNEL_CMDLINE: &str = "console=tty0 console=ttyS0,115200 panic=-1";
+pub use nimbus::boot::KERNEL_CMDLINE;
 
 const VAGRANTFILE: &str = r#"# Nimbus Vagrant box (libvirt provider).
 Vagrant.configure("2") do |config|
@@ -826,9 +826,16 @@ fn build_inner(o: &BuildOptions, progress: &mut dyn Progress) -> Result<BuildRep
             .ok_or_else(|| ImageError::Invalid(format!("layout has no partition {n}")))
     };
     let grub_core = st.run("filesystems", || {
-        let mut files = esp::loader_files(KERNEL_CMDLINE);
-        files.push(("nimbus/vmlinuz".into(), kernel.clone()));
-        files.push(("nimbus/stage1.img".into(), stage1.clone()));
+        // Stage 1 as copy a, generation 1, with systemd-boot's entry and
+        // GRUB's environment (nimbus::esp: how later updates add copy b).
+        let mut files = nimbus::esp::initial_files(&o.version.to_string(), KERNEL_CMDLINE)
+            .map_err(|e| ImageError::Invalid(e.to_string()))?;
+        files.push((
+            bios::SCRIPT.to_string(),
+            bios::script(KERNEL_CMDLINE).into_bytes(),
+        ));
+        files.push((nimbus::esp::Copy::A.kernel(), kernel.clone()));
+        files.push((nimbus::esp::Copy::A.initramfs(), stage1.clone()));
         let sdboot = usr_dir.join("lib/systemd/boot/efi/systemd-bootx64.efi");
         files.push((
             "EFI/BOOT/BOOTX64.EFI".into(),
@@ -854,7 +861,7 @@ fn build_inner(o: &BuildOptions, progress: &mut dyn Progress) -> Result<BuildRep
             &staging,
             o.epoch,
         )?;
-        let core = bios::core_image(&work, &bios::embedded_config(KERNEL_CMDLINE))?;
+        let core = bios::core_image(&work, &bios::embedded_config())?;
         Ok((
             core,
             "ESP (FAT32), GRUB i386-pc core, OEM and ROOT (ext4)".into(),
@@ -1048,6 +1055,17 @@ fn build_inner(o: &BuildOptions, progress: &mut dyn Progress) -> Result<BuildRep
     };
     let json =
         serde_json::to_vec_pretty(&report).map_err(|e| ImageError::Invalid(e.to_string()))?;
+    // Stage 1 beside the build: the release step publishes it, and
+    // update-engine installs it into the ESP's other copy.
+    let s1 = o.out.join("stage1");
+    fs::create_dir_all(&s1).map_err(io_at(&s1))?;
+    for (name, data) in [
+        (nimbus::esp::KERNEL, &kernel),
+        (nimbus::esp::INITRAMFS, &stage1),
+    ] {
+        nimbus::durable::write_atomic(&s1.join(name), data, 0o644)
+            .map_err(|e| ImageError::Invalid(e.to_string()))?;
+    }
     // The release step starts a trust rotation from the set the image
     // carries when the repository has none yet.
     nimbus::durable::write_atomic(&o.out.join("trust.json"), &signing.trust_json(), 0o644)

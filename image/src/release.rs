@@ -74,6 +74,63 @@ pub fn payload_rel(version: &Version) -> String {
     format!("payloads/{version}/usr.img.zst")
 }
 
+pub fn stage1_rel(version: &Version, name: &str) -> String {
+    format!("payloads/{version}/stage1/{name}")
+}
+
+/// The build's stage 1 (`<from>/stage1/`), if it has one, as the manifest
+/// will list it.
+fn stage1_of(
+    from: &Path,
+    version: &Version,
+) -> Result<Option<nimbus::release::Stage1Files>, ImageError> {
+    let dir = from.join("stage1");
+    if !dir.is_dir() {
+        return Ok(None);
+    }
+    let file = |name: &str| -> Result<nimbus::release::FileRef, ImageError> {
+        let p = dir.join(name);
+        Ok(nimbus::release::FileRef {
+            path: stage1_rel(version, name),
+            size: std::fs::metadata(&p).map_err(io_at(&p))?.len(),
+            sha256: crate::sha256_file(&p)?,
+        })
+    };
+    Ok(Some(nimbus::release::Stage1Files {
+        kernel: file(nimbus::esp::KERNEL)?,
+        initramfs: file(nimbus::esp::INITRAMFS)?,
+    }))
+}
+
+/// Copy `src` to `repo/rel` (fsync, rename, directory fsync), or leave an
+/// identical file; a different one is refused: published files are
+/// immutable.
+fn place_immutable(src: &Path, repo: &Path, rel: &str, sha: &str) -> Result<(), ImageError> {
+    let dest = repo.join(rel);
+    let dest_dir = dest.parent().unwrap_or(repo);
+    std::fs::create_dir_all(dest_dir).map_err(io_at(dest_dir))?;
+    if dest.exists() {
+        if crate::sha256_file(&dest)? == sha {
+            return Ok(());
+        }
+        return Err(ImageError::Invalid(format!(
+            "{} exists with different content; a published payload is immutable",
+            dest.display()
+        )));
+    }
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dest_dir.join(format!(".{name}.tmp"));
+    std::fs::copy(src, &tmp).map_err(io_at(&tmp))?;
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(io_at(&tmp))?;
+    std::fs::rename(&tmp, &dest).map_err(io_at(&dest))?;
+    nimbus::durable::sync_dir(dest_dir).map_err(|e| ImageError::Invalid(e.to_string()))
+}
+
 /// The newest trust set of the repository (each link checked against the
 /// one before, from the build's set), else the build's own.
 pub fn current_trust(repo: &Path, build: &Path) -> Result<TrustStore, ImageError> {
@@ -209,13 +266,14 @@ pub fn publish(o: &PublishOptions<'_>) -> Result<Manifest, ImageError> {
             duration_secs: d,
             paused: false,
         }),
+        stage1: stage1_of(o.from, &bj.version)?.map(Box::new),
     };
     let mut releases: Vec<Release> = previous
         .as_ref()
         .map(|m| m.releases.clone())
         .unwrap_or_default();
     if let Some(old) = releases.iter().find(|r| r.version == release.version) {
-        if old.compressed_sha256 != release.compressed_sha256 {
+        if old.compressed_sha256 != release.compressed_sha256 || old.stage1 != release.stage1 {
             return Err(ImageError::Invalid(format!(
                 "channel {} already offers {} with payload sha256 {}; a published version is immutable, \
                  build a new version instead",
@@ -248,25 +306,26 @@ pub fn publish(o: &PublishOptions<'_>) -> Result<Manifest, ImageError> {
     manifest
         .validate()
         .map_err(|e| ImageError::Invalid(e.to_string()))?;
-    // Payload first: a manifest must never name a file that is not there.
-    let dest = o.repo.join(payload_rel(&bj.version));
-    let dest_dir = dest.parent().unwrap_or(o.repo);
-    std::fs::create_dir_all(dest_dir).map_err(io_at(dest_dir))?;
-    let same = dest.exists() && crate::sha256_file(&dest)? == sha;
-    if dest.exists() && !same {
-        return Err(ImageError::Invalid(format!(
-            "{} exists with different content; a published payload is immutable",
-            dest.display()
-        )));
-    }
-    if !same {
-        let tmp = dest_dir.join(".usr.img.zst.tmp");
-        std::fs::copy(&payload, &tmp).map_err(io_at(&tmp))?;
-        std::fs::File::open(&tmp)
-            .and_then(|f| f.sync_all())
-            .map_err(io_at(&tmp))?;
-        std::fs::rename(&tmp, &dest).map_err(io_at(&dest))?;
-        nimbus::durable::sync_dir(dest_dir).map_err(|e| ImageError::Invalid(e.to_string()))?;
+    // Payload (and stage 1) first: a manifest must never name a file that
+    // is not there.
+    place_immutable(&payload, o.repo, &payload_rel(&bj.version), &sha)?;
+    if let Some(s1) = manifest
+        .releases
+        .iter()
+        .find(|r| r.version == bj.version)
+        .and_then(|r| r.stage1.as_ref())
+    {
+        for (name, f) in [
+            (nimbus::esp::KERNEL, &s1.kernel),
+            (nimbus::esp::INITRAMFS, &s1.initramfs),
+        ] {
+            place_immutable(
+                &o.from.join("stage1").join(name),
+                o.repo,
+                &f.path,
+                &f.sha256,
+            )?;
+        }
     }
 
     let mut bytes =

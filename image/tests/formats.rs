@@ -156,9 +156,9 @@ fn cpio_archive_lists_and_extracts_with_gnu_cpio() {
 fn esp_is_a_clean_fat32() {
     let d = tempfile::tempdir().unwrap();
     let part = d.path().join("esp.img");
-    let mut files = esp::loader_files("console=ttyS0");
+    let mut files = nimbus::esp::initial_files("1.0.0", "console=ttyS0").unwrap();
     files.push(("EFI/BOOT/BOOTX64.EFI".into(), vec![0x4d, 0x5a, 0, 0]));
-    files.push(("nimbus/vmlinuz".into(), vec![9u8; 3 << 20]));
+    files.push(("nimbus/a/vmlinuz".into(), vec![9u8; 3 << 20]));
     esp::build(&part, 64 << 20, &files, &d.path().join("staging"), 0).unwrap();
     assert_eq!(fs::metadata(&part).unwrap().len(), 64 << 20);
 
@@ -175,17 +175,31 @@ fn esp_is_a_clean_fat32() {
         info.contains("EFI-SYSTEM") && info.contains("FAT32"),
         "{info}"
     );
-    let o = run("mtype", &["-i", s(&part), "::loader/entries/nimbus.conf"]);
+    let o = run(
+        "mtype",
+        &["-i", s(&part), "::loader/entries/nimbus-1-a.conf"],
+    );
     let entry = String::from_utf8_lossy(&o.stdout);
     assert!(
-        entry.contains("linux /nimbus/vmlinuz") && entry.contains("options console=ttyS0"),
+        entry.contains("linux /nimbus/a/vmlinuz")
+            && entry.contains("options console=ttyS0 nimbus.stage1=a"),
         "{entry}"
     );
     let out = d.path().join("vmlinuz");
-    assert!(run("mcopy", &["-i", s(&part), "::nimbus/vmlinuz", s(&out)])
+    assert!(
+        run("mcopy", &["-i", s(&part), "::nimbus/a/vmlinuz", s(&out)])
+            .status
+            .success()
+    );
+    assert_eq!(fs::read(&out).unwrap(), vec![9u8; 3 << 20]);
+    let env = d.path().join("grubenv");
+    assert!(run("mcopy", &["-i", s(&part), "::nimbus/grubenv", s(&env)])
         .status
         .success());
-    assert_eq!(fs::read(&out).unwrap(), vec![9u8; 3 << 20]);
+    let env = fs::read(&env).unwrap();
+    assert_eq!(env.len(), 1024);
+    let g = nimbus::esp::Grubenv::parse(&env).unwrap();
+    assert_eq!(g.grub_boot().0, nimbus::esp::Copy::A);
 }
 
 #[test]

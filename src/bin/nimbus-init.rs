@@ -473,6 +473,8 @@ fn stage1() -> ! {
     ));
     first_boot(&disk_name, &mut disk);
     let trust = trust(&disk_name);
+    let stage1_copy =
+        nimbus::esp::running_copy(&fs::read_to_string("/proc/cmdline").unwrap_or_default());
     let disk_guid = disk.disk_guid();
     let dm = "usr";
     // The loop itself (select, persist the tries decrement, try, exclude
@@ -506,12 +508,16 @@ fn stage1() -> ! {
                     return Err(e.to_string());
                 }
             };
-            let cmdline = format!(
+            let mut cmdline = format!(
                 "{} panic=-1 nimbus.disk={disk_guid} nimbus.usr=PARTUUID={uuid} nimbus.usrhash={} {}",
                 console_args(),
                 hex::encode(d.verity_root),
                 nimbus::trust::cmdline_arg(&trust)
             );
+            // Which ESP copy this stage 1 is: mark-good blesses it.
+            if let Some(c) = stage1_copy {
+                cmdline.push_str(&format!(" nimbus.stage1={c}"));
+            }
             let boot = Path::new(USR_MNT).join("lib/nimbus/boot");
             if let Err(e) = kexec(&boot.join("vmlinuz"), &boot.join("initramfs.img"), &cmdline) {
                 let _ = umount(USR_MNT);
@@ -840,6 +846,33 @@ fn health_failed<D: nimbus::gpt::BlockDevice>(
 /// `nimbus-init mark-good`: after the boot-health delay, if every required
 /// unit is active, mark the booted slot good; otherwise give an unproven
 /// slot up (see [`health_failed`]).
+/// The stage 1 that booted a slot now marked good becomes the default of
+/// both loaders (nimbus::esp::bless). Not fatal: the old copy stays the
+/// default, which boots too.
+fn bless_stage1(disk_name: &str, copy: nimbus::esp::Copy) {
+    let r = partition_dev(disk_name, layout::ESP_PARTITION).and_then(|(_, dev)| {
+        let mut changed = false;
+        nimbus::esp::with_mounted(
+            &dev,
+            Path::new("/run/nimbus/mark-good/esp"),
+            true,
+            &mut |fs| {
+                changed = nimbus::esp::bless(fs, copy)?;
+                Ok(())
+            },
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(changed)
+    });
+    match r {
+        Ok(true) => say(&format!(
+            "nimbus-mark-good: stage 1 copy {copy} is now the default of both loaders"
+        )),
+        Ok(false) => {}
+        Err(e) => eprintln!("nimbus-mark-good: stage 1 copy {copy} not made the default: {e}"),
+    }
+}
+
 fn mark_good() -> i32 {
     let delay: u64 = std::env::var("NIMBUS_HEALTH_DELAY")
         .ok()
@@ -859,7 +892,7 @@ fn mark_good() -> i32 {
     };
     std::thread::sleep(Duration::from_secs(delay));
     let failure = units.iter().find_map(|u| unit_failure(u));
-    let (_, mut disk) = match find_running_disk(&args, true) {
+    let (disk_name, mut disk) = match find_running_disk(&args, true) {
         Ok(x) => x,
         Err(e) => {
             eprintln!("nimbus-mark-good: {e}");
@@ -890,6 +923,9 @@ fn mark_good() -> i32 {
             say(&format!(
                 "nimbus-mark-good: {slot} marked good (version {version})"
             ));
+            if let Some(copy) = nimbus::esp::running_copy(&cmdline) {
+                bless_stage1(&disk_name, copy);
+            }
             0
         }
         Err(e) => {

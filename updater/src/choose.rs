@@ -138,6 +138,7 @@ mod tests {
             raw_sha256: "0".repeat(64),
             verity_root: "0".repeat(64),
             rollout,
+            stage1: None,
         }
     }
 

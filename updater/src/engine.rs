@@ -67,8 +67,8 @@ pub struct Host {
     pub booted: u32,
     pub host_mode: bool,
     pub storage: std::sync::Arc<dyn Storage>,
-    /// The boot disk's ESP, for the trust rotations stage 1 reads.
-    pub esp: std::sync::Arc<dyn crate::esp::Esp>,
+    /// The boot disk's ESP: stage 1's copies and the trust rotations.
+    pub esp: std::sync::Arc<dyn nimbus::esp::Esp>,
 }
 
 impl std::fmt::Debug for Host {
@@ -314,6 +314,9 @@ impl Engine {
         if let Err(err) = e.detect_rollback() {
             tracing::warn!("checking for a rollback: {err}");
         }
+        if let Err(err) = e.detect_stage1_fallback() {
+            tracing::warn!("checking stage 1 on the ESP: {err}");
+        }
         e.refresh();
         e.sync_stage1_trust();
         Ok(e)
@@ -457,9 +460,21 @@ impl Engine {
             .map_or_else(String::new, |s| s.label().to_string());
         let rollback = self.persisted.rollback.clone();
         let state_reset = self.persisted.state_reset.clone();
+        let stage1 = crate::status::Stage1Status {
+            running_copy: if self.host.host_mode {
+                None
+            } else {
+                nimbus::esp::running_copy(
+                    &std::fs::read_to_string("/proc/cmdline").unwrap_or_default(),
+                )
+            },
+            pending: self.persisted.stage1_pending.clone(),
+            failed: self.persisted.stage1_failed.clone(),
+        };
         self.shared.update(|s| {
             s.rollback = rollback;
             s.state_reset = state_reset;
+            s.stage1 = Some(stage1);
             s.channel = cfg.group.clone();
             s.server = cfg.server.clone().unwrap_or_else(|| "disabled".into());
             s.reboot_strategy = cfg.reboot_strategy.clone();
@@ -524,11 +539,230 @@ impl Engine {
                 bytes,
                 sigs,
             };
-            crate::esp::write_links_in(&dir, std::slice::from_ref(&link))?;
+            nimbus::esp::write_chain(
+                &nimbus::esp::DirEsp(dir.clone()),
+                std::slice::from_ref(&link),
+            )
+            .map_err(|e| UpdateError::Config {
+                path: dir.clone(),
+                reason: e.to_string(),
+            })?;
             tracing::info!("learned trust set {} from {url}", set.summary());
             self.trust.sets.push(set);
             self.trust.links.push(link);
             self.settle_active();
+        }
+        Ok(())
+    }
+
+    /// The stage-1 copy running: the loader's `nimbus.stage1=`, or in host
+    /// mode the copy GRUB would start.
+    fn running_copy(&self) -> Option<nimbus::esp::Copy> {
+        if self.host.host_mode {
+            let mut c = None;
+            let _ = self.host.esp.with(false, &mut |fs| {
+                c = Some(nimbus::esp::grubenv(fs)?.default_copy());
+                Ok(())
+            });
+            return c;
+        }
+        let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+        nimbus::esp::running_copy(&cmdline)
+    }
+
+    /// Fetch a stage-1 file whole (size and sha256 from the signed manifest).
+    fn fetch_file(&self, f: &nimbus::release::FileRef) -> Result<Vec<u8>, UpdateError> {
+        use sha2::Digest;
+        let server = self.cfg.server.clone().ok_or(UpdateError::Disabled)?;
+        let url = format!("{server}/{}", f.path);
+        let mut body = self.http.get_from(&url, 0)?;
+        let mut out = Vec::with_capacity(f.size as usize);
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = body.read_some(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            if out.len() as u64 + n as u64 > f.size {
+                return Err(UpdateError::PayloadTooLarge {
+                    url,
+                    expected: f.size,
+                });
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+        if (out.len() as u64) < f.size {
+            return Err(UpdateError::Truncated {
+                url,
+                got: out.len() as u64,
+                expected: f.size,
+            });
+        }
+        let got = hex::encode(sha2::Sha256::digest(&out));
+        if got != f.sha256 {
+            return Err(UpdateError::CompressedHash {
+                url,
+                got,
+                expected: f.sha256.clone(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Install the release's stage 1 into the ESP's other copy, unless the
+    /// running copy already is it, or it failed to boot here before.
+    fn install_stage1(
+        &mut self,
+        r: &Release,
+        s1: &nimbus::release::Stage1Files,
+    ) -> Result<(), UpdateError> {
+        use sha2::Digest;
+        let Some(running) = self.running_copy() else {
+            tracing::info!("stage 1: the loader did not say which copy runs; not updating it");
+            return Ok(());
+        };
+        let (ks, is) = (&s1.kernel.sha256, &s1.initramfs.sha256);
+        if self.persisted.stage1_failed.as_ref().is_some_and(|f| {
+            f.blocked && &f.install.kernel_sha256 == ks && &f.install.initramfs_sha256 == is
+        }) {
+            tracing::warn!(
+                "stage 1 of {}: it did not boot here before; not installed again",
+                r.version
+            );
+            return Ok(());
+        }
+        let mut same = false;
+        self.host
+            .esp
+            .with(false, &mut |fs| {
+                let h = |rel: &str| -> Result<Option<String>, nimbus::esp::EspError> {
+                    Ok(fs
+                        .read(rel, nimbus::release::MAX_STAGE1_FILE as usize)?
+                        .map(|b| hex::encode(sha2::Sha256::digest(&b))))
+                };
+                same = h(&running.kernel())?.as_ref() == Some(ks)
+                    && h(&running.initramfs())?.as_ref() == Some(is);
+                Ok(())
+            })
+            .map_err(|e| self.esp_err(e))?;
+        if same {
+            return Ok(());
+        }
+        let kernel = self.fetch_file(&s1.kernel)?;
+        let initramfs = self.fetch_file(&s1.initramfs)?;
+        let label = r.version.to_string();
+        let mut done = None;
+        self.host
+            .esp
+            .with(true, &mut |fs| {
+                done = Some(nimbus::esp::install_stage1(
+                    fs,
+                    running,
+                    &kernel,
+                    &initramfs,
+                    &label,
+                    nimbus::boot::KERNEL_CMDLINE,
+                )?);
+                Ok(())
+            })
+            .map_err(|e| self.esp_err(e))?;
+        if let Some((copy, generation)) = done {
+            tracing::info!(
+                "stage 1 of {label} installed into ESP copy {copy} (generation {generation}); \
+                 the next boot tries it once, copy {running} stays the fallback"
+            );
+            self.persisted.stage1_pending = Some(crate::state::Stage1Install {
+                version: label,
+                copy,
+                generation,
+                kernel_sha256: ks.clone(),
+                initramfs_sha256: is.clone(),
+                booted: false,
+            });
+            self.store.save(&self.persisted)?;
+        }
+        Ok(())
+    }
+
+    fn esp_err(&self, e: nimbus::esp::EspError) -> UpdateError {
+        UpdateError::Config {
+            path: self.host.disk.clone(),
+            reason: format!("EFI system partition: {e}"),
+        }
+    }
+
+    /// After a boot: a stage 1 on trial that the loader gave up (it never
+    /// came up to mark-good) is reported, cleared from the loaders, and
+    /// never installed again; one that booted is done.
+    pub fn detect_stage1_fallback(&mut self) -> Result<(), UpdateError> {
+        let Some(running) = self.running_copy() else {
+            return Ok(());
+        };
+        let mut failed = None;
+        self.host
+            .esp
+            .with(true, &mut |fs| {
+                failed = nimbus::esp::failed_trial(fs, running)?;
+                if failed.is_some() {
+                    nimbus::esp::clear_trial(fs, running)?;
+                }
+                Ok(())
+            })
+            .map_err(|e| self.esp_err(e))?;
+        let pending = self.persisted.stage1_pending.clone();
+        match (failed, pending) {
+            (Some(f), p) => {
+                let install = p.unwrap_or(crate::state::Stage1Install {
+                    version: "unknown".into(),
+                    copy: f.copy,
+                    generation: f.gen.unwrap_or(0),
+                    kernel_sha256: String::new(),
+                    initramfs_sha256: String::new(),
+                    booted: false,
+                });
+                let (reason, blocked) = if install.booted {
+                    (
+                        "it booted, but the slot it started was not marked good".to_string(),
+                        false,
+                    )
+                } else {
+                    (
+                        "it never came up (the loader spent its one try and went back)".to_string(),
+                        true,
+                    )
+                };
+                tracing::warn!(
+                    "stage 1 of {} (ESP copy {}) was given up: {reason}; running copy {running}",
+                    install.version,
+                    install.copy
+                );
+                self.persisted.stage1_failed = Some(crate::state::Stage1Failure {
+                    install,
+                    running_copy: running,
+                    reason,
+                    blocked,
+                    at: Utc::now(),
+                });
+                self.persisted.stage1_pending = None;
+                self.store.save(&self.persisted)?;
+            }
+            (None, Some(mut p)) if p.copy == running && !self.host.host_mode => {
+                let mut blessed = false;
+                let _ = self.host.esp.with(false, &mut |fs| {
+                    let env = nimbus::esp::grubenv(fs)?;
+                    blessed = env.trial().is_none() && env.default_copy() == running;
+                    Ok(())
+                });
+                if blessed {
+                    self.persisted.stage1_pending = None;
+                    self.persisted.stage1_failed = None;
+                } else if !p.booted {
+                    p.booted = true;
+                    self.persisted.stage1_pending = Some(p);
+                }
+                self.store.save(&self.persisted)?;
+            }
+            _ => {}
         }
         Ok(())
     }
@@ -564,7 +798,7 @@ impl Engine {
         if self.trust.esp_version.is_some_and(|v| v >= want) || !self.booted_is_good() {
             return;
         }
-        let on_esp = match self.host.esp.read_chain() {
+        let on_esp = match read_esp_chain(&*self.host.esp) {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!("reading the trust rotations on the ESP: {e}");
@@ -580,7 +814,11 @@ impl Engine {
             .cloned()
             .collect();
         if !missing.is_empty() {
-            if let Err(e) = self.host.esp.write_links(&missing) {
+            if let Err(e) = self
+                .host
+                .esp
+                .with(true, &mut |fs| nimbus::esp::write_chain(fs, &missing))
+            {
                 tracing::warn!("copying trust rotations to the ESP: {e}");
                 return;
             }
@@ -953,6 +1191,13 @@ impl Engine {
             )));
         }
 
+        // Stage 1 goes into the ESP's other copy before the slot becomes
+        // bootable: whichever the next boot meets first, its files are
+        // whole (nimbus::esp's write order).
+        if let (None, Some(s1)) = (file, &r.stage1) {
+            self.install_stage1(r, s1)?;
+        }
+
         self.set_state(State::Finalizing);
         let mut disk = self.host.storage.gpt(true)?;
         disk.update_slots(|t| slots::prioritize(t, passive))?;
@@ -1210,8 +1455,18 @@ impl Engine {
 /// checkpoint saved during that attempt must not be resumed from. A cut
 /// connection (`Truncated`, network errors) keeps it: that is what
 /// checkpoints are for.
-/// USR's built-in set advanced by the rotations stored on ROOT. A stored
-/// rotation that does not verify is reported and left out, never fatal:
+fn read_esp_chain(esp: &dyn nimbus::esp::Esp) -> Result<Vec<Link>, nimbus::esp::EspError> {
+    let mut out = Vec::new();
+    esp.with(false, &mut |fs| {
+        out = nimbus::esp::read_chain(fs)?;
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// USR's built-in set advanced by the rotations stored on ROOT and those
+/// on the ESP (the ones stage 1 booted with: ROOT may have been wiped).
+/// A rotation that does not verify is reported and left out, never fatal:
 /// the host keeps the sets it could check.
 fn load_trust(host: &Host) -> Result<TrustView, UpdateError> {
     let p = host.root.join(nimbus::trust::USR_TRUST);
@@ -1220,23 +1475,36 @@ fn load_trust(host: &Host) -> Result<TrustView, UpdateError> {
         reason: e.to_string(),
     })?;
     let dir = host.root.join(nimbus::trust::ROOT_CHAIN_DIR);
-    let (links, read_err) = match nimbus::trust::read_chain_dir(&dir) {
+    let (mut links, mut read_err) = match nimbus::trust::read_chain_dir(&dir) {
         Ok(l) => (l, None),
         Err(e) => (Vec::new(), Some(e.to_string())),
     };
+    let esp_links = match read_esp_chain(&*host.esp) {
+        Ok(l) => l,
+        Err(e) => {
+            read_err.get_or_insert(format!("ESP: {e}"));
+            Vec::new()
+        }
+    };
+    let esp_max = esp_links.iter().map(|l| l.version).max();
+    for l in esp_links {
+        if !links.iter().any(|x| x.version == l.version) {
+            links.push(l);
+        }
+    }
     let (sets, err) = nimbus::trust::walk(builtin, &links);
     let chain_error = read_err.or(err.map(|e| format!("{}: {e}", dir.display())));
     if let Some(e) = &chain_error {
         tracing::warn!("stored trust rotations: {e}");
     }
     let reached = sets[sets.len() - 1].version;
-    let links = links.into_iter().filter(|l| l.version <= reached).collect();
+    links.retain(|l| l.version <= reached);
     Ok(TrustView {
         sets,
         links,
         active: 0,
         chain_error,
-        esp_version: None,
+        esp_version: esp_max.map(|v| v.min(reached)),
     })
 }
 

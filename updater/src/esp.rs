@@ -1,32 +1,15 @@
-//! The boot disk's EFI system partition, as far as update-engine writes it:
-//! the trust rotations stage 1 reads (`nimbus/trust/<n>.json` + `.sig`,
-//! docs/formats.md "Trust set").
+//! Reaching the boot disk's EFI system partition (`nimbus::esp` says what
+//! is on it and how it changes).
 //!
-//! A running host mounts the partition for the moment of the write
-//! (private directory under /run, `nosuid,nodev,noexec`), writes each file
-//! as durable's temp + fsync + rename + directory fsync, and unmounts. Host
+//! A running host mounts the partition for the moment of the work (a
+//! directory under /run only root can enter; `nosuid,nodev,noexec`) and
+//! writes through durable's temp + fsync + rename + directory fsync. Host
 //! mode (an image file) goes through mtools, as the image build does.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use nimbus::trust::{Link, ESP_CHAIN_DIR};
-
-use crate::error::{io_at, UpdateError};
-
-pub trait Esp: Send + Sync {
-    /// The rotation files on the ESP, as stored (not yet checked).
-    fn read_chain(&self) -> Result<Vec<Link>, UpdateError>;
-    /// Add rotation files, each set before its signatures.
-    fn write_links(&self, links: &[Link]) -> Result<(), UpdateError>;
-}
-
-fn esp_err(what: &Path, reason: impl Into<String>) -> UpdateError {
-    UpdateError::Config {
-        path: what.to_path_buf(),
-        reason: format!("EFI system partition: {}", reason.into()),
-    }
-}
+use nimbus::esp::{DirEsp, Esp, EspError, EspFs};
 
 /// The ESP of a running host, by its partition device.
 pub struct MountedEsp {
@@ -35,97 +18,38 @@ pub struct MountedEsp {
     pub run_dir: PathBuf,
 }
 
-impl MountedEsp {
-    fn with_mounted<T>(
+impl Esp for MountedEsp {
+    fn with(
         &self,
         write: bool,
-        f: impl FnOnce(&Path) -> Result<T, UpdateError>,
-    ) -> Result<T, UpdateError> {
-        use nix::mount::{mount, umount2, MntFlags, MsFlags};
-        use std::os::unix::fs::DirBuilderExt;
-        let _ = std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&self.run_dir);
-        let mnt = self.run_dir.join("esp");
-        match std::fs::DirBuilder::new().mode(0o700).create(&mnt) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(io_at(&mnt)(e)),
-        }
-        let mut flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
-        if !write {
-            flags |= MsFlags::MS_RDONLY;
-        }
-        mount(
-            Some(&self.dev),
-            &mnt,
-            Some("vfat"),
-            flags,
-            Some("umask=0077,codepage=437,iocharset=ascii"),
-        )
-        .map_err(|e| esp_err(&self.dev, format!("mount on {}: {e}", mnt.display())))?;
-        let r = f(&mnt);
-        // Unmounting flushes what the writes' fsyncs have already made
-        // durable; a failure to unmount is reported, the data is safe.
-        if let Err(e) = umount2(&mnt, MntFlags::empty()) {
-            tracing::warn!("unmounting the ESP at {}: {e}", mnt.display());
-        }
-        r
+        f: &mut dyn FnMut(&dyn EspFs) -> Result<(), EspError>,
+    ) -> Result<(), EspError> {
+        nimbus::esp::with_mounted(&self.dev, &self.run_dir.join("esp"), write, f)
     }
 }
 
-impl Esp for MountedEsp {
-    fn read_chain(&self) -> Result<Vec<Link>, UpdateError> {
-        self.with_mounted(false, |root| {
-            nimbus::trust::read_chain_dir(&root.join(ESP_CHAIN_DIR))
-                .map_err(|e| esp_err(&self.dev, e.to_string()))
-        })
-    }
-
-    fn write_links(&self, links: &[Link]) -> Result<(), UpdateError> {
-        self.with_mounted(true, |root| {
-            let dir = root.join(ESP_CHAIN_DIR);
-            std::fs::create_dir_all(&dir).map_err(io_at(&dir))?;
-            write_links_in(&dir, links)
-        })
-    }
-}
-
-/// Each set, then its signatures, durably: a cut between the two leaves a
-/// set without signatures, which readers take as the end of the chain.
-pub fn write_links_in(dir: &Path, links: &[Link]) -> Result<(), UpdateError> {
-    for l in links {
-        let json = dir.join(nimbus::trust::chain_file(l.version));
-        let sig = dir.join(format!("{}.sig", nimbus::trust::chain_file(l.version)));
-        for (p, b) in [(&json, &l.bytes), (&sig, &l.sigs)] {
-            nimbus::durable::write_atomic(p, b, 0o644).map_err(|e| esp_err(p, e.to_string()))?;
-        }
-    }
-    Ok(())
-}
-
-/// An ESP already mounted (or a plain directory standing in for one: the
-/// power-cut harness records the file writes under it).
-pub struct DirEsp(pub PathBuf);
-
-impl Esp for DirEsp {
-    fn read_chain(&self) -> Result<Vec<Link>, UpdateError> {
-        nimbus::trust::read_chain_dir(&self.0.join(ESP_CHAIN_DIR))
-            .map_err(|e| esp_err(&self.0, e.to_string()))
-    }
-
-    fn write_links(&self, links: &[Link]) -> Result<(), UpdateError> {
-        let dir = self.0.join(ESP_CHAIN_DIR);
-        std::fs::create_dir_all(&dir).map_err(io_at(&dir))?;
-        write_links_in(&dir, links)
-    }
-}
-
-/// The ESP inside a disk image file (host mode), through mtools.
+/// The ESP inside a disk image file (host mode, tests), through mtools.
 pub struct ImageEsp {
     pub image: PathBuf,
     pub offset: u64,
+}
+
+impl Esp for ImageEsp {
+    fn with(
+        &self,
+        _write: bool,
+        f: &mut dyn FnMut(&dyn EspFs) -> Result<(), EspError>,
+    ) -> Result<(), EspError> {
+        f(self)?;
+        std::fs::File::options()
+            .write(true)
+            .open(&self.image)
+            .and_then(|f| f.sync_all())
+            .map_err(|source| EspError::Io {
+                path: self.image.clone(),
+                source,
+            })
+    }
 }
 
 impl ImageEsp {
@@ -137,7 +61,7 @@ impl ImageEsp {
         &self,
         tool: &str,
         args: &[&std::ffi::OsStr],
-    ) -> Result<std::process::Output, UpdateError> {
+    ) -> Result<std::process::Output, EspError> {
         Command::new(tool)
             .arg("-i")
             .arg(self.target())
@@ -145,71 +69,109 @@ impl ImageEsp {
             .env("MTOOLS_SKIP_CHECK", "1")
             .output()
             .map_err(|e| {
-                esp_err(
-                    &self.image,
-                    format!("{tool}: {e} (mtools is needed in host mode)"),
-                )
+                EspError::Invalid(format!(
+                    "{}: {tool}: {e} (mtools is needed in host mode)",
+                    self.image.display()
+                ))
             })
+    }
+
+    fn ok(&self, tool: &str, args: &[&std::ffi::OsStr]) -> Result<(), EspError> {
+        let o = self.mtool(tool, args)?;
+        if o.status.success() {
+            return Ok(());
+        }
+        Err(EspError::Invalid(format!(
+            "{}: {tool} {:?}: {}",
+            self.image.display(),
+            args,
+            String::from_utf8_lossy(&o.stderr).trim()
+        )))
+    }
+
+    fn mkdirs(&self, rel: &str) {
+        let mut acc = String::new();
+        let parts: Vec<&str> = rel.split('/').collect();
+        for p in &parts[..parts.len().saturating_sub(1)] {
+            acc = format!("{acc}/{p}");
+            // Exists already: not an error.
+            let _ = self.mtool("mmd", &[format!("::{acc}").as_ref()]);
+        }
     }
 }
 
-impl Esp for ImageEsp {
-    fn read_chain(&self) -> Result<Vec<Link>, UpdateError> {
-        let tmp = tempfile::tempdir().map_err(io_at(Path::new("/tmp")))?;
-        let src = format!("::/{ESP_CHAIN_DIR}");
-        let out = self.mtool(
+fn tmp() -> Result<tempfile::TempDir, EspError> {
+    tempfile::tempdir().map_err(|source| EspError::Io {
+        path: std::env::temp_dir(),
+        source,
+    })
+}
+
+impl EspFs for ImageEsp {
+    fn read(&self, rel: &str, limit: usize) -> Result<Option<Vec<u8>>, EspError> {
+        let t = tmp()?;
+        let to = t.path().join("f");
+        let o = self.mtool(
             "mcopy",
-            &[
-                "-s".as_ref(),
-                "-n".as_ref(),
-                src.as_ref(),
-                tmp.path().as_os_str(),
-            ],
+            &["-n".as_ref(), format!("::/{rel}").as_ref(), to.as_os_str()],
         )?;
-        if !out.status.success() {
-            // No rotation was ever written: no directory.
-            return Ok(Vec::new());
+        if !o.status.success() {
+            return Ok(None);
         }
-        nimbus::trust::read_chain_dir(&tmp.path().join("trust"))
-            .map_err(|e| esp_err(&self.image, e.to_string()))
+        DirEsp(t.path().to_path_buf()).read("f", limit)
     }
 
-    fn write_links(&self, links: &[Link]) -> Result<(), UpdateError> {
-        let tmp = tempfile::tempdir().map_err(io_at(Path::new("/tmp")))?;
-        write_links_in(tmp.path(), links)?;
-        for d in ["::/nimbus", "::/nimbus/trust"] {
-            // Exists already on every image but the oldest: not an error.
-            let _ = self.mtool("mmd", &[d.as_ref()]);
+    fn list(&self, rel_dir: &str) -> Result<Vec<String>, EspError> {
+        let o = self.mtool("mdir", &["-b".as_ref(), format!("::/{rel_dir}").as_ref()])?;
+        if !o.status.success() {
+            return Ok(Vec::new());
         }
-        for l in links {
-            for name in [
-                nimbus::trust::chain_file(l.version),
-                format!("{}.sig", nimbus::trust::chain_file(l.version)),
-            ] {
-                let dest = format!("::/{ESP_CHAIN_DIR}/{name}");
-                let out = self.mtool(
-                    "mcopy",
-                    &[
-                        "-o".as_ref(),
-                        tmp.path().join(&name).as_os_str(),
-                        dest.as_ref(),
-                    ],
-                )?;
-                if !out.status.success() {
-                    return Err(esp_err(
-                        &self.image,
-                        format!(
-                            "mcopy {dest}: {}",
-                            String::from_utf8_lossy(&out.stderr).trim()
-                        ),
-                    ));
-                }
-            }
+        let mut v: Vec<String> = String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter_map(|l| l.trim_end_matches('/').rsplit('/').next())
+            .map(str::to_string)
+            .filter(|n| !n.is_empty() && n != "." && n != "..")
+            .collect();
+        v.sort();
+        Ok(v)
+    }
+
+    fn replace(&self, rel: &str, data: &[u8]) -> Result<(), EspError> {
+        let t = tmp()?;
+        let from = t.path().join("f");
+        std::fs::write(&from, data).map_err(|source| EspError::Io {
+            path: from.clone(),
+            source,
+        })?;
+        self.mkdirs(rel);
+        self.ok(
+            "mcopy",
+            &[
+                "-o".as_ref(),
+                from.as_os_str(),
+                format!("::/{rel}").as_ref(),
+            ],
+        )
+    }
+
+    fn rename(&self, from: &str, to: &str) -> Result<(), EspError> {
+        // mren takes the new name without its directory.
+        let name = Path::new(to)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        self.ok("mren", &[format!("::/{from}").as_ref(), name.as_ref()])
+    }
+
+    fn remove(&self, rel: &str) -> Result<(), EspError> {
+        let o = self.mtool("mdel", &[format!("::/{rel}").as_ref()])?;
+        // A missing file is not an error; anything else was reported.
+        if !o.status.success() && self.read(rel, 1 << 30)?.is_some() {
+            return Err(EspError::Invalid(format!(
+                "mdel ::/{rel}: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            )));
         }
-        std::fs::File::options()
-            .write(true)
-            .open(&self.image)
-            .and_then(|f| f.sync_all())
-            .map_err(io_at(&self.image))
+        Ok(())
     }
 }

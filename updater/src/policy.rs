@@ -367,6 +367,7 @@ mod tests {
                 duration_secs: 10 * 3600,
                 paused,
             }),
+            stage1: None,
         };
         let manifest = |paused| nimbus::release::Manifest {
             schema: 1,

@@ -41,6 +41,39 @@ pub struct Persisted {
     /// status` until the next install.
     #[serde(default)]
     pub state_reset: Option<StateReset>,
+    /// A stage 1 installed into the ESP's other copy and not yet seen to
+    /// boot (blessed by mark-good, or given up by the loader).
+    #[serde(default)]
+    pub stage1_pending: Option<Stage1Install>,
+    /// The last stage 1 that did not come up; reported until the next one
+    /// boots, and never installed again (by its hashes).
+    #[serde(default)]
+    pub stage1_failed: Option<Stage1Failure>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Stage1Install {
+    pub version: String,
+    pub copy: nimbus::esp::Copy,
+    pub generation: u64,
+    pub kernel_sha256: String,
+    pub initramfs_sha256: String,
+    /// It started and handed over to its slot once (update-engine ran
+    /// under it), whether or not that slot was then marked good.
+    #[serde(default)]
+    pub booted: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Stage1Failure {
+    pub install: Stage1Install,
+    /// The copy that booted instead.
+    pub running_copy: nimbus::esp::Copy,
+    pub reason: String,
+    /// Never installed again (it did not boot at all); a stage 1 that
+    /// booted a slot which then failed its health check is not blamed.
+    pub blocked: bool,
+    pub at: chrono::DateTime<chrono::Utc>,
 }
 
 /// A damaged state file, kept aside so updates go on.

@@ -84,6 +84,21 @@ pub struct Status {
     /// The trust sets of update-engine and stage 1 (`updatectl trust`).
     #[serde(default)]
     pub trust: Option<TrustStatus>,
+    /// Stage 1 on the ESP: the copy running, one on trial, the last one
+    /// that did not come up.
+    #[serde(default)]
+    pub stage1: Option<Stage1Status>,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Stage1Status {
+    /// From `nimbus.stage1=` (`None` in host mode or on a loader that does
+    /// not say).
+    pub running_copy: Option<nimbus::esp::Copy>,
+    /// Installed into the other copy, waiting for its first good boot.
+    pub pending: Option<crate::state::Stage1Install>,
+    /// The last new stage 1 that did not boot: the loader went back.
+    pub failed: Option<crate::state::Stage1Failure>,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -166,6 +181,7 @@ impl Status {
             rollback: None,
             state_reset: None,
             trust: None,
+            stage1: None,
         }
     }
 }

@@ -34,33 +34,6 @@ fn mark_good(f: &Fixture, n: u32) {
         .expect("mark good");
 }
 
-/// A FAT ESP in the fixture's partition 1, as build-image makes one.
-fn format_esp(disk: &Path) {
-    let d = Disk::open_path(disk, false).expect("disk");
-    let p = d.partition(ESP_PARTITION).expect("esp");
-    let img = disk.with_extension("esp");
-    let out = Command::new("mkfs.fat")
-        .args(["-C"])
-        .arg(&img)
-        .arg((p.size_bytes() / 1024).to_string())
-        .output()
-        .expect("mkfs.fat (dosfstools)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let bytes = std::fs::read(&img).expect("read");
-    use std::io::{Seek, SeekFrom, Write};
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(disk)
-        .expect("open");
-    f.seek(SeekFrom::Start(p.offset_bytes())).expect("seek");
-    f.write_all(&bytes).expect("write");
-    f.sync_all().expect("sync");
-}
-
 /// The rotation versions on the ESP, read back with mtools.
 fn esp_versions(disk: &Path) -> Vec<String> {
     let d = Disk::open_path(disk, false).expect("disk");
@@ -125,7 +98,7 @@ fn a_key_is_added_used_alone_then_the_old_one_is_refused() {
     // The fixture: the host runs 1.0.0 signed by key 1 (trust set 1 = {1});
     // 1.1.0, also signed by key 1, is on the channel.
     let f = Fixture::new(2, 32);
-    format_esp(&f.disk);
+    support::format_esp(&f.disk);
     let k1 = &f.key;
     let k2 = ReleaseKey::from_secret([2; 32]);
     let w = f.tmp.path();

@@ -76,6 +76,7 @@ fn payload(
         if bj["key"] == key.id.to_string()
             && bj["level"] == level
             && dir.join("usr.img.zst").exists()
+            && dir.join("trust.json").exists()
         {
             return Ok(Payload {
                 dir: dir.clone(),
@@ -113,6 +114,10 @@ fn payload(
         "key": key.id.to_string(),
         "level": level,
     });
+    std::fs::write(
+        dir.join("trust.json"),
+        nimbus::trust::TrustDoc::initial([key.public()], 1).to_bytes(),
+    )?;
     std::fs::write(&bj_path, serde_json::to_vec_pretty(&bj)?)?;
     Ok(Payload {
         dir,

@@ -19,6 +19,14 @@
 //! rollback` to the key-1 slot is refused, and that slot made bootable by
 //! hand (cgpt, VM stopped) is refused by stage 1, which boots 1.3.0.
 //!
+//! Stage 1 updates itself: 1.3.0's stage 1 differs (it carries set 2), so
+//! update-engine installs it into the ESP's copy b; GRUB tries it once, it
+//! boots 1.3.0, mark-good makes it the default. 1.4.0 is released with a
+//! stage 1 that cannot start (an initramfs without /init: the kernel
+//! panics and, with panic=-1, resets): GRUB's one try of copy a fails, it
+//! goes back to copy b, which boots 1.4.0; `updatectl status` reports the
+//! stage 1 given up.
+//!
 //! Every step is asserted from the serial console, and the slot table from
 //! `cgpt` on the disk image after the VM stopped.
 
@@ -321,6 +329,20 @@ fn story(work: &Path, log: &Path) -> anyhow::Result<()> {
         ],
     )?;
     steps.done("build 1.3.0 (for channel beta), signed by key 2 alone, carrying trust set 2");
+    let (n4, _) = build(
+        work,
+        "1.4.0",
+        &[
+            "--key",
+            key2_dir.to_str().context("utf8")?,
+            "--trust",
+            trust2.to_str().context("utf8")?,
+        ],
+    )?;
+    // The test hook: a stage 1 that cannot start (no /init in it).
+    let empty = nimbus_image::cpio::Cpio::new(Vec::new(), 0).finish()?;
+    std::fs::write(n4.join("stage1/stage1.img"), empty)?;
+    steps.done("build 1.4.0, its stage 1 replaced by an initramfs without /init");
 
     // A free port for QEMU's ssh forward (released before QEMU binds it).
     let ssh = Ssh {
@@ -443,15 +465,21 @@ fn story(work: &Path, log: &Path) -> anyhow::Result<()> {
         bail!("updatectl channel beta: {out}");
     }
     let i = vm.wait_for(r"switched to beta; it offers 1\.3\.0", i, long)?;
-    // Stage 1 (still 1.0.0's, built-in set 1) boots a slot signed by key
-    // 2 alone because set 2 is on the ESP.
+    // 1.3.0's stage 1 went into copy b; GRUB tries it once. It boots a
+    // slot signed by key 2 alone (set 2: built in, and on the ESP).
+    let i = vm.wait_for(r"Nimbus: BIOS boot, stage 1 copy b from ESP", i, long)?;
     let i = vm.wait_for(
         r"nimbus-init: trust set version 2, 1 of 2 key\(s\)",
         i,
         long,
     )?;
     let i = expect(&mut vm, i, &good_boot("USR-A", "1.3.0", 0))?;
-    steps.done("`updatectl channel beta` in the guest; 1.3.0 (key 2 only) installed, booted under trust set 2, marked good");
+    let i = vm.wait_for(
+        r"nimbus-mark-good: stage 1 copy b is now the default of both loaders",
+        i,
+        long,
+    )?;
+    steps.done("`updatectl channel beta` in the guest; 1.3.0 (key 2 only) and its stage 1 (ESP copy b) installed, booted under trust set 2, marked good, copy b blessed");
 
     // 4: key 1 is no longer trusted anywhere.
     let k2 = key2.id.to_string();
@@ -481,6 +509,10 @@ fn story(work: &Path, log: &Path) -> anyhow::Result<()> {
     vm.wait_for(r"stage 1: +trust set version 2, 1 of 2 key\(s\)", i, long)?;
     // A manifest signed by key 1 alone (offering 1.2.0 on beta again).
     let mpath = repo.join("channels/beta.json");
+    let good_manifest = (
+        std::fs::read(&mpath)?,
+        std::fs::read(repo.join("channels/beta.json.sig"))?,
+    );
     let mut m: nimbus::release::Manifest = serde_json::from_slice(&std::fs::read(&mpath)?)?;
     m.serial += 1;
     m.releases.push(nimbus::release::Release {
@@ -519,6 +551,8 @@ fn story(work: &Path, log: &Path) -> anyhow::Result<()> {
     }
     steps.done("update-engine refuses a manifest signed by the removed key 1, and a rollback to the key-1 slot");
     vm.stop();
+    std::fs::write(&mpath, &good_manifest.0)?;
+    std::fs::write(repo.join("channels/beta.json.sig"), &good_manifest.1)?;
     // USR-B holds 1.1.0, signed by key 1 alone: made bootable by hand, it
     // is refused by stage 1, which now has set 3.
     let st = Command::new("cgpt")
@@ -531,15 +565,38 @@ fn story(work: &Path, log: &Path) -> anyhow::Result<()> {
     }
     let mut vm = qemu::Vm::spawn(&vm_opts(vec![pristine.clone()]))?;
     let mut refused = vec![
-        r"nimbus-init: trust set version 3, 1 of 1 key\(s\)".to_string(),
+        r"Nimbus: BIOS boot, stage 1 copy b from ESP".to_string(),
+        r"nimbus-init: trust set version 3, 1 of 1 key\(s\)".into(),
         r"nimbus-init: refusing USR-B: .*key is not trusted".into(),
     ];
     refused.extend(good_boot("USR-A", "1.3.0", 1));
-    expect(&mut vm, 0, &refused)?;
-    vm.stop();
+    let i = expect(&mut vm, 0, &refused)?;
     steps.done(
         "USR-B (key 1) made bootable by hand is refused by stage 1 (trust set 3); 1.3.0 boots",
     );
+
+    // 5: a stage 1 that cannot start.
+    publish(&n4, "beta", &[&key2], None)?;
+    let mut s1_fails = vec![
+        r"Nimbus: BIOS boot, stage 1 copy a from ESP".to_string(),
+        r"Kernel panic - not syncing".into(),
+        r"Nimbus: BIOS boot, stage 1 copy b from ESP".into(),
+    ];
+    s1_fails.extend(good_boot("USR-B", "1.4.0", 0));
+    expect(&mut vm, i, &s1_fails)?;
+    let status = ssh.run_ok("updatectl status | tee /dev/console", long)?;
+    for want in [
+        "stage 1:   1.4.0 (ESP copy a) was given up",
+        "it never came up",
+        "running copy b (not installed again)",
+        "running:   1.4.0 (slot USR-B)",
+    ] {
+        if !status.contains(want) {
+            bail!("`updatectl status` after the stage-1 fallback lacks {want:?}:\n{status}");
+        }
+    }
+    vm.stop();
+    steps.done("1.4.0 with a stage 1 that cannot start: GRUB tries copy a once, the kernel panics, copy b boots 1.4.0; `updatectl status` reports it");
 
     if nimbus_image::sha256_file(&pristine)? != pristine_sha {
         bail!("the attached pristine disk was written to");
@@ -548,7 +605,7 @@ fn story(work: &Path, log: &Path) -> anyhow::Result<()> {
     if payload_gets("1.2.0").len() != gets_12 {
         bail!("the guest downloaded 1.2.0 again after rolling it back");
     }
-    for v in ["1.1.0", "1.2.0", "1.3.0"] {
+    for v in ["1.1.0", "1.2.0", "1.3.0", "1.4.0"] {
         let payload = std::fs::metadata(work.join(format!("repo/payloads/{v}/usr.img.zst")))?;
         let got: u64 = payload_gets(v).iter().sum();
         if got < payload.len() {
@@ -560,11 +617,10 @@ fn story(work: &Path, log: &Path) -> anyhow::Result<()> {
     }
     let (a, b) = (cgpt(&disk, 3)?, cgpt(&disk, 4)?);
     // A was invalidated by the rollback, then given 1.3.0: 3/1/0, the boot
-    // took its try, mark-good set successful. B, made bootable by hand,
-    // spent its one try on stage 1's refusal (and update-engine may have
-    // given it up since: priority 0).
-    if a != "3/0/1" || !b.ends_with("/0/0") {
-        bail!("after the story: USR-A {a}, USR-B {b}; expected 3/0/1 and B not bootable");
+    // took its try, mark-good set successful. B, made bootable by hand and
+    // refused by stage 1, then took 1.4.0 above A and was marked good.
+    if a != "3/0/1" || b != "4/0/1" {
+        bail!("after the story: USR-A {a}, USR-B {b}; expected 3/0/1 and 4/0/1");
     }
     steps
         .rows
@@ -574,6 +630,6 @@ fn story(work: &Path, log: &Path) -> anyhow::Result<()> {
     for (s, secs) in &steps.rows {
         println!("| {s} | {secs:.1} |");
     }
-    println!("e2e: ok: 1.0.0 -> 1.1.0 -> 1.2.0 (health failed, rolled back to 1.1.0) -> channel beta -> 1.3.0, all by the guest's own update-engine");
+    println!("e2e: ok: 1.0.0 -> 1.1.0 -> 1.2.0 (health failed, rolled back to 1.1.0) -> channel beta -> 1.3.0 (new key, new stage 1) -> 1.4.0 (its stage 1 fell back), all by the guest's own update-engine");
     Ok(())
 }

@@ -252,6 +252,10 @@ fn setup(work: &Path) -> anyhow::Result<Setup> {
                 &serde_json::json!({"version": v, "verity_root": hex::encode(slot.fields.verity_root), "payload": info}),
             )?,
         )?;
+        std::fs::write(
+            d.join("trust.json"),
+            nimbus::trust::TrustDoc::initial([key.public()], 1).to_bytes(),
+        )?;
         slots.push(slot);
     }
     // The base disk: a sparse file with USR-A at 1.0.0 (1/0/1), loaded into memory.
@@ -627,7 +631,7 @@ pub fn run(points: usize) -> anyhow::Result<ExitCode> {
         booted: 3,
         host_mode: true,
         storage: storage.clone(),
-        esp: Arc::new(nimbus_updater::esp::DirEsp(s.root.join("esp"))),
+        esp: Arc::new(nimbus::esp::DirEsp(s.root.join("esp"))),
     };
     // The engine's file writes (state file, update.conf) are recorded too.
     let root_before = crate::powercut_fs::snapshot(&s.root)?;
@@ -713,7 +717,7 @@ pub fn run(points: usize) -> anyhow::Result<ExitCode> {
                     rec: rec.clone(),
                     len,
                 }),
-                esp: Arc::new(nimbus_updater::esp::DirEsp(root.join("esp"))),
+                esp: Arc::new(nimbus::esp::DirEsp(root.join("esp"))),
             };
             let r = Engine::new(host, &Options::default(), Arc::new(Shared::new()))
                 .and_then(|mut e| e.apply_file(&s.payload, &s.manifest, &sigs_path));
@@ -825,8 +829,64 @@ pub fn run(points: usize) -> anyhow::Result<ExitCode> {
         file_points += r.points;
         file_mixed += r.mixed;
     }
-    let n = n + file_points;
+
+    // The ESP: a stage-1 update into copy b, then mark-good's bless.
+    let esp_root = work.path().join("esp");
+    let esp = nimbus::esp::DirEsp(esp_root.clone());
+    let (k1, i1) = (vec![0x11u8; 40_000], vec![0x12u8; 90_000]);
+    let (k2, i2) = (vec![0x21u8; 41_000], vec![0x22u8; 95_000]);
+    {
+        use nimbus::esp::EspFs;
+        for (p, b) in nimbus::esp::initial_files("1.0.0", nimbus::boot::KERNEL_CMDLINE)? {
+            esp.replace(&p, &b)?;
+        }
+        esp.replace(&nimbus::esp::Copy::A.kernel(), &k1)?;
+        esp.replace(&nimbus::esp::Copy::A.initramfs(), &i1)?;
+    }
+    let esp_before = crate::powercut_fs::snapshot(&esp_root)?;
+    nimbus::durable::trace_start();
+    let installed = nimbus::esp::install_stage1(
+        &esp,
+        nimbus::esp::Copy::A,
+        &k2,
+        &i2,
+        "1.1.0",
+        nimbus::boot::KERNEL_CMDLINE,
+    )
+    .and_then(|_| nimbus::esp::bless(&esp, nimbus::esp::Copy::B));
+    let esp_trace = nimbus::durable::trace_take();
+    installed?;
+    let whole = [(k1, i1), (k2, i2)];
+    let r = crate::powercut_fs::esp_check(&esp_trace, &esp_before, &esp_root, &whole, 6, 0x5eed);
+    let m = crate::powercut_fs::esp_check(
+        &crate::powercut_fs::without_file_syncs(&esp_trace),
+        &esp_before,
+        &esp_root,
+        &whole,
+        6,
+        0x5eed,
+    );
+    println!();
+    println!("| ESP stage-1 update | steps | cut points | a loader starts a copy that is not whole | same, without fsync before rename |");
+    println!("|---|---|---|---|---|");
+    println!(
+        "| install into copy b, then bless | {} | {} | {} | {} |",
+        esp_trace.len(),
+        r.points,
+        r.unbootable,
+        m.unbootable
+    );
+    for x in &r.failures {
+        println!("  ESP: {x}");
+    }
+    if m.unbootable == 0 {
+        bail!(
+            "ESP: the harness cannot tell a broken stage-1 write path (0 unbootable without fsync)"
+        );
+    }
+    let n = n + file_points + r.points;
     let mixed = mixed + file_mixed;
+    let unbootable = unbootable + r.unbootable;
     println!("powercut: points={n} unbootable={unbootable} mixed_state={mixed}");
     Ok(
         if unbootable == 0 && mixed == 0 && refused == 0 && n >= points {

@@ -71,6 +71,9 @@ fn durable(trace: &[FsEvent], i: usize, k: usize) -> bool {
         FsEvent::Rename { to, .. } => later
             .iter()
             .any(|e| matches!(e, FsEvent::SyncDir { dir } if dir == parent(to))),
+        FsEvent::Remove { path } => later
+            .iter()
+            .any(|e| matches!(e, FsEvent::SyncDir { dir } if dir == parent(path))),
         FsEvent::SyncFile { .. } | FsEvent::SyncDir { .. } => true,
     }
 }
@@ -90,6 +93,186 @@ fn written(trace: &[FsEvent], from: &Path, before: usize) -> Option<Node> {
         FsEvent::Symlink { path, target } if path == from => Some(Node::Link(target.clone())),
         _ => None,
     })
+}
+
+/// Cut `trace` before every op, in `variants` ways each, and hand each
+/// resulting set of names to `f` (the cut point, then the names).
+pub fn each_cut(
+    trace: &[FsEvent],
+    initial: &BTreeMap<PathBuf, Node>,
+    variants: usize,
+    seed: u64,
+    mut f: impl FnMut(usize, usize, &BTreeMap<PathBuf, Node>),
+) {
+    let mut rng = seed | 1;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    for k in 0..=trace.len() {
+        let pending: Vec<usize> = (0..k).filter(|&i| !durable(trace, i, k)).collect();
+        for variant in 0..variants {
+            let names = replay(trace, initial, k, &pending, variant, &mut next);
+            f(k, variant, &names);
+        }
+    }
+}
+
+fn replay(
+    trace: &[FsEvent],
+    initial: &BTreeMap<PathBuf, Node>,
+    k: usize,
+    pending: &[usize],
+    variant: usize,
+    next: &mut impl FnMut() -> u64,
+) -> BTreeMap<PathBuf, Node> {
+    let landed = |i: usize, r: u64| -> Landed {
+        if !pending.contains(&i) {
+            return Landed::Yes;
+        }
+        match variant {
+            0 => Landed::No,
+            1 => Landed::Yes,
+            // Everything but the last pending op, which is torn.
+            2 if pending.last() == Some(&i) => Landed::Torn,
+            2 => Landed::Yes,
+            _ => match r % 3 {
+                0 => Landed::No,
+                1 => Landed::Torn,
+                _ => Landed::Yes,
+            },
+        }
+    };
+    let mut names: BTreeMap<PathBuf, Node> = initial.clone();
+    for (i, e) in trace[..k].iter().enumerate() {
+        let l = landed(i, next());
+        match e {
+            FsEvent::Write { path, data } => {
+                let bytes = match l {
+                    Landed::No => Vec::new(),
+                    Landed::Torn => data[..data.len() / 2].to_vec(),
+                    Landed::Yes => data.clone(),
+                };
+                names.insert(path.clone(), Node::File(bytes));
+            }
+            FsEvent::Symlink { path, target } => {
+                if l != Landed::No {
+                    names.insert(path.clone(), Node::Link(target.clone()));
+                }
+            }
+            FsEvent::Rename { from, to } => {
+                if l != Landed::No {
+                    if let Some(n) = names.remove(from) {
+                        names.insert(to.clone(), n);
+                    }
+                }
+            }
+            FsEvent::Remove { path } => {
+                if l != Landed::No {
+                    names.remove(path);
+                }
+            }
+            FsEvent::SyncFile { .. } | FsEvent::SyncDir { .. } => {}
+        }
+    }
+    names
+}
+
+/// An ESP as a set of names after a cut, for `nimbus::esp`'s loader rules.
+struct MapEsp<'a> {
+    root: &'a Path,
+    names: &'a BTreeMap<PathBuf, Node>,
+}
+
+impl nimbus::esp::EspFs for MapEsp<'_> {
+    fn read(&self, rel: &str, _limit: usize) -> Result<Option<Vec<u8>>, nimbus::esp::EspError> {
+        Ok(match self.names.get(&self.root.join(rel)) {
+            Some(Node::File(b)) => Some(b.clone()),
+            _ => None,
+        })
+    }
+    fn list(&self, rel_dir: &str) -> Result<Vec<String>, nimbus::esp::EspError> {
+        let d = self.root.join(rel_dir);
+        Ok(self
+            .names
+            .keys()
+            .filter(|p| p.parent() == Some(d.as_path()))
+            .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .collect())
+    }
+    fn replace(&self, _: &str, _: &[u8]) -> Result<(), nimbus::esp::EspError> {
+        Err(nimbus::esp::EspError::Invalid("read-only view".into()))
+    }
+    fn rename(&self, _: &str, _: &str) -> Result<(), nimbus::esp::EspError> {
+        Err(nimbus::esp::EspError::Invalid("read-only view".into()))
+    }
+    fn remove(&self, _: &str) -> Result<(), nimbus::esp::EspError> {
+        Err(nimbus::esp::EspError::Invalid("read-only view".into()))
+    }
+}
+
+pub struct EspReport {
+    pub points: usize,
+    pub unbootable: usize,
+    pub failures: Vec<String>,
+}
+
+/// Cut a stage-1 update of the ESP at `root` everywhere: after each cut,
+/// the copy systemd-boot would start and the copy GRUB would start must
+/// each hold one whole stage 1 (`whole`: the (kernel, initramfs) pairs a
+/// copy may hold). A grubenv that does not parse counts as GRUB's default.
+pub fn esp_check(
+    trace: &[FsEvent],
+    initial: &BTreeMap<PathBuf, Node>,
+    root: &Path,
+    whole: &[(Vec<u8>, Vec<u8>)],
+    variants: usize,
+    seed: u64,
+) -> EspReport {
+    let mut r = EspReport {
+        points: 0,
+        unbootable: 0,
+        failures: Vec::new(),
+    };
+    each_cut(trace, initial, variants, seed, |k, variant, names| {
+        r.points += 1;
+        let fs = MapEsp { root, names };
+        let complete = |c: nimbus::esp::Copy| -> bool {
+            use nimbus::esp::EspFs;
+            match (fs.read(&c.kernel(), 0), fs.read(&c.initramfs(), 0)) {
+                (Ok(Some(k)), Ok(Some(i))) => whole.iter().any(|(wk, wi)| *wk == k && *wi == i),
+                _ => false,
+            }
+        };
+        let sd = nimbus::esp::entries(&fs)
+            .ok()
+            .and_then(|e| nimbus::esp::sdboot_boot(&e))
+            .map(|(e, _)| e.copy);
+        let grub = nimbus::esp::grubenv(&fs)
+            .map(|g| g.grub_boot().0)
+            .unwrap_or(nimbus::esp::Copy::A);
+        let mut bad = Vec::new();
+        match sd {
+            Some(c) if complete(c) => {}
+            Some(c) => bad.push(format!("systemd-boot starts copy {c}, which is not whole")),
+            None => bad.push("systemd-boot finds no entry".to_string()),
+        }
+        if !complete(grub) {
+            bad.push(format!("GRUB starts copy {grub}, which is not whole"));
+        }
+        if !bad.is_empty() {
+            r.unbootable += 1;
+            if r.failures.len() < 10 {
+                r.failures.push(format!(
+                    "cut before op {k} variant {variant}: {}",
+                    bad.join("; ")
+                ));
+            }
+        }
+    });
+    r
 }
 
 /// Cut `trace` before every op, in `variants` ways each.
@@ -122,50 +305,7 @@ pub fn check(
     for k in 0..=trace.len() {
         let pending: Vec<usize> = (0..k).filter(|&i| !durable(trace, i, k)).collect();
         for variant in 0..variants {
-            let landed = |i: usize, r: u64| -> Landed {
-                if !pending.contains(&i) {
-                    return Landed::Yes;
-                }
-                match variant {
-                    0 => Landed::No,
-                    1 => Landed::Yes,
-                    // Everything but the last pending op, which is torn.
-                    2 if pending.last() == Some(&i) => Landed::Torn,
-                    2 => Landed::Yes,
-                    _ => match r % 3 {
-                        0 => Landed::No,
-                        1 => Landed::Torn,
-                        _ => Landed::Yes,
-                    },
-                }
-            };
-            let mut names: BTreeMap<PathBuf, Node> = initial.clone();
-            for (i, e) in trace[..k].iter().enumerate() {
-                let l = landed(i, next());
-                match e {
-                    FsEvent::Write { path, data } => {
-                        let bytes = match l {
-                            Landed::No => Vec::new(),
-                            Landed::Torn => data[..data.len() / 2].to_vec(),
-                            Landed::Yes => data.clone(),
-                        };
-                        names.insert(path.clone(), Node::File(bytes));
-                    }
-                    FsEvent::Symlink { path, target } => {
-                        if l != Landed::No {
-                            names.insert(path.clone(), Node::Link(target.clone()));
-                        }
-                    }
-                    FsEvent::Rename { from, to } => {
-                        if l != Landed::No {
-                            if let Some(n) = names.remove(from) {
-                                names.insert(to.clone(), n);
-                            }
-                        }
-                    }
-                    FsEvent::SyncFile { .. } | FsEvent::SyncDir { .. } => {}
-                }
-            }
+            let names = replay(trace, initial, k, &pending, variant, &mut next);
             report.points += 1;
             let mut bad = Vec::new();
             for t in &targets {

@@ -79,31 +79,44 @@ fn drive_format(p: &Path) -> &'static str {
     }
 }
 
-/// Copy the stage-1 kernel and initramfs out of the image's ESP.
-fn extract_boot(image: &Path, dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+/// Copy the stage-1 kernel and initramfs out of the image's ESP, from the
+/// copy GRUB would start (and spend a trial's try as GRUB does, when the
+/// image is the raw disk itself). The copy goes on the command line.
+fn extract_boot(
+    image: &Path,
+    dir: &Path,
+    write_back: bool,
+) -> anyhow::Result<(PathBuf, PathBuf, nimbus::esp::Copy)> {
+    use nimbus::esp::Esp;
     let disk = Disk::open_path(image, false)?;
-    let esp = disk.partition(1)?;
-    let mut out = Vec::new();
-    for name in ["vmlinuz", "stage1.img"] {
-        let to = dir.join(name);
-        let st = Command::new("mcopy")
-            .arg("-n")
-            .arg("-i")
-            .arg(format!("{}@@{}", image.display(), esp.offset_bytes()))
-            .arg(format!("::nimbus/{name}"))
-            .arg(&to)
-            .env("MTOOLS_SKIP_CHECK", "1")
-            .status()
-            .context("mcopy (cargo xtask deps installs mtools)")?;
-        if !st.success() {
-            bail!(
-                "{}: cannot read nimbus/{name} from the ESP",
-                image.display()
-            );
+    let esp = nimbus_updater::esp::ImageEsp {
+        image: image.to_path_buf(),
+        offset: disk.partition(1)?.offset_bytes(),
+    };
+    drop(disk);
+    let mut got = None;
+    esp.with(write_back, &mut |fs| {
+        let (copy, next) = nimbus::esp::grubenv(fs)?.grub_boot();
+        if write_back && next != nimbus::esp::grubenv(fs)? {
+            fs.replace(nimbus::esp::GRUBENV, &next.to_bytes()?)?;
         }
-        out.push(to);
-    }
-    Ok((out[0].clone(), out[1].clone()))
+        let mut files = Vec::new();
+        for (rel, name) in [(copy.kernel(), "vmlinuz"), (copy.initramfs(), "stage1.img")] {
+            let b = fs
+                .read(&rel, 1 << 30)?
+                .ok_or_else(|| nimbus::esp::EspError::Invalid(format!("{rel} is missing")))?;
+            let to = dir.join(name);
+            std::fs::write(&to, b).map_err(|source| nimbus::esp::EspError::Io {
+                path: to.clone(),
+                source,
+            })?;
+            files.push(to);
+        }
+        got = Some((files[0].clone(), files[1].clone(), copy));
+        Ok(())
+    })
+    .with_context(|| format!("{}: reading stage 1 from the ESP", image.display()))?;
+    got.context("no stage 1 read")
 }
 
 /// The QEMU command line for `a`, with the boot files placed in `scratch`.
@@ -169,7 +182,7 @@ fn command(a: &Qemu, image: &Path, scratch: &Path) -> anyhow::Result<Command> {
             }
             r
         };
-        let (kernel, initrd) = extract_boot(&raw, scratch)?;
+        let (kernel, initrd, copy) = extract_boot(&raw, scratch, raw == image)?;
         // What a loader does: name the ESP stage 1 came from, so stage 1
         // finds this disk among several.
         let esp = Disk::open_path(&raw, false)?.partition(1)?.uuid;
@@ -180,7 +193,7 @@ fn command(a: &Qemu, image: &Path, scratch: &Path) -> anyhow::Result<Command> {
             .arg("-append")
             .arg(
                 format!(
-                    "{} nimbus.esp=PARTUUID={esp} {}",
+                    "{} nimbus.esp=PARTUUID={esp} nimbus.stage1={copy} {}",
                     nimbus_image::pipeline::KERNEL_CMDLINE,
                     a.append
                 )

@@ -294,7 +294,7 @@ fn fresh_image_boots_usr_a_to_multi_user_and_marks_it_good() {
     );
     from_qcow2(&q, &img);
     assert!(
-        c.contains("Nimbus: BIOS boot, stage 1 from ESP PARTUUID"),
+        c.contains("Nimbus: BIOS boot, stage 1 copy a from ESP PARTUUID"),
         "{c}"
     );
     assert!(
@@ -400,6 +400,7 @@ fn usr_b_with_a_bad_signature_is_refused() {
 
 #[test]
 fn boots_under_ovmf() {
+    use nimbus::esp::{Copy, Esp};
     let (_d, img) = copy();
     // B is signed by a key that set 2 added and set 3 removed: under
     // systemd-boot too, stage 1 reads both rotations and refuses B.
@@ -407,6 +408,28 @@ fn boots_under_ovmf() {
     resign_b(&img, &other_key());
     put_rotations(&img, true);
     cgpt_set(&img, 4, 2, 1, 0);
+    // A stage-1 update whose new copy cannot start (the test hook: an
+    // initramfs without /init; the kernel panics, panic=-1 resets).
+    let esp = nimbus_updater::esp::ImageEsp {
+        image: img.clone(),
+        offset: part(&img, 1).0,
+    };
+    let empty = nimbus_image::cpio::Cpio::new(Vec::new(), 0)
+        .finish()
+        .unwrap();
+    esp.with(true, &mut |fs| {
+        let kernel = fs.read(&Copy::A.kernel(), 1 << 30)?.unwrap();
+        nimbus::esp::install_stage1(
+            fs,
+            Copy::A,
+            &kernel,
+            &empty,
+            "broken",
+            nimbus::boot::KERNEL_CMDLINE,
+        )?;
+        Ok(())
+    })
+    .unwrap();
     let q = to_qcow2(&img);
     let c = boot(
         &q,
@@ -423,6 +446,29 @@ fn boots_under_ovmf() {
         "{c}"
     );
     assert!(c.contains("nimbus-init: selected USR-A"), "{c}");
+    // systemd-boot started the new entry once (its try spent), the kernel
+    // panicked, and the next start went back to copy a.
+    let panic = c
+        .find("Kernel panic - not syncing")
+        .unwrap_or_else(|| panic!("{c}"));
+    assert!(c[panic..].contains("nimbus-init: boot disk"), "{c}");
+    // update-engine in the guest saw the trial given up and cleared it:
+    // only copy a's entry is left, and GRUB's trial is gone too.
+    from_qcow2(&q, &img);
+    let mut left = Vec::new();
+    let mut env = None;
+    esp.with(false, &mut |fs| {
+        left = nimbus::esp::entries(fs)?
+            .into_iter()
+            .map(|e| e.file)
+            .collect();
+        env = Some(nimbus::esp::grubenv(fs)?);
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(left, vec!["nimbus-1-a.conf"], "{c}");
+    let env = env.unwrap();
+    assert_eq!((env.default_copy(), env.trial()), (Copy::A, None));
     // systemd-boot's LoaderDevicePartUUID reached stage 1.
     assert!(
         c.contains("nimbus-init: the loader booted from the ESP with PARTUUID"),

@@ -287,8 +287,23 @@ fn build_image_end_to_end() {
     let p1 = d.path().join("p1");
     extract(&raw, 1, &p1);
     ok("fsck.vfat", &["-n", s(&p1)]);
-    let entry = ok("mtype", &["-i", s(&p1), "::loader/entries/nimbus.conf"]);
-    assert!(entry.contains("linux /nimbus/vmlinuz"), "{entry}");
+    let entry = ok("mtype", &["-i", s(&p1), "::loader/entries/nimbus-1-a.conf"]);
+    assert!(entry.contains("linux /nimbus/a/vmlinuz"), "{entry}");
+    assert!(entry.contains("nimbus.stage1=a"), "{entry}");
+    // Stage 1 on the ESP is the one beside the build (what a release
+    // publishes and update-engine installs into the other copy).
+    let esp_initrd = d.path().join("esp-stage1.img");
+    ok(
+        "mcopy",
+        &["-n", "-i", s(&p1), "::nimbus/a/stage1.img", s(&esp_initrd)],
+    );
+    assert_eq!(
+        fs::read(&esp_initrd).unwrap(),
+        fs::read(out1.join("stage1/stage1.img")).unwrap()
+    );
+    let env = d.path().join("grubenv");
+    ok("mcopy", &["-n", "-i", s(&p1), "::nimbus/grubenv", s(&env)]);
+    assert_eq!(fs::read(&env).unwrap().len(), 1024);
     ok("mdir", &["-i", s(&p1), "::EFI/BOOT/BOOTX64.EFI"]);
     let p6 = d.path().join("p6");
     extract(&raw, 6, &p6);

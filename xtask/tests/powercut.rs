@@ -2,7 +2,8 @@
 //! writes and the boot's GPT writes; every one leaves a disk that boots a
 //! verified slot and a GPT that is the old or the new table; cuts in the
 //! state-file, update.conf and cloud-config writes leave every file old or
-//! new, and the same writes without their fsync are caught.
+//! new, cuts in a stage-1 update of the ESP leave each loader a whole stage
+//! 1, and the same writes without their fsync are caught.
 
 #[test]
 fn every_cut_leaves_a_bootable_disk() {
@@ -73,4 +74,23 @@ fn every_cut_leaves_a_bootable_disk() {
             "{name}: a broken write path must show: {row:?}"
         );
     }
+    // The ESP's stage-1 update, then mark-good's bless: each loader's
+    // choice is a whole stage 1 after every cut; without the fsyncs, not.
+    let row: Vec<usize> = out
+        .lines()
+        .find(|l| l.starts_with("| install into copy b, then bless |"))
+        .unwrap_or_else(|| panic!("no ESP row: {out}"))
+        .split('|')
+        .skip(2)
+        .filter_map(|c| c.trim().parse().ok())
+        .collect();
+    let [steps, points, not_whole, without_fsync] = row[..] else {
+        panic!("ESP: {row:?}");
+    };
+    assert!(steps >= 10 && points > steps, "ESP: {row:?}");
+    assert_eq!(not_whole, 0, "ESP: {out}");
+    assert!(
+        without_fsync > 0,
+        "ESP: a broken write path must show: {row:?}"
+    );
 }

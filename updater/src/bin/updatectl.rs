@@ -188,6 +188,36 @@ fn print_status(s: &Status) {
             r.at.to_rfc3339()
         );
     }
+    if let Some(s1) = &s.stage1 {
+        if let Some(f) = &s1.failed {
+            println!(
+                "stage 1:   {} (ESP copy {}) was given up at {}: {}; running copy {}{}",
+                f.install.version,
+                f.install.copy,
+                f.at.to_rfc3339(),
+                f.reason,
+                f.running_copy,
+                if f.blocked {
+                    " (not installed again)"
+                } else {
+                    ""
+                }
+            );
+        }
+        if let Some(p) = &s1.pending {
+            println!(
+                "stage 1:   {} in ESP copy {} (generation {}), {}",
+                p.version,
+                p.copy,
+                p.generation,
+                if p.booted {
+                    "running; the default once this slot is marked good"
+                } else {
+                    "tried once at the next boot; the running copy stays the fallback"
+                }
+            );
+        }
+    }
     if let Some(r) = &s.rollback {
         println!(
             "rollback:  {} {} was given up at {}: {}; back on {}",

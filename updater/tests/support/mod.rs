@@ -387,3 +387,30 @@ impl Fixture {
         self.repo.join("payloads/1.1.0/usr.img.zst")
     }
 }
+
+/// A FAT ESP in the fixture's partition 1, as build-image makes one.
+pub fn format_esp(disk: &Path) {
+    let d = Disk::open_path(disk, false).expect("disk");
+    let p = d.partition(nimbus::layout::ESP_PARTITION).expect("esp");
+    let img = disk.with_extension("esp");
+    let out = Command::new("mkfs.fat")
+        .args(["-C"])
+        .arg(&img)
+        .arg((p.size_bytes() / 1024).to_string())
+        .output()
+        .expect("mkfs.fat (dosfstools)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bytes = std::fs::read(&img).expect("read");
+    use std::io::{Seek, SeekFrom, Write};
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(disk)
+        .expect("open");
+    f.seek(SeekFrom::Start(p.offset_bytes())).expect("seek");
+    f.write_all(&bytes).expect("write");
+    f.sync_all().expect("sync");
+}

@@ -1,0 +1,712 @@
+//! The Nimbus files on the EFI system partition and every change made to
+//! them after the build (docs/boot.md, "Stage 1 updates itself"):
+//!
+//! ```text
+//! EFI/BOOT/BOOTX64.EFI                  systemd-boot (UEFI)
+//! loader/loader.conf                    default nimbus-*
+//! loader/entries/nimbus-<gen>-<copy>[+<left>[-<done>]].conf
+//! nimbus/a/{vmlinuz,stage1.img}         stage 1, copy a
+//! nimbus/b/{vmlinuz,stage1.img}         stage 1, copy b
+//! nimbus/grubenv                        GRUB's choice (BIOS): default copy, copy on trial
+//! nimbus/trust/<n>.json(.sig)           trust rotations (crate::trust)
+//! ```
+//!
+//! Two loaders read the same ESP, each with its own try counter. systemd-boot
+//! counts tries in entry file names (the Boot Loader Specification's boot
+//! counting: it renames `+1` to `+0-1` before starting the entry, sorts an
+//! entry with no tries left last, and takes the newest generation matching
+//! `nimbus-*` otherwise). GRUB's embedded script does the same with
+//! `nimbus/grubenv`: a copy on trial with one try is booted once (the try
+//! is written back first), after that the default copy again.
+//!
+//! A new stage 1 goes into the copy that is not running, in an order where a
+//! cut anywhere leaves a loader choice whose files are complete: first no
+//! entry may name that copy, then its files, then its entry with one try,
+//! then GRUB's trial, each step durable. The old copy stays until the new
+//! one has booted a slot that was marked good (`bless`), and is only
+//! overwritten by the stage-1 update after that.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+pub const GRUBENV: &str = "nimbus/grubenv";
+pub const ENTRIES: &str = "loader/entries";
+pub const KERNEL: &str = "vmlinuz";
+pub const INITRAMFS: &str = "stage1.img";
+/// GRUB's environment block: exactly this size, padded with `#`.
+pub const GRUBENV_SIZE: usize = 1024;
+const GRUBENV_HEADER: &str = "# GRUB Environment Block\n";
+
+#[derive(Debug, thiserror::Error)]
+pub enum EspError {
+    #[error("ESP {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("ESP: {0}")]
+    Invalid(String),
+}
+
+fn io_at(p: &Path) -> impl FnOnce(std::io::Error) -> EspError + '_ {
+    move |source| EspError::Io {
+        path: p.to_path_buf(),
+        source,
+    }
+}
+
+/// The file operations the ESP needs, paths relative to its root. Every
+/// change is durable when it returns (a mounted ESP: temp file, fsync,
+/// rename, directory fsync).
+pub trait EspFs {
+    /// A file's bytes, `None` when it does not exist; refused above `limit`.
+    fn read(&self, rel: &str, limit: usize) -> Result<Option<Vec<u8>>, EspError>;
+    /// Names in a directory (none when it does not exist).
+    fn list(&self, rel_dir: &str) -> Result<Vec<String>, EspError>;
+    /// Replace (or create) a file, making its directory if needed.
+    fn replace(&self, rel: &str, data: &[u8]) -> Result<(), EspError>;
+    fn rename(&self, from: &str, to: &str) -> Result<(), EspError>;
+    /// Remove a file; a missing file is not an error.
+    fn remove(&self, rel: &str) -> Result<(), EspError>;
+}
+
+/// How a program reaches the ESP: mounted for the duration of `with`
+/// (a running host), a directory (tests, the power-cut harness), or the
+/// partition inside an image file (host mode).
+pub trait Esp: Send + Sync {
+    fn with(
+        &self,
+        write: bool,
+        f: &mut dyn FnMut(&dyn EspFs) -> Result<(), EspError>,
+    ) -> Result<(), EspError>;
+}
+
+/// An ESP already mounted at a directory.
+pub struct DirEsp(pub PathBuf);
+
+impl EspFs for DirEsp {
+    fn read(&self, rel: &str, limit: usize) -> Result<Option<Vec<u8>>, EspError> {
+        use std::io::Read;
+        let p = self.0.join(rel);
+        let f = match std::fs::File::open(&p) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_at(&p)(e)),
+        };
+        let mut b = Vec::new();
+        f.take(limit as u64 + 1)
+            .read_to_end(&mut b)
+            .map_err(io_at(&p))?;
+        if b.len() > limit {
+            return Err(EspError::Invalid(format!(
+                "{rel} is larger than {limit} bytes"
+            )));
+        }
+        Ok(Some(b))
+    }
+
+    fn list(&self, rel_dir: &str) -> Result<Vec<String>, EspError> {
+        let p = self.0.join(rel_dir);
+        let rd = match std::fs::read_dir(&p) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io_at(&p)(e)),
+        };
+        let mut out = Vec::new();
+        for e in rd {
+            let e = e.map_err(io_at(&p))?;
+            out.push(e.file_name().to_string_lossy().into_owned());
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    fn replace(&self, rel: &str, data: &[u8]) -> Result<(), EspError> {
+        let p = self.0.join(rel);
+        if let Some(d) = p.parent() {
+            std::fs::create_dir_all(d).map_err(io_at(d))?;
+        }
+        crate::durable::write_atomic(&p, data, 0o644)
+            .map_err(|e| EspError::Invalid(format!("{rel}: {e}")))
+    }
+
+    fn rename(&self, from: &str, to: &str) -> Result<(), EspError> {
+        let (f, t) = (self.0.join(from), self.0.join(to));
+        crate::durable::rename_and_sync(&f, &t)
+            .map_err(|e| EspError::Invalid(format!("rename {from} to {to}: {e}")))
+    }
+
+    fn remove(&self, rel: &str) -> Result<(), EspError> {
+        crate::durable::remove_and_sync(&self.0.join(rel))
+            .map_err(|e| EspError::Invalid(format!("{rel}: {e}")))
+    }
+}
+
+impl Esp for DirEsp {
+    fn with(
+        &self,
+        _write: bool,
+        f: &mut dyn FnMut(&dyn EspFs) -> Result<(), EspError>,
+    ) -> Result<(), EspError> {
+        f(self)
+    }
+}
+
+/// Mount the vfat partition `dev` at `mnt` (made 0700 if missing) for the
+/// duration of `f`, then unmount. Read-only unless `write`.
+pub fn with_mounted(
+    dev: &Path,
+    mnt: &Path,
+    write: bool,
+    f: &mut dyn FnMut(&dyn EspFs) -> Result<(), EspError>,
+) -> Result<(), EspError> {
+    use nix::mount::{mount, umount2, MntFlags, MsFlags};
+    use std::os::unix::fs::DirBuilderExt;
+    if let Some(parent) = mnt.parent() {
+        let _ = std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent);
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(mnt) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(io_at(mnt)(e)),
+    }
+    let mut flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    if !write {
+        flags |= MsFlags::MS_RDONLY;
+    }
+    mount(
+        Some(dev),
+        mnt,
+        Some("vfat"),
+        flags,
+        Some("umask=0077,codepage=437,iocharset=ascii"),
+    )
+    .map_err(|e| {
+        EspError::Invalid(format!(
+            "mount {} (vfat) on {}: {e}",
+            dev.display(),
+            mnt.display()
+        ))
+    })?;
+    let r = f(&DirEsp(mnt.to_path_buf()));
+    // Every change was synced as it was made; a failed unmount loses nothing.
+    let _ = umount2(mnt, MntFlags::empty());
+    r
+}
+
+// ---------------------------------------------------------------------------
+// Stage-1 copies
+
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Copy {
+    A,
+    B,
+}
+
+impl Copy {
+    pub fn other(self) -> Copy {
+        match self {
+            Copy::A => Copy::B,
+            Copy::B => Copy::A,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Copy::A => "a",
+            Copy::B => "b",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Copy> {
+        match s {
+            "a" => Some(Copy::A),
+            "b" => Some(Copy::B),
+            _ => None,
+        }
+    }
+
+    pub fn dir(self) -> String {
+        format!("nimbus/{}", self.name())
+    }
+
+    pub fn kernel(self) -> String {
+        format!("{}/{KERNEL}", self.dir())
+    }
+
+    pub fn initramfs(self) -> String {
+        format!("{}/{INITRAMFS}", self.dir())
+    }
+}
+
+impl std::fmt::Display for Copy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The copy the running stage 1 came from (`nimbus.stage1=` on the kernel
+/// command line, put there by the loader and handed on by stage 1).
+pub fn running_copy(cmdline: &str) -> Option<Copy> {
+    cmdline
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("nimbus.stage1="))
+        .and_then(Copy::parse)
+}
+
+/// GRUB's environment block.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Grubenv {
+    pub vars: BTreeMap<String, String>,
+}
+
+impl Grubenv {
+    pub fn parse(b: &[u8]) -> Result<Grubenv, EspError> {
+        let text =
+            std::str::from_utf8(b).map_err(|_| EspError::Invalid("grubenv is not UTF-8".into()))?;
+        let body = text
+            .strip_prefix(GRUBENV_HEADER)
+            .ok_or_else(|| EspError::Invalid("grubenv lacks its header".into()))?;
+        let mut vars = BTreeMap::new();
+        for l in body.lines() {
+            if l.starts_with('#') || l.is_empty() {
+                continue;
+            }
+            if let Some((k, v)) = l.split_once('=') {
+                vars.insert(k.to_string(), v.to_string());
+            }
+        }
+        Ok(Grubenv { vars })
+    }
+
+    /// The 1024-byte block GRUB's `load_env`/`save_env` read and write.
+    pub fn to_bytes(&self) -> Result<Vec<u8>, EspError> {
+        let mut s = GRUBENV_HEADER.to_string();
+        for (k, v) in &self.vars {
+            s.push_str(&format!("{k}={v}\n"));
+        }
+        if s.len() > GRUBENV_SIZE {
+            return Err(EspError::Invalid(
+                "grubenv variables exceed 1024 bytes".into(),
+            ));
+        }
+        let mut b = s.into_bytes();
+        b.resize(GRUBENV_SIZE, b'#');
+        Ok(b)
+    }
+
+    fn get(&self, k: &str) -> Option<&str> {
+        self.vars
+            .get(k)
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
+    }
+
+    /// The default copy (a when unset).
+    pub fn default_copy(&self) -> Copy {
+        self.get("nimbus_s1")
+            .and_then(Copy::parse)
+            .unwrap_or(Copy::A)
+    }
+
+    pub fn trial(&self) -> Option<Copy> {
+        self.get("nimbus_s1_try").and_then(Copy::parse)
+    }
+
+    pub fn tries(&self) -> u32 {
+        self.get("nimbus_s1_tries")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+
+    pub fn set(&mut self, default: Copy, trial: Option<Copy>, tries: u32) {
+        self.vars.insert("nimbus_s1".into(), default.name().into());
+        self.vars.insert(
+            "nimbus_s1_try".into(),
+            trial.map(|c| c.name().to_string()).unwrap_or_default(),
+        );
+        self.vars
+            .insert("nimbus_s1_tries".into(), tries.to_string());
+    }
+
+    /// What GRUB's script boots next, and the environment it leaves (the
+    /// try spent) — the same rule as `image/src/bios.rs`'s script.
+    pub fn grub_boot(&self) -> (Copy, Grubenv) {
+        let mut next = self.clone();
+        match self.trial() {
+            Some(t) if self.tries() >= 1 => {
+                next.vars.insert("nimbus_s1_tries".into(), "0".into());
+                (t, next)
+            }
+            _ => (self.default_copy(), next),
+        }
+    }
+}
+
+/// One systemd-boot entry of ours: `nimbus-<gen>-<copy>[+<left>[-<done>]].conf`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub file: String,
+    pub gen: u64,
+    pub copy: Copy,
+    /// `None`: no counter (blessed, or never on trial).
+    pub tries_left: Option<u32>,
+}
+
+impl Entry {
+    pub fn parse(file: &str) -> Option<Entry> {
+        let stem = file.strip_prefix("nimbus-")?.strip_suffix(".conf")?;
+        let (base, counter) = match stem.split_once('+') {
+            Some((b, c)) => (b, Some(c)),
+            None => (stem, None),
+        };
+        let (gen, copy) = base.split_once('-')?;
+        let tries_left = match counter {
+            None => None,
+            Some(c) => Some(c.split('-').next()?.parse().ok()?),
+        };
+        Some(Entry {
+            file: file.to_string(),
+            gen: gen.parse().ok()?,
+            copy: Copy::parse(copy)?,
+            tries_left,
+        })
+    }
+
+    pub fn name(gen: u64, copy: Copy, tries: Option<u32>) -> String {
+        match tries {
+            Some(t) => format!("nimbus-{gen}-{copy}+{t}.conf"),
+            None => format!("nimbus-{gen}-{copy}.conf"),
+        }
+    }
+
+    pub fn bad(&self) -> bool {
+        self.tries_left == Some(0)
+    }
+
+    pub fn text(copy: Copy, label: &str, cmdline: &str) -> String {
+        format!(
+            "title Nimbus stage 1 ({label})\nlinux /{}\ninitrd /{}\noptions {cmdline} nimbus.stage1={copy}\n",
+            copy.kernel(),
+            copy.initramfs()
+        )
+    }
+}
+
+/// What systemd-boot starts: entries with tries left (or none counted)
+/// before those with none, newest generation first; and the entry as it
+/// renames it (one try spent).
+pub fn sdboot_boot(entries: &[Entry]) -> Option<(Entry, Option<Entry>)> {
+    let mut v: Vec<&Entry> = entries.iter().collect();
+    v.sort_by_key(|e| (e.bad(), std::cmp::Reverse(e.gen)));
+    let e = (*v.first()?).clone();
+    let renamed = e.tries_left.map(|t| {
+        let left = t.saturating_sub(1);
+        Entry {
+            file: format!("nimbus-{}-{}+{left}-1.conf", e.gen, e.copy),
+            tries_left: Some(left),
+            ..e.clone()
+        }
+    });
+    Some((e, renamed))
+}
+
+pub fn entries(fs: &dyn EspFs) -> Result<Vec<Entry>, EspError> {
+    Ok(fs
+        .list(ENTRIES)?
+        .iter()
+        .filter_map(|f| Entry::parse(f))
+        .collect())
+}
+
+pub fn grubenv(fs: &dyn EspFs) -> Result<Grubenv, EspError> {
+    match fs.read(GRUBENV, GRUBENV_SIZE)? {
+        Some(b) => Grubenv::parse(&b),
+        None => Ok(Grubenv::default()),
+    }
+}
+
+/// The files an image starts with for copy a: its entry (generation 1, no
+/// counter) and GRUB's environment. Used by the image build.
+pub fn initial_files(label: &str, cmdline: &str) -> Result<Vec<(String, Vec<u8>)>, EspError> {
+    let mut env = Grubenv::default();
+    env.set(Copy::A, None, 0);
+    Ok(vec![
+        (
+            "loader/loader.conf".into(),
+            b"default nimbus-*\ntimeout 0\nconsole-mode keep\n".to_vec(),
+        ),
+        (
+            format!("{ENTRIES}/{}", Entry::name(1, Copy::A, None)),
+            Entry::text(Copy::A, label, cmdline).into_bytes(),
+        ),
+        (GRUBENV.into(), env.to_bytes()?),
+    ])
+}
+
+/// Install a new stage 1 into the copy that is not `running`. Returns the
+/// copy written and its generation. See the module comment for the order.
+pub fn install_stage1(
+    fs: &dyn EspFs,
+    running: Copy,
+    kernel: &[u8],
+    initramfs: &[u8],
+    label: &str,
+    cmdline: &str,
+) -> Result<(Copy, u64), EspError> {
+    let target = running.other();
+    let all = entries(fs)?;
+    let gen = all.iter().map(|e| e.gen).max().unwrap_or(0) + 1;
+    // 1. Nothing may lead a loader into the copy while it is rewritten.
+    let mut env = grubenv(fs)?;
+    if env.trial() == Some(target) || env.default_copy() == target {
+        env.set(running, None, 0);
+        fs.replace(GRUBENV, &env.to_bytes()?)?;
+    }
+    for e in all.iter().filter(|e| e.copy == target) {
+        fs.remove(&format!("{ENTRIES}/{}", e.file))?;
+    }
+    // 2. The files.
+    fs.replace(&target.kernel(), kernel)?;
+    fs.replace(&target.initramfs(), initramfs)?;
+    // 3. The switch, for each loader: one try.
+    fs.replace(
+        &format!("{ENTRIES}/{}", Entry::name(gen, target, Some(1))),
+        Entry::text(target, label, cmdline).as_bytes(),
+    )?;
+    env.set(running, Some(target), 1);
+    fs.replace(GRUBENV, &env.to_bytes()?)?;
+    Ok((target, gen))
+}
+
+/// After the slot booted by stage-1 copy `running` was marked good: make
+/// that copy the default for both loaders. Idempotent; returns whether it
+/// changed anything.
+pub fn bless(fs: &dyn EspFs, running: Copy) -> Result<bool, EspError> {
+    let mut changed = false;
+    for e in entries(fs)?
+        .into_iter()
+        .filter(|e| e.copy == running && e.tries_left.is_some())
+    {
+        fs.rename(
+            &format!("{ENTRIES}/{}", e.file),
+            &format!("{ENTRIES}/{}", Entry::name(e.gen, e.copy, None)),
+        )?;
+        changed = true;
+    }
+    let mut env = grubenv(fs)?;
+    if env.trial() == Some(running) || env.default_copy() != running {
+        env.set(running, None, 0);
+        fs.replace(GRUBENV, &env.to_bytes()?)?;
+        changed = true;
+    }
+    Ok(changed)
+}
+
+/// A stage-1 trial that did not come up: the other copy was on trial, its
+/// try is spent, and the loader came back to `running`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FailedTrial {
+    pub copy: Copy,
+    pub gen: Option<u64>,
+}
+
+pub fn failed_trial(fs: &dyn EspFs, running: Copy) -> Result<Option<FailedTrial>, EspError> {
+    let other = running.other();
+    let bad = entries(fs)?
+        .into_iter()
+        .find(|e| e.copy == other && e.bad());
+    let env = grubenv(fs)?;
+    let grub_failed = env.trial() == Some(other) && env.tries() == 0;
+    Ok(match (bad, grub_failed) {
+        (Some(e), _) => Some(FailedTrial {
+            copy: other,
+            gen: Some(e.gen),
+        }),
+        (None, true) => Some(FailedTrial {
+            copy: other,
+            gen: None,
+        }),
+        (None, false) => None,
+    })
+}
+
+/// Forget a failed trial: its entry goes, GRUB's trial is cleared. The
+/// copy's files stay until the next stage-1 update overwrites them.
+pub fn clear_trial(fs: &dyn EspFs, running: Copy) -> Result<(), EspError> {
+    for e in entries(fs)?
+        .into_iter()
+        .filter(|e| e.copy == running.other())
+    {
+        fs.remove(&format!("{ENTRIES}/{}", e.file))?;
+    }
+    let mut env = grubenv(fs)?;
+    if env.trial().is_some() || env.default_copy() != running {
+        env.set(running, None, 0);
+        fs.replace(GRUBENV, &env.to_bytes()?)?;
+    }
+    Ok(())
+}
+
+/// The copy each loader would start now, for checks (power-cut harness,
+/// `xtask qemu --firmware direct`).
+pub fn loader_choices(fs: &dyn EspFs) -> Result<(Option<Copy>, Copy), EspError> {
+    let sd = sdboot_boot(&entries(fs)?).map(|(e, _)| e.copy);
+    let (grub, _) = grubenv(fs)?.grub_boot();
+    Ok((sd, grub))
+}
+
+/// The trust rotations on the ESP, as stored (checked by the caller's walk).
+pub fn read_chain(fs: &dyn EspFs) -> Result<Vec<crate::trust::Link>, EspError> {
+    use crate::trust::{chain_file, ESP_CHAIN_DIR, MAX_CHAIN, MAX_TRUST_BYTES};
+    let mut versions: Vec<u64> = fs
+        .list(ESP_CHAIN_DIR)?
+        .iter()
+        .filter_map(|n| n.strip_suffix(".json")?.parse().ok())
+        .collect();
+    versions.sort_unstable();
+    versions.truncate(MAX_CHAIN);
+    let mut out = Vec::new();
+    for v in versions {
+        let dir = ESP_CHAIN_DIR;
+        let Some(sigs) = fs.read(
+            &format!("{dir}/{}.sig", chain_file(v)),
+            crate::release::MAX_SIGNATURES_BYTES,
+        )?
+        else {
+            break;
+        };
+        let Some(bytes) = fs.read(&format!("{dir}/{}", chain_file(v)), MAX_TRUST_BYTES)? else {
+            break;
+        };
+        out.push(crate::trust::Link {
+            version: v,
+            bytes,
+            sigs,
+        });
+    }
+    Ok(out)
+}
+
+/// Add rotations: each set, then its signatures.
+pub fn write_chain(fs: &dyn EspFs, links: &[crate::trust::Link]) -> Result<(), EspError> {
+    use crate::trust::{chain_file, ESP_CHAIN_DIR};
+    for l in links {
+        fs.replace(
+            &format!("{ESP_CHAIN_DIR}/{}", chain_file(l.version)),
+            &l.bytes,
+        )?;
+        fs.replace(
+            &format!("{ESP_CHAIN_DIR}/{}.sig", chain_file(l.version)),
+            &l.sigs,
+        )?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn esp() -> (tempfile::TempDir, DirEsp) {
+        let d = tempfile::tempdir().unwrap();
+        let e = DirEsp(d.path().to_path_buf());
+        for (p, b) in initial_files("1.0.0", "console=ttyS0").unwrap() {
+            e.replace(&p, &b).unwrap();
+        }
+        e.replace(&Copy::A.kernel(), b"kernel 1").unwrap();
+        e.replace(&Copy::A.initramfs(), b"initrd 1").unwrap();
+        (d, e)
+    }
+
+    /// Boot with systemd-boot: spend the try as it does; the copy started.
+    fn sd(e: &DirEsp) -> Copy {
+        let (entry, renamed) = sdboot_boot(&entries(e).unwrap()).unwrap();
+        if let Some(r) = renamed {
+            e.rename(
+                &format!("{ENTRIES}/{}", entry.file),
+                &format!("{ENTRIES}/{}", r.file),
+            )
+            .unwrap();
+        }
+        entry.copy
+    }
+
+    /// Boot with GRUB's script.
+    fn grub(e: &DirEsp) -> Copy {
+        let (c, next) = grubenv(e).unwrap().grub_boot();
+        e.replace(GRUBENV, &next.to_bytes().unwrap()).unwrap();
+        c
+    }
+
+    #[test]
+    fn grubenv_is_a_1024_byte_block_grub_can_read() {
+        let mut g = Grubenv::default();
+        g.set(Copy::B, Some(Copy::A), 1);
+        let b = g.to_bytes().unwrap();
+        assert_eq!(b.len(), 1024);
+        assert!(b.starts_with(b"# GRUB Environment Block\nnimbus_s1=b\n"));
+        assert_eq!(Grubenv::parse(&b).unwrap(), g);
+        assert!(Grubenv::parse(b"junk").is_err());
+    }
+
+    #[test]
+    fn entry_names_round_trip() {
+        let e = Entry::parse("nimbus-12-b+0-1.conf").unwrap();
+        assert_eq!((e.gen, e.copy, e.tries_left), (12, Copy::B, Some(0)));
+        assert!(e.bad());
+        assert_eq!(Entry::parse("nimbus-3-a.conf").unwrap().tries_left, None);
+        assert_eq!(Entry::parse("other.conf"), None);
+        assert_eq!(Entry::parse("nimbus-x-a.conf"), None);
+        assert_eq!(running_copy("console=ttyS0 nimbus.stage1=b"), Some(Copy::B));
+    }
+
+    #[test]
+    fn a_good_update_switches_both_loaders_after_bless() {
+        for loader in [sd as fn(&DirEsp) -> Copy, grub] {
+            let (_d, e) = esp();
+            assert_eq!(loader(&e), Copy::A);
+            let (c, gen) =
+                install_stage1(&e, Copy::A, b"kernel 2", b"initrd 2", "1.1.0", "x").unwrap();
+            assert_eq!((c, gen), (Copy::B, 2));
+            assert_eq!(loader(&e), Copy::B, "the trial boots the new copy");
+            assert!(bless(&e, Copy::B).unwrap());
+            assert!(!bless(&e, Copy::B).unwrap(), "idempotent");
+            assert_eq!(failed_trial(&e, Copy::B).unwrap(), None);
+            assert_eq!(loader(&e), Copy::B);
+            assert_eq!(loader(&e), Copy::B);
+            assert_eq!(
+                e.read("nimbus/a/vmlinuz", 64).unwrap().unwrap(),
+                b"kernel 1",
+                "old copy kept"
+            );
+            // The next update goes into a, and the entry of a is gone first.
+            install_stage1(&e, Copy::B, b"kernel 3", b"initrd 3", "1.2.0", "x").unwrap();
+            let names: Vec<String> = entries(&e).unwrap().into_iter().map(|x| x.file).collect();
+            assert_eq!(names, vec!["nimbus-2-b.conf", "nimbus-3-a+1.conf"]);
+        }
+    }
+
+    #[test]
+    fn a_trial_that_never_comes_up_falls_back_and_is_reported() {
+        for loader in [sd as fn(&DirEsp) -> Copy, grub] {
+            let (_d, e) = esp();
+            install_stage1(&e, Copy::A, b"bad kernel", b"initrd 2", "1.1.0", "x").unwrap();
+            assert_eq!(loader(&e), Copy::B);
+            // It panicked; the machine reset; no bless.
+            assert_eq!(loader(&e), Copy::A, "the loader goes back to the old copy");
+            assert_eq!(loader(&e), Copy::A);
+            let f = failed_trial(&e, Copy::A).unwrap().expect("failure seen");
+            assert_eq!(f.copy, Copy::B);
+            clear_trial(&e, Copy::A).unwrap();
+            assert_eq!(failed_trial(&e, Copy::A).unwrap(), None);
+            assert_eq!(loader(&e), Copy::A);
+        }
+    }
+}
