@@ -594,18 +594,22 @@ pub fn read_chain(fs: &dyn EspFs) -> Result<Vec<crate::trust::Link>, EspError> {
     Ok(out)
 }
 
-/// Add rotations: each set, then its signatures.
+/// Add rotations to the ESP: each set, then its signatures.
 pub fn write_chain(fs: &dyn EspFs, links: &[crate::trust::Link]) -> Result<(), EspError> {
-    use crate::trust::{chain_file, ESP_CHAIN_DIR};
+    write_chain_in(fs, crate::trust::ESP_CHAIN_DIR, links)
+}
+
+/// Add rotations to the chain directory `dir` (relative to `fs`'s root:
+/// the ESP's, or ROOT's `var/lib/nimbus/trust`).
+pub fn write_chain_in(
+    fs: &dyn EspFs,
+    dir: &str,
+    links: &[crate::trust::Link],
+) -> Result<(), EspError> {
+    use crate::trust::chain_file;
     for l in links {
-        fs.replace(
-            &format!("{ESP_CHAIN_DIR}/{}", chain_file(l.version)),
-            &l.bytes,
-        )?;
-        fs.replace(
-            &format!("{ESP_CHAIN_DIR}/{}.sig", chain_file(l.version)),
-            &l.sigs,
-        )?;
+        fs.replace(&format!("{dir}/{}", chain_file(l.version)), &l.bytes)?;
+        fs.replace(&format!("{dir}/{}.sig", chain_file(l.version)), &l.sigs)?;
     }
     Ok(())
 }

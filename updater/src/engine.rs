@@ -539,8 +539,9 @@ impl Engine {
                 bytes,
                 sigs,
             };
-            nimbus::esp::write_chain(
-                &nimbus::esp::DirEsp(dir.clone()),
+            nimbus::esp::write_chain_in(
+                &nimbus::esp::DirEsp(self.host.root.clone()),
+                nimbus::trust::ROOT_CHAIN_DIR,
                 std::slice::from_ref(&link),
             )
             .map_err(|e| UpdateError::Config {
