@@ -30,6 +30,13 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 pub const GRUBENV: &str = "nimbus/grubenv";
+/// systemd-boot, where UEFI firmware looks on removable media.
+pub const EFI_LOADER: &str = "EFI/BOOT/BOOTX64.EFI";
+/// GRUB's script (the core image in BIOS-BOOT only finds the ESP and runs it).
+pub const GRUB_SCRIPT: &str = "nimbus/grub.cfg";
+/// Names of the loader files beside a build, in `<out>/stage1/`.
+pub const EFI_LOADER_FILE: &str = "BOOTX64.EFI";
+pub const GRUB_SCRIPT_FILE: &str = "grub.cfg";
 pub const ENTRIES: &str = "loader/entries";
 pub const KERNEL: &str = "vmlinuz";
 pub const INITRAMFS: &str = "stage1.img";
@@ -177,24 +184,56 @@ pub fn with_mounted(
     if !write {
         flags |= MsFlags::MS_RDONLY;
     }
-    mount(
+    if let Err(e) = mount(
         Some(dev),
         mnt,
         Some("vfat"),
         flags,
         Some("umask=0077,codepage=437,iocharset=ascii"),
-    )
-    .map_err(|e| {
-        EspError::Invalid(format!(
+    ) {
+        // Mounted already with the other read-only state (an operator's
+        // /boot): use that mount when it allows what is asked.
+        if e == nix::errno::Errno::EBUSY {
+            if let Some((at, rw)) = mounted_at(dev) {
+                if rw || !write {
+                    return f(&DirEsp(at));
+                }
+            }
+        }
+        return Err(EspError::Invalid(format!(
             "mount {} (vfat) on {}: {e}",
             dev.display(),
             mnt.display()
-        ))
-    })?;
+        )));
+    }
     let r = f(&DirEsp(mnt.to_path_buf()));
     // Every change was synced as it was made; a failed unmount loses nothing.
     let _ = umount2(mnt, MntFlags::empty());
     r
+}
+
+/// Where block device `dev` is mounted now, and whether read-write, from
+/// /proc/self/mountinfo (matched by device number, not by name).
+fn mounted_at(dev: &Path) -> Option<(PathBuf, bool)> {
+    use std::os::unix::fs::MetadataExt;
+    let rdev = std::fs::metadata(dev).ok()?.rdev();
+    let (major, minor) = (nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev));
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    parse_mountinfo(&info, major, minor)
+}
+
+fn parse_mountinfo(info: &str, major: u64, minor: u64) -> Option<(PathBuf, bool)> {
+    let want = format!("{major}:{minor}");
+    info.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        if f.get(2) != Some(&want.as_str()) {
+            return None;
+        }
+        // Octal escapes (\040 for a space) in the mount point.
+        let at = f.get(4)?.replace("\\040", " ");
+        let rw = f.get(5)?.split(',').any(|o| o == "rw");
+        Some((PathBuf::from(at), rw))
+    })
 }
 
 // ---------------------------------------------------------------------------
@@ -485,6 +524,19 @@ pub fn install_stage1(
     Ok((target, gen))
 }
 
+/// Replace a loader file (systemd-boot, GRUB's script) that changed. One
+/// file each, not two copies: firmware and the core image look at one
+/// path. The replacement is a rename over the old file (both are whole),
+/// and a new loader reads the same entries and grubenv as the old one.
+/// Returns whether it wrote.
+pub fn update_loader_file(fs: &dyn EspFs, rel: &str, data: &[u8]) -> Result<bool, EspError> {
+    if fs.read(rel, data.len().max(1) * 2 + (64 << 20))?.as_deref() == Some(data) {
+        return Ok(false);
+    }
+    fs.replace(rel, data)?;
+    Ok(true)
+}
+
 /// After the slot booted by stage-1 copy `running` was marked good: make
 /// that copy the default for both loaders. Idempotent; returns whether it
 /// changed anything.
@@ -658,6 +710,18 @@ mod tests {
         assert!(b.starts_with(b"# GRUB Environment Block\nnimbus_s1=b\n"));
         assert_eq!(Grubenv::parse(&b).unwrap(), g);
         assert!(Grubenv::parse(b"junk").is_err());
+    }
+
+    #[test]
+    fn a_mount_is_found_by_device_number() {
+        let info = "22 1 254:9 / / rw,relatime - ext4 /dev/vda9 rw\n\
+                    40 22 254:1 / /boot rw,relatime - vfat /dev/vda1 rw,fmask=0022\n\
+                    41 22 254:1 / /mnt/esp\\040copy ro,relatime - vfat /dev/vda1 ro\n";
+        assert_eq!(
+            parse_mountinfo(info, 254, 1),
+            Some((PathBuf::from("/boot"), true))
+        );
+        assert_eq!(parse_mountinfo(info, 254, 2), None);
     }
 
     #[test]

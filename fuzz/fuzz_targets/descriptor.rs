@@ -16,7 +16,7 @@ fuzz_target!(|data: &[u8]| {
     b[..n].copy_from_slice(&data[..n]);
     if let Ok(d) = SlotDescriptor::parse_unverified(&b) {
         // Whatever parses must round-trip through signing.
-        let signed = d.sign(&key).expect("a parsed descriptor re-signs");
+        let signed = d.sign(&[&key]).expect("a parsed descriptor re-signs");
         let again = SlotDescriptor::verify(&signed, &trust).expect("and verifies");
         assert_eq!(again.version, d.version);
     }

@@ -63,7 +63,7 @@ pub fn embedded_config() -> String {
 
 /// Where the script lives on the ESP (written by the build, never by
 /// updates: they change `nimbus/grubenv` only).
-pub const SCRIPT: &str = "nimbus/grub.cfg";
+pub const SCRIPT: &str = nimbus::esp::GRUB_SCRIPT;
 
 /// The script: which stage-1 copy, from `nimbus/grubenv`
 /// (nimbus::esp::Grubenv, whose `grub_boot` is this rule in Rust): the

@@ -825,22 +825,19 @@ fn build_inner(o: &BuildOptions, progress: &mut dyn Progress) -> Result<BuildRep
             .copied()
             .ok_or_else(|| ImageError::Invalid(format!("layout has no partition {n}")))
     };
+    // The loaders' files: on the ESP, and beside the build for releases.
+    let sdboot_path = usr_dir.join("lib/systemd/boot/efi/systemd-bootx64.efi");
+    let sdboot = fs::read(&sdboot_path).map_err(io_at(&sdboot_path))?;
+    let script = bios::script(KERNEL_CMDLINE).into_bytes();
     let grub_core = st.run("filesystems", || {
         // Stage 1 as copy a, generation 1, with systemd-boot's entry and
         // GRUB's environment (nimbus::esp: how later updates add copy b).
         let mut files = nimbus::esp::initial_files(&o.version.to_string(), KERNEL_CMDLINE)
             .map_err(|e| ImageError::Invalid(e.to_string()))?;
-        files.push((
-            bios::SCRIPT.to_string(),
-            bios::script(KERNEL_CMDLINE).into_bytes(),
-        ));
+        files.push((bios::SCRIPT.to_string(), script.clone()));
         files.push((nimbus::esp::Copy::A.kernel(), kernel.clone()));
         files.push((nimbus::esp::Copy::A.initramfs(), stage1.clone()));
-        let sdboot = usr_dir.join("lib/systemd/boot/efi/systemd-bootx64.efi");
-        files.push((
-            "EFI/BOOT/BOOTX64.EFI".into(),
-            fs::read(&sdboot).map_err(io_at(&sdboot))?,
-        ));
+        files.push((nimbus::esp::EFI_LOADER.into(), sdboot.clone()));
         esp::build(
             &esp_img,
             part(1)?.size_bytes(),
@@ -1062,6 +1059,8 @@ fn build_inner(o: &BuildOptions, progress: &mut dyn Progress) -> Result<BuildRep
     for (name, data) in [
         (nimbus::esp::KERNEL, &kernel),
         (nimbus::esp::INITRAMFS, &stage1),
+        (nimbus::esp::EFI_LOADER_FILE, &sdboot),
+        (nimbus::esp::GRUB_SCRIPT_FILE, &script),
     ] {
         nimbus::durable::write_atomic(&s1.join(name), data, 0o644)
             .map_err(|e| ImageError::Invalid(e.to_string()))?;

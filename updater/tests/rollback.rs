@@ -11,22 +11,7 @@ use nimbus::layout::Slot;
 use nimbus::slots;
 use support::Fixture;
 
-/// What stage 1 does on a boot: take the chosen slot's try.
-fn boot(f: &Fixture) -> u32 {
-    let mut d = Disk::open_path(&f.disk, true).expect("open disk");
-    d.update_slots(|t| {
-        slots::select_for_boot(t, &[])
-            .map(|c| c.number)
-            .ok_or(slots::SlotError::NotBootable(0))
-    })
-    .expect("boot rule")
-}
-
-fn mark_good(f: &Fixture, n: u32) {
-    let mut d = Disk::open_path(&f.disk, true).expect("open disk");
-    d.update_slots(|t| slots::mark_good(t, n))
-        .expect("mark good");
-}
+use support::{boot_rule as boot, mark_good};
 
 fn payload_gets(f: &Fixture) -> Vec<String> {
     f.httpd

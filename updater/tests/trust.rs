@@ -13,26 +13,11 @@ use nimbus::gpt::Disk;
 use nimbus::keys::ReleaseKey;
 use nimbus::layout::{Slot, ESP_PARTITION};
 use nimbus::release::Manifest;
-use nimbus::slots;
 use nimbus::trust::TrustDoc;
 use nimbus_image::release::{PublishOptions, Rotation};
 use support::{build_signed, Fixture};
 
-fn boot(f: &Fixture) -> u32 {
-    let mut d = Disk::open_path(&f.disk, true).expect("open disk");
-    d.update_slots(|t| {
-        slots::select_for_boot(t, &[])
-            .map(|c| c.number)
-            .ok_or(slots::SlotError::NotBootable(0))
-    })
-    .expect("boot rule")
-}
-
-fn mark_good(f: &Fixture, n: u32) {
-    let mut d = Disk::open_path(&f.disk, true).expect("open disk");
-    d.update_slots(|t| slots::mark_good(t, n))
-        .expect("mark good");
-}
+use support::{boot_rule as boot, mark_good};
 
 /// The rotation versions on the ESP, read back with mtools.
 fn esp_versions(disk: &Path) -> Vec<String> {
@@ -279,4 +264,49 @@ fn two_of_three_keys_must_sign() {
     );
     let (prio, _, _) = f.cgpt(Slot::A);
     assert_eq!(prio, 0, "the refused slot stays unbootable");
+}
+
+#[test]
+fn rotations_on_the_esp_count_when_root_lost_them() {
+    use nimbus::esp::Esp;
+    // ROOT was wiped (or never had them): the booted slot is signed by a
+    // key only a rotation on the ESP makes trusted, as stage 1 saw it.
+    let f = Fixture::new(2, 32);
+    let k1 = &f.key;
+    let k2 = ReleaseKey::from_secret([2; 32]);
+    let mut v1 = nimbus::keys::TrustStore::new([k1.public()], 1);
+    v1.version = 1;
+    let d2 = nimbus::trust::rotate(&v1, &[k2.public()], &[], None).unwrap();
+    let bytes = d2.to_bytes();
+    let sigs = serde_json::to_vec(&Manifest::sign_bytes(&bytes, &[k1, &k2])).unwrap();
+    let d = Disk::open_path(&f.disk, false).unwrap();
+    let esp = nimbus_updater::esp::ImageEsp {
+        image: f.disk.clone(),
+        offset: d.partition(ESP_PARTITION).unwrap().offset_bytes(),
+    };
+    drop(d);
+    let cur = support::build_signed(f.tmp.path(), "1.0.1", 2, f.usr_size, &[&k2], &d2);
+    support::make_disk(&f.disk, f.usr_size, &cur.slot);
+    support::format_esp(&f.disk);
+    esp.with(true, &mut |fs| {
+        nimbus::esp::write_chain(
+            fs,
+            &[nimbus::trust::Link {
+                version: 2,
+                bytes: bytes.clone(),
+                sigs: sigs.clone(),
+            }],
+        )
+    })
+    .unwrap();
+    let (out, st) = f.once(&[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let st = st.expect("status");
+    assert_eq!(st["running_version"], "1.0.1", "{st}");
+    assert_eq!(st["trust"]["usr"]["version"], 2, "{st}");
+    assert_eq!(st["trust"]["esp_version"], 2, "{st}");
 }

@@ -15,6 +15,7 @@ pub const TARGETS: &[&str] = &[
     "update_conf",
     "cloud_config",
     "payload",
+    "trust",
 ];
 
 fn have_nightly() -> bool {

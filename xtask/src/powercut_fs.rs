@@ -228,6 +228,7 @@ pub fn esp_check(
     initial: &BTreeMap<PathBuf, Node>,
     root: &Path,
     whole: &[(Vec<u8>, Vec<u8>)],
+    loaders: &[(&str, Vec<Vec<u8>>)],
     variants: usize,
     seed: u64,
 ) -> EspReport {
@@ -262,6 +263,13 @@ pub fn esp_check(
         if !complete(grub) {
             bad.push(format!("GRUB starts copy {grub}, which is not whole"));
         }
+        for (rel, allowed) in loaders {
+            use nimbus::esp::EspFs;
+            match fs.read(rel, 0) {
+                Ok(Some(b)) if allowed.contains(&b) => {}
+                _ => bad.push(format!("{rel} is neither the old nor the new loader")),
+            }
+        }
         if !bad.is_empty() {
             r.unbootable += 1;
             if r.failures.len() < 10 {
@@ -282,13 +290,6 @@ pub fn check(
     variants: usize,
     seed: u64,
 ) -> Report {
-    let mut rng = seed | 1;
-    let mut next = move || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
     let targets: std::collections::BTreeSet<&PathBuf> = trace
         .iter()
         .filter_map(|e| match e {
@@ -302,58 +303,54 @@ pub fn check(
         files: targets.len(),
         failures: Vec::new(),
     };
-    for k in 0..=trace.len() {
-        let pending: Vec<usize> = (0..k).filter(|&i| !durable(trace, i, k)).collect();
-        for variant in 0..variants {
-            let names = replay(trace, initial, k, &pending, variant, &mut next);
-            report.points += 1;
-            let mut bad = Vec::new();
-            for t in &targets {
-                // Allowed: the value after the last durable rename into t
-                // (or the initial one), or any later complete value.
-                let renames: Vec<usize> = (0..k)
-                    .filter(|&i| matches!(&trace[i], FsEvent::Rename { to, .. } if to == *t))
-                    .collect();
-                let last_durable = renames.iter().rev().find(|&&i| durable(trace, i, k));
-                let mut allowed: Vec<Option<Node>> = Vec::new();
-                let value_of = |i: usize| match &trace[i] {
-                    FsEvent::Rename { from, .. } => written(trace, from, i),
-                    _ => None,
-                };
-                match last_durable {
-                    Some(&i) => allowed.push(value_of(i)),
-                    None => allowed.push(initial.get(*t).cloned()),
-                }
-                for &i in renames
-                    .iter()
-                    .filter(|&&i| last_durable.is_none_or(|&d| i > d))
-                {
-                    allowed.push(value_of(i));
-                }
-                let got = names.get(*t).cloned();
-                if !allowed.contains(&got) {
-                    bad.push(format!(
-                        "{}: {}",
-                        t.display(),
-                        match &got {
-                            None => "missing".to_string(),
-                            Some(Node::File(b)) => format!("{} bytes, no whole version", b.len()),
-                            Some(Node::Link(l)) => format!("link to {}", l.display()),
-                        }
-                    ));
-                }
+    each_cut(trace, initial, variants, seed, |k, variant, names| {
+        report.points += 1;
+        let mut bad = Vec::new();
+        for t in &targets {
+            // Allowed: the value after the last durable rename into t
+            // (or the initial one), or any later complete value.
+            let renames: Vec<usize> = (0..k)
+                .filter(|&i| matches!(&trace[i], FsEvent::Rename { to, .. } if to == *t))
+                .collect();
+            let last_durable = renames.iter().rev().find(|&&i| durable(trace, i, k));
+            let mut allowed: Vec<Option<Node>> = Vec::new();
+            let value_of = |i: usize| match &trace[i] {
+                FsEvent::Rename { from, .. } => written(trace, from, i),
+                _ => None,
+            };
+            match last_durable {
+                Some(&i) => allowed.push(value_of(i)),
+                None => allowed.push(initial.get(*t).cloned()),
             }
-            if !bad.is_empty() {
-                report.mixed += 1;
-                if report.failures.len() < 10 {
-                    report.failures.push(format!(
-                        "cut before op {k} variant {variant}: {}",
-                        bad.join("; ")
-                    ));
-                }
+            for &i in renames
+                .iter()
+                .filter(|&&i| last_durable.is_none_or(|&d| i > d))
+            {
+                allowed.push(value_of(i));
+            }
+            let got = names.get(*t).cloned();
+            if !allowed.contains(&got) {
+                bad.push(format!(
+                    "{}: {}",
+                    t.display(),
+                    match &got {
+                        None => "missing".to_string(),
+                        Some(Node::File(b)) => format!("{} bytes, no whole version", b.len()),
+                        Some(Node::Link(l)) => format!("link to {}", l.display()),
+                    }
+                ));
             }
         }
-    }
+        if !bad.is_empty() {
+            report.mixed += 1;
+            if report.failures.len() < 10 {
+                report.failures.push(format!(
+                    "cut before op {k} variant {variant}: {}",
+                    bad.join("; ")
+                ));
+            }
+        }
+    });
     report
 }
 

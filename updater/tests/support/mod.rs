@@ -393,6 +393,7 @@ pub fn format_esp(disk: &Path) {
     let d = Disk::open_path(disk, false).expect("disk");
     let p = d.partition(nimbus::layout::ESP_PARTITION).expect("esp");
     let img = disk.with_extension("esp");
+    let _ = std::fs::remove_file(&img);
     let out = Command::new("mkfs.fat")
         .args(["-C"])
         .arg(&img)
@@ -413,4 +414,22 @@ pub fn format_esp(disk: &Path) {
     f.seek(SeekFrom::Start(p.offset_bytes())).expect("seek");
     f.write_all(&bytes).expect("write");
     f.sync_all().expect("sync");
+}
+
+/// What stage 1 does on a boot: take the chosen slot's try.
+pub fn boot_rule(f: &Fixture) -> u32 {
+    let mut d = Disk::open_path(&f.disk, true).expect("open disk");
+    d.update_slots(|t| {
+        nimbus::slots::select_for_boot(t, &[])
+            .map(|c| c.number)
+            .ok_or(nimbus::slots::SlotError::NotBootable(0))
+    })
+    .expect("boot rule")
+}
+
+/// What mark-good does after the health check.
+pub fn mark_good(f: &Fixture, n: u32) {
+    let mut d = Disk::open_path(&f.disk, true).expect("open disk");
+    d.update_slots(|t| nimbus::slots::mark_good(t, n))
+        .expect("mark good");
 }
