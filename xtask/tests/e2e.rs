@@ -1,8 +1,11 @@
-//! `cargo xtask e2e` in the test suite (QEMU TCG): the guest's own
-//! update-engine updates 1.0.0 to 1.1.0 from a loopback repository, then
-//! takes 1.2.0 whose health check fails and rolls back to 1.1.0 by itself
-//! (reported by `updatectl status` in the guest), then follows
-//! `updatectl channel beta` to 1.3.0.
+//! `cargo xtask e2e` in the test suite (QEMU TCG, SeaBIOS + GRUB): the
+//! guest's own update-engine updates 1.0.0 to 1.1.0 from a loopback
+//! repository (which adds release key 2), then takes 1.2.0 whose health
+//! check fails and rolls back to 1.1.0 by itself (reported by `updatectl
+//! status` in the guest), then follows `updatectl channel beta` to 1.3.0
+//! (key 2 alone, key 1 removed, a new stage 1 tried once and blessed);
+//! key 1 is refused by update-engine and by stage 1; 1.4.0's stage 1
+//! cannot start and the loader falls back to the old one, reported.
 
 #[test]
 fn guest_updates_itself_and_boots_the_new_version() {
@@ -18,5 +21,9 @@ fn guest_updates_itself_and_boots_the_new_version() {
         out.contains("e2e: ok: 1.0.0 -> 1.1.0 -> 1.2.0 (health failed, rolled back to 1.1.0) -> channel beta -> 1.3.0"),
         "{out}"
     );
-    assert!(out.contains("USR-A 3/0/1, USR-B 2/0/1"), "{out}");
+    assert!(
+        out.contains("1.3.0 (new key, new stage 1) -> 1.4.0 (its stage 1 fell back)"),
+        "{out}"
+    );
+    assert!(out.contains("USR-A 3/0/1, USR-B 4/0/1"), "{out}");
 }
