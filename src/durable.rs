@@ -47,6 +47,12 @@ pub enum FsEvent {
     Remove {
         path: PathBuf,
     },
+    /// An existing file rewritten in place with as many bytes as it had
+    /// (durable after its sync; before, each 512-byte sector is old or new).
+    Overwrite {
+        path: PathBuf,
+        data: Vec<u8>,
+    },
 }
 
 /// `Some` while a harness records. A process-wide switch rather than a
@@ -243,6 +249,76 @@ pub fn rename_and_sync(from: &Path, to: &Path) -> Result<(), DurableError> {
     if let Some(d) = pf.filter(|d| Some(*d) != pt) {
         sync_dir(d)?;
     }
+    Ok(())
+}
+
+/// Write a file that nothing refers to yet straight at its name (create or
+/// truncate, write, fsync the file, fsync the directory): for FAT, where a
+/// rename is not atomic, and a half-written file that nobody reads is
+/// harmless until the caller's own switch step.
+pub fn write_new(path: &Path, data: &[u8]) -> Result<(), DurableError> {
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .map_err(err(path, "create"))?;
+    f.write_all(data).map_err(err(path, "write"))?;
+    emit(|| FsEvent::Write {
+        path: path.to_path_buf(),
+        data: data.to_vec(),
+    });
+    f.sync_all().map_err(err(path, "fsync"))?;
+    emit(|| FsEvent::SyncFile {
+        path: path.to_path_buf(),
+    });
+    match path.parent() {
+        Some(d) => sync_dir(d),
+        None => Ok(()),
+    }
+}
+
+/// Rewrite an existing file of exactly `data.len()` bytes in place and
+/// fsync it: its clusters and directory entry do not change, so on FAT
+/// each sector is old or new (GRUB's `save_env` writes its environment
+/// block the same way).
+pub fn overwrite_in_place(path: &Path, data: &[u8]) -> Result<(), DurableError> {
+    use std::os::unix::fs::FileExt;
+    let f = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(err(path, "open"))?;
+    let len = f.metadata().map_err(err(path, "stat"))?.len();
+    if len != data.len() as u64 {
+        return Err(DurableError {
+            path: path.to_path_buf(),
+            op: "overwrite",
+            source: io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{len} bytes on disk, {} to write in place", data.len()),
+            ),
+        });
+    }
+    f.write_all_at(data, 0).map_err(err(path, "write"))?;
+    emit(|| FsEvent::Overwrite {
+        path: path.to_path_buf(),
+        data: data.to_vec(),
+    });
+    f.sync_all().map_err(err(path, "fsync"))?;
+    emit(|| FsEvent::SyncFile {
+        path: path.to_path_buf(),
+    });
+    Ok(())
+}
+
+/// fsync a file that is already in place (by opening it again).
+pub fn sync_file(path: &Path) -> Result<(), DurableError> {
+    File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(err(path, "fsync"))?;
+    emit(|| FsEvent::SyncFile {
+        path: path.to_path_buf(),
+    });
     Ok(())
 }
 

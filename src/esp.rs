@@ -34,9 +34,7 @@ pub const GRUBENV: &str = "nimbus/grubenv";
 pub const EFI_LOADER: &str = "EFI/BOOT/BOOTX64.EFI";
 /// GRUB's script (the core image in BIOS-BOOT only finds the ESP and runs it).
 pub const GRUB_SCRIPT: &str = "nimbus/grub.cfg";
-/// Names of the loader files beside a build, in `<out>/stage1/`.
-pub const EFI_LOADER_FILE: &str = "BOOTX64.EFI";
-pub const GRUB_SCRIPT_FILE: &str = "grub.cfg";
+
 pub const ENTRIES: &str = "loader/entries";
 pub const KERNEL: &str = "vmlinuz";
 pub const INITRAMFS: &str = "stage1.img";
@@ -70,8 +68,19 @@ pub trait EspFs {
     fn read(&self, rel: &str, limit: usize) -> Result<Option<Vec<u8>>, EspError>;
     /// Names in a directory (none when it does not exist).
     fn list(&self, rel_dir: &str) -> Result<Vec<String>, EspError>;
-    /// Replace (or create) a file, making its directory if needed.
+    /// Replace (or create) a file, making its directory if needed: a new
+    /// file, then a rename over the old one.
     fn replace(&self, rel: &str, data: &[u8]) -> Result<(), EspError>;
+    /// Write a file nothing refers to yet, in place (no rename: on FAT a
+    /// rename is not atomic). Makes its directory if needed.
+    fn write_new(&self, rel: &str, data: &[u8]) -> Result<(), EspError> {
+        self.replace(rel, data)
+    }
+    /// Rewrite a file of the same size in place (GRUB's environment
+    /// block); a missing file or another size falls back to `replace`.
+    fn overwrite(&self, rel: &str, data: &[u8]) -> Result<(), EspError> {
+        self.replace(rel, data)
+    }
     fn rename(&self, from: &str, to: &str) -> Result<(), EspError>;
     /// Remove a file; a missing file is not an error.
     fn remove(&self, rel: &str) -> Result<(), EspError>;
@@ -134,18 +143,52 @@ impl EspFs for DirEsp {
             std::fs::create_dir_all(d).map_err(io_at(d))?;
         }
         crate::durable::write_atomic(&p, data, 0o644)
+            .and_then(|()| vfat_settle(&p))
             .map_err(|e| EspError::Invalid(format!("{rel}: {e}")))
     }
 
     fn rename(&self, from: &str, to: &str) -> Result<(), EspError> {
         let (f, t) = (self.0.join(from), self.0.join(to));
         crate::durable::rename_and_sync(&f, &t)
+            .and_then(|()| vfat_settle(&t))
             .map_err(|e| EspError::Invalid(format!("rename {from} to {to}: {e}")))
+    }
+
+    fn write_new(&self, rel: &str, data: &[u8]) -> Result<(), EspError> {
+        let p = self.0.join(rel);
+        if let Some(d) = p.parent() {
+            std::fs::create_dir_all(d).map_err(io_at(d))?;
+        }
+        crate::durable::write_new(&p, data).map_err(|e| EspError::Invalid(format!("{rel}: {e}")))
+    }
+
+    fn overwrite(&self, rel: &str, data: &[u8]) -> Result<(), EspError> {
+        let p = self.0.join(rel);
+        match std::fs::metadata(&p) {
+            Ok(m) if m.len() == data.len() as u64 => crate::durable::overwrite_in_place(&p, data)
+                .map_err(|e| EspError::Invalid(format!("{rel}: {e}"))),
+            _ => self.replace(rel, data),
+        }
     }
 
     fn remove(&self, rel: &str) -> Result<(), EspError> {
         crate::durable::remove_and_sync(&self.0.join(rel))
             .map_err(|e| EspError::Invalid(format!("{rel}: {e}")))
+    }
+}
+
+/// Linux's vfat writes a renamed file's new directory entry with size 0
+/// and no first cluster; the real values reach the disk only when the
+/// inode is written back. So the file is fsynced again at its new name,
+/// then the directory (found by a QEMU guest killed after a "durable"
+/// write: 0-byte files on the ESP). Between the rename and that fsync the
+/// name can stand for an empty file: renames are used on the ESP only
+/// where an empty file is safe or nothing better exists (see docs/boot.md).
+fn vfat_settle(p: &Path) -> Result<(), crate::durable::DurableError> {
+    crate::durable::sync_file(p)?;
+    match p.parent() {
+        Some(d) => crate::durable::sync_dir(d),
+        None => Ok(()),
     }
 }
 
@@ -506,35 +549,24 @@ pub fn install_stage1(
     let mut env = grubenv(fs)?;
     if env.trial() == Some(target) || env.default_copy() == target {
         env.set(running, None, 0);
-        fs.replace(GRUBENV, &env.to_bytes()?)?;
+        fs.overwrite(GRUBENV, &env.to_bytes()?)?;
     }
     for e in all.iter().filter(|e| e.copy == target) {
         fs.remove(&format!("{ENTRIES}/{}", e.file))?;
     }
-    // 2. The files.
-    fs.replace(&target.kernel(), kernel)?;
-    fs.replace(&target.initramfs(), initramfs)?;
-    // 3. The switch, for each loader: one try.
-    fs.replace(
+    // 2. The files, in place: nothing refers to them now.
+    fs.write_new(&target.kernel(), kernel)?;
+    fs.write_new(&target.initramfs(), initramfs)?;
+    // 3. The switch, for each loader: one try. A new entry file (a torn
+    // one is a bad entry, skipped, or fails its one try), then GRUB's
+    // block rewritten in place (its variables sit in the first sector).
+    fs.write_new(
         &format!("{ENTRIES}/{}", Entry::name(gen, target, Some(1))),
         Entry::text(target, label, cmdline).as_bytes(),
     )?;
     env.set(running, Some(target), 1);
-    fs.replace(GRUBENV, &env.to_bytes()?)?;
+    fs.overwrite(GRUBENV, &env.to_bytes()?)?;
     Ok((target, gen))
-}
-
-/// Replace a loader file (systemd-boot, GRUB's script) that changed. One
-/// file each, not two copies: firmware and the core image look at one
-/// path. The replacement is a rename over the old file (both are whole),
-/// and a new loader reads the same entries and grubenv as the old one.
-/// Returns whether it wrote.
-pub fn update_loader_file(fs: &dyn EspFs, rel: &str, data: &[u8]) -> Result<bool, EspError> {
-    if fs.read(rel, data.len().max(1) * 2 + (64 << 20))?.as_deref() == Some(data) {
-        return Ok(false);
-    }
-    fs.replace(rel, data)?;
-    Ok(true)
 }
 
 /// After the slot booted by stage-1 copy `running` was marked good: make
@@ -555,7 +587,7 @@ pub fn bless(fs: &dyn EspFs, running: Copy) -> Result<bool, EspError> {
     let mut env = grubenv(fs)?;
     if env.trial() == Some(running) || env.default_copy() != running {
         env.set(running, None, 0);
-        fs.replace(GRUBENV, &env.to_bytes()?)?;
+        fs.overwrite(GRUBENV, &env.to_bytes()?)?;
         changed = true;
     }
     Ok(changed)
@@ -601,7 +633,7 @@ pub fn clear_trial(fs: &dyn EspFs, running: Copy) -> Result<(), EspError> {
     let mut env = grubenv(fs)?;
     if env.trial().is_some() || env.default_copy() != running {
         env.set(running, None, 0);
-        fs.replace(GRUBENV, &env.to_bytes()?)?;
+        fs.overwrite(GRUBENV, &env.to_bytes()?)?;
     }
     Ok(())
 }
@@ -659,9 +691,11 @@ pub fn write_chain_in(
     links: &[crate::trust::Link],
 ) -> Result<(), EspError> {
     use crate::trust::chain_file;
+    // New names, written in place: a torn set or a missing signature file
+    // ends a reader's walk at the link before.
     for l in links {
-        fs.replace(&format!("{dir}/{}", chain_file(l.version)), &l.bytes)?;
-        fs.replace(&format!("{dir}/{}.sig", chain_file(l.version)), &l.sigs)?;
+        fs.write_new(&format!("{dir}/{}", chain_file(l.version)), &l.bytes)?;
+        fs.write_new(&format!("{dir}/{}.sig", chain_file(l.version)), &l.sigs)?;
     }
     Ok(())
 }

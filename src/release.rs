@@ -454,13 +454,6 @@ pub struct Release {
 pub struct Stage1Files {
     pub kernel: FileRef,
     pub initramfs: FileRef,
-    /// The loaders' own files on the ESP, replaced where they changed:
-    /// systemd-boot (`EFI/BOOT/BOOTX64.EFI`) and GRUB's script
-    /// (`nimbus/grub.cfg`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub efi_loader: Option<FileRef>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub grub_script: Option<FileRef>,
 }
 
 /// A file of a release, by path inside the repository, size and hash.
@@ -596,18 +589,7 @@ impl Manifest {
                 return bad(format!("release {v}: payload path {p:?} must be a plain relative path inside the repository"));
             }
             if let Some(s1) = &r.stage1 {
-                let loaders = [
-                    ("efi_loader", &s1.efi_loader),
-                    ("grub_script", &s1.grub_script),
-                ];
-                let files = [("kernel", &s1.kernel), ("initramfs", &s1.initramfs)]
-                    .into_iter()
-                    .chain(
-                        loaders
-                            .into_iter()
-                            .filter_map(|(n, f)| f.as_ref().map(|f| (n, f))),
-                    );
-                for (name, f) in files {
+                for (name, f) in [("kernel", &s1.kernel), ("initramfs", &s1.initramfs)] {
                     if !plain_relative(&f.path) {
                         return bad(format!("release {v}: stage1 {name} path {:?} must be a plain relative path inside the repository", f.path));
                     }
@@ -1109,8 +1091,6 @@ mod tests {
         m.releases[0].stage1 = Some(Box::new(Stage1Files {
             kernel: good.clone(),
             initramfs: good.clone(),
-            efi_loader: None,
-            grub_script: Some(good.clone()),
         }));
         m.validate().unwrap();
         for (f, want) in [

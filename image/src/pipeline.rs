@@ -825,7 +825,7 @@ fn build_inner(o: &BuildOptions, progress: &mut dyn Progress) -> Result<BuildRep
             .copied()
             .ok_or_else(|| ImageError::Invalid(format!("layout has no partition {n}")))
     };
-    // The loaders' files: on the ESP, and beside the build for releases.
+    // The loaders' own files, on the ESP (fixed at install: docs/boot.md).
     let sdboot_path = usr_dir.join("lib/systemd/boot/efi/systemd-bootx64.efi");
     let sdboot = fs::read(&sdboot_path).map_err(io_at(&sdboot_path))?;
     let script = bios::script(KERNEL_CMDLINE).into_bytes();
@@ -1059,8 +1059,6 @@ fn build_inner(o: &BuildOptions, progress: &mut dyn Progress) -> Result<BuildRep
     for (name, data) in [
         (nimbus::esp::KERNEL, &kernel),
         (nimbus::esp::INITRAMFS, &stage1),
-        (nimbus::esp::EFI_LOADER_FILE, &sdboot),
-        (nimbus::esp::GRUB_SCRIPT_FILE, &script),
     ] {
         nimbus::durable::write_atomic(&s1.join(name), data, 0o644)
             .map_err(|e| ImageError::Invalid(e.to_string()))?;

@@ -96,18 +96,9 @@ fn stage1_of(
             sha256: crate::sha256_file(&p)?,
         })
     };
-    let optional = |name: &str| -> Result<Option<nimbus::release::FileRef>, ImageError> {
-        if dir.join(name).is_file() {
-            file(name).map(Some)
-        } else {
-            Ok(None)
-        }
-    };
     Ok(Some(nimbus::release::Stage1Files {
         kernel: file(nimbus::esp::KERNEL)?,
         initramfs: file(nimbus::esp::INITRAMFS)?,
-        efi_loader: optional(nimbus::esp::EFI_LOADER_FILE)?,
-        grub_script: optional(nimbus::esp::GRUB_SCRIPT_FILE)?,
     }))
 }
 
@@ -324,21 +315,10 @@ pub fn publish(o: &PublishOptions<'_>) -> Result<Manifest, ImageError> {
         .find(|r| r.version == bj.version)
         .and_then(|r| r.stage1.as_ref())
     {
-        let loaders = [
-            (nimbus::esp::EFI_LOADER_FILE, &s1.efi_loader),
-            (nimbus::esp::GRUB_SCRIPT_FILE, &s1.grub_script),
-        ];
-        let files = [
+        for (name, f) in [
             (nimbus::esp::KERNEL, &s1.kernel),
             (nimbus::esp::INITRAMFS, &s1.initramfs),
-        ]
-        .into_iter()
-        .chain(
-            loaders
-                .into_iter()
-                .filter_map(|(n, f)| f.as_ref().map(|f| (n, f))),
-        );
-        for (name, f) in files {
+        ] {
             place_immutable(
                 &o.from.join("stage1").join(name),
                 o.repo,

@@ -646,7 +646,6 @@ impl Engine {
                 Ok(())
             })
             .map_err(|e| self.esp_err(e))?;
-        self.update_loaders(s1)?;
         if same {
             return Ok(());
         }
@@ -682,44 +681,6 @@ impl Engine {
                 booted: false,
             });
             self.store.save(&self.persisted)?;
-        }
-        Ok(())
-    }
-
-    /// systemd-boot and GRUB's script, where the release's differ from
-    /// the ESP's: fetched and checked first, then each replaced whole.
-    fn update_loaders(&mut self, s1: &nimbus::release::Stage1Files) -> Result<(), UpdateError> {
-        use sha2::Digest;
-        for (rel, f) in [
-            (nimbus::esp::EFI_LOADER, &s1.efi_loader),
-            (nimbus::esp::GRUB_SCRIPT, &s1.grub_script),
-        ] {
-            let Some(f) = f else { continue };
-            let mut current = None;
-            self.host
-                .esp
-                .with(false, &mut |fs| {
-                    current = fs
-                        .read(rel, nimbus::release::MAX_STAGE1_FILE as usize)?
-                        .map(|b| hex::encode(sha2::Sha256::digest(&b)));
-                    Ok(())
-                })
-                .map_err(|e| self.esp_err(e))?;
-            if current.as_deref() == Some(f.sha256.as_str()) {
-                continue;
-            }
-            let data = self.fetch_file(f)?;
-            self.host
-                .esp
-                .with(true, &mut |fs| {
-                    nimbus::esp::update_loader_file(fs, rel, &data)?;
-                    Ok(())
-                })
-                .map_err(|e| self.esp_err(e))?;
-            tracing::info!(
-                "{rel} on the ESP replaced by the release's ({} bytes)",
-                data.len()
-            );
         }
         Ok(())
     }

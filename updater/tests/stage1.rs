@@ -66,8 +66,6 @@ fn with_stage1(f: &Fixture, kernel: &[u8], initramfs: &[u8]) {
     std::fs::create_dir_all(&dir).expect("mkdir");
     std::fs::write(dir.join("vmlinuz"), kernel).expect("write");
     std::fs::write(dir.join("stage1.img"), initramfs).expect("write");
-    std::fs::write(dir.join("grub.cfg"), b"# the release's GRUB script\n").expect("write");
-    std::fs::write(dir.join("BOOTX64.EFI"), b"MZ the release's systemd-boot").expect("write");
     // 1.1.0 is on the channel already, without stage 1: start the
     // repository over (a published release is immutable).
     for d in ["channels", "payloads"] {
@@ -107,15 +105,6 @@ fn a_new_stage1_goes_into_the_other_copy_and_a_failed_trial_is_reported() {
         Some(&b"kernel of 1.0.0"[..])
     );
     assert_eq!(entries(&f), vec!["nimbus-1-a.conf", "nimbus-2-b+1.conf"]);
-    // The loaders' own files, replaced where they changed.
-    assert_eq!(
-        read(&f, nimbus::esp::GRUB_SCRIPT).as_deref(),
-        Some(&b"# the release's GRUB script\n"[..])
-    );
-    assert_eq!(
-        read(&f, nimbus::esp::EFI_LOADER).as_deref(),
-        Some(&b"MZ the release's systemd-boot"[..])
-    );
     let env = Grubenv::parse(&read(&f, nimbus::esp::GRUBENV).expect("grubenv")).expect("env");
     assert_eq!(
         (env.default_copy(), env.trial(), env.tries()),

@@ -349,12 +349,17 @@ fn print_table(r: &ShowDisk) {
         if let Some(d) = &p.descriptor {
             match (&d.fields, &d.error) {
                 (Some(f), _) => println!(
-                    "      version {} data_size {} hash_offset {} verity_root {} salt {}",
+                    "      version {} data_size {} hash_offset {} verity_root {} salt {} signed by {}",
                     f.version,
                     f.data_size,
                     f.hash_offset,
                     hex::encode(f.verity_root),
-                    hex::encode(f.verity_salt)
+                    hex::encode(f.verity_salt),
+                    f.signers
+                        .iter()
+                        .map(|k| k.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
                 (None, Some(e)) => println!("      descriptor unreadable: {e}"),
                 (None, None) => {}
@@ -364,7 +369,9 @@ fn print_table(r: &ShowDisk) {
                 (Some(false), e) => {
                     println!("      signature: INVALID: {}", e.as_deref().unwrap_or(""))
                 }
-                (None, _) => println!("      signature: not checked (pass --keys DIR)"),
+                (None, _) => {
+                    println!("      signature: not checked (pass --keys trust.json or DIR)")
+                }
             }
         }
     }

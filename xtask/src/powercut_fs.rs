@@ -74,6 +74,9 @@ fn durable(trace: &[FsEvent], i: usize, k: usize) -> bool {
         FsEvent::Remove { path } => later
             .iter()
             .any(|e| matches!(e, FsEvent::SyncDir { dir } if dir == parent(path))),
+        FsEvent::Overwrite { path, .. } => later
+            .iter()
+            .any(|e| matches!(e, FsEvent::SyncFile { path: p } if p == path)),
         FsEvent::SyncFile { .. } | FsEvent::SyncDir { .. } => true,
     }
 }
@@ -97,11 +100,15 @@ fn written(trace: &[FsEvent], from: &Path, before: usize) -> Option<Node> {
 
 /// Cut `trace` before every op, in `variants` ways each, and hand each
 /// resulting set of names to `f` (the cut point, then the names).
+/// With `vfat`, a rename that landed leaves an empty file at its target
+/// until the target is fsynced again (Linux's vfat writes the new entry
+/// with size 0 and fills it in at inode writeback).
 pub fn each_cut(
     trace: &[FsEvent],
     initial: &BTreeMap<PathBuf, Node>,
     variants: usize,
     seed: u64,
+    vfat: bool,
     mut f: impl FnMut(usize, usize, &BTreeMap<PathBuf, Node>),
 ) {
     let mut rng = seed | 1;
@@ -114,7 +121,7 @@ pub fn each_cut(
     for k in 0..=trace.len() {
         let pending: Vec<usize> = (0..k).filter(|&i| !durable(trace, i, k)).collect();
         for variant in 0..variants {
-            let names = replay(trace, initial, k, &pending, variant, &mut next);
+            let names = replay(trace, initial, k, &pending, variant, vfat, &mut next);
             f(k, variant, &names);
         }
     }
@@ -126,6 +133,7 @@ fn replay(
     k: usize,
     pending: &[usize],
     variant: usize,
+    vfat: bool,
     next: &mut impl FnMut() -> u64,
 ) -> BTreeMap<PathBuf, Node> {
     let landed = |i: usize, r: u64| -> Landed {
@@ -165,6 +173,14 @@ fn replay(
             FsEvent::Rename { from, to } => {
                 if l != Landed::No {
                     if let Some(n) = names.remove(from) {
+                        let settled = trace[i + 1..k]
+                            .iter()
+                            .any(|e| matches!(e, FsEvent::SyncFile { path } if path == to));
+                        let n = if vfat && !settled {
+                            Node::File(Vec::new())
+                        } else {
+                            n
+                        };
                         names.insert(to.clone(), n);
                     }
                 }
@@ -173,6 +189,25 @@ fn replay(
                 if l != Landed::No {
                     names.remove(path);
                 }
+            }
+            FsEvent::Overwrite { path, data } => {
+                let old = match names.get(path) {
+                    Some(Node::File(b)) => b.clone(),
+                    _ => Vec::new(),
+                };
+                let bytes = match l {
+                    Landed::No => old,
+                    // Sector by sector: the first new, the rest old.
+                    Landed::Torn => {
+                        let mut b = old;
+                        b.resize(data.len(), 0);
+                        let n = data.len().min(512);
+                        b[..n].copy_from_slice(&data[..n]);
+                        b
+                    }
+                    Landed::Yes => data.clone(),
+                };
+                names.insert(path.clone(), Node::File(bytes));
             }
             FsEvent::SyncFile { .. } | FsEvent::SyncDir { .. } => {}
         }
@@ -237,7 +272,7 @@ pub fn esp_check(
         unbootable: 0,
         failures: Vec::new(),
     };
-    each_cut(trace, initial, variants, seed, |k, variant, names| {
+    each_cut(trace, initial, variants, seed, true, |k, variant, names| {
         r.points += 1;
         let fs = MapEsp { root, names };
         let complete = |c: nimbus::esp::Copy| -> bool {
@@ -303,54 +338,61 @@ pub fn check(
         files: targets.len(),
         failures: Vec::new(),
     };
-    each_cut(trace, initial, variants, seed, |k, variant, names| {
-        report.points += 1;
-        let mut bad = Vec::new();
-        for t in &targets {
-            // Allowed: the value after the last durable rename into t
-            // (or the initial one), or any later complete value.
-            let renames: Vec<usize> = (0..k)
-                .filter(|&i| matches!(&trace[i], FsEvent::Rename { to, .. } if to == *t))
-                .collect();
-            let last_durable = renames.iter().rev().find(|&&i| durable(trace, i, k));
-            let mut allowed: Vec<Option<Node>> = Vec::new();
-            let value_of = |i: usize| match &trace[i] {
-                FsEvent::Rename { from, .. } => written(trace, from, i),
-                _ => None,
-            };
-            match last_durable {
-                Some(&i) => allowed.push(value_of(i)),
-                None => allowed.push(initial.get(*t).cloned()),
+    each_cut(
+        trace,
+        initial,
+        variants,
+        seed,
+        false,
+        |k, variant, names| {
+            report.points += 1;
+            let mut bad = Vec::new();
+            for t in &targets {
+                // Allowed: the value after the last durable rename into t
+                // (or the initial one), or any later complete value.
+                let renames: Vec<usize> = (0..k)
+                    .filter(|&i| matches!(&trace[i], FsEvent::Rename { to, .. } if to == *t))
+                    .collect();
+                let last_durable = renames.iter().rev().find(|&&i| durable(trace, i, k));
+                let mut allowed: Vec<Option<Node>> = Vec::new();
+                let value_of = |i: usize| match &trace[i] {
+                    FsEvent::Rename { from, .. } => written(trace, from, i),
+                    _ => None,
+                };
+                match last_durable {
+                    Some(&i) => allowed.push(value_of(i)),
+                    None => allowed.push(initial.get(*t).cloned()),
+                }
+                for &i in renames
+                    .iter()
+                    .filter(|&&i| last_durable.is_none_or(|&d| i > d))
+                {
+                    allowed.push(value_of(i));
+                }
+                let got = names.get(*t).cloned();
+                if !allowed.contains(&got) {
+                    bad.push(format!(
+                        "{}: {}",
+                        t.display(),
+                        match &got {
+                            None => "missing".to_string(),
+                            Some(Node::File(b)) => format!("{} bytes, no whole version", b.len()),
+                            Some(Node::Link(l)) => format!("link to {}", l.display()),
+                        }
+                    ));
+                }
             }
-            for &i in renames
-                .iter()
-                .filter(|&&i| last_durable.is_none_or(|&d| i > d))
-            {
-                allowed.push(value_of(i));
+            if !bad.is_empty() {
+                report.mixed += 1;
+                if report.failures.len() < 10 {
+                    report.failures.push(format!(
+                        "cut before op {k} variant {variant}: {}",
+                        bad.join("; ")
+                    ));
+                }
             }
-            let got = names.get(*t).cloned();
-            if !allowed.contains(&got) {
-                bad.push(format!(
-                    "{}: {}",
-                    t.display(),
-                    match &got {
-                        None => "missing".to_string(),
-                        Some(Node::File(b)) => format!("{} bytes, no whole version", b.len()),
-                        Some(Node::Link(l)) => format!("link to {}", l.display()),
-                    }
-                ));
-            }
-        }
-        if !bad.is_empty() {
-            report.mixed += 1;
-            if report.failures.len() < 10 {
-                report.failures.push(format!(
-                    "cut before op {k} variant {variant}: {}",
-                    bad.join("; ")
-                ));
-            }
-        }
-    });
+        },
+    );
     report
 }
 
