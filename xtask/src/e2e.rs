@@ -21,7 +21,8 @@
 //!
 //! Stage 1 updates itself: 1.3.0's stage 1 differs (it carries set 2), so
 //! update-engine installs it into the ESP's copy b; GRUB tries it once, it
-//! boots 1.3.0, mark-good makes it the default. 1.4.0 is released with a
+//! boots 1.3.0, mark-good makes it the default. 1.4.0 is released (on
+//! stable, which cloud-config's user-data sets again at each boot) with a
 //! stage 1 that cannot start (an initramfs without /init: the kernel
 //! panics and, with panic=-1, resets): GRUB's one try of copy a fails, it
 //! goes back to copy b, which boots 1.4.0; `updatectl status` reports the
@@ -575,8 +576,11 @@ fn story(work: &Path, log: &Path) -> anyhow::Result<()> {
         "USR-B (key 1) made bootable by hand is refused by stage 1 (trust set 3); 1.3.0 boots",
     );
 
-    // 5: a stage 1 that cannot start.
-    publish(&n4, "beta", &[&key2], None)?;
+    // 5: a stage 1 that cannot start. The guest follows stable again:
+    // cloud-config applies its user-data's `coreos.update.group` at every
+    // boot, as CoreOS did. Stable's manifest, signed by key 1 until now,
+    // is signed again by key 2 with 1.4.0 added.
+    publish(&n4, "stable", &[&key2], None)?;
     let mut s1_fails = vec![
         r"Nimbus: BIOS boot, stage 1 copy a from ESP".to_string(),
         r"Kernel panic - not syncing".into(),
