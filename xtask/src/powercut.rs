@@ -857,22 +857,12 @@ pub fn run(points: usize) -> anyhow::Result<ExitCode> {
     let esp_trace = nimbus::durable::trace_take();
     installed?;
     let whole = [(k1, i1), (k2, i2)];
-    let loaders: [(&str, Vec<Vec<u8>>); 0] = [];
-    let r = crate::powercut_fs::esp_check(
-        &esp_trace,
-        &esp_before,
-        &esp_root,
-        &whole,
-        &loaders,
-        6,
-        0x5eed,
-    );
+    let r = crate::powercut_fs::esp_check(&esp_trace, &esp_before, &esp_root, &whole, 6, 0x5eed);
     let m = crate::powercut_fs::esp_check(
         &crate::powercut_fs::without_file_syncs(&esp_trace),
         &esp_before,
         &esp_root,
         &whole,
-        &loaders,
         6,
         0x5eed,
     );
