@@ -10,16 +10,21 @@
 //!   signed channel manifest.
 //! - [`trust`]: the trust set file and its rotation chain.
 //! - [`durable`]: crash-safe file replacement.
+//! - [`verity`], [`delta`]: the dm-verity tree and the delta index built on it.
+//! - [`repo`]: paths inside a release repository.
 
 pub mod boot;
+pub mod delta;
 pub mod durable;
 pub mod esp;
 pub mod gpt;
 pub mod keys;
 pub mod layout;
 pub mod release;
+pub mod repo;
 pub mod slots;
 pub mod trust;
 pub mod updateconf;
+pub mod verity;
 
 pub use semver::Version;

@@ -447,6 +447,17 @@ pub struct Release {
     /// ESP's other copy with the slot (docs/boot.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stage1: Option<Box<Stage1Files>>,
+    /// The delta index and frame pack (`nimbus::delta`): a host fetches
+    /// only the frames its slots do not already hold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta: Option<Box<DeltaFiles>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeltaFiles {
+    pub index: FileRef,
+    pub pack: FileRef,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -588,23 +599,30 @@ impl Manifest {
             if !plain_relative(p) {
                 return bad(format!("release {v}: payload path {p:?} must be a plain relative path inside the repository"));
             }
+            let mut files: Vec<(&str, &FileRef, u64)> = Vec::new();
             if let Some(s1) = &r.stage1 {
-                for (name, f) in [("kernel", &s1.kernel), ("initramfs", &s1.initramfs)] {
-                    if !plain_relative(&f.path) {
-                        return bad(format!("release {v}: stage1 {name} path {:?} must be a plain relative path inside the repository", f.path));
-                    }
-                    if !is_hex64(&f.sha256) {
-                        return bad(format!(
-                            "release {v}: stage1 {name} sha256 is not 64 lowercase hex digits"
-                        ));
-                    }
-                    if f.size == 0 || f.size > MAX_STAGE1_FILE {
-                        return bad(format!(
-                            "release {v}: stage1 {name} size {} is not between 1 byte and {} MiB",
-                            f.size,
-                            MAX_STAGE1_FILE >> 20
-                        ));
-                    }
+                files.push(("stage1 kernel", &s1.kernel, MAX_STAGE1_FILE));
+                files.push(("stage1 initramfs", &s1.initramfs, MAX_STAGE1_FILE));
+            }
+            if let Some(d) = &r.delta {
+                files.push(("delta index", &d.index, crate::delta::MAX_INDEX_BYTES));
+                files.push(("delta pack", &d.pack, r.raw_size.saturating_mul(2)));
+            }
+            for (name, f, max) in files {
+                if !plain_relative(&f.path) {
+                    return bad(format!("release {v}: {name} path {:?} must be a plain relative path inside the repository", f.path));
+                }
+                if !is_hex64(&f.sha256) {
+                    return bad(format!(
+                        "release {v}: {name} sha256 is not 64 lowercase hex digits"
+                    ));
+                }
+                if f.size == 0 || f.size > max {
+                    return bad(format!(
+                        "release {v}: {name} size {} is not between 1 byte and {} MiB",
+                        f.size,
+                        max >> 20
+                    ));
                 }
             }
             for (name, h) in [
@@ -915,6 +933,7 @@ mod tests {
                 verity_root: "c".repeat(64),
                 rollout: None,
                 stage1: None,
+                delta: None,
             }],
         }
     }

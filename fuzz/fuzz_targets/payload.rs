@@ -60,6 +60,7 @@ fuzz_target!(|data: &[u8]| {
         verity_root: "0".repeat(64),
         rollout: None,
         stage1: None,
+        delta: None,
     };
     let slot = SlotDevice::with_io(
         Box::new(Mem(Mutex::new(vec![0u8; SLOT as usize]))),

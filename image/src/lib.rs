@@ -8,13 +8,14 @@ use std::process::Command;
 
 pub mod bios;
 pub mod cpio;
+pub mod delta;
 pub mod esp;
 pub mod pipeline;
 pub mod release;
 pub mod rootfs;
 pub mod slice;
 pub mod usr;
-pub mod verity;
+pub use nimbus::verity;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {

@@ -67,16 +67,10 @@ fn io_at(p: &Path) -> impl FnOnce(std::io::Error) -> ImageError + '_ {
 }
 
 pub fn manifest_path(repo: &Path, channel: &str) -> PathBuf {
-    repo.join("channels").join(format!("{channel}.json"))
+    repo.join(nimbus::repo::manifest_rel(channel))
 }
 
-pub fn payload_rel(version: &Version) -> String {
-    format!("payloads/{version}/usr.img.zst")
-}
-
-pub fn stage1_rel(version: &Version, name: &str) -> String {
-    format!("payloads/{version}/stage1/{name}")
-}
+pub use nimbus::repo::{payload_rel, stage1_rel};
 
 /// The build's stage 1 (`<from>/stage1/`), if it has one, as the manifest
 /// will list it.
@@ -100,6 +94,25 @@ fn stage1_of(
         kernel: file(nimbus::esp::KERNEL)?,
         initramfs: file(nimbus::esp::INITRAMFS)?,
     }))
+}
+
+const INDEX_FILE: &str = "usr.index";
+const PACK_FILE: &str = "usr.pack";
+
+/// Make the build's delta files (`<from>/usr.index`, `<from>/usr.pack`)
+/// from its payload.
+fn delta_of(from: &Path, bj: &BuildJson) -> Result<nimbus::release::DeltaFiles, ImageError> {
+    let (index, pack) = crate::delta::write(
+        &from.join("usr.img.zst"),
+        bj.payload.raw_size,
+        &from.join(INDEX_FILE),
+        &from.join(PACK_FILE),
+        (
+            &nimbus::repo::index_rel(&bj.version),
+            &nimbus::repo::pack_rel(&bj.version),
+        ),
+    )?;
+    Ok(nimbus::release::DeltaFiles { index, pack })
 }
 
 /// Copy `src` to `repo/rel` (fsync, rename, directory fsync), or leave an
@@ -267,13 +280,18 @@ pub fn publish(o: &PublishOptions<'_>) -> Result<Manifest, ImageError> {
             paused: false,
         }),
         stage1: stage1_of(o.from, &bj.version)?.map(Box::new),
+        delta: Some(Box::new(delta_of(o.from, &bj)?)),
     };
     let mut releases: Vec<Release> = previous
         .as_ref()
         .map(|m| m.releases.clone())
         .unwrap_or_default();
     if let Some(old) = releases.iter().find(|r| r.version == release.version) {
-        if old.compressed_sha256 != release.compressed_sha256 || old.stage1 != release.stage1 {
+        let delta_differs = old.delta.is_some() && old.delta != release.delta;
+        if old.compressed_sha256 != release.compressed_sha256
+            || old.stage1 != release.stage1
+            || delta_differs
+        {
             return Err(ImageError::Invalid(format!(
                 "channel {} already offers {} with payload sha256 {}; a published version is immutable, \
                  build a new version instead",
@@ -309,6 +327,16 @@ pub fn publish(o: &PublishOptions<'_>) -> Result<Manifest, ImageError> {
     // Payload (and stage 1) first: a manifest must never name a file that
     // is not there.
     place_immutable(&payload, o.repo, &payload_rel(&bj.version), &sha)?;
+    if let Some(d) = manifest
+        .releases
+        .iter()
+        .find(|r| r.version == bj.version)
+        .and_then(|r| r.delta.as_ref())
+    {
+        for (name, f) in [(PACK_FILE, &d.pack), (INDEX_FILE, &d.index)] {
+            place_immutable(&o.from.join(name), o.repo, &f.path, &f.sha256)?;
+        }
+    }
     if let Some(s1) = manifest
         .releases
         .iter()
@@ -357,8 +385,8 @@ mod tests {
     use super::*;
     use nimbus::trust::TrustDoc;
 
-    /// A build directory with a small stand-in payload: publish only reads
-    /// build.json and hashes the payload.
+    /// A build directory with a small real payload (a sealed 32 KiB data
+    /// area): publish reads build.json and makes the delta files from it.
     fn fake_build(dir: &Path, version: &str, key: &ReleaseKey) {
         std::fs::create_dir_all(dir).unwrap();
         std::fs::write(
@@ -366,18 +394,15 @@ mod tests {
             TrustDoc::initial([key.public()], 1).to_bytes(),
         )
         .unwrap();
-        let payload = format!("payload of {version}");
-        std::fs::write(dir.join("usr.img.zst"), &payload).unwrap();
-        let sha = crate::sha256_file(&dir.join("usr.img.zst")).unwrap();
+        let fs = dir.join("usr.fs");
+        std::fs::write(&fs, format!("data of {version}").repeat(2000)).unwrap();
+        let v: Version = version.parse().unwrap();
+        let slot = crate::usr::seal(&fs, &v, 0, 1 << 20, &[key]).unwrap();
+        let info = slot.write_payload(&dir.join("usr.img.zst"), 3).unwrap();
         let bj = serde_json::json!({
             "version": version,
-            "verity_root": "ab".repeat(32),
-            "payload": {
-                "compressed_size": payload.len(),
-                "compressed_sha256": sha,
-                "raw_size": 4096,
-                "raw_sha256": "cd".repeat(32),
-            }
+            "verity_root": hex::encode(slot.fields.verity_root),
+            "payload": info,
         });
         std::fs::write(dir.join("build.json"), bj.to_string()).unwrap();
     }

@@ -139,6 +139,7 @@ mod tests {
             verity_root: "0".repeat(64),
             rollout,
             stage1: None,
+            delta: None,
         }
     }
 

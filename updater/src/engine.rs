@@ -1065,6 +1065,10 @@ impl Engine {
         let mut disk = self.host.storage.gpt(true)?;
         disk.check_nimbus_layout()?;
         let part = disk.partition(passive)?;
+        let booted_part = {
+            let b = disk.partition(self.host.booted)?;
+            (b.offset_bytes(), b.size_bytes())
+        };
         if r.raw_size > part.size_bytes() {
             return Err(UpdateError::TooLargeForSlot {
                 version: r.version.to_string(),
@@ -1096,59 +1100,38 @@ impl Engine {
             .host
             .storage
             .slot(passive, part.offset_bytes(), part.size_bytes())?;
-        let shared = self.shared.clone();
-        let progress = move |p: crate::status::Progress| shared.update(|s| s.progress = Some(p));
-        let persisted = Mutex::new(self.persisted.clone());
-        let result = {
-            let store = &self.store;
-            let checkpoint = |cp: &crate::state::Checkpoint| {
-                let mut p = match persisted.lock() {
-                    Ok(p) => p,
-                    Err(e) => e.into_inner(),
-                };
-                p.checkpoint = Some(cp.clone());
-                store.save(&p)
-            };
-            let job = apply::Job {
-                http: &self.http,
-                url: url.to_string(),
-                file,
-                release: r,
-                slot: &slot,
-                resume,
-                write_bps: self.cfg.write_bps,
-                io_idle: self.cfg.io_idle,
-                cancel: &self.shared.cancel,
-                progress: &progress,
-                checkpoint: &checkpoint,
-            };
-            apply::run(&job)
-        };
-        // Keep the checkpoints written during the attempt even when it
-        // failed: the daemon's next attempt resumes from them, and a later
-        // save of the state must not drop them.
-        self.persisted = match persisted.into_inner() {
-            Ok(p) => p,
-            Err(e) => e.into_inner(),
-        };
-        let out = result?;
-        tracing::info!(
-            downloaded = out.downloaded,
-            resumed_from = out.resumed_from,
-            direct_io = out.direct_io,
-            "payload {} written to partition {passive} ({})",
-            r.version,
-            out.io_limit
-        );
-
-        let report = crate::status::ApplyReport {
-            version: r.version.to_string(),
-            written: out.written,
-            downloaded: out.downloaded,
-            resumed_from: out.resumed_from,
-            seconds: (out.seconds * 1000.0).round() / 1000.0,
-            io_limit: out.io_limit.clone(),
-            direct_io: out.direct_io,
+        let mut delta_fallback = None;
+        let mut delta_report = None;
+        if let (Some(df), None) = (&r.delta, file) {
+            // Blocks of the target already in the passive slot: a delta or
+            // a full install of this release that was interrupted.
+            let written = self.written_blocks(r, passive, resume.as_ref(), invalid_now);
+            // What the full payload still needs: all of it, or the rest
+            // after its checkpoint.
+            let full_left = r.compressed_size - resume.as_ref().map_or(0, |c| c.comp_offset);
+            match self.install_delta(r, df, &slot, &booted_part, written, full_left) {
+                Ok(Ok(rep)) => delta_report = Some(rep),
+                Ok(Err(why)) => {
+                    tracing::info!("{}: full payload: {why}", r.version);
+                    delta_fallback = Some(why);
+                }
+                Err(e) if delta_falls_back(&e) => {
+                    tracing::warn!(
+                        "{}: delta failed ({e}); applying the full payload",
+                        r.version
+                    );
+                    delta_fallback = Some(e.to_string());
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let report = match delta_report {
+            Some(rep) => rep,
+            None => {
+                let mut rep = self.install_full(r, url, file, &slot, resume)?;
+                rep.delta_fallback = delta_fallback;
+                rep
+            }
         };
         self.shared.update(|s| s.last_apply = Some(report));
         self.set_state(State::Verifying);
@@ -1203,6 +1186,7 @@ impl Engine {
         let mut disk = self.host.storage.gpt(true)?;
         disk.update_slots(|t| slots::prioritize(t, passive))?;
         self.persisted.checkpoint = None;
+        self.persisted.delta_checkpoint = None;
         self.persisted.rollback = None;
         self.persisted.state_reset = None;
         if self.persisted.allow_downgrade.as_deref() == Some(self.cfg.group.as_str()) {
@@ -1223,6 +1207,240 @@ impl Engine {
             });
         });
         Ok(())
+    }
+
+    /// The full payload, streamed (`apply`), resuming from `resume`.
+    fn install_full(
+        &mut self,
+        r: &Release,
+        url: &str,
+        file: Option<&Path>,
+        slot: &SlotDevice,
+        resume: Option<crate::state::Checkpoint>,
+    ) -> Result<crate::status::ApplyReport, UpdateError> {
+        let shared = self.shared.clone();
+        let progress = move |p: crate::status::Progress| shared.update(|s| s.progress = Some(p));
+        let persisted = Mutex::new(self.persisted.clone());
+        let result = {
+            let store = &self.store;
+            let checkpoint = |cp: &crate::state::Checkpoint| {
+                let mut p = match persisted.lock() {
+                    Ok(p) => p,
+                    Err(e) => e.into_inner(),
+                };
+                p.checkpoint = Some(cp.clone());
+                store.save(&p)
+            };
+            let job = apply::Job {
+                http: &self.http,
+                url: url.to_string(),
+                file,
+                release: r,
+                slot,
+                resume,
+                write_bps: self.cfg.write_bps,
+                io_idle: self.cfg.io_idle,
+                cancel: &self.shared.cancel,
+                progress: &progress,
+                checkpoint: &checkpoint,
+            };
+            apply::run(&job)
+        };
+        // Keep the checkpoints written during the attempt even when it
+        // failed: the daemon's next attempt resumes from them, and a later
+        // save of the state must not drop them.
+        self.persisted = match persisted.into_inner() {
+            Ok(p) => p,
+            Err(e) => e.into_inner(),
+        };
+        let out = result?;
+        tracing::info!(
+            downloaded = out.downloaded,
+            resumed_from = out.resumed_from,
+            direct_io = out.direct_io,
+            "payload {} written to partition {} ({})",
+            r.version,
+            slot.partition,
+            out.io_limit
+        );
+        Ok(crate::status::ApplyReport {
+            version: r.version.to_string(),
+            written: out.written,
+            downloaded: out.downloaded,
+            resumed_from: out.resumed_from,
+            seconds: (out.seconds * 1000.0).round() / 1000.0,
+            io_limit: out.io_limit.clone(),
+            direct_io: out.direct_io,
+            mode: "full".into(),
+            delta: None,
+            delta_fallback: None,
+        })
+    }
+
+    /// Data blocks of `r` known to be in the passive slot already: from a
+    /// delta or full checkpoint of the same release, while the slot has
+    /// stayed invalid since.
+    fn written_blocks(
+        &self,
+        r: &Release,
+        passive: u32,
+        full: Option<&crate::state::Checkpoint>,
+        invalid_now: bool,
+    ) -> u64 {
+        if !invalid_now {
+            return 0;
+        }
+        let from_delta = self
+            .persisted
+            .delta_checkpoint
+            .as_ref()
+            .filter(|c| {
+                c.version == r.version.to_string()
+                    && c.raw_sha256 == r.raw_sha256
+                    && c.partition == passive
+            })
+            .map_or(0, |c| c.blocks);
+        let from_full = full
+            .filter(|c| c.version == r.version.to_string() && c.partition == passive)
+            .map_or(0, |c| c.raw_offset / nimbus::delta::BLOCK as u64);
+        from_delta.max(from_full)
+    }
+
+    /// Rebuild the passive slot from local blocks and fetched frames.
+    /// `Ok(Err(why))`: a delta is not worth it here; nothing was written.
+    fn install_delta(
+        &mut self,
+        r: &Release,
+        df: &nimbus::release::DeltaFiles,
+        slot: &SlotDevice,
+        booted_part: &(u64, u64),
+        written: u64,
+        full_left: u64,
+    ) -> Result<Result<crate::status::ApplyReport, String>, UpdateError> {
+        let server = self.cfg.server.clone().ok_or(UpdateError::Disabled)?;
+        let index_url = format!("{server}/{}", df.index.path);
+        let pack_url = format!("{server}/{}", df.pack.path);
+        let t0 = std::time::Instant::now();
+        self.set_state(State::Downloading);
+        let bytes = self.fetch_file(&df.index)?;
+        let index = nimbus::delta::Index::parse(&bytes).map_err(|e| UpdateError::DeltaIndex {
+            url: index_url.clone(),
+            reason: e.to_string(),
+        })?;
+        if index.pack_size() != df.pack.size {
+            return Err(UpdateError::DeltaIndex {
+                url: index_url,
+                reason: format!(
+                    "its frames add up to {} bytes, the manifest lists a pack of {}",
+                    index.pack_size(),
+                    df.pack.size
+                ),
+            });
+        }
+        let booted = crate::delta::open_booted(
+            &self.host.disk,
+            booted_part.0,
+            booted_part.1,
+            self.host.host_mode,
+        )?;
+        let (booted_map, how) = crate::delta::booted_hashes(&booted, &index.fields.verity_salt)?;
+        let passive_map = crate::delta::passive_sources(&index, &booted_map, slot, written)?;
+        let plan = crate::delta::plan(&index, &booted_map, &passive_map);
+        let share = (plan.fetch_bytes + bytes.len() as u64) as f64 / r.compressed_size as f64;
+        tracing::info!(
+            "{}: delta plan: {} blocks from the booted slot (found by {how}), {} from the passive slot, {} frames ({} bytes, {:.1} % of the full payload) in {} request(s)",
+            r.version,
+            plan.booted_blocks,
+            plan.passive_blocks,
+            plan.frames.len(),
+            plan.fetch_bytes,
+            share * 100.0,
+            plan.ranges.len()
+        );
+        if share > crate::delta::MAX_SHARE {
+            return Ok(Err(format!(
+                "the delta would fetch {:.0} % of the full payload (more than {:.0} %)",
+                share * 100.0,
+                crate::delta::MAX_SHARE * 100.0
+            )));
+        }
+        if plan.fetch_bytes + bytes.len() as u64 >= full_left {
+            return Ok(Err(format!(
+                "resuming the full payload fetches less ({full_left} bytes left, the delta needs {})",
+                plan.fetch_bytes + bytes.len() as u64
+            )));
+        }
+        let shared = self.shared.clone();
+        let progress = move |p: crate::status::Progress| shared.update(|s| s.progress = Some(p));
+        let persisted = Mutex::new(self.persisted.clone());
+        let result = {
+            let store = &self.store;
+            let checkpoint = |blocks: u64| {
+                let mut p = match persisted.lock() {
+                    Ok(p) => p,
+                    Err(e) => e.into_inner(),
+                };
+                p.delta_checkpoint = Some(crate::state::DeltaCheckpoint {
+                    version: r.version.to_string(),
+                    raw_sha256: r.raw_sha256.clone(),
+                    partition: slot.partition,
+                    blocks,
+                });
+                store.save(&p)
+            };
+            crate::delta::run(&crate::delta::Job {
+                http: &self.http,
+                pack_url,
+                index: &index,
+                plan: &plan,
+                release: r,
+                slot,
+                booted: &booted,
+                write_bps: self.cfg.write_bps,
+                io_idle: self.cfg.io_idle,
+                cancel: &self.shared.cancel,
+                progress: &progress,
+                checkpoint: &checkpoint,
+            })
+        };
+        self.persisted = match persisted.into_inner() {
+            Ok(p) => p,
+            Err(e) => e.into_inner(),
+        };
+        let out = result?;
+        tracing::info!(
+            fetched = out.fetched,
+            requests = out.requests,
+            "delta {} written to partition {} ({})",
+            r.version,
+            slot.partition,
+            out.io_limit
+        );
+        Ok(Ok(crate::status::ApplyReport {
+            version: r.version.to_string(),
+            written: out.written,
+            downloaded: out.fetched + bytes.len() as u64,
+            resumed_from: 0,
+            seconds: (t0.elapsed().as_secs_f64() * 1000.0).round() / 1000.0,
+            io_limit: out.io_limit,
+            direct_io: slot.direct,
+            mode: "delta".into(),
+            delta: Some(crate::status::DeltaReport {
+                blocks: index.data_blocks(),
+                from_booted: plan.booted_blocks,
+                from_passive: plan.passive_blocks,
+                fetched_frames: plan.frames.len() as u64,
+                fetched_bytes: out.fetched,
+                index_bytes: bytes.len() as u64,
+                requests: out.requests + 1,
+                percent_of_full: ((out.fetched + bytes.len() as u64) as f64 * 1000.0
+                    / r.compressed_size as f64)
+                    .round()
+                    / 10.0,
+                booted_hashes: how.to_string(),
+            }),
+            delta_fallback: None,
+        }))
     }
 
     /// Switch channels: GROUP is edited atomically only when the new
@@ -1507,6 +1725,20 @@ fn load_trust(host: &Host) -> Result<TrustView, UpdateError> {
         chain_error,
         esp_version: esp_max.map(|v| v.min(reached)),
     })
+}
+
+/// Delta failures that the full payload may not share: the server, the
+/// pack or the index. A cancel, or a slot that cannot be written, stops the
+/// install instead.
+fn delta_falls_back(e: &UpdateError) -> bool {
+    !matches!(
+        e,
+        UpdateError::Cancelled
+            | UpdateError::Io { .. }
+            | UpdateError::Gpt(_)
+            | UpdateError::WriterStopped
+            | UpdateError::Disabled
+    )
 }
 
 fn poisons_checkpoint(e: &UpdateError) -> bool {

@@ -28,6 +28,25 @@ pub enum UpdateError {
     PayloadMissing { url: String },
     #[error("GET {url}: {reason}")]
     Network { url: String, reason: String },
+    #[error(
+        "GET {url}: the server ignored the Range request (HTTP 200); a delta needs byte ranges"
+    )]
+    RangeIgnored { url: String },
+    #[error("GET {url}: asked for bytes {start}-{end}, {got}")]
+    RangeMismatch {
+        url: String,
+        start: u64,
+        end: u64,
+        got: String,
+    },
+    #[error("delta index {url}: {reason}")]
+    DeltaIndex { url: String, reason: String },
+    #[error("delta pack {url}: frame {frame} {reason}")]
+    DeltaFrame {
+        url: String,
+        frame: usize,
+        reason: String,
+    },
     #[error("GET {url}: response is larger than the {limit}-byte limit")]
     ResponseTooLarge { url: String, limit: usize },
     #[error("manifest {url}: {source}")]
@@ -126,6 +145,10 @@ impl UpdateError {
             SignatureMissing { .. } => "signature-missing",
             PayloadMissing { .. } => "payload-missing",
             Network { .. } => "network",
+            RangeIgnored { .. } => "range-ignored",
+            RangeMismatch { .. } => "range-mismatch",
+            DeltaIndex { .. } => "delta-index",
+            DeltaFrame { .. } => "delta-frame",
             ResponseTooLarge { .. } => "response-too-large",
             Manifest { source, .. } => manifest_kind(source),
             Trust { source, .. } => trust_kind(source),
@@ -162,6 +185,7 @@ impl UpdateError {
             | Http { .. }
             | UnknownChannel { .. }
             | PayloadMissing { .. }
+            | RangeIgnored { .. }
             | Network { .. } => 3,
             SignatureMissing { .. }
             | ResponseTooLarge { .. }
@@ -174,6 +198,9 @@ impl UpdateError {
             | CompressedHash { .. }
             | RawHash { .. }
             | Decode { .. }
+            | RangeMismatch { .. }
+            | DeltaIndex { .. }
+            | DeltaFrame { .. }
             | Descriptor { .. } => 4,
             TooLargeForSlot { .. }
             | Gpt(_)

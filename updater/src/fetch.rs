@@ -203,7 +203,97 @@ impl Http {
     }
 }
 
+impl Http {
+    /// GET pack bytes `[start, end)`: the server must answer 206 with
+    /// exactly that range. A 200 (Range ignored) is its own error so the
+    /// caller can fall back to the full payload.
+    pub fn get_range(&self, url: &str, start: u64, end: u64) -> Result<Body, UpdateError> {
+        let last = end.saturating_sub(1);
+        let resp = self
+            .client
+            .get(url)
+            .header(reqwest::header::RANGE, format!("bytes={start}-{last}"))
+            .send()
+            .map_err(|e| classify(url, &e, self.read_timeout))?;
+        let status = resp.status();
+        if status == reqwest::StatusCode::OK {
+            return Err(UpdateError::RangeIgnored {
+                url: url.to_string(),
+            });
+        }
+        if status == reqwest::StatusCode::NOT_FOUND {
+            return Err(UpdateError::PayloadMissing {
+                url: url.to_string(),
+            });
+        }
+        if status != reqwest::StatusCode::PARTIAL_CONTENT {
+            return Err(UpdateError::Http {
+                url: url.to_string(),
+                status: status.as_u16(),
+            });
+        }
+        let cr = resp
+            .headers()
+            .get(reqwest::header::CONTENT_RANGE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let range = cr
+            .strip_prefix("bytes ")
+            .and_then(|r| r.split('/').next())
+            .and_then(|r| r.split_once('-'))
+            .and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?)));
+        if range != Some((start, last)) {
+            return Err(UpdateError::RangeMismatch {
+                url: url.to_string(),
+                start,
+                end: last,
+                got: format!("server sent Content-Range {cr:?}"),
+            });
+        }
+        Ok(Body {
+            url: url.to_string(),
+            resp,
+            start,
+            read_timeout: self.read_timeout,
+        })
+    }
+}
+
 impl Body {
+    /// Exactly `buf.len()` bytes, or a truncation error naming the offset.
+    pub fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), UpdateError> {
+        let mut done = 0;
+        while done < buf.len() {
+            let n = self.read_some(&mut buf[done..])?;
+            if n == 0 {
+                return Err(UpdateError::RangeMismatch {
+                    url: self.url.clone(),
+                    start: self.start,
+                    end: self.start + buf.len() as u64,
+                    got: format!("the body ended {} bytes short", buf.len() - done),
+                });
+            }
+            done += n;
+        }
+        self.start += buf.len() as u64;
+        Ok(())
+    }
+
+    /// The body must end here (a range answer with extra bytes is wrong).
+    pub fn expect_end(&mut self) -> Result<(), UpdateError> {
+        let mut b = [0u8; 1];
+        match self.read_some(&mut b)? {
+            0 => Ok(()),
+            _ => Err(UpdateError::RangeMismatch {
+                url: self.url.clone(),
+                start: self.start,
+                end: self.start,
+                got: "the body is longer than the range".into(),
+            }),
+        }
+    }
+
     /// Read what is there; 0 at the end. Errors say whether the server
     /// stalled or the connection broke.
     pub fn read_some(&mut self, buf: &mut [u8]) -> Result<usize, UpdateError> {

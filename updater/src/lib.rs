@@ -4,13 +4,14 @@
 //!
 //! Pure decisions (`choose`, `config`) are apart from effects: HTTP
 //! (`fetch`), the slot (`target`), cgroups (`iolimit`), persisted state
-//! (`state`). `apply` streams a payload, `engine` ties a check to an
+//! (`state`). `apply` streams a payload, `delta` rebuilds a slot from local blocks and fetched frames, `engine` ties a check to an
 //! install, `api` serves the local socket.
 
 pub mod api;
 pub mod apply;
 pub mod choose;
 pub mod config;
+pub mod delta;
 pub mod engine;
 pub mod error;
 pub mod esp;

@@ -368,6 +368,7 @@ mod tests {
                 paused,
             }),
             stage1: None,
+            delta: None,
         };
         let manifest = |paused| nimbus::release::Manifest {
             schema: 1,

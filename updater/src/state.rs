@@ -24,6 +24,10 @@ pub struct Persisted {
     pub allow_downgrade: Option<String>,
     #[serde(default)]
     pub checkpoint: Option<Checkpoint>,
+    /// How far a delta install got: its first `blocks` data blocks are
+    /// written and synced (valid while the slot stays invalid).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta_checkpoint: Option<DeltaCheckpoint>,
     /// The etcd key of a reboot lock this host took and has not given back
     /// yet. Persisted before rebooting so the next boot releases it once
     /// the new slot is marked good (or the host rolled back).
@@ -113,6 +117,14 @@ pub struct Checkpoint {
     pub raw_offset: u64,
     pub comp_state: SavedState,
     pub raw_state: SavedState,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DeltaCheckpoint {
+    pub version: String,
+    pub raw_sha256: String,
+    pub partition: u32,
+    pub blocks: u64,
 }
 
 pub struct Store {

@@ -160,6 +160,33 @@ pub struct ApplyReport {
     pub seconds: f64,
     pub io_limit: String,
     pub direct_io: bool,
+    /// "delta" or "full".
+    #[serde(default)]
+    pub mode: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta: Option<DeltaReport>,
+    /// Why a delta was not used (too large, the server ignored Range, a bad
+    /// frame...): the full payload was applied instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta_fallback: Option<String>,
+}
+
+/// Where a delta update's blocks came from.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DeltaReport {
+    pub blocks: u64,
+    pub from_booted: u64,
+    pub from_passive: u64,
+    pub fetched_frames: u64,
+    /// Pack bytes fetched (frames and small gaps), and the index.
+    pub fetched_bytes: u64,
+    pub index_bytes: u64,
+    pub requests: u64,
+    /// Of the full payload's compressed size.
+    pub percent_of_full: f64,
+    /// How the booted slot's blocks were found ("its verity tree" or
+    /// "hashing its data").
+    pub booted_hashes: String,
 }
 
 impl Status {

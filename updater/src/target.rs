@@ -214,6 +214,47 @@ impl SlotDevice {
         Ok(b.as_slice().to_vec())
     }
 
+    /// Read bytes of the partition at `off` (not payload-mapped): delta
+    /// sources and the old tree. Unaligned requests bounce through an
+    /// aligned buffer, as O_DIRECT needs.
+    pub fn read_at(&self, buf: &mut [u8], off: u64) -> Result<(), UpdateError> {
+        let end = off.checked_add(buf.len() as u64);
+        if end.is_none_or(|e| e > self.size) {
+            return Err(UpdateError::Refused(format!(
+                "{}: bytes {off}+{} are outside partition {} ({} bytes)",
+                self.path.display(),
+                buf.len(),
+                self.partition,
+                self.size
+            )));
+        }
+        let aligned = buf.as_ptr().align_offset(ALIGN) == 0
+            && buf.len().is_multiple_of(ALIGN)
+            && off.is_multiple_of(ALIGN as u64);
+        if aligned || !self.direct {
+            return self
+                .file
+                .read_exact_at(buf, self.offset + off)
+                .map_err(io_at(&self.path));
+        }
+        let mut bounce = AlignedBuf::new(1 << 20);
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = off + done as u64;
+            let base = pos - pos % ALIGN as u64;
+            let skip = (pos - base) as usize;
+            let want = (buf.len() - done + skip).div_ceil(ALIGN) * ALIGN;
+            let n = want.min(1 << 20).min((self.size - base) as usize);
+            self.file
+                .read_exact_at(&mut bounce.as_mut_slice()[..n], self.offset + base)
+                .map_err(io_at(&self.path))?;
+            let take = (n - skip).min(buf.len() - done);
+            buf[done..done + take].copy_from_slice(&bounce.as_slice()[skip..skip + take]);
+            done += take;
+        }
+        Ok(())
+    }
+
     pub fn sync(&self) -> Result<(), UpdateError> {
         self.file.sync_data().map_err(io_at(&self.path))
     }

@@ -17,6 +17,12 @@ fn killed_after_checkpoint() -> (Fixture, nimbus::release::Release, serde_json::
     // 96 MiB raw = three 32 MiB zstd frames, so there are frame boundaries
     // to checkpoint at.
     let f = Fixture::new(96, 160);
+    // The full payload's own resume: a manifest without delta files, as an
+    // older publisher writes (with them, a resume may go by delta instead:
+    // updater/tests/delta.rs).
+    f.resign(&f.key, |m| {
+        m.releases.iter_mut().for_each(|r| r.delta = None)
+    });
     let r = support::release(&f.manifest(), "1.1.0");
     // Slow enough that a checkpoint (first frame end after 2 s) lands well
     // before the end.

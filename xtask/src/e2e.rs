@@ -440,11 +440,15 @@ fn story(work: &Path, log: &Path) -> anyhow::Result<()> {
     if json["rollback"]["failed_version"] != "1.2.0" || json["rollback"]["failed_slot"] != "USR-A" {
         bail!("updatectl status --json: {json}");
     }
-    let payload_gets = |v: &str| -> Vec<u64> {
+    // Every GET of a version's payload or pack (the guest updates by
+    // delta: Range requests for the frames it lacks).
+    let payload_gets = |v: &str| -> Vec<httpd::Logged> {
         srv.requests()
-            .iter()
-            .filter(|l| l.path.ends_with(&format!("payloads/{v}/usr.img.zst")))
-            .map(|l| l.body_bytes)
+            .into_iter()
+            .filter(|l| {
+                l.path.ends_with(&format!("payloads/{v}/usr.img.zst"))
+                    || l.path.ends_with(&format!("payloads/{v}/usr.pack"))
+            })
             .collect()
     };
     let gets_12 = payload_gets("1.2.0").len();
@@ -609,16 +613,37 @@ fn story(work: &Path, log: &Path) -> anyhow::Result<()> {
     if payload_gets("1.2.0").len() != gets_12 {
         bail!("the guest downloaded 1.2.0 again after rolling it back");
     }
+    // Each version came by delta: only bounded Range requests for pack
+    // frames, never the full payload, and a fraction of its size.
+    let mut shares = Vec::new();
     for v in ["1.1.0", "1.2.0", "1.3.0", "1.4.0"] {
         let payload = std::fs::metadata(work.join(format!("repo/payloads/{v}/usr.img.zst")))?;
-        let got: u64 = payload_gets(v).iter().sum();
-        if got < payload.len() {
+        let gets = payload_gets(v);
+        let full = gets
+            .iter()
+            .filter(|l| l.path.ends_with("usr.img.zst"))
+            .count();
+        let ranged = gets
+            .iter()
+            .all(|l| l.status == 206 && l.range_end.is_some());
+        let got: u64 = gets.iter().map(|l| l.body_bytes).sum();
+        if gets.is_empty() || full > 0 || !ranged || got * 2 > payload.len() {
             bail!(
-                "the guest did not download all of {v}: {got} of {} bytes",
+                "{v} did not come by delta: {} request(s), {full} of the full payload, {got} of {} bytes: {gets:?}",
+                gets.len(),
                 payload.len()
             );
         }
+        shares.push(format!(
+            "{v} {:.1} % in {} request(s)",
+            got as f64 * 100.0 / payload.len() as f64,
+            gets.len()
+        ));
     }
+    steps.done(&format!(
+        "every update came by delta (pack bytes fetched, of the full payload): {}",
+        shares.join(", ")
+    ));
     let (a, b) = (cgpt(&disk, 3)?, cgpt(&disk, 4)?);
     // A was invalidated by the rollback, then given 1.3.0: 3/1/0, the boot
     // took its try, mark-good set successful. B, made bootable by hand and

@@ -176,6 +176,30 @@ fn print_status(s: &Status) {
     if let Some(t) = &s.last_check {
         println!("checked:   {}", t.to_rfc3339());
     }
+    if let Some(a) = &s.last_apply {
+        match &a.delta {
+            Some(d) => println!(
+                "applied:   {} by delta: {} fetched in {} request(s) ({:.1} % of the full payload); \
+                 {} of {} blocks from the booted slot, {} from the passive slot",
+                a.version,
+                human(d.fetched_bytes + d.index_bytes),
+                d.requests,
+                d.percent_of_full,
+                d.from_booted,
+                d.blocks,
+                d.from_passive
+            ),
+            None => println!(
+                "applied:   {} from the full payload ({} downloaded){}",
+                a.version,
+                human(a.downloaded),
+                a.delta_fallback
+                    .as_ref()
+                    .map(|w| format!("; no delta: {w}"))
+                    .unwrap_or_default()
+            ),
+        }
+    }
     if let Some(n) = &s.note {
         println!("note:      {n}");
     }

@@ -26,6 +26,9 @@ pub struct Fault {
     pub throttle: Option<u64>,
     /// Answer 200 with the whole file even when a Range was asked.
     pub ignore_range: bool,
+    /// Answer a bounded Range with this many bytes fewer than asked (and
+    /// a Content-Range that says so).
+    pub range_short: Option<u64>,
     /// Send the body one byte at a time, this many ms apart (a server
     /// that never stalls long enough for a read timeout).
     pub trickle_ms: Option<u64>,
@@ -38,6 +41,8 @@ pub struct Logged {
     pub id: u64,
     pub path: String,
     pub range_start: Option<u64>,
+    /// The last byte asked for (inclusive), when the range was bounded.
+    pub range_end: Option<u64>,
     pub status: u16,
     pub body_bytes: u64,
 }
@@ -103,6 +108,7 @@ impl Httpd {
         }
         let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
         let mut range_start = None;
+        let mut range_end = None;
         loop {
             let mut h = String::new();
             if reader.read_line(&mut h).is_err() || h.trim().is_empty() {
@@ -110,11 +116,10 @@ impl Httpd {
             }
             let lower = h.to_ascii_lowercase();
             if let Some(v) = lower.strip_prefix("range:") {
-                range_start = v
-                    .trim()
-                    .strip_prefix("bytes=")
-                    .and_then(|r| r.split('-').next())
-                    .and_then(|s| s.parse::<u64>().ok());
+                let spec = v.trim().strip_prefix("bytes=").unwrap_or("");
+                let mut parts = spec.splitn(2, '-');
+                range_start = parts.next().and_then(|s| s.parse::<u64>().ok());
+                range_end = parts.next().and_then(|s| s.trim().parse::<u64>().ok());
             }
         }
         let fault = self.fault.lock().expect("fault").clone();
@@ -125,6 +130,7 @@ impl Httpd {
             id,
             path: path.clone(),
             range_start,
+            range_end,
             status: 200,
             body_bytes: 0,
         };
@@ -151,18 +157,28 @@ impl Httpd {
                 return;
             }
         };
-        let start = match range_start {
-            Some(s) if !(applies && fault.ignore_range) && (s as usize) < data.len() => s as usize,
-            _ => 0,
+        let ranged = range_start.is_some_and(|s| (s as usize) < data.len())
+            && !(applies && fault.ignore_range);
+        let start = if ranged {
+            range_start.unwrap_or(0) as usize
+        } else {
+            0
         };
-        let body = &data[start..];
-        let head = if start > 0 {
+        let mut end = match range_end {
+            Some(e) if ranged => (e as usize + 1).min(data.len()),
+            _ => data.len(),
+        };
+        if let (true, true, Some(n)) = (ranged, applies, fault.range_short) {
+            end = end.saturating_sub(n as usize).max(start + 1);
+        }
+        let body = &data[start..end];
+        let head = if ranged {
             logged.status = 206;
             format!(
                 "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {}-{}/{}\r\nConnection: close\r\n\r\n",
                 body.len(),
                 start,
-                data.len() - 1,
+                end - 1,
                 data.len()
             )
         } else {

@@ -87,6 +87,24 @@ pub fn build_signed(
     trust: &nimbus::trust::TrustDoc,
 ) -> Built {
     let v: Version = version.parse().expect("version");
+    let files = vec![(
+        "lib/data.bin".to_string(),
+        filler(v.minor * 1000 + v.patch + 7, data_mib << 20),
+    )];
+    build_files(work, version, &files, slot_size, keys, trust)
+}
+
+/// A USR for `version` holding `files` (path under /usr, content) and
+/// `lib/os-release`, signed by `keys`, carrying the trust set `trust`.
+pub fn build_files(
+    work: &Path,
+    version: &str,
+    files: &[(String, Vec<u8>)],
+    slot_size: u64,
+    keys: &[&ReleaseKey],
+    trust: &nimbus::trust::TrustDoc,
+) -> Built {
+    let v: Version = version.parse().expect("version");
     let dir = work.join("build").join(version);
     let tree = dir.join("usr-tree");
     std::fs::create_dir_all(tree.join("lib")).expect("mkdir");
@@ -95,11 +113,11 @@ pub fn build_signed(
         format!("ID=nimbus\nVERSION_ID={version}\n"),
     )
     .expect("write");
-    std::fs::write(
-        tree.join("lib/data.bin"),
-        filler(v.minor * 1000 + v.patch + 7, data_mib << 20),
-    )
-    .expect("write");
+    for (path, data) in files {
+        let p = tree.join(path);
+        std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+        std::fs::write(p, data).expect("write");
+    }
     let fs = dir.join("usr.erofs");
     let slot = usr::build(&UsrInputs {
         usr_dir: &tree,
@@ -203,6 +221,20 @@ pub struct Fixture {
 impl Fixture {
     /// Disk at 1.0.0; 1.1.0 built and published on `stable`.
     pub fn new(data_mib: usize, usr_mib: u64) -> Fixture {
+        Fixture::with_versions(usr_mib, |w, usr_size, key| {
+            (
+                build_version(w, "1.0.0", data_mib, usr_size, key),
+                build_version(w, "1.1.0", data_mib, usr_size, key),
+            )
+        })
+    }
+
+    /// Disk at the first version `build` makes; the second published on
+    /// `stable`.
+    pub fn with_versions(
+        usr_mib: u64,
+        build: impl FnOnce(&Path, u64, &ReleaseKey) -> (Built, Built),
+    ) -> Fixture {
         let tmp = tempfile::Builder::new()
             .prefix("nimbus-upd")
             .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
@@ -210,10 +242,9 @@ impl Fixture {
         let key = ReleaseKey::generate().expect("key");
         let usr_size = usr_mib * MIB;
         let w = tmp.path();
-        let cur = build_version(w, "1.0.0", data_mib, usr_size, &key);
+        let (cur, next) = build(w, usr_size, &key);
         let disk = w.join("disk.raw");
         make_disk(&disk, usr_size, &cur.slot);
-        let next = build_version(w, "1.1.0", data_mib, usr_size, &key);
         let repo = w.join("repo");
         publish(&repo, &next.dir, "stable", &key, 14 * 86400);
         let httpd = httpd::Httpd::start(&repo);
@@ -432,4 +463,50 @@ pub fn mark_good(f: &Fixture, n: u32) {
     let mut d = Disk::open_path(&f.disk, true).expect("open disk");
     d.update_slots(|t| nimbus::slots::mark_good(t, n))
         .expect("mark good");
+}
+
+impl Fixture {
+    /// Copy a slot's partition out and run `veritysetup verify` on it with
+    /// the descriptor's geometry and `root`; panics with its words if it
+    /// fails.
+    pub fn veritysetup_verify(&self, slot: Slot, root: &str) {
+        let d = Disk::open_path(&self.disk, false).expect("open");
+        let p = d.partition(slot.partition_number()).expect("part");
+        let f = d.into_device();
+        use std::os::unix::fs::FileExt;
+        let mut desc = vec![0u8; 4096];
+        f.read_exact_at(&mut desc, p.offset_bytes() + p.size_bytes() - 4096)
+            .expect("read");
+        let fields = nimbus::release::SlotDescriptor::parse_unverified(&desc).expect("descriptor");
+        let out = self
+            .tmp
+            .path()
+            .join(format!("part{}", slot.partition_number()));
+        let mut buf = vec![0u8; p.size_bytes() as usize];
+        f.read_exact_at(&mut buf, p.offset_bytes()).expect("read");
+        std::fs::write(&out, &buf).expect("write");
+        let v = Command::new("veritysetup")
+            .args([
+                "verify",
+                "--no-superblock",
+                "--format=1",
+                "--hash=sha256",
+                "--data-block-size=4096",
+                "--hash-block-size=4096",
+                &format!("--data-blocks={}", fields.data_size / 4096),
+                &format!("--hash-offset={}", fields.hash_offset),
+                &format!("--salt={}", hex::encode(fields.verity_salt)),
+            ])
+            .arg(&out)
+            .arg(&out)
+            .arg(root)
+            .output()
+            .expect("veritysetup must be installed (.ci/packages.txt)");
+        assert!(
+            v.status.success(),
+            "veritysetup verify: {}",
+            String::from_utf8_lossy(&v.stderr)
+        );
+        let _ = std::fs::remove_file(&out);
+    }
 }

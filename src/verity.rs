@@ -32,6 +32,14 @@ fn pad_to_block(v: &mut Vec<u8>) {
     v.resize(v.len().div_ceil(BLOCK).max(1) * BLOCK, 0);
 }
 
+/// The salted hash of one block (a data block, or a block of a level).
+pub fn block_hash(salt: &[u8], block: &[u8]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(salt);
+    h.update(block);
+    h.finalize().into()
+}
+
 /// Hash `data_len` bytes (a multiple of 4096) from `data`.
 pub fn build(mut data: impl Read, data_len: u64, salt: &[u8]) -> io::Result<Tree> {
     if data_len == 0 || !data_len.is_multiple_of(BLOCK as u64) {
@@ -54,15 +62,25 @@ pub fn build(mut data: impl Read, data_len: u64, salt: &[u8]) -> io::Result<Tree
         hash_blocks(&salted, &buf[..n], &mut level);
         left -= n as u64;
     }
+    Ok(from_level0(level, salt))
+}
+
+/// The whole tree from level 0 (the 32-byte salted hashes of the data
+/// blocks, in order): what an updater that hashed each block as it wrote
+/// it needs to finish the slot without reading it back.
+pub fn from_level0(mut level: Vec<u8>, salt: &[u8]) -> Tree {
+    let data_blocks = (level.len() / 32) as u64;
+    let mut salted = Sha256::new();
+    salted.update(salt);
     if data_blocks == 1 {
         // cryptsetup builds no levels for a single block: the root is the
         // block's own hash and the hash area is empty.
         let root: [u8; 32] = level[..32].try_into().unwrap_or([0; 32]);
-        return Ok(Tree {
+        return Tree {
             bytes: Vec::new(),
             root,
             data_blocks,
-        });
+        };
     }
     pad_to_block(&mut level);
 
@@ -84,11 +102,24 @@ pub fn build(mut data: impl Read, data_len: u64, salt: &[u8]) -> io::Result<Tree
     for l in levels.iter().rev() {
         bytes.extend_from_slice(l);
     }
-    Ok(Tree {
+    Tree {
         bytes,
         root,
         data_blocks,
-    })
+    }
+}
+
+/// Where level 0 sits in a hash area of `hash_size` bytes for
+/// `data_blocks` blocks (it is the last level): its byte offset inside the
+/// area and its length without padding. `None` for a one-block tree, which
+/// has no levels.
+pub fn level0_extent(data_blocks: u64, hash_size: u64) -> Option<(u64, u64)> {
+    if data_blocks < 2 {
+        return None;
+    }
+    let len = data_blocks.checked_mul(32)?;
+    let padded = len.div_ceil(BLOCK as u64) * BLOCK as u64;
+    Some((hash_size.checked_sub(padded)?, len))
 }
 
 #[cfg(test)]
@@ -119,6 +150,19 @@ mod tests {
         let data = vec![1u8; 129 * BLOCK];
         let t = build(&data[..], data.len() as u64, b"").unwrap();
         assert_eq!(t.bytes.len(), 3 * BLOCK);
+    }
+
+    #[test]
+    fn level0_is_the_tail_of_the_hash_area_and_rebuilds_the_root() {
+        let data: Vec<u8> = (0..300 * BLOCK).map(|i| (i / BLOCK) as u8).collect();
+        let t = build(&data[..], data.len() as u64, b"s").unwrap();
+        let (off, len) = level0_extent(300, t.bytes.len() as u64).unwrap();
+        let l0 = t.bytes[off as usize..(off + len) as usize].to_vec();
+        assert_eq!(&l0[..32], &block_hash(b"s", &data[..BLOCK]));
+        let again = from_level0(l0, b"s");
+        assert_eq!(again.root, t.root);
+        assert_eq!(again.bytes, t.bytes);
+        assert_eq!(level0_extent(1, 0), None);
     }
 
     #[test]
