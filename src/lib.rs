@@ -28,3 +28,11 @@ pub mod updateconf;
 pub mod verity;
 
 pub use semver::Version;
+
+/// `NIMBUS_BUILD_TAG` at build time (a CI build number), logged by every
+/// binary at start. The delta benchmark sets it to rebuild the binaries
+/// with a one-line change.
+pub const BUILD_TAG: &str = match option_env!("NIMBUS_BUILD_TAG") {
+    Some(t) => t,
+    None => "",
+};

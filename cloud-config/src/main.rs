@@ -67,6 +67,11 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
+    tracing::debug!(
+        "cloud-config {} {}",
+        env!("CARGO_PKG_VERSION"),
+        nimbus::BUILD_TAG
+    );
     match cli.cmd {
         Cmd::Validate { file, json } => validate(&file, json),
         Cmd::Apply { file, root, json } => match nimbus_cloud_config::read_limited(&file) {

@@ -26,6 +26,9 @@ pub enum BenchCmd {
         #[arg(long, default_value_t = 19)]
         level: i32,
     },
+    /// Delta updates: bytes fetched for one package added, binaries
+    /// rebuilt, and both (N -> N+2), against the full payload in the same run.
+    Delta,
     /// QEMU boot times: to the selection line and to multi-user, with and
     /// without the stage-1 + kexec step.
     Boot {
@@ -41,6 +44,7 @@ pub enum BenchCmd {
 pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         BenchCmd::Update { level } => crate::bench_update::bench_update(level),
+        BenchCmd::Delta => crate::bench_delta::bench_delta(),
         BenchCmd::Build { skip_cold } => bench_build(skip_cold),
         BenchCmd::Boot { image, runs } => bench_boot(image, runs),
     }

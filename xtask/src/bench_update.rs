@@ -205,7 +205,7 @@ fn vm_kib(pid: u32, field: &str) -> Option<u64> {
 }
 
 /// Run update-engine --once; wall seconds and peak RSS (VmHWM, polled).
-fn run_engine(bin: &Path, root: &Path, disk: &Path) -> anyhow::Result<(f64, u64)> {
+pub fn run_engine(bin: &Path, root: &Path, disk: &Path) -> anyhow::Result<(f64, u64)> {
     let t0 = Instant::now();
     let mut child = Command::new(bin)
         .args(["--once", "--root"])

@@ -61,6 +61,10 @@ pub struct BuildImage {
     /// is a drop-in), enabled from its [Install] section. Repeatable.
     #[arg(long, value_name = "DIR")]
     extra_units: Vec<PathBuf>,
+    /// More Debian packages for the image (comma-separated), on top of the
+    /// default set; they change the rootfs cache key.
+    #[arg(long, value_delimiter = ',', value_name = "PKG")]
+    extra_packages: Vec<String>,
 }
 
 struct Bars {
@@ -276,7 +280,22 @@ pub fn prepare(a: BuildImage) -> anyhow::Result<BuildOptions> {
             u
         },
         stage1_init: None,
-        rootfs: RootfsSpec::default_for(epoch),
+        rootfs: {
+            let mut r = RootfsSpec::default_for(epoch);
+            for p in &a.extra_packages {
+                if p.is_empty()
+                    || !p.bytes().all(|c| {
+                        c.is_ascii_lowercase() || c.is_ascii_digit() || b"+-.".contains(&c)
+                    })
+                {
+                    bail!("--extra-packages: {p:?} is not a Debian package name");
+                }
+                if !r.packages.contains(p) {
+                    r.packages.push(p.clone());
+                }
+            }
+            r
+        },
         keep_work: false,
     };
     // Cheap checks first, so a typo fails in a second, not after a build.

@@ -10,6 +10,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod bench_delta;
 mod bench_update;
 mod build_image;
 mod deps;

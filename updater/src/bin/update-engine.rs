@@ -88,6 +88,11 @@ fn main() -> ExitCode {
         )
         .init();
     let cli = Cli::parse();
+    tracing::debug!(
+        "update-engine {} {}",
+        env!("CARGO_PKG_VERSION"),
+        nimbus::BUILD_TAG
+    );
     match run(cli) {
         Ok(code) => code,
         Err(e) => {

@@ -89,6 +89,13 @@ const EX_UNAVAILABLE: u8 = 69;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if std::env::var_os("NIMBUS_SHOW_BUILD").is_some() {
+        eprintln!(
+            "updatectl {} {}",
+            env!("CARGO_PKG_VERSION"),
+            nimbus::BUILD_TAG
+        );
+    }
     let client = Client::new(
         cli.socket
             .clone()
