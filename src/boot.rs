@@ -214,7 +214,7 @@ pub fn scan_disks() -> Vec<DiskId> {
 /// Where `nimbus-init mark-good` records a failed health check, relative to
 /// the root: on ROOT, so the slot that boots next (the fallback) can read
 /// why the one before it was given up. update-engine consumes it.
-pub const HEALTH_FAILURE_PATH: &str = "var/lib/nimbus/health-failure.json";
+pub const HEALTH_FAILURE_PATH: &str = crate::paths::HEALTH_FAILURE;
 
 /// A failed boot-health check on an unproven slot: the contract between
 /// mark-good, which writes it before rebooting, and update-engine, which

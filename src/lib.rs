@@ -11,7 +11,8 @@
 //! - [`trust`]: the trust set file and its rotation chain.
 //! - [`durable`]: crash-safe file replacement.
 //! - [`verity`], [`delta`]: the dm-verity tree and the delta index built on it.
-//! - [`repo`]: paths inside a release repository.
+//! - [`repo`]: paths inside a release repository and the payload framing;
+//!   [`paths`]: paths on a host.
 
 pub mod boot;
 pub mod delta;
@@ -20,6 +21,7 @@ pub mod esp;
 pub mod gpt;
 pub mod keys;
 pub mod layout;
+pub mod paths;
 pub mod release;
 pub mod repo;
 pub mod slots;

@@ -20,6 +20,18 @@ pub fn index_rel(version: &Version) -> String {
     format!("payloads/{version}/usr.index")
 }
 
+/// Raw bytes per zstd frame of a payload (`usr.img.zst`). Frames are
+/// independent, so an interrupted download resumes at the last frame
+/// boundary the updater recorded instead of decoding from the start;
+/// 32 MiB costs well under 1 % of compression ratio against one frame.
+pub const PAYLOAD_FRAME_RAW: u64 = 32 << 20;
+/// The zstd window of every payload frame: decoders need this much memory,
+/// whatever level the release was compressed at.
+pub const PAYLOAD_WINDOW_LOG: u32 = 23;
+/// What a client accepts: one step of slack; a hostile stream asking for
+/// more fails instead of allocating.
+pub const PAYLOAD_WINDOW_LOG_MAX: u32 = PAYLOAD_WINDOW_LOG + 1;
+
 /// The frame pack the index describes.
 pub fn pack_rel(version: &Version) -> String {
     format!("payloads/{version}/usr.pack")

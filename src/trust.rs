@@ -28,11 +28,11 @@ pub const MAX_TRUST_KEYS: usize = crate::release::MAX_DESCRIPTOR_SIGNATURES;
 pub const MAX_CHAIN: usize = 64;
 
 /// The built-in set in USR, relative to the root.
-pub const USR_TRUST: &str = "usr/share/nimbus/trust.json";
+pub const USR_TRUST: &str = crate::paths::TRUST_USR;
 /// The built-in set in the stage-1 initramfs, relative to its root.
-pub const STAGE1_TRUST: &str = "etc/nimbus/trust.json";
+pub const STAGE1_TRUST: &str = crate::paths::TRUST_STAGE1;
 /// Rotations update-engine learned, on ROOT, relative to the root.
-pub const ROOT_CHAIN_DIR: &str = "var/lib/nimbus/trust";
+pub const ROOT_CHAIN_DIR: &str = crate::paths::TRUST_CHAIN_ROOT;
 /// Rotations stage 1 reads, relative to the ESP's root.
 pub const ESP_CHAIN_DIR: &str = "nimbus/trust";
 

@@ -7,8 +7,8 @@
 
 use std::path::Path;
 
-pub const ETC_PATH: &str = "etc/nimbus/update.conf";
-pub const USR_PATH: &str = "usr/share/nimbus/update.conf";
+pub const ETC_PATH: &str = crate::paths::UPDATE_CONF_ETC;
+pub const USR_PATH: &str = crate::paths::UPDATE_CONF_USR;
 
 /// The keys Nimbus reads. Flatcar's names first, then Nimbus's own.
 pub const KNOWN_KEYS: &[&str] = &[
@@ -26,6 +26,7 @@ pub const KNOWN_KEYS: &[&str] = &[
     "ETCD_PASSWORD",
     "IO_WRITE_BPS",
     "IO_CLASS",
+    "DOWNLOAD_RATE_MAX",
 ];
 
 pub const REBOOT_STRATEGIES: &[&str] = &["reboot", "etcd-lock", "off"];

@@ -84,6 +84,7 @@ fuzz_target!(|data: &[u8]| {
         resume: None,
         write_bps: None,
         io_idle: false,
+        download_bps: None,
         cancel: &cancel,
         progress: &progress,
         checkpoint: &checkpoint,

@@ -43,6 +43,30 @@ pub struct PublishOptions<'a> {
     pub clear_max_version: bool,
 }
 
+impl<'a> PublishOptions<'a> {
+    /// Publish `from` on `channel` now, valid for a day, no rollout, no
+    /// rotation, the kill switch kept: what tests and benchmarks need.
+    pub fn simple(
+        from: &'a Path,
+        repo: &'a Path,
+        channel: &'a str,
+        keys: &'a [&'a ReleaseKey],
+    ) -> PublishOptions<'a> {
+        PublishOptions {
+            from,
+            repo,
+            channel,
+            keys,
+            rotation: None,
+            now: Utc::now(),
+            expires_secs: 86400,
+            rollout_secs: None,
+            max_version: None,
+            clear_max_version: false,
+        }
+    }
+}
+
 /// Changes to the newest trust set of the repository (or, when it has
 /// none, to the set the build carries).
 #[derive(Debug, Clone, Default)]

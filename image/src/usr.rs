@@ -185,15 +185,7 @@ pub fn seal(
     })
 }
 
-/// Raw bytes per zstd frame of a payload. Frames are independent, so an
-/// interrupted download resumes at the last frame boundary the updater
-/// recorded instead of decoding from the start; 32 MiB costs well under 1 %
-/// of compression ratio against one frame (the window is 8 MiB anyway).
-pub const PAYLOAD_FRAME_RAW: u64 = 32 << 20;
-/// The zstd window of every payload frame: decoders need this much memory,
-/// whatever level the release was compressed at (level 19 would pick the
-/// same; lower levels smaller, so memory would vary by release).
-pub const PAYLOAD_WINDOW_LOG: u32 = 23;
+pub use nimbus::repo::{PAYLOAD_FRAME_RAW, PAYLOAD_WINDOW_LOG};
 
 /// A zstd writer that ends a frame every [`PAYLOAD_FRAME_RAW`] raw bytes,
 /// each frame compressed on all cores and carrying its content size and

@@ -15,7 +15,7 @@ use std::time::Duration;
 use crate::engine::Shared;
 use crate::status::Status;
 
-pub const SOCKET_PATH: &str = "run/nimbus/update-engine.sock";
+pub const SOCKET_PATH: &str = nimbus::paths::ENGINE_SOCKET;
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case")]

@@ -9,7 +9,7 @@
 //! Three stages on their own threads so the network, the decoder and the
 //! disk overlap; bounded channels and a fixed pool of buffers keep memory
 //! flat whatever the payload size. Payloads are made of independent zstd
-//! frames (nimbus_image::usr::PAYLOAD_FRAME_RAW): at a frame boundary the
+//! frames (nimbus::repo::PAYLOAD_FRAME_RAW): at a frame boundary the
 //! writer syncs and records a checkpoint with both hash states, and an
 //! interrupted apply resumes there with an HTTP Range request after the
 //! slot's prefix has been hashed again and found to match.
@@ -22,7 +22,7 @@ use nimbus::release::{Release, DESCRIPTOR_SIZE};
 use zstd::stream::raw::{DParameter, Decoder, InBuffer, Operation, OutBuffer};
 
 use crate::error::UpdateError;
-use crate::fetch::{Body, Http};
+use crate::fetch::{Body, Transport};
 
 /// Where payload bytes come from: the repository, or a file (air-gapped).
 pub enum Source {
@@ -61,16 +61,12 @@ const NET_CHUNK: usize = 256 * 1024;
 const NET_QUEUE: usize = 16;
 const OUT_BUF: usize = 1 << 20;
 const OUT_BUFS: usize = 4;
-/// Decoder window limit: payloads are written with a 2^23 window; one step
-/// of slack, and a hostile stream asking for more fails instead of
-/// allocating.
-const WINDOW_LOG_MAX: u32 = 24;
 /// Checkpoint at the first frame boundary after this much time or data.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(2);
 const CHECKPOINT_BYTES: u64 = 256 << 20;
 
 pub struct Job<'a> {
-    pub http: &'a Http,
+    pub http: &'a dyn Transport,
     pub url: String,
     /// Read the payload from this file instead of `url` (air-gapped apply).
     pub file: Option<&'a std::path::Path>,
@@ -79,6 +75,7 @@ pub struct Job<'a> {
     pub resume: Option<Checkpoint>,
     pub write_bps: Option<u64>,
     pub io_idle: bool,
+    pub download_bps: Option<u64>,
     pub cancel: &'a AtomicBool,
     pub progress: &'a (dyn Fn(Progress) + Sync),
     pub checkpoint: &'a (dyn Fn(&Checkpoint) -> Result<(), UpdateError> + Sync),
@@ -254,6 +251,7 @@ fn download(
     let mut got = start;
     let t0 = Instant::now();
     let (mut last_t, mut last_n) = (t0, start);
+    let mut pacer = crate::fetch::Pacer::new(job.download_bps);
     loop {
         if job.cancel.load(Ordering::Relaxed) {
             let _ = tx.send(Err(UpdateError::Cancelled));
@@ -271,6 +269,7 @@ fn download(
             break;
         }
         got += n as u64;
+        pacer.account(n as u64);
         if got > total {
             let _ = tx.send(Err(UpdateError::PayloadTooLarge {
                 url: job.url.clone(),
@@ -314,8 +313,10 @@ fn decode(
         reason: e.to_string(),
     };
     let mut dec = Decoder::new().map_err(derr)?;
-    dec.set_parameter(DParameter::WindowLogMax(WINDOW_LOG_MAX))
-        .map_err(derr)?;
+    dec.set_parameter(DParameter::WindowLogMax(
+        nimbus::repo::PAYLOAD_WINDOW_LOG_MAX,
+    ))
+    .map_err(derr)?;
     // A writer that died drops its end of the pool; report that as a
     // refusal and let the caller surface the writer's own error.
     let take = |pool: &Receiver<AlignedBuf>| pool.recv().map_err(|_| UpdateError::WriterStopped);

@@ -21,6 +21,9 @@ pub struct EngineConfig {
     pub write_bps: Option<u64>,
     /// Run the writer in the idle I/O priority class.
     pub io_idle: bool,
+    /// Download-rate cap (bytes per second) for payloads and delta frames;
+    /// `None` = unlimited (the default, as on Flatcar).
+    pub download_bps: Option<u64>,
     pub strategy: crate::policy::Strategy,
     pub window: Option<crate::policy::Window>,
     pub etcd: crate::lock::EtcdOptions,
@@ -98,6 +101,10 @@ impl EngineConfig {
             "best-effort" => false,
             other => return Err(format!("IO_CLASS={other:?}: use idle or best-effort")),
         };
+        let download_bps = match c.get("DOWNLOAD_RATE_MAX") {
+            None => None,
+            Some(v) => parse_bps(v).map_err(|e| format!("DOWNLOAD_RATE_MAX={e}"))?,
+        };
         let strategy = reboot_strategy.parse()?;
         let window = match (c.get("REBOOT_WINDOW_START"), c.get("REBOOT_WINDOW_LENGTH")) {
             (Some(st), Some(len)) => Some(crate::policy::Window::parse(st, len)?),
@@ -116,6 +123,7 @@ impl EngineConfig {
             reboot_strategy,
             write_bps,
             io_idle,
+            download_bps,
             strategy,
             window,
             etcd,
@@ -210,6 +218,7 @@ mod tests {
             ),
             ("SERVER=http://x\nIO_WRITE_BPS=fast", "IO_WRITE_BPS"),
             ("SERVER=http://x\nIO_WRITE_BPS=10X", "IO_WRITE_BPS"),
+            ("SERVER=http://x\nDOWNLOAD_RATE_MAX=1Q", "DOWNLOAD_RATE_MAX"),
             ("SERVER=http://x\nIO_CLASS=realtime", "IO_CLASS"),
             (
                 "SERVER=http://x\nREBOOT_WINDOW_START=Fri 25:00\nREBOOT_WINDOW_LENGTH=1h",

@@ -28,7 +28,7 @@ use nimbus::release::{Release, SlotDescriptor, DESCRIPTOR_SIZE};
 use nimbus::verity;
 
 use crate::error::{io_at, UpdateError};
-use crate::fetch::Http;
+use crate::fetch::Transport;
 use crate::iolimit;
 use crate::sha::Sha256;
 use crate::status::Progress;
@@ -241,7 +241,7 @@ pub fn passive_sources(
 }
 
 pub struct Job<'a> {
-    pub http: &'a Http,
+    pub http: &'a dyn Transport,
     pub pack_url: String,
     pub index: &'a Index,
     pub plan: &'a Plan,
@@ -250,6 +250,7 @@ pub struct Job<'a> {
     pub booted: &'a Booted,
     pub write_bps: Option<u64>,
     pub io_idle: bool,
+    pub download_bps: Option<u64>,
     pub cancel: &'a AtomicBool,
     pub progress: &'a (dyn Fn(Progress) + Sync),
     /// Called with the number of blocks written and synced.
@@ -317,6 +318,7 @@ fn fetch(job: &Job<'_>, tx: SyncSender<Result<Frame, UpdateError>>) -> (u64, u64
     let (mut got, mut requests) = (0u64, 0u64);
     let mut needed = job.plan.frames.iter().peekable();
     let mut last = Instant::now();
+    let mut pacer = crate::fetch::Pacer::new(job.download_bps);
     for &(start, end) in &job.plan.ranges {
         if job.cancel.load(Ordering::Relaxed) {
             let _ = tx.send(Err(UpdateError::Cancelled));
@@ -341,6 +343,7 @@ fn fetch(job: &Job<'_>, tx: SyncSender<Result<Frame, UpdateError>>) -> (u64, u64
                 return (got, requests);
             }
             got += fe - fs;
+            pacer.account(fe - fs);
             if needed.peek() == Some(&&f) {
                 needed.next();
                 let (b0, b1) = ix.frame_blocks(f);

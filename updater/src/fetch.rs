@@ -10,15 +10,64 @@ use std::time::Duration;
 
 use crate::error::UpdateError;
 
+/// Keeps a download at or under a rate: after each chunk, sleep until the
+/// bytes so far are due. Measured from the first byte, so the average is
+/// exact over any stretch longer than a chunk.
+pub struct Pacer {
+    bps: Option<u64>,
+    start: std::time::Instant,
+    bytes: u64,
+}
+
+impl Pacer {
+    pub fn new(bps: Option<u64>) -> Pacer {
+        Pacer {
+            bps,
+            start: std::time::Instant::now(),
+            bytes: 0,
+        }
+    }
+
+    pub fn account(&mut self, n: u64) {
+        let Some(bps) = self.bps.filter(|&b| b > 0) else {
+            return;
+        };
+        self.bytes += n;
+        let due = Duration::from_secs_f64(self.bytes as f64 / bps as f64);
+        if let Some(wait) = due.checked_sub(self.start.elapsed()) {
+            std::thread::sleep(wait);
+        }
+    }
+}
+
 pub struct Http {
     client: reqwest::blocking::Client,
     read_timeout: Duration,
     small_deadline: Duration,
 }
 
+/// What the engine needs from HTTP: a small file whole (404 as `None`), a
+/// body from an offset, a bounded range. [`Http`] is the real one (reqwest);
+/// tests give the engine their own.
+pub trait Transport: Send + Sync {
+    fn get_small_opt(&self, url: &str, limit: usize) -> Result<Option<Vec<u8>>, UpdateError>;
+    fn get_from(&self, url: &str, offset: u64) -> Result<Body, UpdateError>;
+    fn get_range(&self, url: &str, start: u64, end: u64) -> Result<Body, UpdateError>;
+
+    /// As `get_small_opt`, with a 404 turned into the caller's error.
+    fn get_small(
+        &self,
+        url: &str,
+        limit: usize,
+        not_found: &dyn Fn() -> UpdateError,
+    ) -> Result<Vec<u8>, UpdateError> {
+        self.get_small_opt(url, limit)?.ok_or_else(not_found)
+    }
+}
+
 pub struct Body {
     pub url: String,
-    pub resp: reqwest::blocking::Response,
+    pub resp: Box<dyn Read + Send>,
     /// The byte offset the body starts at (0 unless a Range was honoured).
     pub start: u64,
     read_timeout: Duration,
@@ -74,21 +123,12 @@ impl Http {
             small_deadline,
         })
     }
+}
 
-    /// GET a small file (manifest, signatures) with a hard size cap.
-    /// `not_found` turns a 404 into the caller's specific error.
-    pub fn get_small(
-        &self,
-        url: &str,
-        limit: usize,
-        not_found: impl FnOnce() -> UpdateError,
-    ) -> Result<Vec<u8>, UpdateError> {
-        self.get_small_opt(url, limit)?.ok_or_else(not_found)
-    }
-
-    /// As `get_small`, with a 404 as `None`: for files that may not exist
-    /// yet (the next trust rotation).
-    pub fn get_small_opt(&self, url: &str, limit: usize) -> Result<Option<Vec<u8>>, UpdateError> {
+impl Transport for Http {
+    /// A small file (manifest, signatures) with a hard size cap and a total
+    /// deadline; a 404 is `None` (the next trust rotation may not exist).
+    fn get_small_opt(&self, url: &str, limit: usize) -> Result<Option<Vec<u8>>, UpdateError> {
         let t0 = std::time::Instant::now();
         let deadline = self.small_deadline;
         let late = || UpdateError::Deadline {
@@ -123,7 +163,7 @@ impl Http {
         let mut out = Vec::new();
         let mut body = Body {
             url: url.to_string(),
-            resp,
+            resp: Box::new(resp),
             start: 0,
             read_timeout: self.read_timeout,
         };
@@ -153,7 +193,7 @@ impl Http {
 
     /// GET from byte `offset` on. A server that ignores the Range header
     /// answers 200 with the whole file; `Body::start` says which happened.
-    pub fn get_from(&self, url: &str, offset: u64) -> Result<Body, UpdateError> {
+    fn get_from(&self, url: &str, offset: u64) -> Result<Body, UpdateError> {
         let mut req = self.client.get(url);
         if offset > 0 {
             req = req.header(reqwest::header::RANGE, format!("bytes={offset}-"));
@@ -196,18 +236,16 @@ impl Http {
         };
         Ok(Body {
             url: url.to_string(),
-            resp,
+            resp: Box::new(resp),
             start,
             read_timeout: self.read_timeout,
         })
     }
-}
 
-impl Http {
     /// GET pack bytes `[start, end)`: the server must answer 206 with
     /// exactly that range. A 200 (Range ignored) is its own error so the
     /// caller can fall back to the full payload.
-    pub fn get_range(&self, url: &str, start: u64, end: u64) -> Result<Body, UpdateError> {
+    fn get_range(&self, url: &str, start: u64, end: u64) -> Result<Body, UpdateError> {
         let last = end.saturating_sub(1);
         let resp = self
             .client
@@ -253,7 +291,7 @@ impl Http {
         }
         Ok(Body {
             url: url.to_string(),
-            resp,
+            resp: Box::new(resp),
             start,
             read_timeout: self.read_timeout,
         })
@@ -261,6 +299,16 @@ impl Http {
 }
 
 impl Body {
+    /// A body over any reader that starts at byte `start` of `url`.
+    pub fn from_reader(url: &str, resp: Box<dyn Read + Send>, start: u64) -> Body {
+        Body {
+            url: url.to_string(),
+            resp,
+            start,
+            read_timeout: Duration::from_secs(60),
+        }
+    }
+
     /// Exactly `buf.len()` bytes, or a truncation error naming the offset.
     pub fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), UpdateError> {
         let mut done = 0;

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use crate::error::UpdateError;
 use crate::sha::SavedState;
 
-pub const STATE_PATH: &str = "var/lib/nimbus/update-engine.json";
+pub const STATE_PATH: &str = nimbus::paths::ENGINE_STATE;
 
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Persisted {

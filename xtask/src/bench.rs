@@ -29,6 +29,9 @@ pub enum BenchCmd {
     /// Delta updates: bytes fetched for one package added, binaries
     /// rebuilt, and both (N -> N+2), against the full payload in the same run.
     Delta,
+    /// A fio workload's latency idle, during full and delta updates under the
+    /// default I/O policy, and with the cap off; the network cap's accuracy.
+    Impact,
     /// QEMU boot times: to the selection line and to multi-user, with and
     /// without the stage-1 + kexec step.
     Boot {
@@ -45,6 +48,7 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         BenchCmd::Update { level } => crate::bench_update::bench_update(level),
         BenchCmd::Delta => crate::bench_delta::bench_delta(),
+        BenchCmd::Impact => crate::bench_impact::bench_impact(),
         BenchCmd::Build { skip_cold } => bench_build(skip_cold),
         BenchCmd::Boot { image, runs } => bench_boot(image, runs),
     }

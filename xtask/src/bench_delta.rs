@@ -118,6 +118,27 @@ fn apply(
     })
 }
 
+/// Serve `m`'s releases without their delta files on `channel`, signed by
+/// `key`: the full-payload baseline of the same release.
+pub fn publish_without_delta(
+    repo: &Path,
+    m: &nimbus::release::Manifest,
+    channel: &str,
+    key: &nimbus::keys::ReleaseKey,
+) -> anyhow::Result<()> {
+    let mut fm = m.clone();
+    fm.channel = channel.to_string();
+    fm.releases.iter_mut().for_each(|r| r.delta = None);
+    let bytes = serde_json::to_vec_pretty(&fm)?;
+    let dir = repo.join("channels");
+    std::fs::write(dir.join(format!("{channel}.json")), &bytes)?;
+    std::fs::write(
+        dir.join(format!("{channel}.json.sig")),
+        serde_json::to_vec(&nimbus::release::Manifest::sign_bytes(&bytes, &[key]))?,
+    )?;
+    Ok(())
+}
+
 pub fn bench_delta() -> anyhow::Result<std::process::ExitCode> {
     let root = build_image::workspace_root();
     let work = root.join("target/nimbus/bench/delta");
@@ -148,7 +169,6 @@ pub fn bench_delta() -> anyhow::Result<std::process::ExitCode> {
     let _ = std::fs::remove_dir_all(&repo);
     let srv = httpd::Httpd::start(&repo);
     let key = nimbus::keys::ReleaseKey::load_dir(&n.key_dir)?;
-    let now = chrono::Utc::now();
     let mut rows = Vec::new();
     for (name, b) in [
         ("one package added (strace)", &pkg),
@@ -160,30 +180,15 @@ pub fn bench_delta() -> anyhow::Result<std::process::ExitCode> {
         let version = v["version"].as_str().context("version")?.to_string();
         let full_size = v["payload"]["compressed_size"].as_u64().context("size")?;
         let channel = format!("d{}", version.replace('.', "-"));
-        let m = nimbus_image::release::publish(&nimbus_image::release::PublishOptions {
-            from: &b.dir,
-            repo: &repo,
-            channel: &channel,
-            keys: &[&key],
-            rotation: None,
-            now,
-            expires_secs: 86400,
-            rollout_secs: None,
-            max_version: None,
-            clear_max_version: false,
-        })?;
+        let m = nimbus_image::release::publish(&nimbus_image::release::PublishOptions::simple(
+            &b.dir,
+            &repo,
+            &channel,
+            &[&key],
+        ))?;
         // The baseline: the same release on a channel without delta files.
         let full_channel = format!("{channel}-full");
-        let mut fm = m.clone();
-        fm.channel = full_channel.clone();
-        fm.releases.iter_mut().for_each(|r| r.delta = None);
-        let bytes = serde_json::to_vec_pretty(&fm)?;
-        let dir = repo.join("channels");
-        std::fs::write(dir.join(format!("{full_channel}.json")), &bytes)?;
-        std::fs::write(
-            dir.join(format!("{full_channel}.json.sig")),
-            serde_json::to_vec(&nimbus::release::Manifest::sign_bytes(&bytes, &[&key]))?,
-        )?;
+        publish_without_delta(&repo, &m, &full_channel, &key)?;
         let d = apply(&bin, &work, &n, &srv, &channel)?;
         let f = apply(&bin, &work, &n, &srv, &full_channel)?;
         if d.mode != "delta" || f.mode != "full" {

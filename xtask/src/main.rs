@@ -11,6 +11,8 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod bench_delta;
+mod bench_impact;
+mod bench_rauc;
 mod bench_update;
 mod build_image;
 mod deps;

@@ -307,18 +307,12 @@ fn setup(work: &Path) -> anyhow::Result<Setup> {
     }
     std::fs::remove_file(&file)?;
     let repo = work.join("repo");
-    nimbus_image::release::publish(&nimbus_image::release::PublishOptions {
-        from: &work.join("1.1.0"),
-        repo: &repo,
-        channel: "stable",
-        keys: &[&key],
-        rotation: None,
-        now: chrono::Utc::now(),
-        expires_secs: 86400,
-        rollout_secs: None,
-        max_version: None,
-        clear_max_version: false,
-    })?;
+    nimbus_image::release::publish(&nimbus_image::release::PublishOptions::simple(
+        &work.join("1.1.0"),
+        &repo,
+        "stable",
+        &[&key],
+    ))?;
     let root = work.join("root");
     std::fs::create_dir_all(root.join("usr/share/nimbus"))?;
     std::fs::create_dir_all(root.join("etc/nimbus"))?;

@@ -45,6 +45,8 @@ pub struct Logged {
     pub range_end: Option<u64>,
     pub status: u16,
     pub body_bytes: u64,
+    /// Seconds from the response head to the last body byte sent.
+    pub secs: f64,
 }
 
 #[derive(Clone)]
@@ -133,6 +135,7 @@ impl Httpd {
             range_end,
             status: 200,
             body_bytes: 0,
+            secs: 0.0,
         };
         let rel = path.trim_start_matches('/');
         let file = self.root.join(rel);
@@ -210,6 +213,7 @@ impl Httpd {
             sent += n as u64;
             if let Some(e) = self.lock_log().iter_mut().find(|l| l.id == id) {
                 e.body_bytes = sent;
+                e.secs = t0.elapsed().as_secs_f64();
             }
             if sent >= limit {
                 break;

@@ -192,17 +192,10 @@ pub fn publish(
     key: &ReleaseKey,
     expires_secs: u64,
 ) -> nimbus::release::Manifest {
+    let keys = [key];
     nimbus_image::release::publish(&nimbus_image::release::PublishOptions {
-        from,
-        repo,
-        channel,
-        keys: &[key],
-        rotation: None,
-        now: chrono::Utc::now(),
         expires_secs,
-        rollout_secs: None,
-        max_version: None,
-        clear_max_version: false,
+        ..nimbus_image::release::PublishOptions::simple(from, repo, channel, &keys)
     })
     .expect("publish")
 }

@@ -1,0 +1,19 @@
+//! Every path on a host that more than one part of Nimbus knows, relative
+//! to the root (`/` on a host, a directory in tests and host mode).
+
+/// update.conf, the admin's layer over the image's.
+pub const UPDATE_CONF_ETC: &str = "etc/nimbus/update.conf";
+pub const UPDATE_CONF_USR: &str = "usr/share/nimbus/update.conf";
+/// The trust set built into USR, and stage 1's copy of it.
+pub const TRUST_USR: &str = "usr/share/nimbus/trust.json";
+pub const TRUST_STAGE1: &str = "etc/nimbus/trust.json";
+/// Trust rotations update-engine learned (`<n>.json` + `.sig`).
+pub const TRUST_CHAIN_ROOT: &str = "var/lib/nimbus/trust";
+/// update-engine's persisted state (serials, checkpoints, rollbacks).
+pub const ENGINE_STATE: &str = "var/lib/nimbus/update-engine.json";
+/// mark-good's record of a failed health check, for update-engine.
+pub const HEALTH_FAILURE: &str = "var/lib/nimbus/health-failure.json";
+/// update-engine's local API socket.
+pub const ENGINE_SOCKET: &str = "run/nimbus/update-engine.sock";
+/// Where update-engine mounts the ESP when nothing else has.
+pub const ENGINE_MOUNTS: &str = "run/nimbus/mnt";
