@@ -27,7 +27,7 @@ use nimbus::delta::{Index, ShortHash, BLOCK, FRAME_RAW};
 use nimbus::release::{Release, SlotDescriptor, DESCRIPTOR_SIZE};
 use nimbus::verity;
 
-use crate::error::{io_at, UpdateError};
+use crate::error::UpdateError;
 use crate::fetch::Transport;
 use crate::iolimit;
 use crate::sha::Sha256;
@@ -175,7 +175,7 @@ pub fn booted_hashes(
         let n = (blocks - at).min((OUT_BUF / BLOCK) as u64) as usize;
         b.data
             .read_exact_at(&mut buf[..n * BLOCK], b.data_offset + at * BLOCK as u64)
-            .map_err(io_at(&b.data_path))?;
+            .map_err(|e| source_err(&b.data_path, e))?;
         for (i, blk) in buf[..n * BLOCK].chunks(BLOCK).enumerate() {
             map.entry(nimbus::delta::short_hash(salt, blk))
                 .or_insert(at + i as u64);
@@ -431,7 +431,7 @@ fn write(
                             &mut dst[..k as usize * BLOCK],
                             b.data_offset + s * BLOCK as u64,
                         )
-                        .map_err(io_at(&b.data_path))?;
+                        .map_err(|e| source_err(&b.data_path, e))?;
                     k
                 }
                 From::Passive(s) => {
@@ -537,12 +537,12 @@ pub fn open_booted(
     part_size: u64,
     host_mode: bool,
 ) -> Result<Booted, UpdateError> {
-    let raw = File::open(disk).map_err(io_at(disk))?;
+    let raw = File::open(disk).map_err(|e| source_err(disk, e))?;
     let dm = if host_mode { None } else { dm_device("usr") };
     let (data, data_path, data_offset) = match dm {
-        Some(p) => (File::open(&p).map_err(io_at(&p))?, p, 0),
+        Some(p) => (File::open(&p).map_err(|e| source_err(&p, e))?, p, 0),
         None => (
-            raw.try_clone().map_err(io_at(disk))?,
+            raw.try_clone().map_err(|e| source_err(disk, e))?,
             disk.to_path_buf(),
             part_offset,
         ),
@@ -556,6 +556,15 @@ pub fn open_booted(
         part_offset,
         part_size,
     })
+}
+
+/// The booted slot could not be read (dm-verity refused a block, a device
+/// went away): the delta gives way to the full payload.
+fn source_err(p: &Path, e: std::io::Error) -> UpdateError {
+    UpdateError::DeltaSource {
+        path: p.to_path_buf(),
+        reason: e.to_string(),
+    }
 }
 
 /// `/dev/dm-N` whose device-mapper name is `name`.

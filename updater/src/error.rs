@@ -39,6 +39,8 @@ pub enum UpdateError {
         end: u64,
         got: String,
     },
+    #[error("delta source {path}: {reason}")]
+    DeltaSource { path: PathBuf, reason: String },
     #[error("delta index {url}: {reason}")]
     DeltaIndex { url: String, reason: String },
     #[error("delta pack {url}: frame {frame} {reason}")]
@@ -148,6 +150,7 @@ impl UpdateError {
             RangeIgnored { .. } => "range-ignored",
             RangeMismatch { .. } => "range-mismatch",
             DeltaIndex { .. } => "delta-index",
+            DeltaSource { .. } => "delta-source",
             DeltaFrame { .. } => "delta-frame",
             ResponseTooLarge { .. } => "response-too-large",
             Manifest { source, .. } => manifest_kind(source),
@@ -207,6 +210,7 @@ impl UpdateError {
             | Io { .. }
             | BootedSlot { .. }
             | NoBootedSlot(_)
+            | DeltaSource { .. }
             | WriterStopped => 5,
             Disabled | Downgrade { .. } | Unproven { .. } | Refused(_) => 6,
             Cancelled => 7,
