@@ -655,10 +655,16 @@ fn story(work: &Path, log: &Path) -> anyhow::Result<()> {
         .rows
         .push((format!("cgpt after shutdown: USR-A {a}, USR-B {b}"), 0.0));
 
-    println!("| step | seconds |\n|---|---|");
+    let mut table = String::from("| step | seconds |\n|---|---|\n");
     for (s, secs) in &steps.rows {
-        println!("| {s} | {secs:.1} |");
+        table.push_str(&format!("| {s} | {secs:.1} |\n"));
     }
+    print!("{table}");
+    // Kept after the work directory is removed: the figures of the last run.
+    let _ = std::fs::write(
+        work.parent().unwrap_or(work).join("e2e-last-run.md"),
+        &table,
+    );
     println!("e2e: ok: 1.0.0 -> 1.1.0 -> 1.2.0 (health failed, rolled back to 1.1.0) -> channel beta -> 1.3.0 (new key, new stage 1) -> 1.4.0 (its stage 1 fell back), all by the guest's own update-engine");
     Ok(())
 }

@@ -5,7 +5,8 @@
 //! status` in the guest), then follows `updatectl channel beta` to 1.3.0
 //! (key 2 alone, key 1 removed, a new stage 1 tried once and blessed);
 //! key 1 is refused by update-engine and by stage 1; 1.4.0's stage 1
-//! cannot start and the loader falls back to the old one, reported.
+//! cannot start and the loader falls back to the old one, reported. Every
+//! one of those updates comes by delta (Range requests for pack frames).
 
 #[test]
 fn guest_updates_itself_and_boots_the_new_version() {
@@ -26,4 +27,5 @@ fn guest_updates_itself_and_boots_the_new_version() {
         "{out}"
     );
     assert!(out.contains("USR-A 3/0/1, USR-B 4/0/1"), "{out}");
+    assert!(out.contains("every update came by delta"), "{out}");
 }
