@@ -109,6 +109,53 @@ pub fn from_level0(mut level: Vec<u8>, salt: &[u8]) -> Tree {
     }
 }
 
+/// The root hash from level 0 (borrowed): the levels above it are built,
+/// level 0 is not copied.
+pub fn root_of_level0(level0: &[u8], salt: &[u8]) -> [u8; 32] {
+    let mut salted = Sha256::new();
+    salted.update(salt);
+    if level0.len() <= 32 {
+        return level0
+            .get(..32)
+            .and_then(|r| r.try_into().ok())
+            .unwrap_or([0; 32]);
+    }
+    // Level 1 from level 0's blocks, the last one padded with zeros.
+    let mut up = Vec::with_capacity(level0.len() / HASHES_PER_BLOCK + 32);
+    for block in level0.chunks(BLOCK) {
+        let mut h = salted.clone();
+        h.update(block);
+        if block.len() < BLOCK {
+            h.update(&[0u8; BLOCK][..BLOCK - block.len()]);
+        }
+        up.extend_from_slice(&h.finalize());
+    }
+    if level0.len() <= BLOCK {
+        // Level 0 was the top block.
+        let mut out = [0u8; 32];
+        out.copy_from_slice(&up[..32]);
+        return out;
+    }
+    from_level0_above(up, salt)
+}
+
+/// The root of a tree whose level 1 is `level1` (unpadded).
+fn from_level0_above(level1: Vec<u8>, salt: &[u8]) -> [u8; 32] {
+    let mut salted = Sha256::new();
+    salted.update(salt);
+    let mut level = level1;
+    pad_to_block(&mut level);
+    while level.len() > BLOCK {
+        let mut up = Vec::with_capacity(level.len() / HASHES_PER_BLOCK);
+        hash_blocks(&salted, &level, &mut up);
+        pad_to_block(&mut up);
+        level = up;
+    }
+    let mut h = salted.clone();
+    h.update(&level);
+    h.finalize().into()
+}
+
 /// Where level 0 sits in a hash area of `hash_size` bytes for
 /// `data_blocks` blocks (it is the last level): its byte offset inside the
 /// area and its length without padding. `None` for a one-block tree, which
@@ -159,6 +206,14 @@ mod tests {
         let (off, len) = level0_extent(300, t.bytes.len() as u64).unwrap();
         let l0 = t.bytes[off as usize..(off + len) as usize].to_vec();
         assert_eq!(&l0[..32], &block_hash(b"s", &data[..BLOCK]));
+        assert_eq!(root_of_level0(&l0, b"s"), t.root);
+        let small: Vec<u8> = (0..50 * BLOCK).map(|i| (i % 7) as u8).collect();
+        let ts = build(&small[..], small.len() as u64, b"s").unwrap();
+        let (o, n) = level0_extent(50, ts.bytes.len() as u64).unwrap();
+        assert_eq!(
+            root_of_level0(&ts.bytes[o as usize..(o + n) as usize], b"s"),
+            ts.root
+        );
         let again = from_level0(l0, b"s");
         assert_eq!(again.root, t.root);
         assert_eq!(again.bytes, t.bytes);

@@ -107,6 +107,12 @@ pub fn build(i: &UsrInputs<'_>) -> Result<UsrSlot, ImageError> {
     cmd.arg(format!("-T{}", i.epoch))
         .arg(format!("-U{}", i.fs_uuid))
         .args(["--all-root", "--ignore-mtime", "--quiet"])
+        // Every file's data in whole blocks of its own: inlined tails sit
+        // next to their inode, so one added file shifts the tails of all
+        // files after it and a delta would fetch most metadata blocks
+        // (measured: 2065 frames for one added package with tails inline,
+        // 212 without; the filesystem grows 3 %).
+        .arg("-Enoinline_data")
         .arg(i.out_fs)
         .arg(i.usr_dir);
     let out = cmd.output().map_err(|e| ImageError::Tool {

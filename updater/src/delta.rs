@@ -47,8 +47,10 @@ const CHECKPOINT_EVERY: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum From {
-    Booted(u64),
-    Passive(u64),
+    /// Block numbers are u32 (16 TiB of slot): the plan is one entry per
+    /// block and is kept for the whole write.
+    Booted(u32),
+    Passive(u32),
     Fetch,
 }
 
@@ -69,7 +71,7 @@ pub struct Plan {
 /// Decide each block's source. `booted` maps short hashes to blocks of the
 /// booted slot; `passive` maps target blocks to verified blocks of the
 /// passive slot (at or after the target block).
-pub fn plan(index: &Index, booted: &HashMap<ShortHash, u64>, passive: &HashMap<u64, u64>) -> Plan {
+pub fn plan(index: &Index, booted: &HashMap<ShortHash, u32>, passive: &HashMap<u64, u64>) -> Plan {
     let mut from = Vec::with_capacity(index.hashes.len());
     let mut frames: Vec<usize> = Vec::new();
     let (mut nb, mut np) = (0, 0);
@@ -78,9 +80,12 @@ pub fn plan(index: &Index, booted: &HashMap<ShortHash, u64>, passive: &HashMap<u
         let f = if let Some(&s) = booted.get(h) {
             nb += 1;
             From::Booted(s)
-        } else if let Some(&s) = passive.get(&t).filter(|&&s| s >= t) {
+        } else if let Some(&s) = passive
+            .get(&t)
+            .filter(|&&s| s >= t && s <= u64::from(u32::MAX))
+        {
             np += 1;
-            From::Passive(s)
+            From::Passive(s as u32)
         } else {
             let fr = Index::frame_of(t);
             if frames.last() != Some(&fr) {
@@ -148,7 +153,9 @@ fn level0_of(
     }
     let mut l0 = vec![0u8; len as usize];
     read(&mut l0, d.hash_offset + off).ok()?;
-    (verity::from_level0(l0.clone(), salt).root == d.verity_root).then_some(l0)
+    // The upper levels only (not a copy of level 0): memory stays at one
+    // level 0 while planning.
+    (verity::root_of_level0(&l0, salt) == d.verity_root).then_some(l0)
 }
 
 /// Short hashes of the booted slot's blocks: from its tree when it shares
@@ -156,19 +163,22 @@ fn level0_of(
 pub fn booted_hashes(
     b: &Booted,
     salt: &[u8; 32],
-) -> Result<(HashMap<ShortHash, u64>, &'static str), UpdateError> {
+) -> Result<(HashMap<ShortHash, u32>, &'static str), UpdateError> {
     let Some(d) = b.descriptor() else {
         return Ok((HashMap::new(), "no readable descriptor"));
     };
     let mut map = HashMap::new();
     let read = |buf: &mut [u8], off: u64| b.raw.read_exact_at(buf, b.part_offset + off);
+    let blocks = d.data_size / BLOCK as u64;
+    if blocks > u64::from(u32::MAX) {
+        return Ok((map, "too large to index"));
+    }
     if let Some(l0) = level0_of(read, &d, salt) {
         for (i, e) in l0.chunks_exact(32).enumerate() {
-            map.entry(nimbus::delta::short_of(e)).or_insert(i as u64);
+            map.entry(nimbus::delta::short_of(e)).or_insert(i as u32);
         }
         return Ok((map, "its verity tree"));
     }
-    let blocks = d.data_size / BLOCK as u64;
     let mut buf = vec![0u8; OUT_BUF];
     let mut at = 0u64;
     while at < blocks {
@@ -178,7 +188,7 @@ pub fn booted_hashes(
             .map_err(|e| source_err(&b.data_path, e))?;
         for (i, blk) in buf[..n * BLOCK].chunks(BLOCK).enumerate() {
             map.entry(nimbus::delta::short_hash(salt, blk))
-                .or_insert(at + i as u64);
+                .or_insert((at + i as u64) as u32);
         }
         at += n as u64;
     }
@@ -191,7 +201,7 @@ pub fn booted_hashes(
 /// its tree. Only blocks not already in `booted` are looked for.
 pub fn passive_sources(
     index: &Index,
-    booted: &HashMap<ShortHash, u64>,
+    booted: &HashMap<ShortHash, u32>,
     slot: &SlotDevice,
     written: u64,
 ) -> Result<HashMap<u64, u64>, UpdateError> {
@@ -414,9 +424,12 @@ fn write(
         while i < n {
             let at = t + i;
             // A run of consecutive source blocks is one read.
-            let run = |mk: fn(u64) -> From, s: u64| {
-                let mut k = 1;
-                while i + k < n && job.plan.from[(at + k) as usize] == mk(s + k) {
+            let run = |mk: fn(u32) -> From, s: u32| {
+                let mut k = 1u64;
+                while i + k < n
+                    && u64::from(s) + k <= u64::from(u32::MAX)
+                    && job.plan.from[(at + k) as usize] == mk(s + k as u32)
+                {
                     k += 1;
                 }
                 k
@@ -429,7 +442,7 @@ fn write(
                     b.data
                         .read_exact_at(
                             &mut dst[..k as usize * BLOCK],
-                            b.data_offset + s * BLOCK as u64,
+                            b.data_offset + u64::from(s) * BLOCK as u64,
                         )
                         .map_err(|e| source_err(&b.data_path, e))?;
                     k
@@ -437,7 +450,7 @@ fn write(
                 From::Passive(s) => {
                     let k = run(From::Passive, s);
                     job.slot
-                        .read_at(&mut dst[..k as usize * BLOCK], s * BLOCK as u64)?;
+                        .read_at(&mut dst[..k as usize * BLOCK], u64::from(s) * BLOCK as u64)?;
                     k
                 }
                 From::Fetch => {
@@ -617,7 +630,7 @@ mod tests {
         let ix = index((0..64).map(h).collect(), 10_000);
         let booted: HashMap<_, _> = (0..64)
             .filter(|i| i % 16 != 5)
-            .map(|i| (h(i), i + 100))
+            .map(|i| (h(i), i as u32 + 100))
             .collect();
         // Block 5 is in the passive slot ahead of it; block 21 only behind
         // it (already overwritten when 21 is written), so it is fetched.
@@ -638,7 +651,7 @@ mod tests {
     #[test]
     fn distant_frames_are_separate_requests() {
         let ix = index((0..64).map(h).collect(), 40_000);
-        let booted: HashMap<_, _> = (1..63).map(|i| (h(i), i)).collect();
+        let booted: HashMap<_, _> = (1..63).map(|i| (h(i), i as u32)).collect();
         let p = plan(&ix, &booted, &HashMap::new());
         assert_eq!(p.frames, vec![0, 3]);
         assert_eq!(p.ranges, vec![(0, 40_000), (120_000, 160_000)]);
@@ -647,7 +660,7 @@ mod tests {
     #[test]
     fn nothing_to_fetch_when_everything_is_local() {
         let ix = index((0..20).map(h).collect(), 1000);
-        let booted: HashMap<_, _> = (0..20).map(|i| (h(i), 19 - i)).collect();
+        let booted: HashMap<_, _> = (0..20).map(|i| (h(i), 19 - i as u32)).collect();
         let p = plan(&ix, &booted, &HashMap::new());
         assert!(p.ranges.is_empty() && p.frames.is_empty());
         assert_eq!(p.fetch_bytes, 0);

@@ -280,6 +280,8 @@ impl Engine {
             url: index_url.clone(),
             reason: e.to_string(),
         })?;
+        let index_len = bytes.len() as u64;
+        drop(bytes);
         if index.pack_size() != df.pack.size {
             return Err(UpdateError::DeltaIndex {
                 url: index_url,
@@ -299,7 +301,10 @@ impl Engine {
         let (booted_map, how) = crate::delta::booted_hashes(&booted, &index.fields.verity_salt)?;
         let passive_map = crate::delta::passive_sources(&index, &booted_map, slot, written)?;
         let plan = crate::delta::plan(&index, &booted_map, &passive_map);
-        let share = (plan.fetch_bytes + bytes.len() as u64) as f64 / r.compressed_size as f64;
+        // Only the plan is needed from here on (memory: docs/bench-delta.md).
+        drop(booted_map);
+        drop(passive_map);
+        let share = (plan.fetch_bytes + index_len) as f64 / r.compressed_size as f64;
         tracing::info!(
             "{}: delta plan: {} blocks from the booted slot (found by {how}), {} from the passive slot, {} frames ({} bytes, {:.1} % of the full payload) in {} request(s)",
             r.version,
@@ -317,10 +322,10 @@ impl Engine {
                 crate::delta::MAX_SHARE * 100.0
             )));
         }
-        if plan.fetch_bytes + bytes.len() as u64 >= full_left {
+        if plan.fetch_bytes + index_len >= full_left {
             return Ok(Err(format!(
                 "resuming the full payload fetches less ({full_left} bytes left, the delta needs {})",
-                plan.fetch_bytes + bytes.len() as u64
+                plan.fetch_bytes + index_len
             )));
         }
         let shared = self.shared.clone();
@@ -373,7 +378,7 @@ impl Engine {
         Ok(Ok(crate::status::ApplyReport {
             version: r.version.to_string(),
             written: out.written,
-            downloaded: out.fetched + bytes.len() as u64,
+            downloaded: out.fetched + index_len,
             resumed_from: 0,
             seconds: (t0.elapsed().as_secs_f64() * 1000.0).round() / 1000.0,
             io_limit: out.io_limit,
@@ -385,9 +390,9 @@ impl Engine {
                 from_passive: plan.passive_blocks,
                 fetched_frames: plan.frames.len() as u64,
                 fetched_bytes: out.fetched,
-                index_bytes: bytes.len() as u64,
+                index_bytes: index_len,
                 requests: out.requests + 1,
-                percent_of_full: ((out.fetched + bytes.len() as u64) as f64 * 1000.0
+                percent_of_full: ((out.fetched + index_len) as f64 * 1000.0
                     / r.compressed_size as f64)
                     .round()
                     / 10.0,

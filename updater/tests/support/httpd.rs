@@ -148,33 +148,51 @@ impl Httpd {
             self.lock_log().push(logged);
             return;
         }
-        let data = match (rel.contains(".."), std::fs::read(&file)) {
-            (false, Ok(d)) => d,
-            _ => {
-                logged.status = 404;
-                let _ = write!(
-                    conn,
-                    "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                );
-                self.lock_log().push(logged);
-                return;
-            }
+        // Only the bytes asked for are read: a delta asks for hundreds of
+        // ranges of one large pack.
+        let opened = if rel.contains("..") {
+            None
+        } else {
+            std::fs::File::open(&file).ok().and_then(|f| {
+                f.metadata()
+                    .ok()
+                    .filter(|m| m.is_file())
+                    .map(|m| (f, m.len()))
+            })
         };
-        let ranged = range_start.is_some_and(|s| (s as usize) < data.len())
-            && !(applies && fault.ignore_range);
+        let Some((mut fh, len)) = opened else {
+            logged.status = 404;
+            let _ = write!(
+                conn,
+                "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+            self.lock_log().push(logged);
+            return;
+        };
+        let len = len as usize;
+        let ranged =
+            range_start.is_some_and(|s| (s as usize) < len) && !(applies && fault.ignore_range);
         let start = if ranged {
             range_start.unwrap_or(0) as usize
         } else {
             0
         };
         let mut end = match range_end {
-            Some(e) if ranged => (e as usize + 1).min(data.len()),
-            _ => data.len(),
+            Some(e) if ranged => (e as usize + 1).min(len),
+            _ => len,
         };
         if let (true, true, Some(n)) = (ranged, applies, fault.range_short) {
             end = end.saturating_sub(n as usize).max(start + 1);
         }
-        let body = &data[start..end];
+        let mut body = vec![0u8; end - start];
+        {
+            use std::io::{Seek, SeekFrom};
+            if fh.seek(SeekFrom::Start(start as u64)).is_err() || fh.read_exact(&mut body).is_err()
+            {
+                return;
+            }
+        }
+        let body = &body[..];
         let head = if ranged {
             logged.status = 206;
             format!(
@@ -182,7 +200,7 @@ impl Httpd {
                 body.len(),
                 start,
                 end - 1,
-                data.len()
+                len
             )
         } else {
             format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nAccept-Ranges: bytes\r\nConnection: close\r\n\r\n", body.len())
