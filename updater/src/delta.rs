@@ -43,6 +43,7 @@ pub const MAX_SHARE: f64 = 0.7;
 const GAP_BYTES: u64 = 32 * 1024;
 const OUT_BUF: usize = 1 << 20;
 const FRAME_QUEUE: usize = 16;
+const OUT_BUFS: usize = 3;
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -395,29 +396,60 @@ fn fetch(job: &Job<'_>, tx: SyncSender<Result<Frame, UpdateError>>) -> (u64, u64
     (got, requests)
 }
 
-/// The write pass: every block in slot order, then the tree and the
-/// descriptor. Returns the bytes written and how the writes were limited.
+enum ToWriter {
+    Blocks { buf: AlignedBuf, first: u64, n: u64 },
+    /// Every data block was sent: build the tree from level 0 and finish.
+    Finish(Vec<u8>),
+}
+
+/// The write pass on two threads: this one reads sources and frames in
+/// slot order and checks each block's hash (level 0); a writer thread
+/// hashes the raw stream and writes (under the I/O limit), then the tree
+/// and the descriptor. Returns the bytes written and how writes were
+/// limited.
 fn write(
     job: &Job<'_>,
     rx: Receiver<Result<Frame, UpdateError>>,
 ) -> Result<(u64, String), UpdateError> {
+    let (tx, wrx) = sync_channel::<ToWriter>(2);
+    let (pool_tx, pool) = sync_channel::<AlignedBuf>(OUT_BUFS);
+    for _ in 0..OUT_BUFS {
+        // Cannot fail: the channel has room for every buffer.
+        let _ = pool_tx.send(AlignedBuf::new(OUT_BUF));
+    }
+    std::thread::scope(|s| {
+        let writer = s.spawn(|| write_slot(job, wrx, pool_tx));
+        let assembled = assemble(job, rx, tx, pool);
+        let written = writer
+            .join()
+            .unwrap_or_else(|_| Err(UpdateError::Refused("slot writer panicked".into())));
+        match (assembled, written) {
+            (Ok(()), w) => w,
+            (Err(UpdateError::WriterStopped), Err(w)) => Err(w),
+            (Err(a), _) => Err(a),
+        }
+    })
+}
+
+/// Read every block in slot order into buffers and check it.
+fn assemble(
+    job: &Job<'_>,
+    rx: Receiver<Result<Frame, UpdateError>>,
+    tx: SyncSender<ToWriter>,
+    pool: Receiver<AlignedBuf>,
+) -> Result<(), UpdateError> {
     let ix = job.index;
-    let r = job.release;
     let salt = ix.fields.verity_salt;
-    let mut guard = iolimit::enter(job.slot.path(), job.write_bps, job.io_idle);
-    tracing::info!("slot writer (delta): {}", guard.how);
     let blocks = ix.data_blocks();
-    let mut raw = Sha256::new();
     let mut level0: Vec<u8> = Vec::with_capacity(blocks as usize * 32);
-    let mut buf = AlignedBuf::new(OUT_BUF);
     let per_buf = (OUT_BUF / BLOCK) as u64;
     let mut frame: Option<Frame> = None;
-    let mut last_cp = Instant::now();
     let mut t = 0u64;
     while t < blocks {
         if job.cancel.load(Ordering::Relaxed) {
             return Err(UpdateError::Cancelled);
         }
+        let mut buf = pool.recv().map_err(|_| UpdateError::WriterStopped)?;
         let n = (blocks - t).min(per_buf);
         let out = buf.as_mut_slice();
         let mut i = 0u64;
@@ -492,18 +524,60 @@ fn write(
             }
             i += k;
         }
-        let len = n as usize * BLOCK;
-        raw.update(&buf.as_slice()[..len]);
-        job.slot
-            .write_raw(r.raw_size, t * BLOCK as u64, &buf.as_slice()[..len])?;
-        guard.account(len as u64);
+        tx.send(ToWriter::Blocks { buf, first: t, n })
+            .map_err(|_| UpdateError::WriterStopped)?;
         t += n;
-        if last_cp.elapsed() >= CHECKPOINT_EVERY && t < blocks {
-            job.slot.sync()?;
-            (job.checkpoint)(t)?;
-            last_cp = Instant::now();
+    }
+    tx.send(ToWriter::Finish(level0))
+        .map_err(|_| UpdateError::WriterStopped)
+}
+
+/// Hash and write what `assemble` sends, checkpointing; then the tree
+/// (which must give the signed root) and the descriptor; then the whole
+/// slot's hash against the manifest.
+fn write_slot(
+    job: &Job<'_>,
+    rx: Receiver<ToWriter>,
+    pool: SyncSender<AlignedBuf>,
+) -> Result<(u64, String), UpdateError> {
+    let ix = job.index;
+    let r = job.release;
+    let salt = ix.fields.verity_salt;
+    let blocks = ix.data_blocks();
+    let mut guard = iolimit::enter(job.slot.path(), job.write_bps, job.io_idle);
+    tracing::info!("slot writer (delta): {}", guard.how);
+    let mut raw = Sha256::new();
+    let mut last_cp = Instant::now();
+    let mut level0 = None;
+    for msg in rx {
+        match msg {
+            ToWriter::Blocks { buf, first, n } => {
+                let len = n as usize * BLOCK;
+                raw.update(&buf.as_slice()[..len]);
+                job.slot
+                    .write_raw(r.raw_size, first * BLOCK as u64, &buf.as_slice()[..len])?;
+                guard.account(len as u64);
+                let done = first + n;
+                if last_cp.elapsed() >= CHECKPOINT_EVERY && done < blocks {
+                    job.slot.sync()?;
+                    (job.checkpoint)(done)?;
+                    last_cp = Instant::now();
+                }
+                // The assembler may have stopped; its error is the one to report.
+                let _ = pool.send(buf);
+            }
+            ToWriter::Finish(l0) => {
+                level0 = Some(l0);
+                break;
+            }
         }
     }
+    let Some(level0) = level0 else {
+        return Err(UpdateError::Refused(
+            "the delta's block reader stopped early".into(),
+        ));
+    };
+    let mut buf = AlignedBuf::new(OUT_BUF);
     // The tree from the hashes of what was written; it must give the root
     // the signed descriptor names before anything else is trusted.
     let tree = verity::from_level0(level0, &salt);
