@@ -16,6 +16,7 @@ pub const TARGETS: &[&str] = &[
     "cloud_config",
     "payload",
     "trust",
+    "delta_index",
 ];
 
 fn have_nightly() -> bool {
