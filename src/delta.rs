@@ -85,6 +85,17 @@ pub fn short_of(full: &[u8]) -> ShortHash {
     h
 }
 
+/// The data blocks an index of `size` bytes describes (before fetching
+/// it: the manifest lists its size).
+pub fn blocks_for_index_size(size: u64) -> u64 {
+    let per_frame = u64::from(FRAME_BLOCKS) * HASH_LEN as u64 + 4;
+    let body = size.saturating_sub((HEADER + DESCRIPTOR_SIZE) as u64);
+    // Whole frames, then the blocks of a last partial frame.
+    let frames = body / per_frame;
+    let rest = body % per_frame;
+    frames * u64::from(FRAME_BLOCKS) + rest.saturating_sub(4) / HASH_LEN as u64
+}
+
 pub fn frames_for(data_blocks: u64) -> usize {
     data_blocks.div_ceil(u64::from(FRAME_BLOCKS)) as usize
 }
@@ -276,6 +287,16 @@ mod tests {
         assert_eq!(ix.frame_bytes(1), (100, 201));
         assert_eq!(ix.pack_size(), 100 + 101 + 102);
         assert_eq!(Index::frame_of(31), 1);
+    }
+
+    #[test]
+    fn block_count_follows_from_the_index_size() {
+        for blocks in [1, 15, 16, 17, 40, 1000] {
+            assert_eq!(
+                blocks_for_index_size(sample(blocks).to_bytes().len() as u64),
+                blocks
+            );
+        }
     }
 
     #[test]

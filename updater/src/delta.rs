@@ -397,7 +397,11 @@ fn fetch(job: &Job<'_>, tx: SyncSender<Result<Frame, UpdateError>>) -> (u64, u64
 }
 
 enum ToWriter {
-    Blocks { buf: AlignedBuf, first: u64, n: u64 },
+    Blocks {
+        buf: AlignedBuf,
+        first: u64,
+        n: u64,
+    },
     /// Every data block was sent: build the tree from level 0 and finish.
     Finish(Vec<u8>),
 }

@@ -27,9 +27,10 @@ fn run(cmd: &mut Command, what: &str) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-/// A bundle of the payload's raw image, made once per payload.
-fn bundle(work: &Path, zst: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
-    let dir = work.join("rauc");
+/// A bundle of the payload's raw image, made once per payload: squashfs
+/// with `rauc bundle`'s defaults, or with `mksquashfs` arguments.
+fn bundle(work: &Path, zst: &Path, squashfs: Option<&str>) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let dir = work.join(format!("rauc-{}", squashfs.map_or("default", |_| "custom")));
     let bundle = dir.join("usr.raucb");
     let cert = dir.join("cert.pem");
     let stamp = dir.join("payload.sha256");
@@ -58,7 +59,7 @@ fn bundle(work: &Path, zst: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
             .arg(&cert),
         "openssl req",
     )?;
-    eprintln!("bench update: making the RAUC bundle (mksquashfs, zstd) ...");
+    eprintln!("bench update: making the RAUC bundle (mksquashfs {squashfs:?}) ...");
     let st = Command::new("zstd")
         .args(["-q", "-d", "-o"])
         .arg(dir.join("content/usr.img"))
@@ -71,18 +72,16 @@ fn bundle(work: &Path, zst: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
         dir.join("content/manifest.raucm"),
         "[update]\ncompatible=nimbus-bench\nversion=1.0.0\n\n[bundle]\nformat=plain\n\n[image.rootfs]\nfilename=usr.img\n",
     )?;
-    run(
-        Command::new("rauc")
-            .arg("bundle")
-            .arg("--cert")
-            .arg(&cert)
-            .arg("--key")
-            .arg(dir.join("key.pem"))
-            .arg("--mksquashfs-args=-comp zstd")
-            .arg(dir.join("content"))
-            .arg(&bundle),
-        "rauc bundle",
-    )?;
+    let mut cmd = Command::new("rauc");
+    cmd.arg("bundle")
+        .arg("--cert")
+        .arg(&cert)
+        .arg("--key")
+        .arg(dir.join("key.pem"));
+    if let Some(a) = squashfs {
+        cmd.arg(format!("--mksquashfs-args={a}"));
+    }
+    run(cmd.arg(dir.join("content")).arg(&bundle), "rauc bundle")?;
     std::fs::remove_dir_all(dir.join("content"))?;
     std::fs::write(&stamp, sha)?;
     Ok((bundle, cert))
@@ -109,12 +108,14 @@ impl Drop for Session {
     }
 }
 
-/// Median seconds of `rauc install` of the payload's image (3 runs).
+/// Median seconds of `rauc install` of the payload's image (3 runs), the
+/// bundle made with `squashfs` arguments (None: RAUC's defaults).
 pub fn install_median(
     work: &Path,
     zst: &Path,
     raw_size: u64,
     slot_size: u64,
+    squashfs: Option<&str>,
 ) -> anyhow::Result<f64> {
     for tool in ["rauc", "mksquashfs", "dbus-daemon", "losetup", "openssl"] {
         if Command::new("sh")
@@ -127,8 +128,8 @@ pub fn install_median(
             bail!("{tool} is missing: `cargo xtask deps` installs rauc, squashfs-tools, dbus, util-linux, openssl");
         }
     }
-    let (bundle, cert) = bundle(work, zst)?;
-    let dir = work.join("rauc");
+    let (bundle, cert) = bundle(work, zst, squashfs)?;
+    let dir = bundle.parent().unwrap_or(work).to_path_buf();
     let mut loops = Vec::new();
     for n in 0..2 {
         let f = dir.join(format!("slot{n}.img"));

@@ -274,6 +274,28 @@ impl Engine {
         let index_url = format!("{server}/{}", df.index.path);
         let pack_url = format!("{server}/{}", df.pack.path);
         let t0 = std::time::Instant::now();
+        // Before fetching anything: can the slots here hold enough of the
+        // release at all? (A host on a tiny or unrelated image cannot.)
+        let target = nimbus::delta::blocks_for_index_size(df.index.size);
+        let data_blocks = |b: Option<Vec<u8>>| {
+            b.and_then(|b| SlotDescriptor::parse_unverified(&b).ok())
+                .map_or(0, |d| d.data_size / nimbus::delta::BLOCK as u64)
+        };
+        let booted_slot = Slot::from_partition_number(self.host.booted);
+        let booted_blocks = data_blocks(booted_slot.and_then(|s| {
+            self.host
+                .storage
+                .gpt(false)
+                .ok()
+                .and_then(|mut d| d.read_descriptor(s).ok().map(|b| b.to_vec()))
+        }));
+        let passive_blocks = data_blocks(slot.read_descriptor().ok()).max(written);
+        let local = booted_blocks + passive_blocks;
+        if (local as f64) < (1.0 - crate::delta::MAX_SHARE) * target as f64 {
+            return Ok(Err(format!(
+                "the slots here hold at most {local} of the release's {target} blocks"
+            )));
+        }
         self.set_state(State::Downloading);
         let bytes = self.fetch_file(&df.index)?;
         let index = nimbus::delta::Index::parse(&bytes).map_err(|e| UpdateError::DeltaIndex {
