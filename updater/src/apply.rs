@@ -441,8 +441,12 @@ fn write(
             });
         }
         raw.update(&data[p..]);
-        job.slot.write_raw(r.raw_size, c.raw_off, data)?;
-        guard.account(c.len as u64);
+        let piece = guard.write_size(data.len());
+        for (i, d) in data.chunks(piece).enumerate() {
+            job.slot
+                .write_raw(r.raw_size, c.raw_off + (i * piece) as u64, d)?;
+            guard.account(d.len() as u64);
+        }
         since_cp += c.len as u64;
         if let Some(cp) = pending {
             let last = cp.raw_offset == r.raw_size;

@@ -558,9 +558,12 @@ fn write_slot(
             ToWriter::Blocks { buf, first, n } => {
                 let len = n as usize * BLOCK;
                 raw.update(&buf.as_slice()[..len]);
-                job.slot
-                    .write_raw(r.raw_size, first * BLOCK as u64, &buf.as_slice()[..len])?;
-                guard.account(len as u64);
+                let piece = guard.write_size(len);
+                for (i, d) in buf.as_slice()[..len].chunks(piece).enumerate() {
+                    job.slot
+                        .write_raw(r.raw_size, first * BLOCK as u64 + (i * piece) as u64, d)?;
+                    guard.account(d.len() as u64);
+                }
                 let done = first + n;
                 if last_cp.elapsed() >= CHECKPOINT_EVERY && done < blocks {
                     job.slot.sync()?;

@@ -201,7 +201,20 @@ fn cgroup_limit(maj: u64, min: u64, bps: u64) -> Result<(Cgroup, bool, String), 
     }
 }
 
+/// Bytes per write call under a cap: a capped stream dispatched in 1 MiB
+/// writes (or in the throttle's bursts of them) makes a workload's synced
+/// writes queue behind whole megabytes; smaller pieces interleave.
+pub const CAPPED_WRITE: usize = 256 * 1024;
+
 impl Guard {
+    /// How much to hand the kernel per write call.
+    pub fn write_size(&self, buffer: usize) -> usize {
+        match self.limit {
+            Limit::None => buffer,
+            _ => buffer.min(CAPPED_WRITE),
+        }
+    }
+
     /// After each write: userspace pacing sleeps until the average rate is
     /// back under the cap.
     pub fn account(&mut self, n: u64) {

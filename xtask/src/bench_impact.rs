@@ -82,7 +82,7 @@ fn fio(file: &Path, secs: u64) -> anyhow::Result<(Lat, Lat)> {
 fn write_slot_a(disk: &Path, zst: &Path, raw_size: u64) -> anyhow::Result<()> {
     use std::io::Read;
     use std::os::unix::fs::FileExt;
-    let d = nimbus::gpt::Disk::open_path(disk, false)?;
+    let d = nimbus::gpt::Disk::open_path(disk, true)?;
     let p = d.partition(Slot::A.partition_number())?;
     let f = d.into_device();
     let mut dec = Command::new("zstd")
@@ -151,7 +151,15 @@ pub fn bench_impact() -> anyhow::Result<std::process::ExitCode> {
         bail!("building update-engine failed");
     }
     let bin = root.join("target/release/update-engine");
-    let key = ReleaseKey::generate()?;
+    let key_dir = work.join("key");
+    let key = match ReleaseKey::load_dir(&key_dir) {
+        Ok(k) => k,
+        Err(_) => {
+            let k = ReleaseKey::generate()?;
+            k.write_to_dir(&key_dir)?;
+            k
+        }
+    };
     let src = source_fs(&root, &root.join("target/nimbus/bench/update"))?;
     let n = payload_with(&work, &src, "1.0.0", GIB, 6, &key, None)?;
     // N+1: the same data but 4 MiB rewritten, as a changed package.
@@ -230,10 +238,16 @@ pub fn bench_impact() -> anyhow::Result<std::process::ExitCode> {
     let full = run_while(
         "impact-full",
         "",
-        "full update, default policy (IO_WRITE_BPS=64M, IO_CLASS=idle)",
+        "full update, default policy (IO_WRITE_BPS=16M, IO_CLASS=idle)",
     )?;
     eprintln!("bench impact: delta updates, default I/O policy ...");
     let delta = run_while("impact", "", "delta update, default policy")?;
+    eprintln!("bench impact: full updates, 64 MB/s ...");
+    let low = run_while(
+        "impact-full",
+        "IO_WRITE_BPS=64M\n",
+        "full update, IO_WRITE_BPS=64M (the default before 2026-12-01), IO_CLASS=idle",
+    )?;
     eprintln!("bench impact: full updates, cap off ...");
     let off = run_while(
         "impact-full",
@@ -268,7 +282,7 @@ pub fn bench_impact() -> anyhow::Result<std::process::ExitCode> {
     writeln!(t, "Machine: {}. Workload: fio, 4 KiB random reads and O_SYNC writes, {IOPS}/s each, direct I/O, on a 256 MiB file on the same disk as the slot, {SECS} s per row. Updates: update-engine (release) applying a 1 GiB slot (USR-A's data repeated; N+1 = N with 4 MiB rewritten) to the passive slot of a disk image on that disk, again and again for the whole row. Command: `cargo xtask bench impact`.\n", crate::bench::machine())?;
     writeln!(t, "| scenario | updates applied | read p50 us | read p99 us | write p50 us | write p99 us | p50 ratio | p99 ratio |")?;
     writeln!(t, "|---|---|---|---|---|---|---|---|")?;
-    for s in [&idle, &full, &delta, &off] {
+    for s in [&idle, &full, &delta, &low, &off] {
         let p50 = |s: &Scenario| s.read.p50_us.max(s.write.p50_us);
         writeln!(
             t,
@@ -292,10 +306,11 @@ pub fn bench_impact() -> anyhow::Result<std::process::ExitCode> {
     print!("{t}");
     std::fs::write(root.join("docs/bench-impact.md"), &t)?;
     println!(
-        "update-impact: p99_ratio_capped={:.2} p99_ratio_uncapped={:.2} net_cap_error_pct={net_err:.1} p99_ratio_delta={:.2}",
+        "update-impact: p99_ratio_capped={:.2} p99_ratio_uncapped={:.2} net_cap_error_pct={net_err:.1} p99_ratio_delta={:.2} p99_ratio_64m={:.2}",
         ratio(&full, p99),
         ratio(&off, p99),
         ratio(&delta, p99),
+        ratio(&low, p99),
     );
     Ok(std::process::ExitCode::SUCCESS)
 }
