@@ -42,24 +42,6 @@ fn read_descriptor(payload: &Path, raw_size: u64) -> Result<Vec<u8>, ImageError>
     Ok(b)
 }
 
-struct Hashing<W> {
-    inner: W,
-    hash: Sha256,
-    n: u64,
-}
-
-impl<W: Write> Write for Hashing<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hash.update(&buf[..n]);
-        self.n += n as u64;
-        Ok(n)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
-}
-
 /// Write `pack` and `index` for the payload (`raw_size` bytes once
 /// decoded); returns their sizes and hashes as the manifest lists them,
 /// with `pack_rel` and `index_rel` as paths.
@@ -76,7 +58,7 @@ pub fn write(
     let salt = fields.verity_salt;
     let mut data = decoder(payload)?.take(fields.data_size);
     let out = File::create(pack).map_err(io_at(pack))?;
-    let mut out = Hashing {
+    let mut out = crate::usr::HashingWriter {
         inner: BufWriter::with_capacity(1 << 20, out),
         hash: Sha256::new(),
         n: 0,

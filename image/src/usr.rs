@@ -271,10 +271,11 @@ impl<W: Write> Write for FramedEncoder<W> {
     }
 }
 
-struct HashingWriter<W> {
-    inner: W,
-    hash: Sha256,
-    n: u64,
+/// Counts and hashes what passes through to `inner`.
+pub(crate) struct HashingWriter<W> {
+    pub(crate) inner: W,
+    pub(crate) hash: Sha256,
+    pub(crate) n: u64,
 }
 
 impl<W: Write> Write for HashingWriter<W> {

@@ -127,6 +127,33 @@ pub struct DeltaCheckpoint {
     pub blocks: u64,
 }
 
+/// The persisted state while an install runs: its threads record
+/// checkpoints, each saved at once; the caller takes the state back after
+/// the attempt, failed or not, so the next attempt resumes from it.
+pub struct Saver<'a> {
+    store: &'a Store,
+    state: std::sync::Mutex<Persisted>,
+}
+
+impl<'a> Saver<'a> {
+    pub fn new(store: &'a Store, state: Persisted) -> Saver<'a> {
+        Saver {
+            store,
+            state: std::sync::Mutex::new(state),
+        }
+    }
+
+    pub fn update(&self, f: impl FnOnce(&mut Persisted)) -> Result<(), UpdateError> {
+        let mut p = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut p);
+        self.store.save(&p)
+    }
+
+    pub fn into_inner(self) -> Persisted {
+        self.state.into_inner().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 pub struct Store {
     path: PathBuf,
 }

@@ -24,24 +24,11 @@ struct Build {
 }
 
 fn build(work: &Path, version: &str, extra: &[&str], tag: &str) -> anyhow::Result<Build> {
-    let out = work.join(version);
     // The binaries are built by cargo inside build-image, which inherits
     // this: a different tag is a one-line change to every binary.
     std::env::set_var("NIMBUS_BUILD_TAG", tag);
-    let mut args = vec![
-        "--version",
-        version,
-        "--formats",
-        "raw",
-        "--disk-size",
-        "3G",
-        "--out",
-        out.to_str().context("utf8")?,
-    ];
-    args.extend_from_slice(extra);
-    let opts = build_image::prepare(build_image::parse(&args))?;
     eprintln!("bench delta: building {version} {extra:?} (build tag {tag:?}) ...");
-    build_image::build(&opts)?;
+    let (out, opts) = crate::e2e::build(work, version, extra)?;
     std::env::remove_var("NIMBUS_BUILD_TAG");
     Ok(Build {
         dir: out,
@@ -143,22 +130,7 @@ pub fn bench_delta() -> anyhow::Result<std::process::ExitCode> {
     let root = build_image::workspace_root();
     let work = root.join("target/nimbus/bench/delta");
     std::fs::create_dir_all(&work)?;
-    let st = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .current_dir(&root)
-        .args([
-            "build",
-            "--release",
-            "--quiet",
-            "-p",
-            "nimbus-updater",
-            "--bin",
-            "update-engine",
-        ])
-        .status()?;
-    if !st.success() {
-        bail!("building update-engine failed");
-    }
-    let bin = root.join("target/release/update-engine");
+    let bin = crate::bench_update::release_engine(&root)?;
 
     let n = build(&work, "1.0.0", &[], "")?;
     let pkg = build(&work, "1.1.0", &["--extra-packages", PACKAGE], "")?;

@@ -13,7 +13,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use nimbus::keys::ReleaseKey;
 use nimbus::layout::{Slot, MIB};
 
 use crate::bench_update::{payload_with, run_engine, source_fs};
@@ -135,31 +134,8 @@ pub fn bench_impact() -> anyhow::Result<std::process::ExitCode> {
     let root = crate::build_image::workspace_root();
     let work = root.join("target/nimbus/bench/impact");
     std::fs::create_dir_all(&work)?;
-    let st = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .current_dir(&root)
-        .args([
-            "build",
-            "--release",
-            "--quiet",
-            "-p",
-            "nimbus-updater",
-            "--bin",
-            "update-engine",
-        ])
-        .status()?;
-    if !st.success() {
-        bail!("building update-engine failed");
-    }
-    let bin = root.join("target/release/update-engine");
-    let key_dir = work.join("key");
-    let key = match ReleaseKey::load_dir(&key_dir) {
-        Ok(k) => k,
-        Err(_) => {
-            let k = ReleaseKey::generate()?;
-            k.write_to_dir(&key_dir)?;
-            k
-        }
-    };
+    let bin = crate::bench_update::release_engine(&root)?;
+    let key = crate::bench_update::bench_key(&work)?;
     let src = source_fs(&root, &root.join("target/nimbus/bench/update"))?;
     let n = payload_with(&work, &src, "1.0.0", GIB, 6, &key, None)?;
     // N+1: the same data but 4 MiB rewritten, as a changed package.

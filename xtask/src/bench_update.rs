@@ -264,6 +264,39 @@ pub fn run_engine(bin: &Path, root: &Path, disk: &Path) -> anyhow::Result<(f64, 
     }
 }
 
+/// The release build of update-engine, as hosts run it.
+pub fn release_engine(root: &Path) -> anyhow::Result<PathBuf> {
+    let st = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(root)
+        .args([
+            "build",
+            "--release",
+            "--quiet",
+            "-p",
+            "nimbus-updater",
+            "--bin",
+            "update-engine",
+        ])
+        .status()?;
+    if !st.success() {
+        bail!("building update-engine failed");
+    }
+    Ok(root.join("target/release/update-engine"))
+}
+
+/// A release key kept in `work/key`, so payloads cached there stay valid.
+pub fn bench_key(work: &Path) -> anyhow::Result<ReleaseKey> {
+    let key_dir = work.join("key");
+    Ok(match ReleaseKey::load_dir(&key_dir) {
+        Ok(k) => k,
+        Err(_) => {
+            let k = ReleaseKey::generate()?;
+            k.write_to_dir(&key_dir)?;
+            k
+        }
+    })
+}
+
 /// The median of three runs of `f`.
 pub fn median3(mut f: impl FnMut() -> anyhow::Result<f64>) -> anyhow::Result<f64> {
     let mut v = [f()?, f()?, f()?];
@@ -284,31 +317,8 @@ pub fn bench_update(level: i32) -> anyhow::Result<std::process::ExitCode> {
     let root = crate::build_image::workspace_root();
     let work = root.join("target/nimbus/bench/update");
     std::fs::create_dir_all(&work)?;
-    let key_dir = work.join("key");
-    let key = match ReleaseKey::load_dir(&key_dir) {
-        Ok(k) => k,
-        Err(_) => {
-            let k = ReleaseKey::generate()?;
-            k.write_to_dir(&key_dir)?;
-            k
-        }
-    };
-    let st = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .current_dir(&root)
-        .args([
-            "build",
-            "--release",
-            "--quiet",
-            "-p",
-            "nimbus-updater",
-            "--bin",
-            "update-engine",
-        ])
-        .status()?;
-    if !st.success() {
-        bail!("building update-engine failed");
-    }
-    let bin = root.join("target/release/update-engine");
+    let key = bench_key(&work)?;
+    let bin = release_engine(&root)?;
     let src = source_fs(&root, &work)?;
     let p1 = payload_with(&work, &src, "1.0.0", GIB, level, &key, None)?;
     // The 4 GiB payload measures memory only; a fast level keeps its

@@ -152,7 +152,9 @@ impl Ssh {
     }
 }
 
-fn build(
+/// Build `version` into `work/<version>` (raw image, 3 GiB) with extra
+/// build-image flags; the bench uses it too.
+pub fn build(
     work: &Path,
     version: &str,
     extra: &[&str],

@@ -201,17 +201,10 @@ impl Engine {
     ) -> Result<crate::status::ApplyReport, UpdateError> {
         let shared = self.shared.clone();
         let progress = move |p: crate::status::Progress| shared.update(|s| s.progress = Some(p));
-        let persisted = Mutex::new(self.persisted.clone());
+        let saver = crate::state::Saver::new(&self.store, self.persisted.clone());
         let result = {
-            let store = &self.store;
-            let checkpoint = |cp: &crate::state::Checkpoint| {
-                let mut p = match persisted.lock() {
-                    Ok(p) => p,
-                    Err(e) => e.into_inner(),
-                };
-                p.checkpoint = Some(cp.clone());
-                store.save(&p)
-            };
+            let checkpoint =
+                |cp: &crate::state::Checkpoint| saver.update(|p| p.checkpoint = Some(cp.clone()));
             let job = apply::Job {
                 http: self.http.as_ref(),
                 url: url.to_string(),
@@ -231,10 +224,7 @@ impl Engine {
         // Keep the checkpoints written during the attempt even when it
         // failed: the daemon's next attempt resumes from them, and a later
         // save of the state must not drop them.
-        self.persisted = match persisted.into_inner() {
-            Ok(p) => p,
-            Err(e) => e.into_inner(),
-        };
+        self.persisted = saver.into_inner();
         let out = result?;
         tracing::info!(
             downloaded = out.downloaded,
@@ -352,21 +342,17 @@ impl Engine {
         }
         let shared = self.shared.clone();
         let progress = move |p: crate::status::Progress| shared.update(|s| s.progress = Some(p));
-        let persisted = Mutex::new(self.persisted.clone());
+        let saver = crate::state::Saver::new(&self.store, self.persisted.clone());
         let result = {
-            let store = &self.store;
             let checkpoint = |blocks: u64| {
-                let mut p = match persisted.lock() {
-                    Ok(p) => p,
-                    Err(e) => e.into_inner(),
-                };
-                p.delta_checkpoint = Some(crate::state::DeltaCheckpoint {
-                    version: r.version.to_string(),
-                    raw_sha256: r.raw_sha256.clone(),
-                    partition: slot.partition,
-                    blocks,
-                });
-                store.save(&p)
+                saver.update(|p| {
+                    p.delta_checkpoint = Some(crate::state::DeltaCheckpoint {
+                        version: r.version.to_string(),
+                        raw_sha256: r.raw_sha256.clone(),
+                        partition: slot.partition,
+                        blocks,
+                    })
+                })
             };
             crate::delta::run(&crate::delta::Job {
                 http: self.http.as_ref(),
@@ -384,10 +370,7 @@ impl Engine {
                 checkpoint: &checkpoint,
             })
         };
-        self.persisted = match persisted.into_inner() {
-            Ok(p) => p,
-            Err(e) => e.into_inner(),
-        };
+        self.persisted = saver.into_inner();
         let out = result?;
         tracing::info!(
             fetched = out.fetched,
