@@ -17,3 +17,12 @@ pub const HEALTH_FAILURE: &str = "var/lib/nimbus/health-failure.json";
 pub const ENGINE_SOCKET: &str = "run/nimbus/update-engine.sock";
 /// Where update-engine mounts the ESP when nothing else has.
 pub const ENGINE_MOUNTS: &str = "run/nimbus/mnt";
+
+/// Hook directories: `<kind>.d/` under each; /etc overrides /usr by name.
+pub const HOOKS_USR: &str = "usr/lib/nimbus/hooks";
+pub const HOOKS_ETC: &str = "etc/nimbus/hooks";
+/// Touched when a staged update waits for a reboot nobody will do for it
+/// (REBOOT_STRATEGY=off): kured and similar tools watch this file.
+pub const REBOOT_REQUIRED: &str = "run/reboot-required";
+/// Swarm membership from cloud-config (`nimbus.swarm`), read by nimbus-swarm.
+pub const SWARM_CONF: &str = "etc/nimbus/swarm.conf";

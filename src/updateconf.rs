@@ -27,6 +27,7 @@ pub const KNOWN_KEYS: &[&str] = &[
     "IO_WRITE_BPS",
     "IO_CLASS",
     "DOWNLOAD_RATE_MAX",
+    "HOOK_TIMEOUT",
 ];
 
 pub const REBOOT_STRATEGIES: &[&str] = &["reboot", "etcd-lock", "off"];

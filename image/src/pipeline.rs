@@ -307,7 +307,7 @@ fn customize(
     root: &Path,
     signing: &Signing,
     kver: &str,
-) -> Result<(), ImageError> {
+) -> Result<rootfs::ModuleReport, ImageError> {
     let w = |p: &Path, data: &[u8]| -> Result<(), ImageError> {
         if let Some(d) = p.parent() {
             fs::create_dir_all(d).map_err(io_at(d))?;
@@ -319,8 +319,8 @@ fn customize(
     fs::create_dir_all(&boot).map_err(io_at(&boot))?;
     let vmlinuz = root.join(format!("boot/vmlinuz-{kver}"));
     fs::copy(&vmlinuz, boot.join("vmlinuz")).map_err(io_at(&vmlinuz))?;
-    rootfs::strip(root, kver)?;
-
+    rootfs::strip(root)?;
+    let modules = rootfs::prune_modules(root, kver, STAGE1_MODULES)?;
     for i in &o.installs {
         let dest = root.join(i.dest.trim_start_matches('/'));
         if let Some(d) = dest.parent() {
@@ -342,6 +342,20 @@ fn customize(
             let link = d.join(&u.name);
             let _ = fs::remove_file(&link);
             std::os::unix::fs::symlink(format!("../{}", u.name), &link).map_err(io_at(&link))?;
+        }
+    }
+    // Docker starts on every host, also on one updated from a release
+    // without it (its package enabled it only in the seed /etc).
+    for (wants, unit) in [
+        ("multi-user.target.wants", "docker.service"),
+        ("sockets.target.wants", "docker.socket"),
+    ] {
+        if unitdir.join(unit).exists() {
+            let d = unitdir.join(wants);
+            fs::create_dir_all(&d).map_err(io_at(&d))?;
+            let link = d.join(unit);
+            let _ = fs::remove_file(&link);
+            std::os::unix::fs::symlink(format!("../{unit}"), &link).map_err(io_at(&link))?;
         }
     }
     // Networking: DHCP on every wired NIC through systemd-networkd (in the
@@ -420,32 +434,34 @@ fn customize(
             "cp",
         )?;
     }
-    Ok(())
+    Ok(modules)
 }
+
+/// What stage 1 loads (their dependencies are found in modules.dep).
+// crc32c_generic first: libcrc32c (needed by erofs and ext4) asks the
+// crypto API for "crc32c" when it loads, and stage 1 has no modprobe
+// to satisfy that request on demand.
+pub const STAGE1_MODULES: &[&str] = &[
+    "crc32c_generic",
+    "virtio_pci",
+    "virtio_blk",
+    "virtio_scsi",
+    "sd_mod",
+    "dm_mod",
+    "dm_verity",
+    "erofs",
+    "ext4",
+    // UEFI: systemd-boot's LoaderDevicePartUUID names the boot disk.
+    "efivarfs",
+    // The ESP, for the trust rotations update-engine leaves there.
+    "vfat",
+    "nls_cp437",
+    "nls_ascii",
+];
 
 /// The kernel modules stage-1 loads, dependencies first, as paths relative
 /// to /lib/modules/<kver>.
 pub fn stage1_modules(root: &Path, kver: &str) -> Result<Vec<String>, ImageError> {
-    // crc32c_generic first: libcrc32c (needed by erofs and ext4) asks the
-    // crypto API for "crc32c" when it loads, and stage 1 has no modprobe
-    // to satisfy that request on demand.
-    const WANT: &[&str] = &[
-        "crc32c_generic",
-        "virtio_pci",
-        "virtio_blk",
-        "virtio_scsi",
-        "sd_mod",
-        "dm_mod",
-        "dm_verity",
-        "erofs",
-        "ext4",
-        // UEFI: systemd-boot's LoaderDevicePartUUID names the boot disk.
-        "efivarfs",
-        // The ESP, for the trust rotations update-engine leaves there.
-        "vfat",
-        "nls_cp437",
-        "nls_ascii",
-    ];
     let dir = root.join("usr/lib/modules").join(kver);
     let dep = fs::read_to_string(dir.join("modules.dep")).map_err(io_at(&dir))?;
     let builtin = fs::read_to_string(dir.join("modules.builtin")).unwrap_or_default();
@@ -480,7 +496,7 @@ pub fn stage1_modules(root: &Path, kver: &str) -> Result<Vec<String>, ImageError
         }
         order.push(m.to_string());
     }
-    for w in WANT {
+    for w in STAGE1_MODULES {
         let file = format!("{w}.ko");
         match deps.keys().find(|k| norm(k) == file) {
             Some(k) => visit(k, &deps, &mut order),
@@ -754,8 +770,14 @@ fn build_inner(o: &BuildOptions, progress: &mut dyn Progress) -> Result<BuildRep
         copy_tree(&rootfs.dir, &staging)?;
         let _ = fs::remove_file(staging.join(".complete"));
         let kver = rootfs::kernel_version(&staging)?;
-        customize(o, &staging, &signing, &kver)?;
-        Ok((kver.clone(), format!("kernel {kver}")))
+        let m = customize(o, &staging, &signing, &kver)?;
+        Ok((
+            kver.clone(),
+            format!(
+                "kernel {kver}; modules: {} kept ({} zstd-compressed), {} removed",
+                m.kept, m.compressed, m.removed
+            ),
+        ))
     })?;
     let kernel = fs::read(staging.join("usr/lib/nimbus/boot/vmlinuz")).map_err(io_at(&staging))?;
     let stage1 = st.run("stage1-initramfs", || {

@@ -28,6 +28,8 @@ pub struct EngineConfig {
     pub strategy: crate::policy::Strategy,
     pub window: Option<crate::policy::Window>,
     pub etcd: crate::lock::EtcdOptions,
+    /// How long each pre-reboot or post-good hook may run.
+    pub hook_timeout: std::time::Duration,
 }
 
 pub const DEFAULT_ETCD: &str = "http://127.0.0.1:2379";
@@ -118,6 +120,14 @@ impl EngineConfig {
             }
         };
         let etcd = etcd_from_conf(c)?;
+        let hook_timeout = match c.get("HOOK_TIMEOUT") {
+            None => crate::hooks::DEFAULT_TIMEOUT,
+            Some(v) => match updateconf::parse_duration(v) {
+                Ok(0) => return Err(format!("HOOK_TIMEOUT={v:?}: must be more than 0")),
+                Ok(s) => std::time::Duration::from_secs(s),
+                Err(e) => return Err(format!("HOOK_TIMEOUT={e}")),
+            },
+        };
         Ok(EngineConfig {
             group,
             server,
@@ -128,6 +138,7 @@ impl EngineConfig {
             strategy,
             window,
             etcd,
+            hook_timeout,
         })
     }
 }

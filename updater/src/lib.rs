@@ -5,7 +5,7 @@
 //! Pure decisions (`choose`, `config`) are apart from effects: HTTP
 //! (`fetch`), the slot (`target`), cgroups (`iolimit`), persisted state
 //! (`state`). `apply` streams a payload, `delta` rebuilds a slot from local blocks and fetched frames, `engine` ties a check to an
-//! install, `api` serves the local socket.
+//! install, `hooks` run around the reboot it causes, `api` serves the local socket.
 
 pub mod api;
 pub mod apply;
@@ -16,6 +16,7 @@ pub mod engine;
 pub mod error;
 pub mod esp;
 pub mod fetch;
+pub mod hooks;
 pub mod iolimit;
 pub mod lock;
 pub mod policy;

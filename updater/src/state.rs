@@ -33,6 +33,12 @@ pub struct Persisted {
     /// the new slot is marked good (or the host rolled back).
     #[serde(default)]
     pub lock_taken: Option<String>,
+    /// The pre-reboot hooks ran (or started) for a reboot into this version:
+    /// the post-good hooks must run once a slot boots good, before the lock
+    /// is given back. Persisted before the first pre-reboot hook starts, so a
+    /// crash or power cut during the drain still ends in a reactivation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub post_good_pending: Option<String>,
     /// The last automatic rollback, reported until a newer version is
     /// installed.
     #[serde(default)]

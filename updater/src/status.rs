@@ -88,6 +88,9 @@ pub struct Status {
     /// that did not come up.
     #[serde(default)]
     pub stage1: Option<Stage1Status>,
+    /// The update hook running now: which, for how long, its last line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hook: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -209,6 +212,7 @@ impl Status {
             state_reset: None,
             trust: None,
             stage1: None,
+            hook: None,
         }
     }
 }

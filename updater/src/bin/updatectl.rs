@@ -207,6 +207,9 @@ fn print_status(s: &Status) {
             ),
         }
     }
+    if let Some(h) = &s.hook {
+        println!("hook:      {h}");
+    }
     if let Some(n) = &s.note {
         println!("note:      {n}");
     }

@@ -257,6 +257,8 @@ pub struct Engine {
     clock: Box<dyn Clock>,
     pub shared: std::sync::Arc<Shared>,
     running: Version,
+    /// No reboot before this: a pre-reboot hook failed.
+    hooks_retry_at: Option<std::time::Instant>,
 }
 
 /// The engine's idea of now: manifest expiry, rollouts, reports.
@@ -324,6 +326,7 @@ impl Engine {
             clock,
             shared,
             running: Version::new(0, 0, 0),
+            hooks_retry_at: None,
         };
         // The booted slot was checked by stage 1; what it verifies under
         // is the newest set that stage 1 may be given.

@@ -3,6 +3,7 @@
 //! good.
 
 use super::*;
+use std::os::unix::fs::OpenOptionsExt;
 
 impl Engine {
     /// This host's name in the reboot semaphore: /etc/machine-id.
@@ -41,23 +42,39 @@ impl Engine {
         self.sync_stage1_trust();
         let view = self.slots()?;
         let staged = view.staged().is_some();
-        if let Some(key) = self.persisted.lock_taken.clone() {
-            if !staged && view.booted_is_good() {
-                let id = self.machine_id()?;
-                match self.lock_client().and_then(|c| c.release(&id)) {
-                    Ok(held) => {
-                        tracing::info!("reboot lock {key}: released by {id} (held: {held}); the booted slot is good");
-                        self.persisted.lock_taken = None;
+        if !staged && view.booted_is_good() {
+            // Reactivate first (a drained host rejoins), then give the
+            // lock back: the next host may drain only once this one serves.
+            if let Some(v) = self.persisted.post_good_pending.clone() {
+                let rolled_back = v != self.running.to_string();
+                match self.run_hooks(crate::hooks::Kind::PostGood, &v, rolled_back) {
+                    Ok(()) => {
+                        self.persisted.post_good_pending = None;
                         self.store.save(&self.persisted)?;
                     }
                     Err(e) => {
-                        // Kept in the state file: retried on the next step, never lost.
-                        tracing::warn!("reboot lock {key}: cannot release yet: {e}");
-                        self.shared.update(|s| {
-                            s.note = Some(format!("cannot release the reboot lock yet: {e}"))
-                        });
+                        let why = format!("{e}; the reboot lock is kept until the post-good hooks succeed (retried every step)");
+                        tracing::warn!("{why}");
+                        self.shared.update(|s| s.note = Some(why.clone()));
+                        return Ok(crate::policy::Decision::Wait { until: None, why });
                     }
                 }
+            }
+            self.release_lock_if_taken();
+        }
+        if staged && self.cfg.strategy == Strategy::Off {
+            self.touch_reboot_required();
+        }
+        // After a failed pre-reboot hook, not even the lock is taken again
+        // before the retry time: another host may go first meanwhile.
+        if let Some(at) = self.hooks_retry_at.filter(|_| staged) {
+            let left = at.saturating_duration_since(std::time::Instant::now());
+            if !left.is_zero() {
+                let why = format!(
+                    "a pre-reboot hook failed; the reboot is tried again in {} s",
+                    left.as_secs()
+                );
+                return Ok(crate::policy::Decision::Wait { until: None, why });
             }
         }
         let now = chrono::Local::now().naive_local();
@@ -123,10 +140,155 @@ impl Engine {
                 );
             }
         }
+        if d == Decision::Reboot {
+            d = self.before_reboot(view.staged());
+        }
         if let Decision::Wait { why, .. } = &d {
             let why = why.clone();
             self.shared.update(|s| s.note = Some(why));
         }
         Ok(d)
+    }
+
+    /// Give back a reboot lock this host took, if it holds one; an error is
+    /// kept in the state file and retried on the next step, never lost.
+    fn release_lock_if_taken(&mut self) {
+        let Some(key) = self.persisted.lock_taken.clone() else {
+            return;
+        };
+        let id = match self.machine_id() {
+            Ok(id) => id,
+            Err(e) => {
+                tracing::warn!("reboot lock {key}: cannot release yet: {e}");
+                return;
+            }
+        };
+        match self.lock_client().and_then(|c| c.release(&id)) {
+            Ok(held) => {
+                tracing::info!("reboot lock {key}: released by {id} (held: {held})");
+                self.persisted.lock_taken = None;
+                if let Err(e) = self.store.save(&self.persisted) {
+                    tracing::warn!("reboot lock {key}: released, but the state file: {e}");
+                }
+            }
+            Err(e) => {
+                tracing::warn!("reboot lock {key}: cannot release yet: {e}");
+                self.shared
+                    .update(|s| s.note = Some(format!("cannot release the reboot lock yet: {e}")));
+            }
+        }
+    }
+
+    /// REBOOT_STRATEGY=off: say on the host that a reboot is wanted, for
+    /// kured-style tools (and a login banner) to act on.
+    fn touch_reboot_required(&self) {
+        let p = self.host.root.join(nimbus::paths::REBOOT_REQUIRED);
+        if p.exists() {
+            return;
+        }
+        let text = match self.slots().ok().and_then(|v| v.staged()) {
+            Some(v) => format!("*** System restart required: Nimbus {v} is staged ***\n"),
+            None => "*** System restart required ***\n".to_string(),
+        };
+        // /run is root's; an existing file is left as it is.
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&p)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()))
+        {
+            Ok(()) => tracing::info!("{}: a reboot is needed (REBOOT_STRATEGY=off)", p.display()),
+            Err(e) => tracing::warn!("{}: {e}", p.display()),
+        }
+    }
+
+    /// Run every hook of `kind`, showing which one runs in the status.
+    fn run_hooks(
+        &mut self,
+        kind: crate::hooks::Kind,
+        version: &str,
+        rolled_back: bool,
+    ) -> Result<(), crate::hooks::HookError> {
+        let env = [
+            ("NIMBUS_NEW_VERSION", version.to_string()),
+            ("NIMBUS_RUNNING_VERSION", self.running.to_string()),
+            (
+                "NIMBUS_ROLLED_BACK",
+                if rolled_back { "1" } else { "0" }.to_string(),
+            ),
+            ("NIMBUS_ROOT", self.host.root.display().to_string()),
+        ];
+        let shared = self.shared.clone();
+        let mut last_shown = std::time::Instant::now() - std::time::Duration::from_secs(10);
+        let r = crate::hooks::run_all(
+            &self.host.root,
+            kind,
+            &env,
+            self.cfg.hook_timeout,
+            &mut |run| {
+                // Once a second is plenty for `updatectl status`.
+                if last_shown.elapsed() >= std::time::Duration::from_secs(1) {
+                    last_shown = std::time::Instant::now();
+                    let line = run.to_string();
+                    shared.update(|s| {
+                        s.note = Some(format!("waiting on the {line}"));
+                        s.hook = Some(line);
+                    });
+                }
+            },
+        );
+        self.shared.update(|s| s.hook = None);
+        r.map(|n| {
+            if n > 0 {
+                tracing::info!("{kind} hooks: {n} done");
+            }
+        })
+    }
+
+    /// The reboot is decided: run the pre-reboot hooks. If one fails, undo
+    /// with the post-good hooks, give the lock back, and try again later.
+    fn before_reboot(&mut self, staged: Option<Version>) -> crate::policy::Decision {
+        use crate::policy::Decision;
+        let version = staged.map(|v| v.to_string()).unwrap_or_default();
+        // Recorded before the first hook starts: whatever happens from here
+        // (a crash, a power cut, the reboot itself), the post-good hooks run
+        // before the lock is given back.
+        self.persisted.post_good_pending = Some(version.clone());
+        if let Err(e) = self.store.save(&self.persisted) {
+            return Decision::Wait {
+                until: None,
+                why: format!("not rebooting: cannot record the pre-reboot step: {e}"),
+            };
+        }
+        let e = match self.run_hooks(crate::hooks::Kind::PreReboot, &version, false) {
+            Ok(()) => return Decision::Reboot,
+            Err(e) => e,
+        };
+        tracing::warn!("{e}");
+        self.hooks_retry_at = Some(std::time::Instant::now() + crate::hooks::RETRY_AFTER);
+        let undo = match self.run_hooks(crate::hooks::Kind::PostGood, &version, false) {
+            Ok(()) => {
+                self.persisted.post_good_pending = None;
+                if let Err(e) = self.store.save(&self.persisted) {
+                    tracing::warn!("state file: {e}");
+                }
+                self.release_lock_if_taken();
+                if self.persisted.lock_taken.is_none() {
+                    "post-good hooks ran to undo it; the reboot lock is not held".to_string()
+                } else {
+                    "post-good hooks ran to undo it; the reboot lock could not be released yet (retried)".to_string()
+                }
+            }
+            Err(u) => format!("undoing it failed too ({u}); the reboot lock is kept"),
+        };
+        Decision::Wait {
+            until: None,
+            why: format!(
+                "not rebooting: {e}; {undo}; tried again in {} s",
+                crate::hooks::RETRY_AFTER.as_secs()
+            ),
+        }
     }
 }
