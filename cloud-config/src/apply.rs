@@ -1096,6 +1096,9 @@ fn apply_update_conf(root: &mut Root, cfg: &CloudConfig) -> Result<(), ApplyErro
             set.insert("REBOOT_STRATEGY", v.clone());
         }
     }
+    if let Some(t) = cfg.nimbus.as_ref().and_then(|n| n.hook_timeout.as_ref()) {
+        set.insert("HOOK_TIMEOUT", t.clone());
+    }
     if let Some(l) = &cfg.locksmith {
         for (k, v) in [
             ("REBOOT_WINDOW_START", &l.window_start),
@@ -1224,6 +1227,18 @@ pub fn apply(
         root.write("/etc/oem-release", body.as_bytes(), 0o644, Some((0, 0)))?;
     }
     apply_update_conf(root, cfg)?;
+    let mut swarm_changed = false;
+    if let Some(sw) = cfg.nimbus.as_ref().and_then(|n| n.swarm.as_ref()) {
+        let before = root.report.changed.len();
+        // 0600: it may hold a join token, which lets a machine into the swarm.
+        root.write(
+            &format!("/{}", nimbus::paths::SWARM_CONF),
+            sw.render().as_bytes(),
+            0o600,
+            Some((0, 0)),
+        )?;
+        swarm_changed = root.report.changed.len() > before;
+    }
     let units_changed = apply_units(root, cfg)?;
 
     let mut argvs: Vec<Vec<String>> = Vec::new();
@@ -1246,6 +1261,17 @@ pub fn apply(
         if let Some(c) = &u.command {
             argvs.push(vec!["systemctl".into(), c.clone(), u.name.clone()]);
         }
+    }
+    if swarm_changed {
+        // At boot it starts after cloud-config anyway; on a running host
+        // the new membership takes effect now. --no-block: joining waits
+        // for Docker and etcd, which may still be starting.
+        argvs.push(vec![
+            "systemctl".into(),
+            "start".into(),
+            "--no-block".into(),
+            "nimbus-swarm.service".into(),
+        ]);
     }
     for argv in argvs {
         let refs: Vec<&str> = argv.iter().map(String::as_str).collect();

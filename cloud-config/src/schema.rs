@@ -6,6 +6,7 @@
 //! misplaced keys are errors: coreos-cloudinit ignored them silently
 //! (coreos-cloudinit#90, coreos/bugs#199), which let typos through.
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use base64::engine::general_purpose::STANDARD as B64;
@@ -49,6 +50,51 @@ pub struct CloudConfig {
     /// Environment drop-ins for etcd, fleet, flannel.
     pub env_dropins: Vec<EnvDropIn>,
     pub units: Vec<Unit>,
+    /// The `nimbus:` section: Nimbus's own keys.
+    pub nimbus: Option<NimbusSection>,
+}
+
+/// `nimbus:` at the top level.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NimbusSection {
+    pub swarm: Option<Swarm>,
+    /// update.conf's HOOK_TIMEOUT: how long each update hook may run.
+    pub hook_timeout: Option<String>,
+}
+
+/// `nimbus.swarm`: this host's place in a Docker swarm. One manager has
+/// `init`; the others `join` the managers listed, with `join_token` or
+/// the token the init host published in etcd.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Swarm {
+    /// "manager" or "worker".
+    pub role: String,
+    pub init: bool,
+    pub advertise_addr: String,
+    pub listen_addr: Option<String>,
+    pub join: Vec<String>,
+    pub join_token: Option<String>,
+}
+
+impl Swarm {
+    /// `/etc/nimbus/swarm.conf`, as nimbus-swarm reads it.
+    pub fn render(&self) -> String {
+        let mut out =
+            String::from("# Written by cloud-config from nimbus.swarm; read by nimbus-swarm.\n");
+        out.push_str(&format!("ROLE={}\n", self.role));
+        out.push_str(&format!("INIT={}\n", if self.init { "yes" } else { "no" }));
+        out.push_str(&format!("ADVERTISE_ADDR={}\n", self.advertise_addr));
+        if let Some(l) = &self.listen_addr {
+            out.push_str(&format!("LISTEN_ADDR={l}\n"));
+        }
+        if !self.join.is_empty() {
+            out.push_str(&format!("JOIN={}\n", self.join.join(",")));
+        }
+        if let Some(t) = &self.join_token {
+            out.push_str(&format!("JOIN_TOKEN={t}\n"));
+        }
+        out
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -169,6 +215,16 @@ const TOP: &[&str] = &[
     "write_files",
     "manage_etc_hosts",
     "coreos",
+    "nimbus",
+];
+const NIMBUS: &[&str] = &["swarm", "hook_timeout"];
+const SWARM: &[&str] = &[
+    "role",
+    "init",
+    "advertise_addr",
+    "listen_addr",
+    "join",
+    "join_token",
 ];
 const COREOS: &[&str] = &[
     "etcd",
@@ -610,8 +666,12 @@ fn owner_ok(o: &str) -> bool {
 }
 
 fn check_url(c: &mut Checker, node: &Node, what: &str, s: &str) {
+    check_url_at(c, node.line, what, s)
+}
+
+fn check_url_at(c: &mut Checker, line: usize, what: &str, s: &str) {
     if !(s.starts_with("http://") || s.starts_with("https://")) || s.contains(char::is_whitespace) {
-        c.error(node.line, format!("{what} {s:?} is not an http(s) URL"));
+        c.error(line, format!("{what} {s:?} is not an http(s) URL"));
     }
 }
 
@@ -685,6 +745,7 @@ fn check_inner(text: &str, c: &mut Checker) -> Option<UserData> {
             }
         }
         "coreos" => coreos(c, v, &mut cfg),
+        "nimbus" => cfg.nimbus = Some(nimbus_section(c, v)),
         _ => {}
     });
     let mut paths: Vec<&str> = Vec::new();
@@ -935,6 +996,7 @@ fn coreos(c: &mut Checker, n: &Node, cfg: &mut CloudConfig) {
             }
             etcd_line = Some(kl);
             cfg.env_dropins.push(env_section(c, v, "etcd2", ETCD2, "ETCD_", "etcd.service"));
+            etcd2_checks(c, v);
         }
         "etcd" => {
             let kl = c.key_line;
@@ -1032,6 +1094,188 @@ fn coreos(c: &mut Checker, n: &Node, cfg: &mut CloudConfig) {
         }
         _ => {}
     });
+}
+
+/// An address swarm accepts: an IP, an IP:port, or an interface name.
+fn swarm_addr_ok(s: &str, port_allowed: bool) -> bool {
+    if s.parse::<std::net::IpAddr>().is_ok() {
+        return true;
+    }
+    if port_allowed && s.parse::<std::net::SocketAddr>().is_ok() {
+        return true;
+    }
+    // An interface name (eth1, ens4): swarm takes its address.
+    !s.is_empty()
+        && s.len() <= 15
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        && s.bytes().next().is_some_and(|b| b.is_ascii_alphabetic())
+        && !s.contains('.')
+}
+
+fn nimbus_section(c: &mut Checker, n: &Node) -> NimbusSection {
+    let mut out = NimbusSection::default();
+    c.map(n, "nimbus", NIMBUS, |c, key, v| match key {
+        "hook_timeout" => {
+            if let Some(s) = c.string(v, "nimbus.hook_timeout") {
+                match nimbus::updateconf::parse_duration(&s) {
+                    Ok(0) => c.error(v.line, "nimbus.hook_timeout must be more than 0"),
+                    Ok(_) => out.hook_timeout = Some(s),
+                    Err(e) => c.error(v.line, format!("nimbus.hook_timeout {e}")),
+                }
+            }
+        }
+        "swarm" => {
+            let kl = c.key_line;
+            let mut sw = Swarm::default();
+            let mut ok = true;
+            c.map(v, "nimbus.swarm", SWARM, |c, key, val| match key {
+                "role" => match c.string(val, "nimbus.swarm.role") {
+                    Some(r) if r == "manager" || r == "worker" => sw.role = r,
+                    Some(r) => {
+                        ok = false;
+                        c.error(val.line, format!("nimbus.swarm.role {r:?} is not manager or worker"));
+                    }
+                    None => ok = false,
+                },
+                "init" => sw.init = c.boolean(val, "nimbus.swarm.init").unwrap_or(false),
+                "advertise_addr" | "listen_addr" => {
+                    if let Some(a) = c.string(val, &format!("nimbus.swarm.{key}")) {
+                        if !swarm_addr_ok(&a, true) {
+                            ok = false;
+                            c.error(val.line, format!("nimbus.swarm.{key} {a:?} is not an IP address, IP:port or interface name"));
+                        } else if key == "advertise_addr" {
+                            sw.advertise_addr = a;
+                        } else {
+                            sw.listen_addr = Some(a);
+                        }
+                    }
+                }
+                "join" => {
+                    let list = match &val.kind {
+                        Kind::Seq(_) => c.strings(val, "nimbus.swarm.join"),
+                        _ => c
+                            .string(val, "nimbus.swarm.join")
+                            .map(|s| s.split(',').map(|x| x.trim().to_string()).collect())
+                            .unwrap_or_default(),
+                    };
+                    for a in &list {
+                        let hostport = a.rsplit_once(':').is_some_and(|(h, p)| {
+                            !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0) && (h.parse::<std::net::IpAddr>().is_ok() || valid_hostname(h))
+                        });
+                        if !(hostport || a.parse::<std::net::IpAddr>().is_ok()) {
+                            ok = false;
+                            c.error(val.line, format!("nimbus.swarm.join: {a:?} is not a manager address (IP or host, optionally :port)"));
+                        }
+                    }
+                    sw.join = list;
+                }
+                "join_token" => {
+                    if let Some(t) = c.string(val, "nimbus.swarm.join_token") {
+                        let parts: Vec<&str> = t.split('-').collect();
+                        if parts.len() == 4 && parts[0] == "SWMTKN" && parts[1] == "1" && parts[2..].iter().all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric())) {
+                            sw.join_token = Some(t);
+                        } else {
+                            ok = false;
+                            c.error(val.line, "nimbus.swarm.join_token is not a swarm join token (SWMTKN-1-...-...)");
+                        }
+                    }
+                }
+                _ => {}
+            });
+            if ok && matches!(v.kind, Kind::Map(_)) {
+                if sw.role.is_empty() {
+                    c.error(kl, "nimbus.swarm needs `role` (manager or worker)");
+                } else if sw.advertise_addr.is_empty() {
+                    c.error(kl, "nimbus.swarm needs `advertise_addr`: the address other hosts reach this one at");
+                } else if sw.init && sw.role != "manager" {
+                    c.error(kl, "nimbus.swarm: only a manager can `init` a swarm");
+                } else if sw.init && (!sw.join.is_empty() || sw.join_token.is_some()) {
+                    c.error(kl, "nimbus.swarm: `init` starts a new swarm; it does not go with `join` or `join_token`");
+                } else if !sw.init && sw.join.is_empty() {
+                    c.error(kl, "nimbus.swarm: give `join` (the managers' addresses), or `init: true` on the one host that starts the swarm");
+                } else {
+                    out.swarm = Some(sw);
+                }
+            }
+        }
+        _ => {}
+    });
+    out
+}
+
+const ETCD2_URL_LISTS: &[&str] = &[
+    "advertise_client_urls",
+    "initial_advertise_peer_urls",
+    "listen_client_urls",
+    "listen_peer_urls",
+];
+
+/// etcd refuses to start on these mistakes, late and in its own log: say
+/// so while validating, with the line.
+fn etcd2_checks(c: &mut Checker, n: &Node) {
+    let Kind::Map(entries) = &n.kind else { return };
+    let mut vals: BTreeMap<String, (String, usize)> = BTreeMap::new();
+    for (k, v) in entries {
+        if let (Some(k), Kind::Scalar { value, .. }) = (k.as_str(), &v.kind) {
+            vals.insert(k.replace('-', "_"), (value.clone(), v.line));
+        }
+    }
+    for (k, (v, line)) in &vals {
+        if v.contains("$private_ipv4") || v.contains("$public_ipv4") {
+            c.error(*line, format!("coreos.etcd2.{k}: Nimbus does not substitute $private_ipv4/$public_ipv4 (it has no metadata service); write the address"));
+            continue;
+        }
+        if ETCD2_URL_LISTS.contains(&k.as_str()) {
+            for u in v.split(',') {
+                check_url_at(c, *line, &format!("coreos.etcd2.{k}:"), u.trim());
+            }
+        }
+    }
+    if let Some((s, line)) = vals.get("initial_cluster_state") {
+        if s != "new" && s != "existing" {
+            c.error(
+                *line,
+                format!("coreos.etcd2.initial_cluster_state {s:?} is not new or existing"),
+            );
+        }
+    }
+    let Some((ic, ic_line)) = vals.get("initial_cluster") else {
+        return;
+    };
+    let mut members: Vec<(String, String)> = Vec::new();
+    for m in ic.split(',').map(str::trim) {
+        match m.split_once('=') {
+            Some((name, url)) if !name.is_empty() => {
+                check_url_at(
+                    c,
+                    *ic_line,
+                    &format!("coreos.etcd2.initial_cluster: member {name}:"),
+                    url,
+                );
+                members.push((name.to_string(), url.to_string()));
+            }
+            _ => c.error(
+                *ic_line,
+                format!("coreos.etcd2.initial_cluster: {m:?} is not NAME=URL"),
+            ),
+        }
+    }
+    match vals.get("name") {
+        None => c.error(*ic_line, "coreos.etcd2: initial_cluster is given but not `name` (which of its members this host is)"),
+        Some((name, line)) => {
+            let mine: Vec<&str> = members.iter().filter(|(n, _)| n == name).map(|(_, u)| u.as_str()).collect();
+            if mine.is_empty() {
+                c.error(*line, format!("coreos.etcd2.name {name:?} is not a member of initial_cluster"));
+            } else if let Some((adv, aline)) = vals.get("initial_advertise_peer_urls") {
+                for u in adv.split(',').map(str::trim) {
+                    if !mine.contains(&u) {
+                        c.error(*aline, format!("coreos.etcd2.initial_advertise_peer_urls: {u} is not listed for {name} in initial_cluster (etcd would refuse to start)"));
+                    }
+                }
+            }
+        }
+    }
 }
 
 fn unit(c: &mut Checker, n: &Node) -> Option<Unit> {

@@ -621,3 +621,32 @@ fn symlinks_planted_by_a_user_are_never_followed() {
         "wrote through the user's symlink"
     );
 }
+
+#[test]
+fn swarm_membership_and_hook_timeout_are_written() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = base_root();
+    let doc = "#cloud-config\nnimbus:\n  hook_timeout: 3m\n  swarm:\n    role: worker\n    advertise_addr: 10.10.0.13\n    join: [10.10.0.11:2377, 10.10.0.12:2377]\n";
+    let o = apply(d.path(), doc);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("systemctl start --no-block nimbus-swarm.service (skipped"),
+        "{out}"
+    );
+    let conf = d.path().join("etc/nimbus/swarm.conf");
+    assert_eq!(
+        fs::read_to_string(&conf).unwrap(),
+        "# Written by cloud-config from nimbus.swarm; read by nimbus-swarm.\nROLE=worker\nINIT=no\nADVERTISE_ADDR=10.10.0.13\nJOIN=10.10.0.11:2377,10.10.0.12:2377\n"
+    );
+    assert_eq!(
+        fs::metadata(&conf).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let uc = fs::read_to_string(d.path().join("etc/nimbus/update.conf")).unwrap();
+    assert!(uc.contains("HOOK_TIMEOUT=3m"), "{uc}");
+    // The same document again changes nothing and starts nothing.
+    let o = apply(d.path(), doc);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(!out.contains("nimbus-swarm"), "{out}");
+}

@@ -278,3 +278,126 @@ fn account_fields_cannot_inject_lines_or_fields() {
         "not a valid group name",
     );
 }
+
+const ETCD2_OK: &str = "#cloud-config
+coreos:
+  etcd2:
+    name: n1
+    initial-cluster: n1=http://10.10.0.11:2380,n2=http://10.10.0.12:2380,n3=http://10.10.0.13:2380
+    initial-cluster-state: new
+    initial-cluster-token: nimbus-test
+    initial-advertise-peer-urls: http://10.10.0.11:2380
+    listen-peer-urls: http://10.10.0.11:2380
+    listen-client-urls: http://0.0.0.0:2379
+    advertise-client-urls: http://10.10.0.11:2379
+";
+
+#[test]
+fn an_etcd2_cluster_member_is_accepted_and_becomes_etcd_environment() {
+    let c = ok(ETCD2_OK);
+    let d = &c.env_dropins[0];
+    assert_eq!(d.unit, "etcd.service");
+    let get = |k: &str| d.vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+    assert_eq!(get("ETCD_NAME"), Some("n1"));
+    assert_eq!(get("ETCD_INITIAL_CLUSTER_STATE"), Some("new"));
+    assert_eq!(
+        get("ETCD_INITIAL_ADVERTISE_PEER_URLS"),
+        Some("http://10.10.0.11:2380")
+    );
+}
+
+#[test]
+fn etcd2_mistakes_etcd_would_die_on_are_caught_with_their_line() {
+    let cases: &[(&str, &str, usize, &str)] = &[
+        (
+            "name: n1",
+            "name: n9",
+            4,
+            "\"n9\" is not a member of initial_cluster",
+        ),
+        (
+            "initial-cluster-state: new",
+            "initial-cluster-state: fresh",
+            6,
+            "not new or existing",
+        ),
+        (
+            "initial-advertise-peer-urls: http://10.10.0.11:2380",
+            "initial-advertise-peer-urls: http://10.10.0.99:2380",
+            8,
+            "is not listed for n1 in initial_cluster",
+        ),
+        (
+            "advertise-client-urls: http://10.10.0.11:2379",
+            "advertise-client-urls: http://$private_ipv4:2379",
+            11,
+            "does not substitute $private_ipv4",
+        ),
+        (
+            "listen-client-urls: http://0.0.0.0:2379",
+            "listen-client-urls: 0.0.0.0:2379",
+            10,
+            "is not an http(s) URL",
+        ),
+        (
+            "initial-cluster: n1=http://10.10.0.11:2380,",
+            "initial-cluster: n1,",
+            5,
+            "\"n1\" is not NAME=URL",
+        ),
+    ];
+    for (from, to, line, frag) in cases {
+        assert!(ETCD2_OK.contains(from), "{from}");
+        expect(&ETCD2_OK.replace(from, to), *line, Severity::Error, frag);
+    }
+    expect(
+        &ETCD2_OK.replace("    name: n1\n", ""),
+        4,
+        Severity::Error,
+        "initial_cluster is given but not `name`",
+    );
+}
+
+#[test]
+fn a_swarm_section_is_checked_and_rendered() {
+    let c = ok("#cloud-config
+nimbus:
+  hook_timeout: 5m
+  swarm:
+    role: manager
+    advertise_addr: 10.10.0.12
+    join: [10.10.0.11:2377]
+    join_token: SWMTKN-1-3pu6hszjas19xyp7ghgosyx9k8atbfcr8p2is99znpy26u2lkl-1awxwuwd3z9j1z3puu7rcgdbx
+");
+    let n = c.nimbus.expect("nimbus section");
+    assert_eq!(n.hook_timeout.as_deref(), Some("5m"));
+    let sw = n.swarm.expect("swarm");
+    assert_eq!(
+        sw.render(),
+        "# Written by cloud-config from nimbus.swarm; read by nimbus-swarm.\nROLE=manager\nINIT=no\nADVERTISE_ADDR=10.10.0.12\nJOIN=10.10.0.11:2377\nJOIN_TOKEN=SWMTKN-1-3pu6hszjas19xyp7ghgosyx9k8atbfcr8p2is99znpy26u2lkl-1awxwuwd3z9j1z3puu7rcgdbx\n"
+    );
+    let init = ok("#cloud-config\nnimbus:\n  swarm:\n    role: manager\n    init: true\n    advertise_addr: eth1\n");
+    assert!(init.nimbus.and_then(|n| n.swarm).is_some_and(|s| s.init));
+
+    let base = "#cloud-config\nnimbus:\n  swarm:\n";
+    let cases: &[(&str, usize, &str)] = &[
+        ("    role: boss\n    init: true\n    advertise_addr: 10.0.0.1\n", 4, "\"boss\" is not manager or worker"),
+        ("    role: worker\n    init: true\n    advertise_addr: 10.0.0.1\n", 3, "only a manager can `init`"),
+        ("    role: manager\n    join: [10.0.0.1:2377]\n", 3, "needs `advertise_addr`"),
+        ("    role: manager\n    advertise_addr: 10.0.0.2\n", 3, "give `join`"),
+        ("    role: manager\n    init: true\n    join: [10.0.0.1]\n    advertise_addr: 10.0.0.2\n", 3, "does not go with `join`"),
+        ("    role: worker\n    advertise_addr: 10.0.0.2\n    join: ['10.0.0.1:99999']\n", 6, "is not a manager address"),
+        ("    role: worker\n    advertise_addr: 10.0.0.2/24\n    join: [10.0.0.1]\n", 5, "is not an IP address"),
+        ("    role: worker\n    advertise_addr: 10.0.0.2\n    join: [10.0.0.1]\n    join_token: letmein\n", 7, "is not a swarm join token"),
+        ("    roles: worker\n", 4, "unknown key `roles` in nimbus.swarm; did you mean `role`?"),
+    ];
+    for (body, line, frag) in cases {
+        expect(&format!("{base}{body}"), *line, Severity::Error, frag);
+    }
+    expect(
+        "#cloud-config\nnimbus:\n  hook_timeout: soon\n",
+        3,
+        Severity::Error,
+        "nimbus.hook_timeout",
+    );
+}
