@@ -400,6 +400,29 @@ impl LockClient {
     pub fn holds(&self, id: &str) -> Result<bool, LockError> {
         Ok(self.get()?.0.holders.iter().any(|h| h == id))
     }
+
+    /// Any other key's value, through the same endpoints and credentials
+    /// (nimbus-swarm shares join tokens this way).
+    pub fn get_value(&self, key: &str) -> Result<Option<Vec<u8>>, LockError> {
+        let v = self.post("/v3/kv/range", &json!({"key": B64.encode(key)}))?;
+        let Some(kv) = v["kvs"].as_array().and_then(|a| a.first()) else {
+            return Ok(None);
+        };
+        B64.decode(kv["value"].as_str().unwrap_or(""))
+            .map(Some)
+            .map_err(|e| LockError::Malformed {
+                key: key.to_string(),
+                reason: format!("not base64 from etcd: {e}"),
+            })
+    }
+
+    pub fn put_value(&self, key: &str, value: &[u8]) -> Result<(), LockError> {
+        self.post(
+            "/v3/kv/put",
+            &json!({"key": B64.encode(key), "value": B64.encode(value)}),
+        )
+        .map(|_| ())
+    }
 }
 
 #[cfg(test)]

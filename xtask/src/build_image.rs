@@ -124,6 +124,7 @@ fn nimbus_binaries(root: &Path) -> anyhow::Result<Vec<Install>> {
         ("nimbus-cloud-config", "cloud-config"),
         ("nimbus-updater", "update-engine"),
         ("nimbus-updater", "updatectl"),
+        ("nimbus-swarm", "nimbus-swarm"),
     ];
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.current_dir(root)
@@ -214,7 +215,12 @@ fn extra_units(dirs: &[PathBuf]) -> anyhow::Result<Vec<UnitFile>> {
 
 fn units(root: &Path) -> anyhow::Result<Vec<UnitFile>> {
     let mut out = Vec::new();
-    for dir in ["cloud-config/units", "image/units", "updater/units"] {
+    for dir in [
+        "cloud-config/units",
+        "image/units",
+        "updater/units",
+        "swarm/units",
+    ] {
         let mut names: Vec<PathBuf> = std::fs::read_dir(root.join(dir))
             .with_context(|| dir.to_string())?
             .filter_map(|e| e.ok().map(|e| e.path()))
@@ -301,6 +307,14 @@ pub fn prepare(a: BuildImage) -> anyhow::Result<BuildOptions> {
     // Cheap checks first, so a typo fails in a second, not after a build.
     pipeline::preflight(&opts)?;
     opts.installs = nimbus_binaries(&root)?;
+    // update-engine's default hooks (docs/cluster.md).
+    for (rel, source) in files_under(&root.join("swarm/hooks"))? {
+        opts.installs.push(Install {
+            dest: format!("/{}/{rel}", nimbus::paths::HOOKS_USR),
+            source,
+            mode: 0o755,
+        });
+    }
     let init = nimbus_init(&root)?;
     opts.installs.push(Install {
         dest: "/usr/lib/nimbus/nimbus-init".into(),

@@ -1,0 +1,713 @@
+//! nimbus-swarm: a host's Docker swarm membership, as cloud-config's
+//! `nimbus.swarm` describes it, and the update hooks that drain the host
+//! before update-engine reboots it and make it active again after.
+//!
+//! Docker's swarm mode does the scheduling (fleet's job on CoreOS): this
+//! crate only joins hosts and moves their tasks away around a reboot. The
+//! logic runs over [`Docker`] (the `docker` CLI on a host, a script in the
+//! tests) and [`Tokens`] (etcd on a host), so it is tested without either.
+//!
+//! Join tokens: the host with `init` starts the swarm and publishes the
+//! manager and worker tokens in etcd under [`TOKEN_KEY`]`/<role>`; the
+//! others read them there unless their user-data gives `join_token`.
+
+use std::time::{Duration, Instant};
+
+pub const TOKEN_KEY: &str = "nimbus/swarm/join-token";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SwarmError {
+    #[error("{path}: line {line}: {reason}")]
+    Conf {
+        path: String,
+        line: usize,
+        reason: String,
+    },
+    #[error("{path}: {reason}")]
+    ConfMissing { path: String, reason: String },
+    #[error("`docker {args}` failed: {reason}")]
+    Docker { args: String, reason: String },
+    #[error("`docker {args}`: unexpected output {output:?}")]
+    DockerOutput { args: String, output: String },
+    #[error("etcd: {0}")]
+    Etcd(String),
+    #[error("{0}")]
+    Gave(String),
+}
+
+/// `/etc/nimbus/swarm.conf` (written by cloud-config).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SwarmConf {
+    pub manager: bool,
+    pub init: bool,
+    pub advertise_addr: String,
+    pub listen_addr: Option<String>,
+    pub join: Vec<String>,
+    pub join_token: Option<String>,
+}
+
+impl SwarmConf {
+    pub fn parse(path: &str, text: &str) -> Result<SwarmConf, SwarmError> {
+        let mut c = SwarmConf::default();
+        let mut role = None;
+        for (i, l) in text.lines().enumerate() {
+            let t = l.trim();
+            if t.is_empty() || t.starts_with('#') {
+                continue;
+            }
+            let bad = |reason: String| SwarmError::Conf {
+                path: path.into(),
+                line: i + 1,
+                reason,
+            };
+            let (k, v) = t
+                .split_once('=')
+                .ok_or_else(|| bad(format!("expected KEY=value, found {t:?}")))?;
+            let v = v.trim().to_string();
+            match k.trim() {
+                "ROLE" => match v.as_str() {
+                    "manager" | "worker" => role = Some(v),
+                    _ => return Err(bad(format!("ROLE={v:?}: use manager or worker"))),
+                },
+                "INIT" => {
+                    c.init = match v.as_str() {
+                        "yes" | "true" => true,
+                        "no" | "false" => false,
+                        _ => return Err(bad(format!("INIT={v:?}: use yes or no"))),
+                    }
+                }
+                "ADVERTISE_ADDR" => c.advertise_addr = v,
+                "LISTEN_ADDR" => c.listen_addr = Some(v),
+                "JOIN" => {
+                    c.join = v
+                        .split(',')
+                        .map(|s| s.trim().to_string())
+                        .filter(|s| !s.is_empty())
+                        .collect()
+                }
+                "JOIN_TOKEN" => c.join_token = Some(v),
+                other => return Err(bad(format!("unknown key {other}"))),
+            }
+        }
+        let missing = |reason: &str| SwarmError::ConfMissing {
+            path: path.into(),
+            reason: reason.into(),
+        };
+        let role = role.ok_or_else(|| missing("ROLE is not set"))?;
+        c.manager = role == "manager";
+        if c.advertise_addr.is_empty() {
+            return Err(missing("ADVERTISE_ADDR is not set"));
+        }
+        if c.init && !c.manager {
+            return Err(missing("INIT=yes needs ROLE=manager"));
+        }
+        if !c.init && c.join.is_empty() {
+            return Err(missing("JOIN is empty and INIT is not yes"));
+        }
+        Ok(c)
+    }
+
+    pub fn role(&self) -> &'static str {
+        if self.manager {
+            "manager"
+        } else {
+            "worker"
+        }
+    }
+}
+
+/// The narrow seam to Docker: run the CLI, get its standard output.
+pub trait Docker {
+    fn run(&mut self, args: &[&str]) -> Result<String, SwarmError>;
+}
+
+/// Where join tokens are shared.
+pub trait Tokens {
+    fn get(&mut self, role: &str) -> Result<Option<String>, SwarmError>;
+    fn put(&mut self, role: &str, token: &str) -> Result<(), SwarmError>;
+}
+
+/// What `docker info` says of this node's swarm membership.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Deserialize)]
+pub struct SwarmInfo {
+    #[serde(rename = "NodeID", default)]
+    pub node_id: String,
+    /// inactive, pending, active, error, locked.
+    #[serde(rename = "LocalNodeState", default)]
+    pub state: String,
+    #[serde(rename = "ControlAvailable", default)]
+    pub manager: bool,
+    #[serde(rename = "Error", default)]
+    pub error: String,
+}
+
+pub fn info(d: &mut dyn Docker) -> Result<SwarmInfo, SwarmError> {
+    let args = ["info", "--format", "{{json .Swarm}}"];
+    let out = d.run(&args)?;
+    serde_json::from_str(out.trim()).map_err(|_| SwarmError::DockerOutput {
+        args: args.join(" "),
+        output: out.chars().take(200).collect(),
+    })
+}
+
+/// Time and output for the long waits: a real clock and stdout on a host,
+/// a fake in the tests.
+pub trait Waiter {
+    fn sleep(&mut self, d: Duration);
+    fn elapsed(&self) -> Duration;
+    fn say(&mut self, line: &str);
+}
+
+pub struct RealWaiter {
+    start: Instant,
+}
+
+impl RealWaiter {
+    pub fn new() -> RealWaiter {
+        RealWaiter {
+            start: Instant::now(),
+        }
+    }
+}
+
+impl Default for RealWaiter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Waiter for RealWaiter {
+    fn sleep(&mut self, d: Duration) {
+        std::thread::sleep(d)
+    }
+    fn elapsed(&self) -> Duration {
+        self.start.elapsed()
+    }
+    fn say(&mut self, line: &str) {
+        // The hook's output is update-engine's status line: one per line,
+        // flushed at once.
+        use std::io::Write;
+        let mut o = std::io::stdout().lock();
+        let _ = writeln!(o, "{line}");
+        let _ = o.flush();
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Joined {
+    AlreadyMember,
+    Initialised,
+    Joined { via: String },
+}
+
+fn publish_tokens(d: &mut dyn Docker, t: &mut dyn Tokens) -> Result<(), SwarmError> {
+    for role in ["manager", "worker"] {
+        let tok = d.run(&["swarm", "join-token", "-q", role])?;
+        let tok = tok.trim();
+        if !tok.starts_with("SWMTKN-") {
+            return Err(SwarmError::DockerOutput {
+                args: format!("swarm join-token -q {role}"),
+                output: tok.into(),
+            });
+        }
+        if t.get(role)?.as_deref() != Some(tok) {
+            t.put(role, tok)?;
+        }
+    }
+    Ok(())
+}
+
+/// Make this host what `conf` says: start the swarm, or join it. Waits up
+/// to `limit` for a token to appear in etcd and for a manager to answer.
+pub fn join(
+    conf: &SwarmConf,
+    d: &mut dyn Docker,
+    t: &mut dyn Tokens,
+    w: &mut dyn Waiter,
+    limit: Duration,
+) -> Result<Joined, SwarmError> {
+    let i = info(d)?;
+    if i.state == "active" {
+        if i.manager {
+            // Tokens can be rotated by hand: keep etcd's copy current.
+            if let Err(e) = publish_tokens(d, t) {
+                w.say(&format!("cannot publish the join tokens yet: {e}"));
+            }
+        }
+        return Ok(Joined::AlreadyMember);
+    }
+    let mut addr_args = vec!["--advertise-addr", conf.advertise_addr.as_str()];
+    if let Some(l) = &conf.listen_addr {
+        addr_args.extend(["--listen-addr", l.as_str()]);
+    }
+    if conf.init {
+        let mut args = vec!["swarm", "init"];
+        args.extend(&addr_args);
+        d.run(&args)?;
+        w.say("swarm initialised; publishing the join tokens in etcd");
+        loop {
+            match publish_tokens(d, t) {
+                Ok(()) => return Ok(Joined::Initialised),
+                Err(e) if w.elapsed() < limit => {
+                    w.say(&format!("waiting for etcd to publish the join tokens: {e}"));
+                    w.sleep(Duration::from_secs(2));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    let mut last = String::new();
+    loop {
+        let token = match &conf.join_token {
+            Some(t) => Some(t.clone()),
+            None => match t.get(conf.role()) {
+                Ok(t) => t,
+                Err(e) => {
+                    last = format!("reading the {} join token from etcd: {e}", conf.role());
+                    None
+                }
+            },
+        };
+        if let Some(token) = token {
+            for m in &conf.join {
+                let mut args = vec!["swarm", "join", "--token", token.as_str()];
+                args.extend(&addr_args);
+                args.push(m.as_str());
+                match d.run(&args) {
+                    Ok(_) => return Ok(Joined::Joined { via: m.clone() }),
+                    Err(e) => last = format!("joining via {m}: {e}"),
+                }
+            }
+        } else if last.is_empty() {
+            last = format!(
+                "no {} join token in etcd yet ({TOKEN_KEY}/{})",
+                conf.role(),
+                conf.role()
+            );
+        }
+        if w.elapsed() >= limit {
+            return Err(SwarmError::Gave(format!(
+                "not in the swarm after {} s: {last}",
+                limit.as_secs()
+            )));
+        }
+        w.say(&format!("waiting to join: {last}"));
+        w.sleep(Duration::from_secs(2));
+    }
+}
+
+/// A replicated service's `Replicas` column: "2/3", "3/3 (max 1 per node)".
+pub fn replicas(s: &str) -> Option<(u64, u64)> {
+    let head = s.split_whitespace().next()?;
+    let (a, b) = head.split_once('/')?;
+    Some((a.parse().ok()?, b.parse().ok()?))
+}
+
+/// What still keeps a drain from being done, in words; `None` when done.
+pub fn drain_pending(d: &mut dyn Docker, node: &str) -> Result<Option<String>, SwarmError> {
+    let here = d.run(&[
+        "node",
+        "ps",
+        node,
+        "--filter",
+        "desired-state=running",
+        "--format",
+        "{{.Name}}",
+    ])?;
+    let here: Vec<&str> = here
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let services = d.run(&[
+        "service",
+        "ls",
+        "--format",
+        "{{.Name}}\t{{.Mode}}\t{{.Replicas}}",
+    ])?;
+    let mut short = Vec::new();
+    for l in services.lines() {
+        let f: Vec<&str> = l.split('\t').collect();
+        if let [name, "replicated", reps] = f.as_slice() {
+            match replicas(reps) {
+                Some((a, b)) if a < b => short.push(format!("{name} {a}/{b}")),
+                Some(_) => {}
+                None => short.push(format!("{name} {reps:?}")),
+            }
+        }
+    }
+    if here.is_empty() && short.is_empty() {
+        return Ok(None);
+    }
+    let mut why = Vec::new();
+    if !here.is_empty() {
+        why.push(format!(
+            "{} task(s) still on this node ({})",
+            here.len(),
+            here.join(", ")
+        ));
+    }
+    if !short.is_empty() {
+        why.push(format!(
+            "services not at full strength: {}",
+            short.join(", ")
+        ));
+    }
+    Ok(Some(why.join("; ")))
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Drained {
+    NotInSwarm,
+    /// Docker lets only managers change a node's availability.
+    Worker,
+    Drained {
+        node: String,
+    },
+}
+
+/// Set this node to drain and wait until its tasks run elsewhere.
+/// update-engine stops the hook at HOOK_TIMEOUT; the line said last is why.
+pub fn drain(d: &mut dyn Docker, w: &mut dyn Waiter) -> Result<Drained, SwarmError> {
+    let i = info(d)?;
+    if i.state != "active" {
+        w.say(&format!("not in a swarm ({}): nothing to drain", i.state));
+        return Ok(Drained::NotInSwarm);
+    }
+    if !i.manager {
+        w.say("a worker node: not drained (only managers may change availability); its tasks move when it goes down");
+        return Ok(Drained::Worker);
+    }
+    d.run(&["node", "update", "--availability", "drain", &i.node_id])?;
+    w.say(&format!("node {} set to drain", i.node_id));
+    let mut said = String::new();
+    loop {
+        match drain_pending(d, &i.node_id)? {
+            None => {
+                w.say("drained: every task runs elsewhere");
+                return Ok(Drained::Drained { node: i.node_id });
+            }
+            Some(why) => {
+                if why != said {
+                    w.say(&format!("waiting: {why}"));
+                    said = why;
+                }
+            }
+        }
+        w.sleep(Duration::from_secs(1));
+    }
+}
+
+/// After the reboot: wait for this node to be back in the swarm, then make
+/// it active (a no-op if it already is). Gives up after `limit`.
+pub fn activate(
+    d: &mut dyn Docker,
+    w: &mut dyn Waiter,
+    limit: Duration,
+) -> Result<Option<String>, SwarmError> {
+    loop {
+        let i = info(d)?;
+        match (i.state.as_str(), i.manager) {
+            ("inactive", _) => {
+                w.say("not in a swarm: nothing to activate");
+                return Ok(None);
+            }
+            ("active", false) => {
+                w.say("a worker node: its availability was not changed");
+                return Ok(None);
+            }
+            ("active", true) => {
+                d.run(&["node", "update", "--availability", "active", &i.node_id])?;
+                w.say(&format!("node {} is active again", i.node_id));
+                return Ok(Some(i.node_id));
+            }
+            (state, _) => {
+                if w.elapsed() >= limit {
+                    return Err(SwarmError::Gave(format!(
+                        "the node is {state} in the swarm after {} s{}",
+                        limit.as_secs(),
+                        if i.error.is_empty() {
+                            String::new()
+                        } else {
+                            format!(": {}", i.error)
+                        }
+                    )));
+                }
+                w.say(&format!("waiting for the swarm: node is {state}"));
+                w.sleep(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::VecDeque;
+
+    /// Answers in order, per command prefix; records every call.
+    #[derive(Default)]
+    struct Script {
+        answers: Vec<(String, VecDeque<Result<String, String>>)>,
+        calls: Vec<String>,
+    }
+
+    impl Script {
+        fn on(mut self, prefix: &str, outs: &[Result<&str, &str>]) -> Script {
+            self.answers.push((
+                prefix.into(),
+                outs.iter()
+                    .map(|r| r.map(str::to_string).map_err(str::to_string))
+                    .collect(),
+            ));
+            self
+        }
+    }
+
+    impl Docker for Script {
+        fn run(&mut self, args: &[&str]) -> Result<String, SwarmError> {
+            let line = args.join(" ");
+            self.calls.push(line.clone());
+            for (p, q) in &mut self.answers {
+                if line.starts_with(p.as_str()) {
+                    // The last answer repeats.
+                    let a = if q.len() > 1 {
+                        q.pop_front()
+                    } else {
+                        q.front().cloned()
+                    };
+                    return a
+                        .unwrap_or(Ok(String::new()))
+                        .map_err(|reason| SwarmError::Docker {
+                            args: line.clone(),
+                            reason,
+                        });
+                }
+            }
+            panic!("unscripted docker {line}");
+        }
+    }
+
+    #[derive(Default)]
+    struct Mem(std::collections::BTreeMap<String, String>, u32);
+    impl Tokens for Mem {
+        fn get(&mut self, role: &str) -> Result<Option<String>, SwarmError> {
+            if self.1 > 0 {
+                self.1 -= 1;
+                return Err(SwarmError::Etcd("connection refused".into()));
+            }
+            Ok(self.0.get(role).cloned())
+        }
+        fn put(&mut self, role: &str, token: &str) -> Result<(), SwarmError> {
+            self.0.insert(role.into(), token.into());
+            Ok(())
+        }
+    }
+
+    #[derive(Default)]
+    struct Fake {
+        t: Duration,
+        said: Vec<String>,
+    }
+    impl Waiter for Fake {
+        fn sleep(&mut self, d: Duration) {
+            self.t += d;
+        }
+        fn elapsed(&self) -> Duration {
+            self.t
+        }
+        fn say(&mut self, line: &str) {
+            self.said.push(line.into());
+        }
+    }
+
+    const INACTIVE: &str =
+        r#"{"NodeID":"","LocalNodeState":"inactive","ControlAvailable":false,"Error":""}"#;
+    const MANAGER: &str =
+        r#"{"NodeID":"n1","LocalNodeState":"active","ControlAvailable":true,"Error":""}"#;
+    const WORKER: &str =
+        r#"{"NodeID":"w1","LocalNodeState":"active","ControlAvailable":false,"Error":""}"#;
+    const TOKEN_M: &str = "SWMTKN-1-aaa-mmm";
+    const TOKEN_W: &str = "SWMTKN-1-aaa-www";
+
+    fn conf(text: &str) -> SwarmConf {
+        SwarmConf::parse("swarm.conf", text).expect("conf")
+    }
+
+    #[test]
+    fn conf_parses_and_bad_lines_name_their_line() {
+        let c = conf("# x\nROLE=manager\nINIT=no\nADVERTISE_ADDR=10.0.0.2\nJOIN=10.0.0.1:2377, 10.0.0.3:2377\n");
+        assert!(c.manager && !c.init);
+        assert_eq!(c.join, ["10.0.0.1:2377", "10.0.0.3:2377"]);
+        for (text, frag) in [
+            ("ROLE=boss\n", "line 1: ROLE=\"boss\""),
+            (
+                "ROLE=worker\nINIT=yes\nADVERTISE_ADDR=a\n",
+                "INIT=yes needs ROLE=manager",
+            ),
+            ("ROLE=worker\nADVERTISE_ADDR=a\n", "JOIN is empty"),
+            ("ROLE=worker\nJOIN=a\n", "ADVERTISE_ADDR is not set"),
+            ("ROLE=worker\nnonsense\n", "line 2: expected KEY=value"),
+            ("ROLE=worker\nCOLOUR=red\n", "line 2: unknown key COLOUR"),
+        ] {
+            let e = SwarmConf::parse("swarm.conf", text)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(frag), "{text:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn init_starts_the_swarm_and_publishes_both_tokens() {
+        let mut d = Script::default()
+            .on("info", &[Ok(INACTIVE)])
+            .on("swarm init", &[Ok("Swarm initialized")])
+            .on("swarm join-token -q manager", &[Ok(TOKEN_M)])
+            .on("swarm join-token -q worker", &[Ok(TOKEN_W)]);
+        let mut t = Mem(Default::default(), 1);
+        let mut w = Fake::default();
+        let c = conf("ROLE=manager\nINIT=yes\nADVERTISE_ADDR=10.0.0.1\n");
+        assert_eq!(
+            join(&c, &mut d, &mut t, &mut w, Duration::from_secs(60)).unwrap(),
+            Joined::Initialised
+        );
+        assert!(d
+            .calls
+            .contains(&"swarm init --advertise-addr 10.0.0.1".to_string()));
+        assert_eq!(t.0.get("manager").map(String::as_str), Some(TOKEN_M));
+        assert_eq!(t.0.get("worker").map(String::as_str), Some(TOKEN_W));
+        assert!(
+            w.said.iter().any(|s| s.contains("waiting for etcd")),
+            "{:?}",
+            w.said
+        );
+    }
+
+    #[test]
+    fn a_joiner_waits_for_the_token_and_tries_each_manager() {
+        let mut d = Script::default()
+            .on("info", &[Ok(INACTIVE)])
+            .on(
+                "swarm join --token SWMTKN-1-aaa-www --advertise-addr 10.0.0.3 10.0.0.1:2377",
+                &[Err("connection refused")],
+            )
+            .on(
+                "swarm join --token SWMTKN-1-aaa-www --advertise-addr 10.0.0.3 10.0.0.2:2377",
+                &[Ok("This node joined a swarm as a worker.")],
+            );
+        let mut t = Mem(Default::default(), 0);
+        let mut w = Fake::default();
+        let c = conf("ROLE=worker\nADVERTISE_ADDR=10.0.0.3\nJOIN=10.0.0.1:2377,10.0.0.2:2377\n");
+        // No token for a while: it waits, then gives up with the reason.
+        let e = join(&c, &mut d, &mut t, &mut w, Duration::from_secs(10)).unwrap_err();
+        assert!(
+            e.to_string().contains("no worker join token in etcd yet"),
+            "{e}"
+        );
+        t.0.insert("worker".into(), TOKEN_W.into());
+        let got = join(
+            &c,
+            &mut d,
+            &mut t,
+            &mut Fake::default(),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        assert_eq!(
+            got,
+            Joined::Joined {
+                via: "10.0.0.2:2377".into()
+            }
+        );
+    }
+
+    #[test]
+    fn an_active_member_is_left_alone() {
+        let mut d = Script::default().on("info", &[Ok(WORKER)]);
+        let c = conf("ROLE=worker\nADVERTISE_ADDR=10.0.0.3\nJOIN=10.0.0.1\n");
+        let got = join(
+            &c,
+            &mut d,
+            &mut Mem::default(),
+            &mut Fake::default(),
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        assert_eq!(got, Joined::AlreadyMember);
+        assert_eq!(d.calls, ["info --format {{json .Swarm}}"]);
+    }
+
+    #[test]
+    fn drain_waits_until_tasks_moved_and_services_are_whole() {
+        let mut d = Script::default()
+            .on("info", &[Ok(MANAGER)])
+            .on("node update --availability drain n1", &[Ok("n1")])
+            .on("node ps n1", &[Ok("web.2\n"), Ok(""), Ok("")])
+            .on(
+                "service ls",
+                &[
+                    Ok("web\treplicated\t3/3\n"),
+                    Ok("web\treplicated\t2/3\n"),
+                    Ok("web\treplicated\t3/3 (max 2 per node)\nlog\tglobal\t2/2\n"),
+                ],
+            );
+        let mut w = Fake::default();
+        assert_eq!(
+            drain(&mut d, &mut w).unwrap(),
+            Drained::Drained { node: "n1".into() }
+        );
+        assert_eq!(
+            w.said,
+            [
+                "node n1 set to drain",
+                "waiting: 1 task(s) still on this node (web.2)",
+                "waiting: services not at full strength: web 2/3",
+                "drained: every task runs elsewhere",
+            ]
+        );
+    }
+
+    #[test]
+    fn drain_on_a_worker_or_outside_a_swarm_does_nothing() {
+        let mut d = Script::default().on("info", &[Ok(WORKER)]);
+        assert_eq!(
+            drain(&mut d, &mut Fake::default()).unwrap(),
+            Drained::Worker
+        );
+        let mut d = Script::default().on("info", &[Ok(INACTIVE)]);
+        assert_eq!(
+            drain(&mut d, &mut Fake::default()).unwrap(),
+            Drained::NotInSwarm
+        );
+        let mut d = Script::default().on("info", &[Ok("Cannot connect to the Docker daemon")]);
+        let e = drain(&mut d, &mut Fake::default()).unwrap_err();
+        assert!(e.to_string().contains("unexpected output"), "{e}");
+    }
+
+    #[test]
+    fn activate_waits_for_the_swarm_then_sets_active() {
+        let pending =
+            r#"{"NodeID":"n1","LocalNodeState":"pending","ControlAvailable":false,"Error":""}"#;
+        let mut d = Script::default()
+            .on("info", &[Ok(pending), Ok(pending), Ok(MANAGER)])
+            .on("node update --availability active n1", &[Ok("n1")]);
+        let mut w = Fake::default();
+        assert_eq!(
+            activate(&mut d, &mut w, Duration::from_secs(60)).unwrap(),
+            Some("n1".into())
+        );
+        let mut d = Script::default().on("info", &[Ok(pending)]);
+        let e = activate(&mut d, &mut Fake::default(), Duration::from_secs(5)).unwrap_err();
+        assert!(
+            e.to_string().contains("pending in the swarm after 5 s"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn replicas_column() {
+        assert_eq!(replicas("3/3"), Some((3, 3)));
+        assert_eq!(replicas("2/3 (max 1 per node)"), Some((2, 3)));
+        assert_eq!(replicas("x"), None);
+    }
+}

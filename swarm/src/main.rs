@@ -1,0 +1,184 @@
+//! `nimbus-swarm`: join the swarm cloud-config described (run by
+//! nimbus-swarm.service at boot), and the drain / activate steps
+//! update-engine runs as its default pre-reboot and post-good hooks.
+//!
+//! Exit codes: 0 done, 1 failed (the message says why), 2 configuration.
+
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use nimbus_swarm::{Docker, RealWaiter, SwarmConf, SwarmError, Tokens, TOKEN_KEY};
+
+#[derive(Parser)]
+#[command(
+    name = "nimbus-swarm",
+    version,
+    about = "Docker swarm membership from cloud-config, and the update drain hooks"
+)]
+struct Cli {
+    /// The root holding etc/nimbus/ (swarm.conf, update.conf for etcd).
+    #[arg(long, default_value = "/", global = true)]
+    root: PathBuf,
+    #[command(subcommand)]
+    cmd: Sub,
+}
+
+#[derive(Subcommand)]
+enum Sub {
+    /// Start or join the swarm /etc/nimbus/swarm.conf describes (no-op when
+    /// this host is a member already).
+    Join {
+        /// Give up after this many seconds without a token or a manager.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
+    /// Set this node to drain and wait until its tasks run elsewhere (the
+    /// pre-reboot hook; update-engine stops it at HOOK_TIMEOUT).
+    Drain,
+    /// Wait for the swarm and make this node active again (the post-good
+    /// hook).
+    Activate {
+        /// Seconds to wait for the node to be back in the swarm (default:
+        /// NIMBUS_HOOK_TIMEOUT less 10 s, or 300).
+        #[arg(long)]
+        timeout: Option<u64>,
+    },
+}
+
+struct DockerCli;
+
+impl Docker for DockerCli {
+    fn run(&mut self, args: &[&str]) -> Result<String, SwarmError> {
+        let out = Command::new("docker")
+            .args(args)
+            .output()
+            .map_err(|e| SwarmError::Docker {
+                args: args.join(" "),
+                reason: format!("cannot run docker: {e}"),
+            })?;
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            return Err(SwarmError::Docker {
+                args: redact(args),
+                reason: format!("{}: {}", out.status, err.trim()),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+/// A join token lets a machine into the swarm: never in a log line.
+fn redact(args: &[&str]) -> String {
+    args.iter()
+        .map(|a| {
+            if a.starts_with("SWMTKN-") {
+                "SWMTKN-…"
+            } else {
+                a
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+struct Etcd(nimbus_updater::lock::LockClient);
+
+impl Tokens for Etcd {
+    fn get(&mut self, role: &str) -> Result<Option<String>, SwarmError> {
+        let v = self
+            .0
+            .get_value(&format!("{TOKEN_KEY}/{role}"))
+            .map_err(|e| SwarmError::Etcd(e.to_string()))?;
+        Ok(v.map(|b| String::from_utf8_lossy(&b).trim().to_string()))
+    }
+    fn put(&mut self, role: &str, token: &str) -> Result<(), SwarmError> {
+        self.0
+            .put_value(&format!("{TOKEN_KEY}/{role}"), token.as_bytes())
+            .map_err(|e| SwarmError::Etcd(e.to_string()))
+    }
+}
+
+fn etcd(root: &std::path::Path) -> anyhow::Result<Etcd> {
+    let conf = nimbus::updateconf::UpdateConf::load_layered(root)?;
+    let opts = nimbus_updater::config::etcd_from_conf(&conf)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", nimbus::updateconf::ETC_PATH))?;
+    Ok(Etcd(nimbus_updater::lock::LockClient::new(opts)?))
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let mut docker = DockerCli;
+    let mut w = RealWaiter::new();
+    match cli.cmd {
+        Sub::Join { timeout } => {
+            let path = cli.root.join(nimbus::paths::SWARM_CONF);
+            let text = match std::fs::read_to_string(&path) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("nimbus-swarm: {}: {e}", path.display());
+                    return Ok(ExitCode::from(2));
+                }
+            };
+            let conf = match SwarmConf::parse(&path.display().to_string(), &text) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("nimbus-swarm: {e}");
+                    return Ok(ExitCode::from(2));
+                }
+            };
+            let mut tokens = etcd(&cli.root)?;
+            let r = nimbus_swarm::join(
+                &conf,
+                &mut docker,
+                &mut tokens,
+                &mut w,
+                Duration::from_secs(timeout),
+            )?;
+            tracing::info!("swarm: {r:?} as {}", conf.role());
+            println!(
+                "{}",
+                match r {
+                    nimbus_swarm::Joined::AlreadyMember =>
+                        "already a member of the swarm".to_string(),
+                    nimbus_swarm::Joined::Initialised =>
+                        "swarm initialised; join tokens published in etcd".to_string(),
+                    nimbus_swarm::Joined::Joined { via } =>
+                        format!("joined the swarm as a {} via {via}", conf.role()),
+                }
+            );
+        }
+        Sub::Drain => {
+            nimbus_swarm::drain(&mut docker, &mut w)?;
+        }
+        Sub::Activate { timeout } => {
+            let limit = timeout.unwrap_or_else(|| {
+                std::env::var("NIMBUS_HOOK_TIMEOUT")
+                    .ok()
+                    .and_then(|s| s.parse::<u64>().ok())
+                    .map(|s| s.saturating_sub(10).max(10))
+                    .unwrap_or(300)
+            });
+            nimbus_swarm::activate(&mut docker, &mut w, Duration::from_secs(limit))?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("NIMBUS_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    match run(Cli::parse()) {
+        Ok(c) => c,
+        Err(e) => {
+            // stdout: update-engine shows a hook's last line as its reason.
+            println!("nimbus-swarm: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
