@@ -1259,7 +1259,16 @@ pub fn apply(
     }
     for u in &cfg.units {
         if let Some(c) = &u.command {
-            argvs.push(vec!["systemctl".into(), c.clone(), u.name.clone()]);
+            // Queued, not waited for, as coreos-cloudinit's D-Bus StartUnit
+            // did: at boot, cloud-config.service runs before the daemons a
+            // unit may need (docker after containerd after cloud-config), and
+            // waiting here would deadlock the boot until a timeout.
+            argvs.push(vec![
+                "systemctl".into(),
+                "--no-block".into(),
+                c.clone(),
+                u.name.clone(),
+            ]);
         }
     }
     if swarm_changed {

@@ -214,7 +214,8 @@ fn golden_tree_and_idempotent() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(
-        stdout.contains("ran systemctl start hello.service (skipped: not a live system)"),
+        stdout
+            .contains("ran systemctl --no-block start hello.service (skipped: not a live system)"),
         "{stdout}"
     );
 

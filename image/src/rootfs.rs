@@ -50,6 +50,10 @@ impl RootfsSpec {
                 "containerd",
                 // dockerd on the containerd above; swarm mode is built in.
                 "docker.io",
+                // The Debian kernel enables AppArmor, and dockerd then
+                // refuses to start containers without apparmor_parser to
+                // load its docker-default profile (as Debian recommends).
+                "apparmor",
                 "linux-image-amd64",
                 "systemd-boot-efi",
                 // `core` has passwordless sudo, as on CoreOS (Vagrant needs it).

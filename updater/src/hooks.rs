@@ -4,7 +4,8 @@
 //!   etcd lock held), before it happens. The shipped hook drains this host
 //!   from Docker swarm. A hook that fails or overruns `HOOK_TIMEOUT` stops
 //!   the reboot: the post-good hooks run to undo what was done, the lock
-//!   is given back, and the reboot is tried again later.
+//!   is given back, and the reboot is tried again after another
+//!   HOOK_TIMEOUT.
 //! - `post-good.d/`: once the booted slot is good after that reboot (the new
 //!   one, or the old one after a rollback), before the lock is given back.
 //!   The shipped hook makes the host active in the swarm again.
@@ -26,9 +27,6 @@ use std::time::{Duration, Instant};
 /// Applied when update.conf sets no HOOK_TIMEOUT: long enough for a swarm
 /// to move a host's tasks, short enough that a stuck drain is noticed.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
-
-/// After a pre-reboot hook failed, the reboot is tried again this much later.
-pub const RETRY_AFTER: Duration = Duration::from_secs(600);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {

@@ -81,6 +81,19 @@ const HEALTH_DROPIN: &str = "[Service]
 Environment=\"NIMBUS_HEALTH_UNITS=update-engine.service nimbus-e2e-broken.service\"
 ";
 
+/// `--extra-units` for a release whose health check fails: a required
+/// unit that exits 1.
+pub(crate) fn broken_units(work: &Path) -> anyhow::Result<PathBuf> {
+    let broken = work.join("broken-units");
+    std::fs::create_dir_all(broken.join("nimbus-mark-good.service.d"))?;
+    std::fs::write(broken.join("nimbus-e2e-broken.service"), BROKEN_UNIT)?;
+    std::fs::write(
+        broken.join("nimbus-mark-good.service.d/50-e2e.conf"),
+        HEALTH_DROPIN,
+    )?;
+    Ok(broken)
+}
+
 fn cgpt(disk: &Path, n: u32) -> anyhow::Result<String> {
     let mut out = Vec::new();
     for f in ["-P", "-T", "-S"] {
@@ -94,13 +107,13 @@ fn cgpt(disk: &Path, n: u32) -> anyhow::Result<String> {
     Ok(out.join("/"))
 }
 
-struct Ssh {
-    port: u16,
-    key: PathBuf,
+pub(crate) struct Ssh {
+    pub port: u16,
+    pub key: PathBuf,
 }
 
 impl Ssh {
-    fn run(&self, cmd: &str) -> anyhow::Result<Output> {
+    pub fn run(&self, cmd: &str) -> anyhow::Result<Output> {
         Command::new("ssh")
             .arg("-i")
             .arg(&self.key)
@@ -124,7 +137,7 @@ impl Ssh {
     }
 
     /// Run `cmd` once sshd answers (it may still be starting); its stdout.
-    fn run_ok(&self, cmd: &str, patience: Duration) -> anyhow::Result<String> {
+    pub fn run_ok(&self, cmd: &str, patience: Duration) -> anyhow::Result<String> {
         let t0 = Instant::now();
         loop {
             let o = self.run(cmd)?;
@@ -271,13 +284,7 @@ fn story(work: &Path, log: &Path) -> anyhow::Result<()> {
     steps.done("build N (1.0.0)");
     let (n1, opts) = build(work, "1.1.0", &[])?;
     steps.done("build N+1 (1.1.0)");
-    let broken = work.join("broken-units");
-    std::fs::create_dir_all(broken.join("nimbus-mark-good.service.d"))?;
-    std::fs::write(broken.join("nimbus-e2e-broken.service"), BROKEN_UNIT)?;
-    std::fs::write(
-        broken.join("nimbus-mark-good.service.d/50-e2e.conf"),
-        HEALTH_DROPIN,
-    )?;
+    let broken = broken_units(work)?;
     let (n2, _) = build(
         work,
         "1.2.0",
@@ -381,6 +388,10 @@ fn story(work: &Path, log: &Path) -> anyhow::Result<()> {
         append: String::new(),
         mark: Vec::new(),
         quiet: true,
+        smp: 2,
+        forward: Vec::new(),
+        switch: None,
+        user_data: None,
     };
     // The host's first boot, alone: its disk gets its own GUIDs. (At the
     // very first boot two byte-identical disks cannot be told apart, and

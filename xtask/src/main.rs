@@ -15,6 +15,7 @@ mod bench_impact;
 mod bench_rauc;
 mod bench_update;
 mod build_image;
+mod cluster;
 mod deps;
 mod disk;
 mod e2e;
@@ -58,6 +59,10 @@ enum Cmd {
         #[arg(long)]
         keep: bool,
     },
+    /// A cluster in QEMU: etcd and a Docker swarm formed from cloud-config alone, a
+    /// replicated service, and a rolling update under the etcd reboot lock, probed every
+    /// second; prints `cluster: hosts=N final=... max_rebooting=N ...`.
+    Cluster(cluster::ClusterArgs),
     /// Cut the power at every write and sync of an update (and of the boot's GPT writes)
     /// and check that the disk still boots a verified slot with an old-or-new GPT.
     Powercut {
@@ -105,6 +110,7 @@ fn main() -> ExitCode {
         Cmd::Qemu(a) => qemu::run(a),
         Cmd::Release(a) => release(a),
         Cmd::E2e { keep } => e2e::run(keep),
+        Cmd::Cluster(a) => cluster::run(a),
         Cmd::Fuzz {
             seconds,
             targets,

@@ -62,6 +62,22 @@ pub struct Qemu {
     /// Do not echo the console to stdout (it still goes to --serial-log).
     #[arg(long)]
     pub quiet: bool,
+    /// Virtual CPUs.
+    #[arg(long, default_value_t = 2)]
+    pub smp: u32,
+    /// Also forward host port HOST (on 127.0.0.1) to guest port GUEST on
+    /// the user-mode NIC. Repeatable.
+    #[arg(long, value_name = "HOST:GUEST")]
+    pub forward: Vec<String>,
+    /// A second NIC joined to a virtual switch on this machine: frames go
+    /// as UDP datagrams between 127.0.0.1:LOCAL and the switch at
+    /// 127.0.0.1:SWITCH (`cargo xtask cluster` runs the switch).
+    #[arg(long, value_name = "LOCAL:SWITCH:MAC")]
+    pub switch: Option<String>,
+    /// Give the guest this user-data through QEMU's fw_cfg
+    /// (opt/org.nimbus/user-data, read by cloud-config at boot).
+    #[arg(long, value_name = "FILE")]
+    pub user_data: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -123,8 +139,15 @@ fn extract_boot(
 fn command(a: &Qemu, image: &Path, scratch: &Path) -> anyhow::Result<Command> {
     let firmware = if a.uefi { Firmware::Uefi } else { a.firmware };
     let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args(["-accel", "tcg", "-smp", "2", "-m", &a.memory.to_string()])
-        .args(["-display", "none", "-monitor", "none", "-serial", "stdio"]);
+    cmd.args([
+        "-accel",
+        "tcg",
+        "-smp",
+        &a.smp.max(1).to_string(),
+        "-m",
+        &a.memory.to_string(),
+    ])
+    .args(["-display", "none", "-monitor", "none", "-serial", "stdio"]);
     for (i, d) in a.extra_disk.iter().enumerate() {
         cmd.arg("-drive")
             .arg(format!(
@@ -150,11 +173,41 @@ fn command(a: &Qemu, image: &Path, scratch: &Path) -> anyhow::Result<Command> {
                 "virtio-blk-pci,drive=boot,bootindex=0"
             },
         ])
-        .args([
-            "-netdev",
-            &format!("user,id=net0,hostfwd=tcp:127.0.0.1:{}-:22", a.ssh_port),
-        ])
         .args(["-device", "virtio-net-pci,netdev=net0"]);
+    let mut user = format!("user,id=net0,hostfwd=tcp:127.0.0.1:{}-:22", a.ssh_port);
+    for f in &a.forward {
+        let Some((h, g)) = f.split_once(':') else {
+            bail!("--forward {f:?}: expected HOST:GUEST");
+        };
+        let (h, g): (u16, u16) = (
+            h.parse().with_context(|| format!("--forward {f:?}"))?,
+            g.parse().with_context(|| format!("--forward {f:?}"))?,
+        );
+        user.push_str(&format!(",hostfwd=tcp:127.0.0.1:{h}-:{g}"));
+    }
+    cmd.args(["-netdev", &user]);
+    if let Some(sw) = &a.switch {
+        let parts: Vec<&str> = sw.splitn(3, ':').collect();
+        let [local, switch, mac] = parts.as_slice() else {
+            bail!("--switch {sw:?}: expected LOCAL:SWITCH:MAC");
+        };
+        let (local, switch): (u16, u16) = (
+            local.parse().with_context(|| format!("--switch {sw:?}"))?,
+            switch.parse().with_context(|| format!("--switch {sw:?}"))?,
+        );
+        cmd.args([
+            "-netdev",
+            &format!("socket,id=net1,udp=127.0.0.1:{switch},localaddr=127.0.0.1:{local}"),
+            "-device",
+            &format!("virtio-net-pci,netdev=net1,mac={mac}"),
+        ]);
+    }
+    if let Some(ud) = &a.user_data {
+        cmd.arg("-fw_cfg").arg(format!(
+            "name=opt/org.nimbus/user-data,file={}",
+            ud.display()
+        ));
+    }
     if firmware == Firmware::Uefi {
         let vars = scratch.join("OVMF_VARS.fd");
         std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", &vars)

@@ -267,7 +267,9 @@ impl Engine {
             Err(e) => e,
         };
         tracing::warn!("{e}");
-        self.hooks_retry_at = Some(std::time::Instant::now() + crate::hooks::RETRY_AFTER);
+        // Another HOOK_TIMEOUT: what blocked the hook (a task with nowhere to
+        // go) may clear meanwhile, and other hosts may take their turn.
+        self.hooks_retry_at = Some(std::time::Instant::now() + self.cfg.hook_timeout);
         let undo = match self.run_hooks(crate::hooks::Kind::PostGood, &version, false) {
             Ok(()) => {
                 self.persisted.post_good_pending = None;
@@ -287,7 +289,7 @@ impl Engine {
             until: None,
             why: format!(
                 "not rebooting: {e}; {undo}; tried again in {} s",
-                crate::hooks::RETRY_AFTER.as_secs()
+                self.cfg.hook_timeout.as_secs()
             ),
         }
     }

@@ -1,0 +1,1125 @@
+//! `cargo xtask cluster`: the CoreOS promise, measured. N hosts (QEMU TCG,
+//! SeaBIOS + GRUB) boot one image, each given its own user-data through
+//! fw_cfg; cloud-config alone forms an etcd cluster (`coreos.etcd2`) and a
+//! Docker swarm (`nimbus.swarm`) over a virtual network that exists only on
+//! this machine (a second NIC per VM, QEMU's UDP socket backend, and a
+//! switch in this process). A replicated HTTP service (3 replicas of an
+//! image built here from Debian's static busybox and `docker load`ed from
+//! user-data: nothing is pulled) runs on the swarm. N+1 is published; every
+//! host updates itself with REBOOT_STRATEGY=etcd-lock (semaphore 1),
+//! draining itself from the swarm before its reboot and rejoining after.
+//!
+//! A probe thread asks, every second and through every host, for an etcd
+//! write and a linearizable read, and for the service's page. A second
+//! counts as unavailable for etcd when no member served both, for the
+//! service when no host answered; a host whose own probes all fail counts
+//! as rebooting.
+//!
+//! With `--faults`, three more scenarios follow on the same cluster, each
+//! printing its own line (the test suite asserts each one):
+//! - `kill-holder`: N+2 is published; the first host to hold the lock is
+//!   killed (QEMU quit) once it is drained; the service stays up on the
+//!   others; started again, it finishes, reactivates and releases.
+//! - `drain-timeout`: a service that cannot leave a host (one replica per
+//!   node, one per host) blocks the drain; the hook is stopped at
+//!   HOOK_TIMEOUT, says why, the host is active again and the lock free.
+//! - `bad-health`: N+3's health check fails; the first host to take the
+//!   lock reboots into it, falls back, reactivates and releases.
+
+use std::collections::BTreeMap;
+use std::net::{TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+
+use crate::e2e::Ssh;
+use crate::{e2e, httpd, qemu};
+
+const LOCK_KEY: &str = "coreos.com/updateengine/rebootlock/semaphore";
+/// Each drain and reactivation may take this long (update.conf HOOK_TIMEOUT).
+const HOOK_TIMEOUT_S: u64 = 120;
+const WEB_PORT: u16 = 8080;
+const IMAGE_TAG: &str = "nimbus/web:1";
+
+#[derive(clap::Args, Clone)]
+pub struct ClusterArgs {
+    /// How many hosts (3 or more keeps etcd's quorum while one reboots).
+    #[arg(long, default_value_t = 3)]
+    pub hosts: usize,
+    /// Keep target/nimbus/cluster afterwards (images, consoles, repo).
+    #[arg(long)]
+    pub keep: bool,
+    /// After the rolling update, run the fault scenarios on the same cluster.
+    #[arg(long)]
+    pub faults: bool,
+    /// Guest memory per host, MiB.
+    #[arg(long, default_value_t = 1024)]
+    pub memory: u32,
+}
+
+fn addr(i: usize) -> String {
+    format!("10.10.0.{}", 11 + i)
+}
+
+fn name(i: usize) -> String {
+    format!("h{}", i + 1)
+}
+
+fn mac(i: usize) -> String {
+    format!("52:54:00:10:00:{:02x}", i + 1)
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// The virtual switch: every datagram (an Ethernet frame from one VM's
+/// second NIC) goes to every other VM. Broadcast-only is enough for a few
+/// hosts and keeps it obviously correct.
+fn switch(ports: Vec<u16>, stop: Arc<AtomicBool>) -> anyhow::Result<u16> {
+    let sock = UdpSocket::bind("127.0.0.1:0")?;
+    sock.set_read_timeout(Some(Duration::from_millis(200)))?;
+    let port = sock.local_addr()?.port();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 65536];
+        while !stop.load(Ordering::Relaxed) {
+            let Ok((n, from)) = sock.recv_from(&mut buf) else {
+                continue;
+            };
+            for p in &ports {
+                if *p != from.port() {
+                    let _ = sock.send_to(&buf[..n], ("127.0.0.1", *p));
+                }
+            }
+        }
+    });
+    Ok(port)
+}
+
+/// A Docker image archive (`docker load` format) of a busybox httpd serving
+/// one page, made here from Debian's busybox-static.
+fn web_image(work: &Path) -> anyhow::Result<PathBuf> {
+    use sha2::Digest;
+    let d = work.join("web-image");
+    let layer = d.join("layer");
+    std::fs::create_dir_all(layer.join("bin"))?;
+    std::fs::create_dir_all(layer.join("www"))?;
+    std::fs::copy("/bin/busybox", layer.join("bin/busybox"))
+        .context("/bin/busybox (Debian's busybox-static; `cargo xtask deps` installs it)")?;
+    std::fs::write(layer.join("www/index.html"), "nimbus-web\n")?;
+    let run = |cmd: &mut Command| -> anyhow::Result<()> {
+        let st = cmd.status().context("tar")?;
+        if !st.success() {
+            bail!("{cmd:?} failed ({st})");
+        }
+        Ok(())
+    };
+    run(Command::new("tar")
+        .args([
+            "--owner=0",
+            "--group=0",
+            "--numeric-owner",
+            "--sort=name",
+            "-C",
+        ])
+        .arg(&layer)
+        .arg("-cf")
+        .arg(d.join("layer.tar"))
+        .arg("."))?;
+    let diff = hex::encode(sha2::Sha256::digest(std::fs::read(d.join("layer.tar"))?));
+    let config = serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {
+            "Cmd": ["/bin/busybox", "httpd", "-f", "-p", WEB_PORT.to_string(), "-h", "/www"],
+            "ExposedPorts": {format!("{WEB_PORT}/tcp"): {}},
+        },
+        "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{diff}")]},
+    });
+    let config = serde_json::to_vec(&config)?;
+    let cfg_name = format!("{}.json", hex::encode(sha2::Sha256::digest(&config)));
+    std::fs::write(d.join(&cfg_name), &config)?;
+    let manifest = serde_json::json!([{
+        "Config": cfg_name,
+        "RepoTags": [IMAGE_TAG],
+        "Layers": ["layer.tar"],
+    }]);
+    std::fs::write(d.join("manifest.json"), serde_json::to_vec(&manifest)?)?;
+    let out = work.join("web.tar");
+    run(Command::new("tar")
+        .args(["--owner=0", "--group=0", "--numeric-owner", "-C"])
+        .arg(&d)
+        .arg("-cf")
+        .arg(&out)
+        .args(["manifest.json", &cfg_name, "layer.tar"]))?;
+    Ok(out)
+}
+
+fn gzip_b64(p: &Path) -> anyhow::Result<String> {
+    let o = Command::new("gzip")
+        .args(["-9", "-n", "-c"])
+        .arg(p)
+        .output()
+        .context("gzip")?;
+    if !o.status.success() {
+        bail!("gzip {} failed", p.display());
+    }
+    Ok(B64.encode(o.stdout))
+}
+
+fn user_data(i: usize, n: usize, repo_port: u16, ssh_key: &str, image_b64: &str) -> String {
+    let me = addr(i);
+    let cluster: Vec<String> = (0..n)
+        .map(|j| format!("{}=http://{}:2380", name(j), addr(j)))
+        .collect();
+    let endpoints: Vec<String> = (0..n).map(|j| format!("http://{}:2379", addr(j))).collect();
+    let swarm = if i == 0 {
+        format!("    role: manager\n    init: true\n    advertise_addr: {me}\n")
+    } else {
+        format!(
+            "    role: manager\n    advertise_addr: {me}\n    join: [{}:2377]\n",
+            addr(0)
+        )
+    };
+    format!(
+        r#"#cloud-config
+hostname: {host}
+users:
+  - name: root
+    ssh_authorized_keys:
+      - {ssh_key}
+write_files:
+  - path: /etc/nimbus/health.conf
+    content: |
+      NIMBUS_HEALTH_DELAY=2
+  - path: /etc/nimbus/update-engine.env
+    content: |
+      NIMBUS_ENGINE_ARGS="--first-check 5 --interval 10 --reboot-poll 2"
+  - path: /var/lib/nimbus-cluster/web.tar
+    encoding: gz+b64
+    content: {image_b64}
+coreos:
+  etcd2:
+    name: {host}
+    initial-cluster: {cluster}
+    initial-cluster-state: new
+    initial-cluster-token: nimbus-cluster
+    initial-advertise-peer-urls: http://{me}:2380
+    listen-peer-urls: http://{me}:2380
+    listen-client-urls: http://0.0.0.0:2379
+    advertise-client-urls: http://{me}:2379
+    heartbeat-interval: 500
+    election-timeout: 5000
+  update:
+    group: stable
+    server: http://10.0.2.2:{repo_port}
+    reboot-strategy: etcd-lock
+  locksmith:
+    endpoint: {endpoints}
+  units:
+    - name: 10-cluster.network
+      content: |
+        [Match]
+        MACAddress={mac}
+
+        [Network]
+        Address={me}/24
+    - name: web-image.service
+      enable: true
+      content: |
+        [Unit]
+        Description=Load the cluster test's web image (built locally, never pulled)
+        After=docker.service
+        Requires=docker.service
+
+        [Service]
+        Type=oneshot
+        RemainAfterExit=yes
+        ExecStart=/usr/bin/docker load -i /var/lib/nimbus-cluster/web.tar
+
+        [Install]
+        WantedBy=multi-user.target
+nimbus:
+  hook_timeout: {HOOK_TIMEOUT_S}s
+  swarm:
+{swarm}"#,
+        host = name(i),
+        cluster = cluster.join(","),
+        endpoints = endpoints.join(","),
+        mac = mac(i),
+    )
+}
+
+struct Host {
+    name: String,
+    disk: PathBuf,
+    user_data: PathBuf,
+    console: PathBuf,
+    ssh: Ssh,
+    etcd_port: u16,
+    web_port: u16,
+    switch_local: u16,
+    switch_port: u16,
+    vm: Option<qemu::Vm>,
+}
+
+impl Host {
+    fn spawn(&mut self, switch_port: u16, memory: u32) -> anyhow::Result<()> {
+        self.switch_port = switch_port;
+        let a = qemu::Qemu {
+            image: Some(self.disk.clone()),
+            firmware: qemu::Firmware::Bios,
+            uefi: false,
+            extra_disk: Vec::new(),
+            serial_log: Some(self.console.clone()),
+            timeout: 0,
+            until: None,
+            until_delay_ms: 0,
+            ssh_port: self.ssh.port,
+            memory,
+            append: String::new(),
+            mark: Vec::new(),
+            quiet: true,
+            // One vCPU each: three TCG guests share two cores.
+            smp: 1,
+            forward: vec![
+                format!("{}:2379", self.etcd_port),
+                format!("{}:{WEB_PORT}", self.web_port),
+            ],
+            switch: Some(format!(
+                "{}:{switch_port}:{}",
+                self.switch_local,
+                mac_of(&self.name)
+            )),
+            user_data: Some(self.user_data.clone()),
+        };
+        // A restarted VM appends to its console log rather than losing it.
+        if self.console.exists() {
+            let old = std::fs::read(&self.console)?;
+            let prev = self.console.with_extension("console.prev");
+            let mut all = std::fs::read(&prev).unwrap_or_default();
+            all.extend(old);
+            std::fs::write(&prev, all)?;
+        }
+        self.vm = Some(qemu::Vm::spawn(&a)?);
+        Ok(())
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut vm) = self.vm.take() {
+            vm.stop();
+        }
+    }
+
+    fn sh(&self, cmd: &str) -> anyhow::Result<String> {
+        self.ssh
+            .run_ok(cmd, Duration::from_secs(600))
+            .with_context(|| format!("{}: {cmd}", self.name))
+    }
+
+    fn etcd(&self) -> String {
+        format!("http://127.0.0.1:{}", self.etcd_port)
+    }
+}
+
+fn mac_of(name: &str) -> String {
+    let i: usize = name.trim_start_matches('h').parse().unwrap_or(1);
+    mac(i - 1)
+}
+
+fn http() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(3))
+        .build()
+        .unwrap_or_else(|_| reqwest::blocking::Client::new())
+}
+
+fn etcd_post(
+    c: &reqwest::blocking::Client,
+    base: &str,
+    path: &str,
+    body: serde_json::Value,
+) -> anyhow::Result<serde_json::Value> {
+    let r = c.post(format!("{base}{path}")).json(&body).send()?;
+    if !r.status().is_success() {
+        bail!("{base}{path}: HTTP {}", r.status());
+    }
+    Ok(r.json()?)
+}
+
+/// A write and a linearizable read of this member's probe key.
+fn probe_etcd(c: &reqwest::blocking::Client, base: &str, key: &str, val: &str) -> bool {
+    let k = B64.encode(key);
+    let v = B64.encode(val);
+    etcd_post(
+        c,
+        base,
+        "/v3/kv/put",
+        serde_json::json!({"key": k, "value": v}),
+    )
+    .is_ok()
+        && etcd_post(c, base, "/v3/kv/range", serde_json::json!({"key": k}))
+            .ok()
+            .and_then(|r| r["kvs"][0]["value"].as_str().map(|s| s == v))
+            .unwrap_or(false)
+}
+
+fn probe_web(c: &reqwest::blocking::Client, port: u16) -> bool {
+    c.get(format!("http://127.0.0.1:{port}/"))
+        .send()
+        .ok()
+        .filter(|r| r.status().is_success())
+        .and_then(|r| r.text().ok())
+        .is_some_and(|t| t.contains("nimbus-web"))
+}
+
+/// Per second since the probe started: (etcd ok, service ok) per host.
+type Samples = Arc<Mutex<BTreeMap<u64, Vec<(bool, bool)>>>>;
+
+struct Probe {
+    samples: Samples,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Probe {
+    fn start(hosts: &[(String, u16)]) -> Probe {
+        let samples: Samples = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s2, st2) = (samples.clone(), stop.clone());
+        let hosts = hosts.to_vec();
+        let n = hosts.len();
+        let thread = std::thread::spawn(move || {
+            let t0 = Instant::now();
+            let mut sec = 0u64;
+            while !st2.load(Ordering::Relaxed) {
+                // One thread per host and second: a slow answer never
+                // delays the next second's probe.
+                if let Ok(mut m) = s2.lock() {
+                    m.insert(sec, vec![(false, false); n]);
+                }
+                for (i, (etcd, web)) in hosts.iter().enumerate() {
+                    let (etcd, web, s3) = (etcd.clone(), *web, s2.clone());
+                    std::thread::spawn(move || {
+                        let c = http();
+                        let e =
+                            probe_etcd(&c, &etcd, &format!("nimbus/probe/{i}"), &sec.to_string());
+                        let w = probe_web(&c, web);
+                        if let Ok(mut m) = s3.lock() {
+                            if let Some(v) = m.get_mut(&sec) {
+                                v[i] = (e, w);
+                            }
+                        }
+                    });
+                }
+                sec += 1;
+                let next = t0 + Duration::from_secs(sec);
+                std::thread::sleep(next.saturating_duration_since(Instant::now()));
+            }
+            // Let the last probes land.
+            std::thread::sleep(Duration::from_secs(4));
+        });
+        Probe {
+            samples,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// (etcd unavailable s, service unavailable s, max hosts down at once,
+    /// seconds probed).
+    fn finish(mut self) -> (u64, u64, usize, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let m = self.samples.lock().map(|m| m.clone()).unwrap_or_default();
+        // The last seconds' probes may not have answered yet.
+        let last = m.keys().next_back().copied().unwrap_or(0).saturating_sub(3);
+        let (mut etcd_down, mut web_down, mut max_down, mut n) = (0, 0, 0, 0);
+        for (s, v) in m.range(..=last) {
+            let _ = s;
+            n += 1;
+            if !v.iter().any(|(e, _)| *e) {
+                etcd_down += 1;
+            }
+            if !v.iter().any(|(_, w)| *w) {
+                web_down += 1;
+            }
+            max_down = max_down.max(v.iter().filter(|(e, w)| !e && !w).count());
+        }
+        (etcd_down, web_down, max_down, n)
+    }
+}
+
+pub fn run(a: ClusterArgs) -> anyhow::Result<ExitCode> {
+    if a.hosts < 3 {
+        bail!(
+            "--hosts {}: at least 3 (etcd and the swarm managers keep quorum while one reboots)",
+            a.hosts
+        );
+    }
+    let root = crate::build_image::workspace_root();
+    let work = root.join("target/nimbus/cluster");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    let r = story(&a, &work);
+    if let Err(e) = &r {
+        eprintln!("cluster: failed: {e:#}");
+        for i in 0..a.hosts {
+            let log = work.join(name(i)).join("console.log");
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            eprintln!(
+                "--- {} console ({}), last lines:\n{}",
+                name(i),
+                log.display(),
+                lines[lines.len().saturating_sub(40)..].join("\n")
+            );
+        }
+    }
+    r?;
+    if !a.keep {
+        let _ = std::fs::remove_dir_all(&work);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn step(t0: &Instant, what: &str) {
+    eprintln!("cluster: [{:6.1} s] {what}", t0.elapsed().as_secs_f64());
+}
+
+/// The version each host runs and the lock holders, once all are `want`,
+/// nobody holds the lock and every swarm node is active; or a timeout.
+fn wait_converged(
+    hosts: &[Host],
+    want: &str,
+    limit: Duration,
+    t0: &Instant,
+) -> anyhow::Result<Vec<String>> {
+    let start = Instant::now();
+    let mut last = String::new();
+    loop {
+        let mut versions = Vec::new();
+        for h in hosts {
+            let v = h
+                .ssh
+                .run("updatectl status --json")
+                .ok()
+                .filter(|o| o.status.success())
+                .and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok())
+                .and_then(|s| s["running_version"].as_str().map(str::to_string))
+                .unwrap_or_else(|| "?".into());
+            versions.push(v);
+        }
+        let holders = lock_holders(hosts).unwrap_or(usize::MAX);
+        let nodes = hosts
+            .iter()
+            .find_map(|h| node_ls(h).ok())
+            .unwrap_or_default();
+        let all_active =
+            nodes.len() == hosts.len() && nodes.iter().all(|n| n.1 == "Ready" && n.2 == "Active");
+        let now = format!("versions {versions:?}, lock holders {holders}, nodes {nodes:?}");
+        if now != last {
+            step(t0, &now);
+            last = now;
+        }
+        if versions.iter().all(|v| v == want) && holders == 0 && all_active {
+            return Ok(versions);
+        }
+        if start.elapsed() > limit {
+            bail!(
+                "not converged on {want} after {} s: {last}",
+                limit.as_secs()
+            );
+        }
+        std::thread::sleep(Duration::from_secs(5));
+    }
+}
+
+/// The reboot semaphore's holders, through any member that answers.
+fn lock_holders_list(hosts: &[Host]) -> anyhow::Result<Vec<String>> {
+    let c = http();
+    for h in hosts {
+        if let Ok(r) = etcd_post(
+            &c,
+            &h.etcd(),
+            "/v3/kv/range",
+            serde_json::json!({"key": B64.encode(LOCK_KEY)}),
+        ) {
+            let Some(v) = r["kvs"][0]["value"].as_str() else {
+                return Ok(Vec::new());
+            };
+            let sem: serde_json::Value = serde_json::from_slice(&B64.decode(v)?)?;
+            return Ok(sem["holders"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|h| h.as_str().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default());
+        }
+    }
+    bail!("no etcd member answered")
+}
+
+fn lock_holders(hosts: &[Host]) -> anyhow::Result<usize> {
+    Ok(lock_holders_list(hosts)?.len())
+}
+
+/// `docker node ls` from a manager: (hostname, status, availability).
+fn node_ls(h: &Host) -> anyhow::Result<Vec<(String, String, String)>> {
+    let o = h
+        .ssh
+        .run("docker node ls --format '{{.Hostname}} {{.Status}} {{.Availability}}'")?;
+    if !o.status.success() {
+        bail!(
+            "{}: docker node ls: {}",
+            h.name,
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    let mut v: Vec<(String, String, String)> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            match f.as_slice() {
+                [a, b, c] => Some((a.to_string(), b.to_string(), c.to_string())),
+                _ => None,
+            }
+        })
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+/// etcd's member list and each member's health, through any member.
+fn etcd_members(hosts: &[Host]) -> anyhow::Result<Vec<String>> {
+    let c = http();
+    let mut err = String::new();
+    for h in hosts {
+        match etcd_post(
+            &c,
+            &h.etcd(),
+            "/v3/cluster/member/list",
+            serde_json::json!({}),
+        ) {
+            Ok(r) => {
+                let mut names: Vec<String> = r["members"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|m| m["name"].as_str().map(str::to_string))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                names.sort();
+                return Ok(names);
+            }
+            Err(e) => err = e.to_string(),
+        }
+    }
+    bail!("no etcd member answered the member list: {err}")
+}
+
+fn all_healthy(hosts: &[Host]) -> bool {
+    let c = http();
+    hosts.iter().all(|h| {
+        c.get(format!("{}/health", h.etcd()))
+            .send()
+            .ok()
+            .and_then(|r| r.json::<serde_json::Value>().ok())
+            .is_some_and(|v| v["health"] == "true")
+    })
+}
+
+fn mem_used_mib(h: &Host) -> anyhow::Result<u64> {
+    let m = h.sh("cat /proc/meminfo")?;
+    let get = |k: &str| {
+        m.lines()
+            .find(|l| l.starts_with(k))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Ok((get("MemTotal:") - get("MemAvailable:")) / 1024)
+}
+
+fn wait_for(
+    what: &str,
+    limit: Duration,
+    mut f: impl FnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
+    let t = Instant::now();
+    let mut last = String::new();
+    loop {
+        match f() {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) => last = format!("{e:#}"),
+        }
+        if t.elapsed() > limit {
+            bail!("{what}: not after {} s {last}", limit.as_secs());
+        }
+        std::thread::sleep(Duration::from_secs(3));
+    }
+}
+
+fn story(a: &ClusterArgs, work: &Path) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    let n_hosts = a.hosts;
+    let listener = TcpListener::bind("127.0.0.1:0").context("binding the repository server")?;
+    let repo_port = listener.local_addr()?.port();
+    let key = work.join("id_ed25519");
+    let st = Command::new("ssh-keygen")
+        .args([
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "",
+            "-C",
+            "nimbus-cluster",
+            "-f",
+        ])
+        .arg(&key)
+        .status()
+        .context("ssh-keygen (openssh-client)")?;
+    if !st.success() {
+        bail!("ssh-keygen failed ({st})");
+    }
+    let pubkey = std::fs::read_to_string(key.with_extension("pub"))?;
+    let image = web_image(work)?;
+    let image_b64 = gzip_b64(&image)?;
+
+    let (n, opts) = e2e::build(work, "1.0.0", &[])?;
+    step(&t0, "built N (1.0.0)");
+    let (n1, _) = e2e::build(work, "1.1.0", &[])?;
+    step(&t0, "built N+1 (1.1.0)");
+    let (n2, n3) = if a.faults {
+        let (n2, _) = e2e::build(work, "1.2.0", &[])?;
+        let broken = e2e::broken_units(work)?;
+        let (n3, _) = e2e::build(
+            work,
+            "1.3.0",
+            &["--extra-units", broken.to_str().context("utf8")?],
+        )?;
+        step(
+            &t0,
+            "built N+2 (1.2.0) and N+3 (1.3.0, fails its health check)",
+        );
+        (Some(n2), Some(n3))
+    } else {
+        (None, None)
+    };
+    let repo = work.join("repo");
+    let rkey = nimbus::keys::ReleaseKey::load_dir(&opts.key_dirs[0])?;
+    let publish = |from: &Path| {
+        nimbus_image::release::publish(&nimbus_image::release::PublishOptions::simple(
+            from,
+            &repo,
+            "stable",
+            &[&rkey],
+        ))
+    };
+    // N is on the channel from the start: hosts check and find nothing new.
+    publish(&n)?;
+    let _srv = httpd::Httpd::start_on(listener, &repo);
+    step(
+        &t0,
+        &format!("published 1.0.0; repository on 127.0.0.1:{repo_port}"),
+    );
+
+    let mut hosts = Vec::new();
+    let mut locals = Vec::new();
+    for i in 0..n_hosts {
+        let dir = work.join(name(i));
+        std::fs::create_dir_all(&dir)?;
+        let disk = dir.join("disk.raw");
+        let st = Command::new("cp")
+            .arg("--sparse=always")
+            .arg(n.join("nimbus.raw"))
+            .arg(&disk)
+            .status()?;
+        if !st.success() {
+            bail!("cp {}", disk.display());
+        }
+        let ud = dir.join("user-data");
+        std::fs::write(
+            &ud,
+            user_data(i, n_hosts, repo_port, pubkey.trim(), &image_b64),
+        )?;
+        let local = UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port();
+        locals.push(local);
+        hosts.push(Host {
+            name: name(i),
+            disk,
+            user_data: ud,
+            console: dir.join("console.log"),
+            ssh: Ssh {
+                port: free_port()?,
+                key: key.clone(),
+            },
+            etcd_port: free_port()?,
+            web_port: free_port()?,
+            switch_local: local,
+            switch_port: 0,
+            vm: None,
+        });
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let sw = switch(locals, stop.clone())?;
+    for h in hosts.iter_mut() {
+        h.spawn(sw, a.memory)?;
+    }
+    step(
+        &t0,
+        &format!("{n_hosts} hosts started (switch on udp 127.0.0.1:{sw})"),
+    );
+    let r = cluster_life(
+        a,
+        &mut hosts,
+        &publish,
+        &n1,
+        n2.as_deref(),
+        n3.as_deref(),
+        &t0,
+    );
+    stop.store(true, Ordering::Relaxed);
+    for h in hosts.iter_mut() {
+        h.kill();
+    }
+    r
+}
+
+fn cluster_life(
+    a: &ClusterArgs,
+    hosts: &mut [Host],
+    publish: &dyn Fn(&Path) -> Result<nimbus::release::Manifest, nimbus_image::ImageError>,
+    n1: &Path,
+    n2: Option<&Path>,
+    n3: Option<&Path>,
+    t0: &Instant,
+) -> anyhow::Result<()> {
+    let n_hosts = hosts.len();
+    let long = Duration::from_secs(1200);
+    wait_for("every host marked good", long, || {
+        Ok(hosts.iter().all(|h| {
+            std::fs::read_to_string(&h.console)
+                .unwrap_or_default()
+                .contains("marked good (version 1.0.0)")
+        }))
+    })?;
+    step(t0, "every host booted 1.0.0 and marked it good");
+    let want: Vec<String> = (0..n_hosts).map(name).collect();
+    wait_for("the etcd cluster", long, || {
+        Ok(etcd_members(hosts)? == want && all_healthy(hosts))
+    })?;
+    step(t0, "etcd: one cluster of every host, all healthy");
+    wait_for("the swarm", long, || {
+        let nodes = node_ls(&hosts[0])?;
+        Ok(nodes.len() == n_hosts && nodes.iter().all(|n| n.1 == "Ready" && n.2 == "Active"))
+    })?;
+    step(t0, "swarm: every host a manager, ready and active");
+    for h in hosts.iter() {
+        wait_for(&format!("{}: the web image", h.name), long, || {
+            Ok(h.ssh
+                .run(&format!("docker image inspect {IMAGE_TAG}"))?
+                .status
+                .success())
+        })?;
+    }
+    hosts[0].sh(&format!(
+        "docker service create --detach --name web --replicas 3 --publish published={WEB_PORT},target={WEB_PORT} --no-resolve-image {IMAGE_TAG}"
+    ))?;
+    let c = http();
+    wait_for("the web service through every host", long, || {
+        Ok(hosts.iter().all(|h| probe_web(&c, h.web_port)))
+    })?;
+    step(t0, "service web: 3 replicas, answering through every host");
+    let before_nodes = node_ls(&hosts[0])?;
+    let before_members = etcd_members(hosts)?;
+
+    // The rolling update.
+    let probe = Probe::start(
+        &hosts
+            .iter()
+            .map(|h| (h.etcd(), h.web_port))
+            .collect::<Vec<_>>(),
+    );
+    let upd = Instant::now();
+    publish(n1)?;
+    step(t0, "published 1.1.0: hosts update themselves one at a time");
+    let finals = wait_converged(hosts, "1.1.0", Duration::from_secs(2400), t0);
+    let (etcd_down, web_down, max_down, secs) = probe.finish();
+    let finals = finals?;
+    let minutes = upd.elapsed().as_secs_f64() / 60.0;
+    step(
+        t0,
+        &format!("rolling update done in {minutes:.1} min ({secs} s probed)"),
+    );
+    let after_nodes = node_ls(&hosts[0])?;
+    let after_members = etcd_members(hosts)?;
+    let mut errors = Vec::new();
+    for h in hosts.iter() {
+        let st: serde_json::Value = serde_json::from_str(&h.sh("updatectl status --json")?)?;
+        if !st["last_error"].is_null() {
+            errors.push(format!("{}: {}", h.name, st["last_error"]));
+        }
+    }
+    // Idle: let the update's page cache and the rejoin settle.
+    std::thread::sleep(Duration::from_secs(30));
+    let mem: Vec<String> = hosts
+        .iter()
+        .map(|h| {
+            mem_used_mib(h)
+                .map(|m| m.to_string())
+                .unwrap_or_else(|_| "?".into())
+        })
+        .collect();
+    let reboots: Vec<usize> = hosts
+        .iter()
+        .map(|h| {
+            std::fs::read_to_string(&h.console)
+                .unwrap_or_default()
+                .matches("nimbus-init: selected")
+                .count()
+                .saturating_sub(1)
+        })
+        .collect();
+    println!(
+        "cluster-before: etcd_members={} swarm_nodes={}",
+        before_members.join(","),
+        fmt_nodes(&before_nodes)
+    );
+    println!(
+        "cluster-after: etcd_members={} swarm_nodes={} healthy={} reboots={} status_errors={}",
+        after_members.join(","),
+        fmt_nodes(&after_nodes),
+        all_healthy(hosts),
+        reboots
+            .iter()
+            .map(|r| r.to_string())
+            .collect::<Vec<_>>()
+            .join(","),
+        if errors.is_empty() {
+            "none".to_string()
+        } else {
+            errors.join("; ")
+        }
+    );
+    println!(
+        "cluster: hosts={n_hosts} final={} max_rebooting={max_down} etcd_unavailable_s={etcd_down} service_unavailable_s={web_down} lock_holders_end={} mem_used_mib={} minutes={minutes:.1}",
+        finals.join(","),
+        lock_holders(hosts)?,
+        mem.join(","),
+    );
+    if a.faults {
+        if let (Some(n2), Some(n3)) = (n2, n3) {
+            fault_kill_holder(a, hosts, publish, n2, t0)?;
+            fault_drain_timeout_and_bad_health(hosts, publish, n3, t0)?;
+        }
+    }
+    Ok(())
+}
+
+fn fmt_nodes(nodes: &[(String, String, String)]) -> String {
+    nodes
+        .iter()
+        .map(|(h, s, av)| format!("{h}:{s}:{av}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The host holding the reboot lock (its machine-id), mapped to its index.
+fn holder_index(hosts: &[Host]) -> anyhow::Result<Option<usize>> {
+    let holders = lock_holders_list(hosts)?;
+    let Some(id) = holders.first() else {
+        return Ok(None);
+    };
+    for (i, h) in hosts.iter().enumerate() {
+        if h.ssh
+            .run("cat /etc/machine-id")
+            .ok()
+            .is_some_and(|o| String::from_utf8_lossy(&o.stdout).trim() == id)
+        {
+            return Ok(Some(i));
+        }
+    }
+    bail!("lock held by {id}, which is none of the hosts")
+}
+
+fn availability(hosts: &[Host], skip: usize, of: &str) -> Option<String> {
+    hosts
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != skip)
+        .find_map(|(_, h)| node_ls(h).ok())
+        .and_then(|nodes| nodes.into_iter().find(|n| n.0 == of).map(|n| n.2))
+}
+
+fn fault_kill_holder(
+    a: &ClusterArgs,
+    hosts: &mut [Host],
+    publish: &dyn Fn(&Path) -> Result<nimbus::release::Manifest, nimbus_image::ImageError>,
+    n2: &Path,
+    t0: &Instant,
+) -> anyhow::Result<()> {
+    let probe = Probe::start(
+        &hosts
+            .iter()
+            .map(|h| (h.etcd(), h.web_port))
+            .collect::<Vec<_>>(),
+    );
+    publish(n2)?;
+    step(
+        t0,
+        "kill-holder: published 1.2.0; waiting for a host to hold the lock, drained",
+    );
+    let mut victim = None;
+    wait_for("a drained lock holder", Duration::from_secs(1200), || {
+        let Some(i) = holder_index(hosts)? else {
+            return Ok(false);
+        };
+        if availability(hosts, i, &hosts[i].name).as_deref() == Some("Drain") {
+            victim = Some(i);
+            return Ok(true);
+        }
+        Ok(false)
+    })?;
+    let v = victim.context("no victim")?;
+    // Pull the plug before its reboot can happen (the drain is done).
+    hosts[v].kill();
+    step(
+        t0,
+        &format!(
+            "kill-holder: {} killed while holding the lock, drained",
+            hosts[v].name
+        ),
+    );
+    std::thread::sleep(Duration::from_secs(20));
+    let held = lock_holders(hosts)? == 1;
+    let others_serve = hosts
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != v)
+        .any(|(_, h)| probe_web(&http(), h.web_port));
+    let switch_port = hosts[v].switch_port;
+    hosts[v].spawn(switch_port, a.memory)?;
+    step(t0, &format!("kill-holder: {} started again", hosts[v].name));
+    let finals = wait_converged(hosts, "1.2.0", Duration::from_secs(2400), t0);
+    let (etcd_down, web_down, max_down, _) = probe.finish();
+    let finals = finals?;
+    println!(
+        "cluster-fault kill-holder: host={} held_after_kill={} others_served={} final={} max_rebooting={max_down} etcd_unavailable_s={etcd_down} service_unavailable_s={web_down} lock_holders_end={} reactivated={}",
+        hosts[v].name,
+        if held { "yes" } else { "no" },
+        if others_serve { "yes" } else { "no" },
+        finals.join(","),
+        lock_holders(hosts)?,
+        if availability(hosts, usize::MAX, &hosts[v].name).as_deref() == Some("Active") { "yes" } else { "no" },
+    );
+    Ok(())
+}
+
+fn fault_drain_timeout_and_bad_health(
+    hosts: &mut [Host],
+    publish: &dyn Fn(&Path) -> Result<nimbus::release::Manifest, nimbus_image::ImageError>,
+    n3: &Path,
+    t0: &Instant,
+) -> anyhow::Result<()> {
+    // One replica per node, one per host: a drained host's replica has
+    // nowhere to go, so the drain cannot finish.
+    hosts[0].sh(&format!(
+        "docker service create --detach --name pinned --replicas {} --replicas-max-per-node 1 --no-resolve-image {IMAGE_TAG}",
+        hosts.len()
+    ))?;
+    wait_for("pinned at full strength", Duration::from_secs(600), || {
+        Ok(hosts[0]
+            .sh("docker service ls --filter name=pinned --format '{{.Replicas}}'")?
+            .trim()
+            .starts_with(&format!("{0}/{0}", hosts.len())))
+    })?;
+    let probe = Probe::start(
+        &hosts
+            .iter()
+            .map(|h| (h.etcd(), h.web_port))
+            .collect::<Vec<_>>(),
+    );
+    publish(n3)?;
+    step(
+        t0,
+        "drain-timeout: published 1.3.0 with a service that cannot leave any host",
+    );
+    let mut holder = None;
+    wait_for("a lock holder", Duration::from_secs(1200), || {
+        holder = holder_index(hosts)?;
+        Ok(holder.is_some())
+    })?;
+    let h = holder.context("holder")?;
+    let mut note = String::new();
+    wait_for(
+        "the drain's timeout",
+        Duration::from_secs(HOOK_TIMEOUT_S * 3),
+        || {
+            let st: serde_json::Value =
+                serde_json::from_str(&hosts[h].sh("updatectl status --json")?)?;
+            note = st["note"].as_str().unwrap_or_default().to_string();
+            Ok(note.contains("did not finish within"))
+        },
+    )?;
+    wait_for("the lock given back", Duration::from_secs(120), || {
+        Ok(lock_holders(hosts)? == 0 || holder_index(hosts)? != Some(h))
+    })?;
+    let active = availability(hosts, usize::MAX, &hosts[h].name).as_deref() == Some("Active");
+    println!(
+        "cluster-fault drain-timeout: host={} reported={:?} reactivated={} lock_released=yes",
+        hosts[h].name,
+        note,
+        if active { "yes" } else { "no" },
+    );
+    hosts[0].sh("docker service rm pinned")?;
+    step(
+        t0,
+        "bad-health: pinned removed; the next drain finishes and 1.3.0 fails its health check",
+    );
+    // The first host that reboots into 1.3.0 falls back by itself.
+    let mut rolled = None;
+    wait_for("a rollback", Duration::from_secs(2400), || {
+        for (i, host) in hosts.iter().enumerate() {
+            let Ok(o) = host.ssh.run("updatectl status --json") else {
+                continue;
+            };
+            let Ok(st) = serde_json::from_slice::<serde_json::Value>(&o.stdout) else {
+                continue;
+            };
+            if st["rollback"]["failed_version"] == "1.3.0" && st["running_version"] == "1.2.0" {
+                rolled = Some(i);
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    })?;
+    let r = rolled.context("rollback")?;
+    // Reactivated, then released.
+    wait_for("reactivated and released", Duration::from_secs(600), || {
+        Ok(
+            availability(hosts, usize::MAX, &hosts[r].name).as_deref() == Some("Active")
+                && holder_index(hosts)? != Some(r),
+        )
+    })?;
+    let (etcd_down, web_down, _, _) = probe.finish();
+    println!(
+        "cluster-fault bad-health: host={} running=1.2.0 rolled_back=1.3.0 reactivated=yes lock_released=yes etcd_unavailable_s={etcd_down} service_unavailable_s={web_down}",
+        hosts[r].name
+    );
+    Ok(())
+}

@@ -1,0 +1,148 @@
+//! The CoreOS cluster in QEMU: `cargo xtask cluster --faults` runs once
+//! (three hosts formed from cloud-config alone, a rolling update under the
+//! etcd reboot lock, then the fault scenarios on the same cluster), and
+//! each test asserts the line its scenario printed.
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::sync::OnceLock;
+
+struct Run {
+    ok: bool,
+    stdout: String,
+    stderr: String,
+}
+
+static RUN: OnceLock<Run> = OnceLock::new();
+
+fn run() -> &'static Run {
+    RUN.get_or_init(|| {
+        // Never panics here: every test reads the one outcome.
+        match Command::new(env!("CARGO_BIN_EXE_xtask"))
+            .args(["cluster", "--faults"])
+            .output()
+        {
+            Ok(o) => Run {
+                ok: o.status.success(),
+                stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+                stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+            },
+            Err(e) => Run {
+                ok: false,
+                stdout: String::new(),
+                stderr: format!("cannot run xtask: {e}"),
+            },
+        }
+    })
+}
+
+/// `key=value` pairs of the line starting with `prefix `.
+fn line(prefix: &str) -> BTreeMap<String, String> {
+    let r = run();
+    let Some(l) = r
+        .stdout
+        .lines()
+        .find(|l| l.starts_with(&format!("{prefix} ")))
+    else {
+        let tail: Vec<&str> = r.stderr.lines().collect();
+        panic!(
+            "no `{prefix}` line (xtask {}):\n{}\n--- stderr (tail) ---\n{}",
+            if r.ok { "succeeded" } else { "failed" },
+            r.stdout,
+            tail[tail.len().saturating_sub(120)..].join("\n")
+        );
+    };
+    eprintln!("{l}");
+    let mut out = BTreeMap::new();
+    let mut rest = &l[prefix.len()..];
+    // Values may be quoted ("...") and hold spaces.
+    while let Some(eq) = rest.find('=') {
+        let key = rest[..eq].trim().to_string();
+        let after = &rest[eq + 1..];
+        let (val, next) = if let Some(q) = after.strip_prefix('"') {
+            let mut end = 0;
+            let b = q.as_bytes();
+            while end < b.len() && !(b[end] == b'"' && (end == 0 || b[end - 1] != b'\\')) {
+                end += 1;
+            }
+            (q[..end].to_string(), &q[(end + 1).min(q.len())..])
+        } else {
+            let end = after.find(' ').unwrap_or(after.len());
+            (after[..end].to_string(), &after[end..])
+        };
+        out.insert(key, val);
+        rest = next;
+    }
+    out
+}
+
+fn get<'a>(m: &'a BTreeMap<String, String>, k: &str) -> &'a str {
+    m.get(k)
+        .map(String::as_str)
+        .unwrap_or_else(|| panic!("no {k} in {m:?}"))
+}
+
+#[test]
+fn rolling_update_keeps_etcd_quorum_and_the_service_up() {
+    let c = line("cluster:");
+    assert_eq!(get(&c, "hosts"), "3");
+    assert_eq!(get(&c, "final"), "1.1.0,1.1.0,1.1.0");
+    assert_eq!(get(&c, "max_rebooting"), "1", "one host at a time");
+    assert_eq!(get(&c, "etcd_unavailable_s"), "0");
+    assert_eq!(get(&c, "service_unavailable_s"), "0");
+    assert_eq!(get(&c, "lock_holders_end"), "0");
+    let mem: Vec<u64> = get(&c, "mem_used_mib")
+        .split(',')
+        .map(|m| m.parse().expect("mem_used_mib is numbers"))
+        .collect();
+    assert_eq!(mem.len(), 3);
+    let healthy = "h1:Ready:Active,h2:Ready:Active,h3:Ready:Active";
+    for l in ["cluster-before:", "cluster-after:"] {
+        let m = line(l);
+        assert_eq!(get(&m, "etcd_members"), "h1,h2,h3", "{l}");
+        assert_eq!(get(&m, "swarm_nodes"), healthy, "{l}");
+    }
+    let after = line("cluster-after:");
+    assert_eq!(get(&after, "healthy"), "true");
+    assert_eq!(get(&after, "reboots"), "1,1,1", "each host rebooted once");
+    assert_eq!(get(&after, "status_errors"), "none");
+}
+
+#[test]
+fn a_host_killed_while_drained_and_holding_the_lock_finishes_when_back() {
+    let f = line("cluster-fault kill-holder:");
+    assert_eq!(
+        get(&f, "held_after_kill"),
+        "yes",
+        "the lock stays with the dead host"
+    );
+    assert_eq!(get(&f, "others_served"), "yes");
+    assert_eq!(get(&f, "final"), "1.2.0,1.2.0,1.2.0");
+    assert_eq!(get(&f, "service_unavailable_s"), "0");
+    assert_eq!(get(&f, "etcd_unavailable_s"), "0");
+    assert_eq!(get(&f, "lock_holders_end"), "0");
+    assert_eq!(get(&f, "reactivated"), "yes");
+}
+
+#[test]
+fn a_drain_that_cannot_finish_says_why_and_does_not_leak_the_lock() {
+    let f = line("cluster-fault drain-timeout:");
+    let why = get(&f, "reported");
+    assert!(why.contains("did not finish within 120 s"), "{why}");
+    assert!(
+        why.contains("pinned"),
+        "the hook's last words name the stuck service: {why}"
+    );
+    assert_eq!(get(&f, "reactivated"), "yes");
+    assert_eq!(get(&f, "lock_released"), "yes");
+}
+
+#[test]
+fn a_release_that_fails_its_health_check_rolls_back_reactivates_and_releases() {
+    let f = line("cluster-fault bad-health:");
+    assert_eq!(get(&f, "running"), "1.2.0");
+    assert_eq!(get(&f, "rolled_back"), "1.3.0");
+    assert_eq!(get(&f, "reactivated"), "yes");
+    assert_eq!(get(&f, "lock_released"), "yes");
+    assert_eq!(get(&f, "service_unavailable_s"), "0");
+}
