@@ -72,6 +72,9 @@ pub struct BuildOptions {
     pub usr_size: u64,
     pub disk_size: u64,
     pub user_data: Option<PathBuf>,
+    /// Files for the OEM partition's root, by their names (platform agents
+    /// and their data, as on Flatcar's OEM partition).
+    pub oem_files: Vec<PathBuf>,
     pub formats: Vec<Format>,
     pub out: PathBuf,
     pub cache: PathBuf,
@@ -188,6 +191,14 @@ pub fn preflight(o: &BuildOptions) -> Result<Signing, ImageError> {
             return Err(ImageError::Invalid(format!(
                 "--user-data {}: neither #cloud-config nor a #! script",
                 ud.display()
+            )));
+        }
+    }
+    for f in &o.oem_files {
+        if !f.is_file() {
+            return Err(ImageError::Invalid(format!(
+                "--oem-file {}: not a file",
+                f.display()
             )));
         }
     }
@@ -672,6 +683,18 @@ fn oem_image(
         // User-data can hold credentials: root-only on the OEM partition.
         use std::os::unix::fs::PermissionsExt;
         fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).map_err(io_at(&p))?;
+    }
+    for f in &o.oem_files {
+        let name = f.file_name().ok_or_else(|| {
+            ImageError::Invalid(format!("OEM file {}: no file name", f.display()))
+        })?;
+        if name == "user-data" {
+            return Err(ImageError::Invalid(format!(
+                "OEM file {}: user-data is given with --user-data",
+                f.display()
+            )));
+        }
+        fs::copy(f, dir.join(name)).map_err(io_at(f))?;
     }
     let img = work.join(format!("{name}.img"));
     mkfs_ext4(

@@ -41,6 +41,10 @@ pub struct BuildImage {
     /// #cloud-config (or #! script) to place on the OEM partition as user-data.
     #[arg(long, value_name = "FILE")]
     user_data: Option<PathBuf>,
+    /// A file to place in the OEM partition's root (at /oem/NAME on the
+    /// host). Repeatable.
+    #[arg(long, value_name = "FILE")]
+    oem_file: Vec<PathBuf>,
     /// Comma-separated: raw, qcow2, box.
     #[arg(long, value_delimiter = ',', default_value = "raw,qcow2,box")]
     formats: Vec<Format>,
@@ -272,6 +276,7 @@ pub fn prepare(a: BuildImage) -> anyhow::Result<BuildOptions> {
         usr_size: a.usr_size,
         disk_size: a.disk_size,
         user_data: a.user_data,
+        oem_files: a.oem_file,
         formats: a.formats,
         out,
         cache: target.join("cache"),

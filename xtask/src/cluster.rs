@@ -4,8 +4,8 @@
 //! Docker swarm (`nimbus.swarm`) over a virtual network that exists only on
 //! this machine (a second NIC per VM, QEMU's UDP socket backend, and a
 //! switch in this process). A replicated HTTP service (3 replicas of an
-//! image built here from Debian's static busybox and `docker load`ed from
-//! user-data: nothing is pulled) runs on the swarm. N+1 is published; every
+//! image built here from Debian's static busybox, placed on the OEM
+//! partition and `docker load`ed at boot: nothing is pulled) runs on the swarm. N+1 is published; every
 //! host updates itself with REBOOT_STRATEGY=etcd-lock (semaphore 1),
 //! draining itself from the swarm before its reboot and rejoining after.
 //!
@@ -165,19 +165,7 @@ fn web_image(work: &Path) -> anyhow::Result<PathBuf> {
     Ok(out)
 }
 
-fn gzip_b64(p: &Path) -> anyhow::Result<String> {
-    let o = Command::new("gzip")
-        .args(["-9", "-n", "-c"])
-        .arg(p)
-        .output()
-        .context("gzip")?;
-    if !o.status.success() {
-        bail!("gzip {} failed", p.display());
-    }
-    Ok(B64.encode(o.stdout))
-}
-
-fn user_data(i: usize, n: usize, repo_port: u16, ssh_key: &str, image_b64: &str) -> String {
+fn user_data(i: usize, n: usize, repo_port: u16, ssh_key: &str) -> String {
     let me = addr(i);
     let cluster: Vec<String> = (0..n)
         .map(|j| format!("{}=http://{}:2380", name(j), addr(j)))
@@ -205,9 +193,6 @@ write_files:
   - path: /etc/nimbus/update-engine.env
     content: |
       NIMBUS_ENGINE_ARGS="--first-check 5 --interval 10 --reboot-poll 2"
-  - path: /var/lib/nimbus-cluster/web.tar
-    encoding: gz+b64
-    content: {image_b64}
 coreos:
   etcd2:
     name: {host}
@@ -246,7 +231,7 @@ coreos:
         [Service]
         Type=oneshot
         RemainAfterExit=yes
-        ExecStart=/usr/bin/docker load -i /var/lib/nimbus-cluster/web.tar
+        ExecStart=/usr/bin/docker load -i /oem/web.tar
 
         [Install]
         WantedBy=multi-user.target
@@ -730,9 +715,15 @@ fn story(a: &ClusterArgs, work: &Path) -> anyhow::Result<()> {
     }
     let pubkey = std::fs::read_to_string(key.with_extension("pub"))?;
     let image = web_image(work)?;
-    let image_b64 = gzip_b64(&image)?;
 
-    let (n, opts) = e2e::build(work, "1.0.0", &[])?;
+    // The web image rides on the OEM partition (/oem/web.tar), like a
+    // platform's agents on Flatcar's: user-data through fw_cfg is read a
+    // byte at a time and a megabyte there costs half a minute of boot.
+    let (n, opts) = e2e::build(
+        work,
+        "1.0.0",
+        &["--oem-file", image.to_str().context("utf8")?],
+    )?;
     step(&t0, "built N (1.0.0)");
     let (n1, _) = e2e::build(work, "1.1.0", &[])?;
     step(&t0, "built N+1 (1.1.0)");
@@ -781,10 +772,7 @@ fn story(a: &ClusterArgs, work: &Path) -> anyhow::Result<()> {
             bail!("cp {}", disk.display());
         }
         let ud = dir.join("user-data");
-        std::fs::write(
-            &ud,
-            user_data(i, n_hosts, repo_port, pubkey.trim(), &image_b64),
-        )?;
+        std::fs::write(&ud, user_data(i, n_hosts, repo_port, pubkey.trim()))?;
         let local = UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port();
         locals.push(local);
         hosts.push(Host {
@@ -1172,6 +1160,22 @@ fn fault_bad_health(
     })?;
     let r = rolled.context("rollback")?;
     step(t0, &format!("bad-health: {} rolled back", hosts[r].name));
+    // What an operator reads on the host.
+    let text = hosts[r].sh("updatectl status")?;
+    let says_why = [
+        "1.2.0 was given up",
+        "health check failed: required unit nimbus-e2e-broken.service is failed",
+        "back on 1.1.0",
+        "running:   1.1.0",
+    ]
+    .iter()
+    .all(|w| text.contains(w));
+    if !says_why {
+        eprintln!(
+            "cluster: `updatectl status` on {} after the rollback:\n{text}",
+            hosts[r].name
+        );
+    }
     let mut active = false;
     let mut released = false;
     wait_for("reactivated and released", Duration::from_secs(600), || {
@@ -1181,8 +1185,9 @@ fn fault_bad_health(
     })?;
     let (etcd_down, web_down, _, _) = probe.finish();
     println!(
-        "cluster-fault bad-health: host={} running=1.1.0 rolled_back=1.2.0 reactivated={} lock_released={} etcd_unavailable_s={etcd_down} service_unavailable_s={web_down}",
+        "cluster-fault bad-health: host={} running=1.1.0 rolled_back=1.2.0 status_says_why={} reactivated={} lock_released={} etcd_unavailable_s={etcd_down} service_unavailable_s={web_down}",
         hosts[r].name,
+        if says_why { "yes" } else { "no" },
         if active { "yes" } else { "no" },
         if released { "yes" } else { "no" },
     );

@@ -150,6 +150,11 @@ fn a_release_that_fails_its_health_check_rolls_back_reactivates_and_releases() {
     let f = line("cluster-fault bad-health:");
     assert_eq!(get(&f, "running"), "1.1.0");
     assert_eq!(get(&f, "rolled_back"), "1.2.0");
+    assert_eq!(
+        get(&f, "status_says_why"),
+        "yes",
+        "`updatectl status` names the version given up and the failed unit"
+    );
     assert_eq!(get(&f, "reactivated"), "yes");
     assert_eq!(get(&f, "lock_released"), "yes");
     assert_eq!(get(&f, "service_unavailable_s"), "0");
