@@ -303,21 +303,38 @@ pub fn replicas(s: &str) -> Option<(u64, u64)> {
     Some((a.parse().ok()?, b.parse().ok()?))
 }
 
+/// Task states (`docker node ps` CurrentState, first word) of a task that
+/// runs on the node or will: anything but a finished task.
+const LIVE_STATES: &[&str] = &[
+    "New",
+    "Pending",
+    "Assigned",
+    "Accepted",
+    "Preparing",
+    "Ready",
+    "Starting",
+    "Running",
+];
+
 /// What still keeps a drain from being done, in words; `None` when done.
 pub fn drain_pending(d: &mut dyn Docker, node: &str) -> Result<Option<String>, SwarmError> {
-    let here = d.run(&[
+    // Every task the node still runs or is about to, whatever the swarm
+    // now wants of it: right after the drain is set, a task's desired
+    // state is already "shutdown" while it still runs here.
+    let tasks = d.run(&[
         "node",
         "ps",
         node,
-        "--filter",
-        "desired-state=running",
         "--format",
-        "{{.Name}}",
+        "{{.Name}}\t{{.CurrentState}}",
     ])?;
-    let here: Vec<&str> = here
+    let here: Vec<&str> = tasks
         .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
+        .filter_map(|l| {
+            let (name, state) = l.split_once('\t')?;
+            let state = state.split_whitespace().next().unwrap_or("");
+            LIVE_STATES.contains(&state).then_some(name.trim())
+        })
         .collect();
     let services = d.run(&[
         "service",
@@ -642,7 +659,14 @@ mod tests {
         let mut d = Script::default()
             .on("info", &[Ok(MANAGER)])
             .on("node update --availability drain n1", &[Ok("n1")])
-            .on("node ps n1", &[Ok("web.2\n"), Ok(""), Ok("")])
+            .on(
+                "node ps n1",
+                &[
+                    Ok("web.2\tRunning 3 minutes ago\nweb.1\tShutdown 9 minutes ago\n"),
+                    Ok("web.2\tShutdown 1 second ago\n"),
+                    Ok("web.2\tShutdown 2 seconds ago\n"),
+                ],
+            )
             .on(
                 "service ls",
                 &[

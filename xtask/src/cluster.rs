@@ -1000,7 +1000,7 @@ fn availability(hosts: &[Host], skip: usize, of: &str) -> Option<String> {
         .and_then(|nodes| nodes.into_iter().find(|n| n.0 == of).map(|n| n.2))
 }
 
-/// Tasks the swarm still wants running on `of`, asked of any manager but
+/// Tasks still running on `of` (or about to), asked of any manager but
 /// `skip`.
 fn tasks_on(hosts: &[Host], skip: usize, of: &str) -> Option<usize> {
     hosts
@@ -1010,15 +1010,23 @@ fn tasks_on(hosts: &[Host], skip: usize, of: &str) -> Option<usize> {
         .find_map(|(_, h)| {
             h.ssh
                 .run(&format!(
-                    "docker node ps {of} --filter desired-state=running --format '{{{{.Name}}}}'"
+                    "docker node ps {of} --format '{{{{.CurrentState}}}}'"
                 ))
                 .ok()
                 .filter(|o| o.status.success())
         })
         .map(|o| {
+            // Running or about to: not yet a finished task.
             String::from_utf8_lossy(&o.stdout)
                 .lines()
-                .filter(|l| !l.trim().is_empty())
+                .filter(|l| {
+                    let w = l.split_whitespace().next().unwrap_or("");
+                    !w.is_empty()
+                        && ![
+                            "Shutdown", "Complete", "Failed", "Rejected", "Orphaned", "Remove",
+                        ]
+                        .contains(&w)
+                })
                 .count()
         })
 }
