@@ -91,6 +91,10 @@ pub struct Status {
     /// The update hook running now: which, for how long, its last line.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hook: Option<String>,
+    /// The last pre-reboot hook that stopped a reboot, and what was done
+    /// about it; kept until a reboot's hooks succeed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hook_failure: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -213,6 +217,7 @@ impl Status {
             trust: None,
             stage1: None,
             hook: None,
+            hook_failure: None,
         }
     }
 }

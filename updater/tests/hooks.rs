@@ -243,6 +243,14 @@ fn a_drain_past_its_timeout_is_undone_reported_and_the_lock_not_leaked() {
         "{note}"
     );
     assert!(note.contains("tried again in"), "{note}");
+    let st = h.status();
+    let failure = st["hook_failure"].as_str().unwrap_or_default();
+    assert!(failure.contains("did not finish within 4 s"), "{st}");
+    let text = h.ctl_ok(&["status"]);
+    assert!(
+        text.contains("hook failed: not rebooting: pre-reboot hook 50-drain"),
+        "{text}"
+    );
     assert!(h.status()["hook"].is_null());
     stop(d);
 }

@@ -801,6 +801,18 @@ fn story(a: &ClusterArgs, work: &Path) -> anyhow::Result<()> {
         &format!("{n_hosts} hosts started (switch on udp 127.0.0.1:{sw})"),
     );
     let r = cluster_life(a, &mut hosts, &publish, &n1, broken.as_deref(), &t0);
+    if r.is_err() {
+        // What each host says of itself, before the VMs go.
+        for h in &hosts {
+            let said = h
+                .ssh
+                .run("updatectl status; journalctl -b --no-pager -n 60 -u update-engine -u nimbus-swarm -u etcd")
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_else(|e| format!("(no answer: {e})"));
+            let _ = std::fs::write(h.disk.with_file_name("diagnostics.txt"), &said);
+            eprintln!("--- {} diagnostics ---\n{said}", h.name);
+        }
+    }
     stop.store(true, Ordering::Relaxed);
     for h in hosts.iter_mut() {
         h.kill();
@@ -1052,7 +1064,7 @@ fn fault_drain_timeout(hosts: &[Host], t0: &Instant) -> anyhow::Result<String> {
         || {
             let st: serde_json::Value =
                 serde_json::from_str(&hosts[h].sh("updatectl status --json")?)?;
-            note = st["note"].as_str().unwrap_or_default().to_string();
+            note = st["hook_failure"].as_str().unwrap_or_default().to_string();
             Ok(note.contains("did not finish within"))
         },
     )?;

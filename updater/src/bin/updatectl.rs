@@ -210,6 +210,9 @@ fn print_status(s: &Status) {
     if let Some(h) = &s.hook {
         println!("hook:      {h}");
     }
+    if let Some(h) = &s.hook_failure {
+        println!("hook failed: {h}");
+    }
     if let Some(n) = &s.note {
         println!("note:      {n}");
     }

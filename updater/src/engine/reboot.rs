@@ -263,7 +263,10 @@ impl Engine {
             };
         }
         let e = match self.run_hooks(crate::hooks::Kind::PreReboot, &version, false) {
-            Ok(()) => return Decision::Reboot,
+            Ok(()) => {
+                self.shared.update(|s| s.hook_failure = None);
+                return Decision::Reboot;
+            }
             Err(e) => e,
         };
         tracing::warn!("{e}");
@@ -285,12 +288,12 @@ impl Engine {
             }
             Err(u) => format!("undoing it failed too ({u}); the reboot lock is kept"),
         };
-        Decision::Wait {
-            until: None,
-            why: format!(
-                "not rebooting: {e}; {undo}; tried again in {} s",
-                self.cfg.hook_timeout.as_secs()
-            ),
-        }
+        let why = format!(
+            "not rebooting: {e}; {undo}; tried again in {} s",
+            self.cfg.hook_timeout.as_secs()
+        );
+        // The note is overwritten by the next check; this stays.
+        self.shared.update(|s| s.hook_failure = Some(why.clone()));
+        Decision::Wait { until: None, why }
     }
 }
