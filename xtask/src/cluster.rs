@@ -256,6 +256,8 @@ struct Host {
     web_port: u16,
     switch_local: u16,
     switch_port: u16,
+    /// /etc/machine-id: the host's name in the reboot lock.
+    machine_id: String,
     vm: Option<qemu::Vm>,
 }
 
@@ -788,6 +790,7 @@ fn story(a: &ClusterArgs, work: &Path) -> anyhow::Result<()> {
             web_port: free_port()?,
             switch_local: local,
             switch_port: 0,
+            machine_id: String::new(),
             vm: None,
         });
     }
@@ -850,6 +853,9 @@ fn cluster_life(
         Ok(nodes.len() == n_hosts && nodes.iter().all(|n| n.1 == "Ready" && n.2 == "Active"))
     })?;
     step(t0, "swarm: every host a manager, ready and active");
+    for h in hosts.iter_mut() {
+        h.machine_id = h.sh("cat /etc/machine-id")?.trim().to_string();
+    }
     for h in hosts.iter() {
         wait_for(&format!("{}: the web image", h.name), long, || {
             Ok(h.ssh
@@ -990,16 +996,10 @@ fn holder_index(hosts: &[Host]) -> anyhow::Result<Option<usize>> {
     let Some(id) = holders.first() else {
         return Ok(None);
     };
-    for (i, h) in hosts.iter().enumerate() {
-        if h.ssh
-            .run("cat /etc/machine-id")
-            .ok()
-            .is_some_and(|o| String::from_utf8_lossy(&o.stdout).trim() == id)
-        {
-            return Ok(Some(i));
-        }
+    match hosts.iter().position(|h| &h.machine_id == id) {
+        Some(i) => Ok(Some(i)),
+        None => bail!("lock held by {id}, which is none of the hosts"),
     }
-    bail!("lock held by {id}, which is none of the hosts")
 }
 
 /// A node's availability, asked of any manager but `skip`.
@@ -1121,7 +1121,7 @@ fn fault_kill_holder(a: &ClusterArgs, hosts: &mut [Host], t0: &Instant) -> anyho
             hosts[v].name
         ),
     );
-    std::thread::sleep(Duration::from_secs(20));
+    std::thread::sleep(Duration::from_secs(10));
     let held = holder_index(hosts)? == Some(v);
     let c = http();
     let others_serve = hosts
