@@ -413,8 +413,14 @@ impl Probe {
                     let (etcd, web, s3) = (etcd.clone(), *web, s2.clone());
                     std::thread::spawn(move || {
                         let c = http();
-                        let e =
-                            probe_etcd(&c, &etcd, &format!("nimbus/probe/{i}"), &sec.to_string());
+                        // A key per host and second (modulo a minute): a
+                        // slow answer must not read a later probe's write.
+                        let e = probe_etcd(
+                            &c,
+                            &etcd,
+                            &format!("nimbus/probe/{i}/{}", sec % 64),
+                            &sec.to_string(),
+                        );
                         let w = probe_web(&c, web);
                         if let Ok(mut m) = s3.lock() {
                             if let Some(v) = m.get_mut(&sec) {
@@ -919,7 +925,7 @@ fn cluster_life(
         }
     }
     // Idle: let the update's page cache and the rejoin settle.
-    std::thread::sleep(Duration::from_secs(30));
+    std::thread::sleep(Duration::from_secs(10));
     let mem: Vec<String> = hosts
         .iter()
         .map(|h| {
