@@ -474,24 +474,9 @@ pub const STAGE1_MODULES: &[&str] = &[
 /// to /lib/modules/<kver>.
 pub fn stage1_modules(root: &Path, kver: &str) -> Result<Vec<String>, ImageError> {
     let dir = root.join("usr/lib/modules").join(kver);
-    let dep = fs::read_to_string(dir.join("modules.dep")).map_err(io_at(&dir))?;
+    let deps = rootfs::read_modules_dep(&dir)?;
     let builtin = fs::read_to_string(dir.join("modules.builtin")).unwrap_or_default();
-    let deps: std::collections::BTreeMap<String, Vec<String>> = dep
-        .lines()
-        .filter_map(|l| {
-            let (m, d) = l.split_once(':')?;
-            Some((
-                m.to_string(),
-                d.split_whitespace().map(str::to_string).collect(),
-            ))
-        })
-        .collect();
-    let norm = |p: &str| {
-        Path::new(p)
-            .file_name()
-            .map(|f| f.to_string_lossy().replace('-', "_"))
-            .unwrap_or_default()
-    };
+    let norm = |p: &str| rootfs::module_file(p);
     let mut order: Vec<String> = Vec::new();
     fn visit(
         m: &str,

@@ -358,7 +358,7 @@ pub struct ModuleReport {
 
 /// `modules.dep` as module -> dependencies (paths relative to the kernel's
 /// module directory).
-fn read_modules_dep(moddir: &Path) -> Result<BTreeMap<String, Vec<String>>, ImageError> {
+pub fn read_modules_dep(moddir: &Path) -> Result<BTreeMap<String, Vec<String>>, ImageError> {
     let p = moddir.join("modules.dep");
     let dep = fs::read_to_string(&p).map_err(io_at(&p))?;
     Ok(dep
@@ -386,6 +386,14 @@ fn closure(
         }
     }
     keep
+}
+
+/// A module path's file name as modprobe compares it (`-` and `_` alike).
+pub fn module_file(p: &str) -> String {
+    Path::new(p)
+        .file_name()
+        .map(|f| f.to_string_lossy().replace('-', "_"))
+        .unwrap_or_default()
 }
 
 /// Which modules stay: those under [`KEPT_MODULES`] and not under
@@ -416,15 +424,9 @@ pub fn prune_modules(root: &Path, kver: &str, plain: &[&str]) -> Result<ModuleRe
         }
     }
     report.kept = keep.len();
-    let norm = |p: &str| {
-        Path::new(p)
-            .file_name()
-            .map(|f| f.to_string_lossy().replace('-', "_"))
-            .unwrap_or_default()
-    };
     let plain_roots = keep
         .iter()
-        .filter(|m| plain.iter().any(|p| norm(m) == format!("{p}.ko")))
+        .filter(|m| plain.iter().any(|p| module_file(m) == format!("{p}.ko")))
         .cloned();
     let plain = closure(&deps, plain_roots);
     let todo: Vec<&String> = keep
