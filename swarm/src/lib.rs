@@ -395,23 +395,32 @@ pub fn drain(d: &mut dyn Docker, w: &mut dyn Waiter) -> Result<Drained, SwarmErr
         w.say("a worker node: not drained (only managers may change availability); its tasks move when it goes down");
         return Ok(Drained::Worker);
     }
-    d.run(&["node", "update", "--availability", "drain", &i.node_id])?;
+    // A busy manager answers a control call with DeadlineExceeded when its
+    // raft commit is slow, though the change may still land: every call
+    // here is idempotent, so it is asked again; update-engine's
+    // HOOK_TIMEOUT bounds the whole drain and shows the last line said.
+    while let Err(e) = d.run(&["node", "update", "--availability", "drain", &i.node_id]) {
+        w.say(&format!("setting drain, trying again: {e}"));
+        w.sleep(Duration::from_secs(2));
+    }
     w.say(&format!("node {} set to drain", i.node_id));
     let mut said = String::new();
     loop {
-        match drain_pending(d, &i.node_id)? {
-            None => {
+        let why = match drain_pending(d, &i.node_id) {
+            Ok(None) => {
                 w.say("drained: every task runs elsewhere");
                 return Ok(Drained::Drained { node: i.node_id });
             }
-            Some(why) => {
-                if why != said {
-                    w.say(&format!("waiting: {why}"));
-                    said = why;
-                }
-            }
+            Ok(Some(why)) => format!("waiting: {why}"),
+            Err(e) => format!("asking the swarm, trying again: {e}"),
+        };
+        if why != said {
+            w.say(&why);
+            said = why;
         }
-        w.sleep(Duration::from_secs(1));
+        // Each look is two docker CLI runs: every 2 s keeps a small
+        // host's CPU for the tasks that are starting.
+        w.sleep(Duration::from_secs(2));
     }
 }
 
@@ -422,8 +431,28 @@ pub fn activate(
     w: &mut dyn Waiter,
     limit: Duration,
 ) -> Result<Option<String>, SwarmError> {
+    // Right after a boot dockerd may not answer yet, and a busy manager
+    // may time out a control call (see drain): both are asked again until
+    // `limit`.
+    let retry = |w: &mut dyn Waiter, e: SwarmError| {
+        if w.elapsed() >= limit {
+            return Err(SwarmError::Gave(format!(
+                "not activated after {} s: {e}",
+                limit.as_secs()
+            )));
+        }
+        w.say(&format!("trying again: {e}"));
+        w.sleep(Duration::from_secs(2));
+        Ok(())
+    };
     loop {
-        let i = info(d)?;
+        let i = match info(d) {
+            Ok(i) => i,
+            Err(e) => {
+                retry(w, e)?;
+                continue;
+            }
+        };
         match (i.state.as_str(), i.manager) {
             ("inactive", _) => {
                 w.say("not in a swarm: nothing to activate");
@@ -434,9 +463,13 @@ pub fn activate(
                 return Ok(None);
             }
             ("active", true) => {
-                d.run(&["node", "update", "--availability", "active", &i.node_id])?;
-                w.say(&format!("node {} is active again", i.node_id));
-                return Ok(Some(i.node_id));
+                match d.run(&["node", "update", "--availability", "active", &i.node_id]) {
+                    Ok(_) => {
+                        w.say(&format!("node {} is active again", i.node_id));
+                        return Ok(Some(i.node_id));
+                    }
+                    Err(e) => retry(w, e)?,
+                }
             }
             (state, _) => {
                 if w.elapsed() >= limit {
@@ -689,6 +722,30 @@ mod tests {
                 "drained: every task runs elsewhere",
             ]
         );
+        // A slow manager times out the drain call and a look at the tasks.
+        let slow = "rpc error: code = DeadlineExceeded desc = context deadline exceeded";
+        let mut d = Script::default()
+            .on("info", &[Ok(MANAGER)])
+            .on(
+                "node update --availability drain n1",
+                &[Err(slow), Ok("n1")],
+            )
+            .on(
+                "node ps n1",
+                &[Err(slow), Ok("web.2\tShutdown 1 second ago\n")],
+            )
+            .on("service ls", &[Ok("web\treplicated\t3/3\n")]);
+        let mut w = Fake::default();
+        assert_eq!(
+            drain(&mut d, &mut w).unwrap(),
+            Drained::Drained { node: "n1".into() }
+        );
+        assert!(
+            w.said[0].starts_with("setting drain, trying again:")
+                && w.said[2].starts_with("asking the swarm, trying again:"),
+            "{:?}",
+            w.said
+        );
     }
 
     #[test]
@@ -719,6 +776,41 @@ mod tests {
         assert_eq!(
             activate(&mut d, &mut w, Duration::from_secs(60)).unwrap(),
             Some("n1".into())
+        );
+        // A slow manager: the update times out twice, then lands.
+        let slow = "rpc error: code = DeadlineExceeded desc = context deadline exceeded";
+        let mut d = Script::default()
+            .on(
+                "info",
+                &[Ok("Cannot connect to the Docker daemon"), Ok(MANAGER)],
+            )
+            .on(
+                "node update --availability active n1",
+                &[Err(slow), Err(slow), Ok("n1")],
+            );
+        let mut w = Fake::default();
+        assert_eq!(
+            activate(&mut d, &mut w, Duration::from_secs(60)).unwrap(),
+            Some("n1".into())
+        );
+        assert_eq!(
+            w.said
+                .iter()
+                .filter(|s| s.contains("DeadlineExceeded"))
+                .count(),
+            2,
+            "{:?}",
+            w.said
+        );
+        // ... but not forever.
+        let mut d = Script::default()
+            .on("info", &[Ok(MANAGER)])
+            .on("node update --availability active n1", &[Err(slow)]);
+        let e = activate(&mut d, &mut Fake::default(), Duration::from_secs(10)).unwrap_err();
+        assert!(
+            e.to_string().contains("not activated after 10 s")
+                && e.to_string().contains("DeadlineExceeded"),
+            "{e}"
         );
         let mut d = Script::default().on("info", &[Ok(pending)]);
         let e = activate(&mut d, &mut Fake::default(), Duration::from_secs(5)).unwrap_err();

@@ -18,6 +18,7 @@ pub mod esp;
 pub mod fetch;
 pub mod hooks;
 pub mod iolimit;
+pub mod leader;
 pub mod lock;
 pub mod policy;
 pub mod sha;

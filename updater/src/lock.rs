@@ -123,7 +123,7 @@ fn read_json(resp: reqwest::blocking::Response, ep: &str) -> Result<Value, LockE
     }
     serde_json::from_slice(&body).map_err(|e| LockError::Protocol {
         endpoint: ep.to_string(),
-        reason: e.to_string(),
+        reason: format!("the answer is not etcd's JSON ({e})"),
     })
 }
 
@@ -234,8 +234,13 @@ impl LockClient {
         }
     }
 
+    /// The endpoints, for error messages.
+    pub(crate) fn endpoints(&self) -> String {
+        self.opts.endpoints.join(",")
+    }
+
     /// POST to the first endpoint that answers.
-    fn post(&self, path: &str, body: &Value) -> Result<Value, LockError> {
+    pub(crate) fn post(&self, path: &str, body: &Value) -> Result<Value, LockError> {
         let mut last = String::new();
         for ep in &self.opts.endpoints {
             let token = match self.token(ep) {
@@ -259,7 +264,13 @@ impl LockClient {
                 }
             };
             let status = resp.status();
-            let v = read_json(resp, ep)?;
+            let v = read_json(resp, ep).map_err(|e| match e {
+                LockError::Protocol { endpoint, reason } => LockError::Protocol {
+                    endpoint,
+                    reason: format!("HTTP {status} to {path}: {reason}"),
+                },
+                e => e,
+            })?;
             if !status.is_success() || v.get("error").is_some() {
                 let msg = v["error"]
                     .as_str()

@@ -20,18 +20,9 @@ impl Drop for Daemon {
 }
 
 fn ctl(sock: &Path, args: &[&str]) -> (Output, String) {
-    let out = Command::new(UPDATECTL)
-        .arg("--socket")
-        .arg(sock)
-        .args(args)
-        .output()
-        .expect("updatectl");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out, text)
+    let mut all = vec!["--socket".as_ref(), sock.as_os_str()];
+    all.extend(args.iter().map(std::ffi::OsStr::new));
+    support::updatectl(&all)
 }
 
 fn json(out: &Output) -> serde_json::Value {
@@ -147,6 +138,21 @@ fn updatectl_drives_the_daemon() {
         .contains("GROUP=old"));
     let (out, text) = ctl(&sock, &["check", "--json"]);
     assert_eq!(json(&out)["message"], "0.9.0 is available", "{text}");
+
+    // A reader that stops early (`updatectl status | head -1`): no panic.
+    let mut child = Command::new(UPDATECTL)
+        .arg("--socket")
+        .arg(&sock)
+        .arg("status")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("updatectl");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("updatectl");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_ne!(out.status.code(), Some(101), "{err}");
 
     // Another user: refused (the socket is root's, 0600).
     let out = Command::new("setpriv")

@@ -128,6 +128,17 @@ impl Host {
     }
 }
 
+/// A drain that never finishes: a task with nowhere to go.
+fn stuck_drain(h: &Host) {
+    hook(
+        &h.f.root,
+        "pre-reboot",
+        "50-drain",
+        &h.log,
+        "while :; do echo 'waiting for 1 task to leave this node: web.2'; sleep 1; done",
+    );
+}
+
 fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
     let t0 = Instant::now();
     while !f() {
@@ -203,13 +214,7 @@ fn a_drain_past_its_timeout_is_undone_reported_and_the_lock_not_leaked() {
     let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tmp");
     let etcd = Etcd::start(tmp.path().join("etcd"));
     let h = Host::new(&etcd.url(), "HOOK_TIMEOUT=4s\n");
-    hook(
-        &h.f.root,
-        "pre-reboot",
-        "50-drain",
-        &h.log,
-        "while :; do echo 'waiting for 1 task to leave this node: web.2'; sleep 1; done",
-    );
+    stuck_drain(&h);
     hook(&h.f.root, "post-good", "50-activate", &h.log, "");
 
     let d = h.daemon();
@@ -252,6 +257,51 @@ fn a_drain_past_its_timeout_is_undone_reported_and_the_lock_not_leaked() {
         "{text}"
     );
     assert!(h.status()["hook"].is_null());
+    stop(d);
+}
+
+#[test]
+fn a_failed_undo_keeps_the_lock_and_is_retried_before_another_drain() {
+    let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tmp");
+    let etcd = Etcd::start(tmp.path().join("etcd"));
+    let h = Host::new(&etcd.url(), "HOOK_TIMEOUT=3s\n");
+    stuck_drain(&h);
+    // The undo fails twice (a swarm manager timing out), then succeeds.
+    let count = tmp.path().join("activations");
+    hook(
+        &h.f.root,
+        "post-good",
+        "50-activate",
+        &h.log,
+        &format!(
+            "n=$(cat {c} 2>/dev/null || echo 0); echo $((n+1)) > {c}\n[ \"$n\" -ge 2 ] || {{ echo 'rpc error: code = DeadlineExceeded'; exit 1; }}",
+            c = count.display()
+        ),
+    );
+    let d = h.daemon();
+    h.wait_socket();
+    wait_until("the first undo's failure", Duration::from_secs(120), || {
+        h.log().len() >= 2
+    });
+    // Held while the host may still be drained.
+    assert_eq!(holders(&etcd), serde_json::json!(["hooked"]));
+    assert!(h.lock_taken());
+    wait_until("the lock's release", Duration::from_secs(60), || {
+        !h.lock_taken()
+    });
+    assert_eq!(holders(&etcd), serde_json::json!([]));
+    let log = h.log();
+    assert_eq!(
+        log[..4],
+        [
+            "pre-reboot new=1.1.0 running=1.0.0 rolled_back=0 locked=1",
+            "post-good new=1.1.0 running=1.0.0 rolled_back=0 locked=1",
+            "post-good new=1.1.0 running=1.0.0 rolled_back=0 locked=1",
+            "post-good new=1.1.0 running=1.0.0 rolled_back=0 locked=1",
+        ],
+        "the undo is retried before any second drain: {log:?}"
+    );
+    assert!(h.f.state()["post_good_pending"].is_null());
     stop(d);
 }
 

@@ -203,18 +203,26 @@ fn files_under(dir: &Path) -> anyhow::Result<Vec<(String, PathBuf)>> {
 fn extra_units(dirs: &[PathBuf]) -> anyhow::Result<Vec<UnitFile>> {
     let mut out = Vec::new();
     for dir in dirs {
-        let files = files_under(dir).with_context(|| format!("--extra-units {}", dir.display()))?;
+        let files = unit_files(dir).with_context(|| format!("--extra-units {}", dir.display()))?;
         if files.is_empty() {
             bail!("--extra-units {}: no files in it", dir.display());
         }
-        for (name, p) in files {
-            out.push(UnitFile {
-                name,
-                content: std::fs::read_to_string(&p).with_context(|| p.display().to_string())?,
-            });
-        }
+        out.extend(files);
     }
     Ok(out)
+}
+
+/// The units and drop-ins (`x.service.d/10-y.conf`) under `dir`.
+fn unit_files(dir: &Path) -> anyhow::Result<Vec<UnitFile>> {
+    files_under(dir)?
+        .into_iter()
+        .map(|(name, p)| {
+            Ok(UnitFile {
+                name,
+                content: std::fs::read_to_string(&p).with_context(|| p.display().to_string())?,
+            })
+        })
+        .collect()
 }
 
 fn units(root: &Path) -> anyhow::Result<Vec<UnitFile>> {
@@ -225,21 +233,7 @@ fn units(root: &Path) -> anyhow::Result<Vec<UnitFile>> {
         "updater/units",
         "swarm/units",
     ] {
-        let mut names: Vec<PathBuf> = std::fs::read_dir(root.join(dir))
-            .with_context(|| dir.to_string())?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .collect();
-        names.sort();
-        for p in names {
-            out.push(UnitFile {
-                name: p
-                    .file_name()
-                    .unwrap_or_default()
-                    .to_string_lossy()
-                    .into_owned(),
-                content: std::fs::read_to_string(&p).with_context(|| p.display().to_string())?,
-            });
-        }
+        out.extend(unit_files(&root.join(dir)).with_context(|| dir.to_string())?);
     }
     Ok(out)
 }
@@ -312,13 +306,16 @@ pub fn prepare(a: BuildImage) -> anyhow::Result<BuildOptions> {
     // Cheap checks first, so a typo fails in a second, not after a build.
     pipeline::preflight(&opts)?;
     opts.installs = nimbus_binaries(&root)?;
-    // update-engine's default hooks (docs/cluster.md).
-    for (rel, source) in files_under(&root.join("swarm/hooks"))? {
-        opts.installs.push(Install {
-            dest: format!("/{}/{rel}", nimbus::paths::HOOKS_USR),
-            source,
-            mode: 0o755,
-        });
+    // update-engine's default hooks (docs/cluster.md): the swarm drain and
+    // reactivation, and etcd's leadership moved off a host about to reboot.
+    for dir in ["swarm/hooks", "updater/hooks"] {
+        for (rel, source) in files_under(&root.join(dir))? {
+            opts.installs.push(Install {
+                dest: format!("/{}/{rel}", nimbus::paths::HOOKS_USR),
+                source,
+                mode: 0o755,
+            });
+        }
     }
     let init = nimbus_init(&root)?;
     opts.installs.push(Install {

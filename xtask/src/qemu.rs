@@ -78,6 +78,12 @@ pub struct Qemu {
     /// (opt/org.nimbus/user-data, read by cloud-config at boot).
     #[arg(long, value_name = "FILE")]
     pub user_data: Option<PathBuf>,
+    /// How the disks treat the guest's flushes: `writeback` passes each
+    /// one to this machine's disk; `unsafe` drops them (what the guest
+    /// wrote still reaches this machine's page cache, so killing QEMU loses
+    /// nothing; only a crash of this machine would).
+    #[arg(long, value_enum, default_value_t = Cache::Writeback)]
+    pub cache: Cache,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -85,6 +91,21 @@ pub enum Firmware {
     Direct,
     Bios,
     Uefi,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Cache {
+    Writeback,
+    Unsafe,
+}
+
+impl Cache {
+    fn qemu(self) -> &'static str {
+        match self {
+            Cache::Writeback => "writeback",
+            Cache::Unsafe => "unsafe",
+        }
+    }
 }
 
 fn drive_format(p: &Path) -> &'static str {
@@ -151,17 +172,19 @@ fn command(a: &Qemu, image: &Path, scratch: &Path) -> anyhow::Result<Command> {
     for (i, d) in a.extra_disk.iter().enumerate() {
         cmd.arg("-drive")
             .arg(format!(
-                "file={},format={},if=none,id=extra{i},cache=writeback",
+                "file={},format={},if=none,id=extra{i},cache={}",
                 d.display(),
-                drive_format(d)
+                drive_format(d),
+                a.cache.qemu()
             ))
             .args(["-device", &format!("virtio-blk-pci,drive=extra{i}")]);
     }
     cmd.arg("-drive")
         .arg(format!(
-            "file={},format={},if=none,id=boot,cache=writeback",
+            "file={},format={},if=none,id=boot,cache={}",
             image.display(),
-            drive_format(image)
+            drive_format(image),
+            a.cache.qemu()
         ))
         // The firmware boots this disk, not the extra ones (QEMU's -kernel
         // loader takes bootindex 0 itself).

@@ -248,6 +248,12 @@ fn build_image_end_to_end() {
         "lib/systemd/system/cloud-config.service",
         "lib/systemd/system/oem.mount",
         "lib/systemd/system/nimbus-ssh-keygen.service",
+        // etcd restarts when its address is not there yet (drop-ins ship too).
+        "lib/systemd/system/etcd.service.d/10-nimbus.conf",
+        // update-engine's default hooks.
+        "lib/nimbus/hooks/pre-reboot.d/50-swarm-drain",
+        "lib/nimbus/hooks/pre-reboot.d/60-etcd-leader",
+        "lib/nimbus/hooks/post-good.d/50-swarm-activate",
         // Enabled from /usr, so units an update adds start on old hosts too.
         "lib/systemd/system/multi-user.target.wants/cloud-config.service",
         "lib/systemd/system/multi-user.target.wants/update-engine.service",

@@ -5,7 +5,14 @@
 #[test]
 fn every_fuzz_target_builds_and_runs_without_a_crash() {
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .args(["fuzz", "--seconds", "5", "--sanitizer", "none"])
+        .args([
+            "fuzz",
+            "--seconds",
+            "3",
+            "--sanitizer",
+            "none",
+            "--quick-build",
+        ])
         .output()
         .expect("xtask fuzz");
     let out = String::from_utf8_lossy(&o.stdout);

@@ -73,6 +73,14 @@ enum Cmd {
         #[arg(long, value_name = "G", global = true)]
         group: Option<String>,
     },
+    /// If this host's etcd member leads its cluster, hand leadership to
+    /// another member (the pre-reboot hook 60-etcd-leader; talks to etcd,
+    /// with update.conf's TLS and credentials).
+    EtcdStepDown {
+        /// This host's member (its client URL).
+        #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:2379")]
+        endpoint: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -88,6 +96,13 @@ enum LockCmd {
 const EX_UNAVAILABLE: u8 = 69;
 
 fn main() -> ExitCode {
+    // `updatectl status | head -3`: end on a closed pipe as Unix tools do,
+    // not with a panic in println! (Rust ignores SIGPIPE by default).
+    // SAFETY: first thing in main, no other thread yet; only restores the
+    // default disposition.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     if std::env::var_os("NIMBUS_SHOW_BUILD").is_some() {
         eprintln!(
@@ -368,26 +383,81 @@ fn run(cli: &Cli, client: &Client) -> Result<ExitCode, nimbus_updater::api::Clie
             endpoint,
             group,
         } => Ok(lock(cli, cmd, endpoint.as_deref(), group.as_deref())),
+        Cmd::EtcdStepDown { endpoint } => Ok(etcd_step_down(cli, endpoint)),
+    }
+}
+
+/// update.conf's etcd options (TLS, credentials, group), or the exit code
+/// after saying why not.
+fn etcd_options(cli: &Cli) -> Result<nimbus_updater::lock::EtcdOptions, ExitCode> {
+    let conf = nimbus::updateconf::UpdateConf::load_layered(&cli.root).map_err(|e| {
+        eprintln!(
+            "updatectl: {}: {e}",
+            cli.root.join(nimbus::updateconf::ETC_PATH).display()
+        );
+        ExitCode::from(2)
+    })?;
+    nimbus_updater::config::etcd_from_conf(&conf).map_err(|e| {
+        eprintln!("updatectl: update.conf: {e}");
+        ExitCode::from(2)
+    })
+}
+
+fn lock_exit(e: &nimbus_updater::lock::LockError) -> ExitCode {
+    eprintln!("updatectl: {e}");
+    ExitCode::from(match e {
+        nimbus_updater::lock::LockError::Malformed { .. } => 4,
+        nimbus_updater::lock::LockError::Tls { .. } => 2,
+        _ => 3,
+    })
+}
+
+fn etcd_step_down(cli: &Cli, endpoint: &str) -> ExitCode {
+    let mut opts = match etcd_options(cli) {
+        Ok(o) => o,
+        Err(code) => return code,
+    };
+    match reqwest::Url::parse(endpoint) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") => {}
+        Ok(_) => {
+            eprintln!("updatectl: --endpoint {endpoint}: only http and https are supported");
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            eprintln!("updatectl: --endpoint {endpoint}: {e}");
+            return ExitCode::from(2);
+        }
+    }
+    opts.endpoints = vec![endpoint.trim_end_matches('/').to_string()];
+    match nimbus_updater::lock::LockClient::new(opts)
+        .and_then(|c| nimbus_updater::leader::step_down(&c))
+    {
+        Ok(r) => {
+            if cli.json {
+                let (outcome, from, to) = match &r {
+                    nimbus_updater::leader::StepDown::NotLeader { me, leader } => {
+                        ("not-leader", me, leader)
+                    }
+                    nimbus_updater::leader::StepDown::Alone { me } => ("alone", me, me),
+                    nimbus_updater::leader::StepDown::Moved { from, to } => ("moved", from, to),
+                };
+                println!(
+                    "{}",
+                    serde_json::json!({"outcome": outcome, "member": from, "leader": to, "message": r.to_string()})
+                );
+            } else {
+                println!("{r}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => lock_exit(&e),
     }
 }
 
 fn lock(cli: &Cli, cmd: &LockCmd, endpoint: Option<&str>, group: Option<&str>) -> ExitCode {
-    let conf = match nimbus::updateconf::UpdateConf::load_layered(&cli.root) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!(
-                "updatectl: {}: {e}",
-                cli.root.join(nimbus::updateconf::ETC_PATH).display()
-            );
-            return ExitCode::from(2);
-        }
-    };
-    let mut opts = match nimbus_updater::config::etcd_from_conf(&conf) {
+    let mut opts = match etcd_options(cli) {
         Ok(o) => o,
-        Err(e) => {
-            eprintln!("updatectl: update.conf: {e}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     if let Some(e) = endpoint {
         opts.endpoints = vec![e.trim_end_matches('/').to_string()];
@@ -436,14 +506,7 @@ fn lock(cli: &Cli, cmd: &LockCmd, endpoint: Option<&str>, group: Option<&str>) -
             }
             ExitCode::SUCCESS
         }
-        Err(e) => {
-            eprintln!("updatectl: {e}");
-            ExitCode::from(match e {
-                nimbus_updater::lock::LockError::Malformed { .. } => 4,
-                nimbus_updater::lock::LockError::Tls { .. } => 2,
-                _ => 3,
-            })
-        }
+        Err(e) => lock_exit(&e),
     }
 }
 

@@ -42,11 +42,15 @@ impl Engine {
         self.sync_stage1_trust();
         let view = self.slots()?;
         let staged = view.staged().is_some();
-        if !staged && view.booted_is_good() {
+        // A pre-reboot hook failed and so did its undo (post_good_pending
+        // still set): the undo is tried again before anything else, so a
+        // drained host never keeps the lock through its retries.
+        let undo_failed = staged && self.hooks_retry_at.is_some();
+        if (!staged && view.booted_is_good()) || undo_failed {
             // Reactivate first (a drained host rejoins), then give the
             // lock back: the next host may drain only once this one serves.
             if let Some(v) = self.persisted.post_good_pending.clone() {
-                let rolled_back = v != self.running.to_string();
+                let rolled_back = !undo_failed && v != self.running.to_string();
                 match self.run_hooks(crate::hooks::Kind::PostGood, &v, rolled_back) {
                     Ok(()) => {
                         self.persisted.post_good_pending = None;
@@ -265,6 +269,7 @@ impl Engine {
         let e = match self.run_hooks(crate::hooks::Kind::PreReboot, &version, false) {
             Ok(()) => {
                 self.shared.update(|s| s.hook_failure = None);
+                self.hooks_retry_at = None;
                 return Decision::Reboot;
             }
             Err(e) => e,

@@ -138,3 +138,88 @@ impl Drop for Etcd {
         self.stop();
     }
 }
+
+/// A real multi-member etcd cluster on loopback ports (members m1, m2, ...).
+pub struct EtcdCluster {
+    pub urls: Vec<String>,
+    children: Vec<Child>,
+}
+
+impl EtcdCluster {
+    pub fn start(dir: &std::path::Path, n: usize) -> EtcdCluster {
+        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        let initial: Vec<String> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, p))| format!("m{}=http://127.0.0.1:{p}", i + 1))
+            .collect();
+        let mut children = Vec::new();
+        let mut urls = Vec::new();
+        for (i, (c, p)) in ports.iter().enumerate() {
+            let c = format!("http://127.0.0.1:{c}");
+            let p = format!("http://127.0.0.1:{p}");
+            let child = Command::new("etcd")
+                .arg(format!("--name=m{}", i + 1))
+                .arg(format!(
+                    "--data-dir={}",
+                    dir.join(format!("m{}", i + 1)).display()
+                ))
+                .arg(format!("--listen-client-urls={c}"))
+                .arg(format!("--advertise-client-urls={c}"))
+                .arg(format!("--listen-peer-urls={p}"))
+                .arg(format!("--initial-advertise-peer-urls={p}"))
+                .arg(format!("--initial-cluster={}", initial.join(",")))
+                .arg("--initial-cluster-state=new")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("etcd must be installed (etcd-server in .ci/packages.txt)");
+            children.push(child);
+            urls.push(c);
+        }
+        let cluster = EtcdCluster { urls, children };
+        let t0 = Instant::now();
+        while cluster.leader().is_none() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "the etcd cluster did not elect a leader"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        cluster
+    }
+
+    /// The index of the member that leads, as every member reports it
+    /// (None while they do not agree, or one does not answer).
+    pub fn leader(&self) -> Option<usize> {
+        let out = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", &self.urls.join(","), "endpoint", "status"])
+            .output()
+            .expect("etcdctl (etcd-client)");
+        if !out.status.success() {
+            return None;
+        }
+        // `URL, ID, VERSION, DB SIZE, IS LEADER, ...`, one line per member.
+        let text = String::from_utf8_lossy(&out.stdout);
+        let lines: Vec<&str> = text.lines().collect();
+        if lines.len() != self.urls.len() {
+            return None;
+        }
+        let leaders: Vec<usize> = lines
+            .iter()
+            .filter(|l| l.split(", ").nth(4) == Some("true"))
+            .filter_map(|l| self.urls.iter().position(|u| l.starts_with(u.as_str())))
+            .collect();
+        (leaders.len() == 1).then(|| leaders[0])
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

@@ -21,6 +21,21 @@ use sha2::Digest;
 pub const ENGINE: &str = env!("CARGO_BIN_EXE_update-engine");
 pub const UPDATECTL: &str = env!("CARGO_BIN_EXE_updatectl");
 
+/// `updatectl ARGS`: its output, and stdout + stderr as one text for
+/// assertions and failure messages.
+pub fn updatectl(args: &[&std::ffi::OsStr]) -> (Output, String) {
+    let out = Command::new(UPDATECTL)
+        .args(args)
+        .output()
+        .expect("updatectl");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out, text)
+}
+
 /// Deterministic, compressible (about 3:1) bytes: words from a small
 /// vocabulary picked by xorshift, like text and code in a real /usr.
 pub fn filler(seed: u64, len: usize) -> Vec<u8> {
