@@ -60,6 +60,7 @@ pub struct UnitFile {
     pub content: String,
 }
 
+#[derive(Clone)]
 pub struct BuildOptions {
     pub version: Version,
     pub channel: String,
@@ -96,21 +97,21 @@ pub trait Progress {
     fn finish(&mut self, stage: &str, seconds: f64, note: &str);
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct StageTime {
     pub stage: String,
     pub seconds: f64,
     pub note: String,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Artifact {
     pub name: String,
     pub size: u64,
     pub sha256: String,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct BuildReport {
     pub version: String,
     pub channel: String,

@@ -347,12 +347,16 @@ pub fn run(a: BuildImage) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Build through the image cache (`image_cache.rs`): an image whose
+/// inputs were built before is copied, not built again.
 pub fn build(opts: &BuildOptions) -> anyhow::Result<pipeline::BuildReport> {
-    let mut bars = Bars {
-        tty: std::io::stderr().is_terminal(),
-        bar: None,
-    };
-    Ok(pipeline::build(opts, &mut bars)?)
+    crate::image_cache::build_cached(opts, |o| {
+        let mut bars = Bars {
+            tty: std::io::stderr().is_terminal(),
+            bar: None,
+        };
+        Ok(pipeline::build(o, &mut bars)?)
+    })
 }
 
 /// Parse build-image flags from a list, for other commands (bench).

@@ -67,6 +67,21 @@ pub struct ClusterArgs {
     /// Guest memory per host, MiB.
     #[arg(long, default_value_t = 1024)]
     pub memory: u32,
+    /// Give up after this many minutes in all: every wait is cut to what
+    /// is left, and past it (plus a minute's grace) the guests are killed
+    /// and the command exits 1 with its diagnostics so far.
+    #[arg(long, default_value_t = 40)]
+    pub deadline_minutes: u64,
+}
+
+/// When the whole run must be over (`--deadline-minutes`).
+static DEADLINE: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+
+fn remaining() -> Duration {
+    DEADLINE
+        .get()
+        .map(|d| d.saturating_duration_since(Instant::now()))
+        .unwrap_or(Duration::MAX)
 }
 
 fn addr(i: usize) -> String {
@@ -279,6 +294,7 @@ impl Host {
             timeout: 0,
             until: None,
             until_delay_ms: 0,
+            stage_timeout: qemu::STAGE_TIMEOUT_S,
             ssh_port: self.ssh.port,
             memory,
             append: String::new(),
@@ -623,6 +639,20 @@ pub fn run(a: ClusterArgs) -> anyhow::Result<ExitCode> {
     let work = root.join("target/nimbus/cluster");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
+    let limit = Duration::from_secs(a.deadline_minutes.saturating_mul(60));
+    let _ = DEADLINE.set(Instant::now() + limit);
+    // The backstop: a step stuck outside any wait (a hung call with no
+    // bound of its own) still ends the run. QEMU children are killed
+    // first so no guest outlives the command.
+    let minutes = a.deadline_minutes;
+    std::thread::spawn(move || {
+        std::thread::sleep(limit + Duration::from_secs(60));
+        eprintln!("cluster: failed: the overall deadline of {minutes} min passed (plus 60 s of grace); killing the guests");
+        let _ = Command::new("pkill")
+            .args(["-KILL", "-P", &std::process::id().to_string()])
+            .status();
+        std::process::exit(1);
+    });
     let r = story(&a, &work);
     if let Err(e) = &r {
         for i in 0..a.hosts {
@@ -817,6 +847,8 @@ fn wait_for(
     mut f: impl FnMut() -> anyhow::Result<bool>,
 ) -> anyhow::Result<()> {
     let t = Instant::now();
+    let overall = remaining() < limit;
+    let limit = limit.min(remaining());
     let mut last = String::new();
     loop {
         match f() {
@@ -825,7 +857,15 @@ fn wait_for(
             Err(e) => last = format!("{e:#}"),
         }
         if t.elapsed() > limit {
-            bail!("{what}: not after {} s {last}", limit.as_secs());
+            bail!(
+                "{what}: not after {} s{} {last}",
+                limit.as_secs(),
+                if overall {
+                    " (cut to what was left of the run's --deadline-minutes)"
+                } else {
+                    ""
+                }
+            );
         }
         std::thread::sleep(Duration::from_secs(3));
     }

@@ -102,7 +102,7 @@ pub(crate) fn broken_units(work: &Path) -> anyhow::Result<PathBuf> {
     Ok(broken)
 }
 
-fn cgpt(disk: &Path, n: u32) -> anyhow::Result<String> {
+pub(crate) fn cgpt(disk: &Path, n: u32) -> anyhow::Result<String> {
     let mut out = Vec::new();
     for f in ["-P", "-T", "-S"] {
         let o = Command::new("cgpt")
@@ -114,6 +114,11 @@ fn cgpt(disk: &Path, n: u32) -> anyhow::Result<String> {
     }
     Ok(out.join("/"))
 }
+
+/// How long one ssh command may take by default (`Ssh::run_within` sets
+/// another): the longest ordinary command in the harnesses (a drain, an
+/// `updatectl update --wait` use their own).
+pub const SSH_LIMIT: Duration = Duration::from_secs(180);
 
 pub(crate) struct Ssh {
     pub port: u16,
@@ -181,6 +186,12 @@ impl Ssh {
                 "BatchMode=yes",
                 "-o",
                 "ConnectTimeout=20",
+                // A guest that hangs or reboots mid-command: the
+                // connection is given up after 15 s of silence.
+                "-o",
+                "ServerAliveInterval=5",
+                "-o",
+                "ServerAliveCountMax=3",
                 "-o",
                 "LogLevel=ERROR",
             ]);
@@ -225,7 +236,14 @@ impl Ssh {
         *slot = spawned.ok().map(|c| (c, Instant::now()));
     }
 
+    /// Run `cmd` in the guest, killed after [`SSH_LIMIT`].
     pub fn run(&self, cmd: &str) -> anyhow::Result<Output> {
+        self.run_within(cmd, SSH_LIMIT)
+    }
+
+    /// Run `cmd` in the guest; ssh is killed after `limit` (a guest that
+    /// keeps the connection alive but never finishes the command).
+    pub fn run_within(&self, cmd: &str, limit: Duration) -> anyhow::Result<Output> {
         let mut c = self.command();
         if let Some(m) = &self.mux {
             self.ensure_master(m);
@@ -234,9 +252,8 @@ impl Ssh {
                 .arg(format!("ControlPath={}", m.path.display()))
                 .args(["-o", "ControlMaster=no"]);
         }
-        c.args(["root@127.0.0.1", cmd])
-            .output()
-            .context("ssh (openssh-client)")
+        c.args(["root@127.0.0.1", cmd]);
+        nimbus_testkit::proc::output(&mut c, limit).context("ssh to the guest")
     }
 
     /// Run `cmd` once sshd answers (it may still be starting); its stdout.
@@ -292,7 +309,7 @@ pub fn build(
     Ok((out, opts))
 }
 
-fn marked_good(slot: &str, version: &str) -> String {
+pub(crate) fn marked_good(slot: &str, version: &str) -> String {
     format!(
         r"nimbus-mark-good: {slot} marked good \(version {}\)",
         regex::escape(version)
@@ -301,7 +318,7 @@ fn marked_good(slot: &str, version: &str) -> String {
 
 /// The console lines of a boot into `slot` that ends marked good:
 /// selection (tries spent, `successful` as it was), stage 2, mark-good.
-fn good_boot(slot: &str, version: &str, successful: u8) -> Vec<String> {
+pub(crate) fn good_boot(slot: &str, version: &str, successful: u8) -> Vec<String> {
     let v = regex::escape(version);
     vec![
         format!(
@@ -313,7 +330,7 @@ fn good_boot(slot: &str, version: &str, successful: u8) -> Vec<String> {
 }
 
 /// Wait for each pattern in order; the line index of the last.
-fn expect(vm: &mut qemu::Vm, mut from: usize, res: &[String]) -> anyhow::Result<usize> {
+pub(crate) fn expect(vm: &mut qemu::Vm, mut from: usize, res: &[String]) -> anyhow::Result<usize> {
     for re in res {
         from = vm.wait_for(re, from, Duration::from_secs(600))?;
     }
@@ -477,6 +494,7 @@ fn story(work: &Path, log: &Path) -> anyhow::Result<()> {
         timeout: 0,
         until: None,
         until_delay_ms: 0,
+        stage_timeout: qemu::STAGE_TIMEOUT_S,
         ssh_port: ssh.port,
         memory: 2048,
         append: String::new(),

@@ -10,7 +10,7 @@
 
 use std::fmt::Write as _;
 use std::process::{Command, ExitCode};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
@@ -35,6 +35,11 @@ fn have_nightly() -> bool {
 /// libFuzzer needs the target named (cargo-fuzz does the same): it keeps
 /// the instrumentation flags off build scripts and proc macros.
 const TRIPLE: &str = "x86_64-unknown-linux-gnu";
+/// libFuzzer's `-timeout`: seconds one input may take before it counts as
+/// a hang (a parser here takes microseconds per input).
+const PER_INPUT_TIMEOUT_S: u64 = 10;
+/// A cold build of every target takes about 5 minutes on 2 cores.
+const BUILD_LIMIT_S: u64 = 1200;
 
 /// What `cargo fuzz build` passes to rustc by default (cargo-fuzz 0.12,
 /// coverage level 4, on Linux: optimised, with debug assertions and
@@ -125,7 +130,8 @@ pub fn run(
         // 5m05s at 3, executions per second within noise for 3 s runs.
         build.env("CARGO_PROFILE_RELEASE_OPT_LEVEL", "1");
     }
-    let st = build.status().context("cargo build (fuzz targets)")?;
+    let st = nimbus_testkit::proc::status(&mut build, Duration::from_secs(BUILD_LIMIT_S))
+        .context("cargo build (fuzz targets)")?;
     if !st.success() {
         bail!("building the fuzz targets failed ({st})");
     }
@@ -147,18 +153,26 @@ pub fn run(
         let artifacts = root.join("fuzz/artifacts").join(target);
         std::fs::create_dir_all(&artifacts)?;
         let exe = target_dir.join(TRIPLE).join("release").join(target);
-        let out = Command::new(&exe)
-            .current_dir(&root)
+        let mut run = Command::new(&exe);
+        run.current_dir(&root)
             .arg(format!("-artifact_prefix={}/", artifacts.display()))
             .arg(format!("-max_total_time={seconds}"))
             .args([
                 "-print_final_stats=1",
                 "-rss_limit_mb=2048",
                 "-max_len=65536",
+                // One input that takes longer than this is a hang, reported
+                // as a crash (libFuzzer's default is 1200 s per input).
+                &format!("-timeout={PER_INPUT_TIMEOUT_S}"),
             ])
-            .arg(&corpus)
-            .output()
-            .with_context(|| format!("running {}", exe.display()))?;
+            .arg(&corpus);
+        // libFuzzer stops itself at max_total_time; the deadline is for a
+        // run that does not (a hang in its own start-up or shutdown).
+        let out = nimbus_testkit::proc::output(
+            &mut run,
+            Duration::from_secs(seconds + 2 * PER_INPUT_TIMEOUT_S + 60),
+        )
+        .with_context(|| format!("running {}", exe.display()))?;
         let secs = t.elapsed().as_secs_f64();
         let err = String::from_utf8_lossy(&out.stderr);
         let stat = |k: &str| -> u64 {

@@ -20,11 +20,15 @@ mod deps;
 mod disk;
 mod e2e;
 mod fuzz;
-#[path = "../../updater/tests/support/httpd.rs"]
-mod httpd;
+mod image_cache;
+mod ledger;
 mod powercut;
 mod powercut_fs;
 mod qemu;
+mod smoke;
+mod vmtest;
+
+use nimbus_testkit::httpd;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "Nimbus developer commands")]
@@ -92,6 +96,12 @@ enum Cmd {
     },
     /// Boot an image under QEMU (TCG), serial console on stdout.
     Qemu(qemu::Qemu),
+    /// The default tier's VM smoke, in one SeaBIOS guest life: 1.0.0 boots
+    /// and is marked good, updates itself to 1.1.0 by delta, a release that
+    /// fails its health check rolls back, a corrupted slot is refused.
+    Smoke(smoke::Smoke),
+    /// Run the VM tier (the tests marked `vm tier`), one row per test.
+    Vmtest(vmtest::VmTest),
     /// Publish a built version into a static release repository: copy its payload and
     /// write the channel's next signed manifest (serial + 1).
     Release(Release),
@@ -112,6 +122,8 @@ fn main() -> ExitCode {
         Cmd::BuildImage(a) => build_image::run(a),
         Cmd::Bench { cmd } => bench::run(cmd),
         Cmd::Qemu(a) => qemu::run(a),
+        Cmd::Smoke(a) => smoke::run(a),
+        Cmd::Vmtest(a) => vmtest::run(a),
         Cmd::Release(a) => release(a),
         Cmd::E2e { keep } => e2e::run(keep),
         Cmd::Cluster(a) => cluster::run(a),

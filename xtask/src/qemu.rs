@@ -36,9 +36,14 @@ pub struct Qemu {
     /// Also write the console to this file.
     #[arg(long)]
     pub serial_log: Option<PathBuf>,
-    /// Give up after this many seconds (exit 1).
+    /// Give up after this many seconds (exit 1; 0: no overall limit).
     #[arg(long, default_value_t = 300)]
     pub timeout: u64,
+    /// Each boot stage (firmware and loader, stage 1, stage 2 to
+    /// multi-user) must finish within this many seconds, or QEMU is killed
+    /// and the failure names the stage with the last console lines.
+    #[arg(long, default_value_t = STAGE_TIMEOUT_S)]
+    pub stage_timeout: u64,
     /// Stop the VM and exit 0 once a console line matches.
     #[arg(long)]
     pub until: Option<String>,
@@ -281,19 +286,83 @@ fn command(a: &Qemu, image: &Path, scratch: &Path) -> anyhow::Result<Command> {
     Ok(cmd)
 }
 
+/// The stages of a boot, in order, each ended by the first console line
+/// matching its pattern. The watchdog gives each stage its own deadline:
+/// a guest that hangs anywhere in a boot is killed within one stage's
+/// time, and the failure names the stage it hung in.
+pub const BOOT_STAGES: [(&str, &str); 3] = [
+    // From power-on (or a reset) to the stage-1 kernel's first line.
+    ("firmware and loader", r"Linux version "),
+    // Stage 1: slot selection, verity, kexec into the slot's kernel.
+    ("stage 1", r"nimbus-init: stage 1 done"),
+    // The slot's kernel and systemd, up to the login prompt or mark-good
+    // (whichever the console shows first; both follow multi-user).
+    ("stage 2 to multi-user", r"nimbus-mark-good: |login: "),
+];
+
+/// Console lines that start a new boot in the same guest life: a reboot,
+/// a panic that resets (panic=-1), a loader starting again.
+const BOOT_STARTS: &str = r"reboot: Restarting system|Kernel panic - not syncing|Nimbus: BIOS boot";
+
+/// Default deadline of one boot stage, seconds (`--stage-timeout`).
+pub const STAGE_TIMEOUT_S: u64 = 240;
+
+/// How many console lines a failure carries.
+const TAIL_LINES: usize = 60;
+
+struct Console {
+    /// Every console line, with when it arrived.
+    lines: Vec<(Instant, String)>,
+    /// The boot stage the guest is in, since when its clock runs, and the
+    /// furthest stage this boot reached; None once booted. A reset in the
+    /// middle of a boot (a panic, a loader's fallback) goes back to the
+    /// first stage without restarting the clock, and a stage's clock
+    /// restarts only when the boot gets further than before: a guest
+    /// caught in a reset loop trips the deadline like a hung one.
+    stage: Option<(usize, Instant, usize)>,
+    /// Why the watchdog killed QEMU, if it did.
+    killed: Option<String>,
+    /// The console reached its end (QEMU exited).
+    closed: bool,
+}
+
+impl Console {
+    fn tail(&self) -> String {
+        let from = self.lines.len().saturating_sub(TAIL_LINES);
+        self.lines[from..]
+            .iter()
+            .map(|(_, l)| l.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
 /// A VM running in the background whose console lines are collected, for
-/// tests that act on the guest while it runs (`cargo xtask e2e`).
+/// tests that act on the guest while it runs (`cargo xtask e2e`). A
+/// watchdog thread kills it (SIGKILL) when a boot stage outlives its
+/// deadline or the VM outlives `timeout`; every wait on it is bounded.
 pub struct Vm {
     child: std::process::Child,
-    lines: Arc<Mutex<Vec<String>>>,
+    console: Arc<Mutex<Console>>,
     reader: Option<std::thread::JoinHandle<()>>,
+    started: Instant,
     _scratch: tempfile::TempDir,
+}
+
+fn sigkill(pid: u32) {
+    // std's Child::kill needs the Child, which the VM's owner holds; the
+    // watchdog kills by pid (QEMU is our child and not yet reaped, so the
+    // pid cannot have been reused).
+    let _ = Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status();
 }
 
 impl Vm {
     /// Start `a.image`; the console goes to `a.serial_log` (and stdout
-    /// unless `a.quiet`). `a.until` and `a.timeout` are not used: the
-    /// caller waits with [`Vm::wait_for`].
+    /// unless `a.quiet`). Each boot stage must finish within
+    /// `a.stage_timeout` seconds, and the whole VM within `a.timeout`
+    /// (0: no overall limit; the caller's waits are bounded).
     pub fn spawn(a: &Qemu) -> anyhow::Result<Vm> {
         let image = a.image.clone().context("Vm::spawn needs an image")?;
         let scratch = tempfile::tempdir()?;
@@ -303,15 +372,27 @@ impl Vm {
             .stderr(Stdio::inherit())
             .spawn()
             .context("qemu-system-x86_64 (cargo xtask deps installs qemu-system-x86)")?;
+        let pid = child.id();
         let stdout = child.stdout.take().context("qemu stdout")?;
         let mut log = a
             .serial_log
             .as_ref()
             .map(std::fs::File::create)
             .transpose()?;
-        let lines = Arc::new(Mutex::new(Vec::new()));
+        let started = Instant::now();
+        let console = Arc::new(Mutex::new(Console {
+            lines: Vec::new(),
+            stage: Some((0, started, 0)),
+            killed: None,
+            closed: false,
+        }));
         let quiet = a.quiet;
-        let sink = lines.clone();
+        let sink = console.clone();
+        let ends: Vec<regex::Regex> = BOOT_STAGES
+            .iter()
+            .map(|(_, re)| regex::Regex::new(re))
+            .collect::<Result<_, _>>()?;
+        let restart = regex::Regex::new(BOOT_STARTS)?;
         let reader = std::thread::spawn(move || {
             let mut reader = BufReader::new(stdout);
             let mut raw = Vec::new();
@@ -324,43 +405,149 @@ impl Vm {
                 if let Some(l) = log.as_mut() {
                     let _ = l.write_all(line.as_bytes());
                 }
-                if let Ok(mut v) = sink.lock() {
-                    v.push(line.trim_end_matches('\n').to_string());
+                let line = line.trim_end_matches('\n').to_string();
+                if let Ok(mut c) = sink.lock() {
+                    let now = Instant::now();
+                    if restart.is_match(&line) {
+                        c.stage = match c.stage {
+                            // A new boot of a booted guest.
+                            None => Some((0, now, 0)),
+                            Some((_, since, high)) => Some((0, since, high)),
+                        };
+                    }
+                    if let Some((i, since, high)) = c.stage {
+                        if ends[i].is_match(&line) {
+                            if i == 0 {
+                                // A boot reached its first kernel: count it.
+                                crate::ledger::record("boot", "");
+                            }
+                            let next = i + 1;
+                            let clock = if next > high {
+                                (next, now, next)
+                            } else {
+                                (next, since, high)
+                            };
+                            c.stage = (next < ends.len()).then_some(clock);
+                        }
+                    }
+                    c.lines.push((now, line));
                 }
+            }
+            if let Ok(mut c) = sink.lock() {
+                c.closed = true;
+            }
+        });
+        let stage_limit = Duration::from_secs(a.stage_timeout.max(1));
+        let overall = (a.timeout > 0).then(|| Duration::from_secs(a.timeout));
+        let watch = console.clone();
+        std::thread::spawn(move || loop {
+            std::thread::sleep(Duration::from_millis(250));
+            let Ok(mut c) = watch.lock() else { return };
+            if c.closed {
+                return;
+            }
+            let why = if let Some((i, since, _)) =
+                c.stage.filter(|(_, t, _)| t.elapsed() > stage_limit)
+            {
+                Some(format!(
+                    "boot stage `{}` did not finish within {} s (no console line matching /{}/ since {:.0} s into the VM)",
+                    BOOT_STAGES[i].0,
+                    stage_limit.as_secs(),
+                    BOOT_STAGES[i].1,
+                    since.duration_since(started).as_secs_f64()
+                ))
+            } else {
+                overall
+                    .filter(|o| started.elapsed() > *o)
+                    .map(|o| format!("the VM ran past its overall limit of {} s", o.as_secs()))
+            };
+            if let Some(why) = why {
+                c.killed = Some(why);
+                drop(c);
+                sigkill(pid);
+                return;
             }
         });
         Ok(Vm {
             child,
-            lines,
+            console,
             reader: Some(reader),
+            started,
             _scratch: scratch,
         })
     }
 
+    /// The last console lines, for failure messages.
+    pub fn tail(&self) -> String {
+        self.console.lock().map(|c| c.tail()).unwrap_or_default()
+    }
+
+    /// Why the watchdog killed the VM, if it did.
+    pub fn killed(&self) -> Option<String> {
+        self.console.lock().ok().and_then(|c| c.killed.clone())
+    }
+
+    /// Seconds since the VM started at which the first line at or after
+    /// line `from` matching `re` arrived, if one did.
+    pub fn seen_at(&self, re: &regex::Regex, from: usize) -> Option<(usize, f64)> {
+        let c = self.console.lock().ok()?;
+        c.lines
+            .iter()
+            .enumerate()
+            .skip(from)
+            .find(|(_, (_, l))| re.is_match(l))
+            .map(|(i, (t, _))| (i, t.duration_since(self.started).as_secs_f64()))
+    }
+
     /// Index of the first console line at or after `from` matching `re`;
-    /// an error when `timeout` passes or the VM stops first.
+    /// an error when `timeout` passes, the watchdog kills the VM (a boot
+    /// stage hung) or the VM stops first. Every error names what was
+    /// awaited and carries the last console lines.
     pub fn wait_for(&mut self, re: &str, from: usize, timeout: Duration) -> anyhow::Result<usize> {
         let r = regex::Regex::new(re)?;
         let t0 = Instant::now();
         loop {
-            let hit = self.lines.lock().ok().and_then(|v| {
-                v.iter()
-                    .enumerate()
-                    .skip(from)
-                    .find(|(_, l)| r.is_match(l))
-                    .map(|(i, _)| i)
-            });
-            if let Some(i) = hit {
+            if let Some((i, _)) = self.seen_at(&r, from) {
                 return Ok(i);
             }
-            if let Some(st) = self.child.try_wait()? {
-                bail!("the VM stopped ({st}) before /{re}/ appeared on the console");
-            }
-            if t0.elapsed() > timeout {
-                bail!("no /{re}/ on the console within {} s", timeout.as_secs());
-            }
-            std::thread::sleep(Duration::from_millis(200));
+            let why = if let Some(st) = self.child.try_wait()? {
+                // Let the reader take in the last lines before judging.
+                if let Some(r) = self.reader.take() {
+                    let _ = r.join();
+                }
+                if let Some((i, _)) = self.seen_at(&r, from) {
+                    return Ok(i);
+                }
+                match self.killed() {
+                    Some(k) => format!("{k}; QEMU was killed (SIGKILL)"),
+                    None => format!("the VM stopped ({st})"),
+                }
+            } else if t0.elapsed() > timeout {
+                self.stop();
+                format!(
+                    "no line within {} s; QEMU was killed (SIGKILL)",
+                    timeout.as_secs()
+                )
+            } else {
+                std::thread::sleep(Duration::from_millis(200));
+                continue;
+            };
+            bail!(
+                "waiting for /{re}/ on the console: {why}\n--- last {TAIL_LINES} console lines ---\n{}",
+                self.tail()
+            );
         }
+    }
+
+    /// Wait for QEMU to exit by itself; the watchdog bounds the wait (a
+    /// VM spawned with `timeout` 0 and a booted guest can run forever:
+    /// interactive use only).
+    pub fn wait_exit(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        let st = self.child.wait()?;
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+        Ok(st)
     }
 
     /// Power off (kill) the VM and wait for it; the console log is complete
@@ -371,6 +558,13 @@ impl Vm {
         if let Some(r) = self.reader.take() {
             let _ = r.join();
         }
+    }
+
+    /// Kill the VM (SIGKILL: a power cut) `after` from now, while the
+    /// console is still read.
+    pub fn cut_after(&mut self, after: Duration) {
+        std::thread::sleep(after);
+        self.stop();
     }
 }
 
@@ -393,112 +587,62 @@ pub fn run(a: Qemu) -> anyhow::Result<ExitCode> {
             image.display()
         );
     }
-    let until = a
-        .until
-        .as_deref()
-        .map(regex::Regex::new)
-        .transpose()
-        .context("--until")?;
-    let mut marks: Vec<(String, regex::Regex)> = a
+    if let Some(u) = &a.until {
+        regex::Regex::new(u).context("--until")?;
+    }
+    let marks: Vec<(String, regex::Regex)> = a
         .mark
         .iter()
         .map(|m| regex::Regex::new(m).map(|r| (m.clone(), r)))
         .collect::<Result<_, _>>()
         .context("--mark")?;
-    let scratch = tempfile::tempdir()?;
-    let mut cmd = command(&a, &image, scratch.path())?;
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .context("qemu-system-x86_64 (cargo xtask deps installs qemu-system-x86)")?;
-    let pid = child.id();
-    let stdout = child.stdout.take().context("qemu stdout")?;
-    let timed_out = Arc::new(Mutex::new(false));
-    {
-        let timed_out = timed_out.clone();
-        let limit = Duration::from_secs(a.timeout);
-        std::thread::spawn(move || {
-            std::thread::sleep(limit);
-            if let Ok(mut t) = timed_out.lock() {
-                *t = true;
+    let mut a = a;
+    a.image = Some(image);
+    let mut vm = Vm::spawn(&a)?;
+    let report_marks = |vm: &Vm| {
+        for (m, re) in &marks {
+            if let Some((_, at)) = vm.seen_at(re, 0) {
+                eprintln!("qemu: mark /{m}/ at {at:.3} s");
             }
-            let _ = Command::new("kill").arg(pid.to_string()).status();
+        }
+    };
+    let Some(until) = a.until.as_deref() else {
+        // No pattern: run until the guest powers off (or a limit hits).
+        let st = vm.wait_exit()?;
+        report_marks(&vm);
+        if let Some(k) = vm.killed() {
+            eprintln!(
+                "qemu: {k}; QEMU was killed (SIGKILL)\n--- last console lines ---\n{}",
+                vm.tail()
+            );
+            return Ok(ExitCode::FAILURE);
+        }
+        return Ok(if st.success() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
         });
-    }
-    let mut log = a
-        .serial_log
-        .as_ref()
-        .map(std::fs::File::create)
-        .transpose()?;
-    let t0 = Instant::now();
-    let mut matched = false;
-    let mut reader = BufReader::new(stdout);
-    let mut raw = Vec::new();
-    let mut console = std::io::stdout().lock();
-    while reader.read_until(b'\n', &mut raw)? > 0 {
-        let line = String::from_utf8_lossy(&raw).replace('\r', "");
-        raw.clear();
-        if !a.quiet {
-            let _ = console.write_all(line.as_bytes());
-        }
-        if let Some(l) = log.as_mut() {
-            let _ = l.write_all(line.as_bytes());
-        }
-        marks.retain(|(m, re)| {
-            let hit = re.is_match(&line);
-            if hit {
-                eprintln!("qemu: mark /{m}/ at {:.3} s", t0.elapsed().as_secs_f64());
-            }
-            !hit
-        });
-        if !matched && until.as_ref().is_some_and(|re| re.is_match(&line)) {
-            matched = true;
-            eprintln!("qemu: matched after {:.1} s", t0.elapsed().as_secs_f64());
-            if a.until_delay_ms == 0 {
-                let _ = child.kill();
-                break;
-            }
-            // Keep draining the console (a full pipe would stall the guest)
-            // until the cut.
-            let delay = Duration::from_millis(a.until_delay_ms);
-            std::thread::spawn(move || {
-                std::thread::sleep(delay);
-                let _ = Command::new("kill")
-                    .args(["-KILL", &pid.to_string()])
-                    .status();
-            });
-        }
-    }
-    let status = child.wait()?;
-    let timed_out = timed_out.lock().map(|t| *t).unwrap_or(false);
-    // Output still buffered when the watchdog killed QEMU can match late:
-    // past the deadline is a timeout all the same.
-    if matched && !timed_out {
-        return Ok(ExitCode::SUCCESS);
-    }
-    if timed_out {
-        eprintln!(
-            "qemu: timeout after {} s{}",
-            a.timeout,
-            a.until
-                .as_deref()
-                .map(|u| format!(" waiting for /{u}/"))
-                .unwrap_or_default()
-        );
-        return Ok(ExitCode::FAILURE);
-    }
-    if until.is_some() {
-        eprintln!(
-            "qemu: VM stopped ({status}) before /{}/ appeared",
-            a.until.unwrap_or_default()
-        );
-        return Ok(ExitCode::FAILURE);
-    }
-    Ok(if status.success() {
-        ExitCode::SUCCESS
+    };
+    // The watchdog enforces `timeout` (and each stage's); this bound is a backstop.
+    let limit = if a.timeout == 0 {
+        365 * 86400
     } else {
-        ExitCode::FAILURE
-    })
+        a.timeout + 5
+    };
+    match vm.wait_for(until, 0, Duration::from_secs(limit)) {
+        Ok(_) => {
+            eprintln!(
+                "qemu: matched after {:.1} s",
+                vm.started.elapsed().as_secs_f64()
+            );
+            vm.cut_after(Duration::from_millis(a.until_delay_ms));
+            report_marks(&vm);
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            report_marks(&vm);
+            eprintln!("qemu: {e:#}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
 }

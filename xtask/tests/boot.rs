@@ -9,6 +9,7 @@ use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 const EPOCH: &str = "1700000000";
 const USER_DATA: &str = r#"#cloud-config
@@ -29,14 +30,19 @@ coreos:
 
 /// One VM at a time: two TCG guests on two cores would only slow each other.
 static VM: Mutex<()> = Mutex::new(());
-static IMAGE: OnceLock<PathBuf> = OnceLock::new();
+/// The shared image, or the error its one build failed with: a failed
+/// build fails every test that needs it at once, without building again.
+static IMAGE: OnceLock<Result<PathBuf, String>> = OnceLock::new();
 
+/// xtask with a backstop: every boot's own deadlines are far shorter.
 fn xtask(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .args(args)
-        .env("SOURCE_DATE_EPOCH", EPOCH)
-        .output()
-        .unwrap()
+    nimbus_testkit::proc::output(
+        Command::new(env!("CARGO_BIN_EXE_xtask"))
+            .args(args)
+            .env("SOURCE_DATE_EPOCH", EPOCH),
+        Duration::from_secs(1800),
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn s(p: &Path) -> &str {
@@ -44,7 +50,7 @@ fn s(p: &Path) -> &str {
 }
 
 fn image() -> &'static Path {
-    IMAGE.get_or_init(|| {
+    let built = IMAGE.get_or_init(|| {
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("boot-image");
         let ud = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("boot-user-data");
         fs::write(&ud, USER_DATA).unwrap();
@@ -61,13 +67,16 @@ fn image() -> &'static Path {
             "--out",
             s(&dir),
         ]);
-        assert!(
-            o.status.success(),
-            "build-image: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        dir.join("nimbus.raw")
-    })
+        if o.status.success() {
+            Ok(dir.join("nimbus.raw"))
+        } else {
+            Err(String::from_utf8_lossy(&o.stderr).into_owned())
+        }
+    });
+    match built {
+        Ok(p) => p,
+        Err(e) => panic!("the shared build-image failed (built once, not retried): {e}"),
+    }
 }
 
 /// A private copy of the image (sparse), removed with the returned dir.
@@ -87,6 +96,16 @@ fn copy() -> (tempfile::TempDir, PathBuf) {
 
 /// Boot until `until` matches; returns the console. Fails the test on timeout.
 fn boot(img: &Path, until: &str, extra: &[&str]) -> String {
+    let (ok, console, err) = try_boot(img, until, extra);
+    assert!(
+        ok,
+        "no /{until}/ on the console: {err}\n--- console ---\n{console}"
+    );
+    console
+}
+
+/// Boot until `until` matches: (matched, console, xtask qemu's stderr).
+fn try_boot(img: &Path, until: &str, extra: &[&str]) -> (bool, String, String) {
     let _vm = VM.lock().unwrap_or_else(|e| e.into_inner());
     let log = img.with_extension("console");
     let mut args = vec![
@@ -103,12 +122,11 @@ fn boot(img: &Path, until: &str, extra: &[&str]) -> String {
     args.extend_from_slice(extra);
     let o = xtask(&args);
     let console = fs::read_to_string(&log).unwrap_or_default();
-    assert!(
+    (
         o.status.success(),
-        "no /{until}/ on the console: {}\n--- console ---\n{console}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    console
+        console,
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
 }
 
 fn cgpt(img: &Path, part: u32) -> (u8, u8, u8) {
@@ -284,6 +302,7 @@ fn from_qcow2(q: &Path, img: &Path) {
 /// Plain `qemu-system-x86_64 -drive file=nimbus.qcow2`: SeaBIOS, GRUB from
 /// the MBR and BIOS-BOOT, no `-kernel`.
 #[test]
+#[ignore = "vm tier: cargo xtask vmtest"]
 fn fresh_image_boots_usr_a_to_multi_user_and_marks_it_good() {
     let (_d, img) = copy();
     let q = to_qcow2(&img);
@@ -328,6 +347,7 @@ fn fresh_image_boots_usr_a_to_multi_user_and_marks_it_good() {
 }
 
 #[test]
+#[ignore = "vm tier: cargo xtask vmtest"]
 fn usr_b_with_one_try_boots_and_is_marked_good() {
     let (_d, img) = copy();
     copy_a_to_b(&img);
@@ -350,6 +370,7 @@ fn usr_b_with_one_try_boots_and_is_marked_good() {
 }
 
 #[test]
+#[ignore = "vm tier: cargo xtask vmtest"]
 fn corrupted_usr_b_is_refused_by_dm_verity_and_usr_a_boots() {
     let (_d, img) = copy();
     copy_a_to_b(&img);
@@ -370,6 +391,7 @@ fn corrupted_usr_b_is_refused_by_dm_verity_and_usr_a_boots() {
 }
 
 #[test]
+#[ignore = "vm tier: cargo xtask vmtest"]
 fn usr_b_that_is_never_marked_good_is_not_selected_again() {
     let (_d, img) = copy();
     copy_a_to_b(&img);
@@ -384,6 +406,7 @@ fn usr_b_that_is_never_marked_good_is_not_selected_again() {
 }
 
 #[test]
+#[ignore = "vm tier: cargo xtask vmtest"]
 fn usr_b_with_a_bad_signature_is_refused() {
     let (_d, img) = copy();
     copy_a_to_b(&img);
@@ -399,6 +422,7 @@ fn usr_b_with_a_bad_signature_is_refused() {
 }
 
 #[test]
+#[ignore = "vm tier: cargo xtask vmtest"]
 fn boots_under_ovmf() {
     use nimbus::esp::{Copy, Esp};
     let (_d, img) = copy();
@@ -525,6 +549,7 @@ impl Drop for Loop {
 /// it, the disk always boots; then `sgdisk -v` is clean, ROOT ends at the
 /// disk's end, its ext4 spans it, and a further boot changes nothing.
 #[test]
+#[ignore = "vm tier: cargo xtask vmtest"]
 fn grown_disk_is_taken_over_crash_safely_under_seabios() {
     let (_d, img) = copy();
     const SIZE: u64 = 8 << 30;
@@ -640,6 +665,7 @@ fn grown_disk_is_taken_over_crash_safely_under_seabios() {
 }
 
 #[test]
+#[ignore = "vm tier: cargo xtask vmtest"]
 fn blank_root_is_populated_from_the_factory_copy() {
     let (_d, img) = copy();
     // Replace ROOT with an empty ext4 filesystem: a wiped host.
@@ -676,4 +702,59 @@ fn blank_root_is_populated_from_the_factory_copy() {
         c.contains("nimbus-init: ROOT is blank; populating it from the factory copy in USR"),
         "{c}"
     );
+}
+
+/// A guest that hangs in stage 1 (the test's stand-in: ESP copy a's
+/// initramfs replaced by one whose /init is busybox printing a line and
+/// sleeping) fails within its stage's deadline, and the failure names the
+/// stage and carries the console's last lines.
+#[test]
+#[ignore = "vm tier: cargo xtask vmtest"]
+fn a_hung_stage_1_fails_in_time_and_names_the_stage() {
+    use nimbus::esp::{Copy, Esp};
+    let (_d, img) = copy();
+    let busybox = fs::read("/bin/busybox")
+        .expect("/bin/busybox (busybox-static, in .ci/packages.txt) for the hung /init");
+    let mut cpio = nimbus_image::cpio::Cpio::new(Vec::new(), 0);
+    cpio.dir("bin").unwrap();
+    cpio.dir("dev").unwrap();
+    cpio.chardev("dev/console", 5, 1).unwrap();
+    cpio.file("bin/busybox", 0o755, &busybox).unwrap();
+    cpio.file(
+        "init",
+        0o755,
+        b"#!/bin/busybox sh\necho 'nimbus-test: stage 1 hangs here'\nexec /bin/busybox sleep 100000\n",
+    )
+    .unwrap();
+    let initramfs = cpio.finish().unwrap();
+    let esp = nimbus_updater::esp::ImageEsp {
+        image: img.clone(),
+        offset: part(&img, 1).0,
+    };
+    esp.with(true, &mut |fs| fs.replace(&Copy::A.initramfs(), &initramfs))
+        .unwrap();
+    // A stage deadline of 60 s keeps the test short; the default (240 s)
+    // is the same code with another number.
+    let t = Instant::now();
+    let (ok, console, err) = try_boot(
+        &img,
+        "nimbus-init: stage 1 done",
+        &["--stage-timeout", "60"],
+    );
+    let took = t.elapsed();
+    assert!(!ok, "a hung stage 1 passed:\n{console}");
+    assert!(
+        console.contains("nimbus-test: stage 1 hangs here"),
+        "{console}"
+    );
+    assert!(
+        err.contains("boot stage `stage 1` did not finish within 60 s"),
+        "the failure does not name the stage: {err}"
+    );
+    assert!(err.contains("QEMU was killed (SIGKILL)"), "{err}");
+    assert!(
+        err.contains("nimbus-test: stage 1 hangs here"),
+        "the failure lacks the console's last lines: {err}"
+    );
+    assert!(took < Duration::from_secs(180), "took {took:?}");
 }

@@ -10,6 +10,7 @@
 //! `xtask/tests/cluster.rs`'s.
 
 #[test]
+#[ignore = "vm tier: cargo xtask vmtest"]
 fn guest_updates_itself_and_boots_the_new_version() {
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_xtask"))
         .arg("e2e")

@@ -4,8 +4,7 @@
 //! image) updating the 1.0.0 disk image in host mode. USR-B then passes
 //! `veritysetup verify` with the manifest's root hash.
 
-#[path = "../../updater/tests/support/httpd.rs"]
-mod httpd;
+use nimbus_testkit::httpd;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

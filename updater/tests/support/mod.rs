@@ -4,8 +4,10 @@
 
 #![allow(dead_code)]
 
-pub mod etcd;
-pub mod httpd;
+#[allow(unused_imports)]
+pub use nimbus_testkit::etcd;
+#[allow(unused_imports)]
+pub use nimbus_testkit::httpd;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

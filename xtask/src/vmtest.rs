@@ -1,0 +1,272 @@
+//! `cargo xtask vmtest [--list] [NAME...]`: the VM tier.
+//!
+//! The default tier is `cargo test --workspace`; the tests that boot guests
+//! beyond the lean smoke (the boot matrix, the e2e story, Vagrant, the
+//! cluster, the fuzz smoke) are marked `#[ignore = "vm tier: cargo xtask
+//! vmtest"]` and found here the way cargo would run them: the workspace's
+//! test binaries (`cargo test --no-run`), each asked for its ignored tests.
+//! Each test runs in a process of its own, one at a time (two TCG guests on
+//! two cores only slow each other), under a deadline, with a ledger that
+//! counts its guest boots and image builds (`ledger.rs`). One row per test,
+//! then `vmtest: passed=N failed=N minutes=M`.
+
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Args;
+
+use crate::ledger;
+
+#[derive(Args)]
+pub struct VmTest {
+    /// Only list the VM-tier tests (`binary::test`), one a line.
+    #[arg(long)]
+    list: bool,
+    /// Run only these: a test binary's name (`cluster`, `boot`) or a
+    /// part of `binary::test`. Default: all.
+    names: Vec<String>,
+    /// A test still running after this many minutes is killed and fails.
+    #[arg(long, default_value_t = 40)]
+    test_timeout_minutes: u64,
+}
+
+/// One VM-tier test: which binary holds it and how to run it.
+#[derive(Debug, Clone)]
+struct VmTestCase {
+    binary: String,
+    exe: PathBuf,
+    /// The package directory: cargo runs tests from there.
+    cwd: PathBuf,
+    name: String,
+}
+
+impl VmTestCase {
+    fn full(&self) -> String {
+        format!("{}::{}", self.binary, self.name)
+    }
+}
+
+/// The workspace's test executables: (binary name, path, package dir).
+fn test_binaries(root: &Path) -> anyhow::Result<Vec<(String, PathBuf, PathBuf)>> {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(root)
+        .args([
+            "test",
+            "--workspace",
+            "--no-run",
+            "--message-format=json-render-diagnostics",
+        ])
+        .stderr(Stdio::inherit());
+    // A cold build of every test binary takes about 10 minutes here.
+    let o = nimbus_testkit::proc::output(&mut cmd, Duration::from_secs(45 * 60))
+        .context("cargo test --no-run")?;
+    if !o.status.success() {
+        bail!(
+            "cargo test --workspace --no-run failed ({}): {}",
+            o.status,
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    let mut out = Vec::new();
+    for line in o.stdout.as_slice().lines() {
+        let line = line?;
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        if v["reason"] != "compiler-artifact" || v["profile"]["test"] != true {
+            continue;
+        }
+        let (Some(exe), Some(name), Some(manifest)) = (
+            v["executable"].as_str(),
+            v["target"]["name"].as_str(),
+            v["manifest_path"].as_str(),
+        ) else {
+            continue;
+        };
+        let dir = Path::new(manifest)
+            .parent()
+            .context("manifest path without a parent")?;
+        out.push((name.to_string(), PathBuf::from(exe), dir.to_path_buf()));
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+/// Every ignored test of every test binary: the VM tier.
+fn discover(root: &Path) -> anyhow::Result<Vec<VmTestCase>> {
+    let mut cases = Vec::new();
+    for (binary, exe, cwd) in test_binaries(root)? {
+        let o = nimbus_testkit::proc::output(
+            Command::new(&exe)
+                .args(["--list", "--ignored", "--format", "terse"])
+                .current_dir(&cwd),
+            Duration::from_secs(60),
+        )?;
+        if !o.status.success() {
+            bail!("{} --list --ignored failed ({})", exe.display(), o.status);
+        }
+        for l in String::from_utf8_lossy(&o.stdout).lines() {
+            if let Some(name) = l.strip_suffix(": test") {
+                cases.push(VmTestCase {
+                    binary: binary.clone(),
+                    exe: exe.clone(),
+                    cwd: cwd.clone(),
+                    name: name.to_string(),
+                });
+            }
+        }
+    }
+    Ok(cases)
+}
+
+fn selected(c: &VmTestCase, names: &[String]) -> bool {
+    names.is_empty() || names.iter().any(|n| *n == c.binary || c.full().contains(n))
+}
+
+struct Row {
+    name: String,
+    ok: bool,
+    seconds: f64,
+    boots: usize,
+    builds: usize,
+    hits: usize,
+}
+
+pub fn run(a: VmTest) -> anyhow::Result<ExitCode> {
+    let root = crate::build_image::workspace_root();
+    let all = discover(&root)?;
+    let cases: Vec<VmTestCase> = all
+        .iter()
+        .filter(|c| selected(c, &a.names))
+        .cloned()
+        .collect();
+    if a.list {
+        for c in &all {
+            println!("{}", c.full());
+        }
+        eprintln!("vmtest: {} VM-tier tests", all.len());
+        return Ok(ExitCode::SUCCESS);
+    }
+    if cases.is_empty() {
+        bail!(
+            "no VM-tier test matches {:?}; `cargo xtask vmtest --list` lists them",
+            a.names
+        );
+    }
+    let logs = root.join("target/vmtest");
+    std::fs::create_dir_all(&logs)?;
+    let t0 = Instant::now();
+    let mut rows = Vec::new();
+    for c in &cases {
+        let slug = c.full().replace("::", "-");
+        let log = logs.join(format!("{slug}.log"));
+        let ledger_file = logs.join(format!("{slug}.ledger"));
+        let _ = std::fs::remove_file(&ledger_file);
+        eprintln!("vmtest: {} ... (log: {})", c.full(), log.display());
+        let out = std::fs::File::create(&log)?;
+        let err = out.try_clone()?;
+        let t = Instant::now();
+        let limit = Duration::from_secs(a.test_timeout_minutes.saturating_mul(60));
+        let r = nimbus_testkit::proc::status(
+            Command::new(&c.exe)
+                .args(["--ignored", "--exact", &c.name, "--nocapture"])
+                .current_dir(&c.cwd)
+                .env(ledger::ENV, &ledger_file)
+                .stdout(out)
+                .stderr(err),
+            limit,
+        );
+        let ok = match &r {
+            Ok(st) => st.success(),
+            Err(e) => {
+                eprintln!("vmtest: {}: {e}", c.full());
+                // QEMU children of a killed test would hold the machine.
+                let _ = Command::new("pkill")
+                    .args(["-KILL", "-f", "qemu-system-x86_64"])
+                    .status();
+                false
+            }
+        };
+        let seconds = t.elapsed().as_secs_f64();
+        let spent = std::fs::read_to_string(&ledger_file).unwrap_or_default();
+        let row = Row {
+            name: c.full(),
+            ok,
+            seconds,
+            boots: ledger::count(&spent, "boot"),
+            builds: ledger::count(&spent, "build"),
+            hits: ledger::count(&spent, "cache-hit"),
+        };
+        if !ok {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            eprintln!(
+                "vmtest: {} FAILED; its last lines:\n{}",
+                c.full(),
+                nimbus_testkit::proc::tail(&text, 80)
+            );
+        }
+        eprintln!(
+            "vmtest: {} {} in {seconds:.0} s ({} boots, {} image builds)",
+            c.full(),
+            if ok { "passed" } else { "FAILED" },
+            row.boots,
+            row.builds
+        );
+        rows.push(row);
+    }
+    println!("| test | result | seconds | boots | image builds | image cache hits |");
+    println!("|---|---|---|---|---|---|");
+    for r in &rows {
+        println!(
+            "| {} | {} | {:.0} | {} | {} | {} |",
+            r.name,
+            if r.ok { "passed" } else { "FAILED" },
+            r.seconds,
+            r.boots,
+            r.builds,
+            r.hits
+        );
+    }
+    let passed = rows.iter().filter(|r| r.ok).count();
+    let failed = rows.len() - passed;
+    println!(
+        "vmtest: passed={passed} failed={failed} minutes={:.1}",
+        t0.elapsed().as_secs_f64() / 60.0
+    );
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn case(binary: &str, name: &str) -> VmTestCase {
+        VmTestCase {
+            binary: binary.into(),
+            exe: PathBuf::new(),
+            cwd: PathBuf::new(),
+            name: name.into(),
+        }
+    }
+
+    #[test]
+    fn names_select_a_binary_or_part_of_a_test_name() {
+        let c = case("cluster", "rolling_update_and_faults");
+        assert!(selected(&c, &[]));
+        assert!(selected(&c, &["cluster".into()]));
+        assert!(selected(&c, &["rolling_update".into()]));
+        assert!(!selected(&c, &["boot".into()]));
+        assert!(!selected(
+            &case("boot", "x"),
+            &["clust".into(), "e2e".into()]
+        ));
+    }
+}
