@@ -1,14 +1,19 @@
-//! `cargo xtask deps`: install the host packages listed in .ci/packages.txt.
-//! One list serves the README, `.ci/run` and this command, so they cannot
-//! drift apart.
+//! `cargo xtask deps [--vm] [--bench]`: install the host packages listed in
+//! .ci/packages.txt (the build and the default test tier), plus
+//! .ci/packages-vm.txt (the VM tier) and .ci/packages-bench.txt (the
+//! benchmarks) when asked. One list per purpose serves the README,
+//! `.ci/run` and this command, so they cannot drift apart.
 
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
 
 use anyhow::{bail, Context};
 
-pub fn package_list() -> anyhow::Result<Vec<String>> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.ci/packages.txt");
+/// The packages of `.ci/<file>`.
+pub fn package_list_of(file: &str) -> anyhow::Result<Vec<String>> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../.ci")
+        .join(file);
     let text = std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
     Ok(text
         .lines()
@@ -17,6 +22,14 @@ pub fn package_list() -> anyhow::Result<Vec<String>> {
         .map(str::to_string)
         .collect())
 }
+
+/// The default tier's packages.
+pub fn package_list() -> anyhow::Result<Vec<String>> {
+    package_list_of("packages.txt")
+}
+
+/// apt's own network timeouts are per connection; this bounds a whole call.
+const APT_LIMIT_S: u64 = 1800;
 
 /// Entries may name a release (`qemu-utils/bookworm`); dpkg knows only the name.
 fn name(entry: &str) -> &str {
@@ -53,8 +66,14 @@ fn missing(pkgs: &[String]) -> anyhow::Result<Vec<String>> {
         .collect())
 }
 
-pub fn run(check: bool) -> anyhow::Result<ExitCode> {
-    let pkgs = package_list()?;
+pub fn run(check: bool, vm: bool, bench: bool) -> anyhow::Result<ExitCode> {
+    let mut pkgs = package_list()?;
+    if vm {
+        pkgs.extend(package_list_of("packages-vm.txt")?);
+    }
+    if bench {
+        pkgs.extend(package_list_of("packages-bench.txt")?);
+    }
     let miss = missing(&pkgs)?;
     if miss.is_empty() {
         eprintln!("deps: all {} packages installed", pkgs.len());
@@ -70,24 +89,27 @@ pub fn run(check: bool) -> anyhow::Result<ExitCode> {
             miss.join(" ")
         );
     }
-    let status = Command::new("apt-get")
-        .arg("update")
-        .status()
-        .context("apt-get update")?;
+    let status = nimbus_testkit::proc::status(
+        Command::new("apt-get").arg("update"),
+        std::time::Duration::from_secs(APT_LIMIT_S),
+    )
+    .context("apt-get update")?;
     if !status.success() {
         bail!("apt-get update failed ({status})");
     }
-    let status = Command::new("apt-get")
-        .args([
-            "install",
-            "-y",
-            "--no-install-recommends",
-            "--allow-downgrades",
-        ])
-        .args(&miss)
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .status()
-        .context("apt-get install")?;
+    let status = nimbus_testkit::proc::status(
+        Command::new("apt-get")
+            .args([
+                "install",
+                "-y",
+                "--no-install-recommends",
+                "--allow-downgrades",
+            ])
+            .args(&miss)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+        std::time::Duration::from_secs(APT_LIMIT_S),
+    )
+    .context("apt-get install")?;
     if !status.success() {
         bail!("apt-get install failed ({status})");
     }

@@ -72,36 +72,6 @@ write_files:
     )
 }
 
-/// The broken release's addition: a unit that fails, required by the
-/// health check (a drop-in on nimbus-mark-good).
-const BROKEN_UNIT: &str = "[Unit]
-Description=e2e: a required service that cannot start
-
-[Service]
-Type=oneshot
-RemainAfterExit=yes
-ExecStart=/bin/sh -c 'echo nimbus-e2e-broken: failing on purpose; exit 1'
-
-[Install]
-WantedBy=multi-user.target
-";
-const HEALTH_DROPIN: &str = "[Service]
-Environment=\"NIMBUS_HEALTH_UNITS=update-engine.service nimbus-e2e-broken.service\"
-";
-
-/// `--extra-units` for a release whose health check fails: a required
-/// unit that exits 1.
-pub(crate) fn broken_units(work: &Path) -> anyhow::Result<PathBuf> {
-    let broken = work.join("broken-units");
-    std::fs::create_dir_all(broken.join("nimbus-mark-good.service.d"))?;
-    std::fs::write(broken.join("nimbus-e2e-broken.service"), BROKEN_UNIT)?;
-    std::fs::write(
-        broken.join("nimbus-mark-good.service.d/50-e2e.conf"),
-        HEALTH_DROPIN,
-    )?;
-    Ok(broken)
-}
-
 pub(crate) fn cgpt(disk: &Path, n: u32) -> anyhow::Result<String> {
     let mut out = Vec::new();
     for f in ["-P", "-T", "-S"] {

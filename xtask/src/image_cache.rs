@@ -121,10 +121,11 @@ pub fn key(o: &BuildOptions) -> anyhow::Result<String> {
         field(&mut h, "stage1_init", "");
         hash_file(&mut h, s)?;
     }
-    // The pipeline's own code is compiled into this executable.
-    let exe = std::env::current_exe().context("the xtask executable")?;
+    // The pipeline's own code is compiled into this executable. Through
+    // /proc/self/exe: the running file, even if a rebuild has replaced the
+    // one at its path since.
     field(&mut h, "pipeline", "");
-    hash_file(&mut h, &exe)?;
+    hash_file(&mut h, Path::new("/proc/self/exe"))?;
     Ok(hex::encode(h.finalize()))
 }
 
@@ -211,6 +212,8 @@ pub fn build_cached(
         .map_err(|(_, e)| anyhow::anyhow!("{}: flock: {e}", lock_path.display()))?;
     let k = key(o)?;
     let entry = cache.join(&k);
+    // `--out` exists from here on, empty when the build fails.
+    std::fs::create_dir_all(&o.out).with_context(|| format!("--out {}", o.out.display()))?;
     let report = if entry.join("build.json").is_file() {
         eprintln!("build-image: {} from the image cache ({k})", o.version);
         ledger::record("cache-hit", &format!("{} {k}", o.version));

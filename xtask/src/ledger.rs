@@ -9,7 +9,8 @@ use std::io::Write;
 /// The environment variable naming the ledger file.
 pub const ENV: &str = "NIMBUS_LEDGER";
 
-/// Append `kind detail` (kinds: `boot`, `build`, `cache-hit`). Without the
+/// Append `kind t=UNIX-SECONDS detail` (kinds: `boot`, `build`,
+/// `cache-hit`). Without the
 /// variable this does nothing; a ledger that cannot be written only loses
 /// a count, never fails the work it counts.
 pub fn record(kind: &str, detail: &str) {
@@ -21,8 +22,12 @@ pub fn record(kind: &str, detail: &str) {
         .append(true)
         .open(path)
     {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
         // One write per line: appends of lines this short do not interleave.
-        let _ = f.write_all(format!("{kind} {detail}\n").as_bytes());
+        let _ = f.write_all(format!("{kind} t={t} {detail}\n").as_bytes());
     }
 }
 

@@ -105,11 +105,18 @@ enum Cmd {
     /// Publish a built version into a static release repository: copy its payload and
     /// write the channel's next signed manifest (serial + 1).
     Release(Release),
-    /// Install the Debian packages the build and the test suite need (.ci/packages.txt).
+    /// Install the Debian packages the build and the default test tier need
+    /// (.ci/packages.txt).
     Deps {
         /// Only report what is missing; exit 1 if anything is.
         #[arg(long)]
         check: bool,
+        /// Also what the VM tier needs (.ci/packages-vm.txt).
+        #[arg(long)]
+        vm: bool,
+        /// Also what the benchmarks need (.ci/packages-bench.txt).
+        #[arg(long)]
+        bench: bool,
     },
 }
 
@@ -118,7 +125,7 @@ fn main() -> ExitCode {
     let result = match cli.cmd {
         Cmd::Disk { cmd } => disk::run(cmd),
         Cmd::Keygen { out } => keygen(&out),
-        Cmd::Deps { check } => deps::run(check),
+        Cmd::Deps { check, vm, bench } => deps::run(check, vm, bench),
         Cmd::BuildImage(a) => build_image::run(a),
         Cmd::Bench { cmd } => bench::run(cmd),
         Cmd::Qemu(a) => qemu::run(a),

@@ -36,9 +36,36 @@ pub struct Smoke {
     keep: bool,
 }
 
-/// The unit the health check requires; it fails on 1.2.0 and nowhere else
-/// (`$$` is systemd's escape for a shell's `$`).
-const CANARY: &str = "nimbus-smoke-canary.service";
+/// The unit the health check requires in the test harnesses' user-data
+/// (smoke and cluster); it fails on [`BROKEN_VERSION`] and nowhere else, so
+/// "a release whose health check fails" is a plain build of that version,
+/// shared through the image cache, not an image of its own.
+pub(crate) const CANARY: &str = "nimbus-test-canary.service";
+pub(crate) const BROKEN_VERSION: &str = "1.2.0";
+
+/// `coreos.units` list entry for [`CANARY`], indented for `  units:`.
+/// (`$$` is systemd's escape for a shell's `$`.)
+pub(crate) fn canary_unit() -> String {
+    format!(
+        r#"    - name: {CANARY}
+      command: start
+      content: |
+        [Unit]
+        Description=test: a service the health check requires, broken in {BROKEN_VERSION}
+        [Service]
+        Type=oneshot
+        RemainAfterExit=yes
+        ExecStart=/bin/sh -c '. /usr/lib/os-release; if [ "$$VERSION_ID" = {BROKEN_VERSION} ]; then echo "{CANARY}: failing on purpose on $$VERSION_ID" > /dev/console; exit 1; fi'
+        [Install]
+        WantedBy=multi-user.target
+"#
+    )
+}
+
+/// health.conf's line that makes [`CANARY`] required.
+pub(crate) fn canary_health_units() -> String {
+    format!("NIMBUS_HEALTH_UNITS=update-engine.service {CANARY}")
+}
 
 fn user_data(port: u16, ssh_key: &str) -> String {
     format!(
@@ -54,18 +81,7 @@ coreos:
     server: http://10.0.2.2:{port}
     reboot-strategy: reboot
   units:
-    - name: {CANARY}
-      command: start
-      content: |
-        [Unit]
-        Description=smoke: a service the health check requires, broken in 1.2.0
-        [Service]
-        Type=oneshot
-        RemainAfterExit=yes
-        ExecStart=/bin/sh -c '. /usr/lib/os-release; if [ "$$VERSION_ID" = 1.2.0 ]; then echo "nimbus-smoke-canary: failing on purpose on $$VERSION_ID" > /dev/console; exit 1; fi'
-        [Install]
-        WantedBy=multi-user.target
-write_files:
+{canary}write_files:
   # Uncapped writes: this story is about what gets installed (the cap is
   # measured by `cargo xtask bench impact`).
   - path: /etc/nimbus/update.conf
@@ -74,11 +90,13 @@ write_files:
   - path: /etc/nimbus/health.conf
     content: |
       NIMBUS_HEALTH_DELAY=5
-      NIMBUS_HEALTH_UNITS=update-engine.service {CANARY}
+      {health_units}
   - path: /etc/nimbus/update-engine.env
     content: |
       NIMBUS_ENGINE_ARGS="--first-check 5 --interval 10"
-"#
+"#,
+        canary = canary_unit(),
+        health_units = canary_health_units(),
     )
 }
 
@@ -139,7 +157,7 @@ fn delta_share(srv: &httpd::Httpd, repo: &Path, v: &str) -> anyhow::Result<Strin
         );
     }
     Ok(format!(
-        "{:.1} % of the payload in {} Range request(s)",
+        "{got} bytes, {:.2} % of the payload, in {} Range request(s)",
         got as f64 * 100.0 / payload as f64,
         gets.len()
     ))
@@ -229,7 +247,18 @@ fn story(work: &Path) -> anyhow::Result<()> {
     ];
     first.extend(good_boot("USR-A", "1.0.0", 1));
     let i = expect(&mut vm, 0, &first)?;
-    steps.done("1.0.0 boots under SeaBIOS (GRUB, stage 1, verity, kexec) and is marked good");
+    // The services baked into USR, asked of systemd itself (the serial
+    // console carries only part of systemd's status lines).
+    let o = ssh.run("systemctl is-active etcd.service update-engine.service")?;
+    let states = String::from_utf8_lossy(&o.stdout).into_owned();
+    if states.split_whitespace().collect::<Vec<_>>() != ["active", "active"] {
+        let journal = ssh
+            .run("journalctl -b --no-pager -n 60 -u etcd.service -u update-engine.service")
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        bail!("etcd and update-engine are not both active: {states:?}\n{journal}");
+    }
+    steps.done("1.0.0 boots under SeaBIOS (GRUB, stage 1, verity, kexec), is marked good; etcd and update-engine active");
 
     publish(&n1)?;
     let i = expect(&mut vm, i, &good_boot("USR-B", "1.1.0", 0))?;

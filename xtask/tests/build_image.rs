@@ -10,11 +10,13 @@ use std::process::{Command, Output};
 
 const EPOCH: &str = "1700000000";
 
+/// A tool on the image (sgdisk, cgpt, veritysetup, mount...): seconds.
 fn run(cmd: &str, args: &[&str]) -> Output {
-    Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd} (cargo xtask deps installs it): {e}"))
+    nimbus_testkit::proc::output(
+        Command::new(cmd).args(args),
+        std::time::Duration::from_secs(300),
+    )
+    .unwrap_or_else(|e| panic!("{e} (cargo xtask deps installs the tools)"))
 }
 
 fn ok(cmd: &str, args: &[&str]) -> String {
@@ -51,11 +53,14 @@ fn build(out: &Path, extra: &[&str]) -> Output {
         }
     }
     args.extend_from_slice(extra);
-    Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .args(&args)
-        .env("SOURCE_DATE_EPOCH", EPOCH)
-        .output()
-        .unwrap()
+    // A cold build takes about 3 minutes here.
+    nimbus_testkit::proc::output(
+        Command::new(env!("CARGO_BIN_EXE_xtask"))
+            .args(&args)
+            .env("SOURCE_DATE_EPOCH", EPOCH),
+        std::time::Duration::from_secs(1200),
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn report(out: &Path) -> serde_json::Value {
@@ -364,7 +369,22 @@ fn build_image_end_to_end() {
     );
     assert_eq!(p.len() as u64, r1["payload"]["raw_size"].as_u64().unwrap());
 
-    // Second build: cache hit, identical USR slot.
+    // The same inputs again: the image cache answers, with the same
+    // artifacts, and nothing is built.
+    let again = d.path().join("again");
+    let o = build(&again, &["--user-data", s(&ud)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("from the image cache"), "{err}");
+    assert!(!err.contains("rootfs ..."), "built again: {err}");
+    assert_eq!(report(&again), r1);
+    assert_eq!(
+        fs::read(again.join("nimbus.qcow2")).unwrap(),
+        fs::read(out1.join("nimbus.qcow2")).unwrap()
+    );
+
+    // Second build (other formats: another cache key): rootfs cache hit,
+    // identical USR slot.
     let out2 = d.path().join("out2");
     let o = build(&out2, &["--user-data", s(&ud), "--formats", "raw"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

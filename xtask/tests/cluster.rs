@@ -18,12 +18,15 @@ static RUN: OnceLock<Run> = OnceLock::new();
 fn run() -> &'static Run {
     RUN.get_or_init(|| {
         // Never panics here: every test reads the one outcome.
-        match Command::new(env!("CARGO_BIN_EXE_xtask"))
-            .args(["cluster", "--faults"])
-            // The epoch the other QEMU tests build with: one cached rootfs.
-            .env("SOURCE_DATE_EPOCH", "1700000000")
-            .output()
-        {
+        // `cluster` has its own overall deadline (--deadline-minutes 40);
+        // this is the backstop behind it.
+        match nimbus_testkit::proc::output(
+            Command::new(env!("CARGO_BIN_EXE_xtask"))
+                .args(["cluster", "--faults"])
+                // The epoch the other QEMU tests build with: one cached rootfs.
+                .env("SOURCE_DATE_EPOCH", "1700000000"),
+            std::time::Duration::from_secs(45 * 60),
+        ) {
             Ok(o) => Run {
                 ok: o.status.success(),
                 stdout: String::from_utf8_lossy(&o.stdout).into_owned(),

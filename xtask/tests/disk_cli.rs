@@ -9,11 +9,13 @@ use nimbus::release::SlotDescriptor;
 
 const USR_TYPE: &str = "5DFBF5F4-2848-4BAC-AA5E-0D9A20B745A6";
 
+/// Every command here works on a small image file: seconds at most.
 fn run(cmd: &str, args: &[&str]) -> Output {
-    Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd} (install it: cargo xtask deps): {e}"))
+    nimbus_testkit::proc::output(
+        Command::new(cmd).args(args),
+        std::time::Duration::from_secs(120),
+    )
+    .unwrap_or_else(|e| panic!("{e} (install it: cargo xtask deps)"))
 }
 
 fn ok(cmd: &str, args: &[&str]) -> String {

@@ -12,11 +12,14 @@
 #[test]
 #[ignore = "vm tier: cargo xtask vmtest"]
 fn guest_updates_itself_and_boots_the_new_version() {
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .arg("e2e")
-        .env("SOURCE_DATE_EPOCH", "1700000000")
-        .output()
-        .expect("xtask e2e");
+    // Backstop: the story boots about ten times.
+    let o = nimbus_testkit::proc::output(
+        std::process::Command::new(env!("CARGO_BIN_EXE_xtask"))
+            .arg("e2e")
+            .env("SOURCE_DATE_EPOCH", "1700000000"),
+        std::time::Duration::from_secs(40 * 60),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     let out = String::from_utf8_lossy(&o.stdout);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "xtask e2e failed:\n{out}\n{err}");

@@ -5,17 +5,19 @@
 #[test]
 #[ignore = "vm tier: cargo xtask vmtest"]
 fn every_fuzz_target_builds_and_runs_without_a_crash() {
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .args([
+    // Backstop: a cold build of the targets is about 5 minutes.
+    let o = nimbus_testkit::proc::output(
+        std::process::Command::new(env!("CARGO_BIN_EXE_xtask")).args([
             "fuzz",
             "--seconds",
             "3",
             "--sanitizer",
             "none",
             "--quick-build",
-        ])
-        .output()
-        .expect("xtask fuzz");
+        ]),
+        std::time::Duration::from_secs(30 * 60),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     let out = String::from_utf8_lossy(&o.stdout);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "xtask fuzz failed:\n{out}\n{err}");
