@@ -4,10 +4,20 @@
 //!   a request log and faults on purpose;
 //! - [`etcd`]: real etcd members (one, or a cluster) on loopback ports;
 //! - [`proc`]: running a command with a wall-clock deadline, so that no
-//!   test waits on a child process without a bound.
+//!   test waits on a child process without a bound;
+//! - [`loopdev`]: loop devices detached on drop;
+//! - [`cgpt`]: slot attributes through the real `cgpt`;
+//! - [`ROOTFS_EPOCH`]: the SOURCE_DATE_EPOCH every image-building test
+//!   uses, so they share one cached root filesystem and the image cache.
 //!
 //! `publish = false`: a development crate, never shipped in USR.
 
+pub mod cgpt;
 pub mod etcd;
 pub mod httpd;
+pub mod loopdev;
 pub mod proc;
+
+/// SOURCE_DATE_EPOCH of every test that builds an image: one epoch, one
+/// cached rootfs, and equal inputs for the image cache.
+pub const ROOTFS_EPOCH: &str = "1700000000";

@@ -3,7 +3,6 @@
 //! what the updater and the boot selector do on a host (/dev/vda), so the
 //! test uses the kernel's block layer rather than a plain file.
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use nimbus::gpt::Disk;
@@ -25,24 +24,7 @@ fn ok(cmd: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-/// Detaches the loop device even when the test fails.
-struct Loop(PathBuf);
-
-impl Loop {
-    fn attach(file: &Path) -> Loop {
-        let dev = ok("losetup", &["--find", "--show", file.to_str().unwrap()]);
-        Loop(PathBuf::from(dev.trim()))
-    }
-    fn s(&self) -> &str {
-        self.0.to_str().unwrap()
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").args(["-d", self.s()]).status();
-    }
-}
+use nimbus_testkit::loopdev::Loop;
 
 #[test]
 fn slot_protocol_on_a_loop_device() {
@@ -51,13 +33,13 @@ fn slot_protocol_on_a_loop_device() {
     let f = std::fs::File::create(&img).unwrap();
     f.set_len(1024 * MIB).unwrap();
     drop(f);
-    let lo = Loop::attach(&img);
+    let lo = Loop::attach(&img, None);
 
     // Create the layout through the block device, not the file.
     let dev = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
-        .open(&lo.0)
+        .open(&lo.dev)
         .unwrap();
     let good = Prio {
         priority: 1,
@@ -66,7 +48,7 @@ fn slot_protocol_on_a_loop_device() {
     };
     Disk::create(
         dev,
-        &lo.0,
+        &lo.dev,
         64 * MIB,
         Uuid::new_v4(),
         |_| Uuid::new_v4(),
@@ -79,20 +61,20 @@ fn slot_protocol_on_a_loop_device() {
         },
     )
     .unwrap();
-    assert!(ok("sgdisk", &["-v", lo.s()]).contains("No problems found"));
+    assert!(ok("sgdisk", &["-v", &lo.dev]).contains("No problems found"));
 
-    let mut d = Disk::open_path(&lo.0, true).unwrap();
+    let mut d = Disk::open_path(std::path::Path::new(&lo.dev), true).unwrap();
     assert!(d.health().is_clean());
     d.update_slots(|t| slots::prioritize(t, Slot::B.partition_number()))
         .unwrap();
     drop(d);
-    assert_eq!(ok("cgpt", &["show", "-i", "4", "-P", lo.s()]).trim(), "2");
-    assert_eq!(ok("cgpt", &["show", "-i", "4", "-T", lo.s()]).trim(), "1");
-    assert_eq!(ok("cgpt", &["show", "-i", "4", "-S", lo.s()]).trim(), "0");
+    assert_eq!(ok("cgpt", &["show", "-i", "4", "-P", &lo.dev]).trim(), "2");
+    assert_eq!(ok("cgpt", &["show", "-i", "4", "-T", &lo.dev]).trim(), "1");
+    assert_eq!(ok("cgpt", &["show", "-i", "4", "-S", &lo.dev]).trim(), "0");
 
     // cgpt writes through the device; we read it back the same way.
-    ok("cgpt", &["add", "-i", "4", "-T", "0", lo.s()]);
-    let mut d = Disk::open_path(&lo.0, true).unwrap();
+    ok("cgpt", &["add", "-i", "4", "-T", "0", &lo.dev]);
+    let mut d = Disk::open_path(std::path::Path::new(&lo.dev), true).unwrap();
     let choice = d
         .update_slots(|t| Ok(slots::select_for_boot(t, &[])))
         .unwrap()
@@ -104,7 +86,13 @@ fn slot_protocol_on_a_loop_device() {
     drop(d);
     let partx = ok(
         "partx",
-        &["--show", "--output", "NR,START,END", "--noheadings", lo.s()],
+        &[
+            "--show",
+            "--output",
+            "NR,START,END",
+            "--noheadings",
+            &lo.dev,
+        ],
     );
     let row = partx
         .lines()

@@ -305,7 +305,23 @@ pub fn prepare(a: BuildImage) -> anyhow::Result<BuildOptions> {
     };
     // Cheap checks first, so a typo fails in a second, not after a build.
     pipeline::preflight(&opts)?;
-    opts.installs = nimbus_binaries(&root)?;
+    // The root filesystem does not depend on Nimbus's binaries: mmdebstrap
+    // (downloads, dpkg) fills its cache while cargo compiles them, instead
+    // of after (a cold build saves about a minute). The build itself takes
+    // it from the cache, or makes it again if this failed.
+    let prefetch = {
+        let (spec, cache) = (opts.rootfs.clone(), opts.cache.clone());
+        std::thread::spawn(move || {
+            nimbus_image::rootfs::obtain(&spec, &cache, &cache.join("rootfs-prefetch.log"))
+        })
+    };
+    let binaries = nimbus_binaries(&root);
+    match prefetch.join() {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => eprintln!("build-image: root filesystem ahead of the build: {e} (the build tries again)"),
+        Err(_) => eprintln!("build-image: root filesystem ahead of the build: the thread panicked (the build tries again)"),
+    }
+    opts.installs = binaries?;
     // update-engine's default hooks (docs/cluster.md): the swarm drain and
     // reactivation, and etcd's leadership moved off a host about to reboot.
     for dir in ["swarm/hooks", "updater/hooks"] {

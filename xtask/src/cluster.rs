@@ -289,20 +289,7 @@ impl Host {
     fn spawn(&mut self, switch_port: u16, memory: u32) -> anyhow::Result<()> {
         self.switch_port = switch_port;
         let a = qemu::Qemu {
-            image: Some(self.disk.clone()),
-            firmware: qemu::Firmware::Bios,
-            uefi: false,
-            extra_disk: Vec::new(),
-            serial_log: Some(self.console.clone()),
-            timeout: 0,
-            until: None,
-            until_delay_ms: 0,
-            stage_timeout: qemu::STAGE_TIMEOUT_S,
-            ssh_port: self.ssh.port,
             memory,
-            append: String::new(),
-            mark: Vec::new(),
-            quiet: true,
             // One vCPU each: three TCG guests share two cores.
             smp: 1,
             forward: vec![
@@ -324,6 +311,7 @@ impl Host {
             // this machine's page cache, so the kill-holder fault (QEMU
             // killed) loses nothing the guest wrote.
             cache: qemu::Cache::Unsafe,
+            ..qemu::Qemu::harness(&self.disk, &self.console, self.ssh.port)
         };
         // A restarted VM appends to its console log rather than losing it.
         if self.console.exists() {

@@ -307,17 +307,36 @@ pub(crate) fn expect(vm: &mut qemu::Vm, mut from: usize, res: &[String]) -> anyh
     Ok(from)
 }
 
-struct Steps {
-    rows: Vec<(String, f64)>,
+/// A story's steps and how long each took, for its closing table.
+pub(crate) struct Steps {
+    who: &'static str,
+    pub rows: Vec<(String, f64)>,
     t: Instant,
 }
 
 impl Steps {
-    fn done(&mut self, name: &str) {
+    pub fn new(who: &'static str) -> Steps {
+        Steps {
+            who,
+            rows: Vec::new(),
+            t: Instant::now(),
+        }
+    }
+
+    pub fn done(&mut self, name: &str) {
         let s = self.t.elapsed().as_secs_f64();
-        eprintln!("e2e: {name}: {s:.1} s");
+        eprintln!("{}: {name}: {s:.1} s", self.who);
         self.rows.push((name.to_string(), s));
         self.t = Instant::now();
+    }
+
+    /// The steps as a Markdown table.
+    pub fn table(&self) -> String {
+        let mut table = String::from("| step | seconds |\n|---|---|\n");
+        for (s, secs) in &self.rows {
+            table.push_str(&format!("| {s} | {secs:.1} |\n"));
+        }
+        table
     }
 }
 
@@ -345,10 +364,7 @@ pub fn run(keep: bool) -> anyhow::Result<ExitCode> {
 }
 
 fn story(work: &Path, log: &Path) -> anyhow::Result<()> {
-    let mut steps = Steps {
-        rows: Vec::new(),
-        t: Instant::now(),
-    };
+    let mut steps = Steps::new("e2e");
 
     // The port is fixed before the build: the guest's user-data names it.
     let listener = TcpListener::bind("127.0.0.1:0").context("binding the repository server")?;
@@ -455,26 +471,8 @@ fn story(work: &Path, log: &Path) -> anyhow::Result<()> {
     }
     let pristine_sha = nimbus_image::sha256_file(&pristine)?;
     let vm_opts = |extra_disk: Vec<PathBuf>| qemu::Qemu {
-        image: Some(disk.clone()),
-        // What plain QEMU does: SeaBIOS, GRUB from the MBR on every reboot.
-        firmware: qemu::Firmware::Bios,
-        uefi: false,
         extra_disk,
-        serial_log: Some(log.to_path_buf()),
-        timeout: 0,
-        until: None,
-        until_delay_ms: 0,
-        stage_timeout: qemu::STAGE_TIMEOUT_S,
-        ssh_port: ssh.port,
-        memory: 2048,
-        append: String::new(),
-        mark: Vec::new(),
-        quiet: true,
-        smp: 2,
-        forward: Vec::new(),
-        switch: None,
-        user_data: None,
-        cache: qemu::Cache::Writeback,
+        ..qemu::Qemu::harness(&disk, log, ssh.port)
     };
     // The host's first boot, alone: its disk gets its own GUIDs. (At the
     // very first boot two byte-identical disks cannot be told apart, and
@@ -715,10 +713,7 @@ fn story(work: &Path, log: &Path) -> anyhow::Result<()> {
         .rows
         .push((format!("cgpt after shutdown: USR-A {a}, USR-B {b}"), 0.0));
 
-    let mut table = String::from("| step | seconds |\n|---|---|\n");
-    for (s, secs) in &steps.rows {
-        table.push_str(&format!("| {s} | {secs:.1} |\n"));
-    }
+    let table = steps.table();
     print!("{table}");
     // Kept after the work directory is removed: the figures of the last run.
     let _ = std::fs::write(

@@ -91,6 +91,37 @@ pub struct Qemu {
     pub cache: Cache,
 }
 
+impl Qemu {
+    /// What the test harnesses boot (e2e, smoke, cluster): `image` as plain
+    /// QEMU does (SeaBIOS, GRUB from the MBR at every reboot), 2 vCPUs and
+    /// 2 GiB, the console to `log` only, ssh forwarded from `ssh_port`, no
+    /// overall limit (the callers' waits are bounded) and the default
+    /// deadline per boot stage.
+    pub fn harness(image: &Path, log: &Path, ssh_port: u16) -> Qemu {
+        Qemu {
+            image: Some(image.to_path_buf()),
+            firmware: Firmware::Bios,
+            uefi: false,
+            extra_disk: Vec::new(),
+            serial_log: Some(log.to_path_buf()),
+            timeout: 0,
+            stage_timeout: STAGE_TIMEOUT_S,
+            until: None,
+            until_delay_ms: 0,
+            ssh_port,
+            memory: 2048,
+            append: String::new(),
+            mark: Vec::new(),
+            quiet: true,
+            smp: 2,
+            forward: Vec::new(),
+            switch: None,
+            user_data: None,
+            cache: Cache::Writeback,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Firmware {
     Direct,

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Args;
 
-use crate::e2e::{build, cgpt, expect, good_boot, Ssh};
+use crate::e2e::{build, cgpt, expect, good_boot, Ssh, Steps};
 use crate::{httpd, qemu};
 
 #[derive(Args)]
@@ -89,29 +89,15 @@ coreos:
       IO_WRITE_BPS=0
   - path: /etc/nimbus/health.conf
     content: |
-      NIMBUS_HEALTH_DELAY=5
+      NIMBUS_HEALTH_DELAY=2
       {health_units}
   - path: /etc/nimbus/update-engine.env
     content: |
-      NIMBUS_ENGINE_ARGS="--first-check 5 --interval 10"
+      NIMBUS_ENGINE_ARGS="--first-check 5 --interval 5"
 "#,
         canary = canary_unit(),
         health_units = canary_health_units(),
     )
-}
-
-struct Steps {
-    rows: Vec<(String, f64)>,
-    t: Instant,
-}
-
-impl Steps {
-    fn done(&mut self, name: &str) {
-        let s = self.t.elapsed().as_secs_f64();
-        eprintln!("smoke: {name}: {s:.1} s");
-        self.rows.push((name.to_string(), s));
-        self.t = Instant::now();
-    }
 }
 
 pub fn run(a: Smoke) -> anyhow::Result<ExitCode> {
@@ -164,10 +150,7 @@ fn delta_share(srv: &httpd::Httpd, repo: &Path, v: &str) -> anyhow::Result<Strin
 }
 
 fn story(work: &Path) -> anyhow::Result<()> {
-    let mut steps = Steps {
-        rows: Vec::new(),
-        t: Instant::now(),
-    };
+    let mut steps = Steps::new("smoke");
     let listener = TcpListener::bind("127.0.0.1:0").context("binding the repository server")?;
     let port = listener.local_addr()?.port();
     let key = work.join("id_ed25519");
@@ -216,28 +199,11 @@ fn story(work: &Path) -> anyhow::Result<()> {
     );
     let log = work.join("console.log");
     let vm_opts = qemu::Qemu {
-        image: Some(disk.clone()),
-        // Plain QEMU: SeaBIOS, GRUB from the MBR at every reboot.
-        firmware: qemu::Firmware::Bios,
-        uefi: false,
-        extra_disk: Vec::new(),
-        serial_log: Some(log.clone()),
         // The whole story, reboots included, is bounded; each boot stage
         // has its own deadline besides.
         timeout: 1500,
-        until: None,
-        until_delay_ms: 0,
-        stage_timeout: qemu::STAGE_TIMEOUT_S,
-        ssh_port: ssh.port,
-        memory: 2048,
-        append: String::new(),
-        mark: Vec::new(),
-        quiet: true,
-        smp: 2,
-        forward: Vec::new(),
-        switch: None,
         user_data: Some(ud.clone()),
-        cache: qemu::Cache::Writeback,
+        ..qemu::Qemu::harness(&disk, &log, ssh.port)
     };
     let long = Duration::from_secs(600);
     let mut vm = qemu::Vm::spawn(&vm_opts)?;
@@ -290,7 +256,7 @@ fn story(work: &Path) -> anyhow::Result<()> {
         if text.contains("1.2.0 was given up") || t0.elapsed() > Duration::from_secs(300) {
             break text;
         }
-        std::thread::sleep(Duration::from_secs(3));
+        std::thread::sleep(Duration::from_secs(2));
     };
     for want in [
         "1.2.0 was given up",
@@ -354,11 +320,7 @@ fn story(work: &Path) -> anyhow::Result<()> {
     }
     steps.done("USR-A corrupted and made first: dm-verity refuses it, USR-B (1.1.0) boots");
 
-    let mut table = String::from("| step | seconds |\n|---|---|\n");
-    for (s, secs) in &steps.rows {
-        table.push_str(&format!("| {s} | {secs:.1} |\n"));
-    }
-    print!("{table}");
+    print!("{}", steps.table());
     println!(
         "smoke: ok: 1.0.0 -> 1.1.0 (delta) -> 1.2.0 rolled back -> corrupted USR-A refused; cgpt USR-A {a}, USR-B {b}"
     );

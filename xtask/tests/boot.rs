@@ -11,7 +11,7 @@ use std::process::{Command, Output};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-const EPOCH: &str = "1700000000";
+use nimbus_testkit::ROOTFS_EPOCH as EPOCH;
 const USER_DATA: &str = r#"#cloud-config
 hostname: nimbus-test
 write_files:
@@ -130,33 +130,11 @@ fn try_boot(img: &Path, until: &str, extra: &[&str]) -> (bool, String, String) {
 }
 
 fn cgpt(img: &Path, part: u32) -> (u8, u8, u8) {
-    let get = |f: &str| {
-        let o = Command::new("cgpt")
-            .args(["show", "-i", &part.to_string(), f, s(img)])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&o.stdout).trim().parse().unwrap()
-    };
-    (get("-P"), get("-T"), get("-S"))
+    nimbus_testkit::cgpt::attrs(img, part)
 }
 
 fn cgpt_set(img: &Path, part: u32, p: u8, t: u8, ok: u8) {
-    let o = Command::new("cgpt")
-        .args([
-            "add",
-            "-i",
-            &part.to_string(),
-            "-P",
-            &p.to_string(),
-            "-T",
-            &t.to_string(),
-            "-S",
-            &ok.to_string(),
-            s(img),
-        ])
-        .output()
-        .unwrap();
-    assert!(o.status.success());
+    nimbus_testkit::cgpt::set(img, part, (p, t, ok));
 }
 
 /// (byte offset, size) of a partition, from the image's own GPT.
@@ -511,36 +489,6 @@ fn gpt_bytes(img: &Path) -> Vec<u8> {
     head
 }
 
-/// ROOT as a loop device (offset and size from the GPT).
-struct Loop(String);
-impl Loop {
-    fn new(img: &Path, off: u64, size: u64) -> Loop {
-        let o = Command::new("losetup")
-            .args([
-                "--find",
-                "--show",
-                "-o",
-                &off.to_string(),
-                "--sizelimit",
-                &size.to_string(),
-                s(img),
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            o.status.success(),
-            "losetup: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        Loop(String::from_utf8_lossy(&o.stdout).trim().to_string())
-    }
-}
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").args(["-d", &self.0]).status();
-    }
-}
-
 /// CoreOS's first boot on a bigger disk, under SeaBIOS: the VM is killed
 /// (SIGKILL) at random moments around the growth, each next boot finishes
 /// it, the disk always boots; then `sgdisk -v` is clean, ROOT ends at the
@@ -623,10 +571,10 @@ fn grown_disk_is_taken_over_crash_safely_under_seabios() {
     );
     assert!(gpt_bytes(&img) == before, "the second boot rewrote the GPT");
 
-    let lo = Loop::new(&img, off, size);
+    let lo = nimbus_testkit::loopdev::Loop::attach(&img, Some((off, size)));
     // The VM was killed: the journal needs replaying (exit 1 = fixed), then clean.
     let o = Command::new("e2fsck")
-        .args(["-fy", &lo.0])
+        .args(["-fy", &lo.dev])
         .output()
         .unwrap();
     assert!(
@@ -635,7 +583,7 @@ fn grown_disk_is_taken_over_crash_safely_under_seabios() {
         String::from_utf8_lossy(&o.stdout)
     );
     let o = Command::new("e2fsck")
-        .args(["-fn", &lo.0])
+        .args(["-fn", &lo.dev])
         .output()
         .unwrap();
     assert!(
@@ -644,7 +592,7 @@ fn grown_disk_is_taken_over_crash_safely_under_seabios() {
         String::from_utf8_lossy(&o.stdout)
     );
     let o = Command::new("dumpe2fs")
-        .args(["-h", &lo.0])
+        .args(["-h", &lo.dev])
         .output()
         .unwrap();
     let h = String::from_utf8_lossy(&o.stdout);

@@ -8,7 +8,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-const EPOCH: &str = "1700000000";
+use nimbus_testkit::ROOTFS_EPOCH as EPOCH;
 
 /// A tool on the image (sgdisk, cgpt, veritysetup, mount...): seconds.
 fn run(cmd: &str, args: &[&str]) -> Output {

@@ -24,7 +24,7 @@ fn run() -> &'static Run {
             Command::new(env!("CARGO_BIN_EXE_xtask"))
                 .args(["cluster", "--faults"])
                 // The epoch the other QEMU tests build with: one cached rootfs.
-                .env("SOURCE_DATE_EPOCH", "1700000000"),
+                .env("SOURCE_DATE_EPOCH", nimbus_testkit::ROOTFS_EPOCH),
             std::time::Duration::from_secs(45 * 60),
         ) {
             Ok(o) => Run {

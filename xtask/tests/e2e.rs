@@ -16,7 +16,7 @@ fn guest_updates_itself_and_boots_the_new_version() {
     let o = nimbus_testkit::proc::output(
         std::process::Command::new(env!("CARGO_BIN_EXE_xtask"))
             .arg("e2e")
-            .env("SOURCE_DATE_EPOCH", "1700000000"),
+            .env("SOURCE_DATE_EPOCH", nimbus_testkit::ROOTFS_EPOCH),
         std::time::Duration::from_secs(40 * 60),
     )
     .unwrap_or_else(|e| panic!("{e}"));

@@ -9,7 +9,7 @@ use nimbus_testkit::httpd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-const EPOCH: &str = "1700000000";
+use nimbus_testkit::ROOTFS_EPOCH as EPOCH;
 
 fn s(p: &Path) -> &str {
     p.to_str().expect("utf8 path")

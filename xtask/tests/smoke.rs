@@ -15,7 +15,7 @@ fn guest_updates_by_delta_rolls_back_a_bad_release_and_refuses_a_corrupt_slot() 
     let o = nimbus_testkit::proc::output(
         Command::new(env!("CARGO_BIN_EXE_xtask"))
             .arg("smoke")
-            .env("SOURCE_DATE_EPOCH", "1700000000"),
+            .env("SOURCE_DATE_EPOCH", nimbus_testkit::ROOTFS_EPOCH),
         Duration::from_secs(40 * 60),
     )
     .unwrap_or_else(|e| panic!("{e}"));

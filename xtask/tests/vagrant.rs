@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-const EPOCH: &str = "1700000000";
+use nimbus_testkit::ROOTFS_EPOCH as EPOCH;
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
