@@ -687,6 +687,11 @@ fn a_hung_stage_1_fails_in_time_and_names_the_stage() {
         &["--stage-timeout", "60"],
     );
     let took = t.elapsed();
+    eprintln!(
+        "hung stage 1: failed after {:.0} s: {}",
+        took.as_secs_f64(),
+        err.lines().find(|l| l.contains("boot stage")).unwrap_or("")
+    );
     assert!(!ok, "a hung stage 1 passed:\n{console}");
     assert!(
         console.contains("nimbus-test: stage 1 hangs here"),
