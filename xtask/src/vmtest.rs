@@ -25,8 +25,8 @@ pub struct VmTest {
     /// Only list the VM-tier tests (`binary::test`), one a line.
     #[arg(long)]
     list: bool,
-    /// Run only these: a test binary's name (`cluster`, `boot`) or a
-    /// part of `binary::test`. Default: all.
+    /// Run only these: a test binary (`cluster`, `boot`), a test's name,
+    /// or a `binary::test` prefix (`boot::usr_b`). Default: all.
     names: Vec<String>,
     /// A test still running after this many minutes is killed and fails.
     #[arg(long, default_value_t = 40)]
@@ -123,8 +123,15 @@ fn discover(root: &Path) -> anyhow::Result<Vec<VmTestCase>> {
     Ok(cases)
 }
 
+/// NAME selects a test binary (`cluster`), one test (`usr_b_with_a_bad_signature_is_refused`
+/// or `boot::usr_b_with_a_bad_signature_is_refused`), or, with `::`, every test whose
+/// full name starts with it (`boot::usr_b`). Never a bare substring: `boot` must
+/// not also select e2e's `..._boots_the_new_version`.
 fn selected(c: &VmTestCase, names: &[String]) -> bool {
-    names.is_empty() || names.iter().any(|n| *n == c.binary || c.full().contains(n))
+    names.is_empty()
+        || names.iter().any(|n| {
+            *n == c.binary || *n == c.name || (n.contains("::") && c.full().starts_with(n.as_str()))
+        })
 }
 
 struct Row {
@@ -258,15 +265,22 @@ mod tests {
     }
 
     #[test]
-    fn names_select_a_binary_or_part_of_a_test_name() {
+    fn names_select_a_binary_a_test_or_a_prefix() {
         let c = case("cluster", "rolling_update_and_faults");
         assert!(selected(&c, &[]));
         assert!(selected(&c, &["cluster".into()]));
-        assert!(selected(&c, &["rolling_update".into()]));
+        assert!(selected(&c, &["rolling_update_and_faults".into()]));
+        assert!(selected(&c, &["cluster::rolling".into()]));
+        assert!(!selected(&c, &["rolling_update".into()]));
         assert!(!selected(&c, &["boot".into()]));
         assert!(!selected(
             &case("boot", "x"),
             &["clust".into(), "e2e".into()]
+        ));
+        // The bug this rule fixes: `vmtest boot` also ran e2e's test.
+        assert!(!selected(
+            &case("e2e", "guest_updates_itself_and_boots_the_new_version"),
+            &["boot".into()]
         ));
     }
 }
