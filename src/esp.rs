@@ -51,6 +51,9 @@ pub enum EspError {
     },
     #[error("ESP: {0}")]
     Invalid(String),
+    /// A write was asked and the partition's superblock is read-only.
+    #[error("ESP {dev} cannot be written: {why}")]
+    ReadOnly { dev: PathBuf, why: String },
 }
 
 fn io_at(p: &Path) -> impl FnOnce(std::io::Error) -> EspError + '_ {
@@ -202,16 +205,51 @@ impl Esp for DirEsp {
     }
 }
 
-/// Mount the vfat partition `dev` at `mnt` (made 0700 if missing) for the
-/// duration of `f`, then unmount. Read-only unless `write`.
+/// Every Nimbus process that mounts the ESP (update-engine, mark-good,
+/// `nimbus-init esp-check`) holds this lock for the whole mount: two of
+/// them never mount it with different read-only states at once (Linux
+/// keeps one superblock per block device, so the second would get EBUSY).
+pub const ESP_LOCK: &str = "/run/nimbus/esp.lock";
+/// How long a mount waits for another Nimbus process's ESP work.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// How [`with_mounted`] reached the partition, for diagnostics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MountWay {
+    /// Our own mount with the state asked for (nothing else had it, or
+    /// the rest have the same state).
+    Own,
+    /// Read-only view of a superblock something else holds read-write
+    /// (our mount point is read-only; theirs are untouched).
+    ReadOnlyViewOfWritable,
+}
+
+/// Mount the vfat partition `dev` at `mnt` (a directory only root can
+/// enter, made 0700 if missing) for the duration of `f`, then unmount.
+/// Read-only unless `write`. Works whatever else has the partition
+/// mounted, in this mount namespace or another, automount or not, as
+/// long as that allows what is asked: a write needs the partition's
+/// superblock writable, and when something holds it read-only (an
+/// operator's `ro` mount, or the kernel after a FAT error) the error says
+/// where and why, and nothing is written.
 pub fn with_mounted(
     dev: &Path,
     mnt: &Path,
     write: bool,
     f: &mut dyn FnMut(&dyn EspFs) -> Result<(), EspError>,
 ) -> Result<(), EspError> {
-    use nix::mount::{mount, umount2, MntFlags, MsFlags};
+    with_mounted_how(dev, mnt, write, &mut |fs, _| f(fs))
+}
+
+/// [`with_mounted`], telling `f` how the partition was reached.
+pub fn with_mounted_how(
+    dev: &Path,
+    mnt: &Path,
+    write: bool,
+    f: &mut dyn FnMut(&dyn EspFs, MountWay) -> Result<(), EspError>,
+) -> Result<(), EspError> {
     use std::os::unix::fs::DirBuilderExt;
+    let _lock = EspLock::take(Path::new(ESP_LOCK), LOCK_WAIT)?;
     if let Some(parent) = mnt.parent() {
         let _ = std::fs::DirBuilder::new()
             .recursive(true)
@@ -223,60 +261,179 @@ pub fn with_mounted(
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(io_at(mnt)(e)),
     }
-    let mut flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
-    if !write {
-        flags |= MsFlags::MS_RDONLY;
+    // A mount of ours left by a process that died inside `f`: mounting
+    // the same source on it again would be EBUSY too.
+    if is_mount_point(mnt) {
+        let _ = nix::mount::umount2(mnt, nix::mount::MntFlags::MNT_DETACH);
     }
-    if let Err(e) = mount(
-        Some(dev),
-        mnt,
-        Some("vfat"),
-        flags,
-        Some("umask=0077,codepage=437,iocharset=ascii"),
-    ) {
-        // Mounted already with the other read-only state (an operator's
-        // /boot): use that mount when it allows what is asked.
-        if e == nix::errno::Errno::EBUSY {
-            if let Some((at, rw)) = mounted_at(dev) {
-                if rw || !write {
-                    return f(&DirEsp(at));
-                }
-            }
-        }
-        return Err(EspError::Invalid(format!(
-            "mount {} (vfat) on {}: {e}",
-            dev.display(),
-            mnt.display()
-        )));
-    }
-    let r = f(&DirEsp(mnt.to_path_buf()));
+    let way = mount_esp(dev, mnt, write)?;
+    let r = f(&DirEsp(mnt.to_path_buf()), way);
     // Every change was synced as it was made; a failed unmount loses nothing.
-    let _ = umount2(mnt, MntFlags::empty());
+    let _ = nix::mount::umount2(mnt, nix::mount::MntFlags::empty());
     r
 }
 
-/// Where block device `dev` is mounted now, and whether read-write, from
-/// /proc/self/mountinfo (matched by device number, not by name).
-fn mounted_at(dev: &Path) -> Option<(PathBuf, bool)> {
-    use std::os::unix::fs::MetadataExt;
-    let rdev = std::fs::metadata(dev).ok()?.rdev();
-    let (major, minor) = (nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev));
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    parse_mountinfo(&info, major, minor)
+fn mount_esp(dev: &Path, mnt: &Path, write: bool) -> Result<MountWay, EspError> {
+    use nix::errno::Errno;
+    use nix::mount::{mount, MsFlags};
+    const OPTS: &str = "umask=0077,codepage=437,iocharset=ascii";
+    let base = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    let failed = |e: Errno, what: &str| {
+        EspError::Invalid(format!(
+            "mount {} (vfat{what}) on {}: {e}",
+            dev.display(),
+            mnt.display()
+        ))
+    };
+    let asked = if write {
+        base
+    } else {
+        base | MsFlags::MS_RDONLY
+    };
+    match mount(Some(dev), mnt, Some("vfat"), asked, Some(OPTS)) {
+        Ok(()) => return Ok(MountWay::Own),
+        // EBUSY here means the superblock exists with the other read-only
+        // state (a new mount cannot change it).
+        Err(Errno::EBUSY) => {}
+        Err(e) => return Err(failed(e, if write { "" } else { ", read-only" })),
+    }
+    if write {
+        return Err(EspError::ReadOnly {
+            dev: dev.to_path_buf(),
+            why: read_only_holder(dev),
+        });
+    }
+    // Something holds it read-write: share that superblock, and make our
+    // own mount point read-only so this reader cannot write through it.
+    mount(Some(dev), mnt, Some("vfat"), base, Some(OPTS))
+        .map_err(|e| failed(e, ", sharing a writable mount"))?;
+    if let Err(e) = mount(
+        None::<&str>,
+        mnt,
+        None::<&str>,
+        base | MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY,
+        None::<&str>,
+    ) {
+        let _ = nix::mount::umount2(mnt, nix::mount::MntFlags::empty());
+        return Err(failed(e, ", bind-remounting read-only"));
+    }
+    Ok(MountWay::ReadOnlyViewOfWritable)
 }
 
-fn parse_mountinfo(info: &str, major: u64, minor: u64) -> Option<(PathBuf, bool)> {
+/// Why the partition's superblock is read-only, from what this mount
+/// namespace can see.
+fn read_only_holder(dev: &Path) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(md) = std::fs::metadata(dev) else {
+        return "it is mounted read-only somewhere".into();
+    };
+    let rdev = md.rdev();
+    let (major, minor) = (nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev));
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    describe_read_only(&mounts_of(&info, major, minor))
+}
+
+/// One line of /proc/self/mountinfo for the partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct MountOf {
+    at: PathBuf,
+    /// The mount point's own read-only flag.
+    mount_ro: bool,
+    /// The superblock's (shared by every mount of the partition).
+    super_ro: bool,
+}
+
+fn mounts_of(info: &str, major: u64, minor: u64) -> Vec<MountOf> {
     let want = format!("{major}:{minor}");
-    info.lines().find_map(|l| {
-        let f: Vec<&str> = l.split(' ').collect();
-        if f.get(2) != Some(&want.as_str()) {
-            return None;
+    info.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            if f.get(2) != Some(&want.as_str()) {
+                return None;
+            }
+            // Octal escapes (\040 for a space) in the mount point.
+            let at = f.get(4)?.replace("\\040", " ");
+            let mount_ro = f.get(5)?.split(',').any(|o| o == "ro");
+            // Optional fields end at " - "; then type, source, super options.
+            let dash = f.iter().position(|x| *x == "-")?;
+            let super_ro = f.get(dash + 3)?.split(',').any(|o| o == "ro");
+            Some(MountOf {
+                at: PathBuf::from(at),
+                mount_ro,
+                super_ro,
+            })
+        })
+        .collect()
+}
+
+fn describe_read_only(mounts: &[MountOf]) -> String {
+    if let Some(m) = mounts.iter().find(|m| m.super_ro && !m.mount_ro) {
+        return format!(
+            "the kernel made it read-only (mounted read-write at {}, its superblock is now read-only: \
+             a FAT error under errors=remount-ro; see the kernel log and run fsck.fat)",
+            m.at.display()
+        );
+    }
+    match mounts.iter().find(|m| m.mount_ro) {
+        Some(m) => format!(
+            "it is mounted read-only at {} (remount that read-write, or unmount it, and Nimbus can write)",
+            m.at.display()
+        ),
+        None => "it is mounted read-only in another mount namespace (not visible from here: \
+                 a container or a service with its own mounts)"
+            .into(),
+    }
+}
+
+fn is_mount_point(p: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (
+        std::fs::symlink_metadata(p),
+        p.parent().map(std::fs::symlink_metadata),
+    ) {
+        (Ok(a), Some(Ok(b))) => a.dev() != b.dev(),
+        _ => false,
+    }
+}
+
+/// The exclusive lock on [`ESP_LOCK`], released on drop.
+struct EspLock(#[allow(dead_code)] nix::fcntl::Flock<std::fs::File>);
+
+impl EspLock {
+    fn take(path: &Path, wait: std::time::Duration) -> Result<EspLock, EspError> {
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        if let Some(parent) = path.parent() {
+            let _ = std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(parent);
         }
-        // Octal escapes (\040 for a space) in the mount point.
-        let at = f.get(4)?.replace("\\040", " ");
-        let rw = f.get(5)?.split(',').any(|o| o == "rw");
-        Some((PathBuf::from(at), rw))
-    })
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path)
+            .map_err(io_at(path))?;
+        let t0 = std::time::Instant::now();
+        loop {
+            match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+                Ok(l) => return Ok(EspLock(l)),
+                Err((f, nix::errno::Errno::EWOULDBLOCK)) if t0.elapsed() < wait => {
+                    file = f;
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                Err((_, e)) => {
+                    return Err(EspError::Invalid(format!(
+                        "{}: {e} (another Nimbus process kept the ESP for {} s)",
+                        path.display(),
+                        wait.as_secs()
+                    )))
+                }
+            }
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -593,6 +750,105 @@ pub fn bless(fs: &dyn EspFs, running: Copy) -> Result<bool, EspError> {
     Ok(changed)
 }
 
+/// Whether `running` is already the default of both loaders (what
+/// [`bless`] would leave).
+pub fn is_blessed(fs: &dyn EspFs, running: Copy) -> Result<bool, EspError> {
+    let on_trial = entries(fs)?
+        .iter()
+        .any(|e| e.copy == running && e.tries_left.is_some());
+    let env = grubenv(fs)?;
+    Ok(!on_trial && env.trial() != Some(running) && env.default_copy() == running)
+}
+
+/// A stage 1 that booted a slot now marked good but could not be made the
+/// loaders' default: written by whoever tried (mark-good, update-engine's
+/// retry at start), removed once it is the default, reported by
+/// `updatectl status`. The contract is [`crate::paths::STAGE1_BLESS_FAILURE`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BlessFailure {
+    pub copy: Copy,
+    pub reason: String,
+    /// Unix seconds.
+    pub at: i64,
+}
+
+impl BlessFailure {
+    pub fn read(root: &Path) -> Option<BlessFailure> {
+        let b = std::fs::read(root.join(crate::paths::STAGE1_BLESS_FAILURE)).ok()?;
+        serde_json::from_slice(&b).ok()
+    }
+}
+
+/// What [`bless_recorded`] did.
+#[derive(Debug)]
+pub struct BlessOutcome {
+    /// Whether the ESP changed; the error when `running` could not be
+    /// made the default.
+    pub result: Result<bool, EspError>,
+    /// Keeping the record in step failed (the bless itself is what counts).
+    pub record_error: Option<String>,
+}
+
+/// Make `running` the default of both loaders through `esp` (a read
+/// first: nothing is mounted read-write when it already is), and keep the
+/// [`BlessFailure`] record under `root` true either way.
+pub fn bless_recorded(esp: &dyn Esp, running: Copy, root: &Path, now: i64) -> BlessOutcome {
+    let mut done = false;
+    let mut result = esp
+        .with(false, &mut |fs| {
+            done = is_blessed(fs, running)?;
+            Ok(())
+        })
+        .map(|()| false);
+    if result.is_ok() && !done {
+        let mut changed = false;
+        result = esp
+            .with(true, &mut |fs| {
+                changed = bless(fs, running)?;
+                Ok(())
+            })
+            .map(|()| changed);
+    }
+    let path = root.join(crate::paths::STAGE1_BLESS_FAILURE);
+    let record = match &result {
+        Ok(_) => crate::durable::remove_and_sync(&path),
+        Err(e) => {
+            let f = BlessFailure {
+                copy: running,
+                reason: e.to_string(),
+                at: now,
+            };
+            let mut b = serde_json::to_vec_pretty(&f).unwrap_or_default();
+            b.push(b'\n');
+            if let Some(d) = path.parent() {
+                let _ = std::fs::create_dir_all(d);
+            }
+            crate::durable::write_atomic(&path, &b, 0o644)
+        }
+    };
+    BlessOutcome {
+        result,
+        record_error: record.err().map(|e| e.to_string()),
+    }
+}
+
+/// A running host's ESP, by its partition device: mounted at `mnt` (under
+/// /run, only root can enter) for the moment of each piece of work.
+pub struct MountedEsp {
+    pub dev: PathBuf,
+    pub mnt: PathBuf,
+}
+
+impl Esp for MountedEsp {
+    fn with(
+        &self,
+        write: bool,
+        f: &mut dyn FnMut(&dyn EspFs) -> Result<(), EspError>,
+    ) -> Result<(), EspError> {
+        with_mounted(&self.dev, &self.mnt, write, f)
+    }
+}
+
 /// A stage-1 trial that did not come up: the other copy was on trial, its
 /// try is spent, and the loader came back to `running`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -747,15 +1003,69 @@ mod tests {
     }
 
     #[test]
-    fn a_mount_is_found_by_device_number() {
+    fn the_mounts_of_a_partition_are_found_by_device_number() {
         let info = "22 1 254:9 / / rw,relatime - ext4 /dev/vda9 rw\n\
-                    40 22 254:1 / /boot rw,relatime - vfat /dev/vda1 rw,fmask=0022\n\
-                    41 22 254:1 / /mnt/esp\\040copy ro,relatime - vfat /dev/vda1 ro\n";
+                    42 22 0:35 / /boot rw,relatime shared:25 - autofs systemd-1 rw,fd=45\n\
+                    281 42 254:1 / /boot rw,nosuid,relatime shared:75 - vfat /dev/vda1 rw,fmask=0077\n\
+                    300 22 254:1 / /mnt/esp\\040copy ro,relatime - vfat /dev/vda1 ro\n";
+        let m = mounts_of(info, 254, 1);
         assert_eq!(
-            parse_mountinfo(info, 254, 1),
-            Some((PathBuf::from("/boot"), true))
+            m,
+            vec![
+                MountOf {
+                    at: PathBuf::from("/boot"),
+                    mount_ro: false,
+                    super_ro: false
+                },
+                MountOf {
+                    at: PathBuf::from("/mnt/esp copy"),
+                    mount_ro: true,
+                    super_ro: true
+                }
+            ]
         );
-        assert_eq!(parse_mountinfo(info, 254, 2), None);
+        assert!(mounts_of(info, 254, 2).is_empty());
+        assert!(mounts_of("garbage\n\n254:1\n", 254, 1).is_empty());
+    }
+
+    #[test]
+    fn a_read_only_partition_is_explained() {
+        let ro_at = |at: &str, mount_ro, super_ro| MountOf {
+            at: PathBuf::from(at),
+            mount_ro,
+            super_ro,
+        };
+        let why = describe_read_only(&[ro_at("/boot", true, true)]);
+        assert!(why.contains("mounted read-only at /boot"), "{why}");
+        // Mount point rw, superblock ro: the kernel's errors=remount-ro.
+        let why = describe_read_only(&[ro_at("/boot", false, true)]);
+        assert!(why.contains("the kernel made it read-only"), "{why}");
+        assert!(why.contains("/boot"), "{why}");
+        let why = describe_read_only(&[]);
+        assert!(why.contains("another mount namespace"), "{why}");
+    }
+
+    #[test]
+    fn the_esp_lock_is_exclusive_and_bounded() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("esp.lock");
+        let held = EspLock::take(&p, std::time::Duration::from_secs(1)).unwrap();
+        let t0 = std::time::Instant::now();
+        let e = EspLock::take(&p, std::time::Duration::from_millis(300))
+            .err()
+            .expect("a second holder");
+        assert!(t0.elapsed() >= std::time::Duration::from_millis(300));
+        assert!(
+            e.to_string()
+                .contains("another Nimbus process kept the ESP"),
+            "{e}"
+        );
+        drop(held);
+        EspLock::take(&p, std::time::Duration::from_secs(1)).unwrap();
+        // Never through a symlink (O_NOFOLLOW).
+        let q = d.path().join("link.lock");
+        std::os::unix::fs::symlink(&p, &q).unwrap();
+        assert!(EspLock::take(&q, std::time::Duration::from_millis(100)).is_err());
     }
 
     #[test]
@@ -793,6 +1103,56 @@ mod tests {
             let names: Vec<String> = entries(&e).unwrap().into_iter().map(|x| x.file).collect();
             assert_eq!(names, vec!["nimbus-2-b.conf", "nimbus-3-a+1.conf"]);
         }
+    }
+
+    /// An ESP that can be read but not written, as when something holds
+    /// the partition read-only.
+    struct ReadOnlyEsp<'a>(&'a DirEsp, std::sync::atomic::AtomicBool);
+    impl Esp for ReadOnlyEsp<'_> {
+        fn with(
+            &self,
+            write: bool,
+            f: &mut dyn FnMut(&dyn EspFs) -> Result<(), EspError>,
+        ) -> Result<(), EspError> {
+            if write && self.1.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(EspError::ReadOnly {
+                    dev: PathBuf::from("/dev/vda1"),
+                    why: "it is mounted read-only at /boot".into(),
+                });
+            }
+            f(self.0)
+        }
+    }
+
+    #[test]
+    fn a_bless_that_cannot_write_is_recorded_then_retried() {
+        let (_d, e) = esp();
+        let root = tempfile::tempdir().unwrap();
+        install_stage1(&e, Copy::A, b"kernel 2", b"initrd 2", "1.1.0", "x").unwrap();
+        assert_eq!(grub(&e), Copy::B);
+        assert!(!is_blessed(&e, Copy::B).unwrap());
+        let ro = ReadOnlyEsp(&e, std::sync::atomic::AtomicBool::new(true));
+        let out = bless_recorded(&ro, Copy::B, root.path(), 7);
+        assert!(out.record_error.is_none());
+        let err = out.result.unwrap_err().to_string();
+        assert!(
+            err.contains("/dev/vda1 cannot be written: it is mounted read-only at /boot"),
+            "{err}"
+        );
+        let rec = BlessFailure::read(root.path()).expect("recorded");
+        assert_eq!((rec.copy, rec.at), (Copy::B, 7));
+        assert!(rec.reason.contains("read-only at /boot"));
+        assert!(!is_blessed(&e, Copy::B).unwrap(), "nothing written");
+        // Writable again: the retry blesses and the record goes.
+        ro.1.store(false, std::sync::atomic::Ordering::Relaxed);
+        let out = bless_recorded(&ro, Copy::B, root.path(), 8);
+        assert!(out.result.unwrap());
+        assert!(BlessFailure::read(root.path()).is_none());
+        assert!(is_blessed(&e, Copy::B).unwrap());
+        assert_eq!(grub(&e), Copy::B);
+        // Already blessed: only a read, even where writes would fail.
+        ro.1.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(!bless_recorded(&ro, Copy::B, root.path(), 9).result.unwrap());
     }
 
     #[test]

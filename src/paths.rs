@@ -13,6 +13,9 @@ pub const TRUST_CHAIN_ROOT: &str = "var/lib/nimbus/trust";
 pub const ENGINE_STATE: &str = "var/lib/nimbus/update-engine.json";
 /// mark-good's record of a failed health check, for update-engine.
 pub const HEALTH_FAILURE: &str = "var/lib/nimbus/health-failure.json";
+/// A stage 1 that booted a good slot but is not yet the loaders' default,
+/// and why (nimbus::esp::BlessFailure).
+pub const STAGE1_BLESS_FAILURE: &str = "var/lib/nimbus/stage1-bless-failure.json";
 /// update-engine's local API socket.
 pub const ENGINE_SOCKET: &str = "run/nimbus/update-engine.sock";
 /// Where update-engine mounts the ESP when nothing else has.

@@ -335,7 +335,17 @@ fn esp_chain(disk_name: &str) -> R<Vec<nimbus::trust::Link>> {
     let links =
         nimbus::trust::read_chain_dir(&Path::new(ESP_MNT).join(nimbus::trust::ESP_CHAIN_DIR))
             .map_err(|e| e.to_string());
-    let _ = umount(ESP_MNT);
+    // A mount left here would outlive switch_root out of sight (under the
+    // old root) and keep the partition's superblock read-only for the
+    // whole boot: every read-write mount of it (mark-good's bless,
+    // systemd's /boot) would then fail with EBUSY.
+    if let Err(e) = umount(ESP_MNT) {
+        say(&format!(
+            "nimbus-init: unmounting the ESP ({}): {e}; detaching it",
+            dev.display()
+        ));
+        let _ = nix::mount::umount2(ESP_MNT, nix::mount::MntFlags::MNT_DETACH);
+    }
     links
 }
 
@@ -848,28 +858,114 @@ fn health_failed<D: nimbus::gpt::BlockDevice>(
 /// slot up (see [`health_failed`]).
 /// The stage 1 that booted a slot now marked good becomes the default of
 /// both loaders (nimbus::esp::bless). Not fatal: the old copy stays the
-/// default, which boots too.
-fn bless_stage1(disk_name: &str, copy: nimbus::esp::Copy) {
-    let r = partition_dev(disk_name, layout::ESP_PARTITION).and_then(|(_, dev)| {
-        let mut changed = false;
-        nimbus::esp::with_mounted(
-            &dev,
-            Path::new("/run/nimbus/mark-good/esp"),
-            true,
-            &mut |fs| {
-                changed = nimbus::esp::bless(fs, copy)?;
-                Ok(())
+/// default, which boots too; the reason is recorded for `updatectl
+/// status` and update-engine retries at its next start. Returns whether
+/// the copy is the default now.
+fn bless_stage1(disk_name: &str, copy: nimbus::esp::Copy, mnt: &Path) -> bool {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let out = match partition_dev(disk_name, layout::ESP_PARTITION) {
+        Ok((_, dev)) => nimbus::esp::bless_recorded(
+            &nimbus::esp::MountedEsp {
+                dev,
+                mnt: mnt.to_path_buf(),
             },
-        )
-        .map_err(|e| e.to_string())?;
-        Ok(changed)
+            copy,
+            Path::new("/"),
+            now,
+        ),
+        Err(e) => nimbus::esp::BlessOutcome {
+            result: Err(nimbus::esp::EspError::Invalid(e)),
+            record_error: None,
+        },
+    };
+    if let Some(e) = &out.record_error {
+        eprintln!(
+            "nimbus-mark-good: recording the stage-1 bless in /{}: {e}",
+            nimbus::paths::STAGE1_BLESS_FAILURE
+        );
+    }
+    match out.result {
+        Ok(true) => {
+            say(&format!(
+                "nimbus-mark-good: stage 1 copy {copy} is now the default of both loaders"
+            ));
+            true
+        }
+        Ok(false) => true,
+        Err(e) => {
+            say(&format!(
+                "nimbus-mark-good: stage 1 copy {copy} not made the default: {e} (recorded; update-engine retries at its next start)"
+            ));
+            false
+        }
+    }
+}
+
+/// `nimbus-init bless-stage1 [--check]`: make the running stage 1 the
+/// default of both loaders now, as mark-good does after marking the slot
+/// good (the slot must be good already); `--check` only reads the ESP and
+/// says whether it is. Exit 0 when it is the default, 1 when not.
+fn bless_stage1_cmd(check: bool) -> i32 {
+    let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let Some(args) = nimbus::boot::parse_cmdline(&cmdline) else {
+        eprintln!("nimbus-init bless-stage1: not booted through nimbus-init (no nimbus.usr=)");
+        return 2;
+    };
+    let Some(copy) = nimbus::esp::running_copy(&cmdline) else {
+        eprintln!("nimbus-init bless-stage1: the loader did not say which stage-1 copy it started (no nimbus.stage1=)");
+        return 2;
+    };
+    let (disk_name, disk) = match find_running_disk(&args, !check) {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("nimbus-init bless-stage1: {e}");
+            return 2;
+        }
+    };
+    let mnt = Path::new("/run/nimbus/bless/esp");
+    if check {
+        let r = partition_dev(&disk_name, layout::ESP_PARTITION).and_then(|(_, dev)| {
+            let mut blessed = false;
+            nimbus::esp::with_mounted(&dev, mnt, false, &mut |fs| {
+                blessed = nimbus::esp::is_blessed(fs, copy)?;
+                Ok(())
+            })
+            .map_err(|e| e.to_string())?;
+            Ok(blessed)
+        });
+        return match r {
+            Ok(true) => {
+                println!("stage 1 copy {copy} is the default of both loaders");
+                0
+            }
+            Ok(false) => {
+                println!("stage 1 copy {copy} is not the default of both loaders");
+                1
+            }
+            Err(e) => {
+                eprintln!("nimbus-init bless-stage1 --check: {e}");
+                2
+            }
+        };
+    }
+    let good = Slot::ALL.into_iter().any(|s| {
+        disk.partition(s.partition_number()).ok().map(|p| p.uuid) == Some(args.partuuid)
+            && disk
+                .slot_table()
+                .iter()
+                .any(|e| e.number == s.partition_number() && e.prio().successful)
     });
-    match r {
-        Ok(true) => say(&format!(
-            "nimbus-mark-good: stage 1 copy {copy} is now the default of both loaders"
-        )),
-        Ok(false) => {}
-        Err(e) => eprintln!("nimbus-mark-good: stage 1 copy {copy} not made the default: {e}"),
+    if !good {
+        eprintln!("nimbus-init bless-stage1: the booted slot is not marked good yet (mark-good blesses after it)");
+        return 1;
+    }
+    if bless_stage1(&disk_name, copy, mnt) {
+        println!("stage 1 copy {copy} is the default of both loaders");
+        0
+    } else {
+        1
     }
 }
 
@@ -924,7 +1020,7 @@ fn mark_good() -> i32 {
                 "nimbus-mark-good: {slot} marked good (version {version})"
             ));
             if let Some(copy) = nimbus::esp::running_copy(&cmdline) {
-                bless_stage1(&disk_name, copy);
+                bless_stage1(&disk_name, copy, Path::new("/run/nimbus/mark-good/esp"));
             }
             0
         }
@@ -937,11 +1033,23 @@ fn mark_good() -> i32 {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    if args.get(1).map(String::as_str) == Some("mark-good") {
-        std::process::exit(mark_good());
+    match args.get(1).map(String::as_str) {
+        Some("mark-good") => std::process::exit(mark_good()),
+        Some("bless-stage1") => {
+            let check = match args.get(2).map(String::as_str) {
+                None => false,
+                Some("--check") => true,
+                Some(a) => {
+                    eprintln!("nimbus-init bless-stage1: unknown argument {a:?} (only --check)");
+                    std::process::exit(2);
+                }
+            };
+            std::process::exit(bless_stage1_cmd(check));
+        }
+        _ => {}
     }
     if std::process::id() != 1 {
-        eprintln!("usage: nimbus-init mark-good   (as /init it must run as PID 1)");
+        eprintln!("usage: nimbus-init mark-good | nimbus-init bless-stage1 [--check]   (as /init it must run as PID 1)");
         std::process::exit(2);
     }
     mount_basics();

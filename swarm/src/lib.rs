@@ -373,6 +373,179 @@ pub fn drain_pending(d: &mut dyn Docker, node: &str) -> Result<Option<String>, S
     Ok(Some(why.join("; ")))
 }
 
+/// Services whose every running task is on node `node` (hostname
+/// `host`): draining it now would stop their last running copies.
+/// `host` is this node's hostname once known (asked of Docker when needed).
+pub fn only_here(
+    d: &mut dyn Docker,
+    node: &str,
+    host: &mut Option<String>,
+) -> Result<Vec<String>, SwarmError> {
+    let tasks = d.run(&[
+        "node",
+        "ps",
+        node,
+        "--filter",
+        "desired-state=running",
+        "--format",
+        "{{.Name}}",
+    ])?;
+    let mut services: Vec<&str> = tasks
+        .lines()
+        .filter_map(|l| Some(l.trim().rsplit_once('.')?.0))
+        .filter(|s| !s.is_empty())
+        .collect();
+    services.sort_unstable();
+    services.dedup();
+    let mut out = Vec::new();
+    for svc in services {
+        let h = match host {
+            Some(h) => h.clone(),
+            None => {
+                let h = d
+                    .run(&[
+                        "node",
+                        "inspect",
+                        node,
+                        "--format",
+                        "{{.Description.Hostname}}",
+                    ])?
+                    .trim()
+                    .to_string();
+                *host = Some(h.clone());
+                h
+            }
+        };
+        let nodes = running_nodes(d, svc)?;
+        if !nodes.is_empty() && nodes.iter().all(|n| *n == h) {
+            out.push(svc.to_string());
+        }
+    }
+    Ok(out)
+}
+
+/// The hostnames of the nodes running a task of `svc` now (one per task).
+fn running_nodes(d: &mut dyn Docker, svc: &str) -> Result<Vec<String>, SwarmError> {
+    let out = d.run(&[
+        "service",
+        "ps",
+        svc,
+        "--filter",
+        "desired-state=running",
+        "--format",
+        "{{.Node}}\t{{.CurrentState}}",
+    ])?;
+    Ok(out
+        .lines()
+        .filter_map(|l| {
+            let (n, st) = l.split_once('\t')?;
+            st.starts_with("Running").then(|| n.trim().to_string())
+        })
+        .collect())
+}
+
+/// Before a drain: no service may have its last running copies here.
+/// Those that do are moved first: the node is paused (nothing new is
+/// placed on it, what runs keeps running) and each such service gets a
+/// forced rolling update under its own update settings, whose new tasks
+/// can only start elsewhere; this waits until each has a copy running on
+/// another node. (Docker never moves tasks back to a node that becomes
+/// active again, so after a few drains a service's replicas can all sit on
+/// one node, and draining that node would stop all of them at once.)
+fn move_last_copies(d: &mut dyn Docker, w: &mut dyn Waiter, node: &str) {
+    let mut host: Option<String> = None;
+    let mut forced: Vec<String> = Vec::new();
+    let mut said = String::new();
+    loop {
+        let looked = only_here(d, node, &mut host);
+        let why = match looked {
+            Ok(v) if v.is_empty() => {
+                if !forced.is_empty() {
+                    w.say(&format!(
+                        "moved first: {} now run(s) on another node too",
+                        forced.join(", ")
+                    ));
+                }
+                return;
+            }
+            Ok(v) => {
+                let new: Vec<String> = v.iter().filter(|s| !forced.contains(s)).cloned().collect();
+                if !new.is_empty() {
+                    if forced.is_empty() {
+                        if let Err(e) = d.run(&["node", "update", "--availability", "pause", node])
+                        {
+                            w.say(&format!("pausing this node, trying again: {e}"));
+                            w.sleep(Duration::from_secs(2));
+                            continue;
+                        }
+                    }
+                    for svc in &new {
+                        match d.run(&["service", "update", "--force", "--detach", svc]) {
+                            Ok(_) => forced.push(svc.clone()),
+                            Err(e) => w.say(&format!("moving {svc}, trying again: {e}")),
+                        }
+                    }
+                }
+                format!(
+                    "waiting: the only running copies of {} are on this node; moving them first",
+                    v.join(", ")
+                )
+            }
+            Err(e) => format!("asking the swarm, trying again: {e}"),
+        };
+        if why != said {
+            w.say(&why);
+            said = why;
+        }
+        w.sleep(Duration::from_secs(2));
+    }
+}
+
+/// After a node is back: a replicated service whose running copies all
+/// sit on one node (drains moved them there and Docker never moves them
+/// back) gets a forced rolling update, which spreads its tasks over the
+/// nodes again. Not fatal: the next drain moves such copies first anyway.
+fn rebalance_gathered(d: &mut dyn Docker, w: &mut dyn Waiter) {
+    let services = match d.run(&[
+        "service",
+        "ls",
+        "--format",
+        "{{.Name}}\t{{.Mode}}\t{{.Replicas}}",
+    ]) {
+        Ok(s) => s,
+        Err(e) => {
+            w.say(&format!("not rebalanced: {e}"));
+            return;
+        }
+    };
+    for l in services.lines() {
+        let f: Vec<&str> = l.split('\t').collect();
+        let [name, "replicated", reps] = f.as_slice() else {
+            continue;
+        };
+        if replicas(reps).is_none_or(|(_, want)| want < 2) {
+            continue;
+        }
+        let nodes = match running_nodes(d, name) {
+            Ok(n) => n,
+            Err(e) => {
+                w.say(&format!("{name} not rebalanced: {e}"));
+                continue;
+            }
+        };
+        if nodes.len() >= 2 && nodes.iter().all(|n| *n == nodes[0]) {
+            match d.run(&["service", "update", "--force", "--detach", name]) {
+                Ok(_) => w.say(&format!(
+                    "rebalancing {name}: all {} running copies were on {}",
+                    nodes.len(),
+                    nodes[0]
+                )),
+                Err(e) => w.say(&format!("{name} not rebalanced: {e}")),
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Drained {
     NotInSwarm,
@@ -399,6 +572,7 @@ pub fn drain(d: &mut dyn Docker, w: &mut dyn Waiter) -> Result<Drained, SwarmErr
     // raft commit is slow, though the change may still land: every call
     // here is idempotent, so it is asked again; update-engine's
     // HOOK_TIMEOUT bounds the whole drain and shows the last line said.
+    move_last_copies(d, w, &i.node_id);
     while let Err(e) = d.run(&["node", "update", "--availability", "drain", &i.node_id]) {
         w.say(&format!("setting drain, trying again: {e}"));
         w.sleep(Duration::from_secs(2));
@@ -466,6 +640,7 @@ pub fn activate(
                 match d.run(&["node", "update", "--availability", "active", &i.node_id]) {
                     Ok(_) => {
                         w.say(&format!("node {} is active again", i.node_id));
+                        rebalance_gathered(d, w);
                         return Ok(Some(i.node_id));
                     }
                     Err(e) => retry(w, e)?,
@@ -692,6 +867,7 @@ mod tests {
         let mut d = Script::default()
             .on("info", &[Ok(MANAGER)])
             .on("node update --availability drain n1", &[Ok("n1")])
+            .on("node ps n1 --filter", &[Ok("")])
             .on(
                 "node ps n1",
                 &[
@@ -730,6 +906,7 @@ mod tests {
                 "node update --availability drain n1",
                 &[Err(slow), Ok("n1")],
             )
+            .on("node ps n1 --filter", &[Ok("")])
             .on(
                 "node ps n1",
                 &[Err(slow), Ok("web.2\tShutdown 1 second ago\n")],
@@ -746,6 +923,103 @@ mod tests {
             "{:?}",
             w.said
         );
+    }
+
+    const SPREAD: &str =
+        "h1\tRunning 1 minute ago\nh2\tRunning 1 minute ago\nh3\tRunning 2 minutes ago\n";
+    const ALL_ON_H1: &str =
+        "h1\tRunning 1 minute ago\nh1\tRunning 1 minute ago\nh1\tRunning 2 minutes ago\n";
+
+    #[test]
+    fn a_drain_never_stops_the_last_running_copies() {
+        // Every replica of web on this node (h1): it is paused, web gets a
+        // forced rolling update, and the drain waits until a copy runs on
+        // another node.
+        let moving =
+            "h2\tStarting 1 second ago\nh1\tRunning 1 minute ago\nh1\tRunning 2 minutes ago\n";
+        let moved =
+            "h2\tRunning 1 second ago\nh1\tRunning 1 minute ago\nh1\tRunning 2 minutes ago\n";
+        let mut d = Script::default()
+            .on("info", &[Ok(MANAGER)])
+            .on("node inspect n1", &[Ok("h1\n")])
+            .on(
+                "node ps n1 --filter",
+                &[Ok("web.1\nweb.2\nweb.3\nlog.n1\n")],
+            )
+            .on("service ps log", &[Ok(SPREAD)])
+            .on("service ps web", &[Ok(ALL_ON_H1), Ok(moving), Ok(moved)])
+            .on("node update --availability pause n1", &[Ok("n1")])
+            .on("service update --force --detach web", &[Ok("web")])
+            .on("node update --availability drain n1", &[Ok("n1")])
+            .on("node ps n1", &[Ok("web.2\tShutdown 1 second ago\n")])
+            .on("service ls", &[Ok("web\treplicated\t3/3\n")]);
+        let mut w = Fake::default();
+        assert_eq!(
+            drain(&mut d, &mut w).unwrap(),
+            Drained::Drained { node: "n1".into() }
+        );
+        let order: Vec<&String> = d
+            .calls
+            .iter()
+            .filter(|c| c.starts_with("node update") || c.starts_with("service update"))
+            .collect();
+        assert_eq!(
+            order,
+            [
+                "node update --availability pause n1",
+                "service update --force --detach web",
+                "node update --availability drain n1"
+            ]
+        );
+        assert_eq!(
+            w.said[0],
+            "waiting: the only running copies of web are on this node; moving them first"
+        );
+        assert!(w
+            .said
+            .contains(&"moved first: web now run(s) on another node too".to_string()));
+        // Spread already: nothing is paused or forced.
+        let mut d = Script::default()
+            .on("info", &[Ok(MANAGER)])
+            .on("node inspect n1", &[Ok("h1\n")])
+            .on("node ps n1 --filter", &[Ok("web.1\n")])
+            .on("service ps web", &[Ok(SPREAD)])
+            .on("node update --availability drain n1", &[Ok("n1")])
+            .on("node ps n1", &[Ok("")])
+            .on("service ls", &[Ok("web\treplicated\t3/3\n")]);
+        drain(&mut d, &mut Fake::default()).unwrap();
+        assert!(!d
+            .calls
+            .iter()
+            .any(|c| c.contains("pause") || c.starts_with("service update")));
+    }
+
+    #[test]
+    fn activate_rebalances_a_service_gathered_on_one_node() {
+        let mut d = Script::default()
+            .on("info", &[Ok(MANAGER)])
+            .on("node update --availability active n1", &[Ok("n1")])
+            .on(
+                "service ls",
+                &[Ok(
+                    "web\treplicated\t3/3\nsolo\treplicated\t1/1\nlog\tglobal\t3/3\n",
+                )],
+            )
+            .on("service ps web", &[Ok(ALL_ON_H1)])
+            .on("service update --force --detach web", &[Ok("web")]);
+        let mut w = Fake::default();
+        activate(&mut d, &mut w, Duration::from_secs(60)).unwrap();
+        assert!(d
+            .calls
+            .contains(&"service update --force --detach web".to_string()));
+        // A one-replica service and a global one are never touched.
+        assert!(!d
+            .calls
+            .iter()
+            .any(|c| c.contains("solo") || c.contains("log")));
+        assert!(w
+            .said
+            .contains(&"rebalancing web: all 3 running copies were on h1".to_string()));
     }
 
     #[test]
@@ -771,12 +1045,15 @@ mod tests {
             r#"{"NodeID":"n1","LocalNodeState":"pending","ControlAvailable":false,"Error":""}"#;
         let mut d = Script::default()
             .on("info", &[Ok(pending), Ok(pending), Ok(MANAGER)])
-            .on("node update --availability active n1", &[Ok("n1")]);
+            .on("node update --availability active n1", &[Ok("n1")])
+            .on("service ls", &[Ok("web\treplicated\t3/3\n")])
+            .on("service ps web", &[Ok(SPREAD)]);
         let mut w = Fake::default();
         assert_eq!(
             activate(&mut d, &mut w, Duration::from_secs(60)).unwrap(),
             Some("n1".into())
         );
+        assert!(!d.calls.iter().any(|c| c.starts_with("service update")));
         // A slow manager: the update times out twice, then lands.
         let slow = "rpc error: code = DeadlineExceeded desc = context deadline exceeded";
         let mut d = Script::default()
@@ -787,7 +1064,8 @@ mod tests {
             .on(
                 "node update --availability active n1",
                 &[Err(slow), Err(slow), Ok("n1")],
-            );
+            )
+            .on("service ls", &[Err("Cannot connect")]);
         let mut w = Fake::default();
         assert_eq!(
             activate(&mut d, &mut w, Duration::from_secs(60)).unwrap(),

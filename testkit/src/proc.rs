@@ -162,8 +162,87 @@ pub fn status(cmd: &mut Command, limit: Duration) -> Result<ExitStatus, Error> {
     }
 }
 
+/// [`status`] for a command that starts processes of its own (a test
+/// binary booting QEMU): it runs in a new process group, and past the
+/// limit the whole group is killed, not just the command, so nothing it
+/// started outlives it and nothing outside it is touched.
+pub fn status_group(cmd: &mut Command, limit: Duration) -> Result<ExitStatus, Error> {
+    use std::os::unix::process::CommandExt;
+    let name = describe(cmd);
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .map_err(|source| Error::Spawn {
+            cmd: name.clone(),
+            source,
+        })?;
+    // The child leads its group: its pid is the group id.
+    let group = i32::try_from(child.id()).ok();
+    let kill_group = || {
+        if let Some(g) = group {
+            // SAFETY: kill(2) with a negative pid signals the group; no memory is involved.
+            unsafe {
+                libc::kill(-g, libc::SIGKILL);
+            }
+        }
+    };
+    let deadline = Instant::now() + limit;
+    loop {
+        match child.try_wait() {
+            Ok(Some(st)) => {
+                // What it left running in its group goes with it.
+                kill_group();
+                return Ok(st);
+            }
+            Ok(None) if Instant::now() >= deadline => {
+                kill_group();
+                let _ = child.wait();
+                return Err(Error::Timeout {
+                    cmd: name,
+                    limit,
+                    stdout: String::new(),
+                    stderr: String::new(),
+                });
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+            Err(source) => return Err(Error::Spawn { cmd: name, source }),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_group_past_its_limit_is_killed_whole() {
+        let d = tempfile::tempdir().unwrap();
+        let pidfile = d.path().join("grandchild");
+        let t0 = Instant::now();
+        let e = status_group(
+            Command::new("sh").args([
+                "-c",
+                &format!("sleep 600 & echo $! > {}; wait", pidfile.display()),
+            ]),
+            Duration::from_millis(800),
+        )
+        .unwrap_err();
+        assert!(matches!(e, Error::Timeout { .. }), "{e}");
+        assert!(t0.elapsed() < Duration::from_secs(10));
+        let pid: i32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // The grandchild went with the group (reaped by init, so poll).
+        let gone = (0..100).any(|_| {
+            std::thread::sleep(Duration::from_millis(20));
+            !std::path::Path::new(&format!("/proc/{pid}")).exists()
+                || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .is_ok_and(|s| s.contains(") Z "))
+        });
+        assert!(gone, "sleep {pid} outlived its group");
+    }
     use super::*;
 
     #[test]

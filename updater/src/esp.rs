@@ -9,24 +9,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+pub use nimbus::esp::MountedEsp;
 use nimbus::esp::{DirEsp, Esp, EspError, EspFs};
-
-/// The ESP of a running host, by its partition device.
-pub struct MountedEsp {
-    pub dev: PathBuf,
-    /// A directory only root can enter, made for the mount.
-    pub run_dir: PathBuf,
-}
-
-impl Esp for MountedEsp {
-    fn with(
-        &self,
-        write: bool,
-        f: &mut dyn FnMut(&dyn EspFs) -> Result<(), EspError>,
-    ) -> Result<(), EspError> {
-        nimbus::esp::with_mounted(&self.dev, &self.run_dir.join("esp"), write, f)
-    }
-}
 
 /// The ESP inside a disk image file (host mode, tests), through mtools.
 pub struct ImageEsp {

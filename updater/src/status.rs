@@ -106,6 +106,10 @@ pub struct Stage1Status {
     pub pending: Option<crate::state::Stage1Install>,
     /// The last new stage 1 that did not boot: the loader went back.
     pub failed: Option<crate::state::Stage1Failure>,
+    /// The running copy booted a slot marked good but could not be made
+    /// the loaders' default (mark-good's record; retried by update-engine).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unblessed: Option<nimbus::esp::BlessFailure>,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]

@@ -372,6 +372,54 @@ fn etcd_post(
     Ok(r.json()?)
 }
 
+/// Why a probe request failed, in the probe's words: `refused` (nothing
+/// listens: the host is down or its service stopped), `timed out after
+/// N s` (it listens but did not answer in time: load, or an election),
+/// `HTTP <status>`, or the error itself.
+fn probe_failure(e: &reqwest::Error, t: Instant) -> String {
+    // The whole chain: hyper's reason sits under reqwest's.
+    let mut chain = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        chain.push_str(": ");
+        chain.push_str(&s.to_string());
+        src = s.source();
+    }
+    let lower = chain.to_lowercase();
+    if e.is_timeout() {
+        format!("timed out after {:.1} s", t.elapsed().as_secs_f64())
+    } else if let Some(st) = e.status() {
+        format!("HTTP {}", st.as_u16())
+    } else if e.is_connect()
+        // QEMU's forwarded port accepts for a guest that does not listen
+        // (rebooting), then closes: the same "nothing there" as a refusal.
+        || ["refused", "reset", "closed before message completed", "broken pipe"]
+            .iter()
+            .any(|w| lower.contains(w))
+    {
+        "refused".to_string()
+    } else {
+        chain
+    }
+}
+
+fn probe_post(
+    c: &reqwest::blocking::Client,
+    url: &str,
+    body: serde_json::Value,
+) -> Result<serde_json::Value, String> {
+    let t = Instant::now();
+    let r = c
+        .post(url)
+        .json(&body)
+        .send()
+        .map_err(|e| probe_failure(&e, t))?;
+    if !r.status().is_success() {
+        return Err(format!("HTTP {}", r.status().as_u16()));
+    }
+    r.json().map_err(|e| probe_failure(&e, t))
+}
+
 /// A write and a linearizable read of this member's probe key; why not.
 fn probe_etcd(
     c: &reqwest::blocking::Client,
@@ -381,16 +429,18 @@ fn probe_etcd(
 ) -> Result<(), String> {
     let k = B64.encode(key);
     let v = B64.encode(val);
-    let t = Instant::now();
-    etcd_post(
+    probe_post(
         c,
-        base,
-        "/v3/kv/put",
+        &format!("{base}/v3/kv/put"),
         serde_json::json!({"key": k, "value": v}),
     )
-    .map_err(|e| format!("put: {e} after {:.1} s", t.elapsed().as_secs_f64()))?;
-    let r = etcd_post(c, base, "/v3/kv/range", serde_json::json!({"key": k}))
-        .map_err(|e| format!("range: {e} after {:.1} s", t.elapsed().as_secs_f64()))?;
+    .map_err(|e| format!("put: {e}"))?;
+    let r = probe_post(
+        c,
+        &format!("{base}/v3/kv/range"),
+        serde_json::json!({"key": k}),
+    )
+    .map_err(|e| format!("range: {e}"))?;
     if r["kvs"][0]["value"].as_str() == Some(v.as_str()) {
         Ok(())
     } else {
@@ -402,21 +452,69 @@ fn probe_etcd(
 }
 
 fn probe_web(c: &reqwest::blocking::Client, port: u16) -> bool {
-    c.get(format!("http://127.0.0.1:{port}/"))
+    probe_web_why(c, port).is_ok()
+}
+
+/// The service through this host's published port; why not.
+fn probe_web_why(c: &reqwest::blocking::Client, port: u16) -> Result<(), String> {
+    let t = Instant::now();
+    let r = c
+        .get(format!("http://127.0.0.1:{port}/"))
         .send()
-        .ok()
-        .filter(|r| r.status().is_success())
-        .and_then(|r| r.text().ok())
-        .is_some_and(|t| t.contains("nimbus-web"))
+        .map_err(|e| probe_failure(&e, t))?;
+    if !r.status().is_success() {
+        return Err(format!("HTTP {}", r.status().as_u16()));
+    }
+    let body = r.text().map_err(|e| probe_failure(&e, t))?;
+    if body.contains("nimbus-web") {
+        Ok(())
+    } else {
+        Err("an answer that is not the service's".into())
+    }
+}
+
+/// Which hosts (by index) hold the reboot lock, through the first member
+/// that answers; `None` when none did.
+fn lock_holder_indexes(
+    c: &reqwest::blocking::Client,
+    etcds: &[String],
+    ids: &[String],
+) -> Option<Vec<usize>> {
+    for base in etcds {
+        let Ok(r) = probe_post(
+            c,
+            &format!("{base}/v3/kv/range"),
+            serde_json::json!({"key": B64.encode(LOCK_KEY)}),
+        ) else {
+            continue;
+        };
+        let Some(v) = r["kvs"][0]["value"].as_str() else {
+            return Some(Vec::new());
+        };
+        let sem: serde_json::Value = serde_json::from_slice(&B64.decode(v).ok()?).ok()?;
+        return Some(
+            sem["holders"]
+                .as_array()?
+                .iter()
+                .filter_map(|h| ids.iter().position(|id| Some(id.as_str()) == h.as_str()))
+                .collect(),
+        );
+    }
+    None
 }
 
 /// Per second since the probe started: (etcd ok, service ok) per host.
 type Samples = Arc<Mutex<BTreeMap<u64, Second>>>;
-/// One second's probes: (etcd served, or why not; service answered) per host.
-type Second = Vec<(Result<(), String>, bool)>;
+/// One second's probes: (etcd served, or why not; the service answered,
+/// or why not) per host.
+type Second = Vec<(Result<(), String>, Result<(), String>)>;
+/// Per second: the hosts (indexes) that held the reboot lock, as etcd
+/// said then (absent when no member answered).
+type Holders = Arc<Mutex<BTreeMap<u64, Vec<usize>>>>;
 
 struct Probe {
     samples: Samples,
+    holders: Holders,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
     t0: Instant,
@@ -437,14 +535,21 @@ struct Tally {
     secs: u64,
     fault_etcd_down: u64,
     fault_web_down: u64,
+    /// Unavailable seconds (etcd or the service) in which every failed
+    /// request timed out: the members were up but slow (load), none
+    /// refused or answered an error.
+    timeouts_only: u64,
 }
 
 impl Probe {
-    fn start(hosts: &[(String, u16)]) -> Probe {
+    /// `ids`: each host's machine id, to name the reboot lock's holders.
+    fn start(hosts: &[(String, u16)], ids: &[String]) -> Probe {
         let samples: Samples = Arc::default();
+        let holders: Holders = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
-        let (s2, st2) = (samples.clone(), stop.clone());
+        let (s2, st2, h2) = (samples.clone(), stop.clone(), holders.clone());
         let hosts = hosts.to_vec();
+        let ids = ids.to_vec();
         let n = hosts.len();
         let t0 = Instant::now();
         let unix0 = std::time::SystemTime::now()
@@ -457,7 +562,23 @@ impl Probe {
                 // One thread per host and second: a slow answer never
                 // delays the next second's probe.
                 if let Ok(mut m) = s2.lock() {
-                    m.insert(sec, vec![(Err("no answer yet".to_string()), false); n]);
+                    let none = || Err("no answer yet".to_string());
+                    m.insert(sec, vec![(none(), none()); n]);
+                }
+                {
+                    let (etcds, ids, h3) = (
+                        hosts.iter().map(|(e, _)| e.clone()).collect::<Vec<_>>(),
+                        ids.clone(),
+                        h2.clone(),
+                    );
+                    std::thread::spawn(move || {
+                        let c = http_within(Duration::from_secs(2));
+                        if let Some(v) = lock_holder_indexes(&c, &etcds, &ids) {
+                            if let Ok(mut m) = h3.lock() {
+                                m.insert(sec, v);
+                            }
+                        }
+                    });
                 }
                 for (i, (etcd, web)) in hosts.iter().enumerate() {
                     let (etcd, web, s3) = (etcd.clone(), *web, s2.clone());
@@ -475,7 +596,7 @@ impl Probe {
                             &format!("nimbus/probe/{i}/{}", sec % 64),
                             &sec.to_string(),
                         );
-                        let w = probe_web(&c, web);
+                        let w = probe_web_why(&c, web);
                         if let Ok(mut m) = s3.lock() {
                             if let Some(v) = m.get_mut(&sec) {
                                 v[i] = (e, w);
@@ -492,6 +613,7 @@ impl Probe {
         });
         Probe {
             samples,
+            holders,
             stop,
             thread: Some(thread),
             t0,
@@ -567,41 +689,57 @@ impl Probe {
         }
         let m = self.samples.lock().map(|m| m.clone()).unwrap_or_default();
         let w = self.windows.lock().map(|w| w.clone()).unwrap_or_default();
-        tally(&m, &w)
+        let h = self.holders.lock().map(|h| h.clone()).unwrap_or_default();
+        tally(&m, &w, &h)
     }
 }
 
 /// Count the unavailable seconds; the last 3 are left out (their probes
-/// may not have answered yet). Each is explained on stderr.
-fn tally(m: &BTreeMap<u64, Second>, windows: &[(u64, u64)]) -> Tally {
+/// may not have answered yet). Each is explained on stderr: what every
+/// host's requests got, and which host held the reboot lock (drained or
+/// rebooting for the update).
+fn tally(
+    m: &BTreeMap<u64, Second>,
+    windows: &[(u64, u64)],
+    holders: &BTreeMap<u64, Vec<usize>>,
+) -> Tally {
     let last = m.keys().next_back().copied().unwrap_or(0).saturating_sub(3);
     let mut t = Tally::default();
     for (s, v) in m.range(..=last) {
         let etcd_out = !v.iter().any(|(e, _)| e.is_ok());
-        let web_out = !v.iter().any(|(_, w)| *w);
+        let web_out = !v.iter().any(|(_, w)| w.is_ok());
         let fault = windows.iter().any(|(a, b)| (a..=b).contains(&s));
-        if etcd_out {
-            let why: Vec<String> = v
+        if etcd_out || web_out {
+            let lock = holders.get(s);
+            let per_host: Vec<String> = v
                 .iter()
                 .enumerate()
-                .map(|(i, (e, _))| {
+                .map(|(i, (e, w))| {
+                    let got = |r: &Result<(), String>| {
+                        r.as_ref().err().cloned().unwrap_or_else(|| "ok".into())
+                    };
                     format!(
-                        "{}: {}",
+                        "{}: etcd {}, service {}{}",
                         name(i),
-                        e.as_ref().err().map(String::as_str).unwrap_or("ok")
+                        got(e),
+                        got(w),
+                        match lock {
+                            Some(l) if l.contains(&i) => " (holds the reboot lock)",
+                            Some(_) => "",
+                            None => " (lock holder unknown)",
+                        }
                     )
                 })
                 .collect();
+            let what = match (etcd_out, web_out) {
+                (true, true) => "etcd and the service unavailable",
+                (true, false) => "etcd unavailable",
+                _ => "service unavailable through every host",
+            };
             eprintln!(
-                "cluster: probe second {s}{}: etcd unavailable ({})",
+                "cluster: probe second {s}{}: {what} ({})",
                 if fault { " (fault window)" } else { "" },
-                why.join("; ")
-            );
-        }
-        if web_out {
-            eprintln!(
-                "cluster: probe second {s}{}: service unavailable through every host",
-                if fault { " (fault window)" } else { "" },
+                per_host.join("; ")
             );
         }
         if fault {
@@ -612,9 +750,19 @@ fn tally(m: &BTreeMap<u64, Second>, windows: &[(u64, u64)]) -> Tally {
         t.secs += 1;
         t.etcd_down += u64::from(etcd_out);
         t.web_down += u64::from(web_out);
+        let timed_out = |r: &Result<(), String>| r.as_ref().is_err_and(|e| e.contains("timed out"));
+        // Every failed request of that kind timed out.
+        let etcd_slow = v.iter().map(|x| &x.0).filter(|r| r.is_err()).all(timed_out);
+        let web_slow = v.iter().map(|x| &x.1).filter(|r| r.is_err()).all(timed_out);
+        if (etcd_out || web_out) && (!etcd_out || etcd_slow) && (!web_out || web_slow) {
+            t.timeouts_only += 1;
+        }
+        // Down = neither etcd nor the service even listens (rebooting);
+        // a slow host is not down.
+        let refused = |r: &Result<(), String>| r.as_ref().is_err_and(|e| e.ends_with("refused"));
         t.max_down = t
             .max_down
-            .max(v.iter().filter(|(e, w)| e.is_err() && !w).count());
+            .max(v.iter().filter(|(e, w)| refused(e) && refused(w)).count());
     }
     t
 }
@@ -1042,6 +1190,8 @@ fn cluster_life(
         Ok(hosts.iter().all(|h| probe_web(&c, h.web_port)))
     })?;
     step(t0, "service web: 3 replicas, answering through every host");
+    // Before `pinned` exists: its replica on the drained host could not move.
+    let gathered = gathered_drain(hosts, t0)?;
     if a.faults {
         // One replica per node, one per host: a drained host's replica has
         // nowhere to go, so the first drain cannot finish.
@@ -1060,7 +1210,7 @@ fn cluster_life(
     let before_members = etcd_members(hosts)?;
 
     // The rolling update.
-    let probe = Probe::start(&probe_targets(hosts));
+    let probe = Probe::start(&probe_targets(hosts), &machine_ids(hosts));
     let upd = Instant::now();
     publish(n1)?;
     step(t0, "published 1.1.0: hosts update themselves one at a time");
@@ -1080,6 +1230,7 @@ fn cluster_life(
         secs,
         fault_etcd_down,
         fault_web_down,
+        timeouts_only,
     } = probe.finish();
     let finals = finals?;
     let minutes = upd.elapsed().as_secs_f64() / 60.0;
@@ -1129,11 +1280,12 @@ fn cluster_life(
         }
     );
     println!(
-        "cluster: hosts={n_hosts} final={} max_rebooting={max_down} etcd_unavailable_s={etcd_down} service_unavailable_s={web_down} lock_holders_end={} mem_used_mib={} minutes={minutes:.1}",
+        "cluster: hosts={n_hosts} final={} max_rebooting={max_down} etcd_unavailable_s={etcd_down} service_unavailable_s={web_down} timeouts_only_s={timeouts_only} lock_holders_end={} mem_used_mib={} minutes={minutes:.1}",
         finals.join(","),
         lock_holders(hosts)?,
         mem.join(","),
     );
+    println!("{gathered}");
     if let Some((d, k)) = faults {
         println!("{d}");
         println!(
@@ -1146,6 +1298,114 @@ fn cluster_life(
         fault_bad_health(hosts, publish, b, t0)?;
     }
     Ok(())
+}
+
+/// The hostnames running a task of `svc` now.
+fn running_on(h: &Host, svc: &str) -> anyhow::Result<Vec<String>> {
+    Ok(h
+        .sh(&format!(
+            "docker service ps {svc} --filter desired-state=running --format '{{{{.Node}}}} {{{{.CurrentState}}}}'"
+        ))?
+        .lines()
+        .filter(|l| l.contains(" Running"))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect())
+}
+
+/// Every replica of web gathered on the first host (the others paused
+/// while web is force-updated, then active again: Docker does not move
+/// tasks back), then that host drained by its own pre-reboot hook while
+/// the service is probed every second through every host: the hook must
+/// move the last copies off first, so the service never stops. Then the
+/// post-good hook makes the host active again.
+fn gathered_drain(hosts: &[Host], t0: &Instant) -> anyhow::Result<String> {
+    let h0 = &hosts[0];
+    let ids: Vec<String> = hosts
+        .iter()
+        .map(|h| {
+            h.sh("docker info --format '{{.Swarm.NodeID}}'")
+                .map(|s| s.trim().to_string())
+        })
+        .collect::<anyhow::Result<_>>()?;
+    for id in &ids[1..] {
+        h0.sh(&format!("docker node update --availability pause {id}"))?;
+    }
+    h0.ssh
+        .run_within(
+            "docker service update --force --detach=false --quiet web",
+            Duration::from_secs(300),
+        )
+        .context("gathering web on the first host")?;
+    for id in &ids[1..] {
+        h0.sh(&format!("docker node update --availability active {id}"))?;
+    }
+    let on = running_on(h0, "web")?;
+    if on.len() != 3 || on.iter().any(|n| *n != h0.name) {
+        bail!(
+            "web's replicas were not gathered on {}: running on {on:?}",
+            h0.name
+        );
+    }
+    step(
+        t0,
+        &format!("service web: all 3 replicas gathered on {}", h0.name),
+    );
+    let probe = Probe::start(&probe_targets(hosts), &machine_ids(hosts));
+    let t = Instant::now();
+    let out = h0
+        .ssh
+        .run_within(
+            "/usr/lib/nimbus/hooks/pre-reboot.d/50-swarm-drain 2>&1",
+            Duration::from_secs(300),
+        )
+        .context("the drain hook")?;
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        bail!("the drain hook failed ({}): {said}", out.status);
+    }
+    let drain_s = t.elapsed().as_secs();
+    // Let the probe see the drained state for a few seconds.
+    std::thread::sleep(Duration::from_secs(5));
+    let after = running_on(h0, "web")?;
+    let out = h0
+        .ssh
+        .run_within(
+            "/usr/lib/nimbus/hooks/post-good.d/50-swarm-activate 2>&1",
+            Duration::from_secs(300),
+        )
+        .context("the activate hook")?;
+    if !out.status.success() {
+        bail!(
+            "the activate hook failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    let tally = probe.finish();
+    let moved_first = said.contains("moving them first");
+    step(
+        t0,
+        &format!(
+            "{} drained in {drain_s} s with every replica on it; active again",
+            h0.name
+        ),
+    );
+    if tally.web_down > 0 || !moved_first || after.contains(&h0.name) {
+        bail!(
+            "draining {} with all of web on it: service unavailable {} s, moved first: {moved_first}, \
+             running after the drain on {after:?}; the hook said:\n{said}",
+            h0.name,
+            tally.web_down
+        );
+    }
+    Ok(format!(
+        "cluster-gathered: host={} replicas_before=3 moved_first={moved_first} drain_s={drain_s} service_unavailable_s={} etcd_unavailable_s={}",
+        h0.name, tally.web_down, tally.etcd_down
+    ))
+}
+
+fn machine_ids(hosts: &[Host]) -> Vec<String> {
+    hosts.iter().map(|h| h.machine_id.clone()).collect()
 }
 
 fn probe_targets(hosts: &[Host]) -> Vec<(String, u16)> {
@@ -1369,7 +1629,7 @@ fn fault_bad_health(
     broken: &Path,
     t0: &Instant,
 ) -> anyhow::Result<()> {
-    let probe = Probe::start(&probe_targets(hosts));
+    let probe = Probe::start(&probe_targets(hosts), &machine_ids(hosts));
     publish(broken)?;
     step(t0, "bad-health: published 1.2.0, whose health check fails");
     let mut rolled = None;
@@ -1441,35 +1701,45 @@ mod tests {
 
     #[test]
     fn tally_counts_fault_windows_apart() {
-        let ok = (Ok(()), true);
-        let down = (Err("put: timed out".to_string()), false);
+        let ok = (Ok(()), Ok(()));
+        let down = (Err("put: refused".to_string()), Err("refused".to_string()));
+        let slow = (
+            Err("put: timed out after 5.0 s".to_string()),
+            Err("timed out after 5.0 s".to_string()),
+        );
         let mut m = BTreeMap::new();
         for s in 0..20u64 {
             let v = match s {
                 // A host reboots: the others serve.
                 3 => vec![down.clone(), ok.clone(), ok.clone()],
                 // Nobody serves etcd, outside any window.
-                5 => vec![(Err("x".into()), true); 3],
+                5 => vec![(Err("put: HTTP 503".into()), Ok(())); 3],
+                // Every member slow: lost to timeouts alone.
+                6 => vec![slow.clone(); 3],
+                // One down, the others slow: not timeouts alone.
+                7 => vec![down.clone(), slow.clone(), slow.clone()],
                 // The fault's seconds: etcd and the service out.
                 10 | 11 => vec![down.clone(); 3],
                 _ => vec![ok.clone(); 3],
             };
             m.insert(s, v);
         }
-        let t = tally(&m, &[(9, 12)]);
+        let holders = BTreeMap::from([(3, vec![0]), (7, vec![0])]);
+        let t = tally(&m, &[(9, 12)], &holders);
         assert_eq!(
             t,
             Tally {
-                etcd_down: 1,
-                web_down: 0,
+                etcd_down: 3,
+                web_down: 2,
                 max_down: 1,
                 // 0..=16 (the last 3 left out), 4 of them the fault's.
                 secs: 13,
                 fault_etcd_down: 2,
                 fault_web_down: 2,
+                timeouts_only: 1,
             }
         );
-        let t = tally(&m, &[]);
-        assert_eq!((t.etcd_down, t.web_down, t.max_down), (3, 2, 3));
+        let t = tally(&m, &[], &holders);
+        assert_eq!((t.etcd_down, t.web_down, t.timeouts_only), (5, 4, 1));
     }
 }

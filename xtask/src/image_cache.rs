@@ -160,15 +160,30 @@ fn read_report(dir: &Path) -> anyhow::Result<BuildReport> {
     serde_json::from_slice(&b).with_context(|| format!("{}: not a build report", p.display()))
 }
 
-/// Remove the least recently used entries beyond [`KEEP`].
+/// Remove the least recently used entries beyond [`KEEP`], and what a
+/// build killed midway left: the caller holds the cache lock, so no
+/// `.building-*` directory belongs to a live build, and an entry without
+/// its `used` mark was never finished.
 fn evict(cache: &Path) {
     let Ok(rd) = std::fs::read_dir(cache) else {
         return;
     };
-    let mut entries: Vec<(std::time::SystemTime, PathBuf)> = rd
+    let dirs: Vec<PathBuf> = rd
         .filter_map(|e| e.ok())
         .map(|e| e.path())
         .filter(|p| p.is_dir())
+        .collect();
+    let (left, dirs): (Vec<PathBuf>, Vec<PathBuf>) = dirs.into_iter().partition(|p| {
+        p.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(".building-"))
+            || !p.join("used").exists()
+    });
+    for p in left {
+        let _ = std::fs::remove_dir_all(p);
+    }
+    let mut entries: Vec<(std::time::SystemTime, PathBuf)> = dirs
+        .into_iter()
         .filter_map(|p| {
             let used = std::fs::metadata(p.join("used"))
                 .and_then(|m| m.modified())
@@ -238,4 +253,33 @@ pub fn build_cached(
     let _ = std::fs::remove_file(o.out.join("used"));
     evict(&cache);
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eviction_keeps_the_newest_and_clears_what_killed_builds_left() {
+        let d = tempfile::tempdir().unwrap();
+        let c = d.path();
+        let t0 = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        for i in 0..(KEEP + 2) {
+            let e = c.join(format!("k{i:02}"));
+            std::fs::create_dir_all(&e).unwrap();
+            let used = std::fs::File::create(e.join("used")).unwrap();
+            used.set_modified(t0 + std::time::Duration::from_secs(i as u64))
+                .unwrap();
+        }
+        std::fs::create_dir_all(c.join(".building-other")).unwrap();
+        std::fs::create_dir_all(c.join("unfinished")).unwrap();
+        evict(c);
+        let mut left: Vec<String> = std::fs::read_dir(c)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        let want: Vec<String> = (2..(KEEP + 2)).map(|i| format!("k{i:02}")).collect();
+        assert_eq!(left, want);
+    }
 }

@@ -19,6 +19,7 @@ mod cluster;
 mod deps;
 mod disk;
 mod e2e;
+mod esp_states;
 mod fuzz;
 mod image_cache;
 mod ledger;

@@ -4,6 +4,9 @@
 //!
 //! 1. 1.0.0 boots (GRUB, stage 1, verity, kexec into the slot's kernel) and
 //!    is marked good;
+//!    then the stage-1 bless is tried through each state the ESP can be
+//!    in (`esp_states`: not mounted, automount, /boot read-write,
+//!    read-only here, read-only in another mount namespace);
 //! 2. 1.1.0 is published on its channel: the guest's update-engine fetches
 //!    it by delta (Range requests for pack frames only), writes USR-B,
 //!    reboots into it, and it is marked good;
@@ -93,7 +96,7 @@ coreos:
       {health_units}
   - path: /etc/nimbus/update-engine.env
     content: |
-      NIMBUS_ENGINE_ARGS="--first-check 5 --interval 5"
+      NIMBUS_ENGINE_ARGS="--first-check 5 --interval 5 --reboot-poll 5"
 "#,
         canary = canary_unit(),
         health_units = canary_health_units(),
@@ -225,6 +228,12 @@ fn story(work: &Path) -> anyhow::Result<()> {
         bail!("etcd and update-engine are not both active: {states:?}\n{journal}");
     }
     steps.done("1.0.0 boots under SeaBIOS (GRUB, stage 1, verity, kexec), is marked good; etcd and update-engine active");
+
+    let rows = crate::esp_states::run(&ssh)?;
+    steps.done(&format!(
+        "stage 1 blessed through each state of the ESP: {}",
+        rows.join("; ")
+    ));
 
     publish(&n1)?;
     let i = expect(&mut vm, i, &good_boot("USR-B", "1.1.0", 0))?;

@@ -178,7 +178,7 @@ pub fn run(a: VmTest) -> anyhow::Result<ExitCode> {
         let err = out.try_clone()?;
         let t = Instant::now();
         let limit = Duration::from_secs(a.test_timeout_minutes.saturating_mul(60));
-        let r = nimbus_testkit::proc::status(
+        let r = nimbus_testkit::proc::status_group(
             Command::new(&c.exe)
                 .args(["--ignored", "--exact", &c.name, "--nocapture"])
                 .current_dir(&c.cwd)
@@ -190,11 +190,9 @@ pub fn run(a: VmTest) -> anyhow::Result<ExitCode> {
         let ok = match &r {
             Ok(st) => st.success(),
             Err(e) => {
+                // Its QEMUs went with its process group (status_group);
+                // another command's on this machine are not touched.
                 eprintln!("vmtest: {}: {e}", c.full());
-                // QEMU children of a killed test would hold the machine.
-                let _ = Command::new("pkill")
-                    .args(["-KILL", "-f", "qemu-system-x86_64"])
-                    .status();
                 false
             }
         };

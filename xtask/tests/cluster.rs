@@ -181,13 +181,24 @@ fn a_release_that_fails_its_health_check_rolls_back_reactivates_and_releases() {
     assert_eq!(get(&f, "etcd_unavailable_s"), "0", "{}", probe_log());
 }
 
+fn replicas_gathered_on_one_host_are_moved_before_its_drain() {
+    let g = line("cluster-gathered:");
+    assert_eq!(get(&g, "replicas_before"), "3");
+    assert_eq!(get(&g, "moved_first"), "true");
+    assert_eq!(get(&g, "service_unavailable_s"), "0", "{}", probe_log());
+}
+
 /// One run of `cargo xtask cluster --faults` (three guests, a quarter of an
 /// hour), judged scenario by scenario: each check runs even when another
 /// failed, and the failure lists every scenario that did not hold.
 #[test]
 #[ignore = "vm tier: cargo xtask vmtest"]
 fn cluster_rolls_and_survives_its_faults() {
-    let checks: [(&str, fn()); 4] = [
+    let checks: [(&str, fn()); 5] = [
+        (
+            "gathered replicas",
+            replicas_gathered_on_one_host_are_moved_before_its_drain,
+        ),
         (
             "rolling update",
             rolling_update_keeps_etcd_quorum_and_the_service_up,

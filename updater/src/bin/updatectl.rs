@@ -256,6 +256,16 @@ fn print_status(s: &Status) {
                 }
             );
         }
+        if let Some(u) = &s1.unblessed {
+            println!(
+                "stage 1:   copy {} booted this good slot but is not the loaders' default (since {}): {}; \
+                 update-engine retries at every check (`nimbus-init bless-stage1` now)",
+                u.copy,
+                chrono::DateTime::from_timestamp(u.at, 0)
+                    .map_or_else(|| u.at.to_string(), |t| t.to_rfc3339()),
+                u.reason
+            );
+        }
         if let Some(p) = &s1.pending {
             println!(
                 "stage 1:   {} in ESP copy {} (generation {}), {}",

@@ -152,7 +152,7 @@ impl Host {
             host_mode: false,
             esp: std::sync::Arc::new(crate::esp::MountedEsp {
                 dev: esp_dev,
-                run_dir: root.join(nimbus::paths::ENGINE_MOUNTS),
+                mnt: root.join(nimbus::paths::ENGINE_MOUNTS).join("esp"),
             }),
         })
     }
@@ -468,6 +468,11 @@ impl Engine {
             },
             pending: self.persisted.stage1_pending.clone(),
             failed: self.persisted.stage1_failed.clone(),
+            unblessed: if self.host.host_mode {
+                None
+            } else {
+                nimbus::esp::BlessFailure::read(&self.host.root)
+            },
         };
         self.shared.update(|s| {
             s.rollback = rollback;

@@ -38,6 +38,7 @@ impl Engine {
     pub fn reboot_step(&mut self) -> Result<crate::policy::Decision, UpdateError> {
         use crate::lock::LockError;
         use crate::policy::{decide, Decision, Lock, Strategy};
+        self.retry_recorded_bless();
         self.refresh();
         self.sync_stage1_trust();
         let view = self.slots()?;

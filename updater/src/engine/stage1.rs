@@ -104,6 +104,7 @@ impl Engine {
                 Ok(())
             })
             .map_err(|e| self.esp_err(e))?;
+        self.retry_bless(running);
         let pending = self.persisted.stage1_pending.clone();
         match (failed, pending) {
             (Some(f), p) => {
@@ -160,6 +161,42 @@ impl Engine {
             _ => {}
         }
         Ok(())
+    }
+
+    /// A slot marked good whose stage 1 is not yet the loaders' default
+    /// (mark-good could not write the ESP: read-only, busy): bless it now.
+    /// Run at start and, while a failure is on record, at every check, so
+    /// a host heals once the ESP can be written. Never fatal.
+    pub(super) fn retry_bless(&mut self, running: nimbus::esp::Copy) {
+        if self.host.host_mode || !self.booted_is_good() {
+            return;
+        }
+        let out = nimbus::esp::bless_recorded(
+            &*self.host.esp,
+            running,
+            &self.host.root,
+            self.clock.now().timestamp(),
+        );
+        if let Some(e) = out.record_error {
+            tracing::warn!("recording the stage-1 bless: {e}");
+        }
+        match out.result {
+            Ok(true) => tracing::info!("stage 1 copy {running} is now the default of both loaders"),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(
+                "stage 1 copy {running} booted a good slot but is not the loaders' default: {e}"
+            ),
+        }
+    }
+
+    /// [`Self::retry_bless`] while a failure is on record.
+    pub(super) fn retry_recorded_bless(&mut self) {
+        if nimbus::esp::BlessFailure::read(&self.host.root).is_none() {
+            return;
+        }
+        if let Some(running) = self.running_copy() {
+            self.retry_bless(running);
+        }
     }
 
     /// The newest set the booted slot verifies under.
