@@ -1,5 +1,6 @@
 //! The default tier's VM test: `cargo xtask smoke` (see xtask/src/smoke.rs),
-//! one SeaBIOS guest life through an update by delta, a release whose
+//! one SeaBIOS guest life: the stage-1 bless through each state of the
+//! ESP, an update by delta, a release whose
 //! health check fails and rolls back, and a boot where dm-verity refuses a
 //! corrupted slot. Everything else that boots guests is the VM tier
 //! (`cargo xtask vmtest`).
@@ -35,4 +36,14 @@ fn guest_updates_by_delta_rolls_back_a_bad_release_and_refuses_a_corrupt_slot() 
         "{out}"
     );
     assert!(out.contains("installs it by delta ("), "{out}");
+    // The stage-1 bless through each state the ESP can be in.
+    for state in [
+        "not mounted: blessed",
+        "automount not yet triggered: blessed",
+        "mounted read-write by systemd (/boot): blessed",
+        "mounted read-only: refused (mounted read-only at /run/t/ro), healed by update-engine once writable",
+        "mounted read-only in another mount namespace: refused (read-only in another mount namespace), healed",
+    ] {
+        assert!(out.contains(state), "no {state:?} in:\n{out}");
+    }
 }
