@@ -917,7 +917,7 @@ fn bless_stage1_cmd(check: bool) -> i32 {
         eprintln!("nimbus-init bless-stage1: the loader did not say which stage-1 copy it started (no nimbus.stage1=)");
         return 2;
     };
-    let (disk_name, disk) = match find_running_disk(&args, !check) {
+    let (disk_name, disk) = match find_running_disk(&args, false) {
         Ok(x) => x,
         Err(e) => {
             eprintln!("nimbus-init bless-stage1: {e}");
