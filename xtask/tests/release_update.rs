@@ -57,17 +57,6 @@ fn workspace() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-fn cgpt(disk: &Path, n: u32) -> (String, String, String) {
-    let q = |f: &str| {
-        let o = Command::new("cgpt")
-            .args(["show", "-i", &n.to_string(), f, s(disk)])
-            .output()
-            .expect("cgpt");
-        String::from_utf8_lossy(&o.stdout).trim().to_string()
-    };
-    (q("-P"), q("-T"), q("-S"))
-}
-
 #[test]
 fn build_release_serve_update() {
     let t = tempfile::Builder::new()
@@ -202,8 +191,8 @@ fn build_release_serve_update() {
     assert_eq!(st["state"], "UPDATED_NEED_REBOOT", "{st}");
     assert_eq!(st["running_version"], "1.0.0");
     assert_eq!(st["new_version"], "1.1.0");
-    assert_eq!(cgpt(&disk, 4), ("2".into(), "1".into(), "0".into()));
-    assert_eq!(cgpt(&disk, 3), ("1".into(), "0".into(), "1".into()));
+    assert_eq!(nimbus_testkit::cgpt::attrs(&disk, 4), (2, 1, 0));
+    assert_eq!(nimbus_testkit::cgpt::attrs(&disk, 3), (1, 0, 1));
     let sg = Command::new("sgdisk")
         .args(["-v", s(&disk)])
         .output()
