@@ -373,14 +373,14 @@ pub fn drain_pending(d: &mut dyn Docker, node: &str) -> Result<Option<String>, S
     Ok(Some(why.join("; ")))
 }
 
-/// Services whose every running task is on node `node` (hostname
-/// `host`): draining it now would stop their last running copies.
+/// Services whose every running task is on node `node`, with how many
+/// run here: draining the node now would stop their last running copies.
 /// `host` is this node's hostname once known (asked of Docker when needed).
 pub fn only_here(
     d: &mut dyn Docker,
     node: &str,
     host: &mut Option<String>,
-) -> Result<Vec<String>, SwarmError> {
+) -> Result<Vec<(String, usize)>, SwarmError> {
     let tasks = d.run(&[
         "node",
         "ps",
@@ -418,10 +418,38 @@ pub fn only_here(
         };
         let nodes = running_nodes(d, svc)?;
         if !nodes.is_empty() && nodes.iter().all(|n| *n == h) {
-            out.push(svc.to_string());
+            out.push((svc.to_string(), nodes.len()));
         }
     }
     Ok(out)
+}
+
+/// A service's desired replicas (`None` for a global one) and whether a
+/// rolling update of it is under way.
+fn service_state(d: &mut dyn Docker, svc: &str) -> Result<(Option<u64>, bool), SwarmError> {
+    let args = [
+        "service",
+        "inspect",
+        svc,
+        "--format",
+        "{{if .Spec.Mode.Replicated}}{{.Spec.Mode.Replicated.Replicas}}{{else}}global{{end}} {{if .UpdateStatus}}{{.UpdateStatus.State}}{{end}}",
+    ];
+    let out = d.run(&args)?;
+    let mut f = out.split_whitespace();
+    let want = match f.next() {
+        Some("global") => None,
+        Some(n) => Some(n.parse().map_err(|_| SwarmError::DockerOutput {
+            args: args.join(" "),
+            output: out.chars().take(200).collect(),
+        })?),
+        None => {
+            return Err(SwarmError::DockerOutput {
+                args: args.join(" "),
+                output: out.chars().take(200).collect(),
+            })
+        }
+    };
+    Ok((want, f.next() == Some("updating")))
 }
 
 /// The hostnames of the nodes running a task of `svc` now (one per task).
@@ -452,13 +480,20 @@ fn running_nodes(d: &mut dyn Docker, svc: &str) -> Result<Vec<String>, SwarmErro
 /// another node. (Docker never moves tasks back to a node that becomes
 /// active again, so after a few drains a service's replicas can all sit on
 /// one node, and draining that node would stop all of them at once.)
+///
+/// A forced update stops a copy before its replacement runs (Docker's
+/// default `stop-first`), so it is only asked while at least two copies
+/// run here, or of a one-replica service (which cannot move without a
+/// gap), and never on top of an update already under way: with a single
+/// running copy and the others still starting, the move would stop the
+/// service (a cluster run lost it for 51 s that way).
 fn move_last_copies(d: &mut dyn Docker, w: &mut dyn Waiter, node: &str) {
     let mut host: Option<String> = None;
     let mut forced: Vec<String> = Vec::new();
+    let mut paused = false;
     let mut said = String::new();
     loop {
-        let looked = only_here(d, node, &mut host);
-        let why = match looked {
+        let why = match only_here(d, node, &mut host) {
             Ok(v) if v.is_empty() => {
                 if !forced.is_empty() {
                     w.say(&format!(
@@ -469,26 +504,45 @@ fn move_last_copies(d: &mut dyn Docker, w: &mut dyn Waiter, node: &str) {
                 return;
             }
             Ok(v) => {
-                let new: Vec<String> = v.iter().filter(|s| !forced.contains(s)).cloned().collect();
-                if !new.is_empty() {
-                    if forced.is_empty() {
-                        if let Err(e) = d.run(&["node", "update", "--availability", "pause", node])
-                        {
-                            w.say(&format!("pausing this node, trying again: {e}"));
-                            w.sleep(Duration::from_secs(2));
-                            continue;
+                let mut waits = Vec::new();
+                for (svc, here) in &v {
+                    if forced.contains(svc) {
+                        waits.push(format!("{svc} (moving)"));
+                        continue;
+                    }
+                    let ready = match service_state(d, svc) {
+                        Ok((_, true)) => Err("an update of it is under way".to_string()),
+                        Ok((want, false)) if *here >= 2 || want == Some(1) => Ok(()),
+                        Ok(_) => Err(format!(
+                            "{here} running copy, here; the others are not running yet"
+                        )),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    if let Err(e) = ready {
+                        waits.push(format!("{svc}: {e}"));
+                        continue;
+                    }
+                    if !paused {
+                        match d.run(&["node", "update", "--availability", "pause", node]) {
+                            Ok(_) => paused = true,
+                            Err(e) => {
+                                waits.push(format!("pausing this node: {e}"));
+                                continue;
+                            }
                         }
                     }
-                    for svc in &new {
-                        match d.run(&["service", "update", "--force", "--detach", svc]) {
-                            Ok(_) => forced.push(svc.clone()),
-                            Err(e) => w.say(&format!("moving {svc}, trying again: {e}")),
+                    match d.run(&["service", "update", "--force", "--detach", svc]) {
+                        Ok(_) => {
+                            forced.push(svc.clone());
+                            waits.push(format!("{svc} (moving)"));
                         }
+                        Err(e) => waits.push(format!("moving {svc}: {e}")),
                     }
                 }
                 format!(
-                    "waiting: the only running copies of {} are on this node; moving them first",
-                    v.join(", ")
+                    "waiting: the only running copies of {} are on this node; moving them first: {}",
+                    v.iter().map(|(s, _)| s.as_str()).collect::<Vec<_>>().join(", "),
+                    waits.join("; ")
                 )
             }
             Err(e) => format!("asking the swarm, trying again: {e}"),
@@ -498,51 +552,6 @@ fn move_last_copies(d: &mut dyn Docker, w: &mut dyn Waiter, node: &str) {
             said = why;
         }
         w.sleep(Duration::from_secs(2));
-    }
-}
-
-/// After a node is back: a replicated service whose running copies all
-/// sit on one node (drains moved them there and Docker never moves them
-/// back) gets a forced rolling update, which spreads its tasks over the
-/// nodes again. Not fatal: the next drain moves such copies first anyway.
-fn rebalance_gathered(d: &mut dyn Docker, w: &mut dyn Waiter) {
-    let services = match d.run(&[
-        "service",
-        "ls",
-        "--format",
-        "{{.Name}}\t{{.Mode}}\t{{.Replicas}}",
-    ]) {
-        Ok(s) => s,
-        Err(e) => {
-            w.say(&format!("not rebalanced: {e}"));
-            return;
-        }
-    };
-    for l in services.lines() {
-        let f: Vec<&str> = l.split('\t').collect();
-        let [name, "replicated", reps] = f.as_slice() else {
-            continue;
-        };
-        if replicas(reps).is_none_or(|(_, want)| want < 2) {
-            continue;
-        }
-        let nodes = match running_nodes(d, name) {
-            Ok(n) => n,
-            Err(e) => {
-                w.say(&format!("{name} not rebalanced: {e}"));
-                continue;
-            }
-        };
-        if nodes.len() >= 2 && nodes.iter().all(|n| *n == nodes[0]) {
-            match d.run(&["service", "update", "--force", "--detach", name]) {
-                Ok(_) => w.say(&format!(
-                    "rebalancing {name}: all {} running copies were on {}",
-                    nodes.len(),
-                    nodes[0]
-                )),
-                Err(e) => w.say(&format!("{name} not rebalanced: {e}")),
-            }
-        }
     }
 }
 
@@ -640,7 +649,6 @@ pub fn activate(
                 match d.run(&["node", "update", "--availability", "active", &i.node_id]) {
                     Ok(_) => {
                         w.say(&format!("node {} is active again", i.node_id));
-                        rebalance_gathered(d, w);
                         return Ok(Some(i.node_id));
                     }
                     Err(e) => retry(w, e)?,
@@ -948,6 +956,7 @@ mod tests {
             )
             .on("service ps log", &[Ok(SPREAD)])
             .on("service ps web", &[Ok(ALL_ON_H1), Ok(moving), Ok(moved)])
+            .on("service inspect web", &[Ok("3 completed\n")])
             .on("node update --availability pause n1", &[Ok("n1")])
             .on("service update --force --detach web", &[Ok("web")])
             .on("node update --availability drain n1", &[Ok("n1")])
@@ -973,7 +982,7 @@ mod tests {
         );
         assert_eq!(
             w.said[0],
-            "waiting: the only running copies of web are on this node; moving them first"
+            "waiting: the only running copies of web are on this node; moving them first: web (moving)"
         );
         assert!(w
             .said
@@ -995,31 +1004,76 @@ mod tests {
     }
 
     #[test]
-    fn activate_rebalances_a_service_gathered_on_one_node() {
+    fn a_single_running_copy_is_not_stopped_to_move_it() {
+        // web wants 3, one runs (here), two are still starting elsewhere
+        // after an earlier drain: a forced update would stop that copy.
+        // Then an update already under way is left to finish. Then two
+        // copies run here: it is moved.
+        let one =
+            "h1\tRunning 1 minute ago\nh2\tStarting 3 seconds ago\nh3\tPreparing 3 seconds ago\n";
+        let two_here = "h1\tRunning 1 minute ago\nh1\tRunning 9 seconds ago\n";
+        let moved = "h2\tRunning 1 second ago\nh1\tRunning 1 minute ago\n";
         let mut d = Script::default()
             .on("info", &[Ok(MANAGER)])
-            .on("node update --availability active n1", &[Ok("n1")])
+            .on("node inspect n1", &[Ok("h1\n")])
+            .on("node ps n1 --filter", &[Ok("web.1\nweb.2\n")])
             .on(
-                "service ls",
-                &[Ok(
-                    "web\treplicated\t3/3\nsolo\treplicated\t1/1\nlog\tglobal\t3/3\n",
-                )],
+                "service ps web",
+                &[Ok(one), Ok(one), Ok(two_here), Ok(moved)],
             )
-            .on("service ps web", &[Ok(ALL_ON_H1)])
-            .on("service update --force --detach web", &[Ok("web")]);
+            .on(
+                "service inspect web",
+                &[Ok("3 completed\n"), Ok("3 updating\n"), Ok("3 completed\n")],
+            )
+            .on("node update --availability pause n1", &[Ok("n1")])
+            .on("service update --force --detach web", &[Ok("web")])
+            .on("node update --availability drain n1", &[Ok("n1")])
+            .on("node ps n1", &[Ok("")])
+            .on("service ls", &[Ok("web\treplicated\t3/3\n")]);
         let mut w = Fake::default();
-        activate(&mut d, &mut w, Duration::from_secs(60)).unwrap();
-        assert!(d
-            .calls
-            .contains(&"service update --force --detach web".to_string()));
-        // A one-replica service and a global one are never touched.
-        assert!(!d
+        drain(&mut d, &mut w).unwrap();
+        let forced_at = d
             .calls
             .iter()
-            .any(|c| c.contains("solo") || c.contains("log")));
-        assert!(w
-            .said
-            .contains(&"rebalancing web: all 3 running copies were on h1".to_string()));
+            .position(|c| c.starts_with("service update --force"))
+            .expect("moved once two copies ran here");
+        let looks_before = d.calls[..forced_at]
+            .iter()
+            .filter(|c| c.starts_with("service ps web"))
+            .count();
+        assert_eq!(looks_before, 3, "{:?}", d.calls);
+        assert!(
+            w.said[0].ends_with("web: 1 running copy, here; the others are not running yet"),
+            "{:?}",
+            w.said
+        );
+        assert!(
+            w.said[1].ends_with("web: an update of it is under way"),
+            "{:?}",
+            w.said
+        );
+        // A one-replica service is moved anyway: it cannot move without a gap.
+        let mut d = Script::default()
+            .on("info", &[Ok(MANAGER)])
+            .on("node inspect n1", &[Ok("h1\n")])
+            .on("node ps n1 --filter", &[Ok("solo.1\n")])
+            .on(
+                "service ps solo",
+                &[
+                    Ok("h1\tRunning 1 minute ago\n"),
+                    Ok("h2\tRunning 1 second ago\n"),
+                ],
+            )
+            .on("service inspect solo", &[Ok("1 completed\n")])
+            .on("node update --availability pause n1", &[Ok("n1")])
+            .on("service update --force --detach solo", &[Ok("solo")])
+            .on("node update --availability drain n1", &[Ok("n1")])
+            .on("node ps n1", &[Ok("")])
+            .on("service ls", &[Ok("solo\treplicated\t1/1\n")]);
+        drain(&mut d, &mut Fake::default()).unwrap();
+        assert!(d
+            .calls
+            .contains(&"service update --force --detach solo".to_string()));
     }
 
     #[test]
