@@ -213,17 +213,6 @@ pub const ESP_LOCK: &str = "/run/nimbus/esp.lock";
 /// How long a mount waits for another Nimbus process's ESP work.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// How [`with_mounted`] reached the partition, for diagnostics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MountWay {
-    /// Our own mount with the state asked for (nothing else had it, or
-    /// the rest have the same state).
-    Own,
-    /// Read-only view of a superblock something else holds read-write
-    /// (our mount point is read-only; theirs are untouched).
-    ReadOnlyViewOfWritable,
-}
-
 /// Mount the vfat partition `dev` at `mnt` (a directory only root can
 /// enter, made 0700 if missing) for the duration of `f`, then unmount.
 /// Read-only unless `write`. Works whatever else has the partition
@@ -237,16 +226,6 @@ pub fn with_mounted(
     mnt: &Path,
     write: bool,
     f: &mut dyn FnMut(&dyn EspFs) -> Result<(), EspError>,
-) -> Result<(), EspError> {
-    with_mounted_how(dev, mnt, write, &mut |fs, _| f(fs))
-}
-
-/// [`with_mounted`], telling `f` how the partition was reached.
-pub fn with_mounted_how(
-    dev: &Path,
-    mnt: &Path,
-    write: bool,
-    f: &mut dyn FnMut(&dyn EspFs, MountWay) -> Result<(), EspError>,
 ) -> Result<(), EspError> {
     use std::os::unix::fs::DirBuilderExt;
     let _lock = EspLock::take(Path::new(ESP_LOCK), LOCK_WAIT)?;
@@ -266,14 +245,14 @@ pub fn with_mounted_how(
     if is_mount_point(mnt) {
         let _ = nix::mount::umount2(mnt, nix::mount::MntFlags::MNT_DETACH);
     }
-    let way = mount_esp(dev, mnt, write)?;
-    let r = f(&DirEsp(mnt.to_path_buf()), way);
+    mount_esp(dev, mnt, write)?;
+    let r = f(&DirEsp(mnt.to_path_buf()));
     // Every change was synced as it was made; a failed unmount loses nothing.
     let _ = nix::mount::umount2(mnt, nix::mount::MntFlags::empty());
     r
 }
 
-fn mount_esp(dev: &Path, mnt: &Path, write: bool) -> Result<MountWay, EspError> {
+fn mount_esp(dev: &Path, mnt: &Path, write: bool) -> Result<(), EspError> {
     use nix::errno::Errno;
     use nix::mount::{mount, MsFlags};
     const OPTS: &str = "umask=0077,codepage=437,iocharset=ascii";
@@ -291,7 +270,7 @@ fn mount_esp(dev: &Path, mnt: &Path, write: bool) -> Result<MountWay, EspError> 
         base | MsFlags::MS_RDONLY
     };
     match mount(Some(dev), mnt, Some("vfat"), asked, Some(OPTS)) {
-        Ok(()) => return Ok(MountWay::Own),
+        Ok(()) => return Ok(()),
         // EBUSY here means the superblock exists with the other read-only
         // state (a new mount cannot change it).
         Err(Errno::EBUSY) => {}
@@ -317,7 +296,7 @@ fn mount_esp(dev: &Path, mnt: &Path, write: bool) -> Result<MountWay, EspError> 
         let _ = nix::mount::umount2(mnt, nix::mount::MntFlags::empty());
         return Err(failed(e, ", bind-remounting read-only"));
     }
-    Ok(MountWay::ReadOnlyViewOfWritable)
+    Ok(())
 }
 
 /// Why the partition's superblock is read-only, from what this mount
