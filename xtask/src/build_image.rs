@@ -1,5 +1,6 @@
 //! `cargo xtask build-image`.
 
+use std::fs;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -238,6 +239,42 @@ fn units(root: &Path) -> anyhow::Result<Vec<UnitFile>> {
     Ok(out)
 }
 
+/// target/nimbus/dev-key, made on first use. Builds run side by side (the
+/// test binaries start several at once on a fresh checkout), so the key is
+/// made whole in a private directory and renamed into place: the first
+/// rename wins, every other build drops its own key and signs with the
+/// winner's, and no build ever signs with a key that is then replaced.
+fn ensure_dev_key(target: &Path) -> anyhow::Result<PathBuf> {
+    let d = target.join("dev-key");
+    if d.join(nimbus::keys::SECRET_FILE).exists() {
+        return Ok(d);
+    }
+    fs::create_dir_all(target).with_context(|| target.display().to_string())?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".dev-key-")
+        .tempdir_in(target)
+        .with_context(|| target.display().to_string())?;
+    let k = nimbus::keys::ReleaseKey::generate()?;
+    k.write_to_dir(tmp.path())?;
+    match fs::rename(tmp.path(), &d) {
+        Ok(()) => {
+            nimbus::durable::sync_dir(target)?;
+            eprintln!(
+                "build-image: generated development key {} in {}",
+                k.id,
+                d.display()
+            );
+        }
+        // Another build's key got there first (a non-empty directory).
+        Err(_) if d.join(nimbus::keys::SECRET_FILE).exists() => {}
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("rename {} to {}", tmp.path().display(), d.display()))
+        }
+    }
+    Ok(d)
+}
+
 /// Turn the command line into build options: key, epoch, units, cheap
 /// checks, then the release build of Nimbus's binaries.
 pub fn prepare(a: BuildImage) -> anyhow::Result<BuildOptions> {
@@ -245,19 +282,7 @@ pub fn prepare(a: BuildImage) -> anyhow::Result<BuildOptions> {
     let target = root.join("target/nimbus");
     let (key_dirs, dev_key) = match a.key {
         k if !k.is_empty() => (k, false),
-        _ => {
-            let d = target.join("dev-key");
-            if !d.join(nimbus::keys::SECRET_FILE).exists() {
-                let k = nimbus::keys::ReleaseKey::generate()?;
-                k.write_to_dir(&d)?;
-                eprintln!(
-                    "build-image: generated development key {} in {}",
-                    k.id,
-                    d.display()
-                );
-            }
-            (vec![d], true)
-        }
+        _ => (vec![ensure_dev_key(&target)?], true),
     };
     let epoch = source_date_epoch(&root);
     let out = a.out.unwrap_or_else(|| target.join(a.version.to_string()));
@@ -383,4 +408,43 @@ pub fn parse(args: &[&str]) -> BuildImage {
         b: BuildImage,
     }
     <Wrap as clap::Parser>::parse_from(std::iter::once("build-image").chain(args.iter().copied())).b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Eight builds starting together on a fresh target all sign with the
+    /// one key left on disk (a CI run signed with a key another build then
+    /// replaced, and its image failed verification).
+    #[test]
+    fn builds_started_together_agree_on_one_dev_key() {
+        let t = tempfile::tempdir().unwrap();
+        let barrier = std::sync::Barrier::new(8);
+        let ids: Vec<String> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..8)
+                .map(|_| {
+                    s.spawn(|| {
+                        barrier.wait();
+                        let d = ensure_dev_key(t.path()).unwrap();
+                        nimbus::keys::ReleaseKey::load_dir(&d)
+                            .unwrap()
+                            .id
+                            .to_string()
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let on_disk = nimbus::keys::ReleaseKey::load_dir(&t.path().join("dev-key"))
+            .unwrap()
+            .id
+            .to_string();
+        assert!(ids.iter().all(|i| *i == on_disk), "{ids:?} vs {on_disk}");
+        let left: Vec<_> = fs::read_dir(t.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("dev-key")]);
+    }
 }
