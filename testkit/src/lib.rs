@@ -7,6 +7,8 @@
 //!   test waits on a child process without a bound;
 //! - [`loopdev`]: loop devices detached on drop;
 //! - [`cgpt`]: slot attributes through the real `cgpt`;
+//! - [`host`]: a host's disk (GPT, USR slots) and root directory, as
+//!   update-engine sees them without a VM;
 //! - [`ROOTFS_EPOCH`]: the SOURCE_DATE_EPOCH every image-building test
 //!   uses, so they share one cached root filesystem and the image cache.
 //!
@@ -14,6 +16,7 @@
 
 pub mod cgpt;
 pub mod etcd;
+pub mod host;
 pub mod httpd;
 pub mod loopdev;
 pub mod proc;

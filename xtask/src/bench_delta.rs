@@ -54,19 +54,15 @@ fn apply(
 ) -> anyhow::Result<Run> {
     let host = work.join("host");
     let _ = std::fs::remove_dir_all(&host);
-    std::fs::create_dir_all(host.join("root/usr/share/nimbus"))?;
-    std::fs::create_dir_all(host.join("root/etc/nimbus"))?;
-    std::fs::copy(
-        n.dir.join("trust.json"),
-        host.join("root").join(nimbus::trust::USR_TRUST),
-    )?;
-    std::fs::write(
-        host.join("root/etc/nimbus/update.conf"),
-        format!(
+    nimbus_testkit::host::root(
+        &host.join("root"),
+        &std::fs::read(n.dir.join("trust.json"))?,
+        &format!(
             "GROUP={channel}\nSERVER={}\nIO_WRITE_BPS=unlimited\nIO_CLASS=best-effort\n",
             srv.url()
         ),
-    )?;
+    )
+    .map_err(|e| anyhow::anyhow!(e))?;
     let disk = host.join("disk.raw");
     let st = std::process::Command::new("cp")
         .arg("--sparse=always")

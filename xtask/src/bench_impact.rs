@@ -156,13 +156,13 @@ pub fn bench_impact() -> anyhow::Result<std::process::ExitCode> {
     let usr = (n1.raw_size + 64 * MIB).next_multiple_of(MIB);
     let host = work.join("host");
     let _ = std::fs::remove_dir_all(&host);
-    let hroot = host.join("root");
-    std::fs::create_dir_all(hroot.join("usr/share/nimbus"))?;
-    std::fs::create_dir_all(hroot.join("etc/nimbus"))?;
-    std::fs::write(
-        hroot.join(nimbus::trust::USR_TRUST),
-        nimbus::trust::TrustDoc::initial([key.public()], 1).to_bytes(),
-    )?;
+    // update.conf is written per scenario by `conf`.
+    let hroot = nimbus_testkit::host::root(
+        &host.join("root"),
+        &nimbus::trust::TrustDoc::initial([key.public()], 1).to_bytes(),
+        "",
+    )
+    .map_err(|e| anyhow::anyhow!(e))?;
     let disk = crate::bench_update::empty_host_disk(&host.join("disk.raw"), usr)?;
     write_slot_a(&disk, &n.dir.join("usr.img.zst"), n.raw_size)?;
 

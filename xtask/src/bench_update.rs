@@ -13,6 +13,7 @@ use nimbus::layout::{Slot, MIB};
 use semver::Version;
 
 use crate::httpd;
+use nimbus_testkit::host;
 
 const GIB: u64 = 1 << 30;
 
@@ -157,19 +158,15 @@ fn host(
 ) -> anyhow::Result<(PathBuf, PathBuf)> {
     let dir = work.join(name);
     let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(dir.join("root/usr/share/nimbus"))?;
-    std::fs::create_dir_all(dir.join("root/etc/nimbus"))?;
     std::fs::create_dir_all(dir.join("tiny"))?;
     // A few blocks: a one-block filesystem has no verity tree at all.
     std::fs::write(dir.join("tiny/os-release"), "ID=nimbus\n".repeat(4096))?;
-    std::fs::write(
-        dir.join("root").join(nimbus::trust::USR_TRUST),
-        nimbus::trust::TrustDoc::initial([key.public()], 1).to_bytes(),
-    )?;
-    std::fs::write(
-        dir.join("root/etc/nimbus/update.conf"),
-        format!("GROUP=bench\nSERVER={server}\nIO_WRITE_BPS=unlimited\nIO_CLASS=best-effort\n"),
-    )?;
+    host::root(
+        &dir.join("root"),
+        &nimbus::trust::TrustDoc::initial([key.public()], 1).to_bytes(),
+        &format!("GROUP=bench\nSERVER={server}\nIO_WRITE_BPS=unlimited\nIO_CLASS=best-effort\n"),
+    )
+    .map_err(|e| anyhow::anyhow!(e))?;
     let small = nimbus_image::usr::build(&nimbus_image::usr::UsrInputs {
         usr_dir: &dir.join("tiny"),
         out_fs: &dir.join("a.erofs"),
@@ -180,45 +177,28 @@ fn host(
         slot_size: usr_size,
         keys: &[key],
     })?;
-    let disk = empty_host_disk(&dir.join("disk.raw"), usr_size)?;
-    let d = nimbus::gpt::Disk::open_path(&disk, true)?;
-    let p = d.partition(3)?;
-    let mut f = d.into_device();
-    small.write_to_partition(&mut f, &disk, p.offset_bytes(), p.size_bytes())?;
-    f.sync_all()?;
+    let disk = host::disk(
+        &dir.join("disk.raw"),
+        usr_size,
+        7,
+        host::SlotInit::good(1, Some(&small)),
+        host::SlotInit::EMPTY,
+    )
+    .map_err(|e| anyhow::anyhow!(e))?;
     Ok((disk, dir.join("root")))
 }
 
 /// A sparse Nimbus disk with USR-A good (1/0/1) and USR-B empty, slots of
 /// `usr_size` bytes.
 pub fn empty_host_disk(disk: &Path, usr_size: u64) -> anyhow::Result<PathBuf> {
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(disk)?;
-    f.set_len(nimbus::layout::min_disk_size(usr_size))?;
-    let good = nimbus::slots::Prio {
-        priority: 1,
-        tries: 0,
-        successful: true,
-    };
-    nimbus::gpt::Disk::create(
-        f,
+    host::disk(
         disk,
         usr_size,
-        uuid::Uuid::from_u128(7),
-        |s| uuid::Uuid::from_u128(100 + u128::from(s.number)),
-        |s| {
-            if s.number == 3 {
-                good.apply_to(0)
-            } else {
-                0
-            }
-        },
-    )?;
-    Ok(disk.to_path_buf())
+        7,
+        host::SlotInit::good(1, None),
+        host::SlotInit::EMPTY,
+    )
+    .map_err(|e| anyhow::anyhow!(e))
 }
 
 fn vm_kib(pid: u32, field: &str) -> Option<u64> {

@@ -635,7 +635,7 @@ impl Probe {
             .samples
             .lock()
             .map(|m| {
-                m.iter()
+                settled(&m)
                     .filter(|(_, v)| !v.iter().any(|(e, _)| e.is_ok()))
                     .map(|(s, _)| *s)
                     .collect()
@@ -694,8 +694,15 @@ impl Probe {
     }
 }
 
-/// Count the unavailable seconds; the last 3 are left out (their probes
-/// may not have answered yet). Each is explained on stderr: what every
+/// The probe seconds that count: all but the last 3, whose probes may not
+/// have answered yet. The tally and the journal reader both use this, so a
+/// journal is never fetched for an outage the tally does not count.
+fn settled(m: &BTreeMap<u64, Second>) -> impl Iterator<Item = (&u64, &Second)> {
+    let last = m.keys().next_back().copied().unwrap_or(0).saturating_sub(3);
+    m.range(..=last)
+}
+
+/// Count the unavailable seconds of `settled`. Each is explained on stderr: what every
 /// host's requests got, and which host held the reboot lock (drained or
 /// rebooting for the update).
 fn tally(
@@ -703,9 +710,8 @@ fn tally(
     windows: &[(u64, u64)],
     holders: &BTreeMap<u64, Vec<usize>>,
 ) -> Tally {
-    let last = m.keys().next_back().copied().unwrap_or(0).saturating_sub(3);
     let mut t = Tally::default();
-    for (s, v) in m.range(..=last) {
+    for (s, v) in settled(m) {
         let etcd_out = !v.iter().any(|(e, _)| e.is_ok());
         let web_out = !v.iter().any(|(_, w)| w.is_ok());
         let fault = windows.iter().any(|(a, b)| (a..=b).contains(&s));

@@ -24,6 +24,7 @@ use nimbus::keys::{ReleaseKey, TrustStore};
 use nimbus::layout::{Slot, MIB};
 use nimbus::release::SlotDescriptor;
 use nimbus::slots;
+use nimbus_testkit::host;
 use nimbus_updater::engine::{Engine, Host, Options, Shared, Storage};
 use nimbus_updater::error::UpdateError;
 use nimbus_updater::target::{SlotDevice, SlotIo};
@@ -260,39 +261,15 @@ fn setup(work: &Path) -> anyhow::Result<Setup> {
     }
     // The base disk: a sparse file with USR-A at 1.0.0 (1/0/1), loaded into memory.
     let file = work.join("disk.raw");
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&file)?;
-    f.set_len(nimbus::layout::min_disk_size(usr_size))?;
-    let a = slots::Prio {
-        priority: 2,
-        tries: 0,
-        successful: true,
-    };
-    let b = slots::Prio {
-        priority: 1,
-        tries: 0,
-        successful: true,
-    };
-    let d = Disk::create(
-        f,
+    host::disk(
         &file,
         usr_size,
-        uuid::Uuid::from_u128(5),
-        |s| uuid::Uuid::from_u128(50 + u128::from(s.number)),
-        |s| match s.number {
-            3 => a.apply_to(0),
-            4 => b.apply_to(0),
-            _ => 0,
-        },
-    )?;
-    let (pa, pb) = (d.partition(3)?, d.partition(4)?);
-    let mut f = d.into_device();
-    slots[0].write_to_partition(&mut f, &file, pa.offset_bytes(), pa.size_bytes())?;
-    slots[2].write_to_partition(&mut f, &file, pb.offset_bytes(), pb.size_bytes())?;
+        5,
+        host::SlotInit::good(2, Some(&slots[0])),
+        host::SlotInit::good(1, Some(&slots[2])),
+    )
+    .map_err(|e| anyhow::anyhow!(e))?;
+    let f = std::fs::File::open(&file)?;
     let len = f.metadata()?.len();
     let mut base = MemDisk::new(len);
     let mut buf = vec![0u8; 4096];
@@ -313,17 +290,12 @@ fn setup(work: &Path) -> anyhow::Result<Setup> {
         "stable",
         &[&key],
     ))?;
-    let root = work.join("root");
-    std::fs::create_dir_all(root.join("usr/share/nimbus"))?;
-    std::fs::create_dir_all(root.join("etc/nimbus"))?;
-    std::fs::write(
-        root.join(nimbus::trust::USR_TRUST),
-        nimbus::trust::TrustDoc::initial([key.public()], 1).to_bytes(),
-    )?;
-    std::fs::write(
-        root.join("etc/nimbus/update.conf"),
+    let root = host::root(
+        &work.join("root"),
+        &nimbus::trust::TrustDoc::initial([key.public()], 1).to_bytes(),
         "GROUP=stable\nSERVER=disabled\nIO_WRITE_BPS=unlimited\n",
-    )?;
+    )
+    .map_err(|e| anyhow::anyhow!(e))?;
     Ok(Setup {
         base,
         trust: TrustStore::new([key.public()], 1),

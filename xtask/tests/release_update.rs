@@ -169,18 +169,15 @@ fn build_release_serve_update() {
 
     // The host: the 1.0.0 image, its trusted key, a config pointing at the repo.
     let srv = httpd::Httpd::start(&repo);
-    let root = t.path().join("root");
-    std::fs::create_dir_all(root.join("usr/share/nimbus")).expect("mkdir");
-    std::fs::create_dir_all(root.join("etc/nimbus")).expect("mkdir");
-    std::fs::copy(v1.join("trust.json"), root.join(nimbus::trust::USR_TRUST)).expect("trust set");
-    std::fs::write(
-        root.join("etc/nimbus/update.conf"),
-        format!(
+    let root = nimbus_testkit::host::root(
+        &t.path().join("root"),
+        &std::fs::read(v1.join("trust.json")).expect("trust.json"),
+        &format!(
             "GROUP=stable\nSERVER={}\nIO_WRITE_BPS=unlimited\n",
             srv.url()
         ),
     )
-    .expect("conf");
+    .expect("host root");
     let disk = v1.join("nimbus.raw");
     let engine = workspace().join("target/release/update-engine");
     let o = Command::new(&engine)

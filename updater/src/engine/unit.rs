@@ -118,30 +118,14 @@ fn world(now: chrono::DateTime<Utc>, rollout_secs: Option<u64>, seed: f64) -> Wo
     let a = version_dir(w, "1.0.0", &key, None);
     version_dir(w, "1.1.0", &key, Some(7));
     let disk = w.join("disk.raw");
-    let f = std::fs::File::create(&disk).unwrap();
-    f.set_len(nimbus::layout::min_disk_size(USR)).unwrap();
-    let good = nimbus::slots::Prio {
-        priority: 1,
-        tries: 0,
-        successful: true,
-    };
-    let d = Disk::create(
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&disk)
-            .unwrap(),
+    nimbus_testkit::host::disk(
         &disk,
         USR,
-        uuid::Uuid::from_u128(1),
-        |s| uuid::Uuid::from_u128(10 + u128::from(s.number)),
-        |s| if s.number == 3 { good.apply_to(0) } else { 0 },
+        1,
+        nimbus_testkit::host::SlotInit::good(1, Some(&a)),
+        nimbus_testkit::host::SlotInit::EMPTY,
     )
     .unwrap();
-    let p = d.partition(3).unwrap();
-    let mut f = d.into_device();
-    a.write_to_partition(&mut f, &disk, p.offset_bytes(), p.size_bytes())
-        .unwrap();
     let repo = w.join("repo");
     let keys = [&key];
     nimbus_image::release::publish(&nimbus_image::release::PublishOptions {
@@ -150,17 +134,10 @@ fn world(now: chrono::DateTime<Utc>, rollout_secs: Option<u64>, seed: f64) -> Wo
         ..nimbus_image::release::PublishOptions::simple(&w.join("1.1.0"), &repo, "stable", &keys)
     })
     .unwrap();
-    let root = w.join("root");
-    std::fs::create_dir_all(root.join("usr/share/nimbus")).unwrap();
-    std::fs::create_dir_all(root.join("etc/nimbus")).unwrap();
-    std::fs::copy(
-        w.join("1.0.0/trust.json"),
-        root.join(nimbus::trust::USR_TRUST),
-    )
-    .unwrap();
-    std::fs::write(
-        root.join("etc/nimbus/update.conf"),
-        format!("GROUP=stable\nSERVER={BASE}\nIO_WRITE_BPS=unlimited\n"),
+    let root = nimbus_testkit::host::root(
+        &w.join("root"),
+        &std::fs::read(w.join("1.0.0/trust.json")).unwrap(),
+        &format!("GROUP=stable\nSERVER={BASE}\nIO_WRITE_BPS=unlimited\n"),
     )
     .unwrap();
     let store = Store::new(&root);

@@ -9,13 +9,14 @@ pub use nimbus_testkit::etcd;
 #[allow(unused_imports)]
 pub use nimbus_testkit::httpd;
 
+use nimbus_testkit::host;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use nimbus::gpt::Disk;
 use nimbus::keys::ReleaseKey;
-use nimbus::layout::{self, Slot, MIB};
-use nimbus::slots::Prio;
+use nimbus::layout::{Slot, MIB};
 use nimbus_image::usr::{self, Compression, UsrInputs};
 use semver::Version;
 use sha2::Digest;
@@ -166,40 +167,14 @@ pub fn build_files(
 
 /// A sparse Nimbus disk with `slot` in USR-A (1/0/1) and USR-B empty (0/0/0).
 pub fn make_disk(path: &Path, usr_size: u64, slot: &usr::UsrSlot) {
-    let size = layout::min_disk_size(usr_size);
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)
-        .expect("create disk");
-    f.set_len(size).expect("size");
-    let a = Prio {
-        priority: 1,
-        tries: 0,
-        successful: true,
-    };
-    let disk = Disk::create(
-        f,
+    host::disk(
         path,
         usr_size,
-        uuid::Uuid::from_u128(42),
-        |s| uuid::Uuid::from_u128(1000 + u128::from(s.number)),
-        |s| {
-            if s.number == Slot::A.partition_number() {
-                a.apply_to(0)
-            } else {
-                0
-            }
-        },
+        42,
+        host::SlotInit::good(1, Some(slot)),
+        host::SlotInit::EMPTY,
     )
-    .expect("gpt");
-    let p = disk.partition(Slot::A.partition_number()).expect("usr-a");
-    let mut f = disk.into_device();
-    slot.write_to_partition(&mut f, path, p.offset_bytes(), p.size_bytes())
-        .expect("write usr-a");
-    f.sync_all().expect("sync");
+    .unwrap_or_else(|e| panic!("host disk {}: {e}", path.display()));
 }
 
 pub fn publish(
@@ -258,22 +233,15 @@ impl Fixture {
         let repo = w.join("repo");
         publish(&repo, &next.dir, "stable", &key, 14 * 86400);
         let httpd = httpd::Httpd::start(&repo);
-        let root = w.join("root");
-        std::fs::create_dir_all(root.join("usr/share/nimbus")).expect("mkdir");
-        std::fs::copy(
-            cur.dir.join("trust.json"),
-            root.join(nimbus::trust::USR_TRUST),
-        )
-        .expect("trust set");
-        std::fs::create_dir_all(root.join("etc/nimbus")).expect("mkdir");
-        std::fs::write(
-            root.join("etc/nimbus/update.conf"),
-            format!(
+        let root = host::root(
+            &w.join("root"),
+            &std::fs::read(cur.dir.join("trust.json")).expect("trust.json"),
+            &format!(
                 "GROUP=stable\nSERVER={}\nIO_WRITE_BPS=unlimited\n",
                 httpd.url()
             ),
         )
-        .expect("conf");
+        .expect("host root");
         Fixture {
             tmp,
             key,
@@ -362,23 +330,7 @@ impl Fixture {
 
     /// (priority, tries, successful) of a slot, read with cgpt.
     pub fn cgpt(&self, slot: Slot) -> (u8, u8, u8) {
-        let q = |flag: &str| -> u8 {
-            let out = Command::new("cgpt")
-                .args(["show", "-i", &slot.partition_number().to_string(), flag])
-                .arg(&self.disk)
-                .output()
-                .expect("cgpt must be installed (.ci/packages.txt)");
-            assert!(
-                out.status.success(),
-                "cgpt: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            String::from_utf8_lossy(&out.stdout)
-                .trim()
-                .parse()
-                .expect("cgpt number")
-        };
-        (q("-P"), q("-T"), q("-S"))
+        nimbus_testkit::cgpt::attrs(&self.disk, slot.partition_number())
     }
 
     pub fn state(&self) -> serde_json::Value {
