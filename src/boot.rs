@@ -12,6 +12,22 @@ pub const KERNEL_CMDLINE: &str = "console=tty0 console=ttyS0,115200 panic=-1";
 
 use crate::release::{SlotDescriptor, VERITY_BLOCK};
 
+/// The command line of the running system as the stages agreed it: stage
+/// 1's hand-over (`nimbus.usr=`, `nimbus.usrhash=`, `nimbus.disk=`,
+/// `nimbus.trust=`, `nimbus.stage1=`) is the kexec'd kernel's own command
+/// line, or, when stage 1 continued as stage 2 in its own kernel,
+/// [`crate::paths::BOOT_CMDLINE`] under `root`. Every reader of the
+/// hand-over (update-engine, mark-good, updatectl's status) goes through
+/// this, so neither way of booting is special anywhere else.
+pub fn booted_cmdline(root: &std::path::Path) -> std::io::Result<String> {
+    match std::fs::read_to_string(root.join(crate::paths::BOOT_CMDLINE)) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::read_to_string("/proc/cmdline")
+        }
+        r => r,
+    }
+}
+
 /// `nimbus.usr=PARTUUID=<uuid>` and `nimbus.usrhash=<root>` from a command
 /// line: what stage-1 hands to stage-2.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -262,6 +278,29 @@ pub fn verity_table(d: &SlotDescriptor, dev: &str) -> (u64, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_hand_over_file_stands_for_the_command_line_when_stage_2_ran_in_place() {
+        let t = tempfile::tempdir().unwrap();
+        let proc = std::fs::read_to_string("/proc/cmdline").unwrap();
+        assert_eq!(booted_cmdline(t.path()).unwrap(), proc);
+        let f = t.path().join(crate::paths::BOOT_CMDLINE);
+        std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+        let g = uuid::Uuid::from_u128(9);
+        std::fs::write(
+            &f,
+            format!("console=ttyS0 nimbus.disk={g} nimbus.usr=PARTUUID={g} nimbus.usrhash=ab nimbus.stage1=b\n"),
+        )
+        .unwrap();
+        let c = booted_cmdline(t.path()).unwrap();
+        let a = parse_cmdline(&c).unwrap();
+        assert_eq!((a.partuuid, a.disk), (g, Some(g)));
+        assert_eq!(crate::esp::running_copy(&c), Some(crate::esp::Copy::B));
+        // Unreadable (a directory in its place): an error, not /proc/cmdline.
+        std::fs::remove_file(&f).unwrap();
+        std::fs::create_dir(&f).unwrap();
+        assert!(booted_cmdline(t.path()).is_err());
+    }
 
     #[test]
     fn cmdline_roundtrip() {

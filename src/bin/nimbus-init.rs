@@ -293,15 +293,18 @@ fn verity_close(name: &str) {
 /// back below the built-in one). The ESP is mounted read-only and only
 /// for this; without it, or past a link that does not verify, the walk
 /// stops with what it reached and says why.
-fn trust(disk_name: &str) -> TrustStore {
+/// The trust set (built-in, advanced by the ESP's rotations) and, when
+/// `own` names the stage-1 copy the loader started, that copy's kernel and
+/// initramfs as the ESP holds them: one read-only mount for both.
+fn trust(disk_name: &str, own: Option<nimbus::esp::Copy>) -> (TrustStore, Option<OwnBoot>) {
     let builtin = builtin_trust();
-    let links = match esp_chain(disk_name) {
-        Ok(l) => l,
+    let (links, own) = match read_esp(disk_name, own) {
+        Ok(r) => r,
         Err(e) => {
             say(&format!(
                 "nimbus-init: trust rotations on the ESP not read: {e}"
             ));
-            Vec::new()
+            (Vec::new(), None)
         }
     };
     let (sets, err) = nimbus::trust::walk(builtin, &links);
@@ -313,7 +316,29 @@ fn trust(disk_name: &str) -> TrustStore {
     // Invariant: walk returns at least the built-in set.
     let t = sets.last().cloned().unwrap_or_else(|| unreachable!());
     say(&format!("nimbus-init: trust set {}", t.summary()));
-    t
+    (t, own)
+}
+
+/// The kernel and initramfs of the running stage-1 copy, read from the ESP.
+struct OwnBoot {
+    copy: nimbus::esp::Copy,
+    kernel: Vec<u8>,
+    initramfs: Vec<u8>,
+}
+
+impl OwnBoot {
+    /// Whether the slot mounted at `usr` boots this very kernel and
+    /// initramfs, so that kexec would start what already runs. A release's
+    /// stage 2 is its stage-1 initramfs byte for byte (image/src/pipeline.rs),
+    /// so equal files mean the slot's own stage 2 is this program.
+    fn is_slot_boot(&self, usr: &Path) -> bool {
+        let boot = usr.join("lib/nimbus/boot");
+        let same = |f: &str, have: &[u8]| {
+            fs::metadata(boot.join(f)).is_ok_and(|m| m.len() == have.len() as u64)
+                && fs::read(boot.join(f)).is_ok_and(|b| b == have)
+        };
+        same("vmlinuz", &self.kernel) && same("initramfs.img", &self.initramfs)
+    }
 }
 
 fn builtin_trust() -> TrustStore {
@@ -321,7 +346,10 @@ fn builtin_trust() -> TrustStore {
         .unwrap_or_else(|e| emergency(&format!("built-in trust set: {e}")))
 }
 
-fn esp_chain(disk_name: &str) -> R<Vec<nimbus::trust::Link>> {
+fn read_esp(
+    disk_name: &str,
+    own: Option<nimbus::esp::Copy>,
+) -> R<(Vec<nimbus::trust::Link>, Option<OwnBoot>)> {
     let (_, dev) = partition_dev(disk_name, layout::ESP_PARTITION)?;
     let _ = fs::create_dir_all(ESP_MNT);
     mount(
@@ -335,6 +363,15 @@ fn esp_chain(disk_name: &str) -> R<Vec<nimbus::trust::Link>> {
     let links =
         nimbus::trust::read_chain_dir(&Path::new(ESP_MNT).join(nimbus::trust::ESP_CHAIN_DIR))
             .map_err(|e| e.to_string());
+    // Unreadable boot files only cost the shortcut: kexec as before.
+    let own = own.and_then(|copy| {
+        let read = |f: String| fs::read(Path::new(ESP_MNT).join(f)).ok();
+        Some(OwnBoot {
+            copy,
+            kernel: read(copy.kernel())?,
+            initramfs: read(copy.initramfs())?,
+        })
+    });
     // A mount left here would outlive switch_root out of sight (under the
     // old root) and keep the partition's superblock read-only for the
     // whole boot: every read-write mount of it (mark-good's bless,
@@ -346,7 +383,7 @@ fn esp_chain(disk_name: &str) -> R<Vec<nimbus::trust::Link>> {
         ));
         let _ = nix::mount::umount2(ESP_MNT, nix::mount::MntFlags::MNT_DETACH);
     }
-    links
+    Ok((links?, own))
 }
 
 /// Verify a slot and map it; the mapped device and the descriptor.
@@ -448,9 +485,11 @@ fn fresh_guid() -> uuid::Uuid {
 /// disk, the backup table at the end of a grown disk, ROOT filling it. One
 /// crash-ordered commit; an interrupted one is redone on the next boot.
 /// ROOT's filesystem follows in stage 2, whose kernel reads the new table.
-fn first_boot(name: &str, disk: &mut Disk<File>) {
+fn first_boot(name: &str, disk: &mut Disk<File>) -> bool {
     match disk.prepare_host(fresh_guid) {
         Ok(p) => {
+            let changed =
+                p.new_identity.is_some() || p.backup_moved.is_some() || p.root_grown.is_some();
             if let Some(g) = p.new_identity {
                 say(&format!(
                     "nimbus-init: first boot of /dev/{name}: new disk GUID {g}, new ESP/OEM/ROOT PARTUUIDs"
@@ -468,9 +507,55 @@ fn first_boot(name: &str, disk: &mut Disk<File>) {
                     to >> 20
                 ));
             }
+            changed
         }
-        // Booting the unchanged disk is better than not booting.
-        Err(e) => say(&format!("nimbus-init: first-boot disk setup skipped: {e}")),
+        // Booting the unchanged disk is better than not booting. A failed
+        // commit may have written part of the table: count it as changed.
+        Err(e) => {
+            say(&format!("nimbus-init: first-boot disk setup skipped: {e}"));
+            true
+        }
+    }
+}
+
+/// How stage 1 hands the chosen slot over.
+enum Next {
+    /// The slot's kernel was loaded; reboot into it.
+    Kexec,
+    /// The slot boots the running kernel and initramfs: go on as its stage 2
+    /// with this command line.
+    InPlace(String),
+}
+
+/// Continue as stage 2 in this kernel with the command line a kexec would
+/// have given it. The hand-over goes to /run/nimbus/boot-cmdline on a
+/// tmpfs /run that stage 2 moves into the new root and systemd keeps, so
+/// every reader (`nimbus::boot::booted_cmdline`) finds what it would have
+/// found on /proc/cmdline after a kexec.
+fn hand_over_in_place(cmdline: &str) -> ! {
+    let _ = fs::create_dir_all("/run");
+    // systemd's own options for /run, so that it keeps this mount.
+    mount(
+        Some("tmpfs"),
+        "/run",
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_STRICTATIME,
+        Some("mode=0755,size=20%,nr_inodes=800k"),
+    )
+    .unwrap_or_else(|e| emergency(&format!("mount tmpfs on /run: {e}")));
+    let file = Path::new("/").join(nimbus::paths::BOOT_CMDLINE);
+    let written = file
+        .parent()
+        .map_or(Ok(()), fs::create_dir_all)
+        .and_then(|()| fs::write(&file, format!("{cmdline}\n")));
+    if let Err(e) = written {
+        emergency(&format!("{}: {e}", file.display()));
+    }
+    match nimbus::boot::parse_cmdline(cmdline) {
+        Some(a) => stage2(a),
+        None => emergency(&format!(
+            "stage 1 made a hand-over stage 2 cannot read: {cmdline}"
+        )),
     }
 }
 
@@ -481,10 +566,13 @@ fn stage1() -> ! {
         "nimbus-init: boot disk /dev/{disk_name} (GUID {})",
         disk.disk_guid()
     ));
-    first_boot(&disk_name, &mut disk);
-    let trust = trust(&disk_name);
+    let table_changed = first_boot(&disk_name, &mut disk);
     let stage1_copy =
         nimbus::esp::running_copy(&fs::read_to_string("/proc/cmdline").unwrap_or_default());
+    // The kernel's partitions are those of the old table until it is read
+    // again, and a new kernel reads it: a boot that changed the table
+    // (the first one, a grown disk) goes through kexec.
+    let (trust, own) = trust(&disk_name, stage1_copy.filter(|_| !table_changed));
     let disk_guid = disk.disk_guid();
     let dm = "usr";
     // The loop itself (select, persist the tries decrement, try, exclude
@@ -528,13 +616,19 @@ fn stage1() -> ! {
             if let Some(c) = stage1_copy {
                 cmdline.push_str(&format!(" nimbus.stage1={c}"));
             }
+            if own
+                .as_ref()
+                .is_some_and(|o| o.is_slot_boot(Path::new(USR_MNT)))
+            {
+                return Ok((slot, Next::InPlace(cmdline)));
+            }
             let boot = Path::new(USR_MNT).join("lib/nimbus/boot");
             if let Err(e) = kexec(&boot.join("vmlinuz"), &boot.join("initramfs.img"), &cmdline) {
                 let _ = umount(USR_MNT);
                 verity_close(dm);
                 return Err(e);
             }
-            Ok(slot)
+            Ok((slot, Next::Kexec))
         },
         |choice, why| {
             let label = Slot::from_partition_number(choice.number)
@@ -543,17 +637,26 @@ fn stage1() -> ! {
             t_sel.set(Instant::now());
         },
     );
-    let slot = match booted {
-        Ok((_, slot, _)) => slot,
+    let (slot, next) = match booted {
+        Ok((_, v, _)) => v,
         Err(e) => emergency(&e.to_string()),
     };
+    let _ = umount(USR_MNT);
+    verity_close(dm);
+    drop(disk);
+    if let Next::InPlace(cmdline) = next {
+        let copy = own.as_ref().map_or("?", |o| o.copy.name());
+        drop(own);
+        say(&format!(
+            "nimbus-init: stage 1 done in {} ms; {slot} boots this very kernel and initramfs (nimbus/{copy}/): stage 2 goes on here, no kexec",
+            t0.elapsed().as_millis()
+        ));
+        hand_over_in_place(&cmdline);
+    }
     say(&format!(
         "nimbus-init: stage 1 done in {} ms; starting the kernel of {slot}",
         t0.elapsed().as_millis()
     ));
-    let _ = umount(USR_MNT);
-    verity_close(dm);
-    drop(disk);
     nix::unistd::sync();
     let e = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_KEXEC);
     emergency(&format!("kexec reboot: {e:?}"))
@@ -661,7 +764,7 @@ fn stage2(args: nimbus::boot::Stage2Args) -> ! {
     let (disk_name, mut disk) = find_running_disk(&args, false).unwrap_or_else(|e| emergency(&e));
     // The slot's own initramfs, its built-in set advanced by the same
     // rotations stage 1 read: the descriptor stage 1 accepted verifies.
-    let trust = trust(&disk_name);
+    let (trust, _) = trust(&disk_name, None);
     let slot = layout::Slot::ALL
         .into_iter()
         .find(|s| disk.partition(s.partition_number()).ok().map(|p| p.uuid) == Some(args.partuuid))
@@ -729,7 +832,10 @@ fn stage2(args: nimbus::boot::Stage2Args) -> ! {
         "nimbus-init: stage 2: {slot} version {} verified; switching to systemd",
         d.version
     ));
-    for m in ["/dev", "/proc", "/sys"] {
+    // /run is a mount only when stage 1 went on as stage 2 in its own
+    // kernel (the hand-over is on it); moving a plain directory fails,
+    // harmlessly.
+    for m in ["/dev", "/proc", "/sys", "/run"] {
         let to = format!("/sysroot{m}");
         let _ = fs::create_dir_all(&to);
         let _ = mount(
@@ -740,6 +846,7 @@ fn stage2(args: nimbus::boot::Stage2Args) -> ! {
             None::<&str>,
         );
     }
+    free_initramfs();
     let step = || -> nix::Result<()> {
         nix::unistd::chdir("/sysroot")?;
         mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)?;
@@ -752,6 +859,47 @@ fn stage2(args: nimbus::boot::Stage2Args) -> ! {
     let init = c"/sbin/init";
     let e = nix::unistd::execv(init, &[init]);
     emergency(&format!("exec /sbin/init: {e:?}"))
+}
+
+/// Delete the initramfs's files before leaving it, as switch_root does:
+/// the rootfs it was unpacked into cannot be unmounted, and what stays in
+/// it (modules, this program) stays in memory for the host's whole life.
+/// Only the rootfs's own files go: the walk never leaves its device, so
+/// /sysroot and anything mounted stay untouched.
+fn free_initramfs() {
+    use std::os::unix::fs::MetadataExt;
+    fn clear(dir: &Path, dev: u64) {
+        let Ok(entries) = fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            let Ok(m) = fs::symlink_metadata(&p) else {
+                continue;
+            };
+            if m.dev() != dev || p == Path::new("/sysroot") {
+                continue;
+            }
+            if m.is_dir() {
+                clear(&p, dev);
+                let _ = fs::remove_dir(&p);
+            } else {
+                let _ = fs::remove_file(&p);
+            }
+        }
+    }
+    match fs::symlink_metadata("/") {
+        // A rootfs is ramfs or tmpfs; never clear anything else.
+        Ok(m) if is_ram_fs("/") => clear(Path::new("/"), m.dev()),
+        _ => say("nimbus-init: / is not the initramfs; nothing freed"),
+    }
+}
+
+fn is_ram_fs(path: &str) -> bool {
+    use nix::sys::statfs::{statfs, FsType, TMPFS_MAGIC};
+    // linux/magic.h; neither libc nor nix names it.
+    let ramfs = FsType(0x8584_58f6);
+    statfs(path).is_ok_and(|s| [ramfs, TMPFS_MAGIC].contains(&s.filesystem_type()))
 }
 
 /// Why `unit` does not count as healthy, or `None` when it is active.
@@ -908,7 +1056,7 @@ fn bless_stage1(disk_name: &str, copy: nimbus::esp::Copy, mnt: &Path) -> bool {
 /// good (the slot must be good already); `--check` only reads the ESP and
 /// says whether it is. Exit 0 when it is the default, 1 when not.
 fn bless_stage1_cmd(check: bool) -> i32 {
-    let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let cmdline = nimbus::boot::booted_cmdline(Path::new("/")).unwrap_or_default();
     let Some(args) = nimbus::boot::parse_cmdline(&cmdline) else {
         eprintln!("nimbus-init bless-stage1: not booted through nimbus-init (no nimbus.usr=)");
         return 2;
@@ -979,7 +1127,7 @@ fn mark_good() -> i32 {
         .split_whitespace()
         .map(str::to_string)
         .collect();
-    let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let cmdline = nimbus::boot::booted_cmdline(Path::new("/")).unwrap_or_default();
     let Some(args) = nimbus::boot::parse_cmdline(&cmdline) else {
         eprintln!(
             "nimbus-mark-good: not booted through nimbus-init (no nimbus.usr= on the command line)"

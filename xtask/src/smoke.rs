@@ -2,14 +2,16 @@
 //! leanest, in one SeaBIOS guest life (one QEMU process across its
 //! reboots; plain `-drive`, GRUB from the MBR):
 //!
-//! 1. 1.0.0 boots (GRUB, stage 1, verity, kexec into the slot's kernel) and
+//! 1. 1.0.0 boots (GRUB, stage 1, verity, kexec into the slot's kernel on this first boot) and
 //!    is marked good;
 //!    then the stage-1 bless is tried through each state the ESP can be
 //!    in (`esp_states`: not mounted, automount, /boot read-write,
 //!    read-only here, read-only in another mount namespace);
 //! 2. 1.1.0 is published on its channel: the guest's update-engine fetches
 //!    it by delta (Range requests for pack frames only), writes USR-B,
-//!    reboots into it, and it is marked good;
+//!    reboots into it (stage 1 goes on as its stage 2 in its own kernel:
+//!    the slot boots the same kernel and initramfs, so no kexec), and it is
+//!    marked good;
 //! 3. 1.2.0 is published, and its health check fails (a unit the health
 //!    check requires fails on 1.2.0 only): the guest falls back to 1.1.0 by
 //!    itself and `updatectl status` says why;
@@ -214,7 +216,14 @@ fn story(work: &Path) -> anyhow::Result<()> {
         r"Nimbus: BIOS boot, stage 1 copy a from ESP".to_string(),
         r"nimbus-init: first boot of /dev/vda: new disk GUID".into(),
     ];
-    first.extend(good_boot("USR-A", "1.0.0", 1));
+    // The first boot gave the disk new GUIDs, which only a new kernel sees:
+    // stage 1 kexecs. Every later boot runs the slot's stage 2 in stage 1's
+    // own kernel (the same kernel and initramfs: no kexec).
+    first.extend(with_hand_over(
+        good_boot("USR-A", "1.0.0", 1),
+        "USR-A",
+        false,
+    ));
     let i = expect(&mut vm, 0, &first)?;
     // The services baked into USR, asked of systemd itself (the serial
     // console carries only part of systemd's status lines).
@@ -227,7 +236,7 @@ fn story(work: &Path) -> anyhow::Result<()> {
             .unwrap_or_default();
         bail!("etcd and update-engine are not both active: {states:?}\n{journal}");
     }
-    steps.done("1.0.0 boots under SeaBIOS (GRUB, stage 1, verity, kexec), is marked good; etcd and update-engine active");
+    steps.done("1.0.0 boots under SeaBIOS (GRUB, stage 1, verity, kexec on this first boot), is marked good; etcd and update-engine active");
 
     let rows = crate::esp_states::run(&ssh)?;
     steps.done(&format!(
@@ -236,10 +245,14 @@ fn story(work: &Path) -> anyhow::Result<()> {
     ));
 
     publish(&n1)?;
-    let i = expect(&mut vm, i, &good_boot("USR-B", "1.1.0", 0))?;
+    let i = expect(
+        &mut vm,
+        i,
+        &with_hand_over(good_boot("USR-B", "1.1.0", 0), "USR-B", true),
+    )?;
     let share = delta_share(&srv, &repo, "1.1.0")?;
     steps.done(&format!(
-        "1.1.0 published; the guest installs it by delta ({share}), reboots into USR-B, marks it good"
+        "1.1.0 published; the guest installs it by delta ({share}), reboots into USR-B (its stage 2 in stage 1's kernel, no kexec), marks it good"
     ));
 
     publish(&n2)?;
@@ -334,4 +347,19 @@ fn story(work: &Path) -> anyhow::Result<()> {
         "smoke: ok: 1.0.0 -> 1.1.0 (delta) -> 1.2.0 rolled back -> corrupted USR-A refused; cgpt USR-A {a}, USR-B {b}"
     );
     Ok(())
+}
+
+/// `good_boot`'s patterns with stage 1's hand-over line after the
+/// selection: kexec into the slot's kernel, or (`in_place`) its stage 2 in
+/// stage 1's own kernel.
+fn with_hand_over(mut boot: Vec<String>, slot: &str, in_place: bool) -> Vec<String> {
+    let how = if in_place {
+        format!(
+            r"nimbus-init: stage 1 done in \d+ ms; {slot} boots this very kernel and initramfs .*no kexec"
+        )
+    } else {
+        format!(r"nimbus-init: stage 1 done in \d+ ms; starting the kernel of {slot}")
+    };
+    boot.insert(1, how);
+    boot
 }

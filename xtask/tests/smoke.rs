@@ -36,6 +36,12 @@ fn guest_updates_by_delta_rolls_back_a_bad_release_and_refuses_a_corrupt_slot() 
         "{out}"
     );
     assert!(out.contains("installs it by delta ("), "{out}");
+    // The first boot kexecs (new GUIDs); the update's boot does not.
+    assert!(out.contains("kexec on this first boot"), "{out}");
+    assert!(
+        out.contains("reboots into USR-B (its stage 2 in stage 1's kernel, no kexec)"),
+        "{out}"
+    );
     // The stage-1 bless through each state the ESP can be in.
     for state in [
         "not mounted: blessed",

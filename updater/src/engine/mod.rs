@@ -118,7 +118,7 @@ impl Host {
     /// inferred from priorities, which say what boots next, not what runs.
     pub fn running(root: &Path) -> Result<Host, UpdateError> {
         let cmdline =
-            std::fs::read_to_string("/proc/cmdline").map_err(io_at(Path::new("/proc/cmdline")))?;
+            nimbus::boot::booted_cmdline(root).map_err(io_at(Path::new("/proc/cmdline")))?;
         let args = nimbus::boot::parse_cmdline(&cmdline).ok_or_else(|| {
             UpdateError::NoBootedSlot("no nimbus.usr=PARTUUID= on the kernel command line".into())
         })?;
@@ -463,7 +463,7 @@ impl Engine {
                 None
             } else {
                 nimbus::esp::running_copy(
-                    &std::fs::read_to_string("/proc/cmdline").unwrap_or_default(),
+                    &nimbus::boot::booted_cmdline(&self.host.root).unwrap_or_default(),
                 )
             },
             pending: self.persisted.stage1_pending.clone(),

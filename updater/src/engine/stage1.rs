@@ -264,7 +264,7 @@ impl Engine {
     }
 
     pub(super) fn publish_trust(&self) {
-        let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+        let cmdline = nimbus::boot::booted_cmdline(&self.host.root).unwrap_or_default();
         let stage1 = if self.host.host_mode {
             None
         } else {
@@ -293,7 +293,7 @@ impl Engine {
             });
             return c;
         }
-        let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+        let cmdline = nimbus::boot::booted_cmdline(&self.host.root).unwrap_or_default();
         nimbus::esp::running_copy(&cmdline)
     }
 }
