@@ -358,6 +358,14 @@ pub fn prepare(a: BuildImage) -> anyhow::Result<BuildOptions> {
             });
         }
     }
+    // Run by systemd-shutdown just before the kernel reboots.
+    for (rel, source) in files_under(&root.join("image/system-shutdown"))? {
+        opts.installs.push(Install {
+            dest: format!("/usr/lib/systemd/system-shutdown/{rel}"),
+            source,
+            mode: 0o755,
+        });
+    }
     let init = nimbus_init(&root)?;
     opts.installs.push(Install {
         dest: "/usr/lib/nimbus/nimbus-init".into(),

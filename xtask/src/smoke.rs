@@ -236,7 +236,21 @@ fn story(work: &Path) -> anyhow::Result<()> {
             .unwrap_or_default();
         bail!("etcd and update-engine are not both active: {states:?}\n{journal}");
     }
-    steps.done("1.0.0 boots under SeaBIOS (GRUB, stage 1, verity, kexec on this first boot), is marked good; etcd and update-engine active");
+    // The shutdown hook takes links down (checked in a network namespace
+    // of its own: here it would cut ssh).
+    let o = ssh.run(
+        "unshare -n sh -c 'ip link add q0 type dummy && ip link set q0 up && \
+         ip -o link show q0 | grep -q \",UP\" && \
+         /usr/lib/systemd/system-shutdown/nimbus-quiesce-net reboot && \
+         ! ip -o link show q0 | grep -q \",UP\"' && echo quiesced",
+    )?;
+    if !String::from_utf8_lossy(&o.stdout).contains("quiesced") {
+        bail!(
+            "the system-shutdown hook left a link up: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    steps.done("1.0.0 boots under SeaBIOS (GRUB, stage 1, verity, kexec on this first boot), is marked good; etcd and update-engine active; the shutdown hook takes links down");
 
     let rows = crate::esp_states::run(&ssh)?;
     steps.done(&format!(

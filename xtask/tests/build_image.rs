@@ -259,6 +259,8 @@ fn build_image_end_to_end() {
         "lib/nimbus/hooks/pre-reboot.d/50-swarm-drain",
         "lib/nimbus/hooks/pre-reboot.d/60-etcd-leader",
         "lib/nimbus/hooks/post-good.d/50-swarm-activate",
+        // Links down before the kernel reboots (virtio-net's shutdown spin).
+        "lib/systemd/system-shutdown/nimbus-quiesce-net",
         // Enabled from /usr, so units an update adds start on old hosts too.
         "lib/systemd/system/multi-user.target.wants/cloud-config.service",
         "lib/systemd/system/multi-user.target.wants/update-engine.service",
