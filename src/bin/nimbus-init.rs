@@ -290,12 +290,10 @@ fn verity_close(name: &str) {
 
 /// The built-in set, advanced by the rotations update-engine left on the
 /// boot disk's ESP (each checked against the one before; a set never goes
-/// back below the built-in one). The ESP is mounted read-only and only
-/// for this; without it, or past a link that does not verify, the walk
-/// stops with what it reached and says why.
-/// The trust set (built-in, advanced by the ESP's rotations) and, when
+/// back below the built-in one); without the ESP, or past a link that does
+/// not verify, the walk stops with what it reached and says why. When
 /// `own` names the stage-1 copy the loader started, that copy's kernel and
-/// initramfs as the ESP holds them: one read-only mount for both.
+/// initramfs are read too: one read-only mount of the ESP for both.
 fn trust(disk_name: &str, own: Option<nimbus::esp::Copy>) -> (TrustStore, Option<OwnBoot>) {
     let builtin = builtin_trust();
     let (links, own) = match read_esp(disk_name, own) {

@@ -99,8 +99,8 @@ pub fn disk(
 /// trust.json) at its place under usr/, and etc/nimbus/update.conf with
 /// `update_conf`.
 pub fn root(dir: &Path, trust: &[u8], update_conf: &str) -> Result<PathBuf, Error> {
-    let trust_at = dir.join(nimbus::trust::USR_TRUST);
-    let conf = dir.join("etc/nimbus/update.conf");
+    let trust_at = dir.join(nimbus::paths::TRUST_USR);
+    let conf = dir.join(nimbus::paths::UPDATE_CONF_ETC);
     for p in [&trust_at, &conf] {
         if let Some(parent) = p.parent() {
             fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
@@ -149,9 +149,9 @@ mod tests {
     fn a_root_holds_the_trust_set_and_update_conf() {
         let t = tempfile::tempdir().unwrap();
         let r = root(&t.path().join("root"), b"{}", "GROUP=stable\n").unwrap();
-        assert_eq!(fs::read(r.join(nimbus::trust::USR_TRUST)).unwrap(), b"{}");
+        assert_eq!(fs::read(r.join(nimbus::paths::TRUST_USR)).unwrap(), b"{}");
         assert_eq!(
-            fs::read_to_string(r.join("etc/nimbus/update.conf")).unwrap(),
+            fs::read_to_string(r.join(nimbus::paths::UPDATE_CONF_ETC)).unwrap(),
             "GROUP=stable\n"
         );
         // A root under a file cannot be made, and the error names where.
