@@ -12,6 +12,16 @@ pub const KERNEL_CMDLINE: &str = "console=tty0 console=ttyS0,115200 panic=-1";
 
 use crate::release::{SlotDescriptor, VERITY_BLOCK};
 
+/// Stage 1's last console line starts with this, then the milliseconds it
+/// took and [`HANDED_TO_KEXEC`] or [`HANDED_IN_PLACE`]; the smoke and
+/// `xtask bench boot` match these to tell which way a boot went.
+pub const STAGE1_DONE: &str = "nimbus-init: stage 1 done in";
+/// Stage 1 kexecs the chosen slot's kernel; followed by the slot's name.
+pub const HANDED_TO_KEXEC: &str = "starting the kernel of";
+/// Stage 1 goes on as the slot's stage 2 in its own kernel: the slot ships
+/// the very kernel and initramfs the loader started.
+pub const HANDED_IN_PLACE: &str = "stage 2 goes on here, no kexec";
+
 /// The command line of the running system as the stages agreed it: stage
 /// 1's hand-over (`nimbus.usr=`, `nimbus.usrhash=`, `nimbus.disk=`,
 /// `nimbus.trust=`, `nimbus.stage1=`) is the kexec'd kernel's own command

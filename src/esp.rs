@@ -895,7 +895,7 @@ pub fn read_chain(fs: &dyn EspFs) -> Result<Vec<crate::trust::Link>, EspError> {
     for v in versions {
         let dir = ESP_CHAIN_DIR;
         let Some(sigs) = fs.read(
-            &format!("{dir}/{}.sig", chain_file(v)),
+            &crate::repo::sig_of(&format!("{dir}/{}", chain_file(v))),
             crate::release::MAX_SIGNATURES_BYTES,
         )?
         else {
@@ -930,7 +930,10 @@ pub fn write_chain_in(
     // ends a reader's walk at the link before.
     for l in links {
         fs.write_new(&format!("{dir}/{}", chain_file(l.version)), &l.bytes)?;
-        fs.write_new(&format!("{dir}/{}.sig", chain_file(l.version)), &l.sigs)?;
+        fs.write_new(
+            &crate::repo::sig_of(&format!("{dir}/{}", chain_file(l.version))),
+            &l.sigs,
+        )?;
     }
     Ok(())
 }

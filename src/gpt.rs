@@ -5,7 +5,7 @@
 //! slot in the entry array, so partition numbers (1,2,3,4,6,9) survive every
 //! write. (The `gpt` crate's `GptDisk::write()` repacks entries into 1..n, which
 //! would renumber USR-B and ROOT.) What gptman does not give us is the write
-//! order DESIGN.md requires, so its writes are captured in memory and applied
+//! order a torn write needs, so its writes are captured in memory and applied
 //! here: backup entries, backup header, sync, primary entries, primary header,
 //! sync. A valid primary header therefore always means the whole write landed,
 //! and a torn write leaves one valid copy, old or new.
@@ -586,7 +586,7 @@ impl<D: BlockDevice> Disk<D> {
             })
     }
 
-    /// Is this the Nimbus layout? Every partition of DESIGN.md's table must be
+    /// Is this the Nimbus layout? Every partition of `crate::layout`'s table must be
     /// at its number with its type and label (BIOS-BOOT is optional), and no
     /// other partition may carry the USR type.
     pub fn check_nimbus_layout(&self) -> Result<(), GptError> {

@@ -1,4 +1,4 @@
-//! The Nimbus partition table (DESIGN.md, "Disk layout") as data.
+//! The Nimbus partition table as data (docs/architecture.md, "layout").
 //!
 //! Partition numbers have gaps on purpose (5, 7 and 8 are absent): they are the
 //! CoreOS/Flatcar numbers, and tools on installed hosts find partitions by them.

@@ -1,7 +1,7 @@
 //! Signed release formats: the slot descriptor at the end of every USR
 //! partition, and the channel manifest with its detached signatures
-//! (DESIGN.md, "USR slot content" and "Release repository"; byte layouts in
-//! docs/formats.md).
+//! (byte layouts in docs/formats.md, "Slot descriptor" and "Channel
+//! manifest").
 //!
 //! Signatures are checked over the exact bytes received, never over a
 //! re-serialisation, with `verify_strict` (no malleable or small-order

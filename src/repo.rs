@@ -3,6 +3,22 @@
 
 use semver::Version;
 
+/// Every signed file's detached signatures sit beside it, named with this
+/// appended (manifests, trust sets, the chain's links).
+pub const SIG_SUFFIX: &str = ".sig";
+
+/// The signatures' name or URL for a signed file's.
+pub fn sig_of(signed: &str) -> String {
+    format!("{signed}{SIG_SUFFIX}")
+}
+
+/// [`sig_of`] for a path.
+pub fn sig_path(signed: &std::path::Path) -> std::path::PathBuf {
+    let mut s = signed.as_os_str().to_owned();
+    s.push(SIG_SUFFIX);
+    s.into()
+}
+
 pub fn manifest_rel(channel: &str) -> String {
     format!("channels/{channel}.json")
 }

@@ -1,5 +1,5 @@
 //! The A/B slot protocol: ChromeOS/CoreOS `gptprio` bits in a GPT entry's
-//! 64-bit attribute field (DESIGN.md, "Slot attributes").
+//! 64-bit attribute field (the bits: the constants below; how boots use them: docs/boot.md).
 //!
 //! Everything here is pure: it maps attribute words to attribute words. The
 //! disk side lives in [`crate::gpt`]. Functions take a table of every USR

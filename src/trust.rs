@@ -328,7 +328,7 @@ pub fn read_chain_dir(dir: &Path) -> Result<Vec<Link>, TrustError> {
     let mut out = Vec::new();
     for v in versions {
         let p = dir.join(chain_file(v));
-        let sig = dir.join(format!("{}.sig", chain_file(v)));
+        let sig = crate::repo::sig_path(&dir.join(chain_file(v)));
         let sigs = match read_bounded(&sig, MAX_SIGNATURES_BYTES) {
             Ok(s) => s,
             // A set whose signatures are not there yet (a cut between the

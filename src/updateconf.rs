@@ -1,5 +1,5 @@
 //! `update.conf`: Flatcar-compatible `KEY=value` host configuration
-//! (DESIGN.md, "Host configuration"). `/etc/nimbus/update.conf` overrides
+//! (docs/update-engine.md, "Configuration"). `/etc/nimbus/update.conf` overrides
 //! `/usr/share/nimbus/update.conf` key by key.
 //!
 //! Edits keep every other line (comments, unknown keys, order) as the
@@ -30,7 +30,45 @@ pub const KNOWN_KEYS: &[&str] = &[
     "HOOK_TIMEOUT",
 ];
 
-pub const REBOOT_STRATEGIES: &[&str] = &["reboot", "etcd-lock", "off"];
+/// `REBOOT_STRATEGY`: how a host that staged an update gets to reboot.
+/// Read by update-engine, written by cloud-config's `coreos.update`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum RebootStrategy {
+    /// Reboot as soon as an update is staged (and the window allows).
+    #[default]
+    Reboot,
+    /// Take a slot of the etcd reboot semaphore first (locksmith's).
+    EtcdLock,
+    /// Never reboot by itself: say so in /run/reboot-required.
+    Off,
+}
+
+impl RebootStrategy {
+    pub const ALL: [RebootStrategy; 3] = [Self::Reboot, Self::EtcdLock, Self::Off];
+    /// Every accepted name, in [`Self::ALL`]'s order, for hints.
+    pub const NAMES: [&'static str; 3] = ["reboot", "etcd-lock", "off"];
+
+    /// The name in update.conf.
+    pub fn name(self) -> &'static str {
+        Self::NAMES[self as usize]
+    }
+}
+
+impl std::fmt::Display for RebootStrategy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for RebootStrategy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|v| v.name() == s)
+            .ok_or_else(|| format!("{s:?} is not one of {}", Self::NAMES.join(", ")))
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfError {
@@ -228,6 +266,16 @@ pub fn parse_duration(s: &str) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reboot_strategy_names_round_trip() {
+        for (v, n) in RebootStrategy::ALL.iter().zip(RebootStrategy::NAMES) {
+            assert_eq!(v.name(), n);
+            assert_eq!(n.parse::<RebootStrategy>(), Ok(*v));
+        }
+        let e = "best-effort".parse::<RebootStrategy>().unwrap_err();
+        assert_eq!(e, "\"best-effort\" is not one of reboot, etcd-lock, off");
+    }
 
     #[test]
     fn edit_keeps_other_lines() {

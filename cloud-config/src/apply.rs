@@ -1092,8 +1092,8 @@ fn apply_update_conf(root: &mut Root, cfg: &CloudConfig) -> Result<(), ApplyErro
         if let Some(v) = &u.server {
             set.insert("SERVER", v.clone());
         }
-        if let Some(v) = &u.reboot_strategy {
-            set.insert("REBOOT_STRATEGY", v.clone());
+        if let Some(v) = u.reboot_strategy {
+            set.insert("REBOOT_STRATEGY", v.name().to_string());
         }
     }
     if let Some(t) = cfg.nimbus.as_ref().and_then(|n| n.hook_timeout.as_ref()) {

@@ -123,7 +123,7 @@ pub struct WriteFile {
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Update {
-    pub reboot_strategy: Option<String>,
+    pub reboot_strategy: Option<nimbus::updateconf::RebootStrategy>,
     pub server: Option<String>,
     pub group: Option<String>,
 }
@@ -1018,14 +1018,18 @@ fn coreos(c: &mut Checker, n: &Node, cfg: &mut CloudConfig) {
                 let Some(s) = c.string(val, &format!("coreos.update.{key}")) else { return };
                 match key {
                     "reboot_strategy" => {
+                        use nimbus::updateconf::RebootStrategy;
                         if s == "best-effort" {
                             c.warn(val.line, "reboot_strategy \"best-effort\" is deprecated; Nimbus uses \"etcd-lock\" for it");
-                            u.reboot_strategy = Some("etcd-lock".into());
-                        } else if nimbus::updateconf::REBOOT_STRATEGIES.contains(&s.as_str()) {
-                            u.reboot_strategy = Some(s);
+                            u.reboot_strategy = Some(RebootStrategy::EtcdLock);
                         } else {
-                            let hint = did_you_mean(&s, nimbus::updateconf::REBOOT_STRATEGIES).map(|x| format!("; did you mean {x:?}?")).unwrap_or_default();
-                            c.error(val.line, format!("reboot_strategy {s:?} is not one of reboot, etcd-lock, off{hint}"));
+                            match s.parse::<RebootStrategy>() {
+                                Ok(v) => u.reboot_strategy = Some(v),
+                                Err(why) => {
+                                    let hint = did_you_mean(&s, &RebootStrategy::NAMES).map(|x| format!("; did you mean {x:?}?")).unwrap_or_default();
+                                    c.error(val.line, format!("reboot_strategy {why}{hint}"));
+                                }
+                            }
                         }
                     }
                     "server" => {

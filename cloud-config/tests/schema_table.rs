@@ -150,7 +150,10 @@ coreos:
     assert_eq!(l.window_start.as_deref(), Some("Thu 04:00"));
     assert_eq!(l.group.as_deref(), Some("web"));
     let u = c.update.unwrap();
-    assert_eq!(u.reboot_strategy.as_deref(), Some("etcd-lock"));
+    assert_eq!(
+        u.reboot_strategy,
+        Some(nimbus::updateconf::RebootStrategy::EtcdLock)
+    );
     assert_eq!(u.group.as_deref(), Some("beta"));
     assert_eq!(c.oem.len(), 5);
     assert_eq!(c.units.len(), 3);

@@ -1,5 +1,5 @@
 //! Publishing a built version into a static release repository
-//! (DESIGN.md, "Release repository"): copy the payload, then write the next
+//! (docs/formats.md, "Channel manifest"; docs/update-engine.md, "Publishing"): copy the payload, then write the next
 //! signed channel manifest. Everything a client reads is a plain file, so
 //! any web server, object store or CDN can serve the directory.
 //!
@@ -242,10 +242,7 @@ fn rotate(
     // The set, then its signatures: a reader that finds the set without
     // them stops its walk there and comes back on its next check.
     durable(&path, &bytes)?;
-    durable(
-        &dir.join(format!("{}.sig", nimbus::trust::chain_file(doc.version))),
-        &sigs,
-    )?;
+    durable(&nimbus::repo::sig_path(&path), &sigs)?;
     Ok(next)
 }
 
@@ -396,10 +393,7 @@ pub fn publish(o: &PublishOptions<'_>) -> Result<Manifest, ImageError> {
     let durable = |p: &Path, b: &[u8]| {
         nimbus::durable::write_atomic(p, b, 0o644).map_err(|e| ImageError::Invalid(e.to_string()))
     };
-    durable(
-        &chan_dir.join(format!("{}.json.sig", o.channel)),
-        &sig_bytes,
-    )?;
+    durable(&nimbus::repo::sig_path(&mpath), &sig_bytes)?;
     durable(&mpath, &bytes)?;
     Ok(manifest)
 }

@@ -1,6 +1,6 @@
 //! The USR slot: an erofs filesystem, its dm-verity tree right after it,
 //! and the signed descriptor in the last 4 KiB of the partition
-//! (DESIGN.md, "USR slot content"). The update payload is the same bytes
+//! (docs/formats.md, "Slot descriptor"). The update payload is the same bytes
 //! without the free space: `[ fs | tree | descriptor ]`, zstd-compressed.
 
 use std::fs::File;

@@ -646,14 +646,18 @@ fn stage1() -> ! {
         let copy = own.as_ref().map_or("?", |o| o.copy.name());
         drop(own);
         say(&format!(
-            "nimbus-init: stage 1 done in {} ms; {slot} boots this very kernel and initramfs (nimbus/{copy}/): stage 2 goes on here, no kexec",
-            t0.elapsed().as_millis()
+            "{} {} ms; {slot} boots this very kernel and initramfs (nimbus/{copy}/): {}",
+            nimbus::boot::STAGE1_DONE,
+            t0.elapsed().as_millis(),
+            nimbus::boot::HANDED_IN_PLACE
         ));
         hand_over_in_place(&cmdline);
     }
     say(&format!(
-        "nimbus-init: stage 1 done in {} ms; starting the kernel of {slot}",
-        t0.elapsed().as_millis()
+        "{} {} ms; {} {slot}",
+        nimbus::boot::STAGE1_DONE,
+        t0.elapsed().as_millis(),
+        nimbus::boot::HANDED_TO_KEXEC
     ));
     nix::unistd::sync();
     let e = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_KEXEC);

@@ -17,7 +17,6 @@ pub struct EngineConfig {
     pub group: String,
     /// Repository base URL without a trailing slash; `None` = disabled.
     pub server: Option<String>,
-    pub reboot_strategy: String,
     /// Write-bandwidth cap for the slot writer; `None` = unlimited.
     pub write_bps: Option<u64>,
     /// Run the writer in the idle I/O priority class.
@@ -88,13 +87,10 @@ impl EngineConfig {
                 Some(s.trim_end_matches('/').to_string())
             }
         };
-        let reboot_strategy = c.get("REBOOT_STRATEGY").unwrap_or("reboot").to_string();
-        if !updateconf::REBOOT_STRATEGIES.contains(&reboot_strategy.as_str()) {
-            return Err(format!(
-                "REBOOT_STRATEGY={reboot_strategy:?}: use one of {}",
-                updateconf::REBOOT_STRATEGIES.join(", ")
-            ));
-        }
+        let strategy = match c.get("REBOOT_STRATEGY") {
+            None => crate::policy::Strategy::default(),
+            Some(s) => s.parse().map_err(|e| format!("REBOOT_STRATEGY={e}"))?,
+        };
         let write_bps = match c.get("IO_WRITE_BPS") {
             None => Some(DEFAULT_WRITE_BPS),
             Some(v) => parse_bps(v).map_err(|e| format!("IO_WRITE_BPS={e}"))?,
@@ -108,7 +104,6 @@ impl EngineConfig {
             None => None,
             Some(v) => parse_bps(v).map_err(|e| format!("DOWNLOAD_RATE_MAX={e}"))?,
         };
-        let strategy = reboot_strategy.parse()?;
         let window = match (c.get("REBOOT_WINDOW_START"), c.get("REBOOT_WINDOW_LENGTH")) {
             (Some(st), Some(len)) => Some(crate::policy::Window::parse(st, len)?),
             (None, None) => None,
@@ -131,7 +126,6 @@ impl EngineConfig {
         Ok(EngineConfig {
             group,
             server,
-            reboot_strategy,
             write_bps,
             io_idle,
             download_bps,
@@ -207,7 +201,7 @@ mod tests {
         assert_eq!(c.server.as_deref(), Some("http://127.0.0.1:8080/repo"));
         assert_eq!(c.write_bps, Some(10 << 20));
         assert!(c.io_idle);
-        assert_eq!(c.reboot_strategy, "reboot");
+        assert_eq!(c.strategy, crate::policy::Strategy::Reboot);
         assert_eq!(conf("SERVER=disabled\n").expect("ok").server, None);
         assert_eq!(
             conf("SERVER=http://x\nIO_WRITE_BPS=0")

@@ -1,5 +1,5 @@
 //! nimbus-updater: the `update-engine` daemon and the `updatectl` client
-//! (DESIGN.md, "Release repository" and "Host configuration";
+//! (docs/formats.md, "Channel manifest"; docs/update-engine.md, "Configuration";
 //! docs/update-engine.md).
 //!
 //! Pure decisions (`choose`, `config`) are apart from effects: HTTP

@@ -7,26 +7,8 @@
 
 use chrono::{Datelike, Duration, NaiveDateTime, NaiveTime, Weekday};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Strategy {
-    Reboot,
-    Off,
-    EtcdLock,
-}
-
-impl std::str::FromStr for Strategy {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "reboot" => Ok(Strategy::Reboot),
-            "off" => Ok(Strategy::Off),
-            "etcd-lock" => Ok(Strategy::EtcdLock),
-            _ => Err(format!(
-                "REBOOT_STRATEGY={s:?}: use reboot, etcd-lock or off"
-            )),
-        }
-    }
-}
+/// The strategy as update.conf names it (the contract lives with the file).
+pub use nimbus::updateconf::RebootStrategy as Strategy;
 
 /// `REBOOT_WINDOW_START` + `REBOOT_WINDOW_LENGTH`, in the host's local time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -10,8 +10,28 @@ use crate::sha::SavedState;
 
 pub const STATE_PATH: &str = nimbus::paths::ENGINE_STATE;
 
+/// The whole file. Each part has one owner in the engine (docs/update-engine.md,
+/// "Who owns what"), which changes it only through [`Ledger::edit`]; the
+/// parts are flattened, so the file's JSON is one flat object whatever the
+/// split in code.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Persisted {
+    #[serde(flatten)]
+    pub channel: ChannelState,
+    #[serde(flatten)]
+    pub install: InstallState,
+    #[serde(flatten)]
+    pub reboot: RebootState,
+    #[serde(flatten)]
+    pub stage1: Stage1State,
+    #[serde(flatten)]
+    pub reports: Reports,
+}
+
+/// Owned by the channel reader (`engine::channel`): what was accepted from
+/// the repository, and what this host will not take again.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ChannelState {
     /// Highest manifest serial accepted per channel: older ones are replays.
     #[serde(default)]
     pub last_serial: BTreeMap<String, u64>,
@@ -22,12 +42,28 @@ pub struct Persisted {
     /// NAME --allow-downgrade`); cleared once the downgrade is staged.
     #[serde(default)]
     pub allow_downgrade: Option<String>,
+    /// Versions that failed on this host; never offered again (a newer
+    /// release is). Newest last, at most [`MAX_FAILED_VERSIONS`].
+    #[serde(default)]
+    pub failed_versions: Vec<semver::Version>,
+}
+
+/// Owned by the installer (`engine::install`): how far an interrupted
+/// install got.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct InstallState {
     #[serde(default)]
     pub checkpoint: Option<Checkpoint>,
     /// How far a delta install got: its first `blocks` data blocks are
     /// written and synced (valid while the slot stays invalid).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delta_checkpoint: Option<DeltaCheckpoint>,
+}
+
+/// Owned by the reboot coordinator (`engine::reboot`): a lock and hooks
+/// that must be undone after the reboot.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RebootState {
     /// The etcd key of a reboot lock this host took and has not given back
     /// yet. Persisted before rebooting so the next boot releases it once
     /// the new slot is marked good (or the host rolled back).
@@ -39,18 +75,12 @@ pub struct Persisted {
     /// crash or power cut during the drain still ends in a reactivation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub post_good_pending: Option<String>,
-    /// The last automatic rollback, reported until a newer version is
-    /// installed.
-    #[serde(default)]
-    pub rollback: Option<crate::status::Rollback>,
-    /// Versions that failed on this host; never offered again (a newer
-    /// release is). Newest last, at most [`MAX_FAILED_VERSIONS`].
-    #[serde(default)]
-    pub failed_versions: Vec<semver::Version>,
-    /// The state file was damaged and put aside; reported by `updatectl
-    /// status` until the next install.
-    #[serde(default)]
-    pub state_reset: Option<StateReset>,
+}
+
+/// Owned by the stage-1 keeper (`engine::stage1`): stage 1's copies on
+/// the ESP.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Stage1State {
     /// A stage 1 installed into the ESP's other copy and not yet seen to
     /// boot (blessed by mark-good, or given up by the loader).
     #[serde(default)]
@@ -59,6 +89,72 @@ pub struct Persisted {
     /// boots, and never installed again (by its hashes).
     #[serde(default)]
     pub stage1_failed: Option<Stage1Failure>,
+}
+
+/// Owned by the engine loop: events reported by `updatectl status` until
+/// the next install.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Reports {
+    /// The last automatic rollback.
+    #[serde(default)]
+    pub rollback: Option<crate::status::Rollback>,
+    /// The state file was damaged and put aside.
+    #[serde(default)]
+    pub state_reset: Option<StateReset>,
+}
+
+/// One owner's part of [`Persisted`].
+pub trait Part {
+    fn of(p: &mut Persisted) -> &mut Self;
+}
+
+macro_rules! part {
+    ($t:ty, $f:ident) => {
+        impl Part for $t {
+            fn of(p: &mut Persisted) -> &mut Self {
+                &mut p.$f
+            }
+        }
+    };
+}
+part!(ChannelState, channel);
+part!(InstallState, install);
+part!(RebootState, reboot);
+part!(Stage1State, stage1);
+part!(Reports, reports);
+
+/// The state file and its contents: every change is made through
+/// [`Ledger::edit`], which saves the whole file before it returns, so what
+/// an owner changed is on disk before it acts on it.
+pub struct Ledger {
+    store: Store,
+    state: Persisted,
+}
+
+impl Ledger {
+    /// Load (or start) the file under `root`.
+    pub fn open(root: &Path) -> Result<Ledger, UpdateError> {
+        let store = Store::new(root);
+        let state = store.load()?;
+        Ok(Ledger { store, state })
+    }
+
+    pub fn get(&self) -> &Persisted {
+        &self.state
+    }
+
+    pub fn path(&self) -> &Path {
+        self.store.path()
+    }
+
+    /// Change one part and save the file. On a failed save the change is
+    /// kept in memory (and saved with the next edit): the caller decides
+    /// whether to go on.
+    pub fn edit<P: Part, R>(&mut self, f: impl FnOnce(&mut P) -> R) -> Result<R, UpdateError> {
+        let r = f(P::of(&mut self.state));
+        self.store.save(&self.state)?;
+        Ok(r)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -97,7 +193,7 @@ pub struct StateReset {
 
 pub const MAX_FAILED_VERSIONS: usize = 16;
 
-impl Persisted {
+impl ChannelState {
     pub fn remember_failed(&mut self, v: &semver::Version) {
         if !self.failed_versions.contains(v) {
             self.failed_versions.push(v.clone());
@@ -133,30 +229,22 @@ pub struct DeltaCheckpoint {
     pub blocks: u64,
 }
 
-/// The persisted state while an install runs: its threads record
-/// checkpoints, each saved at once; the caller takes the state back after
-/// the attempt, failed or not, so the next attempt resumes from it.
+/// The ledger while an install runs: the writer's threads record
+/// checkpoints through it, each saved at once.
 pub struct Saver<'a> {
-    store: &'a Store,
-    state: std::sync::Mutex<Persisted>,
+    ledger: std::sync::Mutex<&'a mut Ledger>,
 }
 
 impl<'a> Saver<'a> {
-    pub fn new(store: &'a Store, state: Persisted) -> Saver<'a> {
+    pub fn new(ledger: &'a mut Ledger) -> Saver<'a> {
         Saver {
-            store,
-            state: std::sync::Mutex::new(state),
+            ledger: std::sync::Mutex::new(ledger),
         }
     }
 
-    pub fn update(&self, f: impl FnOnce(&mut Persisted)) -> Result<(), UpdateError> {
-        let mut p = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        f(&mut p);
-        self.store.save(&p)
-    }
-
-    pub fn into_inner(self) -> Persisted {
-        self.state.into_inner().unwrap_or_else(|e| e.into_inner())
+    pub fn edit<P: Part>(&self, f: impl FnOnce(&mut P)) -> Result<(), UpdateError> {
+        let mut l = self.ledger.lock().unwrap_or_else(|e| e.into_inner());
+        l.edit(f)
     }
 }
 
@@ -218,11 +306,14 @@ impl Store {
             kept.display()
         );
         let p = Persisted {
-            state_reset: Some(StateReset {
-                kept_as: kept.display().to_string(),
-                reason: reason.to_string(),
-                at: now,
-            }),
+            reports: Reports {
+                state_reset: Some(StateReset {
+                    kept_as: kept.display().to_string(),
+                    reason: reason.to_string(),
+                    at: now,
+                }),
+                ..Reports::default()
+            },
             ..Persisted::default()
         };
         self.save(&p)?;
@@ -250,19 +341,65 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_file_stays_one_flat_object_whatever_the_parts_in_code() {
+        // A file as update-engine wrote it before the parts existed.
+        let old = r#"{
+  "last_serial": {"stable": 7},
+  "rollout_seed": 0.25,
+  "allow_downgrade": null,
+  "checkpoint": null,
+  "delta_checkpoint": {"version": "1.1.0", "raw_sha256": "ab", "partition": 4, "blocks": 9},
+  "lock_taken": "coreos.com/updateengine/rebootlock/semaphore",
+  "post_good_pending": "1.1.0",
+  "rollback": null,
+  "failed_versions": ["1.0.1"],
+  "state_reset": null,
+  "stage1_pending": null,
+  "stage1_failed": null
+}"#;
+        let p: Persisted = serde_json::from_str(old).unwrap();
+        assert_eq!(p.channel.last_serial.get("stable"), Some(&7));
+        assert_eq!(p.channel.rollout_seed, Some(0.25));
+        assert_eq!(p.channel.failed_versions, vec!["1.0.1".parse().unwrap()]);
+        assert_eq!(
+            p.install.delta_checkpoint.as_ref().map(|c| c.blocks),
+            Some(9)
+        );
+        assert_eq!(p.reboot.post_good_pending.as_deref(), Some("1.1.0"));
+        assert!(p.reboot.lock_taken.is_some());
+        let back: serde_json::Value = serde_json::to_value(&p).unwrap();
+        let keys: Vec<&str> = back
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(|k| k.as_str())
+            .collect();
+        let want: serde_json::Value = serde_json::from_str(old).unwrap();
+        let mut want: Vec<&str> = want
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(|k| k.as_str())
+            .collect();
+        want.sort_unstable();
+        assert_eq!(keys, want, "the parts changed the file's keys");
+        assert_eq!(serde_json::from_value::<Persisted>(back).unwrap(), p);
+    }
+
+    #[test]
     fn a_damaged_state_file_is_kept_aside_and_updates_go_on() {
         let d = tempfile::tempdir().unwrap();
         let store = Store::new(d.path());
         std::fs::create_dir_all(store.path().parent().unwrap()).unwrap();
         std::fs::write(store.path(), b"{\"last_serial\": {\"stable\": 7").unwrap();
         let p = store.load().unwrap();
-        let reset = p.state_reset.clone().unwrap();
+        let reset = p.reports.state_reset.clone().unwrap();
         assert!(reset.reason.contains("EOF"), "{reset:?}");
         assert_eq!(
             std::fs::read(&reset.kept_as).unwrap(),
             b"{\"last_serial\": {\"stable\": 7"
         );
-        assert!(p.last_serial.is_empty());
+        assert!(p.channel.last_serial.is_empty());
         // The fresh file is valid and says what happened.
         assert_eq!(store.load().unwrap(), p);
     }

@@ -347,8 +347,8 @@ fn bench_boot(image: Option<PathBuf>, runs: u32) -> anyhow::Result<ExitCode> {
     let select = "nimbus-init: selected USR-A";
     let stage2 = "nimbus-init: stage 2:";
     // stage 1's last line says which way it handed over.
-    let in_place = "stage 2 goes on here, no kexec";
-    let kexec = "starting the kernel of";
+    let in_place = nimbus::boot::HANDED_IN_PLACE;
+    let kexec = nimbus::boot::HANDED_TO_KEXEC;
     // systemd stops printing status lines to the serial console part way
     // through boot; the serial getty's prompt is the dependable multi-user signal.
     let multi = " login: ";

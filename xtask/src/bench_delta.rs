@@ -113,10 +113,10 @@ pub fn publish_without_delta(
     fm.channel = channel.to_string();
     fm.releases.iter_mut().for_each(|r| r.delta = None);
     let bytes = serde_json::to_vec_pretty(&fm)?;
-    let dir = repo.join("channels");
-    std::fs::write(dir.join(format!("{channel}.json")), &bytes)?;
+    let path = repo.join(nimbus::repo::manifest_rel(channel));
+    std::fs::write(&path, &bytes)?;
     std::fs::write(
-        dir.join(format!("{channel}.json.sig")),
+        nimbus::repo::sig_path(&path),
         serde_json::to_vec(&nimbus::release::Manifest::sign_bytes(&bytes, &[key]))?,
     )?;
     Ok(())

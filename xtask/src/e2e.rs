@@ -574,10 +574,10 @@ fn story(work: &Path, log: &Path) -> anyhow::Result<()> {
     vm.wait_for(r"stage 1: +trust set version 2, 1 of 2 key\(s\)", i, long)?;
     // A manifest signed by key 1 alone, on the channel the guest follows
     // now (stable: cloud-config's user-data sets it again at each boot).
-    let mpath = repo.join("channels/stable.json");
+    let mpath = repo.join(nimbus::repo::manifest_rel("stable"));
     let good_manifest = (
         std::fs::read(&mpath)?,
-        std::fs::read(repo.join("channels/stable.json.sig"))?,
+        std::fs::read(nimbus::repo::sig_path(&mpath))?,
     );
     let mut m: nimbus::release::Manifest = serde_json::from_slice(&std::fs::read(&mpath)?)?;
     m.serial += 1;
@@ -588,7 +588,7 @@ fn story(work: &Path, log: &Path) -> anyhow::Result<()> {
     let bytes = serde_json::to_vec_pretty(&m)?;
     std::fs::write(&mpath, &bytes)?;
     std::fs::write(
-        repo.join("channels/stable.json.sig"),
+        nimbus::repo::sig_path(&mpath),
         serde_json::to_vec(&nimbus::release::Manifest::sign_bytes(&bytes, &[&key]))?,
     )?;
     let o = ssh.run("updatectl check")?;
@@ -618,7 +618,7 @@ fn story(work: &Path, log: &Path) -> anyhow::Result<()> {
     steps.done("update-engine refuses a manifest signed by the removed key 1, and a rollback to the key-1 slot");
     vm.stop();
     std::fs::write(&mpath, &good_manifest.0)?;
-    std::fs::write(repo.join("channels/stable.json.sig"), &good_manifest.1)?;
+    std::fs::write(nimbus::repo::sig_path(&mpath), &good_manifest.1)?;
     // USR-A holds 1.0.0, signed by key 1 alone: made bootable by hand, it
     // is refused by stage 1, which now has set 3.
     let st = Command::new("cgpt")

@@ -301,7 +301,7 @@ fn setup(work: &Path) -> anyhow::Result<Setup> {
         trust: TrustStore::new([key.public()], 1),
         root,
         payload: repo.join("payloads/1.1.0/usr.img.zst"),
-        manifest: repo.join("channels/stable.json"),
+        manifest: repo.join(nimbus::repo::manifest_rel("stable")),
     })
 }
 
@@ -606,7 +606,7 @@ pub fn run(points: usize) -> anyhow::Result<ExitCode> {
     copy_tree(&s.root, &root_template)?;
     nimbus::durable::trace_start();
     let mut engine = Engine::new(host, &Options::default(), Arc::new(Shared::new()))?;
-    let sigs = PathBuf::from(format!("{}.sig", s.manifest.display()));
+    let sigs = nimbus::repo::sig_path(&s.manifest);
     let applied = engine.apply_file(&s.payload, &s.manifest, &sigs);
     let switched = nimbus_updater::engine::write_group(&s.root, "beta");
     let engine_trace = nimbus::durable::trace_take();
@@ -659,7 +659,7 @@ pub fn run(points: usize) -> anyhow::Result<ExitCode> {
     // After a cut, the next run of the engine on that disk (from the host's
     // files as they were before the update) must finish the update or
     // refuse cleanly; either way the disk must boot a verified slot.
-    let sigs_path = PathBuf::from(format!("{}.sig", s.manifest.display()));
+    let sigs_path = nimbus::repo::sig_path(&s.manifest);
     let (mut rerun_done, mut rerun_refused, mut rerun_bad) = (0usize, 0usize, Vec::new());
     let mut image = s.base.clone();
     let mut pending = Pending::new();

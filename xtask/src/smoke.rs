@@ -367,12 +367,15 @@ fn story(work: &Path) -> anyhow::Result<()> {
 /// selection: kexec into the slot's kernel, or (`in_place`) its stage 2 in
 /// stage 1's own kernel.
 fn with_hand_over(mut boot: Vec<String>, slot: &str, in_place: bool) -> Vec<String> {
+    use nimbus::boot::{HANDED_IN_PLACE, HANDED_TO_KEXEC, STAGE1_DONE};
+    let done = regex::escape(STAGE1_DONE);
     let how = if in_place {
         format!(
-            r"nimbus-init: stage 1 done in \d+ ms; {slot} boots this very kernel and initramfs .*no kexec"
+            r"{done} \d+ ms; {slot} boots this very kernel and initramfs .*{}",
+            regex::escape(HANDED_IN_PLACE)
         )
     } else {
-        format!(r"nimbus-init: stage 1 done in \d+ ms; starting the kernel of {slot}")
+        format!(r"{done} \d+ ms; {} {slot}", regex::escape(HANDED_TO_KEXEC))
     };
     boot.insert(1, how);
     boot

@@ -121,11 +121,9 @@ fn run(cli: Cli) -> Result<ExitCode, UpdateError> {
             manifest,
             signatures,
         }) => {
-            let sigs = signatures.clone().unwrap_or_else(|| {
-                let mut s = manifest.clone().into_os_string();
-                s.push(".sig");
-                PathBuf::from(s)
-            });
+            let sigs = signatures
+                .clone()
+                .unwrap_or_else(|| nimbus::repo::sig_path(manifest));
             let r = engine.apply_file(payload, manifest, &sigs);
             return finish(&engine, r.map(Some), cli.json);
         }
@@ -151,7 +149,7 @@ fn finish(
             ExitCode::from(e.exit_code())
         }
     };
-    let st = engine.shared.snapshot();
+    let st = engine.shared().snapshot();
     if json {
         println!("{}", serde_json::to_string_pretty(&st).unwrap_or_default());
     } else {
@@ -185,7 +183,7 @@ fn jitter(secs: u64) -> Duration {
 /// Carry out a reboot decision. True when the process should end (host
 /// mode: the simulated host went down).
 fn reboot(cli: &Cli, engine: &Engine) -> bool {
-    let cmd = match (&cli.reboot_command, engine.host.host_mode) {
+    let cmd = match (&cli.reboot_command, engine.host().host_mode) {
         (Some(c), _) => c.clone(),
         (None, false) => "systemctl reboot".to_string(),
         (None, true) => {
@@ -199,7 +197,7 @@ fn reboot(cli: &Cli, engine: &Engine) -> bool {
         .arg(&cmd)
         .status()
     {
-        Ok(s) if s.success() => engine.host.host_mode,
+        Ok(s) if s.success() => engine.host().host_mode,
         Ok(s) => {
             tracing::error!("reboot command {cmd:?} failed: {s}");
             false
@@ -242,8 +240,8 @@ fn daemon(cli: Cli, mut engine: Engine, shared: Arc<Shared>) -> Result<ExitCode,
     tracing::info!(
         "update-engine {} on {} (booted partition {}, running {}), API at {}",
         env!("CARGO_PKG_VERSION"),
-        engine.host.disk.display(),
-        engine.host.booted,
+        engine.host().disk.display(),
+        engine.host().booted,
         engine.running(),
         sock.display()
     );
@@ -288,7 +286,7 @@ fn daemon(cli: Cli, mut engine: Engine, shared: Arc<Shared>) -> Result<ExitCode,
                     format!("{v} installed; reboot to use it")
                 }
                 None => engine
-                    .shared
+                    .shared()
                     .snapshot()
                     .note
                     .unwrap_or_else(|| "nothing to install".into()),
@@ -326,7 +324,7 @@ fn daemon(cli: Cli, mut engine: Engine, shared: Arc<Shared>) -> Result<ExitCode,
             }
         }
         if let Some(reply) = reply {
-            let st = engine.shared.snapshot();
+            let st = engine.shared().snapshot();
             let _ = reply.send(match &result {
                 Ok(m) => Response::ok(m.clone(), st),
                 Err(e) => Response::err(e, st),

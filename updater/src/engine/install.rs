@@ -1,19 +1,46 @@
 //! The installer: a chosen release into the passive slot, by delta when
 //! it pays (`crate::delta`) or from the full payload (`crate::apply`), then
-//! verified and made bootable.
+//! verified and made bootable. It owns the checkpoints ([`InstallState`])
+//! and changes nothing else but the passive slot and its GPT entry.
 
-use super::*;
+use std::path::Path;
+use std::sync::atomic::Ordering;
 
-impl Engine {
-    pub(super) fn install(
+use nimbus::layout::Slot;
+use nimbus::release::{Release, SlotDescriptor};
+use nimbus::slots;
+
+use super::{Ctx, TrustView};
+use crate::apply;
+use crate::error::UpdateError;
+use crate::state::{InstallState, Ledger};
+use crate::status::{ApplyReport, State};
+use crate::target::SlotDevice;
+
+pub struct Installer<'a> {
+    pub ctx: &'a Ctx,
+    pub trust: &'a TrustView,
+    pub ledger: &'a mut Ledger,
+}
+
+/// Called once the new slot is written and verified, before it is made
+/// bootable (the stage-1 keeper installs stage 1 there).
+pub type BeforeFlip<'f> = &'f mut dyn FnMut(&mut Ledger) -> Result<(), UpdateError>;
+
+impl Installer<'_> {
+    /// Write `r` (from `url`, or the local `file`) into the passive slot,
+    /// verify it, run `before_flip`, and make it the next boot. Returns how
+    /// it was written.
+    pub fn install(
         &mut self,
         r: &Release,
         url: &str,
         file: Option<&Path>,
-    ) -> Result<(), UpdateError> {
-        let result = self.install_inner(r, url, file);
+        before_flip: BeforeFlip<'_>,
+    ) -> Result<ApplyReport, UpdateError> {
+        let result = self.install_inner(r, url, file, before_flip);
         if let Err(e) = &result {
-            if poisons_checkpoint(e) && self.persisted.checkpoint.is_some() {
+            if poisons_checkpoint(e) && self.ledger.get().install.checkpoint.is_some() {
                 // The bytes behind the checkpoint (a stale mirror, a brief
                 // man in the middle on http) did not make the payload the
                 // manifest names: resuming from them would fail the same
@@ -22,32 +49,34 @@ impl Engine {
                     "install of {} failed verification ({e}); dropping its checkpoint, the next attempt starts from the beginning",
                     r.version
                 );
-                self.persisted.checkpoint = None;
-                self.store.save(&self.persisted)?;
+                self.ledger
+                    .edit(|s: &mut InstallState| s.checkpoint = None)?;
             }
         }
         result
     }
 
-    pub(super) fn install_inner(
+    fn install_inner(
         &mut self,
         r: &Release,
         url: &str,
         file: Option<&Path>,
-    ) -> Result<(), UpdateError> {
-        self.ensure_proven()?;
-        let passive = self.passive()?;
-        if passive == self.host.booted {
+        before_flip: BeforeFlip<'_>,
+    ) -> Result<ApplyReport, UpdateError> {
+        let ctx = self.ctx;
+        ctx.ensure_proven(self.trust)?;
+        let passive = ctx.passive()?;
+        if passive == ctx.host.booted {
             return Err(UpdateError::BootedSlot {
-                disk: self.host.disk.clone(),
+                disk: ctx.host.disk.clone(),
                 partition: passive,
             });
         }
-        let mut disk = self.host.storage.gpt(true)?;
+        let mut disk = ctx.host.storage.gpt(true)?;
         disk.check_nimbus_layout()?;
         let part = disk.partition(passive)?;
         let booted_part = {
-            let b = disk.partition(self.host.booted)?;
+            let b = disk.partition(ctx.host.booted)?;
             (b.offset_bytes(), b.size_bytes())
         };
         if r.raw_size > part.size_bytes() {
@@ -61,23 +90,29 @@ impl Engine {
         // A checkpoint is only worth anything if the slot stayed invalid
         // since it was written (nobody booted or prioritised it meanwhile).
         let invalid_now = part.prio() == slots::Prio::default();
-        let resume = self.persisted.checkpoint.clone().filter(|_| invalid_now);
+        let resume = self
+            .ledger
+            .get()
+            .install
+            .checkpoint
+            .clone()
+            .filter(|_| invalid_now);
         if !invalid_now {
             disk.update_slots(|t| slots::invalidate(t, passive))?;
         }
-        if resume.is_none() && self.persisted.checkpoint.is_some() {
-            self.persisted.checkpoint = None;
-            self.store.save(&self.persisted)?;
+        if resume.is_none() && self.ledger.get().install.checkpoint.is_some() {
+            self.ledger
+                .edit(|s: &mut InstallState| s.checkpoint = None)?;
         }
         drop(disk);
-        self.shared.cancel.store(false, Ordering::SeqCst);
+        ctx.shared.cancel.store(false, Ordering::SeqCst);
         let newv = r.version.to_string();
-        self.shared.update(|s| {
+        ctx.shared.update(|s| {
             s.state = State::Downloading;
             s.new_version = Some(newv);
             s.progress = None;
         });
-        let slot = self
+        let slot = ctx
             .host
             .storage
             .slot(passive, part.offset_bytes(), part.size_bytes())?;
@@ -114,11 +149,11 @@ impl Engine {
                 rep
             }
         };
-        self.shared.update(|s| s.last_apply = Some(report));
-        self.set_state(State::Verifying);
+        ctx.shared.update(|s| s.last_apply = Some(report.clone()));
+        ctx.set_state(State::Verifying);
         let bytes = slot.read_descriptor()?;
         let desc_err = |reason: String| UpdateError::Descriptor {
-            disk: self.host.disk.clone(),
+            disk: ctx.host.disk.clone(),
             partition: passive,
             reason,
         };
@@ -159,39 +194,20 @@ impl Engine {
         // Stage 1 goes into the ESP's other copy before the slot becomes
         // bootable: whichever the next boot meets first, its files are
         // whole (nimbus::esp's write order).
-        if let (None, Some(s1)) = (file, &r.stage1) {
-            self.install_stage1(r, s1)?;
-        }
+        before_flip(self.ledger)?;
 
-        self.set_state(State::Finalizing);
-        let mut disk = self.host.storage.gpt(true)?;
+        ctx.set_state(State::Finalizing);
+        let mut disk = ctx.host.storage.gpt(true)?;
         disk.update_slots(|t| slots::prioritize(t, passive))?;
-        self.persisted.checkpoint = None;
-        self.persisted.delta_checkpoint = None;
-        self.persisted.rollback = None;
-        self.persisted.state_reset = None;
-        if self.persisted.allow_downgrade.as_deref() == Some(self.cfg.group.as_str()) {
-            self.persisted.allow_downgrade = None;
-        }
-        self.store.save(&self.persisted)?;
-        self.refresh();
-        let strategy = self.cfg.reboot_strategy.clone();
-        self.shared.update(|s| {
-            s.state = State::UpdatedNeedReboot;
-            s.progress = None;
-            s.note = Some(match strategy.as_str() {
-                "off" => {
-                    "reboot to use the new version (REBOOT_STRATEGY=off: not rebooting by itself)"
-                        .into()
-                }
-                _ => "reboot to use the new version".into(),
-            });
-        });
-        Ok(())
+        self.ledger.edit(|s: &mut InstallState| {
+            s.checkpoint = None;
+            s.delta_checkpoint = None;
+        })?;
+        Ok(report)
     }
 
     /// The full payload, streamed (`apply`), resuming from `resume`.
-    pub(super) fn install_full(
+    fn install_full(
         &mut self,
         r: &Release,
         url: &str,
@@ -199,32 +215,32 @@ impl Engine {
         slot: &SlotDevice,
         resume: Option<crate::state::Checkpoint>,
     ) -> Result<crate::status::ApplyReport, UpdateError> {
-        let shared = self.shared.clone();
+        let ctx = self.ctx;
+        let shared = ctx.shared.clone();
         let progress = move |p: crate::status::Progress| shared.update(|s| s.progress = Some(p));
-        let saver = crate::state::Saver::new(&self.store, self.persisted.clone());
+        // Checkpoints written during the attempt are kept even when it
+        // fails: the daemon's next attempt resumes from them.
+        let saver = crate::state::Saver::new(self.ledger);
         let result = {
-            let checkpoint =
-                |cp: &crate::state::Checkpoint| saver.update(|p| p.checkpoint = Some(cp.clone()));
+            let checkpoint = |cp: &crate::state::Checkpoint| {
+                saver.edit(|s: &mut InstallState| s.checkpoint = Some(cp.clone()))
+            };
             let job = apply::Job {
-                http: self.http.as_ref(),
+                http: ctx.http.as_ref(),
                 url: url.to_string(),
                 file,
                 release: r,
                 slot,
                 resume,
-                write_bps: self.cfg.write_bps,
-                io_idle: self.cfg.io_idle,
-                download_bps: self.cfg.download_bps,
-                cancel: &self.shared.cancel,
+                write_bps: ctx.cfg.write_bps,
+                io_idle: ctx.cfg.io_idle,
+                download_bps: ctx.cfg.download_bps,
+                cancel: &ctx.shared.cancel,
                 progress: &progress,
                 checkpoint: &checkpoint,
             };
             apply::run(&job)
         };
-        // Keep the checkpoints written during the attempt even when it
-        // failed: the daemon's next attempt resumes from them, and a later
-        // save of the state must not drop them.
-        self.persisted = saver.into_inner();
         let out = result?;
         tracing::info!(
             downloaded = out.downloaded,
@@ -235,7 +251,7 @@ impl Engine {
             slot.partition,
             out.io_limit
         );
-        Ok(crate::status::ApplyReport {
+        Ok(ApplyReport {
             version: r.version.to_string(),
             written: out.written,
             downloaded: out.downloaded,
@@ -251,7 +267,7 @@ impl Engine {
 
     /// Rebuild the passive slot from local blocks and fetched frames.
     /// `Ok(Err(why))`: a delta is not worth it here; nothing was written.
-    pub(super) fn install_delta(
+    fn install_delta(
         &mut self,
         r: &Release,
         df: &nimbus::release::DeltaFiles,
@@ -259,8 +275,9 @@ impl Engine {
         booted_part: &(u64, u64),
         written: u64,
         full_left: u64,
-    ) -> Result<Result<crate::status::ApplyReport, String>, UpdateError> {
-        let server = self.cfg.server.clone().ok_or(UpdateError::Disabled)?;
+    ) -> Result<Result<ApplyReport, String>, UpdateError> {
+        let ctx = self.ctx;
+        let server = ctx.server()?;
         let index_url = format!("{server}/{}", df.index.path);
         let pack_url = format!("{server}/{}", df.pack.path);
         let t0 = std::time::Instant::now();
@@ -271,9 +288,9 @@ impl Engine {
             b.and_then(|b| SlotDescriptor::parse_unverified(&b).ok())
                 .map_or(0, |d| d.data_size / nimbus::delta::BLOCK as u64)
         };
-        let booted_slot = Slot::from_partition_number(self.host.booted);
+        let booted_slot = Slot::from_partition_number(ctx.host.booted);
         let booted_blocks = data_blocks(booted_slot.and_then(|s| {
-            self.host
+            ctx.host
                 .storage
                 .gpt(false)
                 .ok()
@@ -286,8 +303,8 @@ impl Engine {
                 "the slots here hold at most {local} of the release's {target} blocks"
             )));
         }
-        self.set_state(State::Downloading);
-        let bytes = self.fetch_file(&df.index)?;
+        ctx.set_state(State::Downloading);
+        let bytes = ctx.fetch_file(&df.index)?;
         let index = nimbus::delta::Index::parse(&bytes).map_err(|e| UpdateError::DeltaIndex {
             url: index_url.clone(),
             reason: e.to_string(),
@@ -305,10 +322,10 @@ impl Engine {
             });
         }
         let booted = crate::delta::open_booted(
-            &self.host.disk,
+            &ctx.host.disk,
             booted_part.0,
             booted_part.1,
-            self.host.host_mode,
+            ctx.host.host_mode,
         )?;
         let (booted_map, how) = crate::delta::booted_hashes(&booted, &index.fields.verity_salt)?;
         let passive_map = crate::delta::passive_sources(&index, &booted_map, slot, written)?;
@@ -340,13 +357,13 @@ impl Engine {
                 plan.fetch_bytes + index_len
             )));
         }
-        let shared = self.shared.clone();
+        let shared = ctx.shared.clone();
         let progress = move |p: crate::status::Progress| shared.update(|s| s.progress = Some(p));
-        let saver = crate::state::Saver::new(&self.store, self.persisted.clone());
+        let saver = crate::state::Saver::new(self.ledger);
         let result = {
             let checkpoint = |blocks: u64| {
-                saver.update(|p| {
-                    p.delta_checkpoint = Some(crate::state::DeltaCheckpoint {
+                saver.edit(|s: &mut InstallState| {
+                    s.delta_checkpoint = Some(crate::state::DeltaCheckpoint {
                         version: r.version.to_string(),
                         raw_sha256: r.raw_sha256.clone(),
                         partition: slot.partition,
@@ -355,22 +372,21 @@ impl Engine {
                 })
             };
             crate::delta::run(&crate::delta::Job {
-                http: self.http.as_ref(),
+                http: ctx.http.as_ref(),
                 pack_url,
                 index: &index,
                 plan: &plan,
                 release: r,
                 slot,
                 booted: &booted,
-                write_bps: self.cfg.write_bps,
-                io_idle: self.cfg.io_idle,
-                download_bps: self.cfg.download_bps,
-                cancel: &self.shared.cancel,
+                write_bps: ctx.cfg.write_bps,
+                io_idle: ctx.cfg.io_idle,
+                download_bps: ctx.cfg.download_bps,
+                cancel: &ctx.shared.cancel,
                 progress: &progress,
                 checkpoint: &checkpoint,
             })
         };
-        self.persisted = saver.into_inner();
         let out = result?;
         tracing::info!(
             fetched = out.fetched,
@@ -380,7 +396,7 @@ impl Engine {
             slot.partition,
             out.io_limit
         );
-        Ok(Ok(crate::status::ApplyReport {
+        Ok(Ok(ApplyReport {
             version: r.version.to_string(),
             written: out.written,
             downloaded: out.fetched + index_len,
@@ -410,7 +426,7 @@ impl Engine {
     /// Data blocks of `r` known to be in the passive slot already: from a
     /// delta or full checkpoint of the same release, while the slot has
     /// stayed invalid since.
-    pub(super) fn written_blocks(
+    fn written_blocks(
         &self,
         r: &Release,
         passive: u32,
@@ -421,7 +437,9 @@ impl Engine {
             return 0;
         }
         let from_delta = self
-            .persisted
+            .ledger
+            .get()
+            .install
             .delta_checkpoint
             .as_ref()
             .filter(|c| {
@@ -435,29 +453,12 @@ impl Engine {
             .map_or(0, |c| c.raw_offset / nimbus::delta::BLOCK as u64);
         from_delta.max(from_full)
     }
-
-    /// Installing overwrites the passive slot, which is the fallback while
-    /// the running slot is unproven: wait for mark-good first, as ChromeOS
-    /// and Flatcar do.
-    pub(super) fn ensure_proven(&self) -> Result<(), UpdateError> {
-        if self.booted_is_good() {
-            return Ok(());
-        }
-        let label = |n: u32| {
-            Slot::from_partition_number(n)
-                .map_or_else(|| format!("partition {n}"), |s| s.label().to_string())
-        };
-        Err(UpdateError::Unproven {
-            slot: label(self.host.booted),
-            other: label(self.passive()?),
-        })
-    }
 }
 
 /// Delta failures that the full payload may not share: the server, the
 /// pack or the index. A cancel, or a slot that cannot be written, stops the
 /// install instead.
-pub(super) fn delta_falls_back(e: &UpdateError) -> bool {
+fn delta_falls_back(e: &UpdateError) -> bool {
     !matches!(
         e,
         UpdateError::Cancelled
@@ -468,7 +469,7 @@ pub(super) fn delta_falls_back(e: &UpdateError) -> bool {
     )
 }
 
-pub(super) fn poisons_checkpoint(e: &UpdateError) -> bool {
+fn poisons_checkpoint(e: &UpdateError) -> bool {
     matches!(
         e,
         UpdateError::CompressedHash { .. }

@@ -1,94 +1,103 @@
 //! The reboot coordinator: when a staged slot may be booted (strategy,
-//! window, the etcd semaphore) and the lock's release once the new slot is
-//! good.
+//! window, the etcd semaphore), the pre-reboot and post-good hooks with
+//! their retry, and the lock's release once the new slot is good. Its
+//! state is [`RebootState`] on disk and the hooks' retry time in memory.
 
-use super::*;
 use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
 
-impl Engine {
-    /// This host's name in the reboot semaphore: /etc/machine-id.
-    pub fn machine_id(&self) -> Result<String, UpdateError> {
-        let p = self.host.root.join("etc/machine-id");
-        let id = std::fs::read_to_string(&p).map_err(io_at(&p))?;
-        let id = id.trim();
-        if id.is_empty()
-            || id.len() > 128
-            || !id.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-')
-        {
-            return Err(UpdateError::Config {
-                path: p.clone(),
-                reason: format!("{id:?} is not a machine id"),
-            });
-        }
-        Ok(id.to_string())
+use crate::error::{io_at, UpdateError};
+use crate::lock::LockError;
+use crate::policy::{decide, Decision, Lock, Strategy};
+use crate::state::{Ledger, RebootState};
+
+use super::{Ctx, SlotView};
+
+/// This host's name in the reboot semaphore: /etc/machine-id under `root`.
+pub fn machine_id(root: &Path) -> Result<String, UpdateError> {
+    let p = root.join("etc/machine-id");
+    let id = std::fs::read_to_string(&p).map_err(io_at(&p))?;
+    let id = id.trim();
+    if id.is_empty()
+        || id.len() > 128
+        || !id.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-')
+    {
+        return Err(UpdateError::Config {
+            path: p.clone(),
+            reason: format!("{id:?} is not a machine id"),
+        });
+    }
+    Ok(id.to_string())
+}
+
+#[derive(Debug, Default)]
+pub struct Coordinator {
+    /// No reboot before this: a pre-reboot hook failed.
+    hooks_retry_at: Option<Instant>,
+}
+
+impl Coordinator {
+    fn lock_client(ctx: &Ctx) -> Result<crate::lock::LockClient, LockError> {
+        crate::lock::LockClient::new(ctx.cfg.etcd.clone())
     }
 
-    pub(super) fn lock_client(&self) -> Result<crate::lock::LockClient, crate::lock::LockError> {
-        crate::lock::LockClient::new(self.cfg.etcd.clone())
-    }
-
-    pub(super) fn booted_is_good(&self) -> bool {
-        self.slots().is_ok_and(|v| v.booted_is_good())
-    }
-
-    /// One step of reboot coordination: give back a lock held from before a
-    /// reboot once this boot is good, then judge strategy, window and lock
-    /// for a staged update. Returns what to do; the note in the status says
-    /// why when the answer is to wait.
-    pub fn reboot_step(&mut self) -> Result<crate::policy::Decision, UpdateError> {
-        use crate::lock::LockError;
-        use crate::policy::{decide, Decision, Lock, Strategy};
-        self.retry_recorded_bless();
-        self.refresh();
-        self.sync_stage1_trust();
-        let view = self.slots()?;
-        let staged = view.staged().is_some();
+    /// One step of reboot coordination over the slots as they are now:
+    /// give back a lock held from before a reboot once this boot is good,
+    /// then judge strategy, window and lock for a staged update. Returns
+    /// what to do; the note in the status says why when the answer is to
+    /// wait.
+    pub fn step(
+        &mut self,
+        ctx: &Ctx,
+        ledger: &mut Ledger,
+        view: &SlotView,
+    ) -> Result<Decision, UpdateError> {
+        let staged = view.staged();
+        let is_staged = staged.is_some();
         // A pre-reboot hook failed and so did its undo (post_good_pending
         // still set): the undo is tried again before anything else, so a
         // drained host never keeps the lock through its retries.
-        let undo_failed = staged && self.hooks_retry_at.is_some();
-        if (!staged && view.booted_is_good()) || undo_failed {
+        let undo_failed = is_staged && self.hooks_retry_at.is_some();
+        if (!is_staged && view.booted_is_good()) || undo_failed {
             // Reactivate first (a drained host rejoins), then give the
             // lock back: the next host may drain only once this one serves.
-            if let Some(v) = self.persisted.post_good_pending.clone() {
-                let rolled_back = !undo_failed && v != self.running.to_string();
-                match self.run_hooks(crate::hooks::Kind::PostGood, &v, rolled_back) {
-                    Ok(()) => {
-                        self.persisted.post_good_pending = None;
-                        self.store.save(&self.persisted)?;
-                    }
+            if let Some(v) = ledger.get().reboot.post_good_pending.clone() {
+                let rolled_back = !undo_failed && v != ctx.running.to_string();
+                match run_hooks(ctx, crate::hooks::Kind::PostGood, &v, rolled_back) {
+                    Ok(()) => ledger.edit(|s: &mut RebootState| s.post_good_pending = None)?,
                     Err(e) => {
                         let why = format!("{e}; the reboot lock is kept until the post-good hooks succeed (retried every step)");
                         tracing::warn!("{why}");
-                        self.shared.update(|s| s.note = Some(why.clone()));
-                        return Ok(crate::policy::Decision::Wait { until: None, why });
+                        ctx.shared.update(|s| s.note = Some(why.clone()));
+                        return Ok(Decision::Wait { until: None, why });
                     }
                 }
             }
-            self.release_lock_if_taken();
+            release_lock_if_taken(ctx, ledger);
         }
-        if staged && self.cfg.strategy == Strategy::Off {
-            self.touch_reboot_required();
+        if is_staged && ctx.cfg.strategy == Strategy::Off {
+            touch_reboot_required(ctx, staged.as_ref());
         }
         // After a failed pre-reboot hook, not even the lock is taken again
         // before the retry time: another host may go first meanwhile.
-        if let Some(at) = self.hooks_retry_at.filter(|_| staged) {
-            let left = at.saturating_duration_since(std::time::Instant::now());
+        if let Some(at) = self.hooks_retry_at.filter(|_| is_staged) {
+            let left = at.saturating_duration_since(Instant::now());
             if !left.is_zero() {
                 let why = format!(
                     "a pre-reboot hook failed; the reboot is tried again in {} s",
                     left.as_secs()
                 );
-                return Ok(crate::policy::Decision::Wait { until: None, why });
+                return Ok(Decision::Wait { until: None, why });
             }
         }
         let now = chrono::Local::now().naive_local();
-        let strategy = self.cfg.strategy;
-        let window = self.cfg.window;
+        let strategy = ctx.cfg.strategy;
+        let window = ctx.cfg.window;
         let mut lock = Lock::NotAsked;
-        if staged && strategy == Strategy::EtcdLock && window.is_none_or(|w| w.contains(now)) {
-            let id = self.machine_id()?;
-            lock = match self.lock_client().and_then(|c| c.get()) {
+        if is_staged && strategy == Strategy::EtcdLock && window.is_none_or(|w| w.contains(now)) {
+            let id = machine_id(ctx.root())?;
+            lock = match Self::lock_client(ctx).and_then(|c| c.get()) {
                 Ok((s, _)) if s.holders.contains(&id) => Lock::Held,
                 Ok((s, _)) if s.semaphore > 0 => Lock::Free,
                 Ok((s, _)) => Lock::Full {
@@ -98,17 +107,15 @@ impl Engine {
                 Err(e) => Lock::Unavailable(e.to_string()),
             };
         }
-        let mut d = decide(staged, strategy, window.as_ref(), &lock, now);
+        let mut d = decide(is_staged, strategy, window.as_ref(), &lock, now);
         if d == Decision::TakeLock {
-            let id = self.machine_id()?;
-            let client = self.lock_client();
+            let id = machine_id(ctx.root())?;
+            let client = Self::lock_client(ctx);
             // Persist the intent first: a crash right after the CAS must
             // still lead to a release on the next boot.
-            let key = crate::lock::key_for(self.cfg.etcd.group.as_deref());
-            self.persisted.lock_taken = Some(key.clone());
-            self.store.save(&self.persisted)?;
-            let got = client.and_then(|c| c.acquire(&id));
-            lock = match got {
+            let key = crate::lock::key_for(ctx.cfg.etcd.group.as_deref());
+            ledger.edit(|s: &mut RebootState| s.lock_taken = Some(key.clone()))?;
+            lock = match client.and_then(|c| c.acquire(&id)) {
                 Ok(true) => {
                     tracing::info!("reboot lock {key}: taken by {id}");
                     Lock::Held
@@ -126,15 +133,14 @@ impl Engine {
             // may have gone through, and a release of a slot never held is
             // harmless, so the intent stays.
             if matches!(lock, Lock::Full { .. }) {
-                self.persisted.lock_taken = None;
-                self.store.save(&self.persisted)?;
+                ledger.edit(|s: &mut RebootState| s.lock_taken = None)?;
             }
-            d = decide(staged, strategy, window.as_ref(), &lock, now);
+            d = decide(is_staged, strategy, window.as_ref(), &lock, now);
             if let (Decision::Wait { .. }, Ok((s, _))) =
-                (&d, self.lock_client().and_then(|c| c.get()))
+                (&d, Self::lock_client(ctx).and_then(|c| c.get()))
             {
                 d = decide(
-                    staged,
+                    is_staged,
                     strategy,
                     window.as_ref(),
                     &Lock::Full {
@@ -146,130 +152,38 @@ impl Engine {
             }
         }
         if d == Decision::Reboot {
-            d = self.before_reboot(view.staged());
+            d = self.before_reboot(ctx, ledger, staged.map(|v| v.to_string()));
         }
         if let Decision::Wait { why, .. } = &d {
             let why = why.clone();
-            self.shared.update(|s| s.note = Some(why));
+            ctx.shared.update(|s| s.note = Some(why));
         }
         Ok(d)
     }
 
-    /// Give back a reboot lock this host took, if it holds one; an error is
-    /// kept in the state file and retried on the next step, never lost.
-    fn release_lock_if_taken(&mut self) {
-        let Some(key) = self.persisted.lock_taken.clone() else {
-            return;
-        };
-        let id = match self.machine_id() {
-            Ok(id) => id,
-            Err(e) => {
-                tracing::warn!("reboot lock {key}: cannot release yet: {e}");
-                return;
-            }
-        };
-        match self.lock_client().and_then(|c| c.release(&id)) {
-            Ok(held) => {
-                tracing::info!("reboot lock {key}: released by {id} (held: {held})");
-                self.persisted.lock_taken = None;
-                if let Err(e) = self.store.save(&self.persisted) {
-                    tracing::warn!("reboot lock {key}: released, but the state file: {e}");
-                }
-            }
-            Err(e) => {
-                tracing::warn!("reboot lock {key}: cannot release yet: {e}");
-                self.shared
-                    .update(|s| s.note = Some(format!("cannot release the reboot lock yet: {e}")));
-            }
-        }
-    }
-
-    /// REBOOT_STRATEGY=off: say on the host that a reboot is wanted, for
-    /// kured-style tools (and a login banner) to act on.
-    fn touch_reboot_required(&self) {
-        let p = self.host.root.join(nimbus::paths::REBOOT_REQUIRED);
-        if p.exists() {
-            return;
-        }
-        let text = match self.slots().ok().and_then(|v| v.staged()) {
-            Some(v) => format!("*** System restart required: Nimbus {v} is staged ***\n"),
-            None => "*** System restart required ***\n".to_string(),
-        };
-        // /run is root's; an existing file is left as it is.
-        match std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o644)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&p)
-            .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()))
-        {
-            Ok(()) => tracing::info!("{}: a reboot is needed (REBOOT_STRATEGY=off)", p.display()),
-            Err(e) => tracing::warn!("{}: {e}", p.display()),
-        }
-    }
-
-    /// Run every hook of `kind`, showing which one runs in the status.
-    fn run_hooks(
-        &mut self,
-        kind: crate::hooks::Kind,
-        version: &str,
-        rolled_back: bool,
-    ) -> Result<(), crate::hooks::HookError> {
-        let env = [
-            ("NIMBUS_NEW_VERSION", version.to_string()),
-            ("NIMBUS_RUNNING_VERSION", self.running.to_string()),
-            (
-                "NIMBUS_ROLLED_BACK",
-                if rolled_back { "1" } else { "0" }.to_string(),
-            ),
-            ("NIMBUS_ROOT", self.host.root.display().to_string()),
-        ];
-        let shared = self.shared.clone();
-        let mut last_shown = std::time::Instant::now() - std::time::Duration::from_secs(10);
-        let r = crate::hooks::run_all(
-            &self.host.root,
-            kind,
-            &env,
-            self.cfg.hook_timeout,
-            &mut |run| {
-                // Once a second is plenty for `updatectl status`.
-                if last_shown.elapsed() >= std::time::Duration::from_secs(1) {
-                    last_shown = std::time::Instant::now();
-                    let line = run.to_string();
-                    shared.update(|s| {
-                        s.note = Some(format!("waiting on the {line}"));
-                        s.hook = Some(line);
-                    });
-                }
-            },
-        );
-        self.shared.update(|s| s.hook = None);
-        r.map(|n| {
-            if n > 0 {
-                tracing::info!("{kind} hooks: {n} done");
-            }
-        })
-    }
-
     /// The reboot is decided: run the pre-reboot hooks. If one fails, undo
     /// with the post-good hooks, give the lock back, and try again later.
-    fn before_reboot(&mut self, staged: Option<Version>) -> crate::policy::Decision {
-        use crate::policy::Decision;
-        let version = staged.map(|v| v.to_string()).unwrap_or_default();
+    fn before_reboot(
+        &mut self,
+        ctx: &Ctx,
+        ledger: &mut Ledger,
+        staged: Option<String>,
+    ) -> Decision {
+        let version = staged.unwrap_or_default();
         // Recorded before the first hook starts: whatever happens from here
         // (a crash, a power cut, the reboot itself), the post-good hooks run
         // before the lock is given back.
-        self.persisted.post_good_pending = Some(version.clone());
-        if let Err(e) = self.store.save(&self.persisted) {
+        if let Err(e) =
+            ledger.edit(|s: &mut RebootState| s.post_good_pending = Some(version.clone()))
+        {
             return Decision::Wait {
                 until: None,
                 why: format!("not rebooting: cannot record the pre-reboot step: {e}"),
             };
         }
-        let e = match self.run_hooks(crate::hooks::Kind::PreReboot, &version, false) {
+        let e = match run_hooks(ctx, crate::hooks::Kind::PreReboot, &version, false) {
             Ok(()) => {
-                self.shared.update(|s| s.hook_failure = None);
+                ctx.shared.update(|s| s.hook_failure = None);
                 self.hooks_retry_at = None;
                 return Decision::Reboot;
             }
@@ -278,15 +192,14 @@ impl Engine {
         tracing::warn!("{e}");
         // Another HOOK_TIMEOUT: what blocked the hook (a task with nowhere to
         // go) may clear meanwhile, and other hosts may take their turn.
-        self.hooks_retry_at = Some(std::time::Instant::now() + self.cfg.hook_timeout);
-        let undo = match self.run_hooks(crate::hooks::Kind::PostGood, &version, false) {
+        self.hooks_retry_at = Some(Instant::now() + ctx.cfg.hook_timeout);
+        let undo = match run_hooks(ctx, crate::hooks::Kind::PostGood, &version, false) {
             Ok(()) => {
-                self.persisted.post_good_pending = None;
-                if let Err(e) = self.store.save(&self.persisted) {
+                if let Err(e) = ledger.edit(|s: &mut RebootState| s.post_good_pending = None) {
                     tracing::warn!("state file: {e}");
                 }
-                self.release_lock_if_taken();
-                if self.persisted.lock_taken.is_none() {
+                release_lock_if_taken(ctx, ledger);
+                if ledger.get().reboot.lock_taken.is_none() {
                     "post-good hooks ran to undo it; the reboot lock is not held".to_string()
                 } else {
                     "post-good hooks ran to undo it; the reboot lock could not be released yet (retried)".to_string()
@@ -296,10 +209,102 @@ impl Engine {
         };
         let why = format!(
             "not rebooting: {e}; {undo}; tried again in {} s",
-            self.cfg.hook_timeout.as_secs()
+            ctx.cfg.hook_timeout.as_secs()
         );
         // The note is overwritten by the next check; this stays.
-        self.shared.update(|s| s.hook_failure = Some(why.clone()));
+        ctx.shared.update(|s| s.hook_failure = Some(why.clone()));
         Decision::Wait { until: None, why }
     }
+}
+
+/// Give back a reboot lock this host took, if it holds one; an error is
+/// kept in the state file and retried on the next step, never lost.
+fn release_lock_if_taken(ctx: &Ctx, ledger: &mut Ledger) {
+    let Some(key) = ledger.get().reboot.lock_taken.clone() else {
+        return;
+    };
+    let id = match machine_id(ctx.root()) {
+        Ok(id) => id,
+        Err(e) => {
+            tracing::warn!("reboot lock {key}: cannot release yet: {e}");
+            return;
+        }
+    };
+    match Coordinator::lock_client(ctx).and_then(|c| c.release(&id)) {
+        Ok(held) => {
+            tracing::info!("reboot lock {key}: released by {id} (held: {held})");
+            if let Err(e) = ledger.edit(|s: &mut RebootState| s.lock_taken = None) {
+                tracing::warn!("reboot lock {key}: released, but the state file: {e}");
+            }
+        }
+        Err(e) => {
+            tracing::warn!("reboot lock {key}: cannot release yet: {e}");
+            ctx.shared
+                .update(|s| s.note = Some(format!("cannot release the reboot lock yet: {e}")));
+        }
+    }
+}
+
+/// REBOOT_STRATEGY=off: say on the host that a reboot is wanted, for
+/// kured-style tools (and a login banner) to act on.
+fn touch_reboot_required(ctx: &Ctx, staged: Option<&semver::Version>) {
+    let p = ctx.root().join(nimbus::paths::REBOOT_REQUIRED);
+    if p.exists() {
+        return;
+    }
+    let text = match staged {
+        Some(v) => format!("*** System restart required: Nimbus {v} is staged ***\n"),
+        None => "*** System restart required ***\n".to_string(),
+    };
+    // /run is root's; an existing file is left as it is.
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&p)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()))
+    {
+        Ok(()) => tracing::info!("{}: a reboot is needed (REBOOT_STRATEGY=off)", p.display()),
+        Err(e) => tracing::warn!("{}: {e}", p.display()),
+    }
+}
+
+/// Run every hook of `kind`, showing which one runs in the status.
+fn run_hooks(
+    ctx: &Ctx,
+    kind: crate::hooks::Kind,
+    version: &str,
+    rolled_back: bool,
+) -> Result<(), crate::hooks::HookError> {
+    let env = [
+        ("NIMBUS_NEW_VERSION", version.to_string()),
+        ("NIMBUS_RUNNING_VERSION", ctx.running.to_string()),
+        (
+            "NIMBUS_ROLLED_BACK",
+            if rolled_back { "1" } else { "0" }.to_string(),
+        ),
+        ("NIMBUS_ROOT", ctx.root().display().to_string()),
+    ];
+    let shared = ctx.shared.clone();
+    // (Not `now - 10 s`: the monotonic clock starts at boot, and an
+    // Instant before it panics.)
+    let mut last_shown: Option<Instant> = None;
+    let r = crate::hooks::run_all(ctx.root(), kind, &env, ctx.cfg.hook_timeout, &mut |run| {
+        // Once a second is plenty for `updatectl status`.
+        if last_shown.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+            last_shown = Some(Instant::now());
+            let line = run.to_string();
+            shared.update(|s| {
+                s.note = Some(format!("waiting on the {line}"));
+                s.hook = Some(line);
+            });
+        }
+    });
+    ctx.shared.update(|s| s.hook = None);
+    r.map(|n| {
+        if n > 0 {
+            tracing::info!("{kind} hooks: {n} done");
+        }
+    })
 }

@@ -2,8 +2,14 @@
 //! USR slot's verified version. Staged, proven and the status rows are
 //! pure functions of it.
 
-use super::*;
+use nimbus::layout::Slot;
+use nimbus::release::SlotDescriptor;
 use nimbus::slots::Prio;
+use semver::Version;
+
+use super::{Storage, TrustView};
+use crate::error::UpdateError;
+use crate::status::SlotInfo;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ViewEntry {

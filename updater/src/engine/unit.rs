@@ -6,6 +6,11 @@
 use std::io::Cursor;
 use std::sync::Mutex;
 
+use std::path::{Path, PathBuf};
+
+use chrono::Utc;
+use nimbus::release::ManifestError;
+
 use super::*;
 use crate::fetch::Body;
 use nimbus::keys::ReleaseKey;
@@ -64,6 +69,8 @@ impl Clock for FixedClock {
 
 struct World {
     _tmp: tempfile::TempDir,
+    /// Signs the releases and trust set 1.
+    key: ReleaseKey,
     disk: PathBuf,
     root: PathBuf,
     repo: PathBuf,
@@ -140,15 +147,18 @@ fn world(now: chrono::DateTime<Utc>, rollout_secs: Option<u64>, seed: f64) -> Wo
         &format!("GROUP=stable\nSERVER={BASE}\nIO_WRITE_BPS=unlimited\n"),
     )
     .unwrap();
-    let store = Store::new(&root);
-    store
-        .save(&Persisted {
-            rollout_seed: Some(seed),
-            ..Persisted::default()
+    crate::state::Store::new(&root)
+        .save(&crate::state::Persisted {
+            channel: crate::state::ChannelState {
+                rollout_seed: Some(seed),
+                ..Default::default()
+            },
+            ..Default::default()
         })
         .unwrap();
     World {
         _tmp: tmp,
+        key,
         disk,
         root,
         repo,
@@ -210,7 +220,7 @@ fn a_one_block_change_goes_by_delta_and_falls_back_when_ranges_are_refused() {
     let w = world(t0, None, 0.5);
     let mut e = engine(&w, t0, false);
     assert_eq!(e.update().unwrap(), Some("1.1.0".parse().unwrap()));
-    let rep = e.shared.snapshot().last_apply.unwrap();
+    let rep = e.shared().snapshot().last_apply.unwrap();
     assert_eq!(rep.mode, "delta");
     let d = rep.delta.unwrap();
     assert_eq!(
@@ -225,10 +235,260 @@ fn a_one_block_change_goes_by_delta_and_falls_back_when_ranges_are_refused() {
     let w = world(t0, None, 0.5);
     let mut e = engine(&w, t0, true);
     assert_eq!(e.update().unwrap(), Some("1.1.0".parse().unwrap()));
-    let rep = e.shared.snapshot().last_apply.unwrap();
+    let rep = e.shared().snapshot().last_apply.unwrap();
     assert_eq!(rep.mode, "full");
     assert!(rep
         .delta_fallback
         .unwrap_or_default()
         .contains("ignored the Range request"));
+}
+
+// ---- Each owner alone, through the same fakes -----------------------------
+
+/// The handles an owner borrows, for the world's host at `now`.
+fn ctx(w: &World, now: chrono::DateTime<Utc>) -> (Ctx, TrustKeeper, Ledger) {
+    let host = Host::image(&w.root, &w.disk).unwrap();
+    let mut trust = TrustKeeper::load(&host).unwrap();
+    let running = trust.settle_booted(&host).unwrap();
+    let ledger = Ledger::open(&w.root).unwrap();
+    let ctx = Ctx {
+        cfg: EngineConfig::load(&w.root).unwrap(),
+        http: Box::new(FakeServer {
+            root: w.repo.clone(),
+            base: BASE.into(),
+            ignore_range: false,
+            log: w.log.clone(),
+        }),
+        clock: Box::new(FixedClock(now)),
+        shared: std::sync::Arc::new(Shared::new()),
+        running,
+        host,
+    };
+    (ctx, trust, ledger)
+}
+
+#[test]
+fn the_installer_alone_writes_the_passive_slot_and_flips_after_its_hook() {
+    let t0 = Utc::now();
+    let w = world(t0, None, 0.5);
+    let (ctx, mut trust, mut ledger) = ctx(&w, t0);
+    // Another owner's record: the installer leaves it alone.
+    ledger
+        .edit(|s: &mut crate::state::Reports| {
+            s.state_reset = Some(crate::state::StateReset {
+                kept_as: "x".into(),
+                reason: "test".into(),
+                at: t0,
+            })
+        })
+        .unwrap();
+    let m = channel::fetch_manifest(&ctx, &mut trust, &mut ledger, "stable").unwrap();
+    let Choice::Offer(r) = channel::choose(&ctx, &ledger, &m) else {
+        panic!("1.1.0 not offered")
+    };
+    let mut seen_at_flip = None;
+    let rep = Installer {
+        ctx: &ctx,
+        trust: trust.view(),
+        ledger: &mut ledger,
+    }
+    .install(&r, &format!("{BASE}/{}", r.payload), None, &mut |_| {
+        // Written and verified, not bootable yet.
+        seen_at_flip = Some(ctx.slots(trust.view()).unwrap().staged());
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(rep.mode, "delta");
+    assert_eq!(
+        seen_at_flip,
+        Some(None),
+        "the slot was bootable before the hook ran"
+    );
+    let view = ctx.slots(trust.view()).unwrap();
+    assert_eq!(view.staged(), Some("1.1.0".parse().unwrap()));
+    let p = Ledger::open(&w.root).unwrap().get().clone();
+    assert_eq!(p.install, crate::state::InstallState::default());
+    assert!(p.reports.state_reset.is_some());
+}
+
+#[test]
+fn the_installer_alone_refuses_a_slot_that_does_not_verify_and_leaves_it_unbootable() {
+    let t0 = Utc::now();
+    let w = world(t0, None, 0.5);
+    let (ctx, mut trust, mut ledger) = ctx(&w, t0);
+    let m = channel::fetch_manifest(&ctx, &mut trust, &mut ledger, "stable").unwrap();
+    let Choice::Offer(mut r) = channel::choose(&ctx, &ledger, &m) else {
+        panic!("1.1.0 not offered")
+    };
+    // The manifest's root disagrees with the slot's descriptor.
+    r.verity_root = "00".repeat(32);
+    let mut hook_ran = false;
+    let e = Installer {
+        ctx: &ctx,
+        trust: trust.view(),
+        ledger: &mut ledger,
+    }
+    .install(&r, &format!("{BASE}/{}", r.payload), None, &mut |_| {
+        hook_ran = true;
+        Ok(())
+    })
+    .unwrap_err();
+    assert!(e.to_string().contains("verity root"), "{e}");
+    assert!(!hook_ran);
+    assert_eq!(ctx.slots(trust.view()).unwrap().staged(), None);
+}
+
+fn view(staged: bool, booted_good: bool) -> SlotView {
+    use nimbus::slots::Prio;
+    let e = |number, priority, tries, successful, v: &str| slot_view::ViewEntry {
+        number,
+        prio: Prio {
+            priority,
+            tries,
+            successful,
+        },
+        version: Some(v.parse().unwrap()),
+    };
+    SlotView {
+        booted: 3,
+        entries: vec![
+            e(3, 1, 0, booted_good, "1.0.0"),
+            if staged {
+                e(4, 2, 1, false, "1.1.0")
+            } else {
+                e(4, 0, 0, false, "1.1.0")
+            },
+        ],
+    }
+}
+
+fn set_strategy(w: &World, s: &str) {
+    std::fs::write(
+        w.root.join(nimbus::paths::UPDATE_CONF_ETC),
+        format!("GROUP=stable\nSERVER={BASE}\nREBOOT_STRATEGY={s}\n"),
+    )
+    .unwrap();
+}
+
+#[test]
+fn the_coordinator_alone_undoes_a_failed_pre_reboot_hook_and_waits() {
+    use crate::policy::Decision;
+    let t0 = Utc::now();
+    let w = world(t0, None, 0.5);
+    set_strategy(&w, "reboot");
+    let hooks = w.root.join(nimbus::paths::HOOKS_ETC);
+    for (kind, script) in [
+        (
+            "pre-reboot.d",
+            "#!/bin/sh\necho drain refused >&2\nexit 3\n",
+        ),
+        (
+            "post-good.d",
+            "#!/bin/sh\necho undone >> \"$NIMBUS_ROOT/undone\"\n",
+        ),
+    ] {
+        use std::os::unix::fs::PermissionsExt;
+        let d = hooks.join(kind);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("10-x"), script).unwrap();
+        std::fs::set_permissions(d.join("10-x"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let (ctx, _trust, mut ledger) = ctx(&w, t0);
+    let mut c = Coordinator::default();
+    let d = c.step(&ctx, &mut ledger, &view(true, true)).unwrap();
+    let Decision::Wait { why, .. } = d else {
+        panic!("rebooted through a failed hook: {d:?}")
+    };
+    assert!(why.contains("pre-reboot hook 10-x failed"), "{why}");
+    assert!(why.contains("post-good hooks ran to undo it"), "{why}");
+    assert_eq!(
+        std::fs::read_to_string(w.root.join("undone")).unwrap(),
+        "undone\n"
+    );
+    assert_eq!(ledger.get().reboot, crate::state::RebootState::default());
+    // And not again before the retry time.
+    let d = c.step(&ctx, &mut ledger, &view(true, true)).unwrap();
+    assert!(
+        matches!(&d, Decision::Wait { why, .. } if why.contains("tried again in")),
+        "{d:?}"
+    );
+}
+
+#[test]
+fn the_coordinator_alone_records_the_reboot_then_reactivates_once_good() {
+    use crate::policy::Decision;
+    let t0 = Utc::now();
+    let w = world(t0, None, 0.5);
+    set_strategy(&w, "reboot");
+    let (mut ctx, _trust, mut ledger) = ctx(&w, t0);
+    let mut c = Coordinator::default();
+    assert_eq!(
+        c.step(&ctx, &mut ledger, &view(false, true)).unwrap(),
+        Decision::Nothing
+    );
+    assert_eq!(
+        c.step(&ctx, &mut ledger, &view(true, true)).unwrap(),
+        Decision::Reboot
+    );
+    // Saved before the reboot: the post-good hooks are owed.
+    let on_disk = Ledger::open(&w.root).unwrap();
+    assert_eq!(
+        on_disk.get().reboot.post_good_pending.as_deref(),
+        Some("1.1.0")
+    );
+    // The next boot, good: they run, the debt is paid.
+    ctx.running = "1.1.0".parse().unwrap();
+    assert_eq!(
+        c.step(&ctx, &mut ledger, &view(false, true)).unwrap(),
+        Decision::Nothing
+    );
+    assert_eq!(ledger.get().reboot.post_good_pending, None);
+    // REBOOT_STRATEGY=off: never reboots, says so on the host.
+    set_strategy(&w, "off");
+    ctx.cfg = EngineConfig::load(&w.root).unwrap();
+    let flag = w.root.join(nimbus::paths::REBOOT_REQUIRED);
+    std::fs::create_dir_all(flag.parent().unwrap()).unwrap();
+    let d = c.step(&ctx, &mut ledger, &view(true, true)).unwrap();
+    assert!(matches!(d, Decision::Wait { .. }), "{d:?}");
+    assert!(flag.is_file());
+}
+
+/// Trust set `v` of `keys`, published with signatures by `by`.
+fn publish_trust(w: &World, v: u64, keys: &[&ReleaseKey], by: &[&ReleaseKey]) {
+    let mut doc = nimbus::trust::TrustDoc::initial(keys.iter().map(|k| k.public()), 1);
+    doc.version = v;
+    let bytes = doc.to_bytes();
+    let path = w.repo.join(nimbus::trust::repo_path(v));
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, &bytes).unwrap();
+    let sigs = nimbus::release::Manifest::sign_bytes(&bytes, by);
+    std::fs::write(
+        nimbus::repo::sig_path(&path),
+        serde_json::to_vec(&sigs).unwrap(),
+    )
+    .unwrap();
+}
+
+#[test]
+fn the_trust_keeper_alone_learns_a_rotation_and_refuses_a_forged_one() {
+    let t0 = Utc::now();
+    let w = world(t0, None, 0.5);
+    let (ctx, mut trust, _ledger) = ctx(&w, t0);
+    let k2 = ReleaseKey::generate().unwrap();
+    let forger = ReleaseKey::generate().unwrap();
+    // Set 2 vouched for by set 1 and by itself; set 3 by a stranger.
+    publish_trust(&w, 2, &[&k2], &[&w.key, &k2]);
+    publish_trust(&w, 3, &[&forger], &[&forger]);
+    let e = trust.learn(&ctx, BASE).unwrap_err();
+    assert!(matches!(e, UpdateError::Trust { .. }), "{e}");
+    assert!(e.to_string().contains("trust/3.json"), "{e}");
+    assert_eq!(trust.view().newest().version, 2);
+    let chain = w.root.join(nimbus::trust::ROOT_CHAIN_DIR);
+    assert!(chain.join("2.json").is_file() && chain.join("2.json.sig").is_file());
+    assert!(!chain.join("3.json").exists());
+    // Stage 1 keeps set 1 until the booted slot verifies under 2.
+    assert_eq!(trust.view().active().version, 1);
+    // Shown in the status.
+    let st = ctx.shared.snapshot().trust.unwrap();
+    assert_eq!((st.usr.version, st.active_version), (2, 1));
 }
