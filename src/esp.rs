@@ -8,7 +8,7 @@
 //! nimbus/a/{vmlinuz,stage1.img}         stage 1, copy a
 //! nimbus/b/{vmlinuz,stage1.img}         stage 1, copy b
 //! nimbus/grubenv                        GRUB's choice (BIOS): default copy, copy on trial
-//! nimbus/trust/<n>.json(.sig)           trust rotations (crate::trust)
+//! nimbus/trust/<n>.json(.sig)           trust rotations (CHAIN_DIR; crate::chain)
 //! ```
 //!
 //! Two loaders read the same ESP, each with its own try counter. systemd-boot
@@ -28,6 +28,9 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+
+/// The trust rotations stage 1 reads ([`crate::chain`]).
+pub const CHAIN_DIR: &str = "nimbus/trust";
 
 pub const GRUBENV: &str = "nimbus/grubenv";
 /// systemd-boot, where UEFI firmware looks on removable media.
@@ -879,63 +882,6 @@ pub fn loader_choices(fs: &dyn EspFs) -> Result<(Option<Copy>, Copy), EspError> 
     let sd = sdboot_boot(&entries(fs)?).map(|(e, _)| e.copy);
     let (grub, _) = grubenv(fs)?.grub_boot();
     Ok((sd, grub))
-}
-
-/// The trust rotations on the ESP, as stored (checked by the caller's walk).
-pub fn read_chain(fs: &dyn EspFs) -> Result<Vec<crate::trust::Link>, EspError> {
-    use crate::trust::{chain_file, ESP_CHAIN_DIR, MAX_CHAIN, MAX_TRUST_BYTES};
-    let mut versions: Vec<u64> = fs
-        .list(ESP_CHAIN_DIR)?
-        .iter()
-        .filter_map(|n| n.strip_suffix(".json")?.parse().ok())
-        .collect();
-    versions.sort_unstable();
-    versions.truncate(MAX_CHAIN);
-    let mut out = Vec::new();
-    for v in versions {
-        let dir = ESP_CHAIN_DIR;
-        let Some(sigs) = fs.read(
-            &crate::repo::sig_of(&format!("{dir}/{}", chain_file(v))),
-            crate::release::MAX_SIGNATURES_BYTES,
-        )?
-        else {
-            break;
-        };
-        let Some(bytes) = fs.read(&format!("{dir}/{}", chain_file(v)), MAX_TRUST_BYTES)? else {
-            break;
-        };
-        out.push(crate::trust::Link {
-            version: v,
-            bytes,
-            sigs,
-        });
-    }
-    Ok(out)
-}
-
-/// Add rotations to the ESP: each set, then its signatures.
-pub fn write_chain(fs: &dyn EspFs, links: &[crate::trust::Link]) -> Result<(), EspError> {
-    write_chain_in(fs, crate::trust::ESP_CHAIN_DIR, links)
-}
-
-/// Add rotations to the chain directory `dir` (relative to `fs`'s root:
-/// the ESP's, or ROOT's `var/lib/nimbus/trust`).
-pub fn write_chain_in(
-    fs: &dyn EspFs,
-    dir: &str,
-    links: &[crate::trust::Link],
-) -> Result<(), EspError> {
-    use crate::trust::chain_file;
-    // New names, written in place: a torn set or a missing signature file
-    // ends a reader's walk at the link before.
-    for l in links {
-        fs.write_new(&format!("{dir}/{}", chain_file(l.version)), &l.bytes)?;
-        fs.write_new(
-            &crate::repo::sig_of(&format!("{dir}/{}", chain_file(l.version))),
-            &l.sigs,
-        )?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]

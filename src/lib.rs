@@ -15,9 +15,11 @@
 //!   [`paths`]: paths on a host.
 
 pub mod boot;
+pub mod chain;
 pub mod delta;
 pub mod durable;
 pub mod esp;
+pub mod etcd_keys;
 pub mod gpt;
 pub mod keys;
 pub mod layout;

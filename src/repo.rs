@@ -3,6 +3,9 @@
 
 use semver::Version;
 
+/// Trust rotations, `<n>.json` + signatures ([`crate::chain`]).
+pub const TRUST_DIR: &str = "trust";
+
 /// Every signed file's detached signatures sit beside it, named with this
 /// appended (manifests, trust sets, the chain's links).
 pub const SIG_SUFFIX: &str = ".sig";

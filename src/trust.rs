@@ -17,7 +17,7 @@ use base64::Engine;
 use ed25519_dalek::VerifyingKey;
 
 use crate::keys::{KeyId, TrustStore};
-use crate::release::{verify_detached, VerifyError, MAX_SIGNATURES_BYTES};
+use crate::release::{verify_detached, VerifyError};
 
 pub const TRUST_SCHEMA: u32 = 1;
 /// A trust set file larger than this is refused before parsing.
@@ -27,14 +27,9 @@ pub const MAX_TRUST_KEYS: usize = crate::release::MAX_DESCRIPTOR_SIGNATURES;
 /// The most rotation files a chain directory is read for.
 pub const MAX_CHAIN: usize = 64;
 
-/// The built-in set in USR, relative to the root.
-pub const USR_TRUST: &str = crate::paths::TRUST_USR;
-/// The built-in set in the stage-1 initramfs, relative to its root.
-pub const STAGE1_TRUST: &str = crate::paths::TRUST_STAGE1;
-/// Rotations update-engine learned, on ROOT, relative to the root.
-pub const ROOT_CHAIN_DIR: &str = crate::paths::TRUST_CHAIN_ROOT;
-/// Rotations stage 1 reads, relative to the ESP's root.
-pub const ESP_CHAIN_DIR: &str = "nimbus/trust";
+// Where sets live: USR's built-in set at `crate::paths::TRUST_USR`, stage
+// 1's at `crate::paths::TRUST_STAGE1`; rotations in the chain store
+// (`crate::chain`).
 
 /// `trust/<version>.json` in a release repository and in a chain directory;
 /// its signatures are beside it with `.sig` appended.
@@ -43,7 +38,7 @@ pub fn chain_file(version: u64) -> String {
 }
 
 pub fn repo_path(version: u64) -> String {
-    format!("trust/{}", chain_file(version))
+    format!("{}/{}", crate::repo::TRUST_DIR, chain_file(version))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -291,60 +286,6 @@ pub fn walk(base: TrustStore, links: &[Link]) -> (Vec<TrustStore>, Option<TrustE
         }
     }
     (sets, None)
-}
-
-/// The `<n>.json` + `<n>.json.sig` pairs in a chain directory (none when it
-/// does not exist). Sizes are bounded; names that are not such a pair are
-/// ignored.
-pub fn read_chain_dir(dir: &Path) -> Result<Vec<Link>, TrustError> {
-    let rd = match std::fs::read_dir(dir) {
-        Ok(rd) => rd,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(source) => {
-            return Err(TrustError::Io {
-                path: dir.to_path_buf(),
-                source,
-            })
-        }
-    };
-    let mut versions = Vec::new();
-    for ent in rd {
-        let ent = ent.map_err(|source| TrustError::Io {
-            path: dir.to_path_buf(),
-            source,
-        })?;
-        let name = ent.file_name();
-        let Some(v) = name
-            .to_str()
-            .and_then(|n| n.strip_suffix(".json"))
-            .and_then(|n| n.parse::<u64>().ok())
-        else {
-            continue;
-        };
-        versions.push(v);
-    }
-    versions.sort_unstable();
-    versions.truncate(MAX_CHAIN);
-    let mut out = Vec::new();
-    for v in versions {
-        let p = dir.join(chain_file(v));
-        let sig = crate::repo::sig_path(&dir.join(chain_file(v)));
-        let sigs = match read_bounded(&sig, MAX_SIGNATURES_BYTES) {
-            Ok(s) => s,
-            // A set whose signatures are not there yet (a cut between the
-            // two writes) ends the chain; the next learn writes it again.
-            Err(TrustError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-                break
-            }
-            Err(e) => return Err(e),
-        };
-        out.push(Link {
-            version: v,
-            bytes: read_bounded(&p, MAX_TRUST_BYTES)?,
-            sigs,
-        });
-    }
-    Ok(out)
 }
 
 /// Make the next set from `current`: add and remove keys, maybe a new
@@ -604,7 +545,8 @@ mod tests {
         let (k1, k2) = (key(1), key(2));
         let v1 = set(1, 1, &[&k1]);
         let d = tempfile::tempdir().unwrap();
-        assert!(read_chain_dir(&d.path().join("none")).unwrap().is_empty());
+        let read = |p: &Path| crate::chain::read(&crate::esp::DirEsp(p.to_path_buf()), "").unwrap();
+        assert!(read(&d.path().join("none")).is_empty());
         let l2 = link(
             &rotate(&v1, &[k2.public()], &[], None).unwrap(),
             &[&k1, &k2],
@@ -616,10 +558,10 @@ mod tests {
         }
         std::fs::write(d.path().join("2.json.sig"), &l2.sigs).unwrap();
         std::fs::write(d.path().join("notes.txt"), b"x").unwrap();
-        let links = read_chain_dir(d.path()).unwrap();
+        let links = read(d.path());
         assert_eq!(links, vec![l2.clone()]);
         std::fs::write(d.path().join("3.json.sig"), &l3.sigs).unwrap();
-        let (sets, err) = walk(v1, &read_chain_dir(d.path()).unwrap());
+        let (sets, err) = walk(v1, &read(d.path()));
         assert!(err.is_none());
         assert_eq!(sets.last().unwrap().version, 3);
     }

@@ -394,7 +394,7 @@ fn customize(
         &root.join("usr/share/nimbus/update.conf"),
         format!("# Defaults of this image; override in /etc/nimbus/update.conf.\nGROUP={}\nSERVER={}\nREBOOT_STRATEGY=reboot\n", o.channel, o.server).as_bytes(),
     )?;
-    w(&root.join(nimbus::trust::USR_TRUST), &signing.trust_json())?;
+    w(&root.join(nimbus::paths::TRUST_USR), &signing.trust_json())?;
     let os_release = format!(
         "NAME=\"Nimbus\"\nID=nimbus\nID_LIKE=coreos\nVERSION={v}\nVERSION_ID={v}\nPRETTY_NAME=\"Nimbus {v} ({c})\"\nNIMBUS_CHANNEL={c}\nNIMBUS_RELEASE_KEY={k}\nNIMBUS_DEV_KEY={d}\n",
         v = o.version,
@@ -557,7 +557,7 @@ fn stage1_initramfs(
         0o644,
         (mods.join("\n") + "\n").as_bytes(),
     ))?;
-    e(c.file(nimbus::trust::STAGE1_TRUST, 0o644, &signing.trust_json()))?;
+    e(c.file(nimbus::paths::TRUST_STAGE1, 0o644, &signing.trust_json()))?;
     if let Some(init) = &o.stage1_init {
         let data = fs::read(init).map_err(io_at(init))?;
         e(c.file("init", 0o755, &data))?;

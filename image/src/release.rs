@@ -173,8 +173,16 @@ fn place_immutable(src: &Path, repo: &Path, rel: &str, sha: &str) -> Result<(), 
 pub fn current_trust(repo: &Path, build: &Path) -> Result<TrustStore, ImageError> {
     let bt = build.join("trust.json");
     let base = nimbus::trust::load(&bt).map_err(|e| ImageError::Invalid(e.to_string()))?;
-    let links = nimbus::trust::read_chain_dir(&repo.join("trust"))
-        .map_err(|e| ImageError::Invalid(e.to_string()))?;
+    let links = nimbus::chain::read(
+        &nimbus::chain::PublishDir(repo.to_path_buf()),
+        nimbus::repo::TRUST_DIR,
+    )
+    .map_err(|e| {
+        ImageError::Invalid(format!(
+            "{}: {e}",
+            repo.join(nimbus::repo::TRUST_DIR).display()
+        ))
+    })?;
     let (sets, err) = nimbus::trust::walk(base, &links);
     if let Some(e) = err {
         return Err(ImageError::Invalid(format!(
@@ -227,22 +235,27 @@ fn rotate(
             e => e.to_string(),
         })
     })?;
-    let dir = o.repo.join("trust");
-    std::fs::create_dir_all(&dir).map_err(io_at(&dir))?;
-    let path = dir.join(nimbus::trust::chain_file(doc.version));
+    let path = o.repo.join(nimbus::trust::repo_path(doc.version));
     if path.exists() {
         return Err(ImageError::Invalid(format!(
             "{} exists; a published trust set is immutable",
             path.display()
         )));
     }
-    let durable = |p: &Path, b: &[u8]| {
-        nimbus::durable::write_atomic(p, b, 0o644).map_err(|e| ImageError::Invalid(e.to_string()))
+    // The set, then its signatures, each whole (the chain store's rule: a
+    // reader that finds the set without them stops its walk there and
+    // comes back on its next check).
+    let link = nimbus::trust::Link {
+        version: doc.version,
+        bytes,
+        sigs,
     };
-    // The set, then its signatures: a reader that finds the set without
-    // them stops its walk there and comes back on its next check.
-    durable(&path, &bytes)?;
-    durable(&nimbus::repo::sig_path(&path), &sigs)?;
+    nimbus::chain::write(
+        &nimbus::chain::PublishDir(o.repo.to_path_buf()),
+        nimbus::repo::TRUST_DIR,
+        &[link],
+    )
+    .map_err(|e| ImageError::Invalid(format!("{}: {e}", path.display())))?;
     Ok(next)
 }
 

@@ -340,7 +340,7 @@ impl OwnBoot {
 }
 
 fn builtin_trust() -> TrustStore {
-    nimbus::trust::load(&Path::new("/").join(nimbus::trust::STAGE1_TRUST))
+    nimbus::trust::load(&Path::new("/").join(nimbus::paths::TRUST_STAGE1))
         .unwrap_or_else(|e| emergency(&format!("built-in trust set: {e}")))
 }
 
@@ -358,9 +358,11 @@ fn read_esp(
         Some("codepage=437,iocharset=ascii"),
     )
     .map_err(|e| format!("mount {} (vfat): {e}", dev.display()))?;
-    let links =
-        nimbus::trust::read_chain_dir(&Path::new(ESP_MNT).join(nimbus::trust::ESP_CHAIN_DIR))
-            .map_err(|e| e.to_string());
+    let links = nimbus::chain::read(
+        &nimbus::esp::DirEsp(PathBuf::from(ESP_MNT)),
+        nimbus::esp::CHAIN_DIR,
+    )
+    .map_err(|e| e.to_string());
     // Unreadable boot files only cost the shortcut: kexec as before.
     let own = own.and_then(|copy| {
         let read = |f: String| fs::read(Path::new(ESP_MNT).join(f)).ok();

@@ -13,7 +13,7 @@
 
 use std::time::{Duration, Instant};
 
-pub const TOKEN_KEY: &str = "nimbus/swarm/join-token";
+pub use nimbus::etcd_keys::SWARM_JOIN_TOKEN as TOKEN_KEY;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SwarmError {

@@ -16,16 +16,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use serde_json::{json, Value};
 
-pub const KEY: &str = "coreos.com/updateengine/rebootlock/semaphore";
-
-pub fn key_for(group: Option<&str>) -> String {
-    match group {
-        Some(g) if !g.is_empty() => {
-            format!("coreos.com/updateengine/rebootlock/groups/{g}/semaphore")
-        }
-        _ => KEY.to_string(),
-    }
-}
+pub use nimbus::etcd_keys::{reboot_lock as key_for, REBOOT_LOCK as KEY};
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EtcdOptions {

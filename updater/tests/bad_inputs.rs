@@ -60,7 +60,7 @@ const CASES: &[Case] = &[
                 .expect("addr")
                 .port();
             std::fs::write(
-                f.root.join("etc/nimbus/update.conf"),
+                f.root.join(nimbus::paths::UPDATE_CONF_ETC),
                 format!("GROUP=stable\nSERVER=http://127.0.0.1:{port}\nIO_WRITE_BPS=unlimited\n"),
             )
             .expect("conf");
@@ -197,7 +197,7 @@ const CASES: &[Case] = &[
         setup: |f| {
             let url = f.httpd.url();
             std::fs::write(
-                f.root.join("etc/nimbus/update.conf"),
+                f.root.join(nimbus::paths::UPDATE_CONF_ETC),
                 format!("GROUP=nosuch\nSERVER={url}\n"),
             )
             .expect("conf");

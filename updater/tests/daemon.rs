@@ -38,7 +38,7 @@ fn updatectl_drives_the_daemon() {
     support::publish(&f.repo, &beta.dir, "beta", &f.key, 86400);
     let old = support::build_version(w, "0.9.0", 3, f.usr_size, &f.key);
     support::publish(&f.repo, &old.dir, "old", &f.key, 86400);
-    let conf_path = f.root.join("etc/nimbus/update.conf");
+    let conf_path = f.root.join(nimbus::paths::UPDATE_CONF_ETC);
     std::fs::write(
         &conf_path,
         format!(

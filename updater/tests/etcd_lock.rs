@@ -14,7 +14,7 @@ use nimbus::layout::Slot;
 use support::etcd::Etcd;
 use support::{Fixture, UPDATECTL};
 
-const KEY: &str = "coreos.com/updateengine/rebootlock/semaphore";
+use nimbus::etcd_keys::REBOOT_LOCK as KEY;
 
 fn now_secs() -> f64 {
     SystemTime::now()
@@ -35,7 +35,7 @@ impl Host {
         let f = Fixture::new(3, 32);
         std::fs::write(f.root.join("etc/machine-id"), format!("{name}\n")).expect("machine-id");
         std::fs::write(
-            f.root.join("etc/nimbus/update.conf"),
+            f.root.join(nimbus::paths::UPDATE_CONF_ETC),
             format!(
                 "GROUP=stable\nSERVER={}\nIO_WRITE_BPS=unlimited\nREBOOT_STRATEGY=etcd-lock\nETCD_ENDPOINTS={etcd}\n{extra_conf}",
                 f.httpd.url()
@@ -261,7 +261,7 @@ fn a_host_back_outside_its_window_still_releases_the_lock() {
     let closed = (chrono::Local::now() + chrono::Duration::hours(6))
         .format("%H:%M")
         .to_string();
-    let conf = h.f.root.join("etc/nimbus/update.conf");
+    let conf = h.f.root.join(nimbus::paths::UPDATE_CONF_ETC);
     let text = std::fs::read_to_string(&conf).expect("conf").replace(
         &format!("REBOOT_WINDOW_START={open}"),
         &format!("REBOOT_WINDOW_START={closed}"),
@@ -503,7 +503,7 @@ fn etcd_over_tls_with_client_certificates() {
     let root = d.join("root");
     std::fs::create_dir_all(root.join("etc/nimbus")).expect("mkdir");
     let run = |conf: &str| -> std::process::Output {
-        std::fs::write(root.join("etc/nimbus/update.conf"), conf).expect("conf");
+        std::fs::write(root.join(nimbus::paths::UPDATE_CONF_ETC), conf).expect("conf");
         Command::new(UPDATECTL)
             .arg("--root")
             .arg(&root)

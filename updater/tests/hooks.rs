@@ -15,7 +15,7 @@ use nimbus::layout::Slot;
 use support::etcd::Etcd;
 use support::{boot_rule, Fixture, UPDATECTL};
 
-const KEY: &str = "coreos.com/updateengine/rebootlock/semaphore";
+use nimbus::etcd_keys::REBOOT_LOCK as KEY;
 
 struct Host {
     f: Fixture,
@@ -48,7 +48,7 @@ impl Host {
         let f = Fixture::new(3, 32);
         std::fs::write(f.root.join("etc/machine-id"), "hooked\n").expect("machine-id");
         std::fs::write(
-            f.root.join("etc/nimbus/update.conf"),
+            f.root.join(nimbus::paths::UPDATE_CONF_ETC),
             format!(
                 "GROUP=stable\nSERVER={}\nIO_WRITE_BPS=unlimited\nREBOOT_STRATEGY=etcd-lock\nETCD_ENDPOINTS={etcd}\n{extra_conf}",
                 f.httpd.url()
@@ -337,7 +337,7 @@ fn after_a_rollback_post_good_runs_on_the_old_slot_and_releases() {
 fn strategy_off_touches_run_reboot_required_and_runs_no_hook() {
     let h = Host::new("http://127.0.0.1:9", "");
     std::fs::write(
-        h.f.root.join("etc/nimbus/update.conf"),
+        h.f.root.join(nimbus::paths::UPDATE_CONF_ETC),
         format!(
             "GROUP=stable\nSERVER={}\nIO_WRITE_BPS=unlimited\nREBOOT_STRATEGY=off\n",
             h.f.httpd.url()

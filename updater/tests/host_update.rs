@@ -91,7 +91,7 @@ fn air_gapped_apply_file_verifies_like_online() {
     let manifest = f.repo.join("channels/stable.json");
     // Nothing may be fetched: point SERVER at nothing.
     std::fs::write(
-        f.root.join("etc/nimbus/update.conf"),
+        f.root.join(nimbus::paths::UPDATE_CONF_ETC),
         "GROUP=stable\nSERVER=disabled\n",
     )
     .expect("conf");
@@ -152,7 +152,7 @@ fn bad_update_conf_and_foreign_disk_are_refused_before_any_write() {
         ("ETCD_ENDPOINTS=gopher://x", "ETCD_ENDPOINTS"),
     ] {
         std::fs::write(
-            f.root.join("etc/nimbus/update.conf"),
+            f.root.join(nimbus::paths::UPDATE_CONF_ETC),
             format!("GROUP=stable\nSERVER=http://x\n{line}\n"),
         )
         .expect("conf");

@@ -33,7 +33,7 @@ fn attach(file: &std::path::Path) -> Loop {
 
 fn apply_rate(f: &Fixture, dev: &str, cap: &str) -> (f64, serde_json::Value) {
     std::fs::write(
-        f.root.join("etc/nimbus/update.conf"),
+        f.root.join(nimbus::paths::UPDATE_CONF_ETC),
         format!(
             "GROUP=stable\nSERVER={}\nIO_WRITE_BPS={cap}\n",
             f.httpd.url()

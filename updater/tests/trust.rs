@@ -105,7 +105,7 @@ fn a_key_is_added_used_alone_then_the_old_one_is_refused() {
     assert_eq!(st["new_version"], "1.1.0", "{st}");
     assert_eq!(st["trust"]["usr"]["version"], 2, "{st}");
     assert_eq!(st["trust"]["usr"]["keys"].as_array().map(Vec::len), Some(2));
-    let chain = f.root.join(nimbus::trust::ROOT_CHAIN_DIR);
+    let chain = f.root.join(nimbus::paths::TRUST_CHAIN_ROOT);
     assert!(chain.join("2.json").is_file() && chain.join("2.json.sig").is_file());
     // USR-A is not proven in the fixture: nothing goes to the ESP yet.
     assert!(esp_versions(&f.disk).is_empty());
@@ -206,7 +206,7 @@ fn two_of_three_keys_must_sign() {
     // The host's built-in set: 2 of {1, 2, 3}. Its running slot is signed
     // by two of them.
     let trust = TrustDoc::initial([k1.public(), k2.public(), k3.public()], 2);
-    std::fs::write(f.root.join(nimbus::trust::USR_TRUST), trust.to_bytes()).unwrap();
+    std::fs::write(f.root.join(nimbus::paths::TRUST_USR), trust.to_bytes()).unwrap();
     let cur = build_signed(w, "1.0.0", 2, f.usr_size, &[&k1, &k3], &trust);
     support::make_disk(&f.disk, f.usr_size, &cur.slot);
     // A repository of this key set's own.
@@ -289,8 +289,9 @@ fn rotations_on_the_esp_count_when_root_lost_them() {
     support::make_disk(&f.disk, f.usr_size, &cur.slot);
     support::format_esp(&f.disk);
     esp.with(true, &mut |fs| {
-        nimbus::esp::write_chain(
+        nimbus::chain::write(
             fs,
+            nimbus::esp::CHAIN_DIR,
             &[nimbus::trust::Link {
                 version: 2,
                 bytes: bytes.clone(),

@@ -45,7 +45,7 @@ use base64::Engine;
 use crate::e2e::Ssh;
 use crate::{e2e, httpd, qemu};
 
-const LOCK_KEY: &str = "coreos.com/updateengine/rebootlock/semaphore";
+use nimbus::etcd_keys::REBOOT_LOCK as LOCK_KEY;
 /// Each drain and reactivation may take this long (update.conf HOOK_TIMEOUT):
 /// on a slow 2-core machine a container has taken over 60 s to start, and a
 /// drain cut short there only hands its tasks to the next host to drain.

@@ -53,15 +53,18 @@ impl TrustKeeper {
     /// A rotation that does not verify is reported and left out, never
     /// fatal: the host keeps the sets it could check.
     pub fn load(host: &Host) -> Result<TrustKeeper, UpdateError> {
-        let p = host.root.join(nimbus::trust::USR_TRUST);
+        let p = host.root.join(nimbus::paths::TRUST_USR);
         let builtin = nimbus::trust::load(&p).map_err(|e| UpdateError::Config {
             path: p.clone(),
             reason: e.to_string(),
         })?;
-        let dir = host.root.join(nimbus::trust::ROOT_CHAIN_DIR);
-        let (mut links, mut read_err) = match nimbus::trust::read_chain_dir(&dir) {
+        let dir = host.root.join(nimbus::paths::TRUST_CHAIN_ROOT);
+        let (mut links, mut read_err) = match nimbus::chain::read(
+            &nimbus::esp::DirEsp(host.root.clone()),
+            nimbus::paths::TRUST_CHAIN_ROOT,
+        ) {
             Ok(l) => (l, None),
-            Err(e) => (Vec::new(), Some(e.to_string())),
+            Err(e) => (Vec::new(), Some(format!("{}: {e}", dir.display()))),
         };
         let esp_links = match read_esp_chain(&*host.esp) {
             Ok(l) => l,
@@ -137,7 +140,7 @@ impl TrustKeeper {
         host: &Host,
         server: &str,
     ) -> Result<(), UpdateError> {
-        let dir = host.root.join(nimbus::trust::ROOT_CHAIN_DIR);
+        let dir = host.root.join(nimbus::paths::TRUST_CHAIN_ROOT);
         for _ in 0..nimbus::trust::MAX_CHAIN {
             let next = self.view.newest().version + 1;
             let url = format!("{server}/{}", nimbus::trust::repo_path(next));
@@ -162,9 +165,9 @@ impl TrustKeeper {
                 bytes,
                 sigs,
             };
-            nimbus::esp::write_chain_in(
+            nimbus::chain::write(
                 &nimbus::esp::DirEsp(host.root.clone()),
-                nimbus::trust::ROOT_CHAIN_DIR,
+                nimbus::paths::TRUST_CHAIN_ROOT,
                 std::slice::from_ref(&link),
             )
             .map_err(|e| UpdateError::Config {
@@ -225,10 +228,9 @@ impl TrustKeeper {
             .cloned()
             .collect();
         if !missing.is_empty() {
-            if let Err(e) = host
-                .esp
-                .with(true, &mut |fs| nimbus::esp::write_chain(fs, &missing))
-            {
+            if let Err(e) = host.esp.with(true, &mut |fs| {
+                nimbus::chain::write(fs, nimbus::esp::CHAIN_DIR, &missing)
+            }) {
                 tracing::warn!("copying trust rotations to the ESP: {e}");
                 return;
             }
@@ -265,7 +267,7 @@ impl TrustKeeper {
 fn read_esp_chain(esp: &dyn nimbus::esp::Esp) -> Result<Vec<Link>, nimbus::esp::EspError> {
     let mut out = Vec::new();
     esp.with(false, &mut |fs| {
-        out = nimbus::esp::read_chain(fs)?;
+        out = nimbus::chain::read(fs, nimbus::esp::CHAIN_DIR)?;
         Ok(())
     })?;
     Ok(out)

@@ -483,7 +483,7 @@ fn the_trust_keeper_alone_learns_a_rotation_and_refuses_a_forged_one() {
     assert!(matches!(e, UpdateError::Trust { .. }), "{e}");
     assert!(e.to_string().contains("trust/3.json"), "{e}");
     assert_eq!(trust.view().newest().version, 2);
-    let chain = w.root.join(nimbus::trust::ROOT_CHAIN_DIR);
+    let chain = w.root.join(nimbus::paths::TRUST_CHAIN_ROOT);
     assert!(chain.join("2.json").is_file() && chain.join("2.json.sig").is_file());
     assert!(!chain.join("3.json").exists());
     // Stage 1 keeps set 1 until the booted slot verifies under 2.

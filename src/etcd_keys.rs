@@ -1,0 +1,32 @@
+//! The etcd keys Nimbus hosts share, defined once for every writer and
+//! reader (update-engine, nimbus-swarm, the cluster harness).
+
+/// locksmith's reboot semaphore (etcd v2 layout, kept for compatibility
+/// with CoreOS fleets): `{"semaphore":N,"max":M,"holders":[...]}`.
+pub const REBOOT_LOCK: &str = "coreos.com/updateengine/rebootlock/semaphore";
+
+/// The semaphore of `REBOOT_GROUP` (update.conf), or the default one.
+pub fn reboot_lock(group: Option<&str>) -> String {
+    match group {
+        Some(g) if !g.is_empty() => {
+            format!("coreos.com/updateengine/rebootlock/groups/{g}/semaphore")
+        }
+        _ => REBOOT_LOCK.to_string(),
+    }
+}
+
+/// Swarm join tokens, `<this>/<role>` (manager or worker).
+pub const SWARM_JOIN_TOKEN: &str = "nimbus/swarm/join-token";
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_group_has_its_own_semaphore() {
+        assert_eq!(super::reboot_lock(None), super::REBOOT_LOCK);
+        assert_eq!(super::reboot_lock(Some("")), super::REBOOT_LOCK);
+        assert_eq!(
+            super::reboot_lock(Some("db")),
+            "coreos.com/updateengine/rebootlock/groups/db/semaphore"
+        );
+    }
+}
