@@ -27,6 +27,7 @@ pub mod paths;
 pub mod release;
 pub mod repo;
 pub mod slots;
+pub mod swarmconf;
 pub mod trust;
 pub mod updateconf;
 pub mod verity;

@@ -64,38 +64,9 @@ pub struct NimbusSection {
 
 /// `nimbus.swarm`: this host's place in a Docker swarm. One manager has
 /// `init`; the others `join` the managers listed, with `join_token` or
-/// the token the init host published in etcd.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Swarm {
-    /// "manager" or "worker".
-    pub role: String,
-    pub init: bool,
-    pub advertise_addr: String,
-    pub listen_addr: Option<String>,
-    pub join: Vec<String>,
-    pub join_token: Option<String>,
-}
-
-impl Swarm {
-    /// `/etc/nimbus/swarm.conf`, as nimbus-swarm reads it.
-    pub fn render(&self) -> String {
-        let mut out =
-            String::from("# Written by cloud-config from nimbus.swarm; read by nimbus-swarm.\n");
-        out.push_str(&format!("ROLE={}\n", self.role));
-        out.push_str(&format!("INIT={}\n", if self.init { "yes" } else { "no" }));
-        out.push_str(&format!("ADVERTISE_ADDR={}\n", self.advertise_addr));
-        if let Some(l) = &self.listen_addr {
-            out.push_str(&format!("LISTEN_ADDR={l}\n"));
-        }
-        if !self.join.is_empty() {
-            out.push_str(&format!("JOIN={}\n", self.join.join(",")));
-        }
-        if let Some(t) = &self.join_token {
-            out.push_str(&format!("JOIN_TOKEN={t}\n"));
-        }
-        out
-    }
-}
+/// the token the init host published in etcd. Rendered as nimbus-swarm
+/// reads it by the contract's own `render`.
+pub use nimbus::swarmconf::SwarmConf as Swarm;
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct User {
@@ -1132,13 +1103,14 @@ fn nimbus_section(c: &mut Checker, n: &Node) -> NimbusSection {
         "swarm" => {
             let kl = c.key_line;
             let mut sw = Swarm::default();
+            let mut role = None;
             let mut ok = true;
             c.map(v, "nimbus.swarm", SWARM, |c, key, val| match key {
-                "role" => match c.string(val, "nimbus.swarm.role") {
-                    Some(r) if r == "manager" || r == "worker" => sw.role = r,
-                    Some(r) => {
+                "role" => match c.string(val, "nimbus.swarm.role").map(|r| r.parse::<nimbus::swarmconf::Role>()) {
+                    Some(Ok(r)) => role = Some(r),
+                    Some(Err(e)) => {
                         ok = false;
-                        c.error(val.line, format!("nimbus.swarm.role {r:?} is not manager or worker"));
+                        c.error(val.line, format!("nimbus.swarm.role {e}"));
                     }
                     None => ok = false,
                 },
@@ -1188,11 +1160,12 @@ fn nimbus_section(c: &mut Checker, n: &Node) -> NimbusSection {
                 _ => {}
             });
             if ok && matches!(v.kind, Kind::Map(_)) {
-                if sw.role.is_empty() {
+                sw.role = role.unwrap_or_default();
+                if role.is_none() {
                     c.error(kl, "nimbus.swarm needs `role` (manager or worker)");
                 } else if sw.advertise_addr.is_empty() {
                     c.error(kl, "nimbus.swarm needs `advertise_addr`: the address other hosts reach this one at");
-                } else if sw.init && sw.role != "manager" {
+                } else if sw.init && !sw.manager() {
                     c.error(kl, "nimbus.swarm: only a manager can `init` a swarm");
                 } else if sw.init && (!sw.join.is_empty() || sw.join_token.is_some()) {
                     c.error(kl, "nimbus.swarm: `init` starts a new swarm; it does not go with `join` or `join_token`");

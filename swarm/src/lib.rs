@@ -35,85 +35,23 @@ pub enum SwarmError {
     Gave(String),
 }
 
-/// `/etc/nimbus/swarm.conf` (written by cloud-config).
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct SwarmConf {
-    pub manager: bool,
-    pub init: bool,
-    pub advertise_addr: String,
-    pub listen_addr: Option<String>,
-    pub join: Vec<String>,
-    pub join_token: Option<String>,
-}
+/// `/etc/nimbus/swarm.conf` (written by cloud-config; the contract is
+/// `nimbus::swarmconf`).
+pub use nimbus::swarmconf::SwarmConf;
 
-impl SwarmConf {
-    pub fn parse(path: &str, text: &str) -> Result<SwarmConf, SwarmError> {
-        let mut c = SwarmConf::default();
-        let mut role = None;
-        for (i, l) in text.lines().enumerate() {
-            let t = l.trim();
-            if t.is_empty() || t.starts_with('#') {
-                continue;
-            }
-            let bad = |reason: String| SwarmError::Conf {
-                path: path.into(),
-                line: i + 1,
-                reason,
-            };
-            let (k, v) = t
-                .split_once('=')
-                .ok_or_else(|| bad(format!("expected KEY=value, found {t:?}")))?;
-            let v = v.trim().to_string();
-            match k.trim() {
-                "ROLE" => match v.as_str() {
-                    "manager" | "worker" => role = Some(v),
-                    _ => return Err(bad(format!("ROLE={v:?}: use manager or worker"))),
-                },
-                "INIT" => {
-                    c.init = match v.as_str() {
-                        "yes" | "true" => true,
-                        "no" | "false" => false,
-                        _ => return Err(bad(format!("INIT={v:?}: use yes or no"))),
-                    }
-                }
-                "ADVERTISE_ADDR" => c.advertise_addr = v,
-                "LISTEN_ADDR" => c.listen_addr = Some(v),
-                "JOIN" => {
-                    c.join = v
-                        .split(',')
-                        .map(|s| s.trim().to_string())
-                        .filter(|s| !s.is_empty())
-                        .collect()
-                }
-                "JOIN_TOKEN" => c.join_token = Some(v),
-                other => return Err(bad(format!("unknown key {other}"))),
-            }
-        }
-        let missing = |reason: &str| SwarmError::ConfMissing {
+/// Parse swarm.conf, the error naming the file.
+pub fn parse_conf(path: &str, text: &str) -> Result<SwarmConf, SwarmError> {
+    SwarmConf::parse(text).map_err(|e| match e.line {
+        Some(line) => SwarmError::Conf {
             path: path.into(),
-            reason: reason.into(),
-        };
-        let role = role.ok_or_else(|| missing("ROLE is not set"))?;
-        c.manager = role == "manager";
-        if c.advertise_addr.is_empty() {
-            return Err(missing("ADVERTISE_ADDR is not set"));
-        }
-        if c.init && !c.manager {
-            return Err(missing("INIT=yes needs ROLE=manager"));
-        }
-        if !c.init && c.join.is_empty() {
-            return Err(missing("JOIN is empty and INIT is not yes"));
-        }
-        Ok(c)
-    }
-
-    pub fn role(&self) -> &'static str {
-        if self.manager {
-            "manager"
-        } else {
-            "worker"
-        }
-    }
+            line,
+            reason: e.reason,
+        },
+        None => SwarmError::ConfMissing {
+            path: path.into(),
+            reason: e.reason,
+        },
+    })
 }
 
 /// The narrow seam to Docker: run the CLI, get its standard output.
@@ -764,13 +702,13 @@ mod tests {
     const TOKEN_W: &str = "SWMTKN-1-aaa-www";
 
     fn conf(text: &str) -> SwarmConf {
-        SwarmConf::parse("swarm.conf", text).expect("conf")
+        parse_conf("swarm.conf", text).expect("conf")
     }
 
     #[test]
     fn conf_parses_and_bad_lines_name_their_line() {
         let c = conf("# x\nROLE=manager\nINIT=no\nADVERTISE_ADDR=10.0.0.2\nJOIN=10.0.0.1:2377, 10.0.0.3:2377\n");
-        assert!(c.manager && !c.init);
+        assert!(c.manager() && !c.init);
         assert_eq!(c.join, ["10.0.0.1:2377", "10.0.0.3:2377"]);
         for (text, frag) in [
             ("ROLE=boss\n", "line 1: ROLE=\"boss\""),
@@ -783,9 +721,7 @@ mod tests {
             ("ROLE=worker\nnonsense\n", "line 2: expected KEY=value"),
             ("ROLE=worker\nCOLOUR=red\n", "line 2: unknown key COLOUR"),
         ] {
-            let e = SwarmConf::parse("swarm.conf", text)
-                .unwrap_err()
-                .to_string();
+            let e = parse_conf("swarm.conf", text).unwrap_err().to_string();
             assert!(e.contains(frag), "{text:?}: {e}");
         }
     }

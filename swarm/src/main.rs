@@ -9,7 +9,7 @@ use std::process::{Command, ExitCode};
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use nimbus_swarm::{Docker, RealWaiter, SwarmConf, SwarmError, Tokens, TOKEN_KEY};
+use nimbus_swarm::{Docker, RealWaiter, SwarmError, Tokens, TOKEN_KEY};
 
 #[derive(Parser)]
 #[command(
@@ -120,7 +120,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     return Ok(ExitCode::from(2));
                 }
             };
-            let conf = match SwarmConf::parse(&path.display().to_string(), &text) {
+            let conf = match nimbus_swarm::parse_conf(&path.display().to_string(), &text) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("nimbus-swarm: {e}");

@@ -1,0 +1,205 @@
+//! `/etc/nimbus/swarm.conf`: this host's place in a Docker swarm, written
+//! by cloud-config from `nimbus.swarm` and read by nimbus-swarm. Rendered
+//! and parsed here only, so the two sides cannot drift apart.
+
+/// A swarm node's role.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Role {
+    Manager,
+    #[default]
+    Worker,
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Manager => "manager",
+            Role::Worker => "worker",
+        }
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Role, String> {
+        match s {
+            "manager" => Ok(Role::Manager),
+            "worker" => Ok(Role::Worker),
+            _ => Err(format!("{s:?} is not manager or worker")),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SwarmConf {
+    pub role: Role,
+    /// Start the swarm here (one manager of the cluster).
+    pub init: bool,
+    /// The address other hosts reach this one at (IP, IP:port, interface).
+    pub advertise_addr: String,
+    pub listen_addr: Option<String>,
+    /// Managers to join (host or IP, optionally :port).
+    pub join: Vec<String>,
+    /// The token to join with; else the one published in etcd
+    /// ([`crate::etcd_keys::SWARM_JOIN_TOKEN`]).
+    pub join_token: Option<String>,
+}
+
+/// What is wrong with a file; `line` when one line is to blame.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}{reason}", line.map(|l| format!("line {l}: ")).unwrap_or_default())]
+pub struct ConfError {
+    pub line: Option<usize>,
+    pub reason: String,
+}
+
+impl SwarmConf {
+    pub fn manager(&self) -> bool {
+        self.role == Role::Manager
+    }
+
+    pub fn role(&self) -> &'static str {
+        self.role.name()
+    }
+
+    /// The whole rule set, for a value built in code (cloud-config) or
+    /// parsed.
+    pub fn check(&self) -> Result<(), String> {
+        if self.advertise_addr.is_empty() {
+            return Err("ADVERTISE_ADDR is not set".into());
+        }
+        if self.init && !self.manager() {
+            return Err("INIT=yes needs ROLE=manager".into());
+        }
+        if !self.init && self.join.is_empty() {
+            return Err("JOIN is empty and INIT is not yes".into());
+        }
+        Ok(())
+    }
+
+    pub fn render(&self) -> String {
+        let mut out =
+            String::from("# Written by cloud-config from nimbus.swarm; read by nimbus-swarm.\n");
+        out.push_str(&format!("ROLE={}\n", self.role()));
+        out.push_str(&format!("INIT={}\n", if self.init { "yes" } else { "no" }));
+        out.push_str(&format!("ADVERTISE_ADDR={}\n", self.advertise_addr));
+        if let Some(l) = &self.listen_addr {
+            out.push_str(&format!("LISTEN_ADDR={l}\n"));
+        }
+        if !self.join.is_empty() {
+            out.push_str(&format!("JOIN={}\n", self.join.join(",")));
+        }
+        if let Some(t) = &self.join_token {
+            out.push_str(&format!("JOIN_TOKEN={t}\n"));
+        }
+        out
+    }
+
+    pub fn parse(text: &str) -> Result<SwarmConf, ConfError> {
+        let mut c = SwarmConf::default();
+        let mut role = None;
+        for (i, l) in text.lines().enumerate() {
+            let t = l.trim();
+            if t.is_empty() || t.starts_with('#') {
+                continue;
+            }
+            let bad = |reason: String| ConfError {
+                line: Some(i + 1),
+                reason,
+            };
+            let (k, v) = t
+                .split_once('=')
+                .ok_or_else(|| bad(format!("expected KEY=value, found {t:?}")))?;
+            let v = v.trim().to_string();
+            match k.trim() {
+                "ROLE" => role = Some(v.parse().map_err(|e| bad(format!("ROLE={e}")))?),
+                "INIT" => {
+                    c.init = match v.as_str() {
+                        "yes" | "true" => true,
+                        "no" | "false" => false,
+                        _ => return Err(bad(format!("INIT={v:?}: use yes or no"))),
+                    }
+                }
+                "ADVERTISE_ADDR" => c.advertise_addr = v,
+                "LISTEN_ADDR" => c.listen_addr = Some(v),
+                "JOIN" => {
+                    c.join = v
+                        .split(',')
+                        .map(|s| s.trim().to_string())
+                        .filter(|s| !s.is_empty())
+                        .collect()
+                }
+                "JOIN_TOKEN" => c.join_token = Some(v),
+                other => return Err(bad(format!("unknown key {other}"))),
+            }
+        }
+        let missing = |reason: String| ConfError { line: None, reason };
+        c.role = role.ok_or_else(|| missing("ROLE is not set".into()))?;
+        c.check().map_err(missing)?;
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_is_rendered_parses_back_the_same() {
+        for c in [
+            SwarmConf {
+                role: Role::Manager,
+                init: true,
+                advertise_addr: "10.0.0.1".into(),
+                ..SwarmConf::default()
+            },
+            SwarmConf {
+                role: Role::Worker,
+                init: false,
+                advertise_addr: "eth1".into(),
+                listen_addr: Some("0.0.0.0:2377".into()),
+                join: vec!["10.0.0.1:2377".into(), "m2".into()],
+                join_token: Some("SWMTKN-1-aaa-www".into()),
+            },
+        ] {
+            assert_eq!(SwarmConf::parse(&c.render()).unwrap(), c);
+        }
+    }
+
+    #[test]
+    fn bad_files_name_their_line_or_what_is_missing() {
+        let c = SwarmConf::parse(
+            "# x\nROLE=manager\nINIT=no\nADVERTISE_ADDR=10.0.0.2\nJOIN=10.0.0.1:2377, 10.0.0.3:2377\n",
+        )
+        .unwrap();
+        assert!(c.manager() && !c.init);
+        assert_eq!(c.join, ["10.0.0.1:2377", "10.0.0.3:2377"]);
+        for (text, want) in [
+            (
+                "ROLE=boss\n",
+                "line 1: ROLE=\"boss\" is not manager or worker",
+            ),
+            (
+                "ROLE=worker\nINIT=yes\nADVERTISE_ADDR=a\n",
+                "INIT=yes needs ROLE=manager",
+            ),
+            (
+                "ROLE=worker\nADVERTISE_ADDR=a\n",
+                "JOIN is empty and INIT is not yes",
+            ),
+            ("ROLE=worker\nJOIN=a\n", "ADVERTISE_ADDR is not set"),
+            (
+                "ROLE=worker\nnonsense\n",
+                "line 2: expected KEY=value, found \"nonsense\"",
+            ),
+            ("ROLE=worker\nCOLOUR=red\n", "line 2: unknown key COLOUR"),
+            ("INIT=yes\n", "ROLE is not set"),
+        ] {
+            assert_eq!(
+                SwarmConf::parse(text).unwrap_err().to_string(),
+                want,
+                "{text:?}"
+            );
+        }
+    }
+}
