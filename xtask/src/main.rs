@@ -10,24 +10,16 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod bench;
-mod bench_delta;
-mod bench_impact;
-mod bench_rauc;
-mod bench_update;
 mod build_image;
-mod cluster;
 mod deps;
 mod disk;
-mod e2e;
-mod esp_states;
 mod fuzz;
 mod image_cache;
 mod ledger;
 mod powercut;
-mod powercut_fs;
-mod qemu;
-mod smoke;
-mod vmtest;
+mod vm;
+
+use vm::{cluster, e2e, qemu, smoke, vmtest};
 
 use nimbus_testkit::httpd;
 

@@ -1,4 +1,4 @@
-//! The default tier's VM test: `cargo xtask smoke` (see xtask/src/smoke.rs),
+//! The default tier's VM test: `cargo xtask smoke` (see xtask/src/vm/smoke.rs),
 //! one SeaBIOS guest life: the stage-1 bless through each state of the
 //! ESP, an update by delta, a release whose
 //! health check fails and rolls back, and a boot where dm-verity refuses a

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
-use crate::e2e::Ssh;
+use crate::vm::e2e::Ssh;
 
 const INIT: &str = "/usr/lib/nimbus/nimbus-init";
 const DEV: &str = "/dev/vda1";

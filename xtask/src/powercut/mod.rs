@@ -13,6 +13,8 @@
 //! slot; and the GPT must read back as the table of the last completed
 //! sync or of the one in flight, never anything else.
 
+pub mod fs;
+
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -600,7 +602,7 @@ pub fn run(points: usize) -> anyhow::Result<ExitCode> {
         esp: Arc::new(nimbus::esp::DirEsp(s.root.join("esp"))),
     };
     // The engine's file writes (state file, update.conf) are recorded too.
-    let root_before = crate::powercut_fs::snapshot(&s.root)?;
+    let root_before = crate::powercut::fs::snapshot(&s.root)?;
     // The host's files before the update, for the re-runs after each cut.
     let root_template = work.path().join("root-template");
     copy_tree(&s.root, &root_template)?;
@@ -742,9 +744,9 @@ pub fn run(points: usize) -> anyhow::Result<ExitCode> {
 
     // File writes: the engine's, then cloud-config's.
     let cloud = work.path().join("cloud-root");
-    crate::powercut_fs::cloud_root(&cloud)?;
-    let cloud_before = crate::powercut_fs::snapshot(&cloud)?;
-    let (data, problems) = nimbus_cloud_config::schema::check(crate::powercut_fs::USER_DATA);
+    crate::powercut::fs::cloud_root(&cloud)?;
+    let cloud_before = crate::powercut::fs::snapshot(&cloud)?;
+    let (data, problems) = nimbus_cloud_config::schema::check(crate::powercut::fs::USER_DATA);
     let Some(nimbus_cloud_config::schema::UserData::CloudConfig(cfg)) = data else {
         bail!("the power-cut user-data does not validate: {problems:?}");
     };
@@ -771,9 +773,9 @@ pub fn run(points: usize) -> anyhow::Result<ExitCode> {
         ),
         ("cloud-config apply", &cloud_trace, &cloud_before),
     ] {
-        let r = crate::powercut_fs::check(trace, before, 6, 0x5eed);
-        let m = crate::powercut_fs::check(
-            &crate::powercut_fs::without_file_syncs(trace),
+        let r = crate::powercut::fs::check(trace, before, 6, 0x5eed);
+        let m = crate::powercut::fs::check(
+            &crate::powercut::fs::without_file_syncs(trace),
             before,
             6,
             0x5eed,
@@ -809,7 +811,7 @@ pub fn run(points: usize) -> anyhow::Result<ExitCode> {
         esp.replace(&nimbus::esp::Copy::A.kernel(), &k1)?;
         esp.replace(&nimbus::esp::Copy::A.initramfs(), &i1)?;
     }
-    let esp_before = crate::powercut_fs::snapshot(&esp_root)?;
+    let esp_before = crate::powercut::fs::snapshot(&esp_root)?;
     nimbus::durable::trace_start();
     let installed = nimbus::esp::install_stage1(
         &esp,
@@ -823,9 +825,9 @@ pub fn run(points: usize) -> anyhow::Result<ExitCode> {
     let esp_trace = nimbus::durable::trace_take();
     installed?;
     let whole = [(k1, i1), (k2, i2)];
-    let r = crate::powercut_fs::esp_check(&esp_trace, &esp_before, &esp_root, &whole, 6, 0x5eed);
-    let m = crate::powercut_fs::esp_check(
-        &crate::powercut_fs::without_file_syncs(&esp_trace),
+    let r = crate::powercut::fs::esp_check(&esp_trace, &esp_before, &esp_root, &whole, 6, 0x5eed);
+    let m = crate::powercut::fs::esp_check(
+        &crate::powercut::fs::without_file_syncs(&esp_trace),
         &esp_before,
         &esp_root,
         &whole,

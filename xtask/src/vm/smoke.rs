@@ -31,8 +31,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Args;
 
-use crate::e2e::{build, cgpt, expect, good_boot, Ssh, Steps};
-use crate::{httpd, qemu};
+use crate::httpd;
+use crate::vm::e2e::{build, cgpt, expect, good_boot, Ssh, Steps};
+use crate::vm::qemu;
 
 #[derive(Args)]
 pub struct Smoke {
@@ -252,7 +253,7 @@ fn story(work: &Path) -> anyhow::Result<()> {
     }
     steps.done("1.0.0 boots under SeaBIOS (GRUB, stage 1, verity, kexec on this first boot), is marked good; etcd and update-engine active; the shutdown hook takes links down");
 
-    let rows = crate::esp_states::run(&ssh)?;
+    let rows = crate::vm::esp_states::run(&ssh)?;
     steps.done(&format!(
         "stage 1 blessed through each state of the ESP: {}",
         rows.join("; ")

@@ -348,9 +348,9 @@ pub fn bench_update(level: i32) -> anyhow::Result<std::process::ExitCode> {
         std::fs::remove_file(&disk1)?;
         Ok(secs)
     })?;
-    let rauc = crate::bench_rauc::install_median(&work, &zst1, p1.raw_size, usr1, None)?;
+    let rauc = crate::bench::rauc::install_median(&work, &zst1, p1.raw_size, usr1, None)?;
     let rauc_zstd =
-        crate::bench_rauc::install_median(&work, &zst1, p1.raw_size, usr1, Some("-comp zstd"))?;
+        crate::bench::rauc::install_median(&work, &zst1, p1.raw_size, usr1, Some("-comp zstd"))?;
     let usr4 = (p4.raw_size + 64 * MIB).next_multiple_of(MIB);
     let (disk4, root4) = host(&work, "host4", usr4, &key, &srv.url())?;
     std::fs::write(

@@ -2,6 +2,11 @@
 //! prints a table, writes it to docs/, and compares against a baseline
 //! measured in the same run.
 
+pub mod delta;
+pub mod impact;
+pub mod rauc;
+pub mod update;
+
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -46,9 +51,9 @@ pub enum BenchCmd {
 
 pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
     match cmd {
-        BenchCmd::Update { level } => crate::bench_update::bench_update(level),
-        BenchCmd::Delta => crate::bench_delta::bench_delta(),
-        BenchCmd::Impact => crate::bench_impact::bench_impact(),
+        BenchCmd::Update { level } => crate::bench::update::bench_update(level),
+        BenchCmd::Delta => crate::bench::delta::bench_delta(),
+        BenchCmd::Impact => crate::bench::impact::bench_impact(),
         BenchCmd::Build { skip_cold } => bench_build(skip_cold),
         BenchCmd::Boot { image, runs } => bench_boot(image, runs),
     }

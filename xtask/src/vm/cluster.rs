@@ -42,8 +42,9 @@ use anyhow::{bail, Context};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 
-use crate::e2e::Ssh;
-use crate::{e2e, httpd, qemu};
+use crate::httpd;
+use crate::vm::e2e::Ssh;
+use crate::vm::{e2e, qemu};
 
 use nimbus::etcd_keys::REBOOT_LOCK as LOCK_KEY;
 /// Each drain and reactivation may take this long (update.conf HOOK_TIMEOUT):
@@ -265,8 +266,8 @@ nimbus:
         cluster = cluster.join(","),
         endpoints = endpoints.join(","),
         mac = mac(i),
-        canary = crate::smoke::canary_unit(),
-        health_units = crate::smoke::canary_health_units(),
+        canary = crate::vm::smoke::canary_unit(),
+        health_units = crate::vm::smoke::canary_health_units(),
     )
 }
 
@@ -1055,7 +1056,7 @@ fn story(a: &ClusterArgs, work: &Path) -> anyhow::Result<()> {
     step(&t0, "built N+1 (1.1.0)");
     let broken = if a.faults {
         // Its health check fails through the user-data's canary unit.
-        let (b, _) = e2e::build(work, crate::smoke::BROKEN_VERSION, &[])?;
+        let (b, _) = e2e::build(work, crate::vm::smoke::BROKEN_VERSION, &[])?;
         step(&t0, "built N+2 (1.2.0, fails its health check)");
         Some(b)
     } else {
@@ -1662,7 +1663,7 @@ fn fault_bad_health(
         "1.2.0 was given up",
         &format!(
             "health check failed: required unit {} is failed",
-            crate::smoke::CANARY
+            crate::vm::smoke::CANARY
         ),
         "back on 1.1.0",
         "running:   1.1.0",

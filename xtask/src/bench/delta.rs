@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 
-use crate::bench_update::run_engine;
+use crate::bench::update::run_engine;
 use crate::{build_image, httpd};
 
 /// A package with a few dependencies of its own: what "install one more
@@ -28,7 +28,7 @@ fn build(work: &Path, version: &str, extra: &[&str], tag: &str) -> anyhow::Resul
     // this: a different tag is a one-line change to every binary.
     std::env::set_var("NIMBUS_BUILD_TAG", tag);
     eprintln!("bench delta: building {version} {extra:?} (build tag {tag:?}) ...");
-    let (out, opts) = crate::e2e::build(work, version, extra)?;
+    let (out, opts) = crate::vm::e2e::build(work, version, extra)?;
     std::env::remove_var("NIMBUS_BUILD_TAG");
     Ok(Build {
         dir: out,
@@ -126,7 +126,7 @@ pub fn bench_delta() -> anyhow::Result<std::process::ExitCode> {
     let root = build_image::workspace_root();
     let work = root.join("target/nimbus/bench/delta");
     std::fs::create_dir_all(&work)?;
-    let bin = crate::bench_update::release_engine(&root)?;
+    let bin = crate::bench::update::release_engine(&root)?;
 
     let n = build(&work, "1.0.0", &[], "")?;
     let pkg = build(&work, "1.1.0", &["--extra-packages", PACKAGE], "")?;

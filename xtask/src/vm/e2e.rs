@@ -40,7 +40,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
-use crate::{build_image, httpd, qemu};
+use crate::vm::qemu;
+use crate::{build_image, httpd};
 
 fn user_data(port: u16, ssh_key: &str) -> String {
     format!(

@@ -15,7 +15,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use nimbus::layout::{Slot, MIB};
 
-use crate::bench_update::{payload_with, run_engine, source_fs};
+use crate::bench::update::{payload_with, run_engine, source_fs};
 use crate::httpd;
 
 const GIB: u64 = 1 << 30;
@@ -134,8 +134,8 @@ pub fn bench_impact() -> anyhow::Result<std::process::ExitCode> {
     let root = crate::build_image::workspace_root();
     let work = root.join("target/nimbus/bench/impact");
     std::fs::create_dir_all(&work)?;
-    let bin = crate::bench_update::release_engine(&root)?;
-    let key = crate::bench_update::bench_key(&work)?;
+    let bin = crate::bench::update::release_engine(&root)?;
+    let key = crate::bench::update::bench_key(&work)?;
     let src = source_fs(&root, &root.join("target/nimbus/bench/update"))?;
     let n = payload_with(&work, &src, "1.0.0", GIB, 6, &key, None)?;
     // N+1: the same data but 4 MiB rewritten, as a changed package.
@@ -150,7 +150,7 @@ pub fn bench_impact() -> anyhow::Result<std::process::ExitCode> {
         "impact",
         &[&key],
     ))?;
-    crate::bench_delta::publish_without_delta(&repo, &m, "impact-full", &key)?;
+    crate::bench::delta::publish_without_delta(&repo, &m, "impact-full", &key)?;
 
     // The host: USR-A holds N, USR-B is the passive slot.
     let usr = (n1.raw_size + 64 * MIB).next_multiple_of(MIB);
@@ -163,7 +163,7 @@ pub fn bench_impact() -> anyhow::Result<std::process::ExitCode> {
         "",
     )
     .map_err(|e| anyhow::anyhow!(e))?;
-    let disk = crate::bench_update::empty_host_disk(&host.join("disk.raw"), usr)?;
+    let disk = crate::bench::update::empty_host_disk(&host.join("disk.raw"), usr)?;
     write_slot_a(&disk, &n.dir.join("usr.img.zst"), n.raw_size)?;
 
     let probe = work.join("probe.dat");
