@@ -30,9 +30,9 @@ pub const FRAME_RAW: usize = FRAME_BLOCKS as usize * BLOCK;
 /// match is out of the question (2^-64 per pair), and a quarter of a full
 /// level 0. A wrong match could only make the final check fail.
 pub const HASH_LEN: usize = 8;
-/// An index larger than this is refused before it is read (a 4 GiB slot
-/// needs about 9 MiB).
-pub const MAX_INDEX_BYTES: u64 = 64 << 20;
+/// The largest index a client reads ([`crate::release`] checks manifests
+/// against it, so it lives there).
+pub use crate::release::MAX_INDEX_BYTES;
 /// A frame of 64 KiB never needs more than this compressed (zstd's bound
 /// for incompressible data is a few hundred bytes over).
 pub const MAX_FRAME_BYTES: u32 = FRAME_RAW as u32 + 4096;

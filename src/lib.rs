@@ -29,6 +29,7 @@ pub mod repo;
 pub mod slots;
 pub mod swarmconf;
 pub mod trust;
+pub mod units;
 pub mod updateconf;
 pub mod verity;
 

@@ -126,6 +126,9 @@ fn verify_one(
 // ---------------------------------------------------------------------------
 // Slot descriptor
 
+/// An index larger than this is refused before it is read (a 4 GiB slot
+/// needs about 9 MiB).
+pub const MAX_INDEX_BYTES: u64 = 64 << 20;
 pub const DESCRIPTOR_SIZE: usize = 4096;
 pub const DESCRIPTOR_MAGIC: &[u8; 8] = b"NIMBUSSD";
 pub const DESCRIPTOR_FORMAT: u32 = 2;
@@ -605,7 +608,7 @@ impl Manifest {
                 files.push(("stage1 initramfs", &s1.initramfs, MAX_STAGE1_FILE));
             }
             if let Some(d) = &r.delta {
-                files.push(("delta index", &d.index, crate::delta::MAX_INDEX_BYTES));
+                files.push(("delta index", &d.index, MAX_INDEX_BYTES));
                 files.push(("delta pack", &d.pack, r.raw_size.saturating_mul(2)));
             }
             for (name, f, max) in files {

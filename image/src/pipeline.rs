@@ -298,22 +298,6 @@ fn copy_tree(from: &Path, to: &Path) -> Result<(), ImageError> {
     )
 }
 
-fn install_targets(content: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut section = "";
-    for l in content.lines() {
-        let t = l.trim();
-        if t.starts_with('[') {
-            section = t;
-        } else if section == "[Install]" {
-            if let Some(v) = t.strip_prefix("WantedBy=") {
-                out.extend(v.split_whitespace().map(|s| format!("{s}.wants")));
-            }
-        }
-    }
-    out
-}
-
 fn customize(
     o: &BuildOptions,
     root: &Path,
@@ -348,8 +332,8 @@ fn customize(
         // Enabled in /usr (vendor links, as Flatcar does), not /etc: /etc is
         // on ROOT and only seeded on first boot, so a unit that an update
         // adds would otherwise never start on existing hosts.
-        for wants in install_targets(&u.content) {
-            let d = unitdir.join(&wants);
+        for (target, kind) in nimbus::units::install_targets(&u.content) {
+            let d = unitdir.join(format!("{target}{kind}"));
             fs::create_dir_all(&d).map_err(io_at(&d))?;
             let link = d.join(&u.name);
             let _ = fs::remove_file(&link);

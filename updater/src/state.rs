@@ -97,7 +97,7 @@ pub struct Stage1State {
 pub struct Reports {
     /// The last automatic rollback.
     #[serde(default)]
-    pub rollback: Option<crate::status::Rollback>,
+    pub rollback: Option<Rollback>,
     /// The state file was damaged and put aside.
     #[serde(default)]
     pub state_reset: Option<StateReset>,
@@ -180,6 +180,21 @@ pub struct Stage1Failure {
     /// booted a slot which then failed its health check is not blamed.
     pub blocked: bool,
     pub at: chrono::DateTime<chrono::Utc>,
+}
+
+/// A slot that was tried and never proven good, so the host went back to
+/// the one it runs now.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Rollback {
+    /// The version that failed (`None` when its descriptor is unreadable).
+    pub failed_version: Option<String>,
+    pub failed_slot: String,
+    /// The health check's words, or what is known without them.
+    pub reason: String,
+    /// When the failure was recorded, or detected when nothing recorded it.
+    pub at: chrono::DateTime<chrono::Utc>,
+    /// The version running after the rollback.
+    pub running_version: String,
 }
 
 /// A damaged state file, kept aside so updates go on.

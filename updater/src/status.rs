@@ -147,20 +147,7 @@ pub struct TrustStatus {
     pub chain_error: Option<String>,
 }
 
-/// A slot that was tried and never proven good, so the host went back to
-/// the one it runs now.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct Rollback {
-    /// The version that failed (`None` when its descriptor is unreadable).
-    pub failed_version: Option<String>,
-    pub failed_slot: String,
-    /// The health check's words, or what is known without them.
-    pub reason: String,
-    /// When the failure was recorded, or detected when nothing recorded it.
-    pub at: DateTime<Utc>,
-    /// The version running after the rollback.
-    pub running_version: String,
-}
+pub use crate::state::Rollback;
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ApplyReport {

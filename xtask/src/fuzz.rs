@@ -207,7 +207,7 @@ pub fn run(
         let doc = format!(
             "# Fuzzing\n\nTargets in `fuzz/fuzz_targets/` (cargo-fuzz, libFuzzer, sanitizer: {sanitizer}), run with\n`cargo xtask fuzz --seconds {seconds} --sanitizer {sanitizer} --record` on {}:\n\n{table}\n\
              Inputs that crashed become regression tests next to the code they broke; none so far.\n",
-            crate::bench::machine()
+            crate::bench::common::machine()
         );
         std::fs::write(root.join("docs/fuzz.md"), doc)?;
     }

@@ -23,32 +23,7 @@ pub(super) fn template_of(name: &str) -> Option<String> {
     Some(format!("{prefix}@{}", &rest[dot..]))
 }
 
-/// WantedBy=/RequiredBy= targets from a unit's [Install] section.
-pub(super) fn install_targets(content: &str) -> Vec<(String, &'static str)> {
-    let mut out = Vec::new();
-    let mut in_install = false;
-    for line in content.lines() {
-        let t = line.trim();
-        if t.starts_with('[') {
-            in_install = t == "[Install]";
-            continue;
-        }
-        if !in_install {
-            continue;
-        }
-        if let Some((k, v)) = t.split_once('=') {
-            let kind = match k.trim() {
-                "WantedBy" => ".wants",
-                "RequiredBy" => ".requires",
-                _ => continue,
-            };
-            for target in v.split_whitespace() {
-                out.push((target.to_string(), kind));
-            }
-        }
-    }
-    out
-}
+pub(super) use nimbus::units::install_targets;
 
 pub(super) fn find_unit_file(root: &Root, name: &str, dir: &str) -> Option<(String, String)> {
     let file = template_of(name).unwrap_or_else(|| name.to_string());

@@ -172,7 +172,7 @@ pub fn bench_delta() -> anyhow::Result<std::process::ExitCode> {
     let pct = |r: &Run, full: u64| r.fetched as f64 * 100.0 / full as f64;
     let mut t = String::new();
     writeln!(t, "# bench delta\n")?;
-    writeln!(t, "Machine: {}. N = `cargo xtask build-image --version 1.0.0` (the default image); each target built from the same checkout with the change named; applied in host mode by the release update-engine to a copy of N's disk over loopback HTTP, first by delta, then from the full payload (the same release on a channel without delta files). Fetched = every byte of index, pack ranges or payload the server sent. Command: `cargo xtask bench delta`.\n", crate::bench::machine())?;
+    writeln!(t, "Machine: {}. N = `cargo xtask build-image --version 1.0.0` (the default image); each target built from the same checkout with the change named; applied in host mode by the release update-engine to a copy of N's disk over loopback HTTP, first by delta, then from the full payload (the same release on a channel without delta files). Fetched = every byte of index, pack ranges or payload the server sent. Command: `cargo xtask bench delta`.\n", crate::bench::common::machine())?;
     writeln!(t, "| target | full payload MB | delta fetched MB | % of full | requests | delta s | full s | delta/full time | delta peak RSS MiB | full peak RSS MiB |")?;
     writeln!(t, "|---|---|---|---|---|---|---|---|---|---|")?;
     for (name, full, d, f) in &rows {

@@ -255,7 +255,7 @@ pub fn bench_impact() -> anyhow::Result<std::process::ExitCode> {
     let p99 = |s: &Scenario| s.read.p99_us.max(s.write.p99_us);
     let mut t = String::new();
     writeln!(t, "# bench impact\n")?;
-    writeln!(t, "Machine: {}. Workload: fio, 4 KiB random reads and O_SYNC writes, {IOPS}/s each, direct I/O, on a 256 MiB file on the same disk as the slot, {SECS} s per row. Updates: update-engine (release) applying a 1 GiB slot (USR-A's data repeated; N+1 = N with 4 MiB rewritten) to the passive slot of a disk image on that disk, again and again for the whole row. Command: `cargo xtask bench impact`.\n", crate::bench::machine())?;
+    writeln!(t, "Machine: {}. Workload: fio, 4 KiB random reads and O_SYNC writes, {IOPS}/s each, direct I/O, on a 256 MiB file on the same disk as the slot, {SECS} s per row. Updates: update-engine (release) applying a 1 GiB slot (USR-A's data repeated; N+1 = N with 4 MiB rewritten) to the passive slot of a disk image on that disk, again and again for the whole row. Command: `cargo xtask bench impact`.\n", crate::bench::common::machine())?;
     writeln!(t, "| scenario | updates applied | read p50 us | read p99 us | write p50 us | write p99 us | p50 ratio | p99 ratio |")?;
     writeln!(t, "|---|---|---|---|---|---|---|---|")?;
     for s in [&idle, &full, &delta, &low, &off] {

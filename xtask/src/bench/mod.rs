@@ -2,10 +2,13 @@
 //! prints a table, writes it to docs/, and compares against a baseline
 //! measured in the same run.
 
+pub mod common;
 pub mod delta;
 pub mod impact;
 pub mod rauc;
 pub mod update;
+
+pub use common::machine;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -74,31 +77,6 @@ fn stage(r: &nimbus_image::pipeline::BuildReport, name: &str) -> f64 {
         .filter(|s| s.stage == name)
         .map(|s| s.seconds)
         .sum()
-}
-
-pub fn machine() -> String {
-    let cpus = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
-    let mem = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .next()
-                .map(|l| l.split_whitespace().nth(1).unwrap_or("0").to_string())
-        })
-        .and_then(|kb| kb.parse::<u64>().ok())
-        .map(|kb| kb >> 20)
-        .unwrap_or(0);
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_default();
-    format!("{cpus} cores ({model}), {mem} GiB")
 }
 
 fn bench_build(skip_cold: bool) -> anyhow::Result<ExitCode> {

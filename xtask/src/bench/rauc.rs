@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
-use crate::bench::update::{median3, timed_sh};
+use crate::bench::common::{median3, timed_sh};
 
 fn run(cmd: &mut Command, what: &str) -> anyhow::Result<String> {
     let out = cmd

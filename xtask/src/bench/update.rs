@@ -12,6 +12,7 @@ use nimbus::keys::ReleaseKey;
 use nimbus::layout::{Slot, MIB};
 use semver::Version;
 
+use crate::bench::common::{median3, timed_sh};
 use crate::httpd;
 use nimbus_testkit::host;
 
@@ -277,22 +278,6 @@ pub fn bench_key(work: &Path) -> anyhow::Result<ReleaseKey> {
     })
 }
 
-/// The median of three runs of `f`.
-pub fn median3(mut f: impl FnMut() -> anyhow::Result<f64>) -> anyhow::Result<f64> {
-    let mut v = [f()?, f()?, f()?];
-    v.sort_by(f64::total_cmp);
-    Ok(v[1])
-}
-
-pub fn timed_sh(script: &str) -> anyhow::Result<f64> {
-    let t0 = Instant::now();
-    let st = Command::new("bash").arg("-c").arg(script).status()?;
-    if !st.success() {
-        bail!("`{script}` failed: {st}");
-    }
-    Ok(t0.elapsed().as_secs_f64())
-}
-
 pub fn bench_update(level: i32) -> anyhow::Result<std::process::ExitCode> {
     let root = crate::build_image::workspace_root();
     let work = root.join("target/nimbus/bench/update");
@@ -391,7 +376,7 @@ pub fn bench_update(level: i32) -> anyhow::Result<std::process::ExitCode> {
     let mib = |k: u64| k.div_ceil(1024);
     let mut t = String::new();
     writeln!(t, "# bench update\n")?;
-    writeln!(t, "Machine: {}. Payload: {:.0} MB raw (USR-A of the built image repeated to 1 GiB, sealed with verity + descriptor), zstd -{level} in 32 MiB frames = {:.0} MB; served over loopback HTTP; slot = sparse file on the same disk. Each row is the median of 3 runs, each after reading its input once. Command: `cargo xtask bench update`.\n", crate::bench::machine(), raw_mb, p1.compressed as f64 / 1e6)?;
+    writeln!(t, "Machine: {}. Payload: {:.0} MB raw (USR-A of the built image repeated to 1 GiB, sealed with verity + descriptor), zstd -{level} in 32 MiB frames = {:.0} MB; served over loopback HTTP; slot = sparse file on the same disk. Each row is the median of 3 runs, each after reading its input once. Command: `cargo xtask bench update`.\n", crate::bench::common::machine(), raw_mb, p1.compressed as f64 / 1e6)?;
     writeln!(t, "| what | seconds | MB/s (raw) | vs update-engine |")?;
     writeln!(t, "|---|---|---|---|")?;
     writeln!(t, "| update-engine --once (download, 2x sha256, decode, O_DIRECT write, verify, flip) | {engine1:.2} | {:.0} | 1.00 |", raw_mb / engine1)?;
