@@ -214,9 +214,9 @@ pub fn write_group(root: &Path, name: &str) -> Result<(), UpdateError> {
         std::fs::create_dir_all(dir).map_err(io_at(dir))?;
     }
     nimbus::durable::write_atomic_keep_mode(&path, conf.render().as_bytes(), conf.new_file_mode())
-        .map_err(|e| UpdateError::Config {
+        .map_err(|e| UpdateError::Io {
             path: path.clone(),
-            reason: e.to_string(),
+            source: std::io::Error::other(e.to_string()),
         })
 }
 
