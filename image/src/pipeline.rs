@@ -354,6 +354,14 @@ fn customize(
             std::os::unix::fs::symlink(format!("../{unit}"), &link).map_err(io_at(&link))?;
         }
     }
+    // The journal persists on ROOT, as on Flatcar: after a rollback or a
+    // stalled rolling update the operator reads the boot that failed
+    // (`journalctl -b -1`), which a volatile journal lost with the reboot.
+    // Capped so that logs never fill ROOT (and out of RAM: /run is memory).
+    w(
+        &root.join("usr/lib/systemd/journald.conf.d/10-nimbus.conf"),
+        b"# Nimbus default: a persistent journal on ROOT, capped.\n[Journal]\nStorage=persistent\nSystemMaxUse=64M\n",
+    )?;
     // Networking: DHCP on every wired NIC through systemd-networkd (in the
     // systemd package), so update-engine reaches its server on first boot.
     // Operators override it with a .network file in /etc/systemd/network.

@@ -266,6 +266,8 @@ fn build_image_end_to_end() {
         "lib/systemd/system/multi-user.target.wants/update-engine.service",
         "lib/systemd/system/multi-user.target.wants/nimbus-mark-good.service",
         "share/nimbus/update.conf",
+        // The journal persists on ROOT (journalctl -b -1 after a rollback).
+        "lib/systemd/journald.conf.d/10-nimbus.conf",
         "lib/nimbus/boot/vmlinuz",
         "share/factory/etc/passwd",
     ] {

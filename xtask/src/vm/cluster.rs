@@ -625,8 +625,9 @@ impl Probe {
 
     /// What etcd and update-engine on each host logged about leaders,
     /// slow requests and the update's steps around the seconds etcd was
-    /// out: their account (the journals are volatile, so this is read
-    /// before the hosts go).
+    /// out: their account (the journals persist on ROOT, so it spans the
+    /// hosts' reboots). The whole window of every service goes to
+    /// `outage-journal.txt` beside each host's console, for the reader.
     fn journals_if_etcd_was_down(&self, hosts: &[Host]) {
         // The first and last second without etcd: the journals are read
         // from two minutes before the first (what led up to it: an install,
@@ -646,7 +647,7 @@ impl Probe {
             return;
         };
         const PICK: &str =
-            "leader|election|took too long|heartbeat|lost|slow|full payload|delta plan|written to partition|taken by|released by|hooks?: |Rebooting";
+            "leader|election|candidate|overloaded|fdatasync|took too long|heartbeat|lost|slow|full payload|delta plan|written to partition|taken by|released by|hooks?: |Rebooting";
         let (since, until) = (
             (self.unix0 + first).saturating_sub(120),
             self.unix0 + last + 30,
@@ -656,6 +657,10 @@ impl Probe {
             self.unix0
         );
         for h in hosts {
+            let all = format!("journalctl --no-pager -o short-unix --since @{since} --until @{until}");
+            if let (Ok(o), Some(dir)) = (h.ssh.run(&all), h.console.parent()) {
+                let _ = std::fs::write(dir.join("outage-journal.txt"), &o.stdout);
+            }
             let cmd = format!(
                 "journalctl --no-pager -o short-unix -u etcd -u update-engine --since @{since} --until @{until} | grep -E '{PICK}' | tail -120"
             );
