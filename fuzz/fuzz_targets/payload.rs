@@ -15,6 +15,7 @@ use libfuzzer_sys::fuzz_target;
 use nimbus_updater::apply::{run, Job};
 use nimbus_updater::fetch::Http;
 use nimbus_updater::target::{SlotDevice, SlotIo};
+use nimbus_updater::writer::{Limits, Stream};
 
 const SLOT: u64 = 256 * 1024;
 
@@ -76,17 +77,17 @@ fuzz_target!(|data: &[u8]| {
     let progress = |_p: nimbus_updater::status::Progress| {};
     let checkpoint = |_c: &nimbus_updater::state::Checkpoint| -> Result<(), nimbus_updater::error::UpdateError> { Ok(()) };
     let job = Job {
-        http: &http,
+        stream: Stream {
+            http: &http,
+            release: &release,
+            slot: &slot,
+            limits: Limits::default(),
+            cancel: &cancel,
+            progress: &progress,
+        },
         url: "file".into(),
         file: Some(&file),
-        release: &release,
-        slot: &slot,
         resume: None,
-        write_bps: None,
-        io_idle: false,
-        download_bps: None,
-        cancel: &cancel,
-        progress: &progress,
         checkpoint: &checkpoint,
     };
     // The hashes in the release are zeros: success is impossible, so any

@@ -7,7 +7,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else { return };
     if let Ok(mut c) = nimbus::updateconf::UpdateConf::parse(text) {
         let _ = nimbus_updater::config::EngineConfig::from_conf(&c);
-        let _ = nimbus_updater::config::etcd_from_conf(&c);
+        let _ = nimbus_etcd::options_from_conf(&c);
         c.set("GROUP", "beta");
         let again = nimbus::updateconf::UpdateConf::parse(&c.render()).expect("rendered conf parses");
         assert_eq!(again.get("GROUP"), Some("beta"));

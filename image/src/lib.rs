@@ -46,6 +46,38 @@ pub fn run_tool(cmd: &mut Command, what: &str) -> Result<(), ImageError> {
     Ok(())
 }
 
+/// What a tree copy keeps of the source's metadata.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Metadata {
+    /// Modes, owners, timestamps, links (`cp -a`): a root filesystem.
+    Keep,
+    /// Fresh files owned by the caller (`--no-preserve=all`): an image
+    /// handed out of the cache, which the user may then change or delete.
+    Fresh,
+}
+
+/// Copy the contents of `from` into the directory `to` (created if need
+/// be), with `cp`: reflinked where the filesystem can, sparse where it
+/// cannot (a 3 GiB raw image is mostly holes). What `to` held already
+/// stays unless a copied file replaces it.
+pub fn copy_tree(from: &Path, to: &Path, meta: Metadata) -> Result<(), ImageError> {
+    std::fs::create_dir_all(to).map_err(|source| ImageError::Io {
+        path: to.to_path_buf(),
+        source,
+    })?;
+    let keep = match meta {
+        Metadata::Keep => "-a",
+        Metadata::Fresh => "--no-preserve=all",
+    };
+    run_tool(
+        Command::new("cp")
+            .args(["-R", keep, "--reflink=auto", "--sparse=always"])
+            .arg(from.join("."))
+            .arg(to),
+        &format!("cp -R {} {}", from.display(), to.display()),
+    )
+}
+
 pub fn sha256_file(p: &Path) -> Result<String, ImageError> {
     use sha2::Digest;
     let mut f = std::fs::File::open(p).map_err(|source| ImageError::Io {

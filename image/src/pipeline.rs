@@ -287,17 +287,6 @@ fn signing(o: &BuildOptions) -> Result<Signing, ImageError> {
     Ok(Signing { keys, trust })
 }
 
-fn copy_tree(from: &Path, to: &Path) -> Result<(), ImageError> {
-    let _ = fs::remove_dir_all(to);
-    run_tool(
-        Command::new("cp")
-            .args(["-a", "--reflink=auto"])
-            .arg(from)
-            .arg(to),
-        "cp",
-    )
-}
-
 fn customize(
     o: &BuildOptions,
     root: &Path,
@@ -768,7 +757,8 @@ fn build_inner(o: &BuildOptions, progress: &mut dyn Progress) -> Result<BuildRep
     })?;
     let staging = work.join("root");
     let kver = st.run("customize", || {
-        copy_tree(&rootfs.dir, &staging)?;
+        let _ = fs::remove_dir_all(&staging);
+        crate::copy_tree(&rootfs.dir, &staging, crate::Metadata::Keep)?;
         let _ = fs::remove_file(staging.join(".complete"));
         let kver = rootfs::kernel_version(&staging)?;
         let m = customize(o, &staging, &signing, &kver)?;

@@ -83,7 +83,7 @@ fn redact(args: &[&str]) -> String {
         .join(" ")
 }
 
-struct Etcd(nimbus_updater::lock::LockClient);
+struct Etcd(nimbus_etcd::lock::LockClient);
 
 impl Tokens for Etcd {
     fn get(&mut self, role: &str) -> Result<Option<String>, SwarmError> {
@@ -102,9 +102,9 @@ impl Tokens for Etcd {
 
 fn etcd(root: &std::path::Path) -> anyhow::Result<Etcd> {
     let conf = nimbus::updateconf::UpdateConf::load_layered(root)?;
-    let opts = nimbus_updater::config::etcd_from_conf(&conf)
+    let opts = nimbus_etcd::options_from_conf(&conf)
         .map_err(|e| anyhow::anyhow!("{}: {e}", nimbus::updateconf::ETC_PATH))?;
-    Ok(Etcd(nimbus_updater::lock::LockClient::new(opts)?))
+    Ok(Etcd(nimbus_etcd::lock::LockClient::new(opts)?))
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {

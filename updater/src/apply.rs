@@ -14,15 +14,16 @@
 //! interrupted apply resumes there with an HTTP Range request after the
 //! slot's prefix has been hashed again and found to match.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::time::{Duration, Instant};
 
-use nimbus::release::{Release, DESCRIPTOR_SIZE};
+use nimbus::release::DESCRIPTOR_SIZE;
 use zstd::stream::raw::{DParameter, Decoder, InBuffer, Operation, OutBuffer};
 
 use crate::error::UpdateError;
-use crate::fetch::{Body, Transport};
+use crate::fetch::Body;
+use crate::writer::{SlotWriter, Stream};
 
 /// Where payload bytes come from: the repository, or a file (air-gapped).
 pub enum Source {
@@ -51,33 +52,22 @@ impl Source {
         }
     }
 }
-use crate::iolimit;
 use crate::sha::Sha256;
 use crate::state::Checkpoint;
 use crate::status::Progress;
-use crate::target::{AlignedBuf, SlotDevice};
+use crate::target::AlignedBuf;
 
 const NET_CHUNK: usize = 256 * 1024;
 const NET_QUEUE: usize = 16;
 const OUT_BUF: usize = 1 << 20;
 const OUT_BUFS: usize = 4;
-/// Checkpoint at the first frame boundary after this much time or data.
-const CHECKPOINT_EVERY: Duration = Duration::from_secs(2);
-const CHECKPOINT_BYTES: u64 = 256 << 20;
 
 pub struct Job<'a> {
-    pub http: &'a dyn Transport,
+    pub stream: Stream<'a>,
     pub url: String,
     /// Read the payload from this file instead of `url` (air-gapped apply).
     pub file: Option<&'a std::path::Path>,
-    pub release: &'a Release,
-    pub slot: &'a SlotDevice,
     pub resume: Option<Checkpoint>,
-    pub write_bps: Option<u64>,
-    pub io_idle: bool,
-    pub download_bps: Option<u64>,
-    pub cancel: &'a AtomicBool,
-    pub progress: &'a (dyn Fn(Progress) + Sync),
     pub checkpoint: &'a (dyn Fn(&Checkpoint) -> Result<(), UpdateError> + Sync),
 }
 
@@ -113,10 +103,10 @@ fn validate_resume(job: &Job<'_>) -> Result<Option<(u64, u64, Sha256, Sha256)>, 
     let Some(cp) = &job.resume else {
         return Ok(None);
     };
-    let r = job.release;
+    let r = job.stream.release;
     if cp.version != r.version.to_string()
         || cp.compressed_sha256 != r.compressed_sha256
-        || cp.partition != job.slot.partition
+        || cp.partition != job.stream.slot.partition
         || cp.raw_offset >= r.raw_size
         || cp.comp_offset >= r.compressed_size
         || cp.raw_offset % OUT_BUF as u64 != 0
@@ -136,7 +126,8 @@ fn validate_resume(job: &Job<'_>) -> Result<Option<(u64, u64, Sha256, Sha256)>, 
     let mut off = 0;
     while off < cp.raw_offset {
         let n = (cp.raw_offset - off).min(OUT_BUF as u64) as usize;
-        job.slot
+        job.stream
+            .slot
             .read_raw(r.raw_size, off, &mut buf.as_mut_slice()[..n])?;
         raw.update(&buf.as_slice()[..n]);
         off += n as u64;
@@ -157,13 +148,13 @@ fn validate_resume(job: &Job<'_>) -> Result<Option<(u64, u64, Sha256, Sha256)>, 
 }
 
 pub fn run(job: &Job<'_>) -> Result<Outcome, UpdateError> {
-    let r = job.release;
-    if r.raw_size > job.slot.size() || r.raw_size < 2 * DESCRIPTOR_SIZE as u64 {
+    let r = job.stream.release;
+    if r.raw_size > job.stream.slot.size() || r.raw_size < 2 * DESCRIPTOR_SIZE as u64 {
         return Err(UpdateError::TooLargeForSlot {
             version: r.version.to_string(),
             raw_size: r.raw_size,
-            partition: job.slot.partition,
-            slot_size: job.slot.size(),
+            partition: job.stream.slot.partition,
+            slot_size: job.stream.slot.size(),
         });
     }
     let mut start = validate_resume(job)?;
@@ -171,7 +162,7 @@ pub fn run(job: &Job<'_>) -> Result<Outcome, UpdateError> {
         let off = start.as_ref().map_or(0, |s| s.0);
         let b = match job.file {
             Some(p) => Source::File(std::fs::File::open(p).map_err(crate::error::io_at(p))?),
-            None => Source::Http(Box::new(job.http.get_from(&job.url, off)?)),
+            None => Source::Http(Box::new(job.stream.http.get_from(&job.url, off)?)),
         };
         if b.start() != off {
             tracing::info!("server ignored the Range request; downloading the whole payload");
@@ -233,7 +224,7 @@ pub fn run(job: &Job<'_>) -> Result<Outcome, UpdateError> {
             downloaded,
             resumed_from: comp_off,
             io_limit,
-            direct_io: job.slot.direct,
+            direct_io: job.stream.slot.direct,
             written: r.raw_size - raw_off,
             seconds: t0.elapsed().as_secs_f64(),
         })
@@ -247,13 +238,13 @@ fn download(
     start: u64,
     tx: SyncSender<Result<Vec<u8>, UpdateError>>,
 ) -> u64 {
-    let total = job.release.compressed_size;
+    let total = job.stream.release.compressed_size;
     let mut got = start;
     let t0 = Instant::now();
     let (mut last_t, mut last_n) = (t0, start);
-    let mut pacer = crate::fetch::Pacer::new(job.download_bps);
+    let mut pacer = crate::fetch::Pacer::new(job.stream.limits.download_bps);
     loop {
-        if job.cancel.load(Ordering::Relaxed) {
+        if job.stream.cancel.load(Ordering::Relaxed) {
             let _ = tx.send(Err(UpdateError::Cancelled));
             break;
         }
@@ -286,7 +277,7 @@ fn download(
             let dt = now.duration_since(last_t).as_secs_f64().max(1e-3);
             let rate = ((got - last_n) as f64 / dt) as u64;
             (last_t, last_n) = (now, got);
-            (job.progress)(Progress {
+            (job.stream.progress)(Progress {
                 done: got,
                 total,
                 rate,
@@ -307,7 +298,7 @@ fn decode(
     pool: Receiver<AlignedBuf>,
 ) -> Result<Sha256, UpdateError> {
     let url = &job.url;
-    let raw_size = job.release.raw_size;
+    let raw_size = job.stream.release.raw_size;
     let derr = |e: std::io::Error| UpdateError::Decode {
         url: url.clone(),
         reason: e.to_string(),
@@ -377,11 +368,11 @@ fn decode(
             }
         }
     }
-    if consumed < job.release.compressed_size {
+    if consumed < job.stream.release.compressed_size {
         return Err(UpdateError::Truncated {
             url: url.clone(),
             got: consumed,
-            expected: job.release.compressed_size,
+            expected: job.stream.release.compressed_size,
         });
     }
     if in_frame {
@@ -390,7 +381,7 @@ fn decode(
         return Err(UpdateError::Truncated {
             url: url.clone(),
             got: consumed,
-            expected: job.release.compressed_size,
+            expected: job.stream.release.compressed_size,
         });
     }
     if raw_total != raw_size {
@@ -414,52 +405,38 @@ fn decode(
 
 fn write(
     job: &Job<'_>,
-    mut raw: Sha256,
+    raw: Sha256,
     rx: Receiver<Chunk>,
     pool: SyncSender<AlignedBuf>,
 ) -> Result<(Sha256, String), UpdateError> {
-    let mut guard = iolimit::enter(job.slot.path(), job.write_bps, job.io_idle);
-    tracing::info!("slot writer: {}", guard.how);
-    let r = job.release;
-    let mut last_cp = Instant::now();
-    let mut since_cp = 0u64;
+    let r = job.stream.release;
+    let mut w = SlotWriter::enter(&job.stream, raw, "full");
     for c in rx {
         let data = &c.buf.as_slice()[..c.len];
         let mut p = 0;
         let mut pending = None;
         for fe in &c.frame_ends {
-            raw.update(&data[p..fe.pos]);
+            w.hash(&data[p..fe.pos]);
             p = fe.pos;
             pending = Some(Checkpoint {
                 version: r.version.to_string(),
                 compressed_sha256: r.compressed_sha256.clone(),
-                partition: job.slot.partition,
+                partition: job.stream.slot.partition,
                 comp_offset: fe.comp_off,
                 raw_offset: c.raw_off + fe.pos as u64,
                 comp_state: fe.comp.save(),
-                raw_state: raw.save(),
+                raw_state: w.raw().save(),
             });
         }
-        raw.update(&data[p..]);
-        let piece = guard.write_size(data.len());
-        for (i, d) in data.chunks(piece).enumerate() {
-            job.slot
-                .write_raw(r.raw_size, c.raw_off + (i * piece) as u64, d)?;
-            guard.account(d.len() as u64);
-        }
-        since_cp += c.len as u64;
+        w.hash(&data[p..]);
+        w.write_at(c.raw_off, data)?;
         if let Some(cp) = pending {
-            let last = cp.raw_offset == r.raw_size;
-            if !last && (last_cp.elapsed() >= CHECKPOINT_EVERY || since_cp >= CHECKPOINT_BYTES) {
-                // The data the checkpoint vouches for must be on disk first.
-                job.slot.sync()?;
-                (job.checkpoint)(&cp)?;
-                last_cp = Instant::now();
-                since_cp = 0;
+            // Only at a frame's end: a resume restarts the decoder there.
+            if cp.raw_offset != r.raw_size && w.checkpoint_due() {
+                w.checkpoint(|| (job.checkpoint)(&cp))?;
             }
         }
         let _ = pool.send(c.buf);
     }
-    job.slot.sync()?;
-    Ok((raw, guard.how.clone()))
+    w.finish()
 }

@@ -26,12 +26,10 @@ pub struct EngineConfig {
     pub download_bps: Option<u64>,
     pub strategy: crate::policy::Strategy,
     pub window: Option<crate::policy::Window>,
-    pub etcd: crate::lock::EtcdOptions,
+    pub etcd: nimbus_etcd::EtcdOptions,
     /// How long each pre-reboot or post-good hook may run.
     pub hook_timeout: std::time::Duration,
 }
-
-pub const DEFAULT_ETCD: &str = "http://127.0.0.1:2379";
 
 /// "64M", "10MB", "500K", "0" (unlimited), "unlimited" -> bytes per second.
 pub fn parse_bps(s: &str) -> Result<Option<u64>, String> {
@@ -57,6 +55,15 @@ pub fn parse_bps(s: &str) -> Result<Option<u64>, String> {
 }
 
 impl EngineConfig {
+    /// The limits an install runs under.
+    pub fn limits(&self) -> crate::writer::Limits {
+        crate::writer::Limits {
+            write_bps: self.write_bps,
+            io_idle: self.io_idle,
+            download_bps: self.download_bps,
+        }
+    }
+
     pub fn load(root: &Path) -> Result<EngineConfig, UpdateError> {
         let where_ = root.join(updateconf::ETC_PATH);
         let conf = UpdateConf::load_layered(root).map_err(|e| UpdateError::Config {
@@ -114,7 +121,7 @@ impl EngineConfig {
                 return Err("REBOOT_WINDOW_LENGTH is set without REBOOT_WINDOW_START".into())
             }
         };
-        let etcd = etcd_from_conf(c)?;
+        let etcd = nimbus_etcd::options_from_conf(c)?;
         let hook_timeout = match c.get("HOOK_TIMEOUT") {
             None => crate::hooks::DEFAULT_TIMEOUT,
             Some(v) => match updateconf::parse_duration(v) {
@@ -135,54 +142,6 @@ impl EngineConfig {
             hook_timeout,
         })
     }
-}
-
-/// The etcd settings alone (`updatectl lock` needs no SERVER).
-pub fn etcd_from_conf(c: &UpdateConf) -> Result<crate::lock::EtcdOptions, String> {
-    let endpoints: Vec<String> = c
-        .get("ETCD_ENDPOINTS")
-        .unwrap_or(DEFAULT_ETCD)
-        .split(',')
-        .map(|e| e.trim().trim_end_matches('/').to_string())
-        .filter(|e| !e.is_empty())
-        .collect();
-    for e in &endpoints {
-        let u = reqwest::Url::parse(e).map_err(|err| format!("ETCD_ENDPOINTS: {e:?}: {err}"))?;
-        if !matches!(u.scheme(), "http" | "https") {
-            return Err(format!(
-                "ETCD_ENDPOINTS: {e:?}: only http and https are supported"
-            ));
-        }
-    }
-    if endpoints.is_empty() {
-        return Err("ETCD_ENDPOINTS is empty".into());
-    }
-    let path = |k: &str| {
-        c.get(k)
-            .filter(|v| !v.is_empty())
-            .map(std::path::PathBuf::from)
-    };
-    let etcd = crate::lock::EtcdOptions {
-        endpoints,
-        ca_file: path("ETCD_CAFILE"),
-        cert_file: path("ETCD_CERTFILE"),
-        key_file: path("ETCD_KEYFILE"),
-        username: c.get("ETCD_USERNAME").map(str::to_string),
-        password: c.get("ETCD_PASSWORD").map(str::to_string),
-        group: c.get("REBOOT_GROUP").map(str::to_string),
-    };
-    if etcd.cert_file.is_some() != etcd.key_file.is_some() {
-        return Err("ETCD_CERTFILE and ETCD_KEYFILE must be set together".into());
-    }
-    if etcd.username.is_some() != etcd.password.is_some() {
-        return Err("ETCD_USERNAME and ETCD_PASSWORD must be set together".into());
-    }
-    if let Some(g) = &etcd.group {
-        if !nimbus::release::valid_channel_name(g) {
-            return Err(format!("REBOOT_GROUP={g:?}: use [a-z0-9._-]{{1,64}}"));
-        }
-    }
-    Ok(etcd)
 }
 
 #[cfg(test)]

@@ -19,20 +19,19 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::time::{Duration, Instant};
 
 use nimbus::delta::{Index, ShortHash, BLOCK, FRAME_RAW};
-use nimbus::release::{Release, SlotDescriptor, DESCRIPTOR_SIZE};
+use nimbus::release::{SlotDescriptor, DESCRIPTOR_SIZE};
 use nimbus::verity;
 
 use crate::error::UpdateError;
-use crate::fetch::Transport;
-use crate::iolimit;
 use crate::sha::Sha256;
 use crate::status::Progress;
 use crate::target::{AlignedBuf, SlotDevice};
+use crate::writer::{SlotWriter, Stream};
 
 /// Fall back to the full payload when the frames to fetch exceed this
 /// share of it: past that, the full payload's better compression and
@@ -44,7 +43,6 @@ const GAP_BYTES: u64 = 32 * 1024;
 const OUT_BUF: usize = 1 << 20;
 const FRAME_QUEUE: usize = 16;
 const OUT_BUFS: usize = 3;
-const CHECKPOINT_EVERY: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum From {
@@ -115,12 +113,12 @@ pub fn plan(index: &Index, booted: &HashMap<ShortHash, u32>, passive: &HashMap<u
     }
 }
 
-/// The booted slot, read-only: its data (through dm-verity on a running
-/// host) and its raw partition (for the tree and descriptor).
+/// The booted slot, read-only: its data (O_DIRECT on a running host, see
+/// `open_booted`) and the same disk buffered (for the tree and descriptor).
 pub struct Booted {
     pub data: File,
     pub data_path: PathBuf,
-    /// Byte offset of the data area in `data` (0 for a dm-verity device).
+    /// Byte offset of the slot's data area in `data`.
     pub data_offset: u64,
     pub raw: File,
     pub raw_path: PathBuf,
@@ -180,14 +178,18 @@ pub fn booted_hashes(
         }
         return Ok((map, "its verity tree"));
     }
-    let mut buf = vec![0u8; OUT_BUF];
+    // Aligned: `data` may be open O_DIRECT.
+    let mut buf = AlignedBuf::new(OUT_BUF);
     let mut at = 0u64;
     while at < blocks {
         let n = (blocks - at).min((OUT_BUF / BLOCK) as u64) as usize;
         b.data
-            .read_exact_at(&mut buf[..n * BLOCK], b.data_offset + at * BLOCK as u64)
+            .read_exact_at(
+                &mut buf.as_mut_slice()[..n * BLOCK],
+                b.data_offset + at * BLOCK as u64,
+            )
             .map_err(|e| source_err(&b.data_path, e))?;
-        for (i, blk) in buf[..n * BLOCK].chunks(BLOCK).enumerate() {
+        for (i, blk) in buf.as_slice()[..n * BLOCK].chunks(BLOCK).enumerate() {
             map.entry(nimbus::delta::short_hash(salt, blk))
                 .or_insert((at + i as u64) as u32);
         }
@@ -252,18 +254,11 @@ pub fn passive_sources(
 }
 
 pub struct Job<'a> {
-    pub http: &'a dyn Transport,
+    pub stream: Stream<'a>,
     pub pack_url: String,
     pub index: &'a Index,
     pub plan: &'a Plan,
-    pub release: &'a Release,
-    pub slot: &'a SlotDevice,
     pub booted: &'a Booted,
-    pub write_bps: Option<u64>,
-    pub io_idle: bool,
-    pub download_bps: Option<u64>,
-    pub cancel: &'a AtomicBool,
-    pub progress: &'a (dyn Fn(Progress) + Sync),
     /// Called with the number of blocks written and synced.
     pub checkpoint: &'a (dyn Fn(u64) -> Result<(), UpdateError> + Sync),
 }
@@ -284,7 +279,7 @@ struct Frame {
 
 pub fn run(job: &Job<'_>) -> Result<Outcome, UpdateError> {
     let ix = job.index;
-    let r = job.release;
+    let r = job.stream.release;
     let d = &ix.fields;
     if d.hash_offset != d.data_size
         || d.payload_end() + DESCRIPTOR_SIZE as u64 != r.raw_size
@@ -329,14 +324,14 @@ fn fetch(job: &Job<'_>, tx: SyncSender<Result<Frame, UpdateError>>) -> (u64, u64
     let (mut got, mut requests) = (0u64, 0u64);
     let mut needed = job.plan.frames.iter().peekable();
     let mut last = Instant::now();
-    let mut pacer = crate::fetch::Pacer::new(job.download_bps);
+    let mut pacer = crate::fetch::Pacer::new(job.stream.limits.download_bps);
     for &(start, end) in &job.plan.ranges {
-        if job.cancel.load(Ordering::Relaxed) {
+        if job.stream.cancel.load(Ordering::Relaxed) {
             let _ = tx.send(Err(UpdateError::Cancelled));
             return (got, requests);
         }
         requests += 1;
-        let mut body = match job.http.get_range(url, start, end) {
+        let mut body = match job.stream.http.get_range(url, start, end) {
             Ok(b) => b,
             Err(e) => {
                 let _ = tx.send(Err(e));
@@ -385,7 +380,7 @@ fn fetch(job: &Job<'_>, tx: SyncSender<Result<Frame, UpdateError>>) -> (u64, u64
         }
         if last.elapsed() >= Duration::from_millis(250) || got == total {
             last = Instant::now();
-            (job.progress)(Progress {
+            (job.stream.progress)(Progress {
                 done: got,
                 total,
                 rate: 0,
@@ -450,7 +445,7 @@ fn assemble(
     let mut frame: Option<Frame> = None;
     let mut t = 0u64;
     while t < blocks {
-        if job.cancel.load(Ordering::Relaxed) {
+        if job.stream.cancel.load(Ordering::Relaxed) {
             return Err(UpdateError::Cancelled);
         }
         let mut buf = pool.recv().map_err(|_| UpdateError::WriterStopped)?;
@@ -485,7 +480,8 @@ fn assemble(
                 }
                 From::Passive(s) => {
                     let k = run(From::Passive, s);
-                    job.slot
+                    job.stream
+                        .slot
                         .read_at(&mut dst[..k as usize * BLOCK], u64::from(s) * BLOCK as u64)?;
                     k
                 }
@@ -518,8 +514,19 @@ fn assemble(
                             frame: Index::frame_of(b),
                             reason: format!("block {b} does not match the index"),
                         },
-                        src => UpdateError::Refused(format!(
-                            "block {b} read from {src:?} no longer matches the index; \
+                        // The booted slot is read without dm-verity
+                        // (`open_booted`): a block that rotted or was
+                        // changed on disk is caught here, and the full
+                        // payload takes over as it would after an EIO.
+                        From::Booted(_) => source_err(
+                            &job.booted.data_path,
+                            std::io::Error::other(format!(
+                                "block {b} of the booted slot does not match the index \
+                                 (changed on disk, or during the update)"
+                            )),
+                        ),
+                        From::Passive(_) => UpdateError::Refused(format!(
+                            "block {b} read from the passive slot no longer matches the index; \
                              the slot changed during the update"
                         )),
                     });
@@ -545,30 +552,21 @@ fn write_slot(
     pool: SyncSender<AlignedBuf>,
 ) -> Result<(u64, String), UpdateError> {
     let ix = job.index;
-    let r = job.release;
+    let r = job.stream.release;
     let salt = ix.fields.verity_salt;
     let blocks = ix.data_blocks();
-    let mut guard = iolimit::enter(job.slot.path(), job.write_bps, job.io_idle);
-    tracing::info!("slot writer (delta): {}", guard.how);
-    let mut raw = Sha256::new();
-    let mut last_cp = Instant::now();
+    let mut w = SlotWriter::enter(&job.stream, Sha256::new(), "delta");
     let mut level0 = None;
     for msg in rx {
         match msg {
             ToWriter::Blocks { buf, first, n } => {
                 let len = n as usize * BLOCK;
-                raw.update(&buf.as_slice()[..len]);
-                let piece = guard.write_size(len);
-                for (i, d) in buf.as_slice()[..len].chunks(piece).enumerate() {
-                    job.slot
-                        .write_raw(r.raw_size, first * BLOCK as u64 + (i * piece) as u64, d)?;
-                    guard.account(d.len() as u64);
-                }
+                let data = &buf.as_slice()[..len];
+                w.hash(data);
+                w.write_at(first * BLOCK as u64, data)?;
                 let done = first + n;
-                if last_cp.elapsed() >= CHECKPOINT_EVERY && done < blocks {
-                    job.slot.sync()?;
-                    (job.checkpoint)(done)?;
-                    last_cp = Instant::now();
+                if done < blocks && w.checkpoint_due() {
+                    w.checkpoint(|| (job.checkpoint)(done))?;
                 }
                 // The assembler may have stopped; its error is the one to report.
                 let _ = pool.send(buf);
@@ -598,19 +596,17 @@ fn write_slot(
     let mut off = ix.fields.hash_offset;
     for c in tree.bytes.chunks(OUT_BUF) {
         buf.as_mut_slice()[..c.len()].copy_from_slice(c);
-        job.slot
-            .write_raw(r.raw_size, off, &buf.as_slice()[..c.len()])?;
-        raw.update(c);
+        w.hash(c);
+        w.write_at(off, &buf.as_slice()[..c.len()])?;
         off += c.len() as u64;
     }
     buf.as_mut_slice()[..DESCRIPTOR_SIZE].copy_from_slice(&ix.descriptor);
-    job.slot.write_raw(
-        r.raw_size,
+    w.hash(&ix.descriptor);
+    w.write_at(
         r.raw_size - DESCRIPTOR_SIZE as u64,
         &buf.as_slice()[..DESCRIPTOR_SIZE],
     )?;
-    raw.update(&ix.descriptor);
-    job.slot.sync()?;
+    let (raw, io_limit) = w.finish()?;
     let got = raw.finalize_hex();
     if got != r.raw_sha256 {
         return Err(UpdateError::RawHash {
@@ -619,12 +615,24 @@ fn write_slot(
             expected: r.raw_sha256.clone(),
         });
     }
-    Ok((r.raw_size, guard.how.clone()))
+    Ok((r.raw_size, io_limit))
 }
 
-/// The booted slot for delta sources. On a running host its data is read
-/// through the dm-verity device stage 2 mapped (named `usr`), so every
-/// block is checked by the kernel; in host mode, from the image file.
+/// The booted slot for delta sources, read from its partition on the
+/// disk, not through the dm-verity device stage 2 mapped.
+///
+/// Reading through dm-verity would have the kernel hash every block again
+/// in `kverityd`, a WQ_HIGHPRI workqueue whose workers run at nice -20:
+/// hundreds of megabytes of SHA-256 that no nice level, CPU weight or I/O
+/// class of update-engine's reaches, and that starved a cluster host's
+/// etcd (every member timing out for 24 s while the three hosts read their
+/// booted slots; issue 33). Nothing is lost by skipping it: every block
+/// this install takes is hashed here (at update-engine's own low
+/// priority) and must match the signed index, the tree built from those
+/// hashes must give the signed root, and the whole slot the manifest's
+/// `raw_sha256`, so a tampered booted slot fails the install instead of
+/// entering the new slot. On a block device the data is read with O_DIRECT
+/// so the slot does not flood the host's page cache either.
 pub fn open_booted(
     disk: &Path,
     part_offset: u64,
@@ -632,19 +640,30 @@ pub fn open_booted(
     host_mode: bool,
 ) -> Result<Booted, UpdateError> {
     let raw = File::open(disk).map_err(|e| source_err(disk, e))?;
-    let dm = if host_mode { None } else { dm_device("usr") };
-    let (data, data_path, data_offset) = match dm {
-        Some(p) => (File::open(&p).map_err(|e| source_err(&p, e))?, p, 0),
-        None => (
-            raw.try_clone().map_err(|e| source_err(disk, e))?,
-            disk.to_path_buf(),
-            part_offset,
-        ),
+    let direct = !host_mode
+        && std::fs::metadata(disk)
+            .map(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()))
+            .unwrap_or(false);
+    let data = if direct {
+        use std::os::unix::fs::OpenOptionsExt;
+        // O_DIRECT needs aligned buffers, offsets and lengths: the reads
+        // below are whole 4 KiB blocks into `AlignedBuf`s at block offsets
+        // of a partition that starts on a 1 MiB boundary.
+        match std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(disk)
+        {
+            Ok(f) => f,
+            Err(_) => raw.try_clone().map_err(|e| source_err(disk, e))?,
+        }
+    } else {
+        raw.try_clone().map_err(|e| source_err(disk, e))?
     };
     Ok(Booted {
         data,
-        data_path,
-        data_offset,
+        data_path: disk.to_path_buf(),
+        data_offset: part_offset,
         raw,
         raw_path: disk.to_path_buf(),
         part_offset,
@@ -652,29 +671,13 @@ pub fn open_booted(
     })
 }
 
-/// The booted slot could not be read (dm-verity refused a block, a device
-/// went away): the delta gives way to the full payload.
+/// The booted slot could not be read (a device went away): the delta
+/// gives way to the full payload.
 fn source_err(p: &Path, e: std::io::Error) -> UpdateError {
     UpdateError::DeltaSource {
         path: p.to_path_buf(),
         reason: e.to_string(),
     }
-}
-
-/// `/dev/dm-N` whose device-mapper name is `name`.
-fn dm_device(name: &str) -> Option<PathBuf> {
-    let rd = std::fs::read_dir("/sys/block").ok()?;
-    for e in rd.flatten() {
-        let n = e.file_name().to_string_lossy().into_owned();
-        if !n.starts_with("dm-") {
-            continue;
-        }
-        let dm_name = std::fs::read_to_string(e.path().join("dm/name")).unwrap_or_default();
-        if dm_name.trim() == name {
-            return Some(PathBuf::from("/dev").join(n));
-        }
-    }
-    None
 }
 
 #[cfg(test)]

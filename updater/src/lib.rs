@@ -4,8 +4,11 @@
 //!
 //! Pure decisions (`choose`, `config`) are apart from effects: HTTP
 //! (`fetch`), the slot (`target`), cgroups (`iolimit`), persisted state
-//! (`state`). `apply` streams a payload, `delta` rebuilds a slot from local blocks and fetched frames, `engine` ties a check to an
-//! install, `hooks` run around the reboot it causes, `api` serves the local socket.
+//! (`state`). `apply` streams a payload, `delta` rebuilds a slot from
+//! local blocks and fetched frames, both through the one slot writer
+//! (`writer`); `engine` ties a check to an install, `hooks` run around the
+//! reboot it causes, `api` serves the local socket. The etcd client (the
+//! reboot lock, leader hand-over) is the `nimbus-etcd` crate.
 
 pub mod api;
 pub mod apply;
@@ -18,10 +21,9 @@ pub mod esp;
 pub mod fetch;
 pub mod hooks;
 pub mod iolimit;
-pub mod leader;
-pub mod lock;
 pub mod policy;
 pub mod sha;
 pub mod state;
 pub mod status;
 pub mod target;
+pub mod writer;

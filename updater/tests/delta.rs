@@ -198,6 +198,51 @@ fn a_bad_pack_or_index_falls_back_to_the_full_payload_and_says_why() {
     });
 }
 
+/// The booted slot is read from its partition, not through dm-verity (the
+/// kernel's verity workers would hash it at nice -20, starving the host's
+/// etcd): a booted block changed on disk must be caught by the delta's own
+/// check, and the full payload take over, the new slot still verified.
+#[test]
+fn a_booted_slot_changed_on_disk_gives_way_to_the_full_payload() {
+    let f = Fixture::with_versions(USR_MIB, related);
+    let r = support::release(&f.manifest(), "1.1.0");
+    let a = {
+        let d = nimbus::gpt::Disk::open_path(&f.disk, false).expect("open");
+        d.partition(Slot::A.partition_number()).expect("USR-A")
+    };
+    // One byte in every 16th block of USR-A's first 4 MiB (file data, well
+    // before the tree and the descriptor): blocks the delta takes from the
+    // booted slot by its (unchanged) tree.
+    {
+        use std::os::unix::fs::FileExt;
+        let disk = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&f.disk)
+            .expect("disk");
+        for blk in (0..1024u64).step_by(16) {
+            let at = a.offset_bytes() + blk * 4096 + 100;
+            let mut b = [0u8; 1];
+            disk.read_exact_at(&mut b, at).expect("read");
+            disk.write_all_at(&[b[0] ^ 0x5a], at).expect("write");
+        }
+    }
+    let a_changed = f.partition_sha(Slot::A);
+
+    let st = good_run(&f);
+    let apply = &st["last_apply"];
+    assert_eq!(apply["mode"], "full", "{apply}");
+    let why = apply["delta_fallback"].as_str().unwrap_or("");
+    assert!(
+        why.contains("of the booted slot does not match the index"),
+        "{why}"
+    );
+    assert_eq!(full_gets(&f).len(), 1);
+    assert_eq!(f.slot_payload_sha(Slot::B, r.raw_size), r.raw_sha256);
+    f.veritysetup_verify(Slot::B, &r.verity_root);
+    assert_eq!(f.partition_sha(Slot::A), a_changed, "USR-A was written to");
+}
+
 #[test]
 fn a_delta_larger_than_most_of_the_payload_is_not_used() {
     // Unrelated versions: nearly every block would be fetched.

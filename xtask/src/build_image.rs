@@ -29,6 +29,11 @@ pub struct BuildImage {
     /// target/nimbus/dev-key is used and the image says so.
     #[arg(long, value_name = "DIR")]
     key: Vec<PathBuf>,
+    /// Unix seconds stamped on every file, and part of the rootfs cache
+    /// key. Default: SOURCE_DATE_EPOCH, else the last commit's time (the
+    /// same checkout builds the same USR).
+    #[arg(long, value_name = "SECONDS")]
+    epoch: Option<u64>,
     /// The trust set the image carries in USR and stage 1 (docs/formats.md,
     /// "Trust set"), e.g. the newest `trust/<n>.json` of the release
     /// repository. Default: the --key keys, threshold 1, version 1.
@@ -163,7 +168,7 @@ pub fn nimbus_init(root: &Path) -> anyhow::Result<PathBuf> {
             "--release",
             "--quiet",
             "-p",
-            "nimbus",
+            "nimbus-init",
             "--bin",
             "nimbus-init",
             "--target",
@@ -284,7 +289,7 @@ pub fn prepare(a: BuildImage) -> anyhow::Result<BuildOptions> {
         k if !k.is_empty() => (k, false),
         _ => (vec![ensure_dev_key(&target)?], true),
     };
-    let epoch = source_date_epoch(&root);
+    let epoch = a.epoch.unwrap_or_else(|| source_date_epoch(&root));
     let out = a.out.unwrap_or_else(|| target.join(a.version.to_string()));
     let mut opts = BuildOptions {
         version: a.version,

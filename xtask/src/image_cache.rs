@@ -18,9 +18,8 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use nimbus_image::pipeline::{BuildOptions, BuildReport};
 use sha2::{Digest, Sha256};
 
@@ -129,31 +128,6 @@ pub fn key(o: &BuildOptions) -> anyhow::Result<String> {
     Ok(hex::encode(h.finalize()))
 }
 
-/// `cp` of a directory's contents: reflinked where the filesystem can,
-/// sparse where it cannot (a 3 GiB raw image is mostly holes).
-fn copy_tree(from: &Path, to: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(to).with_context(|| format!("--out {}", to.display()))?;
-    let st = Command::new("cp")
-        .args([
-            "-R",
-            "--reflink=auto",
-            "--sparse=always",
-            "--no-preserve=all",
-        ])
-        .arg(format!("{}/.", from.display()))
-        .arg(to)
-        .status()
-        .context("cp")?;
-    if !st.success() {
-        bail!(
-            "copying {} to {} failed ({st})",
-            from.display(),
-            to.display()
-        );
-    }
-    Ok(())
-}
-
 fn read_report(dir: &Path) -> anyhow::Result<BuildReport> {
     let p = dir.join("build.json");
     let b = std::fs::read(&p).with_context(|| p.display().to_string())?;
@@ -249,7 +223,8 @@ pub fn build_cached(
         r
     };
     std::fs::write(entry.join("used"), b"").with_context(|| entry.display().to_string())?;
-    copy_tree(&entry, &o.out)?;
+    nimbus_image::copy_tree(&entry, &o.out, nimbus_image::Metadata::Fresh)
+        .with_context(|| format!("--out {}", o.out.display()))?;
     let _ = std::fs::remove_file(o.out.join("used"));
     evict(&cache);
     Ok(report)

@@ -399,7 +399,7 @@ fn run(cli: &Cli, client: &Client) -> Result<ExitCode, nimbus_updater::api::Clie
 
 /// update.conf's etcd options (TLS, credentials, group), or the exit code
 /// after saying why not.
-fn etcd_options(cli: &Cli) -> Result<nimbus_updater::lock::EtcdOptions, ExitCode> {
+fn etcd_options(cli: &Cli) -> Result<nimbus_etcd::lock::EtcdOptions, ExitCode> {
     let conf = nimbus::updateconf::UpdateConf::load_layered(&cli.root).map_err(|e| {
         eprintln!(
             "updatectl: {}: {e}",
@@ -407,17 +407,17 @@ fn etcd_options(cli: &Cli) -> Result<nimbus_updater::lock::EtcdOptions, ExitCode
         );
         ExitCode::from(2)
     })?;
-    nimbus_updater::config::etcd_from_conf(&conf).map_err(|e| {
+    nimbus_etcd::options_from_conf(&conf).map_err(|e| {
         eprintln!("updatectl: update.conf: {e}");
         ExitCode::from(2)
     })
 }
 
-fn lock_exit(e: &nimbus_updater::lock::LockError) -> ExitCode {
+fn lock_exit(e: &nimbus_etcd::lock::LockError) -> ExitCode {
     eprintln!("updatectl: {e}");
     ExitCode::from(match e {
-        nimbus_updater::lock::LockError::Malformed { .. } => 4,
-        nimbus_updater::lock::LockError::Tls { .. } => 2,
+        nimbus_etcd::lock::LockError::Malformed { .. } => 4,
+        nimbus_etcd::lock::LockError::Tls { .. } => 2,
         _ => 3,
     })
 }
@@ -439,17 +439,16 @@ fn etcd_step_down(cli: &Cli, endpoint: &str) -> ExitCode {
         }
     }
     opts.endpoints = vec![endpoint.trim_end_matches('/').to_string()];
-    match nimbus_updater::lock::LockClient::new(opts)
-        .and_then(|c| nimbus_updater::leader::step_down(&c))
+    match nimbus_etcd::lock::LockClient::new(opts).and_then(|c| nimbus_etcd::leader::step_down(&c))
     {
         Ok(r) => {
             if cli.json {
                 let (outcome, from, to) = match &r {
-                    nimbus_updater::leader::StepDown::NotLeader { me, leader } => {
+                    nimbus_etcd::leader::StepDown::NotLeader { me, leader } => {
                         ("not-leader", me, leader)
                     }
-                    nimbus_updater::leader::StepDown::Alone { me } => ("alone", me, me),
-                    nimbus_updater::leader::StepDown::Moved { from, to } => ("moved", from, to),
+                    nimbus_etcd::leader::StepDown::Alone { me } => ("alone", me, me),
+                    nimbus_etcd::leader::StepDown::Moved { from, to } => ("moved", from, to),
                 };
                 println!(
                     "{}",
@@ -475,7 +474,7 @@ fn lock(cli: &Cli, cmd: &LockCmd, endpoint: Option<&str>, group: Option<&str>) -
     if let Some(g) = group {
         opts.group = Some(g.to_string());
     }
-    let result = nimbus_updater::lock::LockClient::new(opts).and_then(|c| {
+    let result = nimbus_etcd::lock::LockClient::new(opts).and_then(|c| {
         let key = c.key().to_string();
         let (msg, sem) = match cmd {
             LockCmd::Status => (String::new(), c.get()?.0),

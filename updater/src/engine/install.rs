@@ -16,6 +16,7 @@ use crate::error::UpdateError;
 use crate::state::{InstallState, Ledger};
 use crate::status::{ApplyReport, State};
 use crate::target::SlotDevice;
+use crate::writer::Stream;
 
 pub struct Installer<'a> {
     pub ctx: &'a Ctx,
@@ -226,17 +227,17 @@ impl Installer<'_> {
                 saver.edit(|s: &mut InstallState| s.checkpoint = Some(cp.clone()))
             };
             let job = apply::Job {
-                http: ctx.http.as_ref(),
+                stream: Stream {
+                    http: ctx.http.as_ref(),
+                    release: r,
+                    slot,
+                    limits: ctx.cfg.limits(),
+                    cancel: &ctx.shared.cancel,
+                    progress: &progress,
+                },
                 url: url.to_string(),
                 file,
-                release: r,
-                slot,
                 resume,
-                write_bps: ctx.cfg.write_bps,
-                io_idle: ctx.cfg.io_idle,
-                download_bps: ctx.cfg.download_bps,
-                cancel: &ctx.shared.cancel,
-                progress: &progress,
                 checkpoint: &checkpoint,
             };
             apply::run(&job)
@@ -372,18 +373,18 @@ impl Installer<'_> {
                 })
             };
             crate::delta::run(&crate::delta::Job {
-                http: ctx.http.as_ref(),
+                stream: Stream {
+                    http: ctx.http.as_ref(),
+                    release: r,
+                    slot,
+                    limits: ctx.cfg.limits(),
+                    cancel: &ctx.shared.cancel,
+                    progress: &progress,
+                },
                 pack_url,
                 index: &index,
                 plan: &plan,
-                release: r,
-                slot,
                 booted: &booted,
-                write_bps: ctx.cfg.write_bps,
-                io_idle: ctx.cfg.io_idle,
-                download_bps: ctx.cfg.download_bps,
-                cancel: &ctx.shared.cancel,
-                progress: &progress,
                 checkpoint: &checkpoint,
             })
         };

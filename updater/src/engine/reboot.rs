@@ -8,9 +8,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::error::{io_at, UpdateError};
-use crate::lock::LockError;
 use crate::policy::{decide, Decision, Lock, Strategy};
 use crate::state::{Ledger, RebootState};
+use nimbus_etcd::lock::LockError;
 
 use super::{Ctx, SlotView};
 
@@ -38,8 +38,8 @@ pub struct Coordinator {
 }
 
 impl Coordinator {
-    fn lock_client(ctx: &Ctx) -> Result<crate::lock::LockClient, LockError> {
-        crate::lock::LockClient::new(ctx.cfg.etcd.clone())
+    fn lock_client(ctx: &Ctx) -> Result<nimbus_etcd::lock::LockClient, LockError> {
+        nimbus_etcd::lock::LockClient::new(ctx.cfg.etcd.clone())
     }
 
     /// One step of reboot coordination over the slots as they are now:
@@ -113,7 +113,7 @@ impl Coordinator {
             let client = Self::lock_client(ctx);
             // Persist the intent first: a crash right after the CAS must
             // still lead to a release on the next boot.
-            let key = crate::lock::key_for(ctx.cfg.etcd.group.as_deref());
+            let key = nimbus_etcd::lock::key_for(ctx.cfg.etcd.group.as_deref());
             ledger.edit(|s: &mut RebootState| s.lock_taken = Some(key.clone()))?;
             lock = match client.and_then(|c| c.acquire(&id)) {
                 Ok(true) => {

@@ -357,20 +357,6 @@ fn table(img: &MemDisk) -> Option<Vec<u64>> {
         .map(|d| d.slot_table().iter().map(|e| e.attributes).collect())
 }
 
-/// `cp -a` of a small tree (the host's root of the harness).
-fn copy_tree(from: &Path, to: &Path) -> anyhow::Result<()> {
-    let st = std::process::Command::new("cp")
-        .arg("-a")
-        .arg(from)
-        .arg(to)
-        .status()
-        .context("cp")?;
-    if !st.success() {
-        bail!("cp -a {} {}", from.display(), to.display());
-    }
-    Ok(())
-}
-
 /// What the cuts over one sequence of writes gave.
 struct Stats {
     n: usize,
@@ -605,7 +591,7 @@ pub fn run(points: usize) -> anyhow::Result<ExitCode> {
     let root_before = crate::powercut::fs::snapshot(&s.root)?;
     // The host's files before the update, for the re-runs after each cut.
     let root_template = work.path().join("root-template");
-    copy_tree(&s.root, &root_template)?;
+    nimbus_image::copy_tree(&s.root, &root_template, nimbus_image::Metadata::Keep)?;
     nimbus::durable::trace_start();
     let mut engine = Engine::new(host, &Options::default(), Arc::new(Shared::new()))?;
     let sigs = nimbus::repo::sig_path(&s.manifest);
@@ -674,7 +660,7 @@ pub fn run(points: usize) -> anyhow::Result<ExitCode> {
                 }
             }
             let root = work.path().join(format!("rerun-{k}-{landed}"));
-            copy_tree(&root_template, &root)?;
+            nimbus_image::copy_tree(&root_template, &root, nimbus_image::Metadata::Keep)?;
             let rec = Arc::new(Recorder::new(img));
             let host = Host {
                 root: root.clone(),

@@ -657,7 +657,8 @@ impl Probe {
             self.unix0
         );
         for h in hosts {
-            let all = format!("journalctl --no-pager -o short-unix --since @{since} --until @{until}");
+            let all =
+                format!("journalctl --no-pager -o short-unix --since @{since} --until @{until}");
             if let (Ok(o), Some(dir)) = (h.ssh.run(&all), h.console.parent()) {
                 let _ = std::fs::write(dir.join("outage-journal.txt"), &o.stdout);
             }

@@ -274,6 +274,12 @@ pub fn build(
         "--out",
         out.to_str().context("utf8")?,
     ];
+    // The tests' epoch unless the caller set one: the harness commands
+    // (e2e, cluster) then share the image cache with the VM tier, rather
+    // than building a new root filesystem for every commit.
+    if std::env::var_os("SOURCE_DATE_EPOCH").is_none() {
+        args.extend_from_slice(&["--epoch", nimbus_testkit::ROOTFS_EPOCH]);
+    }
     args.extend_from_slice(extra);
     let opts = build_image::prepare(build_image::parse(&args))?;
     build_image::build(&opts)?;

@@ -5,10 +5,14 @@
 //! cluster, the fuzz smoke) are marked `#[ignore = "vm tier: cargo xtask
 //! vmtest"]` and found here the way cargo would run them: the workspace's
 //! test binaries (`cargo test --no-run`), each asked for its ignored tests.
-//! Each test runs in a process of its own, one at a time (two TCG guests on
-//! two cores only slow each other), under a deadline, with a ledger that
-//! counts its guest boots and image builds (`ledger.rs`). One row per test,
-//! then `vmtest: passed=N failed=N minutes=M`.
+//! Each test runs in a process of its own, under a deadline, with a ledger
+//! that counts its guest boots and image builds (`ledger.rs`). Tests of one
+//! guest run `--jobs` at a time (two by default: a booting guest is mostly
+//! one busy thread, so two of them share the two cores of this machine
+//! without slowing each other much); the tests in [`ALONE`] (several guests
+//! whose timing is what they measure, or a hypervisor of their own) run
+//! with nothing beside them. One row per test, then
+//! `vmtest: passed=N failed=N minutes=M`.
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
@@ -31,7 +35,16 @@ pub struct VmTest {
     /// A test still running after this many minutes is killed and fails.
     #[arg(long, default_value_t = 40)]
     test_timeout_minutes: u64,
+    /// How many single-guest tests run at once (the tests in ALONE always
+    /// run by themselves).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=8))]
+    jobs: u64,
 }
+
+/// Test binaries whose tests run with no other test beside them: the
+/// cluster (three guests on a probe that counts every slow second) and
+/// Vagrant (a libvirt VM and its own network).
+const ALONE: &[&str] = &["cluster", "vagrant"];
 
 /// One VM-tier test: which binary holds it and how to run it.
 #[derive(Debug, Clone)]
@@ -143,6 +156,66 @@ struct Row {
     hits: usize,
 }
 
+/// Run one test in its own process group under `limit`; its row.
+fn run_one(c: &VmTestCase, logs: &Path, limit: Duration) -> Row {
+    let slug = c.full().replace("::", "-");
+    let log = logs.join(format!("{slug}.log"));
+    let ledger_file = logs.join(format!("{slug}.ledger"));
+    let _ = std::fs::remove_file(&ledger_file);
+    eprintln!("vmtest: {} ... (log: {})", c.full(), log.display());
+    let t = Instant::now();
+    let r = std::fs::File::create(&log)
+        .and_then(|out| Ok((out.try_clone()?, out)))
+        .map_err(anyhow::Error::from)
+        .and_then(|(err, out)| {
+            nimbus_testkit::proc::status_group(
+                Command::new(&c.exe)
+                    .args(["--ignored", "--exact", &c.name, "--nocapture"])
+                    .current_dir(&c.cwd)
+                    .env(ledger::ENV, &ledger_file)
+                    .stdout(out)
+                    .stderr(err),
+                limit,
+            )
+            .map_err(anyhow::Error::from)
+        });
+    let ok = match &r {
+        Ok(st) => st.success(),
+        Err(e) => {
+            // Its QEMUs went with its process group (status_group);
+            // another command's on this machine are not touched.
+            eprintln!("vmtest: {}: {e:#}", c.full());
+            false
+        }
+    };
+    let seconds = t.elapsed().as_secs_f64();
+    let spent = std::fs::read_to_string(&ledger_file).unwrap_or_default();
+    let row = Row {
+        name: c.full(),
+        ok,
+        seconds,
+        boots: ledger::count(&spent, "boot"),
+        builds: ledger::count(&spent, "build"),
+        hits: ledger::count(&spent, "cache-hit"),
+    };
+    if !ok {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        eprintln!(
+            "vmtest: {} FAILED; its last lines:\n{}",
+            c.full(),
+            nimbus_testkit::proc::tail(&text, 80)
+        );
+    }
+    eprintln!(
+        "vmtest: {} {} in {seconds:.0} s ({} boots, {} image builds)",
+        c.full(),
+        if ok { "passed" } else { "FAILED" },
+        row.boots,
+        row.builds
+    );
+    row
+}
+
 pub fn run(a: VmTest) -> anyhow::Result<ExitCode> {
     let root = crate::build_image::workspace_root();
     let all = discover(&root)?;
@@ -167,62 +240,35 @@ pub fn run(a: VmTest) -> anyhow::Result<ExitCode> {
     let logs = root.join("target/vmtest");
     std::fs::create_dir_all(&logs)?;
     let t0 = Instant::now();
+    let limit = Duration::from_secs(a.test_timeout_minutes.saturating_mul(60));
+    let (alone, shared): (Vec<&VmTestCase>, Vec<&VmTestCase>) = cases
+        .iter()
+        .partition(|c| ALONE.contains(&c.binary.as_str()));
     let mut rows = Vec::new();
-    for c in &cases {
-        let slug = c.full().replace("::", "-");
-        let log = logs.join(format!("{slug}.log"));
-        let ledger_file = logs.join(format!("{slug}.ledger"));
-        let _ = std::fs::remove_file(&ledger_file);
-        eprintln!("vmtest: {} ... (log: {})", c.full(), log.display());
-        let out = std::fs::File::create(&log)?;
-        let err = out.try_clone()?;
-        let t = Instant::now();
-        let limit = Duration::from_secs(a.test_timeout_minutes.saturating_mul(60));
-        let r = nimbus_testkit::proc::status_group(
-            Command::new(&c.exe)
-                .args(["--ignored", "--exact", &c.name, "--nocapture"])
-                .current_dir(&c.cwd)
-                .env(ledger::ENV, &ledger_file)
-                .stdout(out)
-                .stderr(err),
-            limit,
-        );
-        let ok = match &r {
-            Ok(st) => st.success(),
-            Err(e) => {
-                // Its QEMUs went with its process group (status_group);
-                // another command's on this machine are not touched.
-                eprintln!("vmtest: {}: {e}", c.full());
-                false
+    // The single-guest tests first, `jobs` at a time, each worker taking
+    // the next test when its own is done.
+    {
+        let queue = std::sync::Mutex::new(shared.into_iter());
+        let done = std::sync::Mutex::new(Vec::new());
+        std::thread::scope(|s| {
+            for _ in 0..a.jobs {
+                s.spawn(|| loop {
+                    let next = queue.lock().ok().and_then(|mut q| q.next());
+                    let Some(c) = next else { break };
+                    let row = run_one(c, &logs, limit);
+                    if let Ok(mut d) = done.lock() {
+                        d.push(row);
+                    }
+                });
             }
-        };
-        let seconds = t.elapsed().as_secs_f64();
-        let spent = std::fs::read_to_string(&ledger_file).unwrap_or_default();
-        let row = Row {
-            name: c.full(),
-            ok,
-            seconds,
-            boots: ledger::count(&spent, "boot"),
-            builds: ledger::count(&spent, "build"),
-            hits: ledger::count(&spent, "cache-hit"),
-        };
-        if !ok {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            eprintln!(
-                "vmtest: {} FAILED; its last lines:\n{}",
-                c.full(),
-                nimbus_testkit::proc::tail(&text, 80)
-            );
-        }
-        eprintln!(
-            "vmtest: {} {} in {seconds:.0} s ({} boots, {} image builds)",
-            c.full(),
-            if ok { "passed" } else { "FAILED" },
-            row.boots,
-            row.builds
-        );
-        rows.push(row);
+        });
+        rows.extend(done.into_inner().unwrap_or_default());
     }
+    for c in alone {
+        rows.push(run_one(c, &logs, limit));
+    }
+    // The table in the order `--list` gives, whatever finished first.
+    rows.sort_by_key(|r| cases.iter().position(|c| c.full() == r.name));
     println!("| test | result | seconds | boots | image builds | image cache hits |");
     println!("|---|---|---|---|---|---|");
     for r in &rows {

@@ -26,24 +26,30 @@
 //! one has booted a slot that was marked good (`bless`), and is only
 //! overwritten by the stage-1 update after that.
 
-use std::collections::BTreeMap;
+mod loaders;
+mod mount;
+
+pub use loaders::*;
+pub use mount::*;
+
 use std::path::{Path, PathBuf};
 
 /// The trust rotations stage 1 reads ([`crate::chain`]).
 pub const CHAIN_DIR: &str = "nimbus/trust";
 
 pub const GRUBENV: &str = "nimbus/grubenv";
+
 /// systemd-boot, where UEFI firmware looks on removable media.
 pub const EFI_LOADER: &str = "EFI/BOOT/BOOTX64.EFI";
+
 /// GRUB's script (the core image in BIOS-BOOT only finds the ESP and runs it).
 pub const GRUB_SCRIPT: &str = "nimbus/grub.cfg";
 
 pub const ENTRIES: &str = "loader/entries";
+
 pub const KERNEL: &str = "vmlinuz";
+
 pub const INITRAMFS: &str = "stage1.img";
-/// GRUB's environment block: exactly this size, padded with `#`.
-pub const GRUBENV_SIZE: usize = 1024;
-const GRUBENV_HEADER: &str = "# GRUB Environment Block\n";
 
 #[derive(Debug, thiserror::Error)]
 pub enum EspError {
@@ -208,219 +214,6 @@ impl Esp for DirEsp {
     }
 }
 
-/// Every Nimbus process that mounts the ESP (update-engine, mark-good,
-/// `nimbus-init esp-check`) holds this lock for the whole mount: two of
-/// them never mount it with different read-only states at once (Linux
-/// keeps one superblock per block device, so the second would get EBUSY).
-pub const ESP_LOCK: &str = "/run/nimbus/esp.lock";
-/// How long a mount waits for another Nimbus process's ESP work.
-const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
-
-/// Mount the vfat partition `dev` at `mnt` (a directory only root can
-/// enter, made 0700 if missing) for the duration of `f`, then unmount.
-/// Read-only unless `write`. Works whatever else has the partition
-/// mounted, in this mount namespace or another, automount or not, as
-/// long as that allows what is asked: a write needs the partition's
-/// superblock writable, and when something holds it read-only (an
-/// operator's `ro` mount, or the kernel after a FAT error) the error says
-/// where and why, and nothing is written.
-pub fn with_mounted(
-    dev: &Path,
-    mnt: &Path,
-    write: bool,
-    f: &mut dyn FnMut(&dyn EspFs) -> Result<(), EspError>,
-) -> Result<(), EspError> {
-    use std::os::unix::fs::DirBuilderExt;
-    let _lock = EspLock::take(Path::new(ESP_LOCK), LOCK_WAIT)?;
-    if let Some(parent) = mnt.parent() {
-        let _ = std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(parent);
-    }
-    match std::fs::DirBuilder::new().mode(0o700).create(mnt) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(io_at(mnt)(e)),
-    }
-    // A mount of ours left by a process that died inside `f`: mounting
-    // the same source on it again would be EBUSY too.
-    if is_mount_point(mnt) {
-        let _ = nix::mount::umount2(mnt, nix::mount::MntFlags::MNT_DETACH);
-    }
-    mount_esp(dev, mnt, write)?;
-    let r = f(&DirEsp(mnt.to_path_buf()));
-    // Every change was synced as it was made; a failed unmount loses nothing.
-    let _ = nix::mount::umount2(mnt, nix::mount::MntFlags::empty());
-    r
-}
-
-fn mount_esp(dev: &Path, mnt: &Path, write: bool) -> Result<(), EspError> {
-    use nix::errno::Errno;
-    use nix::mount::{mount, MsFlags};
-    const OPTS: &str = "umask=0077,codepage=437,iocharset=ascii";
-    let base = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
-    let failed = |e: Errno, what: &str| {
-        EspError::Invalid(format!(
-            "mount {} (vfat{what}) on {}: {e}",
-            dev.display(),
-            mnt.display()
-        ))
-    };
-    let asked = if write {
-        base
-    } else {
-        base | MsFlags::MS_RDONLY
-    };
-    match mount(Some(dev), mnt, Some("vfat"), asked, Some(OPTS)) {
-        Ok(()) => return Ok(()),
-        // EBUSY here means the superblock exists with the other read-only
-        // state (a new mount cannot change it).
-        Err(Errno::EBUSY) => {}
-        Err(e) => return Err(failed(e, if write { "" } else { ", read-only" })),
-    }
-    if write {
-        return Err(EspError::ReadOnly {
-            dev: dev.to_path_buf(),
-            why: read_only_holder(dev),
-        });
-    }
-    // Something holds it read-write: share that superblock, and make our
-    // own mount point read-only so this reader cannot write through it.
-    mount(Some(dev), mnt, Some("vfat"), base, Some(OPTS))
-        .map_err(|e| failed(e, ", sharing a writable mount"))?;
-    if let Err(e) = mount(
-        None::<&str>,
-        mnt,
-        None::<&str>,
-        base | MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY,
-        None::<&str>,
-    ) {
-        let _ = nix::mount::umount2(mnt, nix::mount::MntFlags::empty());
-        return Err(failed(e, ", bind-remounting read-only"));
-    }
-    Ok(())
-}
-
-/// Why the partition's superblock is read-only, from what this mount
-/// namespace can see.
-fn read_only_holder(dev: &Path) -> String {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(md) = std::fs::metadata(dev) else {
-        return "it is mounted read-only somewhere".into();
-    };
-    let rdev = md.rdev();
-    let (major, minor) = (nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev));
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    describe_read_only(&mounts_of(&info, major, minor))
-}
-
-/// One line of /proc/self/mountinfo for the partition.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct MountOf {
-    at: PathBuf,
-    /// The mount point's own read-only flag.
-    mount_ro: bool,
-    /// The superblock's (shared by every mount of the partition).
-    super_ro: bool,
-}
-
-fn mounts_of(info: &str, major: u64, minor: u64) -> Vec<MountOf> {
-    let want = format!("{major}:{minor}");
-    info.lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split(' ').collect();
-            if f.get(2) != Some(&want.as_str()) {
-                return None;
-            }
-            // Octal escapes (\040 for a space) in the mount point.
-            let at = f.get(4)?.replace("\\040", " ");
-            let mount_ro = f.get(5)?.split(',').any(|o| o == "ro");
-            // Optional fields end at " - "; then type, source, super options.
-            let dash = f.iter().position(|x| *x == "-")?;
-            let super_ro = f.get(dash + 3)?.split(',').any(|o| o == "ro");
-            Some(MountOf {
-                at: PathBuf::from(at),
-                mount_ro,
-                super_ro,
-            })
-        })
-        .collect()
-}
-
-fn describe_read_only(mounts: &[MountOf]) -> String {
-    if let Some(m) = mounts.iter().find(|m| m.super_ro && !m.mount_ro) {
-        return format!(
-            "the kernel made it read-only (mounted read-write at {}, its superblock is now read-only: \
-             a FAT error under errors=remount-ro; see the kernel log and run fsck.fat)",
-            m.at.display()
-        );
-    }
-    match mounts.iter().find(|m| m.mount_ro) {
-        Some(m) => format!(
-            "it is mounted read-only at {} (remount that read-write, or unmount it, and Nimbus can write)",
-            m.at.display()
-        ),
-        None => "it is mounted read-only in another mount namespace (not visible from here: \
-                 a container or a service with its own mounts)"
-            .into(),
-    }
-}
-
-fn is_mount_point(p: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    match (
-        std::fs::symlink_metadata(p),
-        p.parent().map(std::fs::symlink_metadata),
-    ) {
-        (Ok(a), Some(Ok(b))) => a.dev() != b.dev(),
-        _ => false,
-    }
-}
-
-/// The exclusive lock on [`ESP_LOCK`], released on drop.
-struct EspLock(#[allow(dead_code)] nix::fcntl::Flock<std::fs::File>);
-
-impl EspLock {
-    fn take(path: &Path, wait: std::time::Duration) -> Result<EspLock, EspError> {
-        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-        if let Some(parent) = path.parent() {
-            let _ = std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o755)
-                .create(parent);
-        }
-        let mut file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(path)
-            .map_err(io_at(path))?;
-        let t0 = std::time::Instant::now();
-        loop {
-            match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
-                Ok(l) => return Ok(EspLock(l)),
-                Err((f, nix::errno::Errno::EWOULDBLOCK)) if t0.elapsed() < wait => {
-                    file = f;
-                    std::thread::sleep(std::time::Duration::from_millis(100));
-                }
-                Err((_, e)) => {
-                    return Err(EspError::Invalid(format!(
-                        "{}: {e} (another Nimbus process kept the ESP for {} s)",
-                        path.display(),
-                        wait.as_secs()
-                    )))
-                }
-            }
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------
-// Stage-1 copies
-
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
 )]
@@ -479,178 +272,6 @@ pub fn running_copy(cmdline: &str) -> Option<Copy> {
         .split_whitespace()
         .find_map(|w| w.strip_prefix("nimbus.stage1="))
         .and_then(Copy::parse)
-}
-
-/// GRUB's environment block.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Grubenv {
-    pub vars: BTreeMap<String, String>,
-}
-
-impl Grubenv {
-    pub fn parse(b: &[u8]) -> Result<Grubenv, EspError> {
-        let text =
-            std::str::from_utf8(b).map_err(|_| EspError::Invalid("grubenv is not UTF-8".into()))?;
-        let body = text
-            .strip_prefix(GRUBENV_HEADER)
-            .ok_or_else(|| EspError::Invalid("grubenv lacks its header".into()))?;
-        let mut vars = BTreeMap::new();
-        for l in body.lines() {
-            if l.starts_with('#') || l.is_empty() {
-                continue;
-            }
-            if let Some((k, v)) = l.split_once('=') {
-                vars.insert(k.to_string(), v.to_string());
-            }
-        }
-        Ok(Grubenv { vars })
-    }
-
-    /// The 1024-byte block GRUB's `load_env`/`save_env` read and write.
-    pub fn to_bytes(&self) -> Result<Vec<u8>, EspError> {
-        let mut s = GRUBENV_HEADER.to_string();
-        for (k, v) in &self.vars {
-            s.push_str(&format!("{k}={v}\n"));
-        }
-        if s.len() > GRUBENV_SIZE {
-            return Err(EspError::Invalid(
-                "grubenv variables exceed 1024 bytes".into(),
-            ));
-        }
-        let mut b = s.into_bytes();
-        b.resize(GRUBENV_SIZE, b'#');
-        Ok(b)
-    }
-
-    fn get(&self, k: &str) -> Option<&str> {
-        self.vars
-            .get(k)
-            .map(String::as_str)
-            .filter(|v| !v.is_empty())
-    }
-
-    /// The default copy (a when unset).
-    pub fn default_copy(&self) -> Copy {
-        self.get("nimbus_s1")
-            .and_then(Copy::parse)
-            .unwrap_or(Copy::A)
-    }
-
-    pub fn trial(&self) -> Option<Copy> {
-        self.get("nimbus_s1_try").and_then(Copy::parse)
-    }
-
-    pub fn tries(&self) -> u32 {
-        self.get("nimbus_s1_tries")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    }
-
-    pub fn set(&mut self, default: Copy, trial: Option<Copy>, tries: u32) {
-        self.vars.insert("nimbus_s1".into(), default.name().into());
-        self.vars.insert(
-            "nimbus_s1_try".into(),
-            trial.map(|c| c.name().to_string()).unwrap_or_default(),
-        );
-        self.vars
-            .insert("nimbus_s1_tries".into(), tries.to_string());
-    }
-
-    /// What GRUB's script boots next, and the environment it leaves (the
-    /// try spent) — the same rule as `image/src/bios.rs`'s script.
-    pub fn grub_boot(&self) -> (Copy, Grubenv) {
-        let mut next = self.clone();
-        match self.trial() {
-            Some(t) if self.tries() >= 1 => {
-                next.vars.insert("nimbus_s1_tries".into(), "0".into());
-                (t, next)
-            }
-            _ => (self.default_copy(), next),
-        }
-    }
-}
-
-/// One systemd-boot entry of ours: `nimbus-<gen>-<copy>[+<left>[-<done>]].conf`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Entry {
-    pub file: String,
-    pub gen: u64,
-    pub copy: Copy,
-    /// `None`: no counter (blessed, or never on trial).
-    pub tries_left: Option<u32>,
-}
-
-impl Entry {
-    pub fn parse(file: &str) -> Option<Entry> {
-        let stem = file.strip_prefix("nimbus-")?.strip_suffix(".conf")?;
-        let (base, counter) = match stem.split_once('+') {
-            Some((b, c)) => (b, Some(c)),
-            None => (stem, None),
-        };
-        let (gen, copy) = base.split_once('-')?;
-        let tries_left = match counter {
-            None => None,
-            Some(c) => Some(c.split('-').next()?.parse().ok()?),
-        };
-        Some(Entry {
-            file: file.to_string(),
-            gen: gen.parse().ok()?,
-            copy: Copy::parse(copy)?,
-            tries_left,
-        })
-    }
-
-    pub fn name(gen: u64, copy: Copy, tries: Option<u32>) -> String {
-        match tries {
-            Some(t) => format!("nimbus-{gen}-{copy}+{t}.conf"),
-            None => format!("nimbus-{gen}-{copy}.conf"),
-        }
-    }
-
-    pub fn bad(&self) -> bool {
-        self.tries_left == Some(0)
-    }
-
-    pub fn text(copy: Copy, label: &str, cmdline: &str) -> String {
-        format!(
-            "title Nimbus stage 1 ({label})\nlinux /{}\ninitrd /{}\noptions {cmdline} nimbus.stage1={copy}\n",
-            copy.kernel(),
-            copy.initramfs()
-        )
-    }
-}
-
-/// What systemd-boot starts: entries with tries left (or none counted)
-/// before those with none, newest generation first; and the entry as it
-/// renames it (one try spent).
-pub fn sdboot_boot(entries: &[Entry]) -> Option<(Entry, Option<Entry>)> {
-    let mut v: Vec<&Entry> = entries.iter().collect();
-    v.sort_by_key(|e| (e.bad(), std::cmp::Reverse(e.gen)));
-    let e = (*v.first()?).clone();
-    let renamed = e.tries_left.map(|t| {
-        let left = t.saturating_sub(1);
-        Entry {
-            file: format!("nimbus-{}-{}+{left}-1.conf", e.gen, e.copy),
-            tries_left: Some(left),
-            ..e.clone()
-        }
-    });
-    Some((e, renamed))
-}
-
-pub fn entries(fs: &dyn EspFs) -> Result<Vec<Entry>, EspError> {
-    Ok(fs
-        .list(ENTRIES)?
-        .iter()
-        .filter_map(|f| Entry::parse(f))
-        .collect())
-}
-
-pub fn grubenv(fs: &dyn EspFs) -> Result<Grubenv, EspError> {
-    match fs.read(GRUBENV, GRUBENV_SIZE)? {
-        Some(b) => Grubenv::parse(&b),
-        None => Ok(Grubenv::default()),
-    }
 }
 
 /// The files an image starts with for copy a: its entry (generation 1, no
@@ -814,23 +435,6 @@ pub fn bless_recorded(esp: &dyn Esp, running: Copy, root: &Path, now: i64) -> Bl
     }
 }
 
-/// A running host's ESP, by its partition device: mounted at `mnt` (under
-/// /run, only root can enter) for the moment of each piece of work.
-pub struct MountedEsp {
-    pub dev: PathBuf,
-    pub mnt: PathBuf,
-}
-
-impl Esp for MountedEsp {
-    fn with(
-        &self,
-        write: bool,
-        f: &mut dyn FnMut(&dyn EspFs) -> Result<(), EspError>,
-    ) -> Result<(), EspError> {
-        with_mounted(&self.dev, &self.mnt, write, f)
-    }
-}
-
 /// A stage-1 trial that did not come up: the other copy was on trial, its
 /// try is spent, and the loader came back to `running`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -874,14 +478,6 @@ pub fn clear_trial(fs: &dyn EspFs, running: Copy) -> Result<(), EspError> {
         fs.overwrite(GRUBENV, &env.to_bytes()?)?;
     }
     Ok(())
-}
-
-/// The copy each loader would start now, for checks (power-cut harness,
-/// `xtask qemu --firmware direct`).
-pub fn loader_choices(fs: &dyn EspFs) -> Result<(Option<Copy>, Copy), EspError> {
-    let sd = sdboot_boot(&entries(fs)?).map(|(e, _)| e.copy);
-    let (grub, _) = grubenv(fs)?.grub_boot();
-    Ok((sd, grub))
 }
 
 #[cfg(test)]
