@@ -293,7 +293,80 @@ coreos:
     listen-peer-urls: http://10.10.0.11:2380
     listen-client-urls: http://0.0.0.0:2379
     advertise-client-urls: http://10.10.0.11:2379
+nimbus:
+  etcd_insecure_plaintext: true
 ";
+
+/// The same member secured: TLS with client certificates for clients and
+/// peers (what `validate` asks for when etcd is reachable from others).
+const ETCD2_TLS: &str = "#cloud-config
+coreos:
+  etcd2:
+    name: n1
+    initial-cluster: n1=https://10.10.0.11:2380,n2=https://10.10.0.12:2380,n3=https://10.10.0.13:2380
+    initial-cluster-state: new
+    initial-advertise-peer-urls: https://10.10.0.11:2380
+    listen-peer-urls: https://10.10.0.11:2380
+    listen-client-urls: https://0.0.0.0:2379
+    advertise-client-urls: https://10.10.0.11:2379
+    cert-file: /etc/nimbus/etcd/client.pem
+    key-file: /etc/nimbus/etcd/client.key
+    trusted-ca-file: /etc/nimbus/etcd/ca.pem
+    client-cert-auth: true
+    peer-cert-file: /etc/nimbus/etcd/peer.pem
+    peer-key-file: /etc/nimbus/etcd/peer.key
+    peer-trusted-ca-file: /etc/nimbus/etcd/ca.pem
+    peer-client-cert-auth: true
+";
+
+#[test]
+fn etcd_reachable_from_others_needs_tls_with_client_certificates() {
+    let c = ok(ETCD2_TLS);
+    let d = &c.env_dropins[0];
+    let get = |k: &str| d.vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+    assert_eq!(get("ETCD_CLIENT_CERT_AUTH"), Some("true"));
+    assert_eq!(get("ETCD_PEER_TRUSTED_CA_FILE"), Some("/etc/nimbus/etcd/ca.pem"));
+
+    // The plain-HTTP member without the opt-out: refused, each URL with
+    // its line (the example docs/cluster.md used to show).
+    let plain = ETCD2_OK.replace("nimbus:\n  etcd_insecure_plaintext: true\n", "");
+    for (line, frag) in [
+        (8, "initial_advertise_peer_urls: http://10.10.0.11:2380 serves etcd's peers in plain HTTP"),
+        (9, "listen_peer_urls: http://10.10.0.11:2380 serves etcd's peers in plain HTTP"),
+        (10, "listen_client_urls: http://0.0.0.0:2379 serves etcd's clients in plain HTTP"),
+        (11, "advertise_client_urls: http://10.10.0.11:2379 serves etcd's clients in plain HTTP"),
+    ] {
+        expect(&plain, line, Severity::Error, frag);
+    }
+    expect(&plain, 10, Severity::Error, "nimbus.etcd_insecure_plaintext");
+    // The opt-out turns each into a warning that says what it risks.
+    expect(
+        ETCD2_OK,
+        10,
+        Severity::Warning,
+        "anyone who reaches it can read the cluster's keys",
+    );
+    // TLS that lets any client in is refused the same way.
+    expect(
+        &ETCD2_TLS.replace("    client-cert-auth: true\n", ""),
+        9,
+        Severity::Error,
+        "over TLS but without client_cert_auth: true",
+    );
+    expect(
+        &ETCD2_TLS.replace("    peer-trusted-ca-file: /etc/nimbus/etcd/ca.pem\n", ""),
+        17,
+        Severity::Error,
+        "peer_client_cert_auth: true without peer_trusted_ca_file",
+    );
+    // etcd on this host alone needs neither.
+    ok("#cloud-config
+coreos:
+  etcd2:
+    listen-client-urls: http://127.0.0.1:2379,http://[::1]:2379,http://localhost:2379
+    advertise-client-urls: http://127.0.0.1:2379
+");
+}
 
 #[test]
 fn an_etcd2_cluster_member_is_accepted_and_becomes_etcd_environment() {

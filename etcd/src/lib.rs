@@ -61,12 +61,38 @@ pub fn options_from_conf(c: &UpdateConf) -> Result<EtcdOptions, String> {
     if etcd.username.is_some() != etcd.password.is_some() {
         return Err("ETCD_USERNAME and ETCD_PASSWORD must be set together".into());
     }
+    if etcd.password.is_some() {
+        if let Some(e) = etcd.endpoints.iter().find(|e| plain_http_off_host(e)) {
+            return Err(format!(
+                "ETCD_PASSWORD: would cross the network in the clear to {e}; use https:// (or an endpoint on this host)"
+            ));
+        }
+    }
     if let Some(g) = &etcd.group {
         if !nimbus::release::valid_channel_name(g) {
             return Err(format!("REBOOT_GROUP={g:?}: use [a-z0-9._-]{{1,64}}"));
         }
     }
     Ok(etcd)
+}
+
+/// `http://` to anything but this host's loopback.
+fn plain_http_off_host(endpoint: &str) -> bool {
+    let Ok(u) = reqwest::Url::parse(endpoint) else {
+        return true;
+    };
+    if u.scheme() != "http" {
+        return false;
+    }
+    match u.host_str() {
+        Some("localhost") => false,
+        Some(h) => h
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .map_or(true, |a| !a.is_loopback()),
+        None => true,
+    }
 }
 
 #[cfg(test)]
@@ -96,6 +122,28 @@ mod tests {
             let e = options_from_conf(&conf(text)).expect_err(text);
             assert!(e.contains(key), "{text}: {e}");
         }
+    }
+
+    #[test]
+    fn a_password_never_goes_over_plain_http_off_this_host() {
+        let auth = "ETCD_USERNAME=root\nETCD_PASSWORD=secret\n";
+        for ok in [
+            "ETCD_ENDPOINTS=http://127.0.0.1:2379",
+            "ETCD_ENDPOINTS=http://localhost:2379",
+            "ETCD_ENDPOINTS=http://[::1]:2379",
+            "ETCD_ENDPOINTS=https://10.0.0.5:2379",
+        ] {
+            options_from_conf(&conf(&format!("{auth}{ok}"))).expect(ok);
+        }
+        for bad in [
+            "ETCD_ENDPOINTS=http://10.0.0.5:2379",
+            "ETCD_ENDPOINTS=https://10.0.0.6:2379,http://etcd.example.com:2379",
+        ] {
+            let e = options_from_conf(&conf(&format!("{auth}{bad}"))).expect_err(bad);
+            assert!(e.contains("ETCD_PASSWORD") && e.contains("in the clear"), "{e}");
+        }
+        // Without a password nothing secret travels: plain http stays allowed.
+        options_from_conf(&conf("ETCD_ENDPOINTS=http://10.0.0.5:2379")).expect("no password");
     }
 
     #[test]

@@ -129,7 +129,10 @@ impl LockClient {
     pub fn new(opts: EtcdOptions) -> Result<LockClient, LockError> {
         let mut b = reqwest::blocking::Client::builder()
             .connect_timeout(Duration::from_secs(3))
-            .timeout(Duration::from_secs(5));
+            .timeout(Duration::from_secs(5))
+            // etcd's gateway never redirects; one that does is not etcd,
+            // and following it could carry the credentials elsewhere.
+            .redirect(reqwest::redirect::Policy::none());
         if let Some(ca) = &opts.ca_file {
             let pem = std::fs::read(ca).map_err(|e| LockError::Tls {
                 path: ca.clone(),
@@ -139,7 +142,9 @@ impl LockClient {
                 path: ca.clone(),
                 reason: e.to_string(),
             })?;
-            b = b.add_root_certificate(cert);
+            // The cluster's own CA, and only it: a public CA's certificate
+            // for some name must not pass for a member.
+            b = b.tls_built_in_root_certs(false).add_root_certificate(cert);
         }
         match (&opts.cert_file, &opts.key_file) {
             (Some(c), Some(k)) => {

@@ -63,7 +63,7 @@ pub(crate) struct OwnBoot {
 impl OwnBoot {
     /// Whether the slot mounted at `usr` boots this very kernel and
     /// initramfs, so that kexec would start what already runs. A release's
-    /// stage 2 is its stage-1 initramfs byte for byte (image/src/pipeline.rs),
+    /// stage 2 is its stage-1 initramfs byte for byte (image/src/pipeline/),
     /// so equal files mean the slot's own stage 2 is this program.
     fn is_slot_boot(&self, usr: &Path) -> bool {
         let boot = usr.join("lib/nimbus/boot");

@@ -254,8 +254,38 @@ const LIVE_STATES: &[&str] = &[
     "Running",
 ];
 
+/// The services that have a task on `node` that should run: before the
+/// drain, the ones it moves, and so the only ones it waits to see whole.
+pub fn services_here(
+    d: &mut dyn Docker,
+    node: &str,
+) -> Result<std::collections::BTreeSet<String>, SwarmError> {
+    let tasks = d.run(&[
+        "node",
+        "ps",
+        node,
+        "--filter",
+        "desired-state=running",
+        "--format",
+        "{{.Name}}",
+    ])?;
+    Ok(tasks
+        .lines()
+        .filter_map(|l| Some(l.trim().rsplit_once('.')?.0.to_string()))
+        .filter(|s| !s.is_empty())
+        .collect())
+}
+
 /// What still keeps a drain from being done, in words; `None` when done.
-pub fn drain_pending(d: &mut dyn Docker, node: &str) -> Result<Option<String>, SwarmError> {
+/// Only the services in `moved` (those that had tasks here; all when not
+/// known) must be back at full strength: a service crash-looping on other
+/// nodes is not this drain's to wait for, and waiting for it would hold
+/// every host's update.
+pub fn drain_pending(
+    d: &mut dyn Docker,
+    node: &str,
+    moved: Option<&std::collections::BTreeSet<String>>,
+) -> Result<Option<String>, SwarmError> {
     // Every task the node still runs or is about to, whatever the swarm
     // now wants of it: right after the drain is set, a task's desired
     // state is already "shutdown" while it still runs here.
@@ -284,6 +314,9 @@ pub fn drain_pending(d: &mut dyn Docker, node: &str) -> Result<Option<String>, S
     for l in services.lines() {
         let f: Vec<&str> = l.split('\t').collect();
         if let [name, "replicated", reps] = f.as_slice() {
+            if moved.is_some_and(|m| !m.contains(*name)) {
+                continue;
+            }
             match replicas(reps) {
                 Some((a, b)) if a < b => short.push(format!("{name} {a}/{b}")),
                 Some(_) => {}
@@ -520,6 +553,8 @@ pub fn drain(d: &mut dyn Docker, w: &mut dyn Waiter) -> Result<Drained, SwarmErr
     // here is idempotent, so it is asked again; update-engine's
     // HOOK_TIMEOUT bounds the whole drain and shows the last line said.
     move_last_copies(d, w, &i.node_id);
+    // Which services this drain moves (unknown: wait for all of them).
+    let moved = services_here(d, &i.node_id).ok();
     while let Err(e) = d.run(&["node", "update", "--availability", "drain", &i.node_id]) {
         w.say(&format!("setting drain, trying again: {e}"));
         w.sleep(Duration::from_secs(2));
@@ -527,7 +562,7 @@ pub fn drain(d: &mut dyn Docker, w: &mut dyn Waiter) -> Result<Drained, SwarmErr
     w.say(&format!("node {} set to drain", i.node_id));
     let mut said = String::new();
     loop {
-        let why = match drain_pending(d, &i.node_id) {
+        let why = match drain_pending(d, &i.node_id, moved.as_ref()) {
             Ok(None) => {
                 w.say("drained: every task runs elsewhere");
                 return Ok(Drained::Drained { node: i.node_id });
@@ -810,8 +845,10 @@ mod tests {
     fn drain_waits_until_tasks_moved_and_services_are_whole() {
         let mut d = Script::default()
             .on("info", &[Ok(MANAGER)])
+            .on("node inspect n1", &[Ok("h1\n")])
             .on("node update --availability drain n1", &[Ok("n1")])
-            .on("node ps n1 --filter", &[Ok("")])
+            .on("node ps n1 --filter", &[Ok("web.2\n")])
+            .on("service ps web", &[Ok(SPREAD)])
             .on(
                 "node ps n1",
                 &[
@@ -873,6 +910,37 @@ mod tests {
         "h1\tRunning 1 minute ago\nh2\tRunning 1 minute ago\nh3\tRunning 2 minutes ago\n";
     const ALL_ON_H1: &str =
         "h1\tRunning 1 minute ago\nh1\tRunning 1 minute ago\nh1\tRunning 2 minutes ago\n";
+
+    #[test]
+    fn a_service_failing_elsewhere_does_not_hold_the_drain() {
+        // `flaky` never had a task here and crash-loops on other nodes
+        // (0/3): this drain moved only `web`, so it waits for web alone.
+        let mut d = Script::default()
+            .on("info", &[Ok(MANAGER)])
+            .on("node inspect n1", &[Ok("h1\n")])
+            .on("node ps n1 --filter", &[Ok("web.2\n")])
+            .on("service ps web", &[Ok(SPREAD)])
+            .on("node update --availability drain n1", &[Ok("n1")])
+            .on("node ps n1", &[Ok("web.2\tShutdown 1 second ago\n")])
+            .on(
+                "service ls",
+                &[
+                    Ok("web\treplicated\t2/3\nflaky\treplicated\t0/3\n"),
+                    Ok("web\treplicated\t3/3\nflaky\treplicated\t0/3\n"),
+                ],
+            );
+        let mut w = Fake::default();
+        assert_eq!(
+            drain(&mut d, &mut w).unwrap(),
+            Drained::Drained { node: "n1".into() }
+        );
+        assert!(
+            w.said.contains(&"waiting: services not at full strength: web 2/3".to_string()),
+            "{:?}",
+            w.said
+        );
+        assert!(!w.said.iter().any(|l| l.contains("flaky")), "{:?}", w.said);
+    }
 
     #[test]
     fn a_drain_never_stops_the_last_running_copies() {

@@ -32,6 +32,9 @@ pub struct Fault {
     /// Send the body one byte at a time, this many ms apart (a server
     /// that never stalls long enough for a read timeout).
     pub trickle_ms: Option<u64>,
+    /// Answer 302 with this `Location`; `{path}` in it becomes the path
+    /// asked for (a redirect to the same file elsewhere).
+    pub redirect_to: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -139,6 +142,16 @@ impl Httpd {
         };
         let rel = path.trim_start_matches('/');
         let file = self.root.join(rel);
+        if let (true, Some(to)) = (applies, &fault.redirect_to) {
+            logged.status = 302;
+            let to = to.replace("{path}", &path);
+            let _ = write!(
+                conn,
+                "HTTP/1.1 302 Found\r\nLocation: {to}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+            self.lock_log().push(logged);
+            return;
+        }
         if let (true, Some(code)) = (applies, fault.status) {
             logged.status = code;
             let _ = write!(

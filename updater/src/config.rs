@@ -124,8 +124,7 @@ impl EngineConfig {
         let etcd = nimbus_etcd::options_from_conf(c)?;
         let hook_timeout = match c.get("HOOK_TIMEOUT") {
             None => crate::hooks::DEFAULT_TIMEOUT,
-            Some(v) => match updateconf::parse_duration(v) {
-                Ok(0) => return Err(format!("HOOK_TIMEOUT={v:?}: must be more than 0")),
+            Some(v) => match updateconf::parse_hook_timeout(v) {
                 Ok(s) => std::time::Duration::from_secs(s),
                 Err(e) => return Err(format!("HOOK_TIMEOUT={e}")),
             },

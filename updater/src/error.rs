@@ -28,6 +28,8 @@ pub enum UpdateError {
     PayloadMissing { url: String },
     #[error("GET {url}: {reason}")]
     Network { url: String, reason: String },
+    #[error("GET {url}: {reason}")]
+    Redirect { url: String, reason: String },
     #[error(
         "GET {url}: the server ignored the Range request (HTTP 200); a delta needs byte ranges"
     )]
@@ -147,6 +149,7 @@ impl UpdateError {
             SignatureMissing { .. } => "signature-missing",
             PayloadMissing { .. } => "payload-missing",
             Network { .. } => "network",
+            Redirect { .. } => "redirect-refused",
             RangeIgnored { .. } => "range-ignored",
             RangeMismatch { .. } => "range-mismatch",
             DeltaIndex { .. } => "delta-index",
@@ -189,7 +192,8 @@ impl UpdateError {
             | UnknownChannel { .. }
             | PayloadMissing { .. }
             | RangeIgnored { .. }
-            | Network { .. } => 3,
+            | Network { .. }
+            | Redirect { .. } => 3,
             SignatureMissing { .. }
             | ResponseTooLarge { .. }
             | Manifest { .. }

@@ -91,6 +91,19 @@ fn classify(url: &str, e: &reqwest::Error, read_timeout: Duration) -> UpdateErro
             url: url.to_string(),
             reason,
         }
+    } else if e.is_redirect() {
+        // The policy's own words (`same_origin_redirects`), not reqwest's
+        // wrapper around them.
+        let mut reason = e.to_string();
+        let mut src = std::error::Error::source(e);
+        while let Some(s) = src {
+            reason = s.to_string();
+            src = s.source();
+        }
+        UpdateError::Redirect {
+            url: url.to_string(),
+            reason,
+        }
     } else {
         UpdateError::Network {
             url: url.to_string(),
@@ -112,6 +125,7 @@ impl Http {
             .connect_timeout(connect_timeout)
             .timeout(read_timeout)
             .user_agent(concat!("nimbus-update-engine/", env!("CARGO_PKG_VERSION")))
+            .redirect(same_origin_redirects())
             .build()
             .map_err(|e| UpdateError::Network {
                 url: String::new(),
@@ -367,6 +381,65 @@ impl Body {
                     });
                 }
             }
+        }
+    }
+}
+
+fn same_origin(a: &reqwest::Url, b: &reqwest::Url) -> bool {
+    a.scheme() == b.scheme()
+        && a.host_str() == b.host_str()
+        && a.port_or_known_default() == b.port_or_known_default()
+}
+
+/// Redirects stay on the origin the first URL named (scheme, host and
+/// port), at most 5 of them: the signatures protect what a host installs,
+/// not where it goes, and a repository that could send update-engine
+/// anywhere could send it from https to plain http, to a host that learns
+/// which version every machine runs, or to an address inside the network.
+/// Mirrors that redirect to a CDN are configured as SERVER instead.
+pub fn same_origin_redirects() -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(|attempt| {
+        let Some(first) = attempt.previous().first().cloned() else {
+            return attempt.follow();
+        };
+        if attempt.previous().len() > 5 {
+            return attempt.error(format!("more than 5 redirects from {first}"));
+        }
+        let to = attempt.url();
+        if same_origin(to, &first) {
+            attempt.follow()
+        } else {
+            let why = format!("redirect from {first} to {to} leaves its origin: refused");
+            attempt.error(why)
+        }
+    })
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn u(s: &str) -> reqwest::Url {
+        reqwest::Url::parse(s).expect("url")
+    }
+
+    #[test]
+    fn an_origin_is_scheme_host_and_port() {
+        let repo = u("https://updates.example.com/channels/stable.json");
+        for same in [
+            "https://updates.example.com/mirror/stable.json",
+            "https://updates.example.com:443/x",
+        ] {
+            assert!(same_origin(&u(same), &repo), "{same}");
+        }
+        for other in [
+            "http://updates.example.com/channels/stable.json",
+            "https://updates.example.com:8443/x",
+            "https://cdn.example.com/x",
+            "https://169.254.169.254/latest/meta-data",
+        ] {
+            assert!(!same_origin(&u(other), &repo), "{other}");
         }
     }
 }

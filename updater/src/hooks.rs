@@ -17,6 +17,7 @@
 //! directory must be owned by root and writable by nobody else.
 
 use std::io::{BufRead, BufReader};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -113,6 +114,54 @@ fn check_owner(kind: Kind, path: &Path, md: &std::fs::Metadata) -> Result<(), Ho
     }
 }
 
+/// Every directory from `/` down to `dir` and `dir` itself: no symbolic
+/// link among them (none is followed), each root's and writable by nobody
+/// else. A root-owned sticky directory (`/tmp`) passes: nobody else can
+/// rename or remove root's entries in it.
+fn check_path(kind: Kind, dir: &Path) -> Result<(), HookError> {
+    use std::path::Component;
+    let abs = std::path::absolute(dir).map_err(|source| HookError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let unsafe_at = |at: &Path, reason: String| HookError::Unsafe {
+        kind,
+        path: at.to_path_buf(),
+        reason,
+    };
+    let mut at = PathBuf::from("/");
+    for c in abs.components() {
+        match c {
+            Component::RootDir => {}
+            Component::Normal(n) => at.push(n),
+            other => {
+                return Err(unsafe_at(
+                    &abs,
+                    format!("{:?} in the path", other.as_os_str()),
+                ))
+            }
+        }
+        let md = std::fs::symlink_metadata(&at).map_err(|source| HookError::Io {
+            path: at.clone(),
+            source,
+        })?;
+        if md.file_type().is_symlink() {
+            return Err(unsafe_at(
+                &at,
+                "a symbolic link on the way to the hooks (never followed)".into(),
+            ));
+        }
+        if !md.is_dir() {
+            return Err(unsafe_at(&at, "not a directory".into()));
+        }
+        let sticky_root = md.uid() == 0 && md.mode() & 0o1000 != 0;
+        if md.uid() != 0 || (md.mode() & 0o022 != 0 && !sticky_root) {
+            check_owner(kind, &at, &md)?;
+        }
+    }
+    Ok(())
+}
+
 /// The hooks of `kind` under `root`, in the order they run.
 pub fn discover(root: &Path, kind: Kind) -> Result<Vec<Hook>, HookError> {
     let sub = format!("{}.d", kind.name());
@@ -131,7 +180,7 @@ pub fn discover(root: &Path, kind: Kind) -> Result<Vec<Hook>, HookError> {
                 reason: "not a directory".into(),
             });
         }
-        check_owner(kind, &dir, &dmd)?;
+        check_path(kind, &dir)?;
         let rd = std::fs::read_dir(&dir).map_err(|source| HookError::Io {
             path: dir.clone(),
             source,
@@ -158,8 +207,23 @@ pub fn discover(root: &Path, kind: Kind) -> Result<Vec<Hook>, HookError> {
     for (name, path) in by_name {
         let Some(path) = path else { continue };
         // The directory is root's alone (checked above), so a link in it was
-        // put there by root; what it points to is checked like a file.
-        let md = std::fs::metadata(&path).map_err(|source| HookError::Io {
+        // put there by root; where it points is walked like the hooks'
+        // directories (one link, no chains), and the file checked.
+        let path = match std::fs::read_link(&path) {
+            Ok(to) => {
+                let to = path.parent().map_or(to.clone(), |d| d.join(&to));
+                let to = std::path::absolute(&to).map_err(|source| HookError::Io {
+                    path: to.clone(),
+                    source,
+                })?;
+                if let Some(d) = to.parent() {
+                    check_path(kind, d)?;
+                }
+                to
+            }
+            Err(_) => path,
+        };
+        let md = std::fs::symlink_metadata(&path).map_err(|source| HookError::Io {
             path: path.clone(),
             source,
         })?;
@@ -207,6 +271,96 @@ impl std::fmt::Display for Running<'_> {
     }
 }
 
+/// Open a hook without following a link and check what was opened: a
+/// regular file, root's, writable by nobody else, executable.
+fn open_checked(kind: Kind, path: &Path) -> Result<std::os::fd::OwnedFd, HookError> {
+    use nix::fcntl::OFlag;
+    let io = |e: nix::errno::Errno| HookError::Io {
+        path: path.to_path_buf(),
+        source: std::io::Error::from(e),
+    };
+    let fd = nix::fcntl::open(
+        path,
+        OFlag::O_RDONLY | OFlag::O_NOFOLLOW,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(io)?;
+    let st = nix::sys::stat::fstat(&fd).map_err(io)?;
+    let fail = |reason: String| HookError::Unsafe {
+        kind,
+        path: path.to_path_buf(),
+        reason,
+    };
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Err(fail("not a regular file".into()));
+    }
+    if st.st_uid != 0 {
+        return Err(fail(format!("owned by uid {}, not root", st.st_uid)));
+    }
+    if st.st_mode & 0o022 != 0 {
+        return Err(fail(format!(
+            "writable by group or others (mode {:o})",
+            st.st_mode & 0o7777
+        )));
+    }
+    if st.st_mode & 0o111 == 0 {
+        return Err(fail("not executable".into()));
+    }
+    Ok(fd)
+}
+
+/// The longest hook output line kept (the rest of the line is dropped).
+pub const MAX_LINE: usize = 4096;
+
+/// One line of a hook's output, at most [`MAX_LINE`] bytes of it, decoded
+/// lossily and with control characters escaped (a hook's words reach the
+/// journal and `updatectl status`: no terminal escapes, no forged lines).
+/// `None` at the end of the output.
+fn read_line_capped(r: &mut impl BufRead) -> Option<String> {
+    let mut kept: Vec<u8> = Vec::new();
+    let mut any = false;
+    loop {
+        let buf = match r.fill_buf() {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        };
+        if buf.is_empty() {
+            break;
+        }
+        any = true;
+        let (chunk, end) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (&buf[..i], Some(i + 1)),
+            None => (buf, None),
+        };
+        let room = MAX_LINE.saturating_sub(kept.len());
+        kept.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        let used = end.unwrap_or(buf.len());
+        r.consume(used);
+        if end.is_some() {
+            break;
+        }
+    }
+    if !any {
+        return None;
+    }
+    Some(escape_controls(&String::from_utf8_lossy(&kept)))
+}
+
+/// Control characters as Rust escapes (`\u{1b}`), the rest unchanged.
+pub fn escape_controls(s: &str) -> String {
+    let s = s.strip_suffix('\r').unwrap_or(s);
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Run one hook with `env` added, at most `timeout`; its output lines go
 /// to the log and, with the time spent, to `progress`. On timeout the
 /// hook's whole process group is killed.
@@ -217,8 +371,14 @@ pub fn run(
     timeout: Duration,
     progress: &mut dyn FnMut(&Running<'_>),
 ) -> Result<(), HookError> {
-    let mut cmd = Command::new(&hook.path);
-    cmd.stdin(Stdio::null())
+    // Executed through the descriptor that was checked (fstat), not the
+    // path again: what runs is the file that passed. The descriptor is
+    // opened without close-on-exec so that the hook (and a script's
+    // interpreter, handed `/proc/self/fd/N`) can open it.
+    let fd = open_checked(kind, &hook.path)?;
+    let mut cmd = Command::new(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+    cmd.arg0(&hook.path)
+        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .env("NIMBUS_HOOK", kind.name())
@@ -227,7 +387,10 @@ pub fn run(
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let mut child = cmd.spawn().map_err(|source| HookError::Io {
+    let spawned = cmd.spawn();
+    // The child has its copy; later children must not inherit ours.
+    drop(fd);
+    let mut child = spawned.map_err(|source| HookError::Io {
         path: hook.path.clone(),
         source,
     })?;
@@ -244,8 +407,8 @@ pub fn run(
     for r in [out, err].into_iter().flatten() {
         let tx = tx.clone();
         readers.push(std::thread::spawn(move || {
-            for line in BufReader::new(r).lines() {
-                let Ok(line) = line else { break };
+            let mut r = BufReader::new(r);
+            while let Some(line) = read_line_capped(&mut r) {
                 if tx.send(line).is_err() {
                     break;
                 }
@@ -401,6 +564,44 @@ mod tests {
     }
 
     #[test]
+    fn a_symlinked_or_foreign_ancestor_is_refused() {
+        use std::os::unix::fs::{lchown, symlink};
+        // /etc/nimbus a link planted to a tree that looks right.
+        let t = tempfile::tempdir().unwrap();
+        let elsewhere = t.path().join("elsewhere");
+        hook(&elsewhere, "nimbus/hooks", Kind::PreReboot, "10-x", "true");
+        fs::create_dir_all(t.path().join("etc")).unwrap();
+        symlink(elsewhere.join("nimbus"), t.path().join("etc/nimbus")).unwrap();
+        let e = discover(t.path(), Kind::PreReboot).unwrap_err();
+        assert!(e.to_string().contains("symbolic link"), "{e}");
+        assert!(e.to_string().contains("etc/nimbus"), "{e}");
+
+        // A directory on the way that a user owns (who could swap what is
+        // below it), even with root's hooks inside.
+        let t = tempfile::tempdir().unwrap();
+        hook(t.path(), nimbus::paths::HOOKS_ETC, Kind::PreReboot, "10-x", "true");
+        let nimbus_dir = t.path().join("etc/nimbus");
+        lchown(&nimbus_dir, Some(1000), Some(1000)).unwrap();
+        let e = discover(t.path(), Kind::PreReboot).unwrap_err();
+        assert!(e.to_string().contains("owned by uid 1000"), "{e}");
+        lchown(&nimbus_dir, Some(0), Some(0)).unwrap();
+        assert_eq!(discover(t.path(), Kind::PreReboot).unwrap().len(), 1);
+
+        // A hook that is a link to a file in a directory others may write.
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path().join("etc/nimbus/hooks/pre-reboot.d");
+        fs::create_dir_all(&d).unwrap();
+        let open = t.path().join("open");
+        fs::create_dir_all(&open).unwrap();
+        fs::set_permissions(&open, fs::Permissions::from_mode(0o777)).unwrap();
+        fs::write(open.join("x"), "#!/bin/sh\ntrue\n").unwrap();
+        fs::set_permissions(open.join("x"), fs::Permissions::from_mode(0o755)).unwrap();
+        symlink(open.join("x"), d.join("10-x")).unwrap();
+        let e = discover(t.path(), Kind::PreReboot).unwrap_err();
+        assert!(e.to_string().contains("writable by group or others"), "{e}");
+    }
+
+    #[test]
     fn hooks_see_their_env_and_failures_say_why() {
         let t = tempfile::tempdir().unwrap();
         let out = t.path().join("out");
@@ -480,4 +681,25 @@ mod tests {
         std::thread::sleep(Duration::from_secs(4));
         assert!(!marker.exists(), "the hook's background child outlived it");
     }
+
+    #[test]
+    fn output_lines_are_capped_decoded_lossily_and_escaped() {
+        let mut long = vec![b'a'; 3 * MAX_LINE];
+        long.push(b'\n');
+        let mut input = b"ok\r\n\x1b[31mred\x07\n\xff\xfebytes\n".to_vec();
+        input.extend_from_slice(&long);
+        input.extend_from_slice(b"no newline at the end");
+        let mut r = std::io::Cursor::new(input);
+        let mut lines = Vec::new();
+        while let Some(l) = read_line_capped(&mut r) {
+            lines.push(l);
+        }
+        assert_eq!(lines[0], "ok");
+        assert_eq!(lines[1], "\\u{1b}[31mred\\u{7}");
+        assert_eq!(lines[2], "\u{fffd}\u{fffd}bytes");
+        assert_eq!(lines[3].len(), MAX_LINE);
+        assert_eq!(lines[4], "no newline at the end");
+        assert_eq!(lines.len(), 5);
+    }
+
 }

@@ -80,6 +80,22 @@ const CASES: &[Case] = &[
         },
     },
     Case {
+        // The same file on another origin (localhost is not 127.0.0.1 to
+        // an origin check): a repository must not send hosts elsewhere.
+        name: "manifest redirected to another origin",
+        kind: "redirect-refused",
+        setup: |f| {
+            f.httpd.set_fault(Fault {
+                suffix: "stable.json".into(),
+                redirect_to: Some(format!(
+                    "{}{{path}}",
+                    f.httpd.url().replace("127.0.0.1", "localhost")
+                )),
+                ..Fault::default()
+            })
+        },
+    },
+    Case {
         name: "manifest trickles a byte a second",
         kind: "deadline",
         setup: |f| {

@@ -311,3 +311,61 @@ fn rotations_on_the_esp_count_when_root_lost_them() {
     assert_eq!(st["trust"]["usr"]["version"], 2, "{st}");
     assert_eq!(st["trust"]["esp_version"], 2, "{st}");
 }
+
+#[test]
+fn a_torn_signature_on_the_esp_is_written_again() {
+    use nimbus::esp::Esp;
+    // A power cut tore the ESP's copy of rotation 2's signatures (FAT has
+    // no journal); ROOT holds the whole link. Stage 1 would stop its chain
+    // at the torn link, so update-engine writes it again once the booted
+    // slot is good.
+    let f = Fixture::new(2, 32);
+    let k1 = &f.key;
+    let k2 = ReleaseKey::from_secret([2; 32]);
+    let mut v1 = nimbus::keys::TrustStore::new([k1.public()], 1);
+    v1.version = 1;
+    let d2 = nimbus::trust::rotate(&v1, &[k2.public()], &[], None).unwrap();
+    let link = nimbus::trust::Link {
+        version: 2,
+        bytes: d2.to_bytes(),
+        sigs: serde_json::to_vec(&Manifest::sign_bytes(&d2.to_bytes(), &[k1, &k2])).unwrap(),
+    };
+    let d = Disk::open_path(&f.disk, false).unwrap();
+    let esp = nimbus_updater::esp::ImageEsp {
+        image: f.disk.clone(),
+        offset: d.partition(ESP_PARTITION).unwrap().offset_bytes(),
+    };
+    drop(d);
+    let cur = support::build_signed(f.tmp.path(), "1.0.1", 2, f.usr_size, &[&k2], &d2);
+    support::make_disk(&f.disk, f.usr_size, &cur.slot);
+    support::format_esp(&f.disk);
+    nimbus::chain::write(
+        &nimbus::esp::DirEsp(f.root.clone()),
+        nimbus::paths::TRUST_CHAIN_ROOT,
+        std::slice::from_ref(&link),
+    )
+    .unwrap();
+    let torn = nimbus::trust::Link {
+        sigs: link.sigs[..link.sigs.len() / 2].to_vec(),
+        ..link.clone()
+    };
+    esp.with(true, &mut |fs| {
+        nimbus::chain::write(fs, nimbus::esp::CHAIN_DIR, std::slice::from_ref(&torn))
+    })
+    .unwrap();
+    mark_good(&f, boot(&f));
+    let (out, st) = f.once(&[]);
+    ok(&out);
+    let st = st.expect("status");
+    assert_eq!(st["trust"]["usr"]["version"], 2, "{st}");
+    assert_eq!(st["trust"]["esp_version"], 2, "{st}");
+    let mut back = Vec::new();
+    esp.with(false, &mut |fs| {
+        back = nimbus::chain::read(fs, nimbus::esp::CHAIN_DIR)?;
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(back.len(), 1);
+    assert_eq!(back[0].sigs, link.sigs, "the torn signatures stayed");
+    assert_eq!(back[0].bytes, link.bytes);
+}

@@ -11,7 +11,7 @@ pub(super) const TOP: &[&str] = &[
     "nimbus",
 ];
 
-pub(super) const NIMBUS: &[&str] = &["swarm", "hook_timeout"];
+pub(super) const NIMBUS: &[&str] = &["swarm", "hook_timeout", "etcd_insecure_plaintext"];
 
 pub(super) const SWARM: &[&str] = &[
     "role",

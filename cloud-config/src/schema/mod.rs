@@ -67,6 +67,10 @@ pub struct CloudConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct NimbusSection {
     pub swarm: Option<Swarm>,
+    /// `nimbus.etcd_insecure_plaintext: true`: the operator accepts etcd
+    /// reachable from the network without TLS client certificates (what
+    /// `validate` otherwise refuses); it warns instead.
+    pub etcd_insecure_plaintext: bool,
     /// update.conf's HOOK_TIMEOUT: how long each update hook may run.
     pub hook_timeout: Option<String>,
 }
@@ -351,6 +355,10 @@ fn check_inner(text: &str, c: &mut Checker) -> Option<UserData> {
         }
     };
     let mut cfg = CloudConfig::default();
+    // etcd exposed to the network without client certificates: errors
+    // unless `nimbus.etcd_insecure_plaintext` says so, which may come
+    // before or after `coreos` in the document.
+    let mut exposed: Vec<(usize, String)> = Vec::new();
     c.map(&root, "top level", TOP, |c, key, v| match key {
         "hostname" => {
             if let Some(h) = c.string(v, "hostname") {
@@ -391,10 +399,18 @@ fn check_inner(text: &str, c: &mut Checker) -> Option<UserData> {
                 }
             }
         }
-        "coreos" => coreos(c, v, &mut cfg),
+        "coreos" => coreos(c, v, &mut cfg, &mut exposed),
         "nimbus" => cfg.nimbus = Some(nimbus_section(c, v)),
         _ => {}
     });
+    let insecure = cfg.nimbus.as_ref().is_some_and(|n| n.etcd_insecure_plaintext);
+    for (line, msg) in exposed {
+        if insecure {
+            c.warn(line, format!("{msg} (allowed by nimbus.etcd_insecure_plaintext: anyone who reaches it can read the cluster's keys and take its reboot lock)"));
+        } else {
+            c.error(line, format!("{msg}; anyone who reaches it could read the swarm's join tokens and rewrite the reboot lock. Use https:// with client-cert-auth (docs/cluster.md, \"Securing etcd\"), or set nimbus.etcd_insecure_plaintext: true to accept the risk"));
+        }
+    }
     let mut paths: Vec<&str> = Vec::new();
     for f in &cfg.write_files {
         if paths.contains(&f.path.as_str()) {

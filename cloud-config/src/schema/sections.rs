@@ -234,7 +234,12 @@ pub(super) fn env_section(
     EnvDropIn { unit, vars }
 }
 
-pub(super) fn coreos(c: &mut Checker, n: &Node, cfg: &mut CloudConfig) {
+pub(super) fn coreos(
+    c: &mut Checker,
+    n: &Node,
+    cfg: &mut CloudConfig,
+    exposed: &mut Vec<(usize, String)>,
+) {
     let mut etcd_line = None;
     c.map(n, "coreos", COREOS, |c, key, v| match key {
         "etcd2" => {
@@ -244,7 +249,7 @@ pub(super) fn coreos(c: &mut Checker, n: &Node, cfg: &mut CloudConfig) {
             }
             etcd_line = Some(kl);
             cfg.env_dropins.push(env_section(c, v, "etcd2", ETCD2, "ETCD_", "etcd.service"));
-            etcd2_checks(c, v);
+            etcd2_checks(c, v, exposed);
         }
         "etcd" => {
             let kl = c.key_line;
@@ -351,10 +356,14 @@ pub(super) fn coreos(c: &mut Checker, n: &Node, cfg: &mut CloudConfig) {
 pub(super) fn nimbus_section(c: &mut Checker, n: &Node) -> NimbusSection {
     let mut out = NimbusSection::default();
     c.map(n, "nimbus", NIMBUS, |c, key, v| match key {
+        "etcd_insecure_plaintext" => {
+            if let Some(b) = c.boolean(v, "nimbus.etcd_insecure_plaintext") {
+                out.etcd_insecure_plaintext = b;
+            }
+        }
         "hook_timeout" => {
             if let Some(s) = c.string(v, "nimbus.hook_timeout") {
-                match nimbus::updateconf::parse_duration(&s) {
-                    Ok(0) => c.error(v.line, "nimbus.hook_timeout must be more than 0"),
+                match nimbus::updateconf::parse_hook_timeout(&s) {
                     Ok(_) => out.hook_timeout = Some(s),
                     Err(e) => c.error(v.line, format!("nimbus.hook_timeout {e}")),
                 }
@@ -443,7 +452,71 @@ pub(super) fn nimbus_section(c: &mut Checker, n: &Node) -> NimbusSection {
 
 /// etcd refuses to start on these mistakes, late and in its own log: say
 /// so while validating, with the line.
-pub(super) fn etcd2_checks(c: &mut Checker, n: &Node) {
+/// Whether `url` (an etcd listen or advertise URL) reaches beyond this
+/// host: anything but a loopback address or `localhost`.
+fn off_host(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let host = rest.split(['/', '?']).next().unwrap_or("");
+    let host = match host.rsplit_once(':') {
+        Some((h, p)) if !h.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host == "localhost" {
+        return false;
+    }
+    host.parse::<std::net::IpAddr>()
+        .map_or(true, |a| !a.is_loopback())
+}
+
+/// etcd that other machines can reach must speak TLS and require client
+/// certificates, for clients and for peers: what is not goes to `exposed`
+/// (line, what), which the caller reports.
+fn etcd2_exposure(vals: &BTreeMap<String, (String, usize)>, exposed: &mut Vec<(usize, String)>) {
+    let on = |k: &str| vals.get(k).is_some_and(|(v, _)| v == "true");
+    for (keys, auth, what) in [
+        (
+            &["listen_client_urls", "advertise_client_urls"][..],
+            "client_cert_auth",
+            "clients",
+        ),
+        (
+            &["listen_peer_urls", "initial_advertise_peer_urls"][..],
+            "peer_client_cert_auth",
+            "peers",
+        ),
+    ] {
+        for k in keys {
+            let Some((v, line)) = vals.get(*k) else { continue };
+            for u in v.split(',').map(str::trim).filter(|u| off_host(u)) {
+                if u.starts_with("http://") {
+                    exposed.push((
+                        *line,
+                        format!("coreos.etcd2.{k}: {u} serves etcd's {what} in plain HTTP beyond this host"),
+                    ));
+                } else if u.starts_with("https://") && !on(auth) {
+                    exposed.push((
+                        *line,
+                        format!("coreos.etcd2.{k}: {u} serves etcd's {what} over TLS but without {auth}: true, so any client is let in"),
+                    ));
+                }
+            }
+        }
+    }
+    // What the TLS settings need to work at all (etcd would refuse to start).
+    for (auth, ca) in [
+        ("client_cert_auth", "trusted_ca_file"),
+        ("peer_client_cert_auth", "peer_trusted_ca_file"),
+    ] {
+        if on(auth) && !vals.contains_key(ca) {
+            if let Some((_, line)) = vals.get(auth) {
+                exposed.push((*line, format!("coreos.etcd2.{auth}: true without {ca} (which CA signs the certificates it accepts)")));
+            }
+        }
+    }
+}
+
+pub(super) fn etcd2_checks(c: &mut Checker, n: &Node, exposed: &mut Vec<(usize, String)>) {
     let Kind::Map(entries) = &n.kind else { return };
     let mut vals: BTreeMap<String, (String, usize)> = BTreeMap::new();
     for (k, v) in entries {
@@ -462,6 +535,7 @@ pub(super) fn etcd2_checks(c: &mut Checker, n: &Node) {
             }
         }
     }
+    etcd2_exposure(&vals, exposed);
     if let Some((s, line)) = vals.get("initial_cluster_state") {
         if s != "new" && s != "existing" {
             c.error(

@@ -192,7 +192,11 @@ impl Coordinator {
         tracing::warn!("{e}");
         // Another HOOK_TIMEOUT: what blocked the hook (a task with nowhere to
         // go) may clear meanwhile, and other hosts may take their turn.
-        self.hooks_retry_at = Some(Instant::now() + ctx.cfg.hook_timeout);
+        // Checked: HOOK_TIMEOUT is capped at a day when parsed, but an
+        // Instant that cannot hold the sum must not panic the engine here,
+        // with the host drained and the lock held.
+        let now = Instant::now();
+        self.hooks_retry_at = Some(now.checked_add(ctx.cfg.hook_timeout).unwrap_or(now));
         let undo = match run_hooks(ctx, crate::hooks::Kind::PostGood, &version, false) {
             Ok(()) => {
                 if let Err(e) = ledger.edit(|s: &mut RebootState| s.post_good_pending = None) {

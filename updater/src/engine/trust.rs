@@ -73,7 +73,7 @@ impl TrustKeeper {
                 Vec::new()
             }
         };
-        let esp_max = esp_links.iter().map(|l| l.version).max();
+        let on_esp = esp_links.clone();
         for l in esp_links {
             if !links.iter().any(|x| x.version == l.version) {
                 links.push(l);
@@ -86,13 +86,27 @@ impl TrustKeeper {
         }
         let reached = sets[sets.len() - 1].version;
         links.retain(|l| l.version <= reached);
+        // How far stage 1's copy goes: the verified links it holds intact,
+        // in order. A damaged one (a torn write) stops it there, so that
+        // `sync_to_esp` writes it again.
+        links.sort_by_key(|l| l.version);
+        let mut esp_version = None;
+        for l in &links {
+            let intact = on_esp
+                .iter()
+                .any(|e| e.version == l.version && e.bytes == l.bytes && e.sigs == l.sigs);
+            if !intact {
+                break;
+            }
+            esp_version = Some(l.version);
+        }
         Ok(TrustKeeper {
             view: TrustView {
                 sets,
                 links,
                 active: 0,
                 chain_error,
-                esp_version: esp_max.map(|v| v.min(reached)),
+                esp_version,
             },
         })
     }
@@ -227,8 +241,31 @@ impl TrustKeeper {
             .filter(|l| l.version <= want && !have.contains(&l.version))
             .cloned()
             .collect();
-        if !missing.is_empty() {
+        // A link on the ESP that differs from the verified one of the same
+        // version is damaged (a power cut tore its write; FAT has no
+        // journal): it ends stage 1's chain there, so it is written again.
+        let damaged: Vec<Link> = self
+            .view
+            .links
+            .iter()
+            .filter(|l| {
+                l.version <= want
+                    && on_esp
+                        .iter()
+                        .any(|e| e.version == l.version && (e.bytes != l.bytes || e.sigs != l.sigs))
+            })
+            .cloned()
+            .collect();
+        if !damaged.is_empty() {
+            let vs: Vec<String> = damaged.iter().map(|l| l.version.to_string()).collect();
+            tracing::warn!(
+                "trust rotation(s) {} on the ESP are damaged; writing them again",
+                vs.join(", ")
+            );
+        }
+        if !missing.is_empty() || !damaged.is_empty() {
             if let Err(e) = host.esp.with(true, &mut |fs| {
+                nimbus::chain::repair(fs, nimbus::esp::CHAIN_DIR, &damaged)?;
                 nimbus::chain::write(fs, nimbus::esp::CHAIN_DIR, &missing)
             }) {
                 tracing::warn!("copying trust rotations to the ESP: {e}");

@@ -48,14 +48,18 @@ pub fn read(fs: &dyn EspFs, dir: &str) -> Result<Vec<Link>, EspError> {
             break;
         }
         let set = join(dir, &chain_file(v));
-        let Some(sigs) = fs.read(
+        // A link that cannot be read whole (a damaged file, one larger than
+        // a link may be) ends the chain there like a missing one: the links
+        // before it still count. Failing the whole read instead would send
+        // stage 1 back to its built-in set, which after a rotation trusts
+        // neither slot.
+        let Ok(Some(sigs)) = fs.read(
             &crate::repo::sig_of(&set),
             crate::release::MAX_SIGNATURES_BYTES,
-        )?
-        else {
+        ) else {
             break;
         };
-        let Some(bytes) = fs.read(&set, MAX_TRUST_BYTES)? else {
+        let Ok(Some(bytes)) = fs.read(&set, MAX_TRUST_BYTES) else {
             break;
         };
         out.push(Link {
@@ -74,6 +78,19 @@ pub fn write(fs: &dyn EspFs, dir: &str, links: &[Link]) -> Result<(), EspError> 
         let set = join(dir, &chain_file(l.version));
         fs.write_new(&set, &l.bytes)?;
         fs.write_new(&crate::repo::sig_of(&set), &l.sigs)?;
+    }
+    Ok(())
+}
+
+/// Write damaged links again, each set and then its signatures, over
+/// what is there (the files exist, so `replace`; the set first, so that a
+/// cut between the two leaves a set whose signatures do not match, which
+/// ends the chain there as before).
+pub fn repair(fs: &dyn EspFs, dir: &str, links: &[Link]) -> Result<(), EspError> {
+    for l in links {
+        let set = join(dir, &chain_file(l.version));
+        fs.replace(&set, &l.bytes)?;
+        fs.replace(&crate::repo::sig_of(&set), &l.sigs)?;
     }
     Ok(())
 }
@@ -168,9 +185,14 @@ mod tests {
         std::fs::remove_file(d.path().join("c/3.json")).unwrap();
         let got: Vec<u64> = read(&fs, "c").unwrap().iter().map(|l| l.version).collect();
         assert_eq!(got, vec![2]);
-        // An oversized set is refused, not truncated.
-        std::fs::write(d.path().join("c/2.json"), vec![b' '; MAX_TRUST_BYTES + 1]).unwrap();
-        assert!(read(&fs, "c").is_err());
+        // An oversized set ends the chain at itself (refused, not
+        // truncated); the links before it still count.
+        write(&fs, "d", &[link(2), link(3), link(4)]).unwrap();
+        std::fs::write(d.path().join("d/3.json"), vec![b' '; MAX_TRUST_BYTES + 1]).unwrap();
+        let got: Vec<u64> = read(&fs, "d").unwrap().iter().map(|l| l.version).collect();
+        assert_eq!(got, vec![2]);
+        std::fs::write(d.path().join("d/2.json"), vec![b' '; MAX_TRUST_BYTES + 1]).unwrap();
+        assert!(read(&fs, "d").unwrap().is_empty());
     }
 
     #[test]

@@ -223,6 +223,22 @@ pub fn check_window_start(s: &str) -> Result<(), String> {
     }
 }
 
+/// The longest HOOK_TIMEOUT: a day. A drain that needs longer is stuck,
+/// and deadlines computed from the value stay far from any overflow.
+pub const MAX_HOOK_TIMEOUT_SECS: u64 = 86_400;
+
+/// `HOOK_TIMEOUT` (and cloud-config's `nimbus.hook_timeout`): a duration
+/// of more than 0 and at most [`MAX_HOOK_TIMEOUT_SECS`]. Returns seconds.
+pub fn parse_hook_timeout(s: &str) -> Result<u64, String> {
+    match parse_duration(s)? {
+        0 => Err(format!("{s:?}: must be more than 0")),
+        n if n > MAX_HOOK_TIMEOUT_SECS => Err(format!(
+            "{s:?}: at most {MAX_HOOK_TIMEOUT_SECS} s (24h); a hook that runs longer is stuck"
+        )),
+        n => Ok(n),
+    }
+}
+
 /// A Go-style duration: "1h30m", "45m", "90s", plus days ("14d"). Returns seconds.
 pub fn parse_duration(s: &str) -> Result<u64, String> {
     let mut total: u64 = 0;
@@ -314,4 +330,14 @@ mod tests {
         assert!(parse_duration("30").is_err());
         assert!(parse_duration("0m").is_err());
     }
+
+    #[test]
+    fn a_hook_timeout_is_positive_and_at_most_a_day() {
+        assert_eq!(parse_hook_timeout("90s"), Ok(90));
+        assert_eq!(parse_hook_timeout("24h"), Ok(86_400));
+        for bad in ["0s", "25h", "2d", "99999999999999999d", "x"] {
+            assert!(parse_hook_timeout(bad).is_err(), "{bad}");
+        }
+    }
+
 }

@@ -304,7 +304,21 @@ pub fn install_stage1(
 ) -> Result<(Copy, u64), EspError> {
     let target = running.other();
     let all = entries(fs)?;
-    let gen = all.iter().map(|e| e.gen).max().unwrap_or(0) + 1;
+    // The generation is read from file names anyone with the ESP could
+    // write: checked, so `nimbus-18446744073709551615-a.conf` is an error,
+    // not a panic or a wrap to 0 that sorts below every entry.
+    let gen = all
+        .iter()
+        .map(|e| e.gen)
+        .max()
+        .unwrap_or(0)
+        .checked_add(1)
+        .ok_or_else(|| {
+            EspError::Invalid(format!(
+                "{ENTRIES}: an entry has generation {}; no newer one can be written",
+                u64::MAX
+            ))
+        })?;
     // 1. Nothing may lead a loader into the copy while it is rewritten.
     let mut env = grubenv(fs)?;
     if env.trial() == Some(target) || env.default_copy() == target {
@@ -601,6 +615,20 @@ mod tests {
         assert_eq!(Entry::parse("other.conf"), None);
         assert_eq!(Entry::parse("nimbus-x-a.conf"), None);
         assert_eq!(running_copy("console=ttyS0 nimbus.stage1=b"), Some(Copy::B));
+    }
+
+    #[test]
+    fn the_largest_generation_is_an_error_not_a_panic() {
+        let (_d, e) = esp();
+        e.write_new(
+            &format!("{ENTRIES}/{}", Entry::name(u64::MAX, Copy::A, None)),
+            b"title x\n",
+        )
+        .unwrap();
+        let before = e.list(ENTRIES).unwrap();
+        let err = install_stage1(&e, Copy::A, b"k", b"i", "1.1.0", "x").unwrap_err();
+        assert!(err.to_string().contains("no newer one"), "{err}");
+        assert_eq!(e.list(ENTRIES).unwrap(), before, "nothing was written");
     }
 
     #[test]
