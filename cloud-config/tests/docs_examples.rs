@@ -51,11 +51,17 @@ fn every_cloud_config_example_in_the_docs_validates() {
             );
             if p.ends_with("cluster.md") {
                 assert!(
-                    !problems.iter().any(|p| p.message.contains("etcd_insecure_plaintext")),
+                    !problems
+                        .iter()
+                        .any(|p| p.message.contains("etcd_insecure_plaintext")),
                     "the cluster example must be the secured one: {problems:#?}"
                 );
             }
         }
     }
-    assert!(n >= 1, "no #cloud-config example found under {}", docs.display());
+    assert!(
+        n >= 1,
+        "no #cloud-config example found under {}",
+        docs.display()
+    );
 }

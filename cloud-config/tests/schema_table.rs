@@ -120,6 +120,9 @@ coreos:
       content: |
         [Match]
         Name=eth0
+nimbus:
+  # advertise-client-urls above is plain HTTP on a network address.
+  etcd_insecure_plaintext: true
 ");
     let etcd = c
         .env_dropins
@@ -325,20 +328,40 @@ fn etcd_reachable_from_others_needs_tls_with_client_certificates() {
     let d = &c.env_dropins[0];
     let get = |k: &str| d.vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
     assert_eq!(get("ETCD_CLIENT_CERT_AUTH"), Some("true"));
-    assert_eq!(get("ETCD_PEER_TRUSTED_CA_FILE"), Some("/etc/nimbus/etcd/ca.pem"));
+    assert_eq!(
+        get("ETCD_PEER_TRUSTED_CA_FILE"),
+        Some("/etc/nimbus/etcd/ca.pem")
+    );
 
     // The plain-HTTP member without the opt-out: refused, each URL with
     // its line (the example docs/cluster.md used to show).
     let plain = ETCD2_OK.replace("nimbus:\n  etcd_insecure_plaintext: true\n", "");
     for (line, frag) in [
-        (8, "initial_advertise_peer_urls: http://10.10.0.11:2380 serves etcd's peers in plain HTTP"),
-        (9, "listen_peer_urls: http://10.10.0.11:2380 serves etcd's peers in plain HTTP"),
-        (10, "listen_client_urls: http://0.0.0.0:2379 serves etcd's clients in plain HTTP"),
-        (11, "advertise_client_urls: http://10.10.0.11:2379 serves etcd's clients in plain HTTP"),
+        (
+            8,
+            "initial_advertise_peer_urls: http://10.10.0.11:2380 serves etcd's peers in plain HTTP",
+        ),
+        (
+            9,
+            "listen_peer_urls: http://10.10.0.11:2380 serves etcd's peers in plain HTTP",
+        ),
+        (
+            10,
+            "listen_client_urls: http://0.0.0.0:2379 serves etcd's clients in plain HTTP",
+        ),
+        (
+            11,
+            "advertise_client_urls: http://10.10.0.11:2379 serves etcd's clients in plain HTTP",
+        ),
     ] {
         expect(&plain, line, Severity::Error, frag);
     }
-    expect(&plain, 10, Severity::Error, "nimbus.etcd_insecure_plaintext");
+    expect(
+        &plain,
+        10,
+        Severity::Error,
+        "nimbus.etcd_insecure_plaintext",
+    );
     // The opt-out turns each into a warning that says what it risks.
     expect(
         ETCD2_OK,

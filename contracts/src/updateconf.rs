@@ -339,5 +339,4 @@ mod tests {
             assert!(parse_hook_timeout(bad).is_err(), "{bad}");
         }
     }
-
 }

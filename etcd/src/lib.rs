@@ -140,7 +140,10 @@ mod tests {
             "ETCD_ENDPOINTS=https://10.0.0.6:2379,http://etcd.example.com:2379",
         ] {
             let e = options_from_conf(&conf(&format!("{auth}{bad}"))).expect_err(bad);
-            assert!(e.contains("ETCD_PASSWORD") && e.contains("in the clear"), "{e}");
+            assert!(
+                e.contains("ETCD_PASSWORD") && e.contains("in the clear"),
+                "{e}"
+            );
         }
         // Without a password nothing secret travels: plain http stays allowed.
         options_from_conf(&conf("ETCD_ENDPOINTS=http://10.0.0.5:2379")).expect("no password");

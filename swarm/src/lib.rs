@@ -935,7 +935,8 @@ mod tests {
             Drained::Drained { node: "n1".into() }
         );
         assert!(
-            w.said.contains(&"waiting: services not at full strength: web 2/3".to_string()),
+            w.said
+                .contains(&"waiting: services not at full strength: web 2/3".to_string()),
             "{:?}",
             w.said
         );

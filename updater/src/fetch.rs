@@ -415,7 +415,6 @@ pub fn same_origin_redirects() -> reqwest::redirect::Policy {
     })
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

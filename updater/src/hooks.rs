@@ -579,7 +579,13 @@ mod tests {
         // A directory on the way that a user owns (who could swap what is
         // below it), even with root's hooks inside.
         let t = tempfile::tempdir().unwrap();
-        hook(t.path(), nimbus::paths::HOOKS_ETC, Kind::PreReboot, "10-x", "true");
+        hook(
+            t.path(),
+            nimbus::paths::HOOKS_ETC,
+            Kind::PreReboot,
+            "10-x",
+            "true",
+        );
         let nimbus_dir = t.path().join("etc/nimbus");
         lchown(&nimbus_dir, Some(1000), Some(1000)).unwrap();
         let e = discover(t.path(), Kind::PreReboot).unwrap_err();
@@ -701,5 +707,4 @@ mod tests {
         assert_eq!(lines[4], "no newline at the end");
         assert_eq!(lines.len(), 5);
     }
-
 }

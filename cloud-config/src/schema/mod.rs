@@ -403,7 +403,10 @@ fn check_inner(text: &str, c: &mut Checker) -> Option<UserData> {
         "nimbus" => cfg.nimbus = Some(nimbus_section(c, v)),
         _ => {}
     });
-    let insecure = cfg.nimbus.as_ref().is_some_and(|n| n.etcd_insecure_plaintext);
+    let insecure = cfg
+        .nimbus
+        .as_ref()
+        .is_some_and(|n| n.etcd_insecure_plaintext);
     for (line, msg) in exposed {
         if insecure {
             c.warn(line, format!("{msg} (allowed by nimbus.etcd_insecure_plaintext: anyone who reaches it can read the cluster's keys and take its reboot lock)"));

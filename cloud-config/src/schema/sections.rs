@@ -487,7 +487,9 @@ fn etcd2_exposure(vals: &BTreeMap<String, (String, usize)>, exposed: &mut Vec<(u
         ),
     ] {
         for k in keys {
-            let Some((v, line)) = vals.get(*k) else { continue };
+            let Some((v, line)) = vals.get(*k) else {
+                continue;
+            };
             for u in v.split(',').map(str::trim).filter(|u| off_host(u)) {
                 if u.starts_with("http://") {
                     exposed.push((

@@ -4,6 +4,7 @@
 
 use std::fs;
 use std::path::Path;
+use std::process::Command;
 
 use super::{io_at, BuildOptions, Signing};
 use crate::cpio::Cpio;

@@ -3,7 +3,7 @@
 
 use std::fs::{self, File};
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use nimbus::gpt::Disk;
@@ -140,7 +140,12 @@ pub(super) fn mkfs_ext4(
 }
 
 /// Copy `src` into `dev` at `offset`, leaving all-zero 64 KiB chunks as holes.
-pub(super) fn copy_sparse(src: &Path, dev: &mut File, offset: u64, limit: u64) -> Result<(), ImageError> {
+pub(super) fn copy_sparse(
+    src: &Path,
+    dev: &mut File,
+    offset: u64,
+    limit: u64,
+) -> Result<(), ImageError> {
     use nix::unistd::{lseek, Whence};
     let mut f = File::open(src).map_err(io_at(src))?;
     let len = f.metadata().map_err(io_at(src))?.len();
@@ -243,7 +248,3 @@ pub(super) fn qcow2(raw: &Path, out: &Path) -> Result<(), ImageError> {
         "qemu-img",
     )
 }
-
-/// The stage-1 kernel's command line on every firmware path: the kernel
-/// logs to the VGA console and to ttyS0; ttyS0 comes last, so it is
-/// /dev/console (what serial consoles and the tests read).

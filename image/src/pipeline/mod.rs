@@ -4,21 +4,15 @@
 //! is written under a temporary name in the output directory and renamed
 //! into place only when the whole build succeeded.
 
-use std::fs::{self, File};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::fs::{self};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Instant;
 
-use nimbus::gpt::Disk;
 use nimbus::keys::{ReleaseKey, TrustStore};
-use nimbus::layout::{self, Slot};
-use nimbus::release::SlotDescriptor;
-use nimbus::slots::Prio;
+use nimbus::layout::{self};
 use semver::Version;
 use uuid::Uuid;
 
-use crate::cpio::Cpio;
 use crate::rootfs::{self, RootfsSpec};
 use crate::usr::{self, Compression, PayloadInfo};
 use crate::{bios, esp, sha256_file, ImageError};
@@ -296,8 +290,13 @@ fn signing(o: &BuildOptions) -> Result<Signing, ImageError> {
     Ok(Signing { keys, trust })
 }
 
+/// The stage-1 kernel's command line on every firmware path: the kernel
+/// logs to the VGA console and to ttyS0; ttyS0 comes last, so it is
+/// /dev/console (what serial consoles and the tests read).
 pub use nimbus::boot::KERNEL_CMDLINE;
 
+/// Run the build. On failure the scratch directory and every temporary
+/// artifact are removed; nothing is left under a final name.
 pub fn build(o: &BuildOptions, progress: &mut dyn Progress) -> Result<BuildReport, ImageError> {
     let r = build_inner(o, progress);
     if r.is_err() {

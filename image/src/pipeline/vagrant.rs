@@ -36,9 +36,6 @@ Vagrant.configure("2") do |config|
 end
 "#;
 
-/// Run the build. On failure the scratch directory and every temporary
-/// artifact are removed; nothing is left under a final name.
-
 /// Write the box to `out` (a new file) from the raw disk `raw`.
 pub(super) fn write_box(
     o: &BuildOptions,
@@ -59,7 +56,10 @@ pub(super) fn write_box(
     let box_raw = work.join("box.raw");
     let _ = fs::remove_file(&box_raw);
     run_tool(
-        Command::new("cp").arg("--sparse=always").arg(raw).arg(&box_raw),
+        Command::new("cp")
+            .arg("--sparse=always")
+            .arg(raw)
+            .arg(&box_raw),
         "cp",
     )?;
     let mut f = File::options()

@@ -2,13 +2,15 @@
 //! a drain that cannot finish, a holder killed, a release that fails its
 //! health check.
 
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use super::host::Host;
+use super::look::{
+    availability, boots, holder_index, machine_ids, probe_targets, running_on, tasks_on, wait_for,
+};
+use super::probe::{http, probe_web, Probe, Tally};
+use super::{step, ClusterArgs, Publish, HOOK_TIMEOUT_S};
 use anyhow::{bail, Context};
-use super::host::{Host, name};
-use super::look::{availability, boots, holder_index, machine_ids, probe_targets, running_on, tasks_on, wait_for};
-use super::{ClusterArgs, HOOK_TIMEOUT_S, Publish, step};
-use super::probe::{Probe, Tally, http, probe_web, tally};
+use std::path::Path;
+use std::time::{Duration, Instant};
 
 /// Every replica of web gathered on the first host (the others paused
 /// while web is force-updated, then active again: Docker does not move

@@ -1,18 +1,16 @@
 //! One cluster host: its addresses, user-data, QEMU and ssh; the virtual
 //! switch between the hosts; the web image the service runs.
 
+use super::{HOOK_TIMEOUT_S, IMAGE_TAG, WEB_PORT};
+use crate::vm::e2e::Ssh;
+use crate::vm::qemu;
+use anyhow::{bail, Context};
 use std::net::{TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-use anyhow::{bail, Context};
-use crate::httpd;
-use crate::vm::e2e::Ssh;
-use crate::vm::{e2e, qemu};
-use super::{HOOK_TIMEOUT_S, IMAGE_TAG, WEB_PORT};
-use super::probe::{http};
+use std::sync::Arc;
+use std::time::Duration;
 
 pub(super) fn addr(i: usize) -> String {
     format!("10.10.0.{}", 11 + i)
@@ -204,22 +202,22 @@ nimbus:
 }
 
 pub(super) struct Host {
-    name: String,
-    disk: PathBuf,
-    user_data: PathBuf,
-    console: PathBuf,
-    ssh: Ssh,
-    etcd_port: u16,
-    web_port: u16,
-    switch_local: u16,
-    switch_port: u16,
+    pub(super) name: String,
+    pub(super) disk: PathBuf,
+    pub(super) user_data: PathBuf,
+    pub(super) console: PathBuf,
+    pub(super) ssh: Ssh,
+    pub(super) etcd_port: u16,
+    pub(super) web_port: u16,
+    pub(super) switch_local: u16,
+    pub(super) switch_port: u16,
     /// /etc/machine-id: the host's name in the reboot lock.
-    machine_id: String,
-    vm: Option<qemu::Vm>,
+    pub(super) machine_id: String,
+    pub(super) vm: Option<qemu::Vm>,
 }
 
 impl Host {
-    fn spawn(&mut self, switch_port: u16, memory: u32) -> anyhow::Result<()> {
+    pub(super) fn spawn(&mut self, switch_port: u16, memory: u32) -> anyhow::Result<()> {
         self.switch_port = switch_port;
         let a = qemu::Qemu {
             memory,
@@ -258,19 +256,19 @@ impl Host {
         Ok(())
     }
 
-    fn kill(&mut self) {
+    pub(super) fn kill(&mut self) {
         if let Some(mut vm) = self.vm.take() {
             vm.stop();
         }
     }
 
-    fn sh(&self, cmd: &str) -> anyhow::Result<String> {
+    pub(super) fn sh(&self, cmd: &str) -> anyhow::Result<String> {
         self.ssh
             .run_ok(cmd, Duration::from_secs(600))
             .with_context(|| format!("{}: {cmd}", self.name))
     }
 
-    fn etcd(&self) -> String {
+    pub(super) fn etcd(&self) -> String {
         format!("http://127.0.0.1:{}", self.etcd_port)
     }
 }

@@ -1,13 +1,14 @@
 //! What the hosts say: versions, the lock, swarm nodes, etcd members,
 //! memory, and the waits built on them (each with its deadline).
 
-use std::time::{Duration, Instant};
-use anyhow::{bail, Context};
-use base64::engine::general_purpose::STANDARD as B64;
-use nimbus::etcd_keys::REBOOT_LOCK as LOCK_KEY;
-use super::host::{Host, name};
-use super::{remaining, step};
+use super::host::Host;
 use super::probe::{etcd_post, http};
+use super::{remaining, step};
+use anyhow::bail;
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use nimbus::etcd_keys::REBOOT_LOCK as LOCK_KEY;
+use std::time::{Duration, Instant};
 
 /// The version each host runs and the lock holders, once all are `want`,
 /// nobody holds the lock and every swarm node is active; or a timeout.

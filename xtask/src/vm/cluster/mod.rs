@@ -35,21 +35,23 @@ mod host;
 mod look;
 mod probe;
 
-use std::collections::BTreeMap;
+use crate::httpd;
+use crate::vm::e2e;
+use crate::vm::e2e::Ssh;
+use anyhow::{bail, Context};
+use faults::{fault_bad_health, fault_drain_timeout, fault_kill_holder, gathered_drain};
+use host::{free_port, name, switch, user_data, web_image, Host};
+use look::{
+    all_healthy, boots, etcd_members, fmt_nodes, lock_holders, machine_ids, mem_used_mib, node_ls,
+    probe_targets, wait_converged, wait_for,
+};
+use probe::{http, probe_web, Probe, Tally};
 use std::net::{TcpListener, UdpSocket};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, ExitCode};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-use anyhow::{bail, Context};
-use crate::httpd;
-use crate::vm::e2e::Ssh;
-use crate::vm::{e2e, qemu};
-use faults::{fault_bad_health, fault_drain_timeout, fault_kill_holder, gathered_drain};
-use host::{Host, free_port, name, switch, user_data, web_image};
-use look::{all_healthy, boots, etcd_members, fmt_nodes, lock_holders, machine_ids, mem_used_mib, node_ls, probe_targets, wait_converged, wait_for};
-use probe::{Probe, Tally, http, probe_web, tally};
 
 /// Each drain and reactivation may take this long (update.conf HOOK_TIMEOUT):
 /// on a slow 2-core machine a container has taken over 60 s to start, and a
@@ -435,53 +437,4 @@ fn cluster_life(
         fault_bad_health(hosts, publish, b, t0)?;
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tally_counts_fault_windows_apart() {
-        let ok = (Ok(()), Ok(()));
-        let down = (Err("put: refused".to_string()), Err("refused".to_string()));
-        let slow = (
-            Err("put: timed out after 5.0 s".to_string()),
-            Err("timed out after 5.0 s".to_string()),
-        );
-        let mut m = BTreeMap::new();
-        for s in 0..20u64 {
-            let v = match s {
-                // A host reboots: the others serve.
-                3 => vec![down.clone(), ok.clone(), ok.clone()],
-                // Nobody serves etcd, outside any window.
-                5 => vec![(Err("put: HTTP 503".into()), Ok(())); 3],
-                // Every member slow: lost to timeouts alone.
-                6 => vec![slow.clone(); 3],
-                // One down, the others slow: not timeouts alone.
-                7 => vec![down.clone(), slow.clone(), slow.clone()],
-                // The fault's seconds: etcd and the service out.
-                10 | 11 => vec![down.clone(); 3],
-                _ => vec![ok.clone(); 3],
-            };
-            m.insert(s, v);
-        }
-        let holders = BTreeMap::from([(3, vec![0]), (7, vec![0])]);
-        let t = tally(&m, &[(9, 12)], &holders);
-        assert_eq!(
-            t,
-            Tally {
-                etcd_down: 3,
-                web_down: 2,
-                max_down: 1,
-                // 0..=16 (the last 3 left out), 4 of them the fault's.
-                secs: 13,
-                fault_etcd_down: 2,
-                fault_web_down: 2,
-                timeouts_only: 1,
-            }
-        );
-        let t = tally(&m, &[], &holders);
-        assert_eq!((t.etcd_down, t.web_down, t.timeouts_only), (5, 4, 1));
-    }
 }

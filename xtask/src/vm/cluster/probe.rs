@@ -1,14 +1,15 @@
 //! The probe: every second, through every host, an etcd write and read and
 //! the service's page; who holds the lock; the tally of lost seconds.
 
+use super::host::{name, Host};
+use anyhow::bail;
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use nimbus::etcd_keys::REBOOT_LOCK as LOCK_KEY;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use anyhow::{bail, Context};
-use base64::engine::general_purpose::STANDARD as B64;
-use nimbus::etcd_keys::REBOOT_LOCK as LOCK_KEY;
-use super::host::{Host, name};
 
 pub(super) fn http() -> reqwest::blocking::Client {
     http_within(Duration::from_secs(3))
@@ -178,37 +179,37 @@ pub(super) type Second = Vec<(Result<(), String>, Result<(), String>)>;
 pub(super) type Holders = Arc<Mutex<BTreeMap<u64, Vec<usize>>>>;
 
 pub(super) struct Probe {
-    samples: Samples,
-    holders: Holders,
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-    t0: Instant,
+    pub(super) samples: Samples,
+    pub(super) holders: Holders,
+    pub(super) stop: Arc<AtomicBool>,
+    pub(super) thread: Option<std::thread::JoinHandle<()>>,
+    pub(super) t0: Instant,
     /// t0 as Unix seconds, to find the probe's seconds in the guests'
     /// journals (their clocks are this machine's, through QEMU's RTC).
-    unix0: u64,
+    pub(super) unix0: u64,
     /// Seconds [from, to] a fault owns: counted for the fault, not for the
     /// rolling update around it.
-    windows: Mutex<Vec<(u64, u64)>>,
+    pub(super) windows: Mutex<Vec<(u64, u64)>>,
 }
 
 /// What the probe saw: outside the fault windows and inside them.
 #[derive(Debug, Default, PartialEq)]
 pub(super) struct Tally {
-    etcd_down: u64,
-    web_down: u64,
-    max_down: usize,
-    secs: u64,
-    fault_etcd_down: u64,
-    fault_web_down: u64,
+    pub(super) etcd_down: u64,
+    pub(super) web_down: u64,
+    pub(super) max_down: usize,
+    pub(super) secs: u64,
+    pub(super) fault_etcd_down: u64,
+    pub(super) fault_web_down: u64,
     /// Unavailable seconds (etcd or the service) in which every failed
     /// request timed out: the members were up but slow (load), none
     /// refused or answered an error.
-    timeouts_only: u64,
+    pub(super) timeouts_only: u64,
 }
 
 impl Probe {
     /// `ids`: each host's machine id, to name the reboot lock's holders.
-    fn start(hosts: &[(String, u16)], ids: &[String]) -> Probe {
+    pub(super) fn start(hosts: &[(String, u16)], ids: &[String]) -> Probe {
         let samples: Samples = Arc::default();
         let holders: Holders = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
@@ -292,7 +293,7 @@ impl Probe {
     /// out: their account (the journals persist on ROOT, so it spans the
     /// hosts' reboots). The whole window of every service goes to
     /// `outage-journal.txt` beside each host's console, for the reader.
-    fn journals_if_etcd_was_down(&self, hosts: &[Host]) {
+    pub(super) fn journals_if_etcd_was_down(&self, hosts: &[Host]) {
         // The first and last second without etcd: the journals are read
         // from two minutes before the first (what led up to it: an install,
         // a hand-over) to half a minute after the last, so the lines that
@@ -341,19 +342,19 @@ impl Probe {
     }
 
     /// The second being probed now.
-    fn now(&self) -> u64 {
+    pub(super) fn now(&self) -> u64 {
         self.t0.elapsed().as_secs()
     }
 
     /// Seconds `from..=now` belong to a fault.
-    fn fault_since(&self, from: u64) {
+    pub(super) fn fault_since(&self, from: u64) {
         let to = self.now();
         if let Ok(mut w) = self.windows.lock() {
             w.push((from, to));
         }
     }
 
-    fn finish(mut self) -> Tally {
+    pub(super) fn finish(mut self) -> Tally {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -442,4 +443,53 @@ pub(super) fn tally(
             .max(v.iter().filter(|(e, w)| refused(e) && refused(w)).count());
     }
     t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tally_counts_fault_windows_apart() {
+        let ok = (Ok(()), Ok(()));
+        let down = (Err("put: refused".to_string()), Err("refused".to_string()));
+        let slow = (
+            Err("put: timed out after 5.0 s".to_string()),
+            Err("timed out after 5.0 s".to_string()),
+        );
+        let mut m = BTreeMap::new();
+        for s in 0..20u64 {
+            let v = match s {
+                // A host reboots: the others serve.
+                3 => vec![down.clone(), ok.clone(), ok.clone()],
+                // Nobody serves etcd, outside any window.
+                5 => vec![(Err("put: HTTP 503".into()), Ok(())); 3],
+                // Every member slow: lost to timeouts alone.
+                6 => vec![slow.clone(); 3],
+                // One down, the others slow: not timeouts alone.
+                7 => vec![down.clone(), slow.clone(), slow.clone()],
+                // The fault's seconds: etcd and the service out.
+                10 | 11 => vec![down.clone(); 3],
+                _ => vec![ok.clone(); 3],
+            };
+            m.insert(s, v);
+        }
+        let holders = BTreeMap::from([(3, vec![0]), (7, vec![0])]);
+        let t = tally(&m, &[(9, 12)], &holders);
+        assert_eq!(
+            t,
+            Tally {
+                etcd_down: 3,
+                web_down: 2,
+                max_down: 1,
+                // 0..=16 (the last 3 left out), 4 of them the fault's.
+                secs: 13,
+                fault_etcd_down: 2,
+                fault_web_down: 2,
+                timeouts_only: 1,
+            }
+        );
+        let t = tally(&m, &[], &holders);
+        assert_eq!((t.etcd_down, t.web_down, t.timeouts_only), (5, 4, 1));
+    }
 }
