@@ -135,3 +135,21 @@ pub(crate) fn verity_open(name: &str, dev: &str, d: &SlotDescriptor) -> R<PathBu
 pub(crate) fn verity_close(name: &str) {
     let _ = dm_ioctl(DM_DEV_REMOVE, name, 0, &[], 0);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The structs are the kernel's ABI (linux/dm-ioctl.h): a size off by
+    /// one byte and every ioctl reads the wrong fields.
+    #[test]
+    fn the_ioctl_structs_have_the_kernels_layout() {
+        assert_eq!(std::mem::size_of::<DmIoctl>(), 312);
+        assert_eq!(std::mem::size_of::<DmTargetSpec>(), 40);
+        assert_eq!(std::mem::offset_of!(DmIoctl, dev), 40);
+        assert_eq!(std::mem::offset_of!(DmIoctl, name), 48);
+        assert_eq!(std::mem::offset_of!(DmIoctl, uuid), 176);
+        assert_eq!(std::mem::offset_of!(DmIoctl, data), 305);
+        assert_eq!(std::mem::offset_of!(DmTargetSpec, target_type), 24);
+    }
+}

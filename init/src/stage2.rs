@@ -249,3 +249,77 @@ pub(crate) fn is_ram_fs(path: &str) -> bool {
     let ramfs = FsType(0x8584_58f6);
     statfs(path).is_ok_and(|s| [ramfs, TMPFS_MAGIC].contains(&s.filesystem_type()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn mode(p: &Path) -> u32 {
+        fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777
+    }
+
+    /// A blank ROOT gets the merged-/usr links, the base directories with
+    /// their modes, and the factory /etc and /var.
+    #[test]
+    fn a_blank_root_is_populated_from_the_factory_copy() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path();
+        let factory = root.join("usr/share/factory");
+        fs::create_dir_all(factory.join("etc/ssh")).unwrap();
+        fs::write(factory.join("etc/ssh/sshd_config"), "PermitRootLogin no\n").unwrap();
+        fs::set_permissions(
+            factory.join("etc/ssh/sshd_config"),
+            fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+        std::os::unix::fs::symlink("../proc/self/mounts", factory.join("etc/mtab")).unwrap();
+        fs::create_dir_all(factory.join("var/lib")).unwrap();
+        fs::write(factory.join("var/lib/seed"), "1").unwrap();
+
+        populate_root(root).unwrap();
+        assert_eq!(
+            fs::read_link(root.join("bin")).unwrap(),
+            Path::new("usr/bin")
+        );
+        assert_eq!(mode(&root.join("tmp")), 0o1777);
+        assert_eq!(mode(&root.join("root")), 0o700);
+        assert_eq!(
+            fs::read_to_string(root.join("etc/ssh/sshd_config")).unwrap(),
+            "PermitRootLogin no\n"
+        );
+        assert_eq!(mode(&root.join("etc/ssh/sshd_config")), 0o600);
+        assert_eq!(
+            fs::read_link(root.join("etc/mtab")).unwrap(),
+            Path::new("../proc/self/mounts"),
+            "links are copied as links"
+        );
+        assert_eq!(fs::read_to_string(root.join("var/lib/seed")).unwrap(), "1");
+    }
+
+    /// A ROOT whose /var survived (only /etc was wiped to reset the host)
+    /// keeps its own /var.
+    #[test]
+    fn an_existing_var_is_kept() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path();
+        let factory = root.join("usr/share/factory");
+        fs::create_dir_all(factory.join("etc")).unwrap();
+        fs::create_dir_all(factory.join("var/lib")).unwrap();
+        fs::write(factory.join("var/lib/seed"), "factory").unwrap();
+        fs::create_dir_all(root.join("var/lib")).unwrap();
+        fs::write(root.join("var/lib/seed"), "mine").unwrap();
+        populate_root(root).unwrap();
+        assert_eq!(
+            fs::read_to_string(root.join("var/lib/seed")).unwrap(),
+            "mine"
+        );
+    }
+
+    #[test]
+    fn only_a_ram_filesystem_counts_as_the_initramfs() {
+        assert!(is_ram_fs("/dev/shm"), "tmpfs");
+        assert!(!is_ram_fs("/proc"));
+        assert!(!is_ram_fs("/nonexistent"));
+    }
+}

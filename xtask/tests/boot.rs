@@ -108,6 +108,13 @@ fn boot(img: &Path, until: &str, extra: &[&str]) -> String {
 fn try_boot(img: &Path, until: &str, extra: &[&str]) -> (bool, String, String) {
     let _vm = VM.lock().unwrap_or_else(|e| e.into_inner());
     let log = img.with_extension("console");
+    // A port of its own: `vmtest` runs another test's guest beside this
+    // one, and QEMU refuses to start when the forward is taken.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+        .to_string();
     let mut args = vec![
         "qemu",
         "--image",
@@ -118,6 +125,8 @@ fn try_boot(img: &Path, until: &str, extra: &[&str]) -> (bool, String, String) {
         "420",
         "--serial-log",
         s(&log),
+        "--ssh-port",
+        &port,
     ];
     args.extend_from_slice(extra);
     let o = xtask(&args);
