@@ -223,16 +223,74 @@ pub fn build_cached(
         r
     };
     std::fs::write(entry.join("used"), b"").with_context(|| entry.display().to_string())?;
-    nimbus_image::copy_tree(&entry, &o.out, nimbus_image::Metadata::Fresh)
-        .with_context(|| format!("--out {}", o.out.display()))?;
-    let _ = std::fs::remove_file(o.out.join("used"));
+    hand_out(&entry, &o.out)?;
     evict(&cache);
     Ok(report)
+}
+
+/// Copy an entry's artifacts into `out`, each replacing its namesake by
+/// rename: a process still reading the last copy (another test process
+/// of the same binary that built into the same `--out` a moment before,
+/// now copying the image for its guest) keeps reading that whole file,
+/// never one truncated under it and half written again.
+fn hand_out(entry: &Path, out: &Path) -> anyhow::Result<()> {
+    let stage = tempfile::Builder::new()
+        .prefix(".handing-out-")
+        .tempdir_in(out)
+        .with_context(|| format!("--out {}: a staging directory", out.display()))?;
+    nimbus_image::copy_tree(entry, stage.path(), nimbus_image::Metadata::Fresh)
+        .with_context(|| format!("--out {}", out.display()))?;
+    let _ = std::fs::remove_file(stage.path().join("used"));
+    for e in std::fs::read_dir(stage.path()).with_context(|| stage.path().display().to_string())? {
+        let e = e.with_context(|| stage.path().display().to_string())?;
+        let to = out.join(e.file_name());
+        // rename(2) replaces a file atomically but not a non-empty directory.
+        if std::fs::symlink_metadata(&to).is_ok_and(|m| m.is_dir()) {
+            std::fs::remove_dir_all(&to).with_context(|| to.display().to_string())?;
+        }
+        std::fs::rename(e.path(), &to).with_context(|| to.display().to_string())?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reader_of_the_last_hand_out_keeps_its_whole_file() {
+        let d = tempfile::tempdir().unwrap();
+        let (entry, out) = (d.path().join("entry"), d.path().join("out"));
+        std::fs::create_dir_all(entry.join("repo")).unwrap();
+        std::fs::create_dir_all(out.join("repo")).unwrap();
+        std::fs::write(entry.join("nimbus.raw"), vec![7u8; 1 << 20]).unwrap();
+        std::fs::write(entry.join("repo/payload"), b"new").unwrap();
+        std::fs::write(entry.join("used"), b"").unwrap();
+        std::fs::write(out.join("nimbus.raw"), vec![1u8; 3 << 20]).unwrap();
+        std::fs::write(out.join("repo/stale"), b"old").unwrap();
+        let mut reader = std::fs::File::open(out.join("nimbus.raw")).unwrap();
+        hand_out(&entry, &out).unwrap();
+        let mut old = Vec::new();
+        reader.read_to_end(&mut old).unwrap();
+        assert_eq!(
+            old,
+            vec![1u8; 3 << 20],
+            "the open copy changed under its reader"
+        );
+        assert_eq!(
+            std::fs::read(out.join("nimbus.raw")).unwrap(),
+            vec![7u8; 1 << 20]
+        );
+        assert_eq!(std::fs::read(out.join("repo/payload")).unwrap(), b"new");
+        assert!(!out.join("repo/stale").exists());
+        assert!(!out.join("used").exists());
+        let left: Vec<_> = std::fs::read_dir(&out)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.starts_with(".handing-out-"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
 
     #[test]
     fn eviction_keeps_the_newest_and_clears_what_killed_builds_left() {

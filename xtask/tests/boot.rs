@@ -52,7 +52,11 @@ fn s(p: &Path) -> &str {
 fn image() -> &'static Path {
     let built = IMAGE.get_or_init(|| {
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("boot-image");
-        let ud = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("boot-user-data");
+        // A file of this process's own: `vmtest --jobs 2` runs two
+        // processes of this binary, and a file rewritten while the other
+        // build reads it would be read short.
+        let ud = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("boot-user-data-{}", std::process::id()));
         fs::write(&ud, USER_DATA).unwrap();
         let o = xtask(&[
             "build-image",

@@ -7,7 +7,7 @@
 //! test binaries (`cargo test --no-run`), each asked for its ignored tests.
 //! Each test runs in a process of its own, under a deadline, with a ledger
 //! that counts its guest boots and image builds (`ledger.rs`). Tests of one
-//! guest run `--jobs` at a time (one by default, see the flag); the tests
+//! guest run `--jobs` at a time (two by default, see the flag); the tests
 //! in [`ALONE`] (several guests whose timing is what they measure, or a
 //! hypervisor of their own) always run with nothing beside them. One row
 //! per test, then `vmtest: passed=N failed=N minutes=M`.
@@ -34,10 +34,12 @@ pub struct VmTest {
     #[arg(long, default_value_t = 40)]
     test_timeout_minutes: u64,
     /// How many single-guest tests run at once (the tests in ALONE always
-    /// run by themselves). One by default: with two, a guest's kernel once
-    /// stalled in early boot for 240 s while the other test built its
-    /// image (2026-12-07), a failure that one at a time has not shown.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=8))]
+    /// run by themselves): two, one guest per core. The one failure seen
+    /// with two (2026-12-07, a guest whose disk was 1 MiB short of its
+    /// GPT) was two processes of `boot` handed the same cached image into
+    /// one `--out` while the other copied it; hand-outs now replace by
+    /// rename (`image_cache::hand_out`).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=8))]
     jobs: u64,
 }
 
