@@ -34,13 +34,14 @@ mod faults;
 mod host;
 mod look;
 mod probe;
+mod secrets;
 
 use crate::httpd;
 use crate::vm::e2e;
 use crate::vm::e2e::Ssh;
 use anyhow::{bail, Context};
 use faults::{fault_bad_health, fault_drain_timeout, fault_kill_holder, gathered_drain};
-use host::{free_port, name, switch, user_data, web_image, Host};
+use host::{free_port, members, name, switch, user_data, web_image, Host};
 use look::{
     all_healthy, boots, etcd_members, fmt_nodes, lock_holders, machine_ids, mem_used_mib, node_ls,
     probe_targets, wait_converged, wait_for,
@@ -212,6 +213,10 @@ fn story(a: &ClusterArgs, work: &Path) -> anyhow::Result<()> {
         &format!("published 1.0.0; repository on 127.0.0.1:{repo_port}"),
     );
 
+    // The operator's material, as `cargo xtask cluster-config` makes it.
+    let members = members(n_hosts);
+    let pki = crate::cluster_config::make_pki(&members, 30)?;
+    probe::use_tls(&pki)?;
     let mut hosts = Vec::new();
     let mut locals = Vec::new();
     for i in 0..n_hosts {
@@ -227,7 +232,7 @@ fn story(a: &ClusterArgs, work: &Path) -> anyhow::Result<()> {
             bail!("cp {}", disk.display());
         }
         let ud = dir.join("user-data");
-        std::fs::write(&ud, user_data(i, n_hosts, repo_port, pubkey.trim()))?;
+        std::fs::write(&ud, user_data(&members, i, &pki, repo_port, pubkey.trim())?)?;
         let local = UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port();
         locals.push(local);
         hosts.push(Host {
@@ -254,7 +259,7 @@ fn story(a: &ClusterArgs, work: &Path) -> anyhow::Result<()> {
         &t0,
         &format!("{n_hosts} hosts started (switch on udp 127.0.0.1:{sw})"),
     );
-    let r = cluster_life(a, &mut hosts, &publish, &n1, broken.as_deref(), &t0);
+    let r = cluster_life(a, &mut hosts, &pki, &publish, &n1, broken.as_deref(), &t0);
     if r.is_err() {
         // What each host says of itself, before the VMs go.
         for h in &hosts {
@@ -285,6 +290,7 @@ type Publish<'a> = &'a dyn Fn(&Path) -> Result<nimbus::release::Manifest, nimbus
 fn cluster_life(
     a: &ClusterArgs,
     hosts: &mut [Host],
+    pki: &crate::cluster_config::Pki,
     publish: Publish<'_>,
     n1: &Path,
     broken: Option<&Path>,
@@ -309,7 +315,12 @@ fn cluster_life(
         let nodes = node_ls(&hosts[0])?;
         Ok(nodes.len() == n_hosts && nodes.iter().all(|n| n.1 == "Ready" && n.2 == "Active"))
     })?;
-    step(t0, "swarm: every host a manager, ready and active");
+    step(
+        t0,
+        "swarm: every host a manager (two promoted), ready and active",
+    );
+    let secrets = secrets::check(hosts, pki)?;
+    step(t0, "secrets looked at");
     for h in hosts.iter_mut() {
         h.machine_id = h.sh("cat /etc/machine-id")?.trim().to_string();
     }
@@ -424,6 +435,7 @@ fn cluster_life(
         lock_holders(hosts)?,
         mem.join(","),
     );
+    println!("{secrets}");
     println!("{gathered}");
     if let Some((d, k)) = faults {
         println!("{d}");
