@@ -209,6 +209,13 @@ fn etcd_and_the_join_tokens_are_kept_from_strangers() {
     assert_eq!(get(&s, "etcdctl_on_host"), "yes");
 }
 
+fn a_stranger_on_the_network_and_a_container_get_nothing() {
+    let i = line("intruder:");
+    for k in ["etcd_read", "etcd_write", "swarm_join", "peer", "docker"] {
+        assert_eq!(get(&i, k), "refused", "{k}: {i:?}");
+    }
+}
+
 fn replicas_gathered_on_one_host_are_moved_before_its_drain() {
     let g = line("cluster-gathered:");
     assert_eq!(get(&g, "replicas_before"), "3");
@@ -222,8 +229,9 @@ fn replicas_gathered_on_one_host_are_moved_before_its_drain() {
 #[test]
 #[ignore = "vm tier: cargo xtask vmtest"]
 fn cluster_rolls_and_survives_its_faults() {
-    let checks: [(&str, fn()); 6] = [
+    let checks: [(&str, fn()); 7] = [
         ("secrets", etcd_and_the_join_tokens_are_kept_from_strangers),
+        ("intruder", a_stranger_on_the_network_and_a_container_get_nothing),
         (
             "gathered replicas",
             replicas_gathered_on_one_host_are_moved_before_its_drain,

@@ -15,6 +15,12 @@
 //! service when no host answered; a host whose own probes all fail counts
 //! as rebooting.
 //!
+//! Before the update, with the swarm formed: what the cluster keeps to
+//! itself (`secrets.rs`, the `cluster-secrets:` line) and what a stranger
+//! on the hosts' network and a container get (`intruder.rs`, the
+//! `intruder:` line). The hosts' user-data is `cargo xtask
+//! cluster-config`'s: etcd on TLS with client certificates.
+//!
 //! With `--faults`, three fault scenarios run on the same cluster, each
 //! printing its own line (the test suite asserts each one):
 //! - `drain-timeout`: before N+1 is published a service that cannot leave
@@ -32,6 +38,7 @@
 
 mod faults;
 mod host;
+mod intruder;
 mod look;
 mod probe;
 mod secrets;
@@ -250,8 +257,12 @@ fn story(a: &ClusterArgs, work: &Path) -> anyhow::Result<()> {
             vm: None,
         });
     }
+    // A stranger on the hosts' network: one more port on the switch.
+    let stranger = intruder::Intruder::new()?;
+    locals.push(stranger.local);
     let stop = Arc::new(AtomicBool::new(false));
     let sw = switch(locals, stop.clone())?;
+    stranger.wire(sw, stop.clone())?;
     for h in hosts.iter_mut() {
         h.spawn(sw, a.memory)?;
     }
@@ -259,7 +270,11 @@ fn story(a: &ClusterArgs, work: &Path) -> anyhow::Result<()> {
         &t0,
         &format!("{n_hosts} hosts started (switch on udp 127.0.0.1:{sw})"),
     );
-    let r = cluster_life(a, &mut hosts, &pki, &publish, &n1, broken.as_deref(), &t0);
+    let outsiders = Outsiders {
+        pki: &pki,
+        stranger: &stranger,
+    };
+    let r = cluster_life(a, &mut hosts, &outsiders, &publish, &n1, broken.as_deref(), &t0);
     if r.is_err() {
         // What each host says of itself, before the VMs go.
         for h in &hosts {
@@ -287,10 +302,17 @@ const DIAGNOSE: &str = "updatectl status; systemctl list-jobs --no-pager; system
 
 type Publish<'a> = &'a dyn Fn(&Path) -> Result<nimbus::release::Manifest, nimbus_image::ImageError>;
 
+/// Who stands outside the hosts: the operator (the CA and its client
+/// identity) and the stranger on their network.
+struct Outsiders<'a> {
+    pki: &'a crate::cluster_config::Pki,
+    stranger: &'a intruder::Intruder,
+}
+
 fn cluster_life(
     a: &ClusterArgs,
     hosts: &mut [Host],
-    pki: &crate::cluster_config::Pki,
+    out: &Outsiders<'_>,
     publish: Publish<'_>,
     n1: &Path,
     broken: Option<&Path>,
@@ -319,7 +341,7 @@ fn cluster_life(
         t0,
         "swarm: every host a manager (two promoted), ready and active",
     );
-    let secrets = secrets::check(hosts, pki)?;
+    let secrets = secrets::check(hosts, out.pki)?;
     step(t0, "secrets looked at");
     for h in hosts.iter_mut() {
         h.machine_id = h.sh("cat /etc/machine-id")?.trim().to_string();
@@ -340,6 +362,8 @@ fn cluster_life(
         Ok(hosts.iter().all(|h| probe_web(&c, h.web_port)))
     })?;
     step(t0, "service web: 3 replicas, answering through every host");
+    let intruded = intruder::attempt(out.stranger, hosts)?;
+    step(t0, "the intruder tried etcd, the swarm, the peer port and dockerd");
     // Before `pinned` exists: its replica on the drained host could not move.
     let gathered = gathered_drain(hosts, t0)?;
     if a.faults {
@@ -436,6 +460,7 @@ fn cluster_life(
         mem.join(","),
     );
     println!("{secrets}");
+    println!("{intruded}");
     println!("{gathered}");
     if let Some((d, k)) = faults {
         println!("{d}");
