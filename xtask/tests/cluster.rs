@@ -231,7 +231,10 @@ fn replicas_gathered_on_one_host_are_moved_before_its_drain() {
 fn cluster_rolls_and_survives_its_faults() {
     let checks: [(&str, fn()); 7] = [
         ("secrets", etcd_and_the_join_tokens_are_kept_from_strangers),
-        ("intruder", a_stranger_on_the_network_and_a_container_get_nothing),
+        (
+            "intruder",
+            a_stranger_on_the_network_and_a_container_get_nothing,
+        ),
         (
             "gathered replicas",
             replicas_gathered_on_one_host_are_moved_before_its_drain,

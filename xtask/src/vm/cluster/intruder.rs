@@ -189,7 +189,10 @@ pub(super) fn attempt(i: &Intruder, hosts: &[Host]) -> anyhow::Result<String> {
     use base64::engine::general_purpose::STANDARD as B64;
     use base64::Engine;
     let prefix = B64.encode("nimbus/");
-    let read = format!(r#"{{"key":"{prefix}","range_end":"{}"}}"#, B64.encode("nimbus0"));
+    let read = format!(
+        r#"{{"key":"{prefix}","range_end":"{}"}}"#,
+        B64.encode("nimbus0")
+    );
     let lock = B64.encode(nimbus::etcd_keys::REBOOT_LOCK);
     let sem = B64.encode(r#"{"semaphore":99,"max":99,"holders":[]}"#);
     let write = format!(r#"{{"key":"{lock}","value":"{sem}"}}"#);

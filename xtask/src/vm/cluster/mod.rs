@@ -274,7 +274,15 @@ fn story(a: &ClusterArgs, work: &Path) -> anyhow::Result<()> {
         pki: &pki,
         stranger: &stranger,
     };
-    let r = cluster_life(a, &mut hosts, &outsiders, &publish, &n1, broken.as_deref(), &t0);
+    let r = cluster_life(
+        a,
+        &mut hosts,
+        &outsiders,
+        &publish,
+        &n1,
+        broken.as_deref(),
+        &t0,
+    );
     if r.is_err() {
         // What each host says of itself, before the VMs go.
         for h in &hosts {
@@ -363,7 +371,10 @@ fn cluster_life(
     })?;
     step(t0, "service web: 3 replicas, answering through every host");
     let intruded = intruder::attempt(out.stranger, hosts)?;
-    step(t0, "the intruder tried etcd, the swarm, the peer port and dockerd");
+    step(
+        t0,
+        "the intruder tried etcd, the swarm, the peer port and dockerd",
+    );
     // Before `pinned` exists: its replica on the drained host could not move.
     let gathered = gathered_drain(hosts, t0)?;
     if a.faults {

@@ -71,8 +71,9 @@ pub(super) fn check(hosts: &[Host], pki: &crate::cluster_config::Pki) -> anyhow:
     let mut hits = 0u64;
     let mut who = Vec::new();
     for h in hosts {
-        let t =
-            h.sh("cat /run/token-watch 2>/dev/null; echo; cat /run/token-watch.who 2>/dev/null")?;
+        let t = h.sh(
+            "cat /run/token-watch 2>/dev/null; echo; cat /run/token-watch.who 2>/dev/null; true",
+        )?;
         let mut lines = t.lines();
         let tally = lines.next().unwrap_or_default();
         let field = |k: &str| -> u64 {
