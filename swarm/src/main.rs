@@ -156,6 +156,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             let mut shared = etcd(&cli.root)?;
             let mut said = String::new();
+            // Quiet rounds back off to a minute: each look spawns the
+            // docker CLI, which a 1-vCPU host feels every few seconds.
+            let mut wait = interval;
             // A loop for the life of the host: a manager rebuilt later
             // joins as a worker and asks again. One look each `interval`
             // (a `docker info`, and a `docker node ls` on a manager).
@@ -169,8 +172,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     println!("{now}");
                     tracing::info!("{now}");
                 }
+                wait = if now.is_empty() {
+                    wait.saturating_mul(2).min(interval.max(60))
+                } else {
+                    interval
+                };
                 said = now;
-                std::thread::sleep(Duration::from_secs(interval));
+                std::thread::sleep(Duration::from_secs(wait));
             }
         }
         Sub::Join { timeout } => {

@@ -197,7 +197,7 @@ fn etcd_and_the_join_tokens_are_kept_from_strangers() {
         "a join token on a command line: {:?}",
         s.get("seen_in")
     );
-    // The witness ran on every host through the joins (twice a second).
+    // The witness ran on every host through the joins (once a second).
     for h in get(&s, "cmdline_samples").split(',') {
         let n: u64 = h
             .split(':')

@@ -166,14 +166,14 @@ pub(super) fn user_data(
     permissions: '0755'
     content: |
       #!/bin/sh
-      # The harness's witness: twice a second for the first ten minutes,
+      # The harness's witness: once a second for the first five minutes,
       # is a swarm join token on any process's command line? Counts only;
       # never copies a command line. (The pattern's brackets keep grep's
       # own command line from matching.)
       # First boot only: that is when hosts join.
       [ -e /var/lib/token-watch.ran ] && exit 0
       touch /var/lib/token-watch.ran
-      n=0; hits=0; end=$(( $(date +%s) + 600 ))
+      n=0; hits=0; end=$(( $(date +%s) + 300 ))
       while [ "$(date +%s)" -lt "$end" ]; do
         n=$((n + 1))
         if grep -l -a -s 'SWMTK[N]' /proc/[0-9]*/cmdline > /run/token-watch.last; then
@@ -181,7 +181,7 @@ pub(super) fn user_data(
           for f in $(cat /run/token-watch.last); do cat "${{f%/cmdline}}/comm"; done >> /run/token-watch.who 2>/dev/null
         fi
         echo "samples=$n hits=$hits" > /run/token-watch.tmp && mv /run/token-watch.tmp /run/token-watch
-        sleep 0.5
+        sleep 1
       done
 "#,
             health_units = crate::vm::smoke::canary_health_units(),

@@ -96,7 +96,19 @@ pub(super) fn check(hosts: &[Host], pki: &crate::cluster_config::Pki) -> anyhow:
     let etcdctl = hosts[1]
         .ssh
         .run_within("bash -lc 'etcdctl member list'", Duration::from_secs(60))
-        .map(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains("h1"))
+        .map(|o| {
+            let ok = o.status.success() && String::from_utf8_lossy(&o.stdout).contains("h1");
+            if !ok {
+                eprintln!(
+                    "cluster: etcdctl on {} ({}): {}{}",
+                    hosts[1].name,
+                    o.status,
+                    String::from_utf8_lossy(&o.stdout),
+                    String::from_utf8_lossy(&o.stderr)
+                );
+            }
+            ok
+        })
         .unwrap_or(false);
     Ok(format!(
         "cluster-secrets: no_cert={} plain_http={} manager_token_in_etcd={} worker_token_sealed={} token_in_cmdline={hits} cmdline_samples={} etcdctl_on_host={}{}",
