@@ -109,7 +109,10 @@ pub(super) fn check(hosts: &[Host], pki: &crate::cluster_config::Pki) -> anyhow:
             }
             ok
         })
-        .unwrap_or(false);
+        .unwrap_or_else(|e| {
+            eprintln!("cluster: etcdctl on {}: {e:#}", hosts[1].name);
+            false
+        });
     Ok(format!(
         "cluster-secrets: no_cert={} plain_http={} manager_token_in_etcd={} worker_token_sealed={} token_in_cmdline={hits} cmdline_samples={} etcdctl_on_host={}{}",
         no_cert.replace(' ', "_"),
