@@ -627,7 +627,9 @@ fn symlinks_planted_by_a_user_are_never_followed() {
 fn swarm_membership_and_hook_timeout_are_written() {
     use std::os::unix::fs::PermissionsExt;
     let d = base_root();
-    let doc = "#cloud-config\nnimbus:\n  hook_timeout: 3m\n  swarm:\n    role: worker\n    advertise_addr: 10.10.0.13\n    join: [10.10.0.11:2377, 10.10.0.12:2377]\n";
+    let secret = "5a".repeat(32);
+    let doc = format!("#cloud-config\nnimbus:\n  hook_timeout: 3m\n  swarm:\n    role: worker\n    advertise_addr: 10.10.0.13\n    join: [10.10.0.11:2377, 10.10.0.12:2377]\n    secret: {secret}\n    managers: [h1, h2]\n");
+    let doc = doc.as_str();
     let o = apply(d.path(), doc);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let out = String::from_utf8_lossy(&o.stdout);
@@ -638,7 +640,7 @@ fn swarm_membership_and_hook_timeout_are_written() {
     let conf = d.path().join("etc/nimbus/swarm.conf");
     assert_eq!(
         fs::read_to_string(&conf).unwrap(),
-        "# Written by cloud-config from nimbus.swarm; read by nimbus-swarm.\nROLE=worker\nINIT=no\nADVERTISE_ADDR=10.10.0.13\nJOIN=10.10.0.11:2377,10.10.0.12:2377\n"
+        format!("# Written by cloud-config from nimbus.swarm; read by nimbus-swarm.\nROLE=worker\nINIT=no\nADVERTISE_ADDR=10.10.0.13\nJOIN=10.10.0.11:2377,10.10.0.12:2377\nSECRET={secret}\nMANAGERS=h1,h2\n")
     );
     assert_eq!(
         fs::metadata(&conf).unwrap().permissions().mode() & 0o777,

@@ -477,6 +477,13 @@ nimbus:
     );
     let init = ok("#cloud-config\nnimbus:\n  swarm:\n    role: manager\n    init: true\n    advertise_addr: eth1\n");
     assert!(init.nimbus.and_then(|n| n.swarm).is_some_and(|s| s.init));
+    // Without the secret nothing is published: said, not refused.
+    expect(
+        "#cloud-config\nnimbus:\n  swarm:\n    role: manager\n    init: true\n    advertise_addr: eth1\n",
+        3,
+        Severity::Warning,
+        "the worker token is not published",
+    );
 
     let base = "#cloud-config\nnimbus:\n  swarm:\n";
     let cases: &[(&str, usize, &str)] = &[
@@ -489,6 +496,9 @@ nimbus:
         ("    role: worker\n    advertise_addr: 10.0.0.2/24\n    join: [10.0.0.1]\n", 5, "is not an IP address"),
         ("    role: worker\n    advertise_addr: 10.0.0.2\n    join: [10.0.0.1]\n    join_token: letmein\n", 7, "is not a swarm join token"),
         ("    roles: worker\n", 4, "unknown key `roles` in nimbus.swarm; did you mean `role`?"),
+        ("    role: worker\n    advertise_addr: 10.0.0.2\n    join: [10.0.0.1]\n", 3, "needs `secret`"),
+        ("    role: worker\n    advertise_addr: 10.0.0.2\n    join: [10.0.0.1]\n    secret: 00ff\n", 7, "nimbus.swarm.secret must be 64 hex digits"),
+        ("    role: manager\n    init: true\n    advertise_addr: 10.0.0.2\n    managers: [h1, 'no way']\n", 7, "\"no way\" is not a host name"),
     ];
     for (body, line, frag) in cases {
         expect(&format!("{base}{body}"), *line, Severity::Error, frag);

@@ -15,8 +15,16 @@ pub fn reboot_lock(group: Option<&str>) -> String {
     }
 }
 
-/// Swarm join tokens, `<this>/<role>` (manager or worker).
+/// Swarm join tokens, `<this>/worker`, sealed with the cluster secret
+/// (nimbus-swarm's `seal`). `<this>/manager` is never written; a manager
+/// that finds one (left by an older release) deletes it and rotates the
+/// manager token.
 pub const SWARM_JOIN_TOKEN: &str = "nimbus/swarm/join-token";
+
+/// A host that joined as a worker and is to be a manager asks here,
+/// `<this>/<hostname>` = its swarm node ID; a manager promotes the node
+/// when the hostname is in its `MANAGERS` and the IDs agree.
+pub const SWARM_PROMOTE: &str = "nimbus/swarm/promote";
 
 #[cfg(test)]
 mod tests {

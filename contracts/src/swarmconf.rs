@@ -43,6 +43,53 @@ pub struct SwarmConf {
     /// The token to join with; else the one published in etcd
     /// ([`crate::etcd_keys::SWARM_JOIN_TOKEN`]).
     pub join_token: Option<String>,
+    /// The cluster secret (32 bytes) the worker token is sealed with in
+    /// etcd; without it nothing is published and joins need `join_token`.
+    pub secret: Option<Secret>,
+    /// Hostnames the managers of the swarm promote once they joined (as
+    /// workers: no manager token ever leaves a manager).
+    pub managers: Vec<String>,
+}
+
+/// The cluster secret; its `Debug` never shows it (a conf may be logged).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub [u8; 32]);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+/// A cluster secret as written: 64 hex digits.
+pub fn parse_secret(v: &str) -> Result<Secret, String> {
+    let v = v.trim();
+    let mut out = [0u8; 32];
+    if v.len() != 64 || !v.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err("must be 64 hex digits (32 random bytes: `openssl rand -hex 32`)".into());
+    }
+    for (i, o) in out.iter_mut().enumerate() {
+        let pair = v.get(2 * i..2 * i + 2).ok_or("must be 64 hex digits")?;
+        *o = u8::from_str_radix(pair, 16).map_err(|e| e.to_string())?;
+    }
+    Ok(Secret(out))
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// A host name as swarm shows it (`docker node ls`'s HOSTNAME).
+pub fn hostname_ok(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 253
+        && h.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        })
 }
 
 /// What is wrong with a file; `line` when one line is to blame.
@@ -92,6 +139,12 @@ impl SwarmConf {
         if let Some(t) = &self.join_token {
             out.push_str(&format!("JOIN_TOKEN={t}\n"));
         }
+        if let Some(s) = &self.secret {
+            out.push_str(&format!("SECRET={}\n", hex(&s.0)));
+        }
+        if !self.managers.is_empty() {
+            out.push_str(&format!("MANAGERS={}\n", self.managers.join(",")));
+        }
         out
     }
 
@@ -130,6 +183,19 @@ impl SwarmConf {
                         .collect()
                 }
                 "JOIN_TOKEN" => c.join_token = Some(v),
+                "SECRET" => {
+                    c.secret = Some(parse_secret(&v).map_err(|e| bad(format!("SECRET {e}")))?)
+                }
+                "MANAGERS" => {
+                    c.managers = v
+                        .split(',')
+                        .map(|s| s.trim().to_string())
+                        .filter(|s| !s.is_empty())
+                        .collect();
+                    if let Some(h) = c.managers.iter().find(|h| !hostname_ok(h)) {
+                        return Err(bad(format!("MANAGERS: {h:?} is not a host name")));
+                    }
+                }
                 other => return Err(bad(format!("unknown key {other}"))),
             }
         }
@@ -160,6 +226,15 @@ mod tests {
                 listen_addr: Some("0.0.0.0:2377".into()),
                 join: vec!["10.0.0.1:2377".into(), "m2".into()],
                 join_token: Some("SWMTKN-1-aaa-www".into()),
+                ..SwarmConf::default()
+            },
+            SwarmConf {
+                role: Role::Manager,
+                init: true,
+                advertise_addr: "10.0.0.1".into(),
+                secret: Some(Secret([0xa5; 32])),
+                managers: vec!["h1".into(), "h2.example.com".into()],
+                ..SwarmConf::default()
             },
         ] {
             assert_eq!(SwarmConf::parse(&c.render()).unwrap(), c);
@@ -193,6 +268,14 @@ mod tests {
                 "line 2: expected KEY=value, found \"nonsense\"",
             ),
             ("ROLE=worker\nCOLOUR=red\n", "line 2: unknown key COLOUR"),
+            (
+                "ROLE=worker\nSECRET=abc\n",
+                "line 2: SECRET must be 64 hex digits (32 random bytes: `openssl rand -hex 32`)",
+            ),
+            (
+                "ROLE=worker\nMANAGERS=h1,-h2\n",
+                "line 2: MANAGERS: \"-h2\" is not a host name",
+            ),
             ("INIT=yes\n", "ROLE is not set"),
         ] {
             assert_eq!(

@@ -430,6 +430,12 @@ impl LockClient {
         )
         .map(|_| ())
     }
+
+    /// Remove a key (nothing to remove is no error).
+    pub fn delete_value(&self, key: &str) -> Result<(), LockError> {
+        self.post("/v3/kv/deleterange", &json!({"key": B64.encode(key)}))
+            .map(|_| ())
+    }
 }
 
 #[cfg(test)]

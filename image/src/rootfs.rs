@@ -47,6 +47,10 @@ impl RootfsSpec {
                 "ca-certificates",
                 "openssh-server",
                 "etcd-server",
+                // etcdctl, as CoreOS shipped it: root's login shell points it
+                // at the host's client certificate (cluster-config's
+                // /etc/profile.d/nimbus-etcdctl.sh).
+                "etcd-client",
                 "containerd",
                 // dockerd on the containerd above; swarm mode is built in.
                 "docker.io",

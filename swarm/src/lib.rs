@@ -4,16 +4,31 @@
 //!
 //! Docker's swarm mode does the scheduling (fleet's job on CoreOS): this
 //! crate only joins hosts and moves their tasks away around a reboot. The
-//! logic runs over [`Docker`] (the `docker` CLI on a host, a script in the
-//! tests) and [`Tokens`] (etcd on a host), so it is tested without either.
+//! logic runs over [`Docker`] (the `docker` CLI and, for what carries a
+//! token, the Engine API socket on a host; a script in the tests) and
+//! [`Shared`] (etcd on a host, a map in the tests), so it is tested
+//! without either.
 //!
 //! Join tokens: the host with `init` starts the swarm and publishes the
-//! manager and worker tokens in etcd under [`TOKEN_KEY`]`/<role>`; the
-//! others read them there unless their user-data gives `join_token`.
+//! **worker** token in etcd under [`TOKEN_KEY`]`/worker`, sealed with the
+//! cluster secret ([`seal`]); the manager token never leaves a manager.
+//! Every other host joins as a worker (the token in the API request's
+//! body, never on a command line), and one that is to be a manager asks
+//! under [`PROMOTE_KEY`]; a manager's `nimbus-swarm promote` promotes the
+//! nodes its configuration names ([`promote_named`]).
+
+pub mod engine;
+pub mod seal;
 
 use std::time::{Duration, Instant};
 
 pub use nimbus::etcd_keys::SWARM_JOIN_TOKEN as TOKEN_KEY;
+pub use nimbus::etcd_keys::SWARM_PROMOTE as PROMOTE_KEY;
+
+/// The worker token's key in etcd.
+pub fn worker_token_key() -> String {
+    format!("{TOKEN_KEY}/worker")
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum SwarmError {
@@ -54,15 +69,18 @@ pub fn parse_conf(path: &str, text: &str) -> Result<SwarmConf, SwarmError> {
     })
 }
 
-/// The narrow seam to Docker: run the CLI, get its standard output.
+/// The narrow seam to Docker: run the CLI, get its standard output; and
+/// the join, whose token must not be on a command line.
 pub trait Docker {
     fn run(&mut self, args: &[&str]) -> Result<String, SwarmError>;
+    fn join_swarm(&mut self, req: &engine::JoinRequest) -> Result<(), SwarmError>;
 }
 
-/// Where join tokens are shared.
-pub trait Tokens {
-    fn get(&mut self, role: &str) -> Result<Option<String>, SwarmError>;
-    fn put(&mut self, role: &str, token: &str) -> Result<(), SwarmError>;
+/// What hosts share through etcd: whole keys.
+pub trait Shared {
+    fn get(&mut self, key: &str) -> Result<Option<String>, SwarmError>;
+    fn put(&mut self, key: &str, value: &str) -> Result<(), SwarmError>;
+    fn delete(&mut self, key: &str) -> Result<(), SwarmError>;
 }
 
 /// What `docker info` says of this node's swarm membership.
@@ -138,21 +156,74 @@ pub enum Joined {
     Joined { via: String },
 }
 
-fn publish_tokens(d: &mut dyn Docker, t: &mut dyn Tokens) -> Result<(), SwarmError> {
-    for role in ["manager", "worker"] {
-        let tok = d.run(&["swarm", "join-token", "-q", role])?;
-        let tok = tok.trim();
-        if !tok.starts_with("SWMTKN-") {
-            return Err(SwarmError::DockerOutput {
-                args: format!("swarm join-token -q {role}"),
-                output: tok.into(),
-            });
-        }
-        if t.get(role)?.as_deref() != Some(tok) {
-            t.put(role, tok)?;
-        }
+/// A manager's duty to etcd: the worker token there, sealed and current
+/// (tokens can be rotated by hand), and no manager token there. One left
+/// by an older release, readable by whoever could read etcd then, is
+/// deleted and the manager token rotated, so the copy out there is void.
+fn publish_tokens(
+    conf: &SwarmConf,
+    d: &mut dyn Docker,
+    t: &mut dyn Shared,
+    w: &mut dyn Waiter,
+) -> Result<(), SwarmError> {
+    let manager_key = format!("{TOKEN_KEY}/manager");
+    if t.get(&manager_key)?.is_some() {
+        d.run(&["swarm", "join-token", "--rotate", "-q", "manager"])?;
+        t.delete(&manager_key)?;
+        w.say("a manager join token was in etcd: rotated (the old one is void) and deleted");
+    }
+    let Some(secret) = &conf.secret else {
+        return Ok(());
+    };
+    let tok = d.run(&["swarm", "join-token", "-q", "worker"])?;
+    let tok = tok.trim();
+    if !tok.starts_with("SWMTKN-") {
+        return Err(SwarmError::DockerOutput {
+            args: "swarm join-token -q worker".into(),
+            output: engine::redact(tok),
+        });
+    }
+    let key = worker_token_key();
+    // Sealing draws a fresh nonce: compare what is there once opened, so
+    // an unchanged token is not rewritten at every boot.
+    let current = t.get(&key)?.and_then(|v| seal::open(secret, &key, &v).ok());
+    if current.as_deref() != Some(tok) {
+        let sealed = seal::seal(secret, &key, tok).map_err(|e| SwarmError::Gave(e.to_string()))?;
+        t.put(&key, &sealed)?;
     }
     Ok(())
+}
+
+/// The worker token: the user-data's, else etcd's, opened.
+fn worker_token(conf: &SwarmConf, t: &mut dyn Shared) -> Result<Option<String>, String> {
+    if let Some(tok) = &conf.join_token {
+        return Ok(Some(tok.clone()));
+    }
+    let key = worker_token_key();
+    let Some(v) = t
+        .get(&key)
+        .map_err(|e| format!("reading the worker join token from etcd: {e}"))?
+    else {
+        return Ok(None);
+    };
+    let secret = conf
+        .secret
+        .as_ref()
+        .ok_or("no cluster secret (nimbus.swarm.secret) to open the worker token in etcd")?;
+    seal::open(secret, &key, &v)
+        .map(Some)
+        .map_err(|e| e.to_string())
+}
+
+/// Ask the managers to promote this node (its hostname and node ID).
+fn request_promotion(d: &mut dyn Docker, t: &mut dyn Shared) -> Result<String, SwarmError> {
+    let i = info(d)?;
+    let host = d
+        .run(&["info", "--format", "{{.Name}}"])?
+        .trim()
+        .to_string();
+    t.put(&format!("{PROMOTE_KEY}/{host}"), &i.node_id)?;
+    Ok(host)
 }
 
 /// Make this host what `conf` says: start the swarm, or join it. Waits up
@@ -160,34 +231,47 @@ fn publish_tokens(d: &mut dyn Docker, t: &mut dyn Tokens) -> Result<(), SwarmErr
 pub fn join(
     conf: &SwarmConf,
     d: &mut dyn Docker,
-    t: &mut dyn Tokens,
+    t: &mut dyn Shared,
     w: &mut dyn Waiter,
     limit: Duration,
 ) -> Result<Joined, SwarmError> {
     let i = info(d)?;
     if i.state == "active" {
         if i.manager {
-            // Tokens can be rotated by hand: keep etcd's copy current.
-            if let Err(e) = publish_tokens(d, t) {
-                w.say(&format!("cannot publish the join tokens yet: {e}"));
+            if let Err(e) = publish_tokens(conf, d, t, w) {
+                w.say(&format!("cannot publish the worker token yet: {e}"));
+            }
+        } else if conf.manager() {
+            // Joined as a worker before a manager promoted it: ask again.
+            if let Err(e) = request_promotion(d, t) {
+                w.say(&format!("cannot ask to be promoted yet: {e}"));
             }
         }
         return Ok(Joined::AlreadyMember);
     }
-    let mut addr_args = vec!["--advertise-addr", conf.advertise_addr.as_str()];
-    if let Some(l) = &conf.listen_addr {
-        addr_args.extend(["--listen-addr", l.as_str()]);
-    }
     if conf.init {
-        let mut args = vec!["swarm", "init"];
-        args.extend(&addr_args);
+        let mut args = vec![
+            "swarm",
+            "init",
+            "--advertise-addr",
+            conf.advertise_addr.as_str(),
+        ];
+        if let Some(l) = &conf.listen_addr {
+            args.extend(["--listen-addr", l.as_str()]);
+        }
         d.run(&args)?;
-        w.say("swarm initialised; publishing the join tokens in etcd");
+        if conf.secret.is_none() {
+            w.say("swarm initialised; no cluster secret, so no worker token in etcd (other hosts need join_token)");
+            return Ok(Joined::Initialised);
+        }
+        w.say("swarm initialised; publishing the worker token in etcd, sealed");
         loop {
-            match publish_tokens(d, t) {
+            match publish_tokens(conf, d, t, w) {
                 Ok(()) => return Ok(Joined::Initialised),
                 Err(e) if w.elapsed() < limit => {
-                    w.say(&format!("waiting for etcd to publish the join tokens: {e}"));
+                    w.say(&format!(
+                        "waiting for etcd to publish the worker token: {e}"
+                    ));
                     w.sleep(Duration::from_secs(2));
                 }
                 Err(e) => return Err(e),
@@ -196,32 +280,43 @@ pub fn join(
     }
     let mut last = String::new();
     loop {
-        let token = match &conf.join_token {
-            Some(t) => Some(t.clone()),
-            None => match t.get(conf.role()) {
-                Ok(t) => t,
-                Err(e) => {
-                    last = format!("reading the {} join token from etcd: {e}", conf.role());
-                    None
-                }
-            },
+        let token = match worker_token(conf, t) {
+            Ok(t) => t,
+            Err(e) => {
+                last = e;
+                None
+            }
         };
         if let Some(token) = token {
             for m in &conf.join {
-                let mut args = vec!["swarm", "join", "--token", token.as_str()];
-                args.extend(&addr_args);
-                args.push(m.as_str());
-                match d.run(&args) {
-                    Ok(_) => return Ok(Joined::Joined { via: m.clone() }),
+                let req = engine::JoinRequest {
+                    listen_addr: conf
+                        .listen_addr
+                        .clone()
+                        .unwrap_or_else(|| "0.0.0.0:2377".into()),
+                    advertise_addr: conf.advertise_addr.clone(),
+                    remote_addrs: vec![m.clone()],
+                    join_token: token.clone(),
+                };
+                match d.join_swarm(&req) {
+                    Ok(()) => {
+                        if conf.manager() {
+                            match request_promotion(d, t) {
+                                Ok(h) => w.say(&format!(
+                                    "joined as a worker via {m}; asked the managers to promote {h}"
+                                )),
+                                Err(e) => w.say(&format!(
+                                    "joined as a worker via {m}; asking to be promoted failed (asked again at the next start): {e}"
+                                )),
+                            }
+                        }
+                        return Ok(Joined::Joined { via: m.clone() });
+                    }
                     Err(e) => last = format!("joining via {m}: {e}"),
                 }
             }
         } else if last.is_empty() {
-            last = format!(
-                "no {} join token in etcd yet ({TOKEN_KEY}/{})",
-                conf.role(),
-                conf.role()
-            );
+            last = format!("no worker join token in etcd yet ({})", worker_token_key());
         }
         if w.elapsed() >= limit {
             return Err(SwarmError::Gave(format!(
@@ -232,6 +327,48 @@ pub fn join(
         w.say(&format!("waiting to join: {last}"));
         w.sleep(Duration::from_secs(2));
     }
+}
+
+/// One round of a manager's promotions: every worker whose hostname is in
+/// `conf.managers` and who asked under [`PROMOTE_KEY`] with its own node
+/// ID is promoted (a node that merely calls itself by a manager's name,
+/// without having asked through the cluster's authenticated etcd, is
+/// not). Returns the hostnames promoted; does nothing off a manager.
+pub fn promote_named(
+    conf: &SwarmConf,
+    d: &mut dyn Docker,
+    t: &mut dyn Shared,
+) -> Result<Vec<String>, SwarmError> {
+    if conf.managers.is_empty() {
+        return Ok(Vec::new());
+    }
+    let i = info(d)?;
+    if i.state != "active" || !i.manager {
+        return Ok(Vec::new());
+    }
+    let nodes = d.run(&[
+        "node",
+        "ls",
+        "--format",
+        "{{.ID}}\t{{.Hostname}}\t{{.ManagerStatus}}",
+    ])?;
+    let mut done = Vec::new();
+    for l in nodes.lines() {
+        let f: Vec<&str> = l.split('\t').map(str::trim).collect();
+        let [id, host, status] = f[..] else {
+            continue;
+        };
+        if !status.is_empty() || !conf.managers.iter().any(|m| m == host) {
+            continue;
+        }
+        let asked = t.get(&format!("{PROMOTE_KEY}/{host}"))?;
+        if asked.as_deref().map(str::trim) != Some(id) {
+            continue;
+        }
+        d.run(&["node", "promote", id])?;
+        done.push(host.to_string());
+    }
+    Ok(done)
 }
 
 /// A replicated service's `Replicas` column: "2/3", "3/3 (max 1 per node)".
@@ -670,13 +807,13 @@ mod tests {
         }
     }
 
-    impl Docker for Script {
-        fn run(&mut self, args: &[&str]) -> Result<String, SwarmError> {
-            let line = args.join(" ");
+    impl Script {
+        /// Record `line` and give the next answer scripted for it (the
+        /// last one repeats).
+        fn answer(&mut self, line: String, args: &str) -> Result<String, SwarmError> {
             self.calls.push(line.clone());
             for (p, q) in &mut self.answers {
                 if line.starts_with(p.as_str()) {
-                    // The last answer repeats.
                     let a = if q.len() > 1 {
                         q.pop_front()
                     } else {
@@ -685,29 +822,56 @@ mod tests {
                     return a
                         .unwrap_or(Ok(String::new()))
                         .map_err(|reason| SwarmError::Docker {
-                            args: line.clone(),
+                            args: args.to_string(),
                             reason,
                         });
                 }
             }
-            panic!("unscripted docker {line}");
+            panic!("unscripted {line}");
+        }
+    }
+
+    impl Docker for Script {
+        fn run(&mut self, args: &[&str]) -> Result<String, SwarmError> {
+            let line = args.join(" ");
+            self.answer(line.clone(), &line)
+        }
+        fn join_swarm(&mut self, req: &engine::JoinRequest) -> Result<(), SwarmError> {
+            // Recorded as the API call it is, with the body's token.
+            let line = format!(
+                "API join {} token={}",
+                req.remote_addrs.join(","),
+                req.join_token
+            );
+            self.answer(line, "POST /swarm/join").map(|_| ())
         }
     }
 
     #[derive(Default)]
     struct Mem(std::collections::BTreeMap<String, String>, u32);
-    impl Tokens for Mem {
-        fn get(&mut self, role: &str) -> Result<Option<String>, SwarmError> {
+    impl Shared for Mem {
+        fn get(&mut self, key: &str) -> Result<Option<String>, SwarmError> {
             if self.1 > 0 {
                 self.1 -= 1;
                 return Err(SwarmError::Etcd("connection refused".into()));
             }
-            Ok(self.0.get(role).cloned())
+            Ok(self.0.get(key).cloned())
         }
-        fn put(&mut self, role: &str, token: &str) -> Result<(), SwarmError> {
-            self.0.insert(role.into(), token.into());
+        fn put(&mut self, key: &str, value: &str) -> Result<(), SwarmError> {
+            self.0.insert(key.into(), value.into());
             Ok(())
         }
+        fn delete(&mut self, key: &str) -> Result<(), SwarmError> {
+            self.0.remove(key);
+            Ok(())
+        }
+    }
+
+    const SECRET: &str =
+        "SECRET=5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a\n";
+
+    fn secret() -> nimbus::swarmconf::Secret {
+        nimbus::swarmconf::Secret([0x5a; 32])
     }
 
     #[derive(Default)]
@@ -762,15 +926,16 @@ mod tests {
     }
 
     #[test]
-    fn init_starts_the_swarm_and_publishes_both_tokens() {
+    fn init_publishes_the_worker_token_sealed_and_never_the_manager_token() {
         let mut d = Script::default()
             .on("info", &[Ok(INACTIVE)])
             .on("swarm init", &[Ok("Swarm initialized")])
-            .on("swarm join-token -q manager", &[Ok(TOKEN_M)])
             .on("swarm join-token -q worker", &[Ok(TOKEN_W)]);
         let mut t = Mem(Default::default(), 1);
         let mut w = Fake::default();
-        let c = conf("ROLE=manager\nINIT=yes\nADVERTISE_ADDR=10.0.0.1\n");
+        let c = conf(&format!(
+            "ROLE=manager\nINIT=yes\nADVERTISE_ADDR=10.0.0.1\n{SECRET}"
+        ));
         assert_eq!(
             join(&c, &mut d, &mut t, &mut w, Duration::from_secs(60)).unwrap(),
             Joined::Initialised
@@ -778,37 +943,92 @@ mod tests {
         assert!(d
             .calls
             .contains(&"swarm init --advertise-addr 10.0.0.1".to_string()));
-        assert_eq!(t.0.get("manager").map(String::as_str), Some(TOKEN_M));
-        assert_eq!(t.0.get("worker").map(String::as_str), Some(TOKEN_W));
+        assert!(
+            !d.calls.iter().any(|c| c.contains("-q manager")),
+            "{:?}",
+            d.calls
+        );
+        let key = worker_token_key();
+        let sealed = t.0.get(&key).expect("published");
+        assert!(!sealed.contains("SWMTKN"), "{sealed}");
+        assert_eq!(seal::open(&secret(), &key, sealed).unwrap(), TOKEN_W);
+        assert!(!t.0.keys().any(|k| k.ends_with("/manager")), "{:?}", t.0);
         assert!(
             w.said.iter().any(|s| s.contains("waiting for etcd")),
             "{:?}",
             w.said
         );
+        // At the next boot, the same token is not written again.
+        let before = sealed.clone();
+        let mut d = Script::default()
+            .on("info", &[Ok(MANAGER)])
+            .on("swarm join-token -q worker", &[Ok(TOKEN_W)]);
+        join(&c, &mut d, &mut t, &mut w, Duration::from_secs(1)).unwrap();
+        assert_eq!(t.0.get(&key), Some(&before));
     }
 
     #[test]
-    fn a_joiner_waits_for_the_token_and_tries_each_manager() {
+    fn a_manager_token_found_in_etcd_is_rotated_and_deleted() {
         let mut d = Script::default()
-            .on("info", &[Ok(INACTIVE)])
+            .on("info", &[Ok(MANAGER)])
             .on(
-                "swarm join --token SWMTKN-1-aaa-www --advertise-addr 10.0.0.3 10.0.0.1:2377",
-                &[Err("connection refused")],
+                "swarm join-token --rotate -q manager",
+                &[Ok("SWMTKN-1-aaa-new")],
             )
+            .on("swarm join-token -q worker", &[Ok(TOKEN_W)]);
+        let mut t = Mem::default();
+        t.0.insert(format!("{TOKEN_KEY}/manager"), TOKEN_M.into());
+        let c = conf(&format!(
+            "ROLE=manager\nINIT=yes\nADVERTISE_ADDR=10.0.0.1\n{SECRET}"
+        ));
+        let mut w = Fake::default();
+        assert_eq!(
+            join(&c, &mut d, &mut t, &mut w, Duration::from_secs(1)).unwrap(),
+            Joined::AlreadyMember
+        );
+        assert!(d
+            .calls
+            .iter()
+            .any(|c| c == "swarm join-token --rotate -q manager"));
+        assert!(!t.0.contains_key(&format!("{TOKEN_KEY}/manager")));
+        assert!(w.said.iter().any(|s| s.contains("rotated")), "{:?}", w.said);
+    }
+
+    #[test]
+    fn a_joiner_opens_the_token_joins_by_the_api_and_asks_to_be_promoted() {
+        let mut d = Script::default()
             .on(
-                "swarm join --token SWMTKN-1-aaa-www --advertise-addr 10.0.0.3 10.0.0.2:2377",
-                &[Ok("This node joined a swarm as a worker.")],
-            );
+                "info --format {{json .Swarm}}",
+                &[Ok(INACTIVE), Ok(INACTIVE), Ok(INACTIVE), Ok(WORKER)],
+            )
+            .on("info --format {{.Name}}", &[Ok("h3\n")])
+            .on("API join 10.0.0.1:2377", &[Err("connection refused")])
+            .on("API join 10.0.0.2:2377", &[Ok("")]);
         let mut t = Mem(Default::default(), 0);
         let mut w = Fake::default();
-        let c = conf("ROLE=worker\nADVERTISE_ADDR=10.0.0.3\nJOIN=10.0.0.1:2377,10.0.0.2:2377\n");
+        let c = conf(&format!(
+            "ROLE=manager\nADVERTISE_ADDR=10.0.0.3\nJOIN=10.0.0.1:2377,10.0.0.2:2377\n{SECRET}"
+        ));
         // No token for a while: it waits, then gives up with the reason.
         let e = join(&c, &mut d, &mut t, &mut w, Duration::from_secs(10)).unwrap_err();
         assert!(
             e.to_string().contains("no worker join token in etcd yet"),
             "{e}"
         );
-        t.0.insert("worker".into(), TOKEN_W.into());
+        // A token in the clear (an older release's) is not used.
+        t.0.insert(worker_token_key(), TOKEN_W.into());
+        let e = join(
+            &c,
+            &mut d,
+            &mut t,
+            &mut Fake::default(),
+            Duration::from_secs(4),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("not a sealed value"), "{e}");
+        assert!(!e.to_string().contains("SWMTKN-1"), "{e}");
+        let key = worker_token_key();
+        t.0.insert(key.clone(), seal::seal(&secret(), &key, TOKEN_W).unwrap());
         let got = join(
             &c,
             &mut d,
@@ -822,6 +1042,42 @@ mod tests {
             Joined::Joined {
                 via: "10.0.0.2:2377".into()
             }
+        );
+        assert!(
+            d.calls
+                .iter()
+                .any(|c| c == &format!("API join 10.0.0.2:2377 token={TOKEN_W}")),
+            "{:?}",
+            d.calls
+        );
+        assert!(
+            !d.calls
+                .iter()
+                .any(|c| !c.starts_with("API") && c.contains("SWMTKN")),
+            "a token on a command line: {:?}",
+            d.calls
+        );
+        assert_eq!(
+            t.0.get(&format!("{PROMOTE_KEY}/h3")).map(String::as_str),
+            Some("w1")
+        );
+        // Another cluster's secret does not open it.
+        let other = conf(&format!(
+            "ROLE=worker\nADVERTISE_ADDR=10.0.0.3\nJOIN=10.0.0.1:2377\nSECRET={}\n",
+            "11".repeat(32)
+        ));
+        let e = join(
+            &other,
+            &mut Script::default().on("info", &[Ok(INACTIVE)]),
+            &mut t,
+            &mut Fake::default(),
+            Duration::from_secs(2),
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("does not open with this host's cluster secret"),
+            "{e}"
         );
     }
 
@@ -839,6 +1095,34 @@ mod tests {
         .unwrap();
         assert_eq!(got, Joined::AlreadyMember);
         assert_eq!(d.calls, ["info --format {{json .Swarm}}"]);
+    }
+
+    #[test]
+    fn managers_promote_only_named_workers_that_asked_with_their_own_id() {
+        let nodes = "m1\th1\tLeader\nw2\th2\t\nw3\th3\t\nw4\th4\t\nw5\th2\t\n";
+        let mut d = Script::default()
+            .on("info", &[Ok(MANAGER)])
+            .on("node ls", &[Ok(nodes)])
+            .on("node promote", &[Ok("")]);
+        let mut t = Mem::default();
+        t.0.insert(format!("{PROMOTE_KEY}/h2"), "w2".into());
+        // h3 asked with another node's ID; h4 is not named.
+        t.0.insert(format!("{PROMOTE_KEY}/h3"), "w9".into());
+        t.0.insert(format!("{PROMOTE_KEY}/h4"), "w4".into());
+        let c = conf(&format!(
+            "ROLE=manager\nINIT=yes\nADVERTISE_ADDR=10.0.0.1\n{SECRET}MANAGERS=h1,h2,h3\n"
+        ));
+        assert_eq!(promote_named(&c, &mut d, &mut t).unwrap(), ["h2"]);
+        let promoted: Vec<&String> = d
+            .calls
+            .iter()
+            .filter(|c| c.starts_with("node promote"))
+            .collect();
+        assert_eq!(promoted, ["node promote w2"]);
+        // Off a manager: nothing is asked of the swarm.
+        let mut d = Script::default().on("info", &[Ok(WORKER)]);
+        assert!(promote_named(&c, &mut d, &mut t).unwrap().is_empty());
+        assert_eq!(d.calls.len(), 1);
     }
 
     #[test]

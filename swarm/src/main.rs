@@ -9,7 +9,7 @@ use std::process::{Command, ExitCode};
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use nimbus_swarm::{Docker, RealWaiter, SwarmError, Tokens, TOKEN_KEY};
+use nimbus_swarm::{Docker, RealWaiter, Shared, SwarmError};
 
 #[derive(Parser)]
 #[command(
@@ -33,6 +33,13 @@ enum Sub {
         /// Give up after this many seconds without a token or a manager.
         #[arg(long, default_value_t = 600)]
         timeout: u64,
+    },
+    /// On a manager, for the host's life: promote the workers swarm.conf's
+    /// MANAGERS names once each asked through etcd with its own node ID.
+    Promote {
+        /// Seconds between looks.
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        interval: u64,
     },
     /// Set this node to drain and wait until its tasks run elsewhere (the
     /// pre-reboot hook; update-engine stops it at HOOK_TIMEOUT).
@@ -67,6 +74,15 @@ impl Docker for DockerCli {
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
+
+    fn join_swarm(&mut self, req: &nimbus_swarm::engine::JoinRequest) -> Result<(), SwarmError> {
+        // A join waits for the manager to accept the node: give it time.
+        nimbus_swarm::engine::Engine::new(
+            std::path::Path::new(nimbus_swarm::engine::SOCKET),
+            Duration::from_secs(120),
+        )
+        .join(req)
+    }
 }
 
 /// A join token lets a machine into the swarm: never in a log line.
@@ -85,19 +101,37 @@ fn redact(args: &[&str]) -> String {
 
 struct Etcd(nimbus_etcd::lock::LockClient);
 
-impl Tokens for Etcd {
-    fn get(&mut self, role: &str) -> Result<Option<String>, SwarmError> {
+impl Shared for Etcd {
+    fn get(&mut self, key: &str) -> Result<Option<String>, SwarmError> {
         let v = self
             .0
-            .get_value(&format!("{TOKEN_KEY}/{role}"))
+            .get_value(key)
             .map_err(|e| SwarmError::Etcd(e.to_string()))?;
         Ok(v.map(|b| String::from_utf8_lossy(&b).trim().to_string()))
     }
-    fn put(&mut self, role: &str, token: &str) -> Result<(), SwarmError> {
+    fn put(&mut self, key: &str, value: &str) -> Result<(), SwarmError> {
         self.0
-            .put_value(&format!("{TOKEN_KEY}/{role}"), token.as_bytes())
+            .put_value(key, value.as_bytes())
             .map_err(|e| SwarmError::Etcd(e.to_string()))
     }
+    fn delete(&mut self, key: &str) -> Result<(), SwarmError> {
+        self.0
+            .delete_value(key)
+            .map_err(|e| SwarmError::Etcd(e.to_string()))
+    }
+}
+
+/// swarm.conf, or the exit code for a missing or bad one (2).
+fn load_conf(root: &std::path::Path) -> Result<nimbus_swarm::SwarmConf, ExitCode> {
+    let path = root.join(nimbus::paths::SWARM_CONF);
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        eprintln!("nimbus-swarm: {}: {e}", path.display());
+        ExitCode::from(2)
+    })?;
+    nimbus_swarm::parse_conf(&path.display().to_string(), &text).map_err(|e| {
+        eprintln!("nimbus-swarm: {e}");
+        ExitCode::from(2)
+    })
 }
 
 fn etcd(root: &std::path::Path) -> anyhow::Result<Etcd> {
@@ -111,21 +145,46 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let mut docker = DockerCli;
     let mut w = RealWaiter::new();
     match cli.cmd {
-        Sub::Join { timeout } => {
-            let path = cli.root.join(nimbus::paths::SWARM_CONF);
-            let text = match std::fs::read_to_string(&path) {
-                Ok(t) => t,
-                Err(e) => {
-                    eprintln!("nimbus-swarm: {}: {e}", path.display());
-                    return Ok(ExitCode::from(2));
-                }
-            };
-            let conf = match nimbus_swarm::parse_conf(&path.display().to_string(), &text) {
+        Sub::Promote { interval } => {
+            let conf = match load_conf(&cli.root) {
                 Ok(c) => c,
-                Err(e) => {
-                    eprintln!("nimbus-swarm: {e}");
-                    return Ok(ExitCode::from(2));
+                Err(code) => return Ok(code),
+            };
+            if conf.managers.is_empty() {
+                println!("no MANAGERS in swarm.conf: nobody to promote");
+                return Ok(ExitCode::SUCCESS);
+            }
+            let mut shared = etcd(&cli.root)?;
+            let mut said = String::new();
+            // Quiet rounds back off to a minute: each look spawns the
+            // docker CLI, which a 1-vCPU host feels every few seconds.
+            let mut wait = interval;
+            // A loop for the life of the host: a manager rebuilt later
+            // joins as a worker and asks again. One look each `interval`
+            // (a `docker info`, and a `docker node ls` on a manager).
+            loop {
+                let now = match nimbus_swarm::promote_named(&conf, &mut docker, &mut shared) {
+                    Ok(p) if p.is_empty() => String::new(),
+                    Ok(p) => format!("promoted to manager: {}", p.join(", ")),
+                    Err(e) => format!("cannot promote yet: {e}"),
+                };
+                if !now.is_empty() && now != said {
+                    println!("{now}");
+                    tracing::info!("{now}");
                 }
+                wait = if now.is_empty() {
+                    wait.saturating_mul(2).min(interval.max(60))
+                } else {
+                    interval
+                };
+                said = now;
+                std::thread::sleep(Duration::from_secs(wait));
+            }
+        }
+        Sub::Join { timeout } => {
+            let conf = match load_conf(&cli.root) {
+                Ok(c) => c,
+                Err(code) => return Ok(code),
             };
             let mut tokens = etcd(&cli.root)?;
             let r = nimbus_swarm::join(
@@ -141,8 +200,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 match r {
                     nimbus_swarm::Joined::AlreadyMember =>
                         "already a member of the swarm".to_string(),
-                    nimbus_swarm::Joined::Initialised =>
-                        "swarm initialised; join tokens published in etcd".to_string(),
+                    nimbus_swarm::Joined::Initialised => "swarm initialised".to_string(),
                     nimbus_swarm::Joined::Joined { via } =>
                         format!("joined the swarm as a {} via {via}", conf.role()),
                 }

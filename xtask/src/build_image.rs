@@ -128,6 +128,15 @@ fn source_date_epoch(root: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// Where cargo puts what it builds for this checkout: `CARGO_TARGET_DIR`
+/// when set (relative to the checkout, as cargo reads it), else `target/`.
+pub fn cargo_target_dir(root: &Path) -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(d) if !d.is_empty() => root.join(d),
+        _ => root.join("target"),
+    }
+}
+
 /// Build Nimbus's own binaries in release mode and list them for /usr/bin.
 fn nimbus_binaries(root: &Path) -> anyhow::Result<Vec<Install>> {
     let bins = [
@@ -150,7 +159,7 @@ fn nimbus_binaries(root: &Path) -> anyhow::Result<Vec<Install>> {
         .iter()
         .map(|(_, bin)| Install {
             dest: format!("/usr/bin/{bin}"),
-            source: root.join("target/release").join(bin),
+            source: cargo_target_dir(root).join("release").join(bin),
             mode: 0o755,
         })
         .collect())
@@ -180,7 +189,9 @@ pub fn nimbus_init(root: &Path) -> anyhow::Result<PathBuf> {
     if !status.success() {
         bail!("building nimbus-init failed ({status})");
     }
-    Ok(root.join("target").join(TARGET).join("release/nimbus-init"))
+    Ok(cargo_target_dir(root)
+        .join(TARGET)
+        .join("release/nimbus-init"))
 }
 
 /// Files under `dir`, as (path relative to `dir`, path), sorted.

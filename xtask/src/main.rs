@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod build_image;
+mod cluster_config;
 mod deps;
 mod disk;
 mod fuzz;
@@ -60,6 +61,9 @@ enum Cmd {
     /// replicated service, and a rolling update under the etcd reboot lock, probed every
     /// second; prints `cluster: hosts=N final=... max_rebooting=N ...`.
     Cluster(cluster::ClusterArgs),
+    /// An etcd cluster's TLS material and one user-data per host: a CA, per-host
+    /// peer/client certificates, an operator's client certificate (rcgen, no shell-out).
+    ClusterConfig(cluster_config::ClusterConfigArgs),
     /// Cut the power at every write and sync of an update (and of the boot's GPT writes)
     /// and check that the disk still boots a verified slot with an old-or-new GPT.
     Powercut {
@@ -127,6 +131,7 @@ fn main() -> ExitCode {
         Cmd::Release(a) => release(a),
         Cmd::E2e { keep } => e2e::run(keep),
         Cmd::Cluster(a) => cluster::run(a),
+        Cmd::ClusterConfig(a) => cluster_config::run(&a).map(|()| ExitCode::SUCCESS),
         Cmd::Fuzz {
             seconds,
             targets,

@@ -181,6 +181,41 @@ fn a_release_that_fails_its_health_check_rolls_back_reactivates_and_releases() {
     assert_eq!(get(&f, "etcd_unavailable_s"), "0", "{}", probe_log());
 }
 
+fn etcd_and_the_join_tokens_are_kept_from_strangers() {
+    let s = line("cluster-secrets:");
+    assert_eq!(
+        get(&s, "no_cert"),
+        "refused",
+        "TLS without a client certificate"
+    );
+    assert_eq!(get(&s, "plain_http"), "refused");
+    assert_eq!(get(&s, "manager_token_in_etcd"), "no");
+    assert_eq!(get(&s, "worker_token_sealed"), "yes");
+    assert_eq!(
+        get(&s, "token_in_cmdline"),
+        "0",
+        "a join token on a command line: {:?}",
+        s.get("seen_in")
+    );
+    // The witness ran on every host through the joins (once a second).
+    for h in get(&s, "cmdline_samples").split(',') {
+        let n: u64 = h
+            .split(':')
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        assert!(n >= 20, "too few samples to have seen the join: {h}");
+    }
+    assert_eq!(get(&s, "etcdctl_on_host"), "yes");
+}
+
+fn a_stranger_on_the_network_and_a_container_get_nothing() {
+    let i = line("intruder:");
+    for k in ["etcd_read", "etcd_write", "swarm_join", "peer", "docker"] {
+        assert_eq!(get(&i, k), "refused", "{k}: {i:?}");
+    }
+}
+
 fn replicas_gathered_on_one_host_are_moved_before_its_drain() {
     let g = line("cluster-gathered:");
     assert_eq!(get(&g, "replicas_before"), "3");
@@ -194,7 +229,12 @@ fn replicas_gathered_on_one_host_are_moved_before_its_drain() {
 #[test]
 #[ignore = "vm tier: cargo xtask vmtest"]
 fn cluster_rolls_and_survives_its_faults() {
-    let checks: [(&str, fn()); 5] = [
+    let checks: [(&str, fn()); 7] = [
+        ("secrets", etcd_and_the_join_tokens_are_kept_from_strangers),
+        (
+            "intruder",
+            a_stranger_on_the_network_and_a_container_get_nothing,
+        ),
         (
             "gathered replicas",
             replicas_gathered_on_one_host_are_moved_before_its_drain,

@@ -252,6 +252,13 @@ pub fn apply(
             "--no-block".into(),
             "nimbus-swarm.service".into(),
         ]);
+        // The promoter reads MANAGERS once, at its start.
+        argvs.push(vec![
+            "systemctl".into(),
+            "try-restart".into(),
+            "--no-block".into(),
+            "nimbus-swarm-promote.service".into(),
+        ]);
     }
     for argv in argvs {
         let refs: Vec<&str> = argv.iter().map(String::as_str).collect();

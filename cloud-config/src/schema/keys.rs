@@ -20,6 +20,8 @@ pub(super) const SWARM: &[&str] = &[
     "listen_addr",
     "join",
     "join_token",
+    "secret",
+    "managers",
 ];
 
 pub(super) const COREOS: &[&str] = &[

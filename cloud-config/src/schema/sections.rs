@@ -426,6 +426,25 @@ pub(super) fn nimbus_section(c: &mut Checker, n: &Node) -> NimbusSection {
                         }
                     }
                 }
+                "secret" => {
+                    if let Some(t) = c.string(val, "nimbus.swarm.secret") {
+                        match nimbus::swarmconf::parse_secret(&t) {
+                            Ok(s) => sw.secret = Some(s),
+                            Err(e) => {
+                                ok = false;
+                                c.error(val.line, format!("nimbus.swarm.secret {e}"));
+                            }
+                        }
+                    }
+                }
+                "managers" => {
+                    let list = c.strings(val, "nimbus.swarm.managers");
+                    if let Some(h) = list.iter().find(|h| !nimbus::swarmconf::hostname_ok(h)) {
+                        ok = false;
+                        c.error(val.line, format!("nimbus.swarm.managers: {h:?} is not a host name"));
+                    }
+                    sw.managers = list;
+                }
                 _ => {}
             });
             if ok && matches!(v.kind, Kind::Map(_)) {
@@ -440,7 +459,12 @@ pub(super) fn nimbus_section(c: &mut Checker, n: &Node) -> NimbusSection {
                     c.error(kl, "nimbus.swarm: `init` starts a new swarm; it does not go with `join` or `join_token`");
                 } else if !sw.init && sw.join.is_empty() {
                     c.error(kl, "nimbus.swarm: give `join` (the managers' addresses), or `init: true` on the one host that starts the swarm");
+                } else if !sw.init && sw.secret.is_none() && sw.join_token.is_none() {
+                    c.error(kl, "nimbus.swarm: a joining host needs `secret` (the cluster's, which opens the worker token sealed in etcd) or `join_token`");
                 } else {
+                    if sw.init && sw.secret.is_none() {
+                        c.warn(kl, "nimbus.swarm: without `secret` the worker token is not published in etcd; every other host needs `join_token`");
+                    }
                     out.swarm = Some(sw);
                 }
             }

@@ -5,17 +5,8 @@ use crate::yaml::Node;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 
-pub fn valid_hostname(h: &str) -> bool {
-    !h.is_empty()
-        && h.len() <= 253
-        && h.split('.').all(|l| {
-            !l.is_empty()
-                && l.len() <= 63
-                && !l.starts_with('-')
-                && !l.ends_with('-')
-                && l.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-')
-        })
-}
+/// A host name (RFC 1123 labels): the one rule, shared with swarm.conf.
+pub use nimbus::swarmconf::hostname_ok as valid_hostname;
 
 pub fn valid_user_name(n: &str) -> bool {
     let mut b = n.bytes();

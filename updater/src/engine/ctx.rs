@@ -24,6 +24,25 @@ pub struct Ctx {
 }
 
 impl Ctx {
+    /// What a write of `release` into `slot` reads and obeys: this
+    /// engine's transport, I/O limits and cancel flag (full and delta
+    /// installs alike).
+    pub fn stream<'a>(
+        &'a self,
+        release: &'a nimbus::release::Release,
+        slot: &'a crate::target::SlotDevice,
+        progress: &'a (dyn Fn(crate::status::Progress) + Sync),
+    ) -> crate::writer::Stream<'a> {
+        crate::writer::Stream {
+            http: self.http.as_ref(),
+            release,
+            slot,
+            limits: self.cfg.limits(),
+            cancel: &self.shared.cancel,
+            progress,
+        }
+    }
+
     pub fn root(&self) -> &Path {
         &self.host.root
     }

@@ -16,7 +16,6 @@ use crate::error::UpdateError;
 use crate::state::{InstallState, Ledger};
 use crate::status::{ApplyReport, State};
 use crate::target::SlotDevice;
-use crate::writer::Stream;
 
 pub struct Installer<'a> {
     pub ctx: &'a Ctx,
@@ -227,14 +226,7 @@ impl Installer<'_> {
                 saver.edit(|s: &mut InstallState| s.checkpoint = Some(cp.clone()))
             };
             let job = apply::Job {
-                stream: Stream {
-                    http: ctx.http.as_ref(),
-                    release: r,
-                    slot,
-                    limits: ctx.cfg.limits(),
-                    cancel: &ctx.shared.cancel,
-                    progress: &progress,
-                },
+                stream: ctx.stream(r, slot, &progress),
                 url: url.to_string(),
                 file,
                 resume,
@@ -373,14 +365,7 @@ impl Installer<'_> {
                 })
             };
             crate::delta::run(&crate::delta::Job {
-                stream: Stream {
-                    http: ctx.http.as_ref(),
-                    release: r,
-                    slot,
-                    limits: ctx.cfg.limits(),
-                    cancel: &ctx.shared.cancel,
-                    progress: &progress,
-                },
+                stream: ctx.stream(r, slot, &progress),
                 pack_url,
                 index: &index,
                 plan: &plan,

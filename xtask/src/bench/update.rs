@@ -262,7 +262,7 @@ pub fn release_engine(root: &Path) -> anyhow::Result<PathBuf> {
     if !st.success() {
         bail!("building update-engine failed");
     }
-    Ok(root.join("target/release/update-engine"))
+    Ok(crate::build_image::cargo_target_dir(root).join("release/update-engine"))
 }
 
 /// A release key kept in `work/key`, so payloads cached there stay valid.

@@ -2,6 +2,7 @@
 //! switch between the hosts; the web image the service runs.
 
 use super::{HOOK_TIMEOUT_S, IMAGE_TAG, WEB_PORT};
+use crate::cluster_config::{self, Member, Pki, Site};
 use crate::vm::e2e::Ssh;
 use crate::vm::qemu;
 use anyhow::{bail, Context};
@@ -12,8 +13,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+pub(super) fn addr_v4(i: usize) -> std::net::Ipv4Addr {
+    // Hosts are few (`--hosts` is small): 11 + i stays within a byte.
+    std::net::Ipv4Addr::new(
+        10,
+        10,
+        0,
+        11u8.saturating_add(u8::try_from(i).unwrap_or(u8::MAX)),
+    )
+}
+
 pub(super) fn addr(i: usize) -> String {
-    format!("10.10.0.{}", 11 + i)
+    addr_v4(i).to_string()
 }
 
 pub(super) fn name(i: usize) -> String {
@@ -114,61 +125,85 @@ pub(super) fn web_image(work: &Path) -> anyhow::Result<PathBuf> {
     Ok(out)
 }
 
-pub(super) fn user_data(i: usize, n: usize, repo_port: u16, ssh_key: &str) -> String {
-    let me = addr(i);
-    let cluster: Vec<String> = (0..n)
-        .map(|j| format!("{}=http://{}:2380", name(j), addr(j)))
-        .collect();
-    let endpoints: Vec<String> = (0..n).map(|j| format!("http://{}:2379", addr(j))).collect();
-    let swarm = if i == 0 {
-        format!("    role: manager\n    init: true\n    advertise_addr: {me}\n")
-    } else {
-        format!(
-            "    role: manager\n    advertise_addr: {me}\n    join: [{}:2377]\n",
-            addr(0)
-        )
-    };
-    format!(
-        r#"#cloud-config
-hostname: {host}
-users:
-  - name: root
-    ssh_authorized_keys:
-      - {ssh_key}
-write_files:
-  - path: /etc/nimbus/health.conf
+/// The cluster's members, as `cargo xtask cluster-config` takes them.
+/// The witness script (see [`user_data`]); its tally is `/run/token-watch`.
+pub(super) const TOKEN_WATCH: &str = "/etc/nimbus-test/token-watch";
+
+pub(super) fn members(n: usize) -> Vec<Member> {
+    (0..n)
+        .map(|i| Member {
+            name: name(i),
+            addr: std::net::IpAddr::V4(addr_v4(i)),
+        })
+        .collect()
+}
+
+/// Host `i`'s user-data: what `cargo xtask cluster-config` makes for an
+/// operator (etcd over TLS with client certificates, update-engine and
+/// nimbus-swarm on the same certificate), plus the harness's own parts:
+/// root's key, a short health delay and update interval, the canary, the
+/// private network's address, the web image from the OEM partition.
+pub(super) fn user_data(
+    members: &[Member],
+    i: usize,
+    pki: &Pki,
+    repo_port: u16,
+    ssh_key: &str,
+) -> anyhow::Result<String> {
+    let site = Site {
+        ssh_keys: vec![ssh_key.to_string()],
+        server: Some(format!("http://10.0.2.2:{repo_port}")),
+        group: "stable".into(),
+        write_files: format!(
+            r#"  - path: /etc/nimbus/health.conf
     content: |
       NIMBUS_HEALTH_DELAY=2
       {health_units}
   - path: /etc/nimbus/update-engine.env
     content: |
       NIMBUS_ENGINE_ARGS="--first-check 5 --interval 20 --reboot-poll 4"
-coreos:
-  etcd2:
-    name: {host}
-    initial-cluster: {cluster}
-    initial-cluster-state: new
-    initial-cluster-token: nimbus-cluster
-    initial-advertise-peer-urls: http://{me}:2380
-    listen-peer-urls: http://{me}:2380
-    listen-client-urls: http://0.0.0.0:2379
-    advertise-client-urls: http://{me}:2379
-    heartbeat-interval: 500
-    election-timeout: 5000
-  update:
-    group: stable
-    server: http://10.0.2.2:{repo_port}
-    reboot-strategy: etcd-lock
-  locksmith:
-    endpoint: {endpoints}
-  units:
-{canary}    - name: 10-cluster.network
+  - path: {TOKEN_WATCH}
+    permissions: '0755'
+    content: |
+      #!/bin/sh
+      # The harness's witness: once a second for the first five minutes,
+      # is a swarm join token on any process's command line? Counts only;
+      # never copies a command line. (The pattern's brackets keep grep's
+      # own command line from matching.)
+      # First boot only: that is when hosts join.
+      [ -e /var/lib/token-watch.ran ] && exit 0
+      touch /var/lib/token-watch.ran
+      n=0; hits=0; end=$(( $(date +%s) + 300 ))
+      while [ "$(date +%s)" -lt "$end" ]; do
+        n=$((n + 1))
+        if grep -l -a -s 'SWMTK[N]' /proc/[0-9]*/cmdline > /run/token-watch.last; then
+          hits=$((hits + 1))
+          for f in $(cat /run/token-watch.last); do cat "${{f%/cmdline}}/comm"; done >> /run/token-watch.who 2>/dev/null
+        fi
+        echo "samples=$n hits=$hits" > /run/token-watch.tmp && mv /run/token-watch.tmp /run/token-watch
+        sleep 1
+      done
+"#,
+            health_units = crate::vm::smoke::canary_health_units(),
+        ),
+        units: format!(
+            r#"{canary}    - name: 10-cluster.network
       content: |
         [Match]
         MACAddress={mac}
 
         [Network]
         Address={me}/24
+    - name: token-watch.service
+      command: start
+      content: |
+        [Unit]
+        Description=The cluster test's witness: no join token on a command line
+        DefaultDependencies=no
+        Before=docker.service nimbus-swarm.service
+
+        [Service]
+        ExecStart={TOKEN_WATCH}
     - name: web-image.service
       enable: true
       command: start
@@ -185,20 +220,14 @@ coreos:
 
         [Install]
         WantedBy=multi-user.target
-nimbus:
-  # Plain-HTTP etcd on the harness's private switch, until the cluster
-  # run brings its own certificates (issue 28): validate warns.
-  etcd_insecure_plaintext: true
-  hook_timeout: {HOOK_TIMEOUT_S}s
-  swarm:
-{swarm}"#,
-        host = name(i),
-        cluster = cluster.join(","),
-        endpoints = endpoints.join(","),
-        mac = mac(i),
-        canary = crate::vm::smoke::canary_unit(),
-        health_units = crate::vm::smoke::canary_health_units(),
-    )
+"#,
+            canary = crate::vm::smoke::canary_unit(),
+            mac = mac(i),
+            me = addr(i),
+        ),
+        nimbus: format!("  hook_timeout: {HOOK_TIMEOUT_S}s\n"),
+    };
+    cluster_config::user_data(members, i, pki, &site)
 }
 
 pub(super) struct Host {
@@ -268,8 +297,10 @@ impl Host {
             .with_context(|| format!("{}: {cmd}", self.name))
     }
 
+    /// etcd's client port, forwarded; https with the operator's client
+    /// certificate (`probe::http`), as every client of this cluster.
     pub(super) fn etcd(&self) -> String {
-        format!("http://127.0.0.1:{}", self.etcd_port)
+        format!("https://127.0.0.1:{}", self.etcd_port)
     }
 }
 

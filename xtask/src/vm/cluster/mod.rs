@@ -15,6 +15,12 @@
 //! service when no host answered; a host whose own probes all fail counts
 //! as rebooting.
 //!
+//! Before the update, with the swarm formed: what the cluster keeps to
+//! itself (`secrets.rs`, the `cluster-secrets:` line) and what a stranger
+//! on the hosts' network and a container get (`intruder.rs`, the
+//! `intruder:` line). The hosts' user-data is `cargo xtask
+//! cluster-config`'s: etcd on TLS with client certificates.
+//!
 //! With `--faults`, three fault scenarios run on the same cluster, each
 //! printing its own line (the test suite asserts each one):
 //! - `drain-timeout`: before N+1 is published a service that cannot leave
@@ -32,15 +38,17 @@
 
 mod faults;
 mod host;
+mod intruder;
 mod look;
 mod probe;
+mod secrets;
 
 use crate::httpd;
 use crate::vm::e2e;
 use crate::vm::e2e::Ssh;
 use anyhow::{bail, Context};
 use faults::{fault_bad_health, fault_drain_timeout, fault_kill_holder, gathered_drain};
-use host::{free_port, name, switch, user_data, web_image, Host};
+use host::{free_port, members, name, switch, user_data, web_image, Host};
 use look::{
     all_healthy, boots, etcd_members, fmt_nodes, lock_holders, machine_ids, mem_used_mib, node_ls,
     probe_targets, wait_converged, wait_for,
@@ -212,6 +220,10 @@ fn story(a: &ClusterArgs, work: &Path) -> anyhow::Result<()> {
         &format!("published 1.0.0; repository on 127.0.0.1:{repo_port}"),
     );
 
+    // The operator's material, as `cargo xtask cluster-config` makes it.
+    let members = members(n_hosts);
+    let pki = crate::cluster_config::make_pki(&members, 30)?;
+    probe::use_tls(&pki)?;
     let mut hosts = Vec::new();
     let mut locals = Vec::new();
     for i in 0..n_hosts {
@@ -227,7 +239,7 @@ fn story(a: &ClusterArgs, work: &Path) -> anyhow::Result<()> {
             bail!("cp {}", disk.display());
         }
         let ud = dir.join("user-data");
-        std::fs::write(&ud, user_data(i, n_hosts, repo_port, pubkey.trim()))?;
+        std::fs::write(&ud, user_data(&members, i, &pki, repo_port, pubkey.trim())?)?;
         let local = UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port();
         locals.push(local);
         hosts.push(Host {
@@ -245,8 +257,12 @@ fn story(a: &ClusterArgs, work: &Path) -> anyhow::Result<()> {
             vm: None,
         });
     }
+    // A stranger on the hosts' network: one more port on the switch.
+    let stranger = intruder::Intruder::new()?;
+    locals.push(stranger.local);
     let stop = Arc::new(AtomicBool::new(false));
     let sw = switch(locals, stop.clone())?;
+    stranger.wire(sw, stop.clone())?;
     for h in hosts.iter_mut() {
         h.spawn(sw, a.memory)?;
     }
@@ -254,7 +270,19 @@ fn story(a: &ClusterArgs, work: &Path) -> anyhow::Result<()> {
         &t0,
         &format!("{n_hosts} hosts started (switch on udp 127.0.0.1:{sw})"),
     );
-    let r = cluster_life(a, &mut hosts, &publish, &n1, broken.as_deref(), &t0);
+    let outsiders = Outsiders {
+        pki: &pki,
+        stranger: &stranger,
+    };
+    let r = cluster_life(
+        a,
+        &mut hosts,
+        &outsiders,
+        &publish,
+        &n1,
+        broken.as_deref(),
+        &t0,
+    );
     if r.is_err() {
         // What each host says of itself, before the VMs go.
         for h in &hosts {
@@ -282,9 +310,17 @@ const DIAGNOSE: &str = "updatectl status; systemctl list-jobs --no-pager; system
 
 type Publish<'a> = &'a dyn Fn(&Path) -> Result<nimbus::release::Manifest, nimbus_image::ImageError>;
 
+/// Who stands outside the hosts: the operator (the CA and its client
+/// identity) and the stranger on their network.
+struct Outsiders<'a> {
+    pki: &'a crate::cluster_config::Pki,
+    stranger: &'a intruder::Intruder,
+}
+
 fn cluster_life(
     a: &ClusterArgs,
     hosts: &mut [Host],
+    out: &Outsiders<'_>,
     publish: Publish<'_>,
     n1: &Path,
     broken: Option<&Path>,
@@ -309,7 +345,12 @@ fn cluster_life(
         let nodes = node_ls(&hosts[0])?;
         Ok(nodes.len() == n_hosts && nodes.iter().all(|n| n.1 == "Ready" && n.2 == "Active"))
     })?;
-    step(t0, "swarm: every host a manager, ready and active");
+    step(
+        t0,
+        "swarm: every host a manager (two promoted), ready and active",
+    );
+    let secrets = secrets::check(hosts, out.pki)?;
+    step(t0, "secrets looked at");
     for h in hosts.iter_mut() {
         h.machine_id = h.sh("cat /etc/machine-id")?.trim().to_string();
     }
@@ -329,6 +370,11 @@ fn cluster_life(
         Ok(hosts.iter().all(|h| probe_web(&c, h.web_port)))
     })?;
     step(t0, "service web: 3 replicas, answering through every host");
+    let intruded = intruder::attempt(out.stranger, hosts)?;
+    step(
+        t0,
+        "the intruder tried etcd, the swarm, the peer port and dockerd",
+    );
     // Before `pinned` exists: its replica on the drained host could not move.
     let gathered = gathered_drain(hosts, t0)?;
     if a.faults {
@@ -424,6 +470,8 @@ fn cluster_life(
         lock_holders(hosts)?,
         mem.join(","),
     );
+    println!("{secrets}");
+    println!("{intruded}");
     println!("{gathered}");
     if let Some((d, k)) = faults {
         println!("{d}");

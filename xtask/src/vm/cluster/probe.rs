@@ -8,18 +8,36 @@ use base64::Engine;
 use nimbus::etcd_keys::REBOOT_LOCK as LOCK_KEY;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 pub(super) fn http() -> reqwest::blocking::Client {
     http_within(Duration::from_secs(3))
 }
 
+/// The cluster's CA and the operator's client identity, once the run made
+/// them: every etcd request of the harness goes through them.
+static TLS: OnceLock<(reqwest::Certificate, reqwest::Identity)> = OnceLock::new();
+
+pub(super) fn use_tls(pki: &crate::cluster_config::Pki) -> anyhow::Result<()> {
+    let ca = reqwest::Certificate::from_pem(pki.ca.cert.as_bytes())?;
+    let id =
+        reqwest::Identity::from_pem(format!("{}{}", pki.admin.cert, pki.admin.key).as_bytes())?;
+    let _ = TLS.set((ca, id));
+    Ok(())
+}
+
 pub(super) fn http_within(limit: Duration) -> reqwest::blocking::Client {
-    reqwest::blocking::Client::builder()
+    let mut b = reqwest::blocking::Client::builder()
         .connect_timeout(Duration::from_secs(2))
-        .timeout(limit)
-        .build()
+        .timeout(limit);
+    if let Some((ca, id)) = TLS.get() {
+        b = b
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(ca.clone())
+            .identity(id.clone());
+    }
+    b.build()
         .unwrap_or_else(|_| reqwest::blocking::Client::new())
 }
 
