@@ -226,6 +226,8 @@ fn listed_errors_name_their_line() {
         ("#cloud-config\ncoreos:\n  locksmith:\n    window_start: Funday 04:00\n    window_length: 1h\n", 4, Error, "window_start"),
         ("#cloud-config\ncoreos:\n  locksmith:\n    window_start: '04:00'\n    window_length: forever\n", 5, Error, "window_length"),
         ("#cloud-config\ncoreos:\n  locksmith:\n    window_start: '04:00'\n", 3, Error, "go together"),
+        ("#cloud-config\ncoreos:\n  locksmith:\n    fleetlock_url: ftp://lock\n", 4, Error, "fleetlock_url"),
+        ("#cloud-config\ncoreos:\n  locksmith:\n    fleetlock_url: http://lock:3333\n    fleetlock_group: a/b\n", 5, Error, "fleetlock_group"),
         ("#cloud-config\ncoreos:\n  update:\n    server: ftp://x\n", 4, Error, "not an http(s) URL"),
         ("#cloud-config\ncoreos:\n  update:\n    group: Not A Channel\n", 4, Error, "channel name"),
         ("#cloud-config\ncoreos:\n  etcd2:\n    nmae: x\n", 4, Error, "did you mean `name`"),

@@ -20,6 +20,7 @@ pub mod delta;
 pub mod durable;
 pub mod esp;
 pub mod etcd_keys;
+pub mod fleetlock;
 pub mod gpt;
 pub mod keys;
 pub mod layout;

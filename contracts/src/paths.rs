@@ -18,6 +18,9 @@ pub const HEALTH_FAILURE: &str = "var/lib/nimbus/health-failure.json";
 pub const STAGE1_BLESS_FAILURE: &str = "var/lib/nimbus/stage1-bless-failure.json";
 /// update-engine's local API socket.
 pub const ENGINE_SOCKET: &str = "run/nimbus/update-engine.sock";
+/// update-engine's metrics: Prometheus text to whoever connects (any local
+/// user, as Zincati's `metrics.promsock`).
+pub const ENGINE_METRICS_SOCKET: &str = "run/nimbus/metrics.promsock";
 /// The command line stage 1 hands to stage 2 when it continues as stage 2
 /// in the same kernel (no kexec): what the kexec'd kernel's /proc/cmdline
 /// would have said. Written by PID 1 on the /run it passes to systemd;

@@ -28,6 +28,8 @@ pub const KNOWN_KEYS: &[&str] = &[
     "IO_CLASS",
     "DOWNLOAD_RATE_MAX",
     "HOOK_TIMEOUT",
+    "FLEETLOCK_URL",
+    "FLEETLOCK_GROUP",
 ];
 
 /// `REBOOT_STRATEGY`: how a host that staged an update gets to reboot.
@@ -41,12 +43,20 @@ pub enum RebootStrategy {
     EtcdLock,
     /// Never reboot by itself: say so in /run/reboot-required.
     Off,
+    /// Take a slot from a FleetLock server first (Zincati's protocol,
+    /// `crate::fleetlock`; FLEETLOCK_URL, FLEETLOCK_GROUP).
+    FleetLock,
 }
 
 impl RebootStrategy {
-    pub const ALL: [RebootStrategy; 3] = [Self::Reboot, Self::EtcdLock, Self::Off];
+    pub const ALL: [RebootStrategy; 4] = [Self::Reboot, Self::EtcdLock, Self::Off, Self::FleetLock];
     /// Every accepted name, in [`Self::ALL`]'s order, for hints.
-    pub const NAMES: [&'static str; 3] = ["reboot", "etcd-lock", "off"];
+    pub const NAMES: [&'static str; 4] = ["reboot", "etcd-lock", "off", "fleetlock"];
+
+    /// Whether a reboot waits for a slot of a cluster-wide lock.
+    pub fn uses_lock(self) -> bool {
+        matches!(self, Self::EtcdLock | Self::FleetLock)
+    }
 
     /// The name in update.conf.
     pub fn name(self) -> &'static str {
@@ -196,6 +206,40 @@ impl UpdateConf {
     }
 }
 
+/// `FLEETLOCK_URL`: the server's base URL, http or https, with a host and
+/// without query, fragment or credentials (a FleetLock server takes none).
+pub fn check_fleetlock_url(s: &str) -> Result<(), String> {
+    let rest = s
+        .strip_prefix("https://")
+        .or_else(|| s.strip_prefix("http://"))
+        .ok_or_else(|| format!("{s:?}: a FleetLock URL starts with http:// or https://"))?;
+    let host = rest.split('/').next().unwrap_or("");
+    if host.is_empty() {
+        return Err(format!("{s:?}: no host"));
+    }
+    if host.contains('@') {
+        return Err(format!("{s:?}: credentials in the URL are not supported"));
+    }
+    if s.contains(|c: char| c.is_whitespace() || c == '?' || c == '#') {
+        return Err(format!(
+            "{s:?}: a base URL without blanks, query or fragment"
+        ));
+    }
+    Ok(())
+}
+
+/// `FLEETLOCK_GROUP`: `[a-zA-Z0-9.-]+`.
+pub fn check_fleetlock_group(s: &str) -> Result<(), String> {
+    if crate::fleetlock::group_ok(s) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{s:?}: a FleetLock group is 1 to {} of [a-zA-Z0-9.-]",
+            crate::fleetlock::MAX_GROUP_LEN
+        ))
+    }
+}
+
 /// "04:00" or "Thu 04:00" (Flatcar/locksmith window start).
 pub fn check_window_start(s: &str) -> Result<(), String> {
     let parts: Vec<&str> = s.split_whitespace().collect();
@@ -290,7 +334,10 @@ mod tests {
             assert_eq!(n.parse::<RebootStrategy>(), Ok(*v));
         }
         let e = "best-effort".parse::<RebootStrategy>().unwrap_err();
-        assert_eq!(e, "\"best-effort\" is not one of reboot, etcd-lock, off");
+        assert_eq!(
+            e,
+            "\"best-effort\" is not one of reboot, etcd-lock, off, fleetlock"
+        );
     }
 
     #[test]

@@ -321,16 +321,41 @@ impl LockClient {
 
     /// Write `s` if the key is still at `rev`; false when someone else won.
     fn cas(&self, s: &Semaphore, rev: i64) -> Result<bool, LockError> {
-        let key = B64.encode(&self.key);
+        let value = serde_json::to_vec(s).map_err(|e| LockError::Protocol {
+            endpoint: String::new(),
+            reason: e.to_string(),
+        })?;
+        self.cas_value(&self.key, &value, rev)
+    }
+
+    /// Any key's value and its mod_revision (`None` when absent).
+    pub fn get_with_revision(&self, key: &str) -> Result<Option<(Vec<u8>, i64)>, LockError> {
+        let v = self.post("/v3/kv/range", &json!({"key": B64.encode(key)}))?;
+        let Some(kv) = v["kvs"].as_array().and_then(|a| a.first()) else {
+            return Ok(None);
+        };
+        let raw = B64
+            .decode(kv["value"].as_str().unwrap_or(""))
+            .map_err(|e| LockError::Malformed {
+                key: key.to_string(),
+                reason: format!("not base64 from etcd: {e}"),
+            })?;
+        let rev: i64 = kv["mod_revision"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        Ok(Some((raw, rev)))
+    }
+
+    /// Write `value` to `key` if it is still at `rev` (0: if it does not
+    /// exist); false when someone else won.
+    pub fn cas_value(&self, key: &str, value: &[u8], rev: i64) -> Result<bool, LockError> {
+        let key = B64.encode(key);
         let compare = if rev == 0 {
             json!({"target": "CREATE", "key": key, "create_revision": "0"})
         } else {
             json!({"target": "MOD", "key": key, "mod_revision": rev.to_string()})
         };
-        let value = serde_json::to_vec(s).map_err(|e| LockError::Protocol {
-            endpoint: String::new(),
-            reason: e.to_string(),
-        })?;
         let v = self.post(
             "/v3/kv/txn",
             &json!({"compare": [compare], "success": [{"request_put": {"key": key, "value": B64.encode(value)}}]}),

@@ -29,6 +29,8 @@ pub struct EngineConfig {
     pub etcd: nimbus_etcd::EtcdOptions,
     /// How long each pre-reboot or post-good hook may run.
     pub hook_timeout: std::time::Duration,
+    /// FLEETLOCK_URL and FLEETLOCK_GROUP (`None` without a URL).
+    pub fleetlock: Option<crate::fleetlock::FleetLockConfig>,
 }
 
 /// "64M", "10MB", "500K", "0" (unlimited), "unlimited" -> bytes per second.
@@ -129,7 +131,34 @@ impl EngineConfig {
                 Err(e) => return Err(format!("HOOK_TIMEOUT={e}")),
             },
         };
+        let fleetlock = match c.get("FLEETLOCK_URL") {
+            None => None,
+            Some(u) => {
+                updateconf::check_fleetlock_url(u).map_err(|e| format!("FLEETLOCK_URL={e}"))?;
+                reqwest::Url::parse(u).map_err(|e| format!("FLEETLOCK_URL={u:?}: {e}"))?;
+                let group = c
+                    .get("FLEETLOCK_GROUP")
+                    .unwrap_or(nimbus::fleetlock::DEFAULT_GROUP)
+                    .to_string();
+                updateconf::check_fleetlock_group(&group)
+                    .map_err(|e| format!("FLEETLOCK_GROUP={e}"))?;
+                Some(crate::fleetlock::FleetLockConfig {
+                    url: u.trim_end_matches('/').to_string(),
+                    group,
+                })
+            }
+        };
+        if c.get("FLEETLOCK_GROUP").is_some() && fleetlock.is_none() {
+            return Err("FLEETLOCK_GROUP is set without FLEETLOCK_URL".into());
+        }
+        if strategy == crate::policy::Strategy::FleetLock && fleetlock.is_none() {
+            return Err(
+                "REBOOT_STRATEGY=fleetlock needs FLEETLOCK_URL (the FleetLock server's base URL)"
+                    .into(),
+            );
+        }
         Ok(EngineConfig {
+            fleetlock,
             group,
             server,
             write_bps,
@@ -161,6 +190,16 @@ mod tests {
         assert!(c.io_idle);
         assert_eq!(c.strategy, crate::policy::Strategy::Reboot);
         assert_eq!(conf("SERVER=disabled\n").expect("ok").server, None);
+        let f =
+            conf("SERVER=disabled\nREBOOT_STRATEGY=fleetlock\nFLEETLOCK_URL=http://lock:3333/\n")
+                .expect("ok");
+        assert_eq!(
+            f.fleetlock,
+            Some(crate::fleetlock::FleetLockConfig {
+                url: "http://lock:3333".into(),
+                group: "default".into()
+            })
+        );
         assert_eq!(
             conf("SERVER=http://x\nIO_WRITE_BPS=0")
                 .expect("ok")
@@ -201,6 +240,24 @@ mod tests {
             ("SERVER=http://x\nETCD_CERTFILE=/c", "ETCD_CERTFILE"),
             ("SERVER=http://x\nETCD_USERNAME=u", "ETCD_USERNAME"),
             ("SERVER=http://x\nREBOOT_GROUP=A B", "REBOOT_GROUP"),
+            (
+                "SERVER=http://x\nREBOOT_STRATEGY=fleetlock",
+                "REBOOT_STRATEGY",
+            ),
+            ("SERVER=http://x\nFLEETLOCK_URL=ftp://f", "FLEETLOCK_URL"),
+            (
+                "SERVER=http://x\nFLEETLOCK_URL=http://u:p@f",
+                "FLEETLOCK_URL",
+            ),
+            (
+                "SERVER=http://x\nFLEETLOCK_URL=http://f?x=1",
+                "FLEETLOCK_URL",
+            ),
+            (
+                "SERVER=http://x\nFLEETLOCK_URL=http://f\nFLEETLOCK_GROUP=a/b",
+                "FLEETLOCK_GROUP",
+            ),
+            ("SERVER=http://x\nFLEETLOCK_GROUP=g", "FLEETLOCK_GROUP"),
         ] {
             let e = conf(text).expect_err(text);
             assert!(e.starts_with(key), "{text}: {e}");

@@ -54,6 +54,13 @@ pub trait Transport: Send + Sync {
     fn get_from(&self, url: &str, offset: u64) -> Result<Body, UpdateError>;
     fn get_range(&self, url: &str, start: u64, end: u64) -> Result<Body, UpdateError>;
 
+    /// A whole file the signed manifest lists besides the payload (a delta
+    /// index, a stage-1 file). The same request as `get_from(url, 0)`;
+    /// apart so the metrics count it as metadata, not payload.
+    fn get_listed(&self, url: &str) -> Result<Body, UpdateError> {
+        self.get_from(url, 0)
+    }
+
     /// As `get_small_opt`, with a 404 turned into the caller's error.
     fn get_small(
         &self,

@@ -10,6 +10,7 @@
 //! reboot it causes, `api` serves the local socket. The etcd client (the
 //! reboot lock, leader hand-over) is the `nimbus-etcd` crate.
 
+pub mod access;
 pub mod api;
 pub mod apply;
 pub mod choose;
@@ -19,8 +20,10 @@ pub mod engine;
 pub mod error;
 pub mod esp;
 pub mod fetch;
+pub mod fleetlock;
 pub mod hooks;
 pub mod iolimit;
+pub mod metrics;
 pub mod policy;
 pub mod sha;
 pub mod state;

@@ -99,8 +99,11 @@ pub enum Lock {
     Free,
     /// All `max` slots are taken by these holders.
     Full { holders: Vec<String>, max: u64 },
-    /// etcd could not be asked; never reboot without the lock.
+    /// The lock's backend could not be asked; never reboot without the lock.
     Unavailable(String),
+    /// The backend answered and gave no slot, saying why (a FleetLock
+    /// server's error body).
+    Refused(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -149,7 +152,7 @@ pub fn decide(
     match strategy {
         Strategy::Reboot => Decision::Reboot,
         Strategy::Off => unreachable_off(),
-        Strategy::EtcdLock => match lock {
+        Strategy::EtcdLock | Strategy::FleetLock => match lock {
             Lock::Held => Decision::Reboot,
             Lock::Free | Lock::NotAsked => Decision::TakeLock,
             Lock::Full { holders, max } => Decision::Wait {
@@ -162,8 +165,17 @@ pub fn decide(
             Lock::Unavailable(e) => Decision::Wait {
                 until: None,
                 why: format!(
-                    "cannot reach etcd for the reboot lock ({e}); not rebooting without it"
+                    "cannot reach {} for the reboot lock ({e}); not rebooting without it",
+                    if strategy == Strategy::FleetLock {
+                        "the FleetLock server"
+                    } else {
+                        "etcd"
+                    }
                 ),
+            },
+            Lock::Refused(why) => Decision::Wait {
+                until: None,
+                why: format!("the reboot lock gave no slot: {why}"),
             },
         },
     }
@@ -246,6 +258,7 @@ mod tests {
             max: 1,
         };
         let down = Lock::Unavailable("connection refused".into());
+        let refused = Lock::Refused("full (all 1 slot(s) are taken)".into());
         use Strategy::*;
         type Row<'a> = (
             bool,
@@ -295,6 +308,18 @@ mod tests {
             (true, EtcdLock, Some(&w), &Lock::Held, inside, "reboot"),
             (true, EtcdLock, Some(&w), &full, inside, "wait:lock"),
             (true, EtcdLock, Some(&w), &down, inside, "wait:etcd"),
+            (true, FleetLock, None, &Lock::Free, outside, "take"),
+            (true, FleetLock, None, &Lock::Held, outside, "reboot"),
+            (true, FleetLock, None, &down, outside, "wait:fleetlock"),
+            (true, FleetLock, None, &refused, outside, "wait:refused"),
+            (
+                true,
+                FleetLock,
+                Some(&w),
+                &Lock::Held,
+                outside,
+                "wait:window",
+            ),
         ];
         for (staged, strat, win, lock, now, want) in rows {
             let d = decide(staged, strat, win, lock, now);
@@ -312,6 +337,10 @@ mod tests {
                         "lock"
                     } else if why.contains("etcd") {
                         "etcd"
+                    } else if why.contains("the FleetLock server") {
+                        "fleetlock"
+                    } else if why.contains("gave no slot: full") {
+                        "refused"
                     } else {
                         "?"
                     };

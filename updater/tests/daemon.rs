@@ -48,6 +48,11 @@ fn updatectl_drives_the_daemon() {
     )
     .expect("conf");
 
+    // Other users must reach the sockets (the test also runs as nobody).
+    for d in [w, f.root.as_path()] {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
     let sock = w.join("ue.sock");
     let _d = Daemon(
         f.engine(&[
@@ -154,24 +159,99 @@ fn updatectl_drives_the_daemon() {
     assert!(!err.contains("panicked"), "{err}");
     assert_ne!(out.status.code(), Some(101), "{err}");
 
-    // Another user: refused (the socket is root's, 0600).
-    let out = Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            UPDATECTL,
-            "--socket",
-        ])
-        .arg(&sock)
-        .arg("status")
-        .output()
-        .expect("setpriv (util-linux)");
-    assert!(!out.status.success());
+    // Another user reads status (as Flatcar's GetStatus) but changes
+    // nothing: the socket is open, the request is judged by SO_PEERCRED.
+    let as_nobody = |args: &[&str]| {
+        Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                UPDATECTL,
+                "--socket",
+            ])
+            .arg(&sock)
+            .args(args)
+            .output()
+            .expect("setpriv (util-linux)")
+    };
+    let out = as_nobody(&["status", "--json"]);
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("ermission denied"),
+        out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(json(&out)["running_version"], "1.0.0");
+    for args in [
+        &["check"][..],
+        &["update"],
+        &["channel", "beta"],
+        &["rollback"],
+        &["mark-good"],
+        &["cancel"],
+    ] {
+        let out = as_nobody(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(77), "{args:?}: {err}");
+        assert!(
+            err.contains(&format!("updatectl {}", args[0]))
+                && err.contains("needs root or membership of the group nimbus-admin"),
+            "{args:?}: {err}"
+        );
+    }
+    // Nothing changed for the refused requests.
+    assert!(std::fs::read_to_string(&conf_path)
+        .expect("conf")
+        .contains("GROUP=old"));
+    // The metrics: any user, and the bytes the update fetched are there.
+    let metrics_sock = f.root.join(nimbus::paths::ENGINE_METRICS_SOCKET);
+    let out = as_nobody(&[
+        "metrics",
+        "--metrics-socket",
+        metrics_sock.to_str().expect("utf8"),
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sample = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+    };
+    let payload = sample("nimbus_update_engine_fetched_bytes_total{kind=\"full\"}")
+        + sample("nimbus_update_engine_fetched_bytes_total{kind=\"delta\"}");
+    assert!(payload > 0.0, "{text}");
+    assert!(sample("nimbus_update_engine_fetched_bytes_total{kind=\"metadata\"}") > 0.0);
+    assert_eq!(
+        sample("nimbus_update_engine_installs_total{mode=\"full\"}")
+            + sample("nimbus_update_engine_installs_total{mode=\"delta\"}"),
+        1.0,
+        "{text}"
+    );
+    assert!(
+        text.contains("nimbus_os_info{version=\"1.0.0\",channel=\"old\",slot=\"USR-A\"} 1\n"),
+        "{text}"
+    );
+    // A request line without an end is cut off, not buffered without bound.
+    {
+        use std::io::{Read, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(&sock).expect("connect");
+        let _ = s.write_all(&vec![b'x'; 200 * 1024]);
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let mut rest = Vec::new();
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let _ = s.read_to_end(&mut rest);
+        assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+    }
+    let (out, text) = ctl(&sock, &["status", "--json"]);
+    assert!(
+        out.status.success(),
+        "the daemon survives a long line: {text}"
     );
 
     // No daemon: a clear error and its own exit code.

@@ -185,6 +185,19 @@ fn stock_vagrant_up_halt_up_ssh_destroy() {
     );
     assert!(out.contains("USR-A"), "updatectl status: {out}");
     assert!(out.contains("Nimbus 1.0.0"), "{out}");
+    // As the vagrant user, without sudo: status answers (as Flatcar's
+    // GetStatus does for anyone), a change is refused with exit 77 naming
+    // what it needs.
+    let out = ok(&mut vagrant(&[
+        "ssh",
+        "-c",
+        "updatectl status; updatectl metrics | grep -c '^nimbus_'; updatectl check 2>&1; echo exit=$?",
+    ]));
+    assert!(out.contains("USR-A"), "updatectl status as vagrant: {out}");
+    assert!(
+        out.contains("exit=77") && out.contains("needs root or membership of the group nimbus-admin"),
+        "updatectl check as vagrant: {out}"
+    );
     // The insecure key is gone from the guest; Vagrant's own is there.
     let keys = ok(&mut vagrant(&["ssh", "-c", "cat ~/.ssh/authorized_keys"]));
     let insecure = nimbus_image::pipeline::VAGRANT_INSECURE_KEY

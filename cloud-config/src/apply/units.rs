@@ -130,6 +130,8 @@ pub(super) fn apply_update_conf(root: &mut Root, cfg: &CloudConfig) -> Result<()
             ("ETCD_CERTFILE", &l.etcd_certfile),
             ("ETCD_KEYFILE", &l.etcd_keyfile),
             ("REBOOT_GROUP", &l.group),
+            ("FLEETLOCK_URL", &l.fleetlock_url),
+            ("FLEETLOCK_GROUP", &l.fleetlock_group),
         ] {
             if let Some(v) = v {
                 set.insert(k, v.clone());

@@ -68,6 +68,8 @@ pub(super) const LOCKSMITH: &[&str] = &[
     "etcd_cafile",
     "etcd_certfile",
     "etcd_keyfile",
+    "fleetlock_group",
+    "fleetlock_url",
     "group",
     "window_start",
     "window_length",

@@ -109,6 +109,9 @@ pub struct Update {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Locksmith {
     pub endpoint: Option<String>,
+    /// FLEETLOCK_URL and FLEETLOCK_GROUP (`REBOOT_STRATEGY=fleetlock`).
+    pub fleetlock_url: Option<String>,
+    pub fleetlock_group: Option<String>,
     pub etcd_cafile: Option<String>,
     pub etcd_certfile: Option<String>,
     pub etcd_keyfile: Option<String>,

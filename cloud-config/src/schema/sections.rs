@@ -323,6 +323,14 @@ pub(super) fn coreos(
                         }
                         l.endpoint = Some(s);
                     }
+                    "fleetlock_url" => match nimbus::updateconf::check_fleetlock_url(&s) {
+                        Ok(()) => l.fleetlock_url = Some(s),
+                        Err(e) => c.error(val.line, format!("coreos.locksmith.fleetlock_url {e}")),
+                    },
+                    "fleetlock_group" => match nimbus::updateconf::check_fleetlock_group(&s) {
+                        Ok(()) => l.fleetlock_group = Some(s),
+                        Err(e) => c.error(val.line, format!("coreos.locksmith.fleetlock_group {e}")),
+                    },
                     "etcd_cafile" => l.etcd_cafile = Some(s),
                     "etcd_certfile" => l.etcd_certfile = Some(s),
                     "etcd_keyfile" => l.etcd_keyfile = Some(s),

@@ -38,6 +38,9 @@ struct Cli {
     /// The API socket (default: ROOT/run/nimbus/update-engine.sock).
     #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
+    /// The metrics socket (default: ROOT/run/nimbus/metrics.promsock).
+    #[arg(long, value_name = "PATH")]
+    metrics_socket: Option<PathBuf>,
     /// Seconds between checks (a tenth of it is random jitter).
     #[arg(long, default_value_t = 3600)]
     interval: u64,
@@ -234,6 +237,14 @@ fn daemon(cli: Cli, mut engine: Engine, shared: Arc<Shared>) -> Result<ExitCode,
     let (tx, rx) = channel::<Command>();
     api::serve(&sock, shared.clone(), tx).map_err(|e| UpdateError::Io {
         path: sock.clone(),
+        source: e,
+    })?;
+    let metrics_sock = cli
+        .metrics_socket
+        .clone()
+        .unwrap_or_else(|| cli.root.join(api::METRICS_SOCKET_PATH));
+    api::serve_metrics(&metrics_sock, shared.clone()).map_err(|e| UpdateError::Io {
+        path: metrics_sock.clone(),
         source: e,
     })?;
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);

@@ -3,7 +3,8 @@
 //! Exit codes: 0 success, 1 the engine reported a failure it did not
 //! classify, 2 bad command line, 3 network, 4 verification, 5 disk,
 //! 6 refused by policy (e.g. a downgrade without --allow-downgrade),
-//! 7 cancelled, 69 update-engine is not reachable.
+//! 7 cancelled, 69 update-engine is not reachable, 77 the request needs
+//! root or the nimbus-admin group.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -56,6 +57,13 @@ enum Cmd {
     /// The trusted release keys and threshold: update-engine's set, the
     /// one stage 1 booted with, and what is on the ESP for the next boot.
     Trust,
+    /// update-engine's Prometheus metrics (the text its metrics socket
+    /// serves; any user may read them).
+    Metrics {
+        /// The metrics socket (default: ROOT/run/nimbus/metrics.promsock).
+        #[arg(long, value_name = "PATH")]
+        metrics_socket: Option<PathBuf>,
+    },
     /// Boot the other slot next (if it is bootable).
     Rollback,
     /// Mark the booted slot good.
@@ -332,8 +340,18 @@ fn print_slots(s: &Status) {
 
 fn run(cli: &Cli, client: &Client) -> Result<ExitCode, nimbus_updater::api::ClientError> {
     match &cli.cmd {
+        Cmd::Metrics { metrics_socket } => {
+            let path = metrics_socket
+                .clone()
+                .unwrap_or_else(|| cli.root.join(nimbus_updater::api::METRICS_SOCKET_PATH));
+            print!("{}", nimbus_updater::api::read_metrics(&path)?);
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Status | Cmd::Slots | Cmd::Trust => {
             let r = client.call(&Request::Status)?;
+            if r.error.is_some() {
+                return Ok(answer(cli, &r));
+            }
             let st = r.status.clone().unwrap_or_default();
             if cli.json {
                 if matches!(cli.cmd, Cmd::Slots) {

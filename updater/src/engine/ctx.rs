@@ -102,7 +102,7 @@ impl Ctx {
     pub fn fetch_file(&self, f: &nimbus::release::FileRef) -> Result<Vec<u8>, UpdateError> {
         use sha2::Digest;
         let url = format!("{}/{}", self.server()?, f.path);
-        let mut body = self.http.get_from(&url, 0)?;
+        let mut body = self.http.get_listed(&url)?;
         let mut out = Vec::with_capacity(f.size as usize);
         let mut buf = vec![0u8; 1 << 20];
         loop {

@@ -26,6 +26,8 @@ mod channel;
 mod ctx;
 mod host;
 mod install;
+mod lock;
+mod metered;
 mod reboot;
 mod rollback;
 mod shared;
@@ -37,6 +39,7 @@ pub use channel::write_group;
 pub use ctx::Ctx;
 pub use host::{FileStorage, Host, Storage};
 pub use install::Installer;
+pub use lock::RebootLock;
 pub use reboot::{machine_id, Coordinator};
 pub use shared::{Clock, Options, Shared, SystemClock};
 pub use slot_view::SlotView;
@@ -72,6 +75,10 @@ impl Engine {
         shared: std::sync::Arc<Shared>,
     ) -> Result<Engine, UpdateError> {
         let cfg = EngineConfig::load(&host.root)?;
+        let http: Box<dyn Transport> = Box::new(metered::Metered {
+            inner: http,
+            shared: shared.clone(),
+        });
         let mut trust = TrustKeeper::load(&host)?;
         let mut ledger = Ledger::open(&host.root)?;
         channel::ensure_seed(&mut ledger)?;
@@ -164,6 +171,7 @@ impl Engine {
 
     pub fn report_error(&self, e: &UpdateError) {
         tracing::error!(kind = e.kind(), "{e}");
+        self.ctx.shared.metric(|m| m.failure(e.kind()));
         let at = self.ctx.clock.now();
         self.ctx.shared.update(|s| {
             s.state = State::ReportingErrorEvent;
@@ -179,6 +187,12 @@ impl Engine {
     /// Fetch and verify the channel, decide. Changes nothing on disk but the
     /// accepted serial (and trust rotations learned on the way).
     pub fn check(&mut self) -> Result<CheckResult, UpdateError> {
+        let r = self.check_inner();
+        self.ctx.shared.metric(|m| m.check(r.is_ok()));
+        r
+    }
+
+    fn check_inner(&mut self) -> Result<CheckResult, UpdateError> {
         self.refresh();
         self.ctx.shared.update(|s| {
             s.state = State::CheckingForUpdate;
@@ -275,9 +289,12 @@ impl Engine {
             (None, Some(s1)) => stage1::install(ctx, ledger, r, s1),
             _ => Ok(()),
         })?;
+        if let Some(rep) = self.ctx.shared.snapshot().last_apply {
+            self.ctx.shared.metric(|m| m.installed(&rep));
+        }
         self.ledger
             .edit(|s: &mut Reports| *s = Reports::default())?;
-        let group = ctx.cfg.group.clone();
+        let group = self.ctx.cfg.group.clone();
         self.ledger.edit(|s: &mut ChannelState| {
             if s.allow_downgrade.as_deref() == Some(group.as_str()) {
                 s.allow_downgrade = None;

@@ -8,9 +8,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::error::{io_at, UpdateError};
+use crate::metrics::WaitReason;
 use crate::policy::{decide, Decision, Lock, Strategy};
 use crate::state::{Ledger, RebootState};
-use nimbus_etcd::lock::LockError;
 
 use super::{Ctx, SlotView};
 
@@ -35,11 +35,46 @@ pub fn machine_id(root: &Path) -> Result<String, UpdateError> {
 pub struct Coordinator {
     /// No reboot before this: a pre-reboot hook failed.
     hooks_retry_at: Option<Instant>,
+    /// The last step left a staged update waiting: since when, and why
+    /// (the time until the next step is counted under that reason).
+    waiting: Option<(Instant, WaitReason)>,
+    /// Why this step waits, set where the step decides.
+    wait_reason: Option<WaitReason>,
+    /// FleetLock's steady state was reported since update-engine started.
+    steady_reported: bool,
+    /// FleetLock: failed asks in a row, and no new ask before this.
+    lock_failures: u32,
+    lock_retry_at: Option<Instant>,
+}
+
+/// FleetLock asks back off after failures: 2 s, 4 s, ... up to a minute
+/// (Zincati retries; a fleet must not hammer a struggling server).
+fn lock_backoff(failures: u32) -> Duration {
+    Duration::from_secs(2u64.saturating_pow(failures.min(6)).min(60))
 }
 
 impl Coordinator {
-    fn lock_client(ctx: &Ctx) -> Result<nimbus_etcd::lock::LockClient, LockError> {
-        nimbus_etcd::lock::LockClient::new(ctx.cfg.etcd.clone())
+    /// One step of reboot coordination (`step_inner`), with the time a
+    /// staged update spent waiting since the last step counted by reason.
+    pub fn step(
+        &mut self,
+        ctx: &Ctx,
+        ledger: &mut Ledger,
+        view: &SlotView,
+    ) -> Result<Decision, UpdateError> {
+        self.wait_reason = None;
+        let d = self.step_inner(ctx, ledger, view);
+        if let Some((since, why)) = self.waiting.take() {
+            let secs = since.elapsed().as_secs_f64();
+            ctx.shared.metric(|m| m.waited(why, secs));
+        }
+        if let (Ok(Decision::Wait { .. }), true) = (&d, view.staged().is_some()) {
+            self.waiting = Some((
+                Instant::now(),
+                self.wait_reason.unwrap_or(WaitReason::Other),
+            ));
+        }
+        d
     }
 
     /// One step of reboot coordination over the slots as they are now:
@@ -47,7 +82,7 @@ impl Coordinator {
     /// then judge strategy, window and lock for a staged update. Returns
     /// what to do; the note in the status says why when the answer is to
     /// wait.
-    pub fn step(
+    fn step_inner(
         &mut self,
         ctx: &Ctx,
         ledger: &mut Ledger,
@@ -75,6 +110,21 @@ impl Coordinator {
                 }
             }
             release_lock_if_taken(ctx, ledger);
+            // FleetLock's rule: a client reports steady state when it
+            // starts, before anything else, so a slot a host took before
+            // it lost its state file is not held forever.
+            if !undo_failed
+                && !self.steady_reported
+                && ctx.cfg.strategy == Strategy::FleetLock
+                && ledger.get().reboot.lock_taken.is_none()
+            {
+                match super::lock::for_strategy(ctx)?.map(|rl| rl.release()) {
+                    Some(Ok(_)) | None => self.steady_reported = true,
+                    Some(Err(e)) => {
+                        tracing::warn!("FleetLock steady-state: {e} (retried every step)");
+                    }
+                }
+            }
         }
         if is_staged && ctx.cfg.strategy == Strategy::Off {
             touch_reboot_required(ctx, staged.as_ref());
@@ -84,6 +134,7 @@ impl Coordinator {
         if let Some(at) = self.hooks_retry_at.filter(|_| is_staged) {
             let left = at.saturating_duration_since(Instant::now());
             if !left.is_zero() {
+                self.wait_reason = Some(WaitReason::Hook);
                 let why = format!(
                     "a pre-reboot hook failed; the reboot is tried again in {} s",
                     left.as_secs()
@@ -95,64 +146,63 @@ impl Coordinator {
         let strategy = ctx.cfg.strategy;
         let window = ctx.cfg.window;
         let mut lock = Lock::NotAsked;
-        if is_staged && strategy == Strategy::EtcdLock && window.is_none_or(|w| w.contains(now)) {
-            let id = machine_id(ctx.root())?;
-            lock = match Self::lock_client(ctx).and_then(|c| c.get()) {
-                Ok((s, _)) if s.holders.contains(&id) => Lock::Held,
-                Ok((s, _)) if s.semaphore > 0 => Lock::Free,
-                Ok((s, _)) => Lock::Full {
-                    holders: s.holders,
-                    max: s.max.max(0) as u64,
-                },
-                Err(e) => Lock::Unavailable(e.to_string()),
-            };
+        let rl = super::lock::for_strategy(ctx)?;
+        if let (true, Some(rl), true) = (is_staged, &rl, window.is_none_or(|w| w.contains(now))) {
+            lock = rl.status();
         }
         let mut d = decide(is_staged, strategy, window.as_ref(), &lock, now);
-        if d == Decision::TakeLock {
-            let id = machine_id(ctx.root())?;
-            let client = Self::lock_client(ctx);
-            // Persist the intent first: a crash right after the CAS must
+        if let (Decision::TakeLock, Some(at)) = (&d, self.lock_retry_at) {
+            let left = at.saturating_duration_since(Instant::now());
+            if !left.is_zero() {
+                self.wait_reason = Some(WaitReason::Lock);
+                return Ok(Decision::Wait {
+                    until: None,
+                    why: format!(
+                        "the reboot lock was not granted {} time(s) in a row; asking again in {} s",
+                        self.lock_failures,
+                        left.as_secs().max(1)
+                    ),
+                });
+            }
+        }
+        if let (Decision::TakeLock, Some(rl)) = (&d, &rl) {
+            // Persist the intent first: a crash right after the take must
             // still lead to a release on the next boot.
-            let key = nimbus_etcd::lock::key_for(ctx.cfg.etcd.group.as_deref());
+            let key = rl.key();
             ledger.edit(|s: &mut RebootState| s.lock_taken = Some(key.clone()))?;
-            lock = match client.and_then(|c| c.acquire(&id)) {
-                Ok(true) => {
-                    tracing::info!("reboot lock {key}: taken by {id}");
-                    Lock::Held
-                }
-                Ok(false) => Lock::Full {
-                    holders: vec!["other hosts".into()],
-                    max: 0,
-                },
-                Err(LockError::Malformed { key, reason }) => {
-                    Lock::Unavailable(format!("{key}: malformed value ({reason})"))
-                }
-                Err(e) => Lock::Unavailable(e.to_string()),
-            };
-            // Only a definite "no" clears the intent; after an error the CAS
-            // may have gone through, and a release of a slot never held is
-            // harmless, so the intent stays.
-            if matches!(lock, Lock::Full { .. }) {
+            lock = rl.acquire();
+            if lock == Lock::Held {
+                tracing::info!("reboot lock {key}: taken by {}", rl.id());
+            }
+            // Only a definite "no" clears the intent; after an error the
+            // take may have gone through, and a release of a slot never
+            // held is harmless, so the intent stays.
+            if matches!(lock, Lock::Full { .. } | Lock::Refused(_)) {
                 ledger.edit(|s: &mut RebootState| s.lock_taken = None)?;
             }
-            d = decide(is_staged, strategy, window.as_ref(), &lock, now);
-            if let (Decision::Wait { .. }, Ok((s, _))) =
-                (&d, Self::lock_client(ctx).and_then(|c| c.get()))
-            {
-                d = decide(
-                    is_staged,
-                    strategy,
-                    window.as_ref(),
-                    &Lock::Full {
-                        holders: s.holders,
-                        max: s.max.max(0) as u64,
-                    },
-                    now,
-                );
+            if strategy == Strategy::FleetLock && lock != Lock::Held {
+                self.lock_failures = self.lock_failures.saturating_add(1);
+                self.lock_retry_at = Instant::now().checked_add(lock_backoff(self.lock_failures));
+            } else {
+                self.lock_failures = 0;
+                self.lock_retry_at = None;
             }
+            d = decide(is_staged, strategy, window.as_ref(), &lock, now);
         }
         if d == Decision::Reboot {
             d = self.before_reboot(ctx, ledger, staged.map(|v| v.to_string()));
+        }
+        if self.wait_reason.is_none() && matches!(d, Decision::Wait { .. }) {
+            self.wait_reason = Some(if window.is_some_and(|w| !w.contains(now)) {
+                WaitReason::Window
+            } else if matches!(
+                lock,
+                Lock::Full { .. } | Lock::Unavailable(_) | Lock::Refused(_)
+            ) {
+                WaitReason::Lock
+            } else {
+                WaitReason::Other
+            });
         }
         if let Decision::Wait { why, .. } = &d {
             let why = why.clone();
@@ -189,6 +239,7 @@ impl Coordinator {
             }
             Err(e) => e,
         };
+        self.wait_reason = Some(WaitReason::Hook);
         tracing::warn!("{e}");
         // Another HOOK_TIMEOUT: what blocked the hook (a task with nowhere to
         // go) may clear meanwhile, and other hosts may take their turn.
@@ -227,16 +278,26 @@ fn release_lock_if_taken(ctx: &Ctx, ledger: &mut Ledger) {
     let Some(key) = ledger.get().reboot.lock_taken.clone() else {
         return;
     };
-    let id = match machine_id(ctx.root()) {
-        Ok(id) => id,
+    let rl = match super::lock::for_strategy(ctx) {
+        Ok(Some(rl)) => rl,
+        // The strategy changed since the lock was taken: the lock it took
+        // is the one to give back (an etcd key; a FleetLock server is only
+        // known while configured).
+        Ok(None) => match super::lock::etcd(ctx) {
+            Ok(rl) => rl,
+            Err(e) => {
+                tracing::warn!("reboot lock {key}: cannot release yet: {e}");
+                return;
+            }
+        },
         Err(e) => {
             tracing::warn!("reboot lock {key}: cannot release yet: {e}");
             return;
         }
     };
-    match Coordinator::lock_client(ctx).and_then(|c| c.release(&id)) {
+    match rl.release() {
         Ok(held) => {
-            tracing::info!("reboot lock {key}: released by {id} (held: {held})");
+            tracing::info!("reboot lock {key}: released by {} (held: {held})", rl.id());
             if let Err(e) = ledger.edit(|s: &mut RebootState| s.lock_taken = None) {
                 tracing::warn!("reboot lock {key}: released, but the state file: {e}");
             }
@@ -294,7 +355,7 @@ fn run_hooks(
     // (Not `now - 10 s`: the monotonic clock starts at boot, and an
     // Instant before it panics.)
     let mut last_shown: Option<Instant> = None;
-    let r = crate::hooks::run_all(ctx.root(), kind, &env, ctx.cfg.hook_timeout, &mut |run| {
+    let mut progress = |run: &crate::hooks::Running<'_>| {
         // Once a second is plenty for `updatectl status`.
         if last_shown.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
             last_shown = Some(Instant::now());
@@ -304,6 +365,18 @@ fn run_hooks(
                 s.hook = Some(line);
             });
         }
+    };
+    // `hooks::run_all`'s loop, with each hook's outcome counted.
+    let r = crate::hooks::discover(ctx.root(), kind).and_then(|hooks| {
+        for h in &hooks {
+            tracing::info!("{kind} hook {}: running {}", h.name, h.path.display());
+            let r = crate::hooks::run(kind, h, &env, ctx.cfg.hook_timeout, &mut progress);
+            ctx.shared
+                .metric(|m| m.hook(kind.name(), &h.name, r.is_ok()));
+            r?;
+            tracing::info!("{kind} hook {}: done", h.name);
+        }
+        Ok(hooks.len())
     });
     ctx.shared.update(|s| s.hook = None);
     r.map(|n| {

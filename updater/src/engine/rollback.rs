@@ -59,6 +59,8 @@ pub fn detect(ctx: &Ctx, trust: &TrustView, ledger: &mut Ledger) -> Result<(), U
         ledger.edit(|s: &mut ChannelState| s.remember_failed(v))?;
     }
     ledger.edit(|s: &mut Reports| s.rollback = Some(rb))?;
+    ctx.shared
+        .metric(|m| m.rollbacks = m.rollbacks.saturating_add(1));
     let mut disk = host.storage.gpt(true)?;
     disk.update_slots(|t| slots::invalidate(t, n))?;
     if record.is_some() {

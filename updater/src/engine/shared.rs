@@ -7,11 +7,15 @@ use std::time::Duration;
 
 use chrono::Utc;
 
+use crate::metrics::Metrics;
 use crate::status::Status;
 
 /// What API threads share with the engine.
 pub struct Shared {
     pub status: Mutex<Status>,
+    /// The counters behind the metrics socket; state changes are counted
+    /// here in `update`, the rest by the owners that see them.
+    pub metrics: Mutex<Metrics>,
     pub changed: Condvar,
     pub seq: AtomicU64,
     pub cancel: AtomicBool,
@@ -21,6 +25,10 @@ impl Shared {
     pub fn new() -> Shared {
         Shared {
             status: Mutex::new(Status::new()),
+            metrics: Mutex::new(Metrics {
+                started: Some(Utc::now()),
+                ..Metrics::default()
+            }),
             changed: Condvar::new(),
             seq: AtomicU64::new(0),
             cancel: AtomicBool::new(false),
@@ -39,9 +47,35 @@ impl Shared {
             Ok(s) => s,
             Err(p) => p.into_inner(),
         };
+        let before = s.state;
         f(&mut s);
+        if s.state != before {
+            self.metric(|m| {
+                m.state_changes = m.state_changes.saturating_add(1);
+                m.state_since = Some(Utc::now());
+            });
+        }
         self.seq.fetch_add(1, Ordering::SeqCst);
         self.changed.notify_all();
+    }
+
+    /// Change the counters.
+    pub fn metric(&self, f: impl FnOnce(&mut Metrics)) {
+        let mut m = match self.metrics.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        f(&mut m);
+    }
+
+    /// The metrics text: the counters and the status now.
+    pub fn render_metrics(&self) -> String {
+        let status = self.snapshot();
+        let m = match self.metrics.lock() {
+            Ok(m) => m.clone(),
+            Err(p) => p.into_inner().clone(),
+        };
+        crate::metrics::render(&status, &m)
     }
 }
 
