@@ -302,21 +302,10 @@ impl LockClient {
     /// The semaphore and the key's mod_revision (0 when the key is absent:
     /// a fresh cluster starts with max 1 and no holders).
     pub fn get(&self) -> Result<(Semaphore, i64), LockError> {
-        let v = self.post("/v3/kv/range", &json!({"key": B64.encode(&self.key)}))?;
-        let Some(kv) = v["kvs"].as_array().and_then(|a| a.first()) else {
-            return Ok((Semaphore::default(), 0));
-        };
-        let raw = B64
-            .decode(kv["value"].as_str().unwrap_or(""))
-            .map_err(|e| LockError::Malformed {
-                key: self.key.clone(),
-                reason: format!("not base64 from etcd: {e}"),
-            })?;
-        let rev: i64 = kv["mod_revision"]
-            .as_str()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        Ok((parse_value(&self.key, &raw)?, rev))
+        match self.get_with_revision(&self.key)? {
+            Some((raw, rev)) => Ok((parse_value(&self.key, &raw)?, rev)),
+            None => Ok((Semaphore::default(), 0)),
+        }
     }
 
     /// Write `s` if the key is still at `rev`; false when someone else won.

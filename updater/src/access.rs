@@ -71,6 +71,18 @@ pub fn of_peer(peer_uid: u32, peer_gid: u32) -> Access {
     decide(peer_uid, peer_gid, name.as_deref(), own, admin.as_ref())
 }
 
+/// The same rule for a uid alone (a D-Bus caller, whose uid the bus daemon
+/// reports): its primary group comes from the user database; an unknown
+/// uid has no group that could grant more.
+pub fn of_uid(uid: u32) -> Access {
+    use nix::unistd::{Uid, User};
+    let gid = match User::from_uid(Uid::from_raw(uid)) {
+        Ok(Some(u)) => u.gid.as_raw(),
+        _ => u32::MAX,
+    };
+    of_peer(uid, gid)
+}
+
 /// Strip `user:password@` from every URL in `s`: a SERVER or an error
 /// message may carry credentials, and a reader who is not an admin must
 /// not learn them.

@@ -47,6 +47,9 @@ pub enum Request {
     Cancel,
     Rollback,
     MarkGood,
+    /// Back to idle: clear a reported error or undo a staged update (D-Bus
+    /// `ResetStatus`).
+    ResetStatus,
 }
 
 impl Request {
@@ -69,6 +72,7 @@ impl Request {
             Request::Cancel => "cancel",
             Request::Rollback => "rollback",
             Request::MarkGood => "mark-good",
+            Request::ResetStatus => "reset-status",
         }
     }
 }

@@ -15,6 +15,7 @@ pub mod api;
 pub mod apply;
 pub mod choose;
 pub mod config;
+pub mod dbus;
 pub mod delta;
 pub mod engine;
 pub mod error;

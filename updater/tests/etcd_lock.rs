@@ -5,127 +5,31 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use nimbus::layout::Slot;
 use support::etcd::Etcd;
-use support::{Fixture, UPDATECTL};
+use support::reboot::{now_secs, wait_exit, RebootHost};
+use support::UPDATECTL;
 
 use nimbus::etcd_keys::REBOOT_LOCK as KEY;
 
-fn now_secs() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock")
-        .as_secs_f64()
-}
-
-struct Host {
-    f: Fixture,
-    name: String,
-    sock: PathBuf,
-    reboots: PathBuf,
-}
-
-impl Host {
-    fn new(name: &str, etcd: &str, extra_conf: &str) -> Host {
-        let f = Fixture::new(3, 32);
-        std::fs::write(f.root.join("etc/machine-id"), format!("{name}\n")).expect("machine-id");
-        std::fs::write(
-            f.root.join(nimbus::paths::UPDATE_CONF_ETC),
-            format!(
-                "GROUP=stable\nSERVER={}\nIO_WRITE_BPS=unlimited\nREBOOT_STRATEGY=etcd-lock\nETCD_ENDPOINTS={etcd}\n{extra_conf}",
-                f.httpd.url()
-            ),
-        )
-        .expect("conf");
-        let sock = f.tmp.path().join("ue.sock");
-        let reboots = f.tmp.path().join("reboots");
-        Host {
-            f,
-            name: name.into(),
-            sock,
-            reboots,
-        }
-    }
-
-    fn daemon(&self) -> Child {
-        let _ = std::fs::remove_file(&self.sock);
-        let hook = format!("date +%s.%N >> {}", self.reboots.display());
-        self.f
-            .engine(&[
-                "--socket",
-                self.sock.to_str().expect("utf8"),
-                "--first-check",
-                "0",
-                "--reboot-poll",
-                "1",
-                "--reboot-command",
-                &hook,
-                "--connect-timeout",
-                "1",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("daemon")
-    }
-
-    fn reboot_times(&self) -> Vec<f64> {
-        std::fs::read_to_string(&self.reboots)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.trim().parse().ok())
-            .collect()
-    }
-
-    fn ctl(&self, args: &[&str]) -> std::process::Output {
-        Command::new(UPDATECTL)
-            .arg("--socket")
-            .arg(&self.sock)
-            .args(args)
-            .output()
-            .expect("updatectl")
-    }
-
-    fn wait_socket(&self) {
-        let t0 = Instant::now();
-        while !self.sock.exists() {
-            assert!(
-                t0.elapsed() < Duration::from_secs(30),
-                "{}: no socket",
-                self.name
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn lock_taken(&self) -> bool {
-        !self.f.state()["lock_taken"].is_null()
-    }
-}
-
-fn wait_exit(c: &mut Child, limit: Duration, what: &str) {
-    let t0 = Instant::now();
-    loop {
-        if c.try_wait().expect("wait").is_some() {
-            return;
-        }
-        if t0.elapsed() > limit {
-            let _ = c.kill();
-            panic!("{what}: still running after {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+/// A host under the etcd lock; its machine-id is its name.
+fn host(name: &str, etcd: &str, extra_conf: &str) -> RebootHost {
+    RebootHost::new(
+        name,
+        name,
+        &format!("REBOOT_STRATEGY=etcd-lock\nETCD_ENDPOINTS={etcd}\n{extra_conf}"),
+    )
 }
 
 /// Update, wait for the lock, "reboot", come back, pass the health check,
 /// give the lock back. Returns (reboot time, marked-good time).
-fn lifecycle(h: &Host) -> (f64, f64) {
-    let mut d = h.daemon();
+fn lifecycle(h: &RebootHost) -> (f64, f64) {
+    let mut d = h.daemon("0");
     wait_exit(
         &mut d,
         Duration::from_secs(120),
@@ -137,7 +41,7 @@ fn lifecycle(h: &Host) -> (f64, f64) {
         .unwrap_or_else(|| panic!("{}: exited without rebooting", h.name));
     // The "boot": host mode picks the slot the boot rule would, now USR-B.
     std::thread::sleep(Duration::from_millis(300));
-    let mut d = h.daemon();
+    let mut d = h.daemon("0");
     h.wait_socket();
     std::thread::sleep(Duration::from_millis(300));
     let out = h.ctl(&["mark-good"]);
@@ -170,9 +74,9 @@ fn three_hosts_one_at_a_time_and_etcd_outage_makes_them_wait() {
     let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tmp");
     let etcd = Arc::new(Mutex::new(Etcd::start(tmp.path().join("etcd"))));
     let url = etcd.lock().expect("etcd").url();
-    let hosts: Vec<Host> = ["m1", "m2", "m3"]
+    let hosts: Vec<RebootHost> = ["m1", "m2", "m3"]
         .iter()
-        .map(|n| Host::new(n, &url, ""))
+        .map(|n| host(n, &url, ""))
         .collect();
 
     let outage: Arc<Mutex<Option<(f64, f64)>>> = Arc::default();
@@ -248,12 +152,12 @@ fn a_host_back_outside_its_window_still_releases_the_lock() {
     let open = (chrono::Local::now() - chrono::Duration::minutes(1))
         .format("%H:%M")
         .to_string();
-    let h = Host::new(
+    let h = host(
         "w1",
         &etcd.url(),
         &format!("REBOOT_WINDOW_START={open}\nREBOOT_WINDOW_LENGTH=1h\n"),
     );
-    let mut d = h.daemon();
+    let mut d = h.daemon("0");
     wait_exit(&mut d, Duration::from_secs(120), "reboot inside the window");
     assert!(h.lock_taken());
     assert!(etcd.get(KEY).contains("w1"));
@@ -267,7 +171,7 @@ fn a_host_back_outside_its_window_still_releases_the_lock() {
         &format!("REBOOT_WINDOW_START={closed}"),
     );
     std::fs::write(&conf, text).expect("conf");
-    let mut d = h.daemon();
+    let mut d = h.daemon("0");
     h.wait_socket();
     assert!(h.ctl(&["mark-good"]).status.success());
     let t0 = Instant::now();
@@ -283,15 +187,15 @@ fn a_host_back_outside_its_window_still_releases_the_lock() {
     assert!(!etcd.get(KEY).contains("w1"), "{}", etcd.get(KEY));
 }
 
-fn status_note(h: &Host) -> String {
+fn status_note(h: &RebootHost) -> String {
     let st = h.ctl(&["status", "--json"]);
     let st: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap_or_default();
     format!("{} {}", st["note"].as_str().unwrap_or(""), st["state"])
 }
 
 /// Run the daemon until its status note says `want`; assert it never rebooted.
-fn waits_with(h: &Host, want: &str) {
-    let mut d = h.daemon();
+fn waits_with(h: &RebootHost, want: &str) {
+    let mut d = h.daemon("0");
     h.wait_socket();
     let t0 = Instant::now();
     let note = loop {
@@ -332,14 +236,14 @@ fn bad_etcd_inputs_mean_no_reboot_and_no_lost_lock() {
         .local_addr()
         .expect("addr")
         .port();
-    let h = Host::new("u1", &format!("http://127.0.0.1:{port}"), "");
+    let h = host("u1", &format!("http://127.0.0.1:{port}"), "");
     waits_with(&h, "cannot reach etcd");
 
     // A malformed semaphore value: reported, never overwritten.
     let etcd = Etcd::start(tmp.path().join("etcd"));
     let junk = r#"{"semaphore":0,"max":1,"holders":["other-host"],"extra":"#;
     etcd.ctl(&["put", KEY, junk]);
-    let h = Host::new("b1", &etcd.url(), "");
+    let h = host("b1", &etcd.url(), "");
     waits_with(&h, "malformed");
     assert_eq!(etcd.get(KEY), junk, "the value is left for a human");
 
@@ -349,21 +253,21 @@ fn bad_etcd_inputs_mean_no_reboot_and_no_lost_lock() {
         KEY,
         r#"{"semaphore":0,"max":1,"holders":["other-host"]}"#,
     ]);
-    let h = Host::new("b2", &etcd.url(), "");
+    let h = host("b2", &etcd.url(), "");
     waits_with(&h, "held by other-host");
     assert!(etcd.get(KEY).contains("other-host"));
 
     // Bad credentials on an etcd with auth enabled.
     etcd.ctl(&["user", "add", "root:rootpw"]);
     etcd.ctl(&["auth", "enable"]);
-    let h = Host::new(
+    let h = host(
         "b3",
         &etcd.url(),
         "ETCD_USERNAME=root\nETCD_PASSWORD=wrong\n",
     );
     waits_with(&h, "authentication failed");
     // With the right password the same host gets through to the lock.
-    let ok = Host::new(
+    let ok = host(
         "b4",
         &etcd.url(),
         "ETCD_USERNAME=root\nETCD_PASSWORD=rootpw\n",

@@ -7,20 +7,11 @@
 
 mod support;
 
-use std::path::PathBuf;
-use std::process::{Child, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use nimbus::layout::Slot;
 use support::etcd::Etcd;
-use support::Fixture;
-
-fn now_secs() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock")
-        .as_secs_f64()
-}
+use support::reboot::{now_secs, wait_exit, wait_for, RebootHost};
 
 struct Lock {
     _etcd: Etcd,
@@ -94,107 +85,33 @@ impl Drop for Lock {
     }
 }
 
+/// A host of the fleet: its node id is what the server sees.
 struct Host {
-    f: Fixture,
-    name: String,
+    h: RebootHost,
     node_id: String,
-    sock: PathBuf,
-    reboots: PathBuf,
+}
+
+impl std::ops::Deref for Host {
+    type Target = RebootHost;
+    fn deref(&self) -> &RebootHost {
+        &self.h
+    }
 }
 
 impl Host {
     fn new(n: u8, lock: &Lock, group: &str) -> Host {
-        let f = Fixture::new(3, 32);
         let mid = format!("0123456789abcdef0123456789abcd{n:02x}");
-        std::fs::write(f.root.join("etc/machine-id"), format!("{mid}\n")).expect("machine-id");
-        std::fs::write(
-            f.root.join(nimbus::paths::UPDATE_CONF_ETC),
-            format!(
-                "GROUP=stable\nSERVER={}\nIO_WRITE_BPS=unlimited\nREBOOT_STRATEGY=fleetlock\nFLEETLOCK_URL={}\nFLEETLOCK_GROUP={group}\n",
-                f.httpd.url(),
-                lock.url
-            ),
-        )
-        .expect("conf");
-        let sock = f.tmp.path().join("ue.sock");
-        let reboots = f.tmp.path().join("reboots");
         Host {
-            f,
-            name: format!("h{n}"),
+            h: RebootHost::new(
+                &format!("h{n}"),
+                &mid,
+                &format!(
+                    "REBOOT_STRATEGY=fleetlock\nFLEETLOCK_URL={}\nFLEETLOCK_GROUP={group}\n",
+                    lock.url
+                ),
+            ),
             node_id: nimbus::fleetlock::node_id(&mid).expect("node id"),
-            sock,
-            reboots,
         }
-    }
-
-    fn daemon(&self, first_check: &str) -> Child {
-        let _ = std::fs::remove_file(&self.sock);
-        let hook = format!("date +%s.%N >> {}", self.reboots.display());
-        self.f
-            .engine(&[
-                "--socket",
-                self.sock.to_str().expect("utf8"),
-                "--first-check",
-                first_check,
-                "--reboot-poll",
-                "1",
-                "--reboot-command",
-                &hook,
-                "--connect-timeout",
-                "1",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("daemon")
-    }
-
-    fn reboot_times(&self) -> Vec<f64> {
-        std::fs::read_to_string(&self.reboots)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.trim().parse().ok())
-            .collect()
-    }
-
-    fn ctl(&self, args: &[&str]) -> std::process::Output {
-        std::process::Command::new(support::UPDATECTL)
-            .arg("--socket")
-            .arg(&self.sock)
-            .args(args)
-            .output()
-            .expect("updatectl")
-    }
-
-    fn wait_socket(&self) {
-        wait_for(
-            &format!("{}: socket", self.name),
-            Duration::from_secs(30),
-            || self.sock.exists(),
-        );
-    }
-
-    fn lock_taken(&self) -> bool {
-        !self.f.state()["lock_taken"].is_null()
-    }
-}
-
-fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !f() {
-        assert!(t0.elapsed() < limit, "{what}: not within {limit:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn wait_exit(c: &mut Child, limit: Duration, what: &str) {
-    let t0 = Instant::now();
-    while c.try_wait().expect("wait").is_none() {
-        if t0.elapsed() > limit {
-            let _ = c.kill();
-            panic!("{what}: still running after {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

@@ -8,19 +8,27 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use nimbus::layout::Slot;
 use support::etcd::Etcd;
-use support::{boot_rule, Fixture, UPDATECTL};
+use support::reboot::RebootHost;
+use support::{boot_rule, UPDATECTL};
 
 use nimbus::etcd_keys::REBOOT_LOCK as KEY;
 
+/// The host, its hooks' and reboots' lines in one log, in order.
 struct Host {
-    f: Fixture,
-    sock: PathBuf,
+    h: RebootHost,
     log: PathBuf,
+}
+
+impl std::ops::Deref for Host {
+    type Target = RebootHost;
+    fn deref(&self) -> &RebootHost {
+        &self.h
+    }
 }
 
 /// A hook that appends one line to `log`: its kind, the versions, whether
@@ -45,41 +53,18 @@ fn hook(root: &Path, kind: &str, name: &str, log: &Path, extra: &str) {
 
 impl Host {
     fn new(etcd: &str, extra_conf: &str) -> Host {
-        let f = Fixture::new(3, 32);
-        std::fs::write(f.root.join("etc/machine-id"), "hooked\n").expect("machine-id");
-        std::fs::write(
-            f.root.join(nimbus::paths::UPDATE_CONF_ETC),
-            format!(
-                "GROUP=stable\nSERVER={}\nIO_WRITE_BPS=unlimited\nREBOOT_STRATEGY=etcd-lock\nETCD_ENDPOINTS={etcd}\n{extra_conf}",
-                f.httpd.url()
-            ),
-        )
-        .expect("conf");
-        let sock = f.tmp.path().join("ue.sock");
-        let log = f.tmp.path().join("hooks.log");
-        Host { f, sock, log }
+        let h = RebootHost::new(
+            "hooked",
+            "hooked",
+            &format!("REBOOT_STRATEGY=etcd-lock\nETCD_ENDPOINTS={etcd}\n{extra_conf}"),
+        );
+        let log = h.f.tmp.path().join("hooks.log");
+        Host { h, log }
     }
 
     fn daemon(&self) -> Child {
-        let _ = std::fs::remove_file(&self.sock);
-        let reboot = format!("echo reboot >> {}", self.log.display());
-        self.f
-            .engine(&[
-                "--socket",
-                self.sock.to_str().expect("utf8"),
-                "--first-check",
-                "0",
-                "--reboot-poll",
-                "1",
-                "--reboot-command",
-                &reboot,
-                "--connect-timeout",
-                "1",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("daemon")
+        self.h
+            .daemon_rebooting_with("0", &format!("echo reboot >> {}", self.log.display()))
     }
 
     fn log(&self) -> Vec<String> {
@@ -113,18 +98,6 @@ impl Host {
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn wait_socket(&self) {
-        let t0 = Instant::now();
-        while !self.sock.exists() {
-            assert!(t0.elapsed() < Duration::from_secs(30), "no socket");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn lock_taken(&self) -> bool {
-        !self.f.state()["lock_taken"].is_null()
     }
 }
 

@@ -374,6 +374,13 @@ pub fn prepare(a: BuildImage) -> anyhow::Result<BuildOptions> {
             });
         }
     }
+    // The system bus's policy for update-engine's D-Bus name: the bus
+    // refuses to let root own com.coreos.update1 without it.
+    opts.installs.push(Install {
+        dest: "/usr/share/dbus-1/system.d/com.coreos.update1.conf".into(),
+        source: root.join("updater/dbus/com.coreos.update1.conf"),
+        mode: 0o644,
+    });
     // Run by systemd-shutdown just before the kernel reboots.
     for (rel, source) in files_under(&root.join("image/system-shutdown"))? {
         opts.installs.push(Install {

@@ -53,6 +53,10 @@ pub struct ClusterConfigArgs {
     /// The release channel.
     #[arg(long, default_value = "stable")]
     pub group: String,
+    /// Reboot through this FleetLock server (nimbus-fleetlock or airlock)
+    /// instead of locksmith's semaphore in the cluster's etcd.
+    #[arg(long, value_name = "URL")]
+    pub fleetlock_url: Option<String>,
     /// The certificates' lifetime in days.
     #[arg(long, default_value_t = 3650, value_parser = clap::value_parser!(u32).range(1..=36500))]
     pub days: u32,
@@ -247,6 +251,9 @@ pub struct Site {
     pub units: String,
     /// Extra keys under `nimbus:`, indented as such.
     pub nimbus: String,
+    /// Reboot through this FleetLock server (REBOOT_STRATEGY=fleetlock)
+    /// rather than locksmith's semaphore in the cluster's etcd.
+    pub fleetlock_url: Option<String>,
 }
 
 /// A YAML single-quoted scalar (no escapes but the quote doubled).
@@ -364,8 +371,14 @@ pub fn user_data(members: &[Member], i: usize, pki: &Pki, site: &Site) -> anyhow
     if let Some(s) = &site.server {
         let _ = writeln!(y, "    server: {}", quoted(s));
     }
-    y.push_str("    reboot-strategy: etcd-lock\n");
+    y.push_str(match site.fleetlock_url {
+        Some(_) => "    reboot-strategy: fleetlock\n",
+        None => "    reboot-strategy: etcd-lock\n",
+    });
     y.push_str("  locksmith:\n");
+    if let Some(u) = &site.fleetlock_url {
+        let _ = writeln!(y, "    fleetlock_url: {}", quoted(u));
+    }
     let _ = writeln!(y, "    endpoint: {}", endpoints.join(","));
     let _ = writeln!(y, "    etcd_cafile: {HOST_CA}");
     let _ = writeln!(y, "    etcd_certfile: {HOST_CERT}");
@@ -471,6 +484,7 @@ pub fn run(a: &ClusterConfigArgs) -> anyhow::Result<()> {
         ssh_keys,
         server: a.server.clone(),
         group: a.group.clone(),
+        fleetlock_url: a.fleetlock_url.clone(),
         ..Site::default()
     };
     let mut docs = Vec::new();
@@ -623,6 +637,27 @@ mod tests {
     }
 
     #[test]
+    fn a_fleetlock_site_reboots_through_its_server() {
+        let m = three();
+        let pki = make_pki(&m, 30).unwrap();
+        let site = Site {
+            server: Some("https://updates.example.com/".into()),
+            group: "stable".into(),
+            fleetlock_url: Some("https://lock.example.com:3333".into()),
+            ..Site::default()
+        };
+        let ud = user_data(&m, 0, &pki, &site).unwrap();
+        let problems = validate(&ud);
+        assert!(problems.is_empty(), "{problems:#?}\n{ud}");
+        assert!(ud.contains("reboot-strategy: fleetlock"), "{ud}");
+        assert!(
+            ud.contains("fleetlock_url: 'https://lock.example.com:3333'"),
+            "{ud}"
+        );
+        assert!(!ud.contains("etcd-lock"), "{ud}");
+    }
+
+    #[test]
     fn out_must_be_new_and_keys_are_private() {
         use std::os::unix::fs::PermissionsExt;
         let d = tempfile::tempdir().unwrap();
@@ -632,6 +667,7 @@ mod tests {
             ssh_key: None,
             server: None,
             group: "beta".into(),
+            fleetlock_url: None,
             days: 10,
         };
         run(&a).unwrap();

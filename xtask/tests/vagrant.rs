@@ -195,7 +195,8 @@ fn stock_vagrant_up_halt_up_ssh_destroy() {
     ]));
     assert!(out.contains("USR-A"), "updatectl status as vagrant: {out}");
     assert!(
-        out.contains("exit=77") && out.contains("needs root or membership of the group nimbus-admin"),
+        out.contains("exit=77")
+            && out.contains("needs root or membership of the group nimbus-admin"),
         "updatectl check as vagrant: {out}"
     );
     // The insecure key is gone from the guest; Vagrant's own is there.

@@ -75,6 +75,13 @@ pub(super) fn customize(
         &root.join("usr/lib/systemd/journald.conf.d/10-nimbus.conf"),
         b"# Nimbus default: a persistent journal on ROOT, capped.\n[Journal]\nStorage=persistent\nSystemMaxUse=64M\n",
     )?;
+    // The group whose members may steer update-engine like root (updatectl's
+    // changes, D-Bus's AttemptUpdate: updater/src/access.rs), made by
+    // systemd-sysusers on the first boot; the D-Bus policy names it.
+    w(
+        &root.join("usr/lib/sysusers.d/nimbus.conf"),
+        b"# Nimbus: members may steer update-engine (docs/update-engine.md).\ng nimbus-admin -\n",
+    )?;
     // Networking: DHCP on every wired NIC through systemd-networkd (in the
     // systemd package), so update-engine reaches its server on first boot.
     // Operators override it with a .network file in /etc/systemd/network.

@@ -41,6 +41,10 @@ struct Cli {
     /// The metrics socket (default: ROOT/run/nimbus/metrics.promsock).
     #[arg(long, value_name = "PATH")]
     metrics_socket: Option<PathBuf>,
+    /// Also serve Flatcar's D-Bus interface (com.coreos.update1) on this
+    /// bus: `system`, or an address (unix:path=...).
+    #[arg(long, value_name = "BUS")]
+    dbus: Option<nimbus_updater::dbus::Bus>,
     /// Seconds between checks (a tenth of it is random jitter).
     #[arg(long, default_value_t = 3600)]
     interval: u64,
@@ -235,6 +239,18 @@ fn daemon(cli: Cli, mut engine: Engine, shared: Arc<Shared>) -> Result<ExitCode,
         .clone()
         .unwrap_or_else(|| cli.root.join(api::SOCKET_PATH));
     let (tx, rx) = channel::<Command>();
+    // Updates go on without the bus: a D-Bus that is down or refuses the
+    // name costs FLUO and exporters their view, never the host its updates.
+    let _dbus = match &cli.dbus {
+        Some(bus) => match nimbus_updater::dbus::serve(bus, shared.clone(), tx.clone()) {
+            Ok(served) => Some(served),
+            Err(e) => {
+                tracing::error!("{e}; going on without the D-Bus interface");
+                None
+            }
+        },
+        None => None,
+    };
     api::serve(&sock, shared.clone(), tx).map_err(|e| UpdateError::Io {
         path: sock.clone(),
         source: e,
@@ -313,6 +329,10 @@ fn daemon(cli: Cli, mut engine: Engine, shared: Arc<Shared>) -> Result<ExitCode,
                 } else {
                     engine.mark_good()
                 }
+            }
+            Request::ResetStatus => {
+                next_tick = Instant::now();
+                engine.reset_status()
             }
             Request::Status | Request::Watch | Request::Cancel => Ok(String::new()),
         };

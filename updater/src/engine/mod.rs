@@ -369,6 +369,37 @@ impl Engine {
         Ok(format!("partition {target} boots next"))
     }
 
+    /// D-Bus `ResetStatus`, as Flatcar's: from an error back to idle; from
+    /// a staged update, undo it (the staged slot made unbootable, so the
+    /// booted one stays first and no reboot is wanted). A later check may
+    /// offer and install the same version again.
+    pub fn reset_status(&mut self) -> Result<String, UpdateError> {
+        let view = self.slots()?;
+        let msg = match view.staged() {
+            Some(v) => {
+                let passive = view.passive()?;
+                let mut disk = self.ctx.host.storage.gpt(true)?;
+                disk.update_slots(|t| slots::invalidate(t, passive))?;
+                let flag = self.ctx.host.root.join(nimbus::paths::REBOOT_REQUIRED);
+                if let Err(e) = std::fs::remove_file(&flag) {
+                    if e.kind() != std::io::ErrorKind::NotFound {
+                        tracing::warn!("{}: {e}", flag.display());
+                    }
+                }
+                format!("{v} unstaged: partition {passive} will not boot")
+            }
+            None => "idle".to_string(),
+        };
+        self.ctx.shared.update(|s| {
+            s.state = State::Idle;
+            s.progress = None;
+            s.new_version = None;
+        });
+        self.refresh();
+        tracing::info!("reset: {msg}");
+        Ok(msg)
+    }
+
     pub fn mark_good(&mut self) -> Result<String, UpdateError> {
         let booted = self.ctx.host.booted;
         let mut disk = self.ctx.host.storage.gpt(true)?;

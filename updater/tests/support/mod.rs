@@ -11,6 +11,8 @@ pub use nimbus_testkit::httpd;
 
 use nimbus_testkit::host;
 
+pub mod reboot;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

@@ -4,7 +4,7 @@
 
 use super::host::Host;
 use super::look::{
-    availability, boots, holder_index, machine_ids, probe_targets, running_on, tasks_on, wait_for,
+    availability, boots, holder_index, lock_ids, probe_targets, running_on, tasks_on, wait_for,
 };
 use super::probe::{http, probe_web, Probe, Tally};
 use super::{step, ClusterArgs, Publish, HOOK_TIMEOUT_S};
@@ -50,7 +50,7 @@ pub(super) fn gathered_drain(hosts: &[Host], t0: &Instant) -> anyhow::Result<Str
         t0,
         &format!("service web: all 3 replicas gathered on {}", h0.name),
     );
-    let probe = Probe::start(&probe_targets(hosts), &machine_ids(hosts));
+    let probe = Probe::start(&probe_targets(hosts), &lock_ids(hosts));
     let t = Instant::now();
     let out = h0
         .ssh
@@ -252,7 +252,7 @@ pub(super) fn fault_bad_health(
     broken: &Path,
     t0: &Instant,
 ) -> anyhow::Result<()> {
-    let probe = Probe::start(&probe_targets(hosts), &machine_ids(hosts));
+    let probe = Probe::start(&probe_targets(hosts), &lock_ids(hosts));
     publish(broken)?;
     step(t0, "bad-health: published 1.2.0, whose health check fails");
     let mut rolled = None;

@@ -149,8 +149,10 @@ pub(super) fn user_data(
     pki: &Pki,
     repo_port: u16,
     ssh_key: &str,
+    fleetlock_url: Option<&str>,
 ) -> anyhow::Result<String> {
     let site = Site {
+        fleetlock_url: fleetlock_url.map(str::to_string),
         ssh_keys: vec![ssh_key.to_string()],
         server: Some(format!("http://10.0.2.2:{repo_port}")),
         group: "stable".into(),
@@ -241,7 +243,8 @@ pub(super) struct Host {
     pub(super) switch_local: u16,
     pub(super) switch_port: u16,
     /// /etc/machine-id: the host's name in the reboot lock.
-    pub(super) machine_id: String,
+    /// The host's name among the lock's holders (look::lock_id).
+    pub(super) lock_id: String,
     pub(super) vm: Option<qemu::Vm>,
 }
 

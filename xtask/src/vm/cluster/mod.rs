@@ -50,8 +50,8 @@ use anyhow::{bail, Context};
 use faults::{fault_bad_health, fault_drain_timeout, fault_kill_holder, gathered_drain};
 use host::{free_port, members, name, switch, user_data, web_image, Host};
 use look::{
-    all_healthy, boots, etcd_members, fmt_nodes, lock_holders, machine_ids, mem_used_mib, node_ls,
-    probe_targets, wait_converged, wait_for,
+    all_healthy, boots, etcd_members, fmt_nodes, lock_holders, lock_ids, mem_used_mib, node_ls,
+    probe_targets, wait_converged, wait_for, LockKind,
 };
 use probe::{http, probe_web, Probe, Tally};
 use std::net::{TcpListener, UdpSocket};
@@ -89,6 +89,11 @@ pub struct ClusterArgs {
     /// and the command exits 1 with its diagnostics so far.
     #[arg(long, default_value_t = 40)]
     pub deadline_minutes: u64,
+    /// The reboot lock: locksmith's etcd semaphore (REBOOT_STRATEGY=etcd-lock),
+    /// or FleetLock against nimbus-fleetlock, which the harness runs on
+    /// the hosts' etcd (REBOOT_STRATEGY=fleetlock).
+    #[arg(long, value_enum, default_value_t = LockKind::Etcd)]
+    pub lock: LockKind,
 }
 
 /// When the whole run must be over (`--deadline-minutes`).
@@ -102,6 +107,7 @@ fn remaining() -> Duration {
 }
 
 pub fn run(a: ClusterArgs) -> anyhow::Result<ExitCode> {
+    look::set_lock_kind(a.lock);
     if a.hosts < 3 {
         bail!(
             "--hosts {}: at least 3 (etcd and the swarm managers keep quorum while one reboots)",
@@ -226,6 +232,15 @@ fn story(a: &ClusterArgs, work: &Path) -> anyhow::Result<()> {
     probe::use_tls(&pki)?;
     let mut hosts = Vec::new();
     let mut locals = Vec::new();
+    // FleetLock: the server's port is chosen now, for the user-data; it
+    // starts once the hosts' etcd ports are known.
+    let fleetlock_port = match a.lock {
+        LockKind::Fleetlock => Some(free_port()?),
+        LockKind::Etcd => None,
+    };
+    // The guests reach this machine's loopback as 10.0.2.2 (QEMU's user
+    // network), like the repository server.
+    let fleetlock_url = fleetlock_port.map(|p| format!("http://10.0.2.2:{p}"));
     for i in 0..n_hosts {
         let dir = work.join(name(i));
         std::fs::create_dir_all(&dir)?;
@@ -239,7 +254,17 @@ fn story(a: &ClusterArgs, work: &Path) -> anyhow::Result<()> {
             bail!("cp {}", disk.display());
         }
         let ud = dir.join("user-data");
-        std::fs::write(&ud, user_data(&members, i, &pki, repo_port, pubkey.trim())?)?;
+        std::fs::write(
+            &ud,
+            user_data(
+                &members,
+                i,
+                &pki,
+                repo_port,
+                pubkey.trim(),
+                fleetlock_url.as_deref(),
+            )?,
+        )?;
         let local = UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port();
         locals.push(local);
         hosts.push(Host {
@@ -253,10 +278,14 @@ fn story(a: &ClusterArgs, work: &Path) -> anyhow::Result<()> {
             web_port: free_port()?,
             switch_local: local,
             switch_port: 0,
-            machine_id: String::new(),
+            lock_id: String::new(),
             vm: None,
         });
     }
+    let _fleetlock = match fleetlock_port {
+        Some(port) => Some(start_fleetlock(work, port, &pki, &hosts)?),
+        None => None,
+    };
     // A stranger on the hosts' network: one more port on the switch.
     let stranger = intruder::Intruder::new()?;
     locals.push(stranger.local);
@@ -300,6 +329,61 @@ fn story(a: &ClusterArgs, work: &Path) -> anyhow::Result<()> {
         h.kill();
     }
     r
+}
+
+/// nimbus-fleetlock, in this process, as an operator would run it beside
+/// the cluster: airlock's semaphore in the hosts' etcd, reached through
+/// their forwarded client ports with the operator's certificate.
+fn start_fleetlock(
+    work: &Path,
+    port: u16,
+    pki: &crate::cluster_config::Pki,
+    hosts: &[Host],
+) -> anyhow::Result<FleetlockServer> {
+    let dir = work.join("fleetlock");
+    std::fs::create_dir_all(&dir)?;
+    let ca = dir.join("ca.pem");
+    let cert = dir.join("admin.pem");
+    let key = dir.join("admin-key.pem");
+    std::fs::write(&ca, &pki.ca.cert)?;
+    std::fs::write(&cert, &pki.admin.cert)?;
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&key)
+            .with_context(|| key.display().to_string())?;
+        f.write_all(pki.admin.key.as_bytes())?;
+    }
+    let endpoints: Vec<String> = hosts.iter().map(|h| format!("\"{}\"", h.etcd())).collect();
+    let text = format!(
+        "[service]\naddress = \"127.0.0.1\"\nport = {port}\n\n[etcd3]\nendpoints = [{}]\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n\n[lock]\ndefault_group_name = \"{}\"\ndefault_slots = 1\n",
+        endpoints.join(", "),
+        ca.display(),
+        cert.display(),
+        key.display(),
+        nimbus::fleetlock::DEFAULT_GROUP,
+    );
+    let cfg = nimbus_fleetlock::config::Config::parse(&text)
+        .map_err(|e| anyhow::anyhow!("nimbus-fleetlock's configuration: {e}"))?;
+    let h = nimbus_fleetlock::http::start(&cfg)
+        .map_err(|e| anyhow::anyhow!("nimbus-fleetlock: {e}"))?;
+    eprintln!("cluster: nimbus-fleetlock on {}", h.addr);
+    Ok(FleetlockServer(Some(h)))
+}
+
+/// Stops the server when the run ends.
+struct FleetlockServer(Option<nimbus_fleetlock::http::Handle>);
+
+impl Drop for FleetlockServer {
+    fn drop(&mut self) {
+        if let Some(h) = self.0.take() {
+            h.stop();
+        }
+    }
 }
 
 /// What a host says of itself when the run fails: each daemon's own
@@ -352,7 +436,7 @@ fn cluster_life(
     let secrets = secrets::check(hosts, out.pki)?;
     step(t0, "secrets looked at");
     for h in hosts.iter_mut() {
-        h.machine_id = h.sh("cat /etc/machine-id")?.trim().to_string();
+        h.lock_id = look::lock_id(h.sh("cat /etc/machine-id")?.trim())?;
     }
     for h in hosts.iter() {
         wait_for(&format!("{}: the web image", h.name), long, || {
@@ -395,7 +479,7 @@ fn cluster_life(
     let before_members = etcd_members(hosts)?;
 
     // The rolling update.
-    let probe = Probe::start(&probe_targets(hosts), &machine_ids(hosts));
+    let probe = Probe::start(&probe_targets(hosts), &lock_ids(hosts));
     let upd = Instant::now();
     publish(n1)?;
     step(t0, "published 1.1.0: hosts update themselves one at a time");
@@ -465,10 +549,14 @@ fn cluster_life(
         }
     );
     println!(
-        "cluster: hosts={n_hosts} final={} max_rebooting={max_down} etcd_unavailable_s={etcd_down} service_unavailable_s={web_down} timeouts_only_s={timeouts_only} lock_holders_end={} mem_used_mib={} minutes={minutes:.1}",
+        "cluster: hosts={n_hosts} final={} max_rebooting={max_down} etcd_unavailable_s={etcd_down} service_unavailable_s={web_down} timeouts_only_s={timeouts_only} lock_holders_end={} mem_used_mib={} minutes={minutes:.1} lock={}",
         finals.join(","),
         lock_holders(hosts)?,
         mem.join(","),
+        match a.lock {
+            LockKind::Etcd => "etcd",
+            LockKind::Fleetlock => "fleetlock",
+        },
     );
     println!("{secrets}");
     println!("{intruded}");

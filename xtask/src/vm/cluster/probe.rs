@@ -5,14 +5,20 @@ use super::host::{name, Host};
 use anyhow::bail;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
-use nimbus::etcd_keys::REBOOT_LOCK as LOCK_KEY;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+/// The harness's client for its questions to the hosts (members, health,
+/// holders, every few seconds): one for the run, so its TLS connections
+/// are reused rather than a handshake per question. Made after
+/// [`use_tls`], which the run calls before any question.
 pub(super) fn http() -> reqwest::blocking::Client {
-    http_within(Duration::from_secs(3))
+    static SHARED: OnceLock<reqwest::blocking::Client> = OnceLock::new();
+    SHARED
+        .get_or_init(|| http_within(Duration::from_secs(3)))
+        .clone()
 }
 
 /// The cluster's CA and the operator's client identity, once the run made
@@ -166,7 +172,7 @@ pub(super) fn lock_holder_indexes(
         let Ok(r) = probe_post(
             c,
             &format!("{base}/v3/kv/range"),
-            serde_json::json!({"key": B64.encode(LOCK_KEY)}),
+            serde_json::json!({"key": B64.encode(super::look::lock_key())}),
         ) else {
             continue;
         };
@@ -226,8 +232,18 @@ pub(super) struct Tally {
 }
 
 impl Probe {
-    /// `ids`: each host's machine id, to name the reboot lock's holders.
+    /// `ids`: each host's lock id, to name the reboot lock's holders.
     pub(super) fn start(hosts: &[(String, u16)], ids: &[String]) -> Probe {
+        // One client per host for the whole run, shared by that host's
+        // probe threads: its connections stay open from one second to the
+        // next. A client a second cost each guest a TLS handshake with
+        // client-certificate checks every second (four a second across the
+        // cluster): CPU the guests' etcd needed, spent on being watched.
+        let clients: Vec<reqwest::blocking::Client> = hosts
+            .iter()
+            .map(|_| http_within(Duration::from_secs(5)))
+            .collect();
+        let lock_client = http_within(Duration::from_secs(2));
         let samples: Samples = Arc::default();
         let holders: Holders = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
@@ -250,13 +266,13 @@ impl Probe {
                     m.insert(sec, vec![(none(), none()); n]);
                 }
                 {
-                    let (etcds, ids, h3) = (
+                    let (etcds, ids, h3, c) = (
                         hosts.iter().map(|(e, _)| e.clone()).collect::<Vec<_>>(),
                         ids.clone(),
                         h2.clone(),
+                        lock_client.clone(),
                     );
                     std::thread::spawn(move || {
-                        let c = http_within(Duration::from_secs(2));
                         if let Some(v) = lock_holder_indexes(&c, &etcds, &ids) {
                             if let Ok(mut m) = h3.lock() {
                                 m.insert(sec, v);
@@ -265,13 +281,12 @@ impl Probe {
                     });
                 }
                 for (i, (etcd, web)) in hosts.iter().enumerate() {
-                    let (etcd, web, s3) = (etcd.clone(), *web, s2.clone());
+                    let (etcd, web, s3, c) = (etcd.clone(), *web, s2.clone(), clients[i].clone());
                     std::thread::spawn(move || {
                         // Each request may take etcdctl's default command
                         // timeout (5 s): on a starved 1-vCPU guest a commit
                         // that needs two members' fsyncs has taken over 3 s
                         // while every member stayed healthy.
-                        let c = http_within(Duration::from_secs(5));
                         // A key per host and second (modulo a minute): a
                         // slow answer must not read a later probe's write.
                         let e = probe_etcd(
