@@ -18,6 +18,8 @@ mod fuzz;
 mod image_cache;
 mod ledger;
 mod powercut;
+mod test_tier;
+mod tier;
 mod vm;
 
 use vm::{cluster, e2e, qemu, smoke, vmtest};
@@ -97,6 +99,9 @@ enum Cmd {
     /// and is marked good, updates itself to 1.1.0 by delta, a release that
     /// fails its health check rolls back, a corrupted slot is refused.
     Smoke(smoke::Smoke),
+    /// Run the default test tier (what `cargo test --workspace` runs), two
+    /// test binaries at a time, one row per binary.
+    Test(test_tier::Test),
     /// Run the VM tier (the tests marked `vm tier`), one row per test.
     Vmtest(vmtest::VmTest),
     /// Publish a built version into a static release repository: copy its payload and
@@ -127,6 +132,7 @@ fn main() -> ExitCode {
         Cmd::Bench { cmd } => bench::run(cmd),
         Cmd::Qemu(a) => qemu::run(a),
         Cmd::Smoke(a) => smoke::run(a),
+        Cmd::Test(a) => test_tier::run(a),
         Cmd::Vmtest(a) => vmtest::run(a),
         Cmd::Release(a) => release(a),
         Cmd::E2e { keep } => e2e::run(keep),

@@ -52,3 +52,19 @@ fn every_ignore_marks_the_vm_tier_and_nothing_else() {
     // boot (8), e2e, cluster, vagrant, fuzz, hung stage 1.
     assert!(vm >= 12, "only {vm} VM-tier tests found");
 }
+
+/// README command 2 is what CI runs: `.ci/run` ends in exactly the line
+/// the README gives for the default tier, so neither can drift.
+#[test]
+fn ci_runs_exactly_the_readmes_test_command() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let ci = std::fs::read_to_string(root.join(".ci/run")).unwrap();
+    let command = readme
+        .lines()
+        .find(|l| l.starts_with("cargo xtask deps && cargo clippy"))
+        .expect("README gives the default tier's command");
+    let last = ci.lines().rfind(|l| !l.trim().is_empty()).unwrap().trim();
+    assert_eq!(last, command, ".ci/run's last line and the README differ");
+    assert!(command.ends_with("cargo xtask test"), "{command}");
+}

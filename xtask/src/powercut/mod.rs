@@ -488,6 +488,7 @@ fn check_ops(
     };
     let mut image = base.clone();
     let mut pending = Pending::new();
+    let mut batch = Vec::with_capacity(BATCH);
     for (k, op) in ops.iter().enumerate() {
         // The cut lands before op k: `image` is durable, `pending` is not.
         let (_, bidx) = cuts[k];
@@ -528,41 +529,95 @@ fn check_ops(
                     }
                 }
             }
-            st.n += 1;
-            let booted = boots(&img, trust);
-            if let Ok((_, true)) = &booted {
-                // Stage 1 would have burnt a try on a slot that does not verify.
-                st.refused += 1;
-            }
-            match booted.map(|(b, _)| b) {
-                Ok(b) if b.starts_with("USR-A:1.0.0") => st.old += 1,
-                Ok(b) if b.starts_with("USR-B:1.1.0") => st.new += 1,
-                Ok(b) => {
-                    st.unbootable += 1;
-                    st.failures
-                        .push(format!("cut before op {k} variant {variant}: boots {b}"));
-                }
-                Err(e) => {
-                    st.unbootable += 1;
-                    st.failures
-                        .push(format!("cut before op {k} variant {variant}: {e}"));
-                }
-            }
-            let t = table(&img);
-            let ok = t == boundary_tables[bidx]
-                || boundary_tables.get(bidx + 1).is_some_and(|b| *b == t);
-            if !ok {
-                st.mixed += 1;
-                st.failures.push(format!(
-                    "cut before op {k} variant {variant}: GPT table {t:?} is neither {:?} nor {:?}",
-                    boundary_tables[bidx],
-                    boundary_tables.get(bidx + 1)
-                ));
+            batch.push(Cut {
+                k,
+                variant,
+                bidx,
+                img,
+            });
+            if batch.len() >= BATCH {
+                judge(&mut batch, &mut st, trust, &boundary_tables);
             }
         }
         step(op, &mut image, &mut pending)?;
     }
+    judge(&mut batch, &mut st, trust, &boundary_tables);
     Ok(st)
+}
+
+/// A disk as a cut left it, before op `k`, with the sync boundary it falls
+/// after (`bidx`).
+struct Cut {
+    k: usize,
+    variant: usize,
+    bidx: usize,
+    img: MemDisk,
+}
+
+/// Cuts judged at once, one thread each: making the disks is sequential
+/// (one random stream), judging them (stage 1's rule, a verity tree over
+/// the slot) is most of the time and independent.
+const BATCH: usize = 8;
+
+/// Judge `batch` on every core and count the results into `st` in the
+/// batch's order (so the failures read as the cuts were made).
+fn judge(batch: &mut Vec<Cut>, st: &mut Stats, trust: &TrustStore, tables: &[Option<Vec<u64>>]) {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cuts = std::mem::take(batch);
+    let chunk = cuts.len().div_ceil(threads).max(1);
+    let verdicts: Vec<_> = std::thread::scope(|s| {
+        let workers: Vec<_> = cuts
+            .chunks(chunk)
+            .map(|part| {
+                s.spawn(move || {
+                    part.iter()
+                        .map(|c| (boots(&c.img, trust), table(&c.img)))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| {
+                // A worker that panicked is a harness bug: count its cuts
+                // as failures rather than lose them.
+                w.join().unwrap_or_else(|_| {
+                    vec![(Err("the judging thread panicked".to_string()), None); chunk]
+                })
+            })
+            .collect()
+    });
+    for (c, (booted, t)) in cuts.iter().zip(verdicts) {
+        let (k, variant, bidx) = (c.k, c.variant, c.bidx);
+        st.n += 1;
+        if let Ok((_, true)) = &booted {
+            // Stage 1 would have burnt a try on a slot that does not verify.
+            st.refused += 1;
+        }
+        match booted.map(|(b, _)| b) {
+            Ok(b) if b.starts_with("USR-A:1.0.0") => st.old += 1,
+            Ok(b) if b.starts_with("USR-B:1.1.0") => st.new += 1,
+            Ok(b) => {
+                st.unbootable += 1;
+                st.failures
+                    .push(format!("cut before op {k} variant {variant}: boots {b}"));
+            }
+            Err(e) => {
+                st.unbootable += 1;
+                st.failures
+                    .push(format!("cut before op {k} variant {variant}: {e}"));
+            }
+        }
+        let ok = t == tables[bidx] || tables.get(bidx + 1).is_some_and(|b| *b == t);
+        if !ok {
+            st.mixed += 1;
+            st.failures.push(format!(
+                "cut before op {k} variant {variant}: GPT table {t:?} is neither {:?} nor {:?}",
+                tables[bidx],
+                tables.get(bidx + 1)
+            ));
+        }
+    }
 }
 
 pub fn run(points: usize) -> anyhow::Result<ExitCode> {

@@ -1,6 +1,7 @@
 //! `cargo xtask vmtest [--list] [NAME...]`: the VM tier.
 //!
-//! The default tier is `cargo test --workspace`; the tests that boot guests
+//! The default tier is `cargo xtask test` (what `cargo test --workspace`
+//! runs, two binaries at a time); the tests that boot guests
 //! beyond the lean smoke (the boot matrix, the e2e story, Vagrant, the
 //! cluster, the fuzz smoke) are marked `#[ignore = "vm tier: cargo xtask
 //! vmtest"]` and found here the way cargo would run them: the workspace's
@@ -12,15 +13,14 @@
 //! hypervisor of their own) always run with nothing beside them. One row
 //! per test, then `vmtest: passed=N failed=N minutes=M`.
 
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, Stdio};
+use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use clap::Args;
 
-use crate::ledger;
+use crate::tier::{lanes, report, run_logged, test_binaries, Row, TestBinary};
 
 #[derive(Args)]
 pub struct VmTest {
@@ -71,57 +71,16 @@ impl VmTestCase {
     }
 }
 
-/// The workspace's test executables: (binary name, path, package dir).
-fn test_binaries(root: &Path) -> anyhow::Result<Vec<(String, PathBuf, PathBuf)>> {
-    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.current_dir(root)
-        .args([
-            "test",
-            "--workspace",
-            "--no-run",
-            "--message-format=json-render-diagnostics",
-        ])
-        .stderr(Stdio::inherit());
-    // A cold build of every test binary takes about 10 minutes here.
-    let o = nimbus_testkit::proc::output(&mut cmd, Duration::from_secs(45 * 60))
-        .context("cargo test --no-run")?;
-    if !o.status.success() {
-        bail!(
-            "cargo test --workspace --no-run failed ({}): {}",
-            o.status,
-            String::from_utf8_lossy(&o.stderr)
-        );
-    }
-    let mut out = Vec::new();
-    for line in o.stdout.as_slice().lines() {
-        let line = line?;
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
-            continue;
-        };
-        if v["reason"] != "compiler-artifact" || v["profile"]["test"] != true {
-            continue;
-        }
-        let (Some(exe), Some(name), Some(manifest)) = (
-            v["executable"].as_str(),
-            v["target"]["name"].as_str(),
-            v["manifest_path"].as_str(),
-        ) else {
-            continue;
-        };
-        let dir = Path::new(manifest)
-            .parent()
-            .context("manifest path without a parent")?;
-        out.push((name.to_string(), PathBuf::from(exe), dir.to_path_buf()));
-    }
-    out.sort();
-    out.dedup();
-    Ok(out)
-}
-
 /// Every ignored test of every test binary: the VM tier.
 fn discover(root: &Path) -> anyhow::Result<Vec<VmTestCase>> {
     let mut cases = Vec::new();
-    for (binary, exe, cwd) in test_binaries(root)? {
+    for TestBinary {
+        name: binary,
+        exe,
+        cwd,
+        ..
+    } in test_binaries(root)?
+    {
         let o = nimbus_testkit::proc::output(
             Command::new(&exe)
                 .args(["--list", "--ignored", "--format", "terse"])
@@ -156,59 +115,15 @@ fn selected(c: &VmTestCase, names: &[String]) -> bool {
         })
 }
 
-struct Row {
-    name: String,
-    ok: bool,
-    seconds: f64,
-    boots: usize,
-    builds: usize,
-    hits: usize,
-}
-
 /// Run one test in its own process group under `limit`; its row.
 fn run_one(c: &VmTestCase, logs: &Path, limit: Duration) -> Row {
-    let slug = c.full().replace("::", "-");
-    let log = logs.join(format!("{slug}.log"));
-    let ledger_file = logs.join(format!("{slug}.ledger"));
-    let _ = std::fs::remove_file(&ledger_file);
-    eprintln!("vmtest: {} ... (log: {})", c.full(), log.display());
-    let t = Instant::now();
-    let r = std::fs::File::create(&log)
-        .and_then(|out| Ok((out.try_clone()?, out)))
-        .map_err(anyhow::Error::from)
-        .and_then(|(err, out)| {
-            nimbus_testkit::proc::status_group(
-                Command::new(&c.exe)
-                    .args(["--ignored", "--exact", &c.name, "--nocapture"])
-                    .current_dir(&c.cwd)
-                    .env(ledger::ENV, &ledger_file)
-                    .stdout(out)
-                    .stderr(err),
-                limit,
-            )
-            .map_err(anyhow::Error::from)
-        });
-    let ok = match &r {
-        Ok(st) => st.success(),
-        Err(e) => {
-            // Its QEMUs went with its process group (status_group);
-            // another command's on this machine are not touched.
-            eprintln!("vmtest: {}: {e:#}", c.full());
-            false
-        }
-    };
-    let seconds = t.elapsed().as_secs_f64();
-    let spent = std::fs::read_to_string(&ledger_file).unwrap_or_default();
-    let row = Row {
-        name: c.full(),
-        ok,
-        seconds,
-        boots: ledger::count(&spent, "boot"),
-        builds: ledger::count(&spent, "build"),
-        hits: ledger::count(&spent, "cache-hit"),
-    };
-    if !ok {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
+    eprintln!("vmtest: {} ...", c.full());
+    let mut cmd = Command::new(&c.exe);
+    cmd.args(["--ignored", "--exact", &c.name, "--nocapture"])
+        .current_dir(&c.cwd);
+    let row = run_logged(&c.full(), cmd, logs, limit);
+    if !row.ok {
+        let text = std::fs::read_to_string(&row.log).unwrap_or_default();
         eprintln!(
             "vmtest: {} FAILED; its last lines:\n{}",
             c.full(),
@@ -216,11 +131,13 @@ fn run_one(c: &VmTestCase, logs: &Path, limit: Duration) -> Row {
         );
     }
     eprintln!(
-        "vmtest: {} {} in {seconds:.0} s ({} boots, {} image builds)",
+        "vmtest: {} {} in {:.0} s ({} boots, {} image builds; log: {})",
         c.full(),
-        if ok { "passed" } else { "FAILED" },
+        if row.ok { "passed" } else { "FAILED" },
+        row.seconds,
         row.boots,
-        row.builds
+        row.builds,
+        row.log.display()
     );
     row
 }
@@ -260,51 +177,15 @@ pub fn run(a: VmTest) -> anyhow::Result<ExitCode> {
             .position(|b| *b == c.binary)
             .unwrap_or(FIRST.len())
     });
-    let mut rows = Vec::new();
-    // The single-guest tests first, `jobs` at a time, each worker taking
-    // the next test when its own is done.
-    {
-        let queue = std::sync::Mutex::new(shared.into_iter());
-        let done = std::sync::Mutex::new(Vec::new());
-        std::thread::scope(|s| {
-            for _ in 0..a.jobs {
-                s.spawn(|| loop {
-                    let next = queue.lock().ok().and_then(|mut q| q.next());
-                    let Some(c) = next else { break };
-                    let row = run_one(c, &logs, limit);
-                    if let Ok(mut d) = done.lock() {
-                        d.push(row);
-                    }
-                });
-            }
-        });
-        rows.extend(done.into_inner().unwrap_or_default());
-    }
+    // The single-guest tests first, `jobs` at a time, each lane taking
+    // the next test when its own is done; then the tests that run alone.
+    let mut rows = lanes(&shared, a.jobs, |c| run_one(c, &logs, limit));
     for c in alone {
         rows.push(run_one(c, &logs, limit));
     }
     // The table in the order `--list` gives, whatever finished first.
     rows.sort_by_key(|r| cases.iter().position(|c| c.full() == r.name));
-    println!("| test | result | seconds | boots | image builds | image cache hits |");
-    println!("|---|---|---|---|---|---|");
-    for r in &rows {
-        println!(
-            "| {} | {} | {:.0} | {} | {} | {} |",
-            r.name,
-            if r.ok { "passed" } else { "FAILED" },
-            r.seconds,
-            r.boots,
-            r.builds,
-            r.hits
-        );
-    }
-    let passed = rows.iter().filter(|r| r.ok).count();
-    let failed = rows.len() - passed;
-    println!(
-        "vmtest: passed={passed} failed={failed} minutes={:.1}",
-        t0.elapsed().as_secs_f64() / 60.0
-    );
-    Ok(if failed == 0 {
+    Ok(if report("vmtest", &rows, t0) {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
