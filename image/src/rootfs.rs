@@ -353,11 +353,13 @@ pub const DROPPED_MODULES: &[&str] = &[
 ];
 
 /// What pruning and compression did to the module tree.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ModuleReport {
     pub kept: usize,
     pub removed: usize,
     pub compressed: usize,
+    /// What `strip` left out of USR (it runs just before).
+    pub dropped: Dropped,
 }
 
 /// `modules.dep` as module -> dependencies (paths relative to the kernel's
@@ -515,8 +517,157 @@ pub fn kernel_version(root: &Path) -> Result<String, ImageError> {
     }
 }
 
+/// Packages whose files leave USR whole (docs/image.md, "What USR leaves
+/// out"). `usrmerge` converts a split /usr while packages install and pulls
+/// in the full perl for it; nothing on a running host uses either (the
+/// perl scripts that stay, debconf's and c_rehash, need only perl-base,
+/// which stays).
+pub const DROPPED_PACKAGES: &[&str] = &[
+    // apt itself: its binaries go in `strip` with dpkg's; these are what
+    // they left (the library, the signature checker, the archive keys),
+    // which nothing else uses.
+    "apt",
+    "libapt-pkg6.0",
+    "gpgv",
+    "debian-archive-keyring",
+    "usrmerge",
+    "libfile-find-rule-perl",
+    "libnumber-compare-perl",
+    "libtext-glob-perl",
+    "perl",
+    "perl-modules-5.36",
+    "libperl5.36",
+];
+
+/// Paths that leave USR from packages that stay (docs/image.md, "What USR
+/// leaves out").
+pub const DROPPED_PATHS: &[&str] = &[
+    // Translations: a Nimbus host runs in C.UTF-8.
+    "usr/share/locale",
+    // libnetwork's test tools that Debian's docker.io ships; nothing runs them.
+    "usr/bin/dnet",
+    "usr/sbin/ovrouter",
+    // containerd's v1 shims: dockerd starts containers through
+    // io.containerd.runc.v2 (containerd-shim-runc-v2, which stays).
+    "usr/bin/containerd-shim",
+    "usr/bin/containerd-shim-runc-v1",
+    // containerd's debug client (7.4 MiB of the payload; "not supported
+    // for production use" by its own docs): `docker` is the host's client,
+    // and an operator who wants ctr runs it from a container.
+    "usr/bin/ctr",
+];
+
+/// What [`strip`] took out of USR beyond the package manager and the docs.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Dropped {
+    /// Of [`DROPPED_PACKAGES`], those that were installed.
+    pub packages: Vec<String>,
+    pub files: usize,
+    pub bytes: u64,
+}
+
+/// A path from a dpkg file list as it lies in a merged-/usr tree: Debian
+/// bookworm's packages still name `/bin`, `/sbin`, `/lib*`, which are
+/// links into `/usr`.
+fn merged_usr(p: &str) -> String {
+    let p = p.trim_start_matches('/');
+    for top in ["bin/", "sbin/", "lib/", "lib32/", "lib64/", "libx32/"] {
+        if p.starts_with(top) {
+            return format!("usr/{p}");
+        }
+    }
+    p.to_string()
+}
+
+/// The files of `names` that no other installed package also lists, from
+/// dpkg's file lists in `info` (`<pkg>.list` or `<pkg>:<arch>.list`), as
+/// merged-/usr paths relative to the root; and which of `names` were
+/// installed.
+pub fn package_files(
+    info: &Path,
+    names: &[&str],
+) -> Result<(Vec<String>, std::collections::BTreeSet<String>), ImageError> {
+    use std::collections::BTreeSet;
+    let mut dropped = BTreeSet::new();
+    let mut kept = BTreeSet::new();
+    let mut found = BTreeSet::new();
+    for e in fs::read_dir(info).map_err(io_at(info))? {
+        let p = e.map_err(io_at(info))?.path();
+        let Some(file) = p.file_name().and_then(|f| f.to_str()) else {
+            continue;
+        };
+        let Some(pkg) = file.strip_suffix(".list") else {
+            continue;
+        };
+        let pkg = pkg.split(':').next().unwrap_or(pkg);
+        let list = fs::read_to_string(&p).map_err(io_at(&p))?;
+        let paths = list
+            .lines()
+            .filter(|l| !l.is_empty() && *l != "/.")
+            .map(merged_usr);
+        if names.contains(&pkg) {
+            found.insert(pkg.to_string());
+            dropped.extend(paths);
+        } else {
+            kept.extend(paths);
+        }
+    }
+    Ok((dropped.difference(&kept).cloned().collect(), found))
+}
+
+/// Remove `rel` (a file, a link or a whole directory) under `root`; what
+/// it held. Gone already is nothing.
+fn remove_counted(root: &Path, rel: &str, d: &mut Dropped) -> Result<(), ImageError> {
+    let p = root.join(rel);
+    let Ok(meta) = fs::symlink_metadata(&p) else {
+        return Ok(());
+    };
+    if meta.is_dir() {
+        let mut todo = vec![p.clone()];
+        while let Some(dir) = todo.pop() {
+            for e in fs::read_dir(&dir).map_err(io_at(&dir))? {
+                let e = e.map_err(io_at(&dir))?;
+                let m = e.metadata().map_err(io_at(&e.path()))?;
+                if m.is_dir() {
+                    todo.push(e.path());
+                } else {
+                    d.files += 1;
+                    d.bytes += m.len();
+                }
+            }
+        }
+        fs::remove_dir_all(&p).map_err(io_at(&p))
+    } else {
+        d.files += 1;
+        d.bytes += meta.len();
+        fs::remove_file(&p).map_err(io_at(&p))
+    }
+}
+
 /// Remove what a package-manager-free, read-only /usr must not carry.
-pub fn strip(root: &Path) -> Result<(), ImageError> {
+pub fn strip(root: &Path) -> Result<Dropped, ImageError> {
+    let mut dropped = Dropped::default();
+    // Whole packages first, while dpkg's file lists are still there.
+    let (files, found) = package_files(&root.join("var/lib/dpkg/info"), DROPPED_PACKAGES)?;
+    let mut dirs = Vec::new();
+    for f in files {
+        let p = root.join(&f);
+        match fs::symlink_metadata(&p) {
+            Ok(m) if m.is_dir() => dirs.push(p),
+            Ok(_) => remove_counted(root, &f, &mut dropped)?,
+            Err(_) => {}
+        }
+    }
+    // Then their directories that are now empty, deepest first (a
+    // directory another package still fills is not empty and stays).
+    dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+    for d in dirs {
+        let _ = fs::remove_dir(&d);
+    }
+    dropped.packages = found.into_iter().collect();
+    for rel in DROPPED_PATHS {
+        remove_counted(root, rel, &mut dropped)?;
+    }
     // No package manager at run time (as on CoreOS): drop its state and tools.
     for p in [
         "var/lib/dpkg",
@@ -584,12 +735,66 @@ pub fn strip(root: &Path) -> Result<(), ImageError> {
     )
     .map_err(io_at(root))?;
     let _ = fs::remove_file(root.join("var/lib/dbus/machine-id"));
-    Ok(())
+    Ok(dropped)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_dropped_package_takes_only_the_files_no_kept_package_lists() {
+        let d = tempfile::tempdir().unwrap();
+        let info = d.path().join("var/lib/dpkg/info");
+        fs::create_dir_all(&info).unwrap();
+        fs::write(
+            info.join("perl.list"),
+            "/.\n/usr\n/usr/bin\n/usr/bin/cpan\n/usr/share/perl/5.36/x.pm\n/bin/shared\n",
+        )
+        .unwrap();
+        fs::write(
+            info.join("libperl5.36:amd64.list"),
+            "/usr/lib/x86_64-linux-gnu/libperl.so.5.36\n",
+        )
+        .unwrap();
+        fs::write(
+            info.join("perl-base.list"),
+            "/.\n/usr/bin\n/usr/bin/perl\n/usr/bin/shared\n",
+        )
+        .unwrap();
+        fs::write(info.join("perl.md5sums"), "not a list").unwrap();
+        let (files, found) = package_files(&info, &["perl", "libperl5.36", "usrmerge"]).unwrap();
+        // Directories come too (`strip` leaves them); `/bin/shared` is
+        // perl-base's `/usr/bin/shared` in a merged /usr, so it stays.
+        assert_eq!(
+            files,
+            vec![
+                "usr".to_string(),
+                "usr/bin/cpan".into(),
+                "usr/lib/x86_64-linux-gnu/libperl.so.5.36".into(),
+                "usr/share/perl/5.36/x.pm".into(),
+            ]
+        );
+        assert_eq!(
+            found.into_iter().collect::<Vec<_>>(),
+            vec!["libperl5.36".to_string(), "perl".into()]
+        );
+    }
+
+    #[test]
+    fn removing_counts_what_went_and_a_missing_path_is_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let loc = d.path().join("usr/share/locale/de/LC_MESSAGES");
+        fs::create_dir_all(&loc).unwrap();
+        fs::write(loc.join("a.mo"), [0u8; 100]).unwrap();
+        fs::write(d.path().join("usr/share/locale/locale.alias"), [0u8; 20]).unwrap();
+        let mut r = Dropped::default();
+        remove_counted(d.path(), "usr/share/locale", &mut r).unwrap();
+        remove_counted(d.path(), "usr/bin/dnet", &mut r).unwrap();
+        assert_eq!((r.files, r.bytes), (2, 120));
+        assert!(!d.path().join("usr/share/locale").exists());
+        assert!(d.path().join("usr/share").is_dir());
+    }
 
     #[test]
     fn kept_modules_bring_their_dependencies_and_the_rest_goes() {

@@ -28,8 +28,9 @@ pub(super) fn customize(
     fs::create_dir_all(&boot).map_err(io_at(&boot))?;
     let vmlinuz = root.join(format!("boot/vmlinuz-{kver}"));
     fs::copy(&vmlinuz, boot.join("vmlinuz")).map_err(io_at(&vmlinuz))?;
-    rootfs::strip(root)?;
-    let modules = rootfs::prune_modules(root, kver, STAGE1_MODULES)?;
+    let dropped = rootfs::strip(root)?;
+    let mut modules = rootfs::prune_modules(root, kver, STAGE1_MODULES)?;
+    modules.dropped = dropped;
     for i in &o.installs {
         let dest = root.join(i.dest.trim_start_matches('/'));
         if let Some(d) = dest.parent() {

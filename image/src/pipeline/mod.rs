@@ -346,8 +346,13 @@ fn build_inner(o: &BuildOptions, progress: &mut dyn Progress) -> Result<BuildRep
         Ok((
             kver.clone(),
             format!(
-                "kernel {kver}; modules: {} kept ({} zstd-compressed), {} removed",
-                m.kept, m.compressed, m.removed
+                "kernel {kver}; modules: {} kept ({} zstd-compressed), {} removed; left out: {} files, {} KiB (packages {})",
+                m.kept,
+                m.compressed,
+                m.removed,
+                m.dropped.files,
+                m.dropped.bytes / 1024,
+                m.dropped.packages.join(" ")
             ),
         ))
     })?;
