@@ -4,6 +4,7 @@
 
 pub mod common;
 pub mod delta;
+pub mod footprint;
 pub mod impact;
 pub mod rauc;
 pub mod update;
@@ -40,6 +41,13 @@ pub enum BenchCmd {
     /// A fio workload's latency idle, during full and delta updates under the
     /// default I/O policy, and with the cap off; the network cap's accuracy.
     Impact,
+    /// An idle host's memory (a single host and a cluster host's
+    /// configuration), USR and the payload: `footprint: single_idle_mib=...`.
+    Footprint {
+        /// Boots per configuration (the line gives medians).
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=9))]
+        runs: u32,
+    },
     /// QEMU boot times: to the selection line and to multi-user, with and
     /// without stage 1, and a first boot (which kexecs).
     Boot {
@@ -59,6 +67,7 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
         BenchCmd::Impact => crate::bench::impact::bench_impact(),
         BenchCmd::Build { skip_cold } => bench_build(skip_cold),
         BenchCmd::Boot { image, runs } => bench_boot(image, runs),
+        BenchCmd::Footprint { runs } => crate::bench::footprint::bench_footprint(runs),
     }
 }
 
