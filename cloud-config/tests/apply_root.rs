@@ -186,6 +186,9 @@ fn golden() -> Vec<(&'static str, String)> {
         ("/run/systemd/system", "dir 755 0:0".into()),
         ("/run/systemd/system/etcd.service.d", "dir 755 0:0".into()),
         ("/run/systemd/system/etcd.service.d/20-cloudinit.conf", format!("file 644 0:0 {:?}", "[Service]\nEnvironment=\"ETCD_NAME=node1\"\nEnvironment=\"ETCD_INITIAL_CLUSTER=node1=http://10.0.0.1:2380\"\n")),
+        // coreos.etcd2 is configured: etcd is wanted for this boot.
+        ("/run/systemd/system/multi-user.target.wants", "dir 755 0:0".into()),
+        ("/run/systemd/system/multi-user.target.wants/etcd.service", "link -> /usr/lib/systemd/system/etcd.service".into()),
         ("/run/systemd/system/tmp.service", "file 644 0:0 \"[Service]\\nExecStart=/bin/true\\n\"".into()),
     ]
 }
@@ -215,7 +218,10 @@ fn golden_tree_and_idempotent() {
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(
         stdout
-            .contains("ran systemctl --no-block start hello.service (skipped: not a live system)"),
+            .contains("ran systemctl --no-block start hello.service (skipped: not a live system)")
+            && stdout.contains(
+                "ran systemctl start --no-block etcd.service (skipped: not a live system)"
+            ),
         "{stdout}"
     );
 

@@ -2,6 +2,13 @@
 //! cloud-config in /etc or /run): what `systemctl enable` would link, read
 //! from the unit's `[Install]` section.
 
+/// etcd's unit (Debian's etcd 3). No host runs it unless something asks:
+/// cloud-config when it configures etcd or a local etcd lock, a unit that
+/// wants it, or the operator (docs/cluster.md).
+pub const ETCD: &str = "etcd.service";
+/// Where etcd's unit file lies in USR (the target of an enabling link).
+pub const ETCD_FILE: &str = "/usr/lib/systemd/system/etcd.service";
+
 /// Each `WantedBy=` / `RequiredBy=` target of the unit text's `[Install]`
 /// section, with the directory suffix its link goes into (`.wants`,
 /// `.requires`), in file order.

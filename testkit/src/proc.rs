@@ -93,9 +93,14 @@ pub fn wait_until(child: &mut Child, deadline: Instant) -> std::io::Result<Optio
 /// would keep the pipe open after its own exit: the readers are then
 /// abandoned at the deadline rather than joined.
 pub fn output(cmd: &mut Command, limit: Duration) -> Result<Output, Error> {
+    output_from(cmd, Stdio::null(), limit)
+}
+
+/// [`output`], with `stdin` (a file to feed the command, say) as its input.
+pub fn output_from(cmd: &mut Command, stdin: Stdio, limit: Duration) -> Result<Output, Error> {
     let name = describe(cmd);
     let mut child = cmd
-        .stdin(Stdio::null())
+        .stdin(stdin)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -328,8 +328,8 @@ fn fresh_image_boots_usr_a_to_multi_user_and_marks_it_good() {
     // itself (ordered after multi-user.target) is the proof of multi-user.
     // Issue #7: user-data on the OEM partition set the hostname and started a unit.
     assert!(c.contains("hello-unit: hostname=nimbus-test"), "{c}");
-    // That etcd and update-engine run is asked of systemd over ssh by the
-    // smoke (xtask/src/vm/smoke.rs): the console carries only part of
+    // Which services run (update-engine; Docker and etcd only on demand) is
+    // asked of systemd over ssh by the smoke (xtask/src/vm/smoke.rs): the console carries only part of
     // systemd's status lines, so no scan of it could fail reliably.
     assert_eq!(cgpt(&img, 3), (1, 0, 1));
 }

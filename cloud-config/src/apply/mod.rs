@@ -242,6 +242,17 @@ pub fn apply(
             ]);
         }
     }
+    if units::wants_local_etcd(cfg) {
+        // The link above is only read by the next daemon-reload's
+        // transaction; the boot's was computed before cloud-config ran.
+        // Queued, as for units: etcd starts after cloud-config.service.
+        argvs.push(vec![
+            "systemctl".into(),
+            "start".into(),
+            "--no-block".into(),
+            nimbus::units::ETCD.into(),
+        ]);
+    }
     if swarm_changed {
         // At boot it starts after cloud-config anyway; on a running host
         // the new membership takes effect now. --no-block: joining waits

@@ -102,7 +102,50 @@ pub(super) fn apply_units(root: &mut Root, cfg: &CloudConfig) -> Result<bool, Ap
             Some((0, 0)),
         )?;
     }
+    if wants_local_etcd(cfg) {
+        // Enabled for this boot only (/run): etcd runs while the config asks
+        // for it, and stops being wanted the boot after it no longer does.
+        root.symlink(
+            &format!(
+                "/run/systemd/system/multi-user.target.wants/{}",
+                nimbus::units::ETCD
+            ),
+            nimbus::units::ETCD_FILE,
+        )?;
+    }
     Ok(root.report.changed.len() > before)
+}
+
+/// Whether this host must run etcd: the config configures it (`coreos.etcd2`
+/// or `coreos.etcd`), or update-engine is to take its reboot lock from an
+/// etcd on this host (`etcd-lock` with no endpoint, or only loopback ones).
+/// Without either, etcd stays off and costs nothing (docs/cluster.md).
+pub(super) fn wants_local_etcd(cfg: &CloudConfig) -> bool {
+    if cfg
+        .env_dropins
+        .iter()
+        .any(|d| d.unit == nimbus::units::ETCD)
+    {
+        return true;
+    }
+    let etcd_lock = cfg.update.as_ref().and_then(|u| u.reboot_strategy)
+        == Some(nimbus::updateconf::RebootStrategy::EtcdLock);
+    let endpoint = cfg.locksmith.as_ref().and_then(|l| l.endpoint.as_deref());
+    etcd_lock && endpoint.is_none_or(|e| e.split(',').all(is_loopback_url))
+}
+
+fn is_loopback_url(url: &str) -> bool {
+    let rest = url.trim();
+    let rest = rest.split_once("://").map_or(rest, |(_, r)| r);
+    let host = rest.split('/').next().unwrap_or("");
+    let host = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(h, _)| h),
+    };
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 pub(super) fn apply_update_conf(root: &mut Root, cfg: &CloudConfig) -> Result<(), ApplyError> {
@@ -165,4 +208,47 @@ pub(super) fn apply_update_conf(root: &mut Root, cfg: &CloudConfig) -> Result<()
         .file_mode(&path)
         .unwrap_or_else(|| conf.new_file_mode());
     root.write(&path, conf.render().as_bytes(), mode, Some((0, 0)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::wants_local_etcd;
+
+    fn wants(doc: &str) -> bool {
+        let (ud, problems) = crate::schema::check(doc);
+        assert!(
+            problems
+                .iter()
+                .all(|p| p.severity != crate::schema::Severity::Error),
+            "{doc}: {problems:?}"
+        );
+        match ud {
+            Some(crate::schema::UserData::CloudConfig(c)) => wants_local_etcd(&c),
+            _ => panic!("{doc}: not a cloud-config"),
+        }
+    }
+
+    #[test]
+    fn etcd_is_wanted_only_where_configured_or_locked_on_this_host() {
+        for (doc, want) in [
+            ("#cloud-config\nhostname: a\n", false),
+            ("#cloud-config\ncoreos:\n  etcd2:\n    name: a\n", true),
+            ("#cloud-config\ncoreos:\n  update:\n    reboot-strategy: reboot\n", false),
+            ("#cloud-config\ncoreos:\n  update:\n    reboot-strategy: etcd-lock\n", true),
+            (
+                "#cloud-config\ncoreos:\n  update:\n    reboot-strategy: etcd-lock\n  locksmith:\n    endpoint: http://127.0.0.1:2379,http://[::1]:2379,http://localhost:2379\n",
+                true,
+            ),
+            (
+                "#cloud-config\ncoreos:\n  update:\n    reboot-strategy: etcd-lock\n  locksmith:\n    endpoint: http://10.0.0.1:2379\n",
+                false,
+            ),
+            (
+                "#cloud-config\ncoreos:\n  update:\n    reboot-strategy: etcd-lock\n  locksmith:\n    endpoint: http://127.0.0.1:2379,https://etcd.example.com:2379\n",
+                false,
+            ),
+        ] {
+            assert_eq!(wants(doc), want, "{doc}");
+        }
+    }
 }

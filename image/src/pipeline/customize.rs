@@ -54,20 +54,21 @@ pub(super) fn customize(
             std::os::unix::fs::symlink(format!("../{}", u.name), &link).map_err(io_at(&link))?;
         }
     }
-    // Docker starts on every host, also on one updated from a release
-    // without it (its package enabled it only in the seed /etc).
-    for (wants, unit) in [
-        ("multi-user.target.wants", "docker.service"),
-        ("sockets.target.wants", "docker.socket"),
-    ] {
-        if unitdir.join(unit).exists() {
-            let d = unitdir.join(wants);
-            fs::create_dir_all(&d).map_err(io_at(&d))?;
-            let link = d.join(unit);
-            let _ = fs::remove_file(&link);
-            std::os::unix::fs::symlink(format!("../{unit}"), &link).map_err(io_at(&link))?;
-        }
+    // Docker is socket-activated, as on CoreOS: docker.socket listens on
+    // every host (enabled from /usr, so also on hosts updated from a release
+    // without Docker); dockerd, and containerd which it wants, start on the
+    // first `docker` call, at boot where a unit or the swarm wants them, or
+    // where containers were left (nimbus-docker-resume.service). A fresh
+    // host that runs no container pays nothing for them (docs/image.md).
+    let unit = "docker.socket";
+    if unitdir.join(unit).exists() {
+        let d = unitdir.join("sockets.target.wants");
+        fs::create_dir_all(&d).map_err(io_at(&d))?;
+        let link = d.join(unit);
+        let _ = fs::remove_file(&link);
+        std::os::unix::fs::symlink(format!("../{unit}"), &link).map_err(io_at(&link))?;
     }
+    unwant_seeded(root)?;
     // The journal persists on ROOT, as on Flatcar: after a rollback or a
     // stalled rolling update the operator reads the boot that failed
     // (`journalctl -b -1`), which a volatile journal lost with the reboot.
@@ -279,4 +280,51 @@ pub(super) fn stage1_initramfs(
         path: "stage1.img".into(),
         source,
     })
+}
+
+/// Units Debian's packages enabled in the seed /etc that a fresh Nimbus host
+/// must not start on its own: Docker and containerd (socket-activated
+/// instead), etcd (wanted only where configured: cloud-config's
+/// `wants_local_etcd`, docs/cluster.md), and dpkg's daily backup of a
+/// package database that USR does not carry.
+const UNWANTED: &[&str] = &[
+    "docker.service",
+    "containerd.service",
+    nimbus::units::ETCD,
+    "dpkg-db-backup.timer",
+];
+
+/// Drop the seed /etc's links to `UNWANTED` units, and links whose unit
+/// went with a package that USR leaves out (apt's and dpkg's timers), which
+/// systemd would report as missing at every boot.
+fn unwant_seeded(root: &Path) -> Result<(), ImageError> {
+    let etc = root.join("etc/systemd/system");
+    let Ok(dirs) = fs::read_dir(&etc) else {
+        return Ok(());
+    };
+    for d in dirs {
+        let d = d.map_err(io_at(&etc))?.path();
+        let is_wants = d
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.ends_with(".wants") || n.ends_with(".requires"));
+        if !is_wants {
+            continue;
+        }
+        for l in fs::read_dir(&d).map_err(io_at(&d))? {
+            let l = l.map_err(io_at(&d))?.path();
+            let Ok(target) = fs::read_link(&l) else {
+                continue;
+            };
+            let name = l.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            // Targets are absolute paths of the booted system; resolve
+            // them inside the image's root.
+            let in_root = root.join(target.strip_prefix("/").unwrap_or(&target));
+            let dangling = target.is_absolute() && fs::symlink_metadata(&in_root).is_err();
+            if UNWANTED.contains(&name) || dangling {
+                fs::remove_file(&l).map_err(io_at(&l))?;
+            }
+        }
+    }
+    Ok(())
 }

@@ -569,20 +569,23 @@ fn judge(batch: &mut Vec<Cut>, st: &mut Stats, trust: &TrustStore, tables: &[Opt
         let workers: Vec<_> = cuts
             .chunks(chunk)
             .map(|part| {
-                s.spawn(move || {
+                let len = part.len();
+                let w = s.spawn(move || {
                     part.iter()
                         .map(|c| (boots(&c.img, trust), table(&c.img)))
                         .collect::<Vec<_>>()
-                })
+                });
+                (w, len)
             })
             .collect();
         workers
             .into_iter()
-            .flat_map(|w| {
+            .flat_map(|(w, len)| {
                 // A worker that panicked is a harness bug: count its cuts
-                // as failures rather than lose them.
+                // as failures rather than lose them (the last part may be
+                // shorter than `chunk`).
                 w.join().unwrap_or_else(|_| {
-                    vec![(Err("the judging thread panicked".to_string()), None); chunk]
+                    vec![(Err("the judging thread panicked".to_string()), None); len]
                 })
             })
             .collect()

@@ -215,6 +215,17 @@ impl Ssh {
     /// Run `cmd` in the guest; ssh is killed after `limit` (a guest that
     /// keeps the connection alive but never finishes the command).
     pub fn run_within(&self, cmd: &str, limit: Duration) -> anyhow::Result<Output> {
+        self.run_from(cmd, std::process::Stdio::null(), limit)
+    }
+
+    /// Run `cmd` in the guest with `stdin` as its input (a file to load,
+    /// say); ssh is killed after `limit`.
+    pub fn run_from(
+        &self,
+        cmd: &str,
+        stdin: std::process::Stdio,
+        limit: Duration,
+    ) -> anyhow::Result<Output> {
         let mut c = self.command();
         if let Some(m) = &self.mux {
             self.ensure_master(m);
@@ -224,7 +235,7 @@ impl Ssh {
                 .args(["-o", "ControlMaster=no"]);
         }
         c.args(["root@127.0.0.1", cmd]);
-        nimbus_testkit::proc::output(&mut c, limit).context("ssh to the guest")
+        nimbus_testkit::proc::output_from(&mut c, stdin, limit).context("ssh to the guest")
     }
 
     /// Run `cmd` once sshd answers (it may still be starting); its stdout.

@@ -64,7 +64,7 @@ pub(super) fn switch(ports: Vec<u16>, stop: Arc<AtomicBool>) -> anyhow::Result<u
 
 /// A Docker image archive (`docker load` format) of a busybox httpd serving
 /// one page, made here from Debian's busybox-static.
-pub(super) fn web_image(work: &Path) -> anyhow::Result<PathBuf> {
+pub(crate) fn web_image(work: &Path) -> anyhow::Result<PathBuf> {
     use sha2::Digest;
     let d = work.join("web-image");
     let layer = d.join("layer");

@@ -48,7 +48,8 @@ use crate::vm::e2e;
 use crate::vm::e2e::Ssh;
 use anyhow::{bail, Context};
 use faults::{fault_bad_health, fault_drain_timeout, fault_kill_holder, gathered_drain};
-use host::{free_port, members, name, switch, user_data, web_image, Host};
+pub(crate) use host::web_image;
+use host::{free_port, members, name, switch, user_data, Host};
 use look::{
     all_healthy, boots, etcd_members, fmt_nodes, lock_holders, lock_ids, mem_used_mib, node_ls,
     probe_targets, wait_converged, wait_for, LockKind,
