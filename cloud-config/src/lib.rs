@@ -5,10 +5,14 @@
 //! - [`schema`]: the coreos-cloudinit schema; every problem with its line.
 //! - [`apply`]: writes into a root directory, confined to it, idempotently.
 //! - [`sources`]: where user-data comes from at boot.
+//! - [`subst`]: `$public_ipv4` and friends replaced before parsing, from
+//!   the addresses [`addresses`] finds.
 
+pub mod addresses;
 pub mod apply;
 pub mod schema;
 pub mod sources;
+pub mod subst;
 pub mod yaml;
 
 use std::io::Read;

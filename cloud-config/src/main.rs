@@ -7,9 +7,11 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use nimbus_cloud_config::addresses::{self, Places};
 use nimbus_cloud_config::apply::{self, CommandRunner, NoCommands, Root, SystemCommands};
 use nimbus_cloud_config::schema::{self, Severity, UserData};
 use nimbus_cloud_config::sources::Sources;
+use nimbus_cloud_config::subst::{self, Addresses};
 
 #[derive(Parser)]
 #[command(
@@ -24,6 +26,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Check a file; print every problem as `line N: error|warning: message`.
+    /// `$public_ipv4` and friends are checked as documentation addresses
+    /// (192.0.2.1, 2001:db8::1) would be.
     Validate {
         file: PathBuf,
         /// Print problems as JSON.
@@ -31,14 +35,21 @@ enum Cmd {
         json: bool,
     },
     /// Validate, then apply a file to the system (or to --root DIR).
+    /// `$public_ipv4`, `$private_ipv4` (and the _ipv6 pair) are replaced
+    /// first by this host's addresses: COREOS_PUBLIC_IPV4=... in
+    /// /etc/environment or /oem/environment, else the default route's
+    /// interface; one that is used but not known fails, naming it.
     Apply {
         file: PathBuf,
         /// Apply into this directory instead of the running system; no
-        /// commands (daemon-reload, unit commands, scripts) are run.
+        /// commands (daemon-reload, unit commands, scripts) are run. The
+        /// environment files are read inside it.
         #[arg(long)]
         root: Option<PathBuf>,
         #[arg(long)]
         json: bool,
+        #[arg(long, hide = true)]
+        route_table: Option<PathBuf>,
     },
     /// Find user-data in the boot sources (OEM partition, fw_cfg,
     /// config-drive, cloud-config-url=) and apply each one found.
@@ -53,7 +64,26 @@ enum Cmd {
         config_drive: Option<PathBuf>,
         #[arg(long, hide = true)]
         cmdline: Option<PathBuf>,
+        #[arg(long, hide = true)]
+        route_table: Option<PathBuf>,
     },
+}
+
+/// Where this host's addresses are looked for: inside `root` when applying
+/// to one.
+fn places(root: Option<&Path>, route_table: Option<PathBuf>) -> Places {
+    let d = Places::default();
+    Places {
+        env_files: match root {
+            Some(r) => d
+                .env_files
+                .iter()
+                .map(|f| r.join(f.strip_prefix("/").unwrap_or(f)))
+                .collect(),
+            None => d.env_files,
+        },
+        proc_route: route_table.unwrap_or(d.proc_route),
+    }
 }
 
 fn main() -> ExitCode {
@@ -74,8 +104,22 @@ fn main() -> ExitCode {
     );
     match cli.cmd {
         Cmd::Validate { file, json } => validate(&file, json),
-        Cmd::Apply { file, root, json } => match nimbus_cloud_config::read_limited(&file) {
-            Ok(text) => apply_text(&text, &file.display().to_string(), root.as_deref(), json),
+        Cmd::Apply {
+            file,
+            root,
+            json,
+            route_table,
+        } => match nimbus_cloud_config::read_limited(&file) {
+            Ok(text) => {
+                let p = places(root.as_deref(), route_table);
+                apply_text(
+                    &text,
+                    &file.display().to_string(),
+                    root.as_deref(),
+                    &p,
+                    json,
+                )
+            }
             Err(e) => fail(&e),
         },
         Cmd::Boot {
@@ -84,7 +128,9 @@ fn main() -> ExitCode {
             fw_cfg,
             config_drive,
             cmdline,
+            route_table,
         } => {
+            let p = places(root.as_deref(), route_table);
             let d = Sources::default();
             let sources = Sources {
                 oem_dir: oem_dir.unwrap_or(d.oem_dir),
@@ -103,7 +149,7 @@ fn main() -> ExitCode {
             }
             for f in found {
                 tracing::info!(source = %f.source, "applying user-data");
-                if apply_text(&f.text, &f.source, root.as_deref(), false) != ExitCode::SUCCESS {
+                if apply_text(&f.text, &f.source, root.as_deref(), &p, false) != ExitCode::SUCCESS {
                     code = ExitCode::FAILURE;
                 }
             }
@@ -122,6 +168,8 @@ fn validate(file: &Path, json: bool) -> ExitCode {
         Ok(t) => t,
         Err(e) => return fail(&e),
     };
+    // Placeholders for every variable: what is checked is the shape.
+    let text = subst::substitute(&text, &Addresses::placeholders(), "").unwrap_or(text);
     let (_, problems) = schema::check(&text);
     print_problems(&file.display().to_string(), &problems, json);
     if problems.iter().any(|p| p.severity == Severity::Error) {
@@ -151,7 +199,28 @@ fn print_problems(source: &str, problems: &[schema::Problem], json: bool) {
     }
 }
 
-fn apply_text(text: &str, source: &str, root: Option<&Path>, json: bool) -> ExitCode {
+fn apply_text(
+    text: &str,
+    source: &str,
+    root: Option<&Path>,
+    places: &Places,
+    json: bool,
+) -> ExitCode {
+    // Replaced before parsing, as coreos-cloudinit did; a script (`#!`)
+    // is left as written (it can read /etc/environment itself).
+    let substituted;
+    let text = if text.starts_with("#cloud-config") && subst::uses_any(text) {
+        let a = addresses::discover(places);
+        match subst::substitute(text, &a, &places.describe()) {
+            Ok(t) => {
+                substituted = t;
+                &substituted
+            }
+            Err(e) => return fail(&format!("{source}: not applied: {e}")),
+        }
+    } else {
+        text
+    };
     let (data, problems) = schema::check(text);
     if !problems.is_empty() {
         // Problems go to stderr here: stdout is the apply report.

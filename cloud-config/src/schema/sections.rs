@@ -193,6 +193,49 @@ pub(super) fn write_file(c: &mut Checker, n: &Node) -> Option<WriteFile> {
     }
 }
 
+/// etcd 0.4's keys (the CoreOS tutorial's user-data) that etcd 3 does not
+/// read, and what replaces each in `coreos.etcd2`; the ports moved too.
+/// (`name`, `discovery`, `data_dir` keep their ETCD_* names and work.)
+const ETCD_REPLACED: &[(&str, &str)] = &[
+    ("addr", "coreos.etcd2.advertise-client-urls (http://HOST:2379; 4001 was etcd 0.4's port)"),
+    ("bind_addr", "coreos.etcd2.listen-client-urls (http://0.0.0.0:2379)"),
+    ("peer_addr", "coreos.etcd2.initial-advertise-peer-urls (http://HOST:2380; 7001 was etcd 0.4's port), with initial-cluster"),
+    ("peer_bind_addr", "coreos.etcd2.listen-peer-urls (http://0.0.0.0:2380)"),
+    ("peers", "coreos.etcd2.initial-cluster (NAME=http://HOST:2380,...)"),
+];
+
+/// fleet's keys that meant something for the cluster, and Nimbus's keys.
+const FLEET_REPLACED: &[(&str, &str)] = &[
+    (
+        "public_ip",
+        "nimbus.swarm.advertise_addr (the address swarm peers reach this host at)",
+    ),
+    (
+        "metadata",
+        "node labels: `docker node update --label-add` on a manager",
+    ),
+    (
+        "etcd_servers",
+        "coreos.locksmith.endpoint for update-engine's etcd lock",
+    ),
+];
+
+/// A warning on each key of `section` that `table` names, saying what
+/// replaces it on Nimbus.
+fn replaced_keys(c: &mut Checker, v: &Node, section: &str, table: &[(&str, &str)]) {
+    let Kind::Map(entries) = &v.kind else { return };
+    for (k, val) in entries {
+        let Some(key) = k.as_str() else { continue };
+        let norm = key.replace('-', "_");
+        if let Some((_, with)) = table.iter().find(|(old, _)| *old == norm) {
+            c.warn(
+                val.line,
+                format!("{section}.{key} is not read on Nimbus: use {with}"),
+            );
+        }
+    }
+}
+
 pub(super) fn env_section(
     c: &mut Checker,
     v: &Node,
@@ -259,9 +302,11 @@ pub(super) fn coreos(
             etcd_line = Some(kl);
             c.warn(kl, "coreos.etcd configures etcd 0.4 and is deprecated; use coreos.etcd2 (Nimbus runs etcd 3 from Debian as etcd.service)");
             cfg.env_dropins.push(env_section(c, v, "etcd", ETCD, "ETCD_", "etcd.service"));
+            replaced_keys(c, v, "coreos.etcd", ETCD_REPLACED);
         }
         "fleet" => {
             c.warn(c.key_line, "coreos.fleet is deprecated: fleet is not shipped with Nimbus; the drop-in is written but nothing reads it");
+            replaced_keys(c, v, "coreos.fleet", FLEET_REPLACED);
             cfg.env_dropins.push(env_section(c, v, "fleet", FLEET, "FLEET_", "fleet.service"));
         }
         "flannel" => cfg.env_dropins.push(env_section(c, v, "flannel", FLANNEL, "FLANNELD_", "flanneld.service")),
@@ -559,10 +604,6 @@ pub(super) fn etcd2_checks(c: &mut Checker, n: &Node, exposed: &mut Vec<(usize, 
         }
     }
     for (k, (v, line)) in &vals {
-        if v.contains("$private_ipv4") || v.contains("$public_ipv4") {
-            c.error(*line, format!("coreos.etcd2.{k}: Nimbus does not substitute $private_ipv4/$public_ipv4 (it has no metadata service); write the address"));
-            continue;
-        }
         if ETCD2_URL_LISTS.contains(&k.as_str()) {
             for u in v.split(',') {
                 check_url_at(c, *line, &format!("coreos.etcd2.{k}:"), u.trim());
@@ -616,6 +657,23 @@ pub(super) fn etcd2_checks(c: &mut Checker, n: &Node, exposed: &mut Vec<(usize, 
     }
 }
 
+/// CoreOS units the tutorial starts that Nimbus has no unit file for, and
+/// what does their work here.
+const NOT_SHIPPED: &[(&str, &str)] = &[
+    (
+        "fleet.service",
+        "schedule containers with Docker swarm (nimbus.swarm, docs/cluster.md)",
+    ),
+    (
+        "fleet.socket",
+        "schedule containers with Docker swarm (nimbus.swarm, docs/cluster.md)",
+    ),
+    (
+        "flanneld.service",
+        "swarm's overlay networks (`docker network create -d overlay`)",
+    ),
+];
+
 pub(super) fn unit(c: &mut Checker, n: &Node) -> Option<Unit> {
     let mut u = Unit::default();
     let mut named = false;
@@ -625,6 +683,10 @@ pub(super) fn unit(c: &mut Checker, n: &Node) -> Option<Unit> {
             name_given = true;
             if let Some(s) = c.string(v, "units.name") {
                 if valid_unit_name(&s) {
+                    if NOT_SHIPPED.iter().any(|(n, _)| *n == s) {
+                        let why = NOT_SHIPPED.iter().find(|(n, _)| *n == s).map_or("", |(_, w)| w);
+                        c.warn(v.line, format!("unit {s} is not shipped with Nimbus (unless `content` gives it): {why}"));
+                    }
                     u.name = s;
                     named = true;
                 } else {
