@@ -381,6 +381,14 @@ pub fn prepare(a: BuildImage) -> anyhow::Result<BuildOptions> {
         source: root.join("updater/dbus/com.coreos.update1.conf"),
         mode: 0o644,
     });
+    // Nimbus's commands written as scripts (toolbox: docs/toolbox.md).
+    for (rel, source) in files_under(&root.join("image/bin"))? {
+        opts.installs.push(Install {
+            dest: format!("/usr/bin/{rel}"),
+            source,
+            mode: 0o755,
+        });
+    }
     // Run by systemd-shutdown just before the kernel reboots.
     for (rel, source) in files_under(&root.join("image/system-shutdown"))? {
         opts.installs.push(Install {

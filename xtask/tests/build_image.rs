@@ -249,6 +249,8 @@ fn build_image_end_to_end() {
         "bin/cloud-config",
         "bin/update-engine",
         "bin/updatectl",
+        // image/bin: docs/toolbox.md.
+        "bin/toolbox",
         "lib/systemd/system/update-engine.service",
         "lib/systemd/system/cloud-config.service",
         "lib/systemd/system/oem.mount",

@@ -519,6 +519,8 @@ fn story(work: &Path, log: &Path) -> anyhow::Result<()> {
         ],
     )?;
     steps.done("boot 1.0.0 from the second disk, USR-A marked good");
+    let said = crate::vm::toolbox::check(&ssh)?;
+    steps.done(&said);
 
     // Every GET of a version's payload or pack (the guest updates by
     // delta: Range requests for the frames it lacks).
