@@ -80,16 +80,20 @@ impl Client {
                     .collect::<String>()
             ),
         };
-        Err(Outcome::Refused(format!(
-            "{url} (group {}): {why}",
-            self.cfg.group
-        )))
+        let why = format!("{url} (group {}): {why}", self.cfg.group);
+        // 409: the semaphore is full (the protocol's answer while others
+        // hold it), not a failure of the server.
+        if status == reqwest::StatusCode::CONFLICT {
+            return Err(Outcome::Taken(why));
+        }
+        Err(Outcome::Refused(why))
     }
 }
 
 enum Outcome {
     Unreachable(String),
     Refused(String),
+    Taken(String),
 }
 
 impl RebootLock for Client {
@@ -111,6 +115,7 @@ impl RebootLock for Client {
         match self.call(PRE_REBOOT) {
             Ok(()) => Lock::Held,
             Err(Outcome::Refused(why)) => Lock::Refused(why),
+            Err(Outcome::Taken(why)) => Lock::Taken(why),
             Err(Outcome::Unreachable(why)) => Lock::Unavailable(why),
         }
     }
@@ -118,7 +123,9 @@ impl RebootLock for Client {
         match self.call(STEADY_STATE) {
             // The protocol does not say whether a slot was held.
             Ok(()) => Ok(true),
-            Err(Outcome::Refused(why) | Outcome::Unreachable(why)) => Err(why),
+            Err(Outcome::Refused(why) | Outcome::Taken(why) | Outcome::Unreachable(why)) => {
+                Err(why)
+            }
         }
     }
 }

@@ -104,6 +104,10 @@ pub enum Lock {
     /// The backend answered and gave no slot, saying why (a FleetLock
     /// server's error body).
     Refused(String),
+    /// The backend answered that every slot is taken (a FleetLock server's
+    /// 409 Conflict), with its words: the normal answer while other hosts
+    /// reboot, asked again soon rather than backed off from.
+    Taken(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -176,6 +180,10 @@ pub fn decide(
             Lock::Refused(why) => Decision::Wait {
                 until: None,
                 why: format!("the reboot lock gave no slot: {why}"),
+            },
+            Lock::Taken(why) => Decision::Wait {
+                until: None,
+                why: format!("the reboot lock is taken by other hosts: {why}"),
             },
         },
     }
