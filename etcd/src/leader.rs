@@ -143,6 +143,7 @@ pub fn step_down(c: &LockClient) -> Result<StepDown, LockError> {
     loop {
         let (_, now) = status(c)?;
         if now != me {
+            ready_for_reads(c);
             return Ok(StepDown::Moved {
                 from: me_name,
                 to: name_of(now, &members),
@@ -158,6 +159,25 @@ pub fn step_down(c: &LockClient) -> Result<StepDown, LockError> {
             });
         }
         std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Wait (at most 5 s) until a linearizable read through this member
+/// succeeds. A new leader serves reads only once it has committed an entry
+/// of its own term; until then every member answers reads with "leader
+/// changed" (HTTP 503 from the gateway). Seen in the cluster test: the
+/// reboot that followed a transfer at once left both other members failing
+/// reads for a second. Not an error if it never does: the transfer itself
+/// happened, and etcd hands over again as it stops.
+fn ready_for_reads(c: &LockClient) {
+    use base64::Engine;
+    let key = base64::engine::general_purpose::STANDARD.encode("nimbus/leader-ready");
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(5) {
+        if c.post("/v3/kv/range", &json!({ "key": key })).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
