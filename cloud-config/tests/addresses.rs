@@ -4,19 +4,11 @@
 //! known; and the CoreOS tutorial's user-data is explained key by key.
 
 use std::fs;
-use std::path::Path;
-use std::process::{Command, Output};
+use std::path::PathBuf;
+use std::process::Output;
 
-fn bin(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_cloud-config"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+mod common;
+use common::{bin, s};
 
 /// A member of a three-node etcd cluster, addressed by variable.
 const MEMBER: &str = "#cloud-config
@@ -80,17 +72,13 @@ fn validate_accepts_the_variables_and_explains_the_seed() {
     }
 }
 
-#[test]
-fn apply_fills_the_variables_from_the_environment_file() {
+/// Apply `MEMBER` into a fresh root whose /etc/environment is `env`, with
+/// an empty route table (no default route to fall back on).
+fn apply_member(env: &str) -> (tempfile::TempDir, PathBuf, Output) {
     let d = tempfile::tempdir().unwrap();
     let root = d.path().join("root");
     fs::create_dir_all(root.join("etc")).unwrap();
-    // As Vagrant's CoreOS guest writes it.
-    fs::write(
-        root.join("etc/environment"),
-        "COREOS_PUBLIC_IPV4=172.17.8.101\nCOREOS_PRIVATE_IPV4=10.9.8.7\n",
-    )
-    .unwrap();
+    fs::write(root.join("etc/environment"), env).unwrap();
     let f = d.path().join("user-data");
     fs::write(&f, MEMBER).unwrap();
     let route = d.path().join("route");
@@ -107,6 +95,14 @@ fn apply_fills_the_variables_from_the_environment_file() {
         s(&route),
         s(&f),
     ]);
+    (d, root, o)
+}
+
+#[test]
+fn apply_fills_the_variables_from_the_environment_file() {
+    // As Vagrant's CoreOS guest writes it.
+    let (_d, root, o) =
+        apply_member("COREOS_PUBLIC_IPV4=172.17.8.101\nCOREOS_PRIVATE_IPV4=10.9.8.7\n");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let dropin =
         fs::read_to_string(root.join("run/systemd/system/etcd.service.d/20-cloudinit.conf"))
@@ -123,31 +119,8 @@ fn apply_fills_the_variables_from_the_environment_file() {
 
 #[test]
 fn apply_without_a_known_address_names_the_variable_and_writes_nothing() {
-    let d = tempfile::tempdir().unwrap();
-    let root = d.path().join("root");
-    fs::create_dir_all(root.join("etc")).unwrap();
     // Public known, private not, and no default route to fall back on.
-    fs::write(
-        root.join("etc/environment"),
-        "COREOS_PUBLIC_IPV4=172.17.8.101\n",
-    )
-    .unwrap();
-    let f = d.path().join("user-data");
-    fs::write(&f, MEMBER).unwrap();
-    let route = d.path().join("route");
-    fs::write(
-        &route,
-        "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\n",
-    )
-    .unwrap();
-    let o = bin(&[
-        "apply",
-        "--root",
-        s(&root),
-        "--route-table",
-        s(&route),
-        s(&f),
-    ]);
+    let (_d, root, o) = apply_member("COREOS_PUBLIC_IPV4=172.17.8.101\n");
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(
