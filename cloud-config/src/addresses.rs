@@ -106,15 +106,15 @@ pub fn default_route_iface(route: &str) -> Option<String> {
         .map(|(_, iface)| iface)
 }
 
-/// This host's addresses, from `places` (see the module's order).
-pub fn discover(places: &Places) -> Addresses {
+/// This host's addresses, from `places` (see the module's order). The
+/// environment files are read through `read` (the apply root's confined
+/// reader: `--root` may point at a tree whose links lead anywhere); `None`
+/// for a file that is not there.
+pub fn discover(places: &Places, read: &dyn Fn(&Path) -> Option<String>) -> Addresses {
     let mut a = Addresses::default();
     for f in &places.env_files {
-        // Missing is normal (no platform agent); unreadable says so.
-        match std::fs::read_to_string(f) {
-            Ok(text) => parse_env(&text, &mut a),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => tracing::warn!("{}: {e}", f.display()),
+        if let Some(text) = read(f) {
+            parse_env(&text, &mut a);
         }
     }
     if a.public_ipv4.is_none() || a.private_ipv4.is_none() {
@@ -187,7 +187,7 @@ mod tests {
             // No default route: private IPv4 stays unknown.
             proc_route: d.path().join("route"),
         };
-        let a = discover(&p);
+        let a = discover(&p, &|f| std::fs::read_to_string(f).ok());
         assert_eq!(a.public_ipv4, Some("172.17.8.101".parse().unwrap()));
         assert_eq!(a.private_ipv4, None);
         assert_eq!(a.private_ipv6, Some("fd00::5".parse().unwrap()));

@@ -69,20 +69,13 @@ enum Cmd {
     },
 }
 
-/// Where this host's addresses are looked for: inside `root` when applying
-/// to one.
-fn places(root: Option<&Path>, route_table: Option<PathBuf>) -> Places {
+/// Where this host's addresses are looked for (the environment files as
+/// paths inside the apply root, read through it).
+fn places(route_table: Option<PathBuf>) -> Places {
     let d = Places::default();
     Places {
-        env_files: match root {
-            Some(r) => d
-                .env_files
-                .iter()
-                .map(|f| r.join(f.strip_prefix("/").unwrap_or(f)))
-                .collect(),
-            None => d.env_files,
-        },
         proc_route: route_table.unwrap_or(d.proc_route),
+        ..d
     }
 }
 
@@ -111,7 +104,7 @@ fn main() -> ExitCode {
             route_table,
         } => match nimbus_cloud_config::read_limited(&file) {
             Ok(text) => {
-                let p = places(root.as_deref(), route_table);
+                let p = places(route_table);
                 apply_text(
                     &text,
                     &file.display().to_string(),
@@ -130,7 +123,7 @@ fn main() -> ExitCode {
             cmdline,
             route_table,
         } => {
-            let p = places(root.as_deref(), route_table);
+            let p = places(route_table);
             let d = Sources::default();
             let sources = Sources {
                 oem_dir: oem_dir.unwrap_or(d.oem_dir),
@@ -206,11 +199,15 @@ fn apply_text(
     places: &Places,
     json: bool,
 ) -> ExitCode {
+    let mut r = match Root::new(root.unwrap_or(Path::new("/"))) {
+        Ok(r) => r,
+        Err(e) => return fail(&e.to_string()),
+    };
     // Replaced before parsing, as coreos-cloudinit did; a script (`#!`)
     // is left as written (it can read /etc/environment itself).
     let substituted;
     let text = if text.starts_with("#cloud-config") && subst::uses_any(text) {
-        let a = addresses::discover(places);
+        let a = addresses::discover(places, &|f| r.read(&f.to_string_lossy()));
         match subst::substitute(text, &a, &places.describe()) {
             Ok(t) => {
                 substituted = t;
@@ -234,10 +231,6 @@ fn apply_text(
     let mut runner: Box<dyn CommandRunner> = match root {
         Some(_) => Box::new(NoCommands),
         None => Box::new(SystemCommands),
-    };
-    let mut r = match Root::new(root.unwrap_or(Path::new("/"))) {
-        Ok(r) => r,
-        Err(e) => return fail(&e.to_string()),
     };
     let result = match &data {
         UserData::Empty => Ok(()),

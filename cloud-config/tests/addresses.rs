@@ -132,3 +132,40 @@ fn apply_without_a_known_address_names_the_variable_and_writes_nothing() {
     assert!(!root.join("run").exists());
     assert_eq!(fs::read_dir(root.join("etc")).unwrap().count(), 1);
 }
+
+#[test]
+fn apply_reads_the_environment_inside_the_root_only() {
+    // /etc/environment in the root links to a file outside it that would
+    // give every address: it is resolved inside the root, where there is
+    // no such file, so nothing is known and nothing is applied.
+    let outside = tempfile::NamedTempFile::new().unwrap();
+    fs::write(
+        outside.path(),
+        "COREOS_PUBLIC_IPV4=1.1.1.1\nCOREOS_PRIVATE_IPV4=1.1.1.2\n",
+    )
+    .unwrap();
+    let (_d, root, o) = apply_member("");
+    fs::remove_file(root.join("etc/environment")).unwrap();
+    std::os::unix::fs::symlink(outside.path(), root.join("etc/environment")).unwrap();
+    let f = root.parent().unwrap().join("user-data");
+    let route = root.parent().unwrap().join("route");
+    let o2 = bin(&[
+        "apply",
+        "--root",
+        s(&root),
+        "--route-table",
+        s(&route),
+        s(&f),
+    ]);
+    let err = String::from_utf8_lossy(&o2.stderr);
+    assert_eq!(
+        (o.status.code(), o2.status.code()),
+        (Some(1), Some(1)),
+        "{err}"
+    );
+    assert!(
+        err.contains("$public_ipv4 is used but this host's address is not known"),
+        "{err}"
+    );
+    assert!(!root.join("run").exists());
+}
