@@ -26,6 +26,12 @@ pub const SWARM_JOIN_TOKEN: &str = "nimbus/swarm/join-token";
 /// when the hostname is in its `MANAGERS` and the IDs agree.
 pub const SWARM_PROMOTE: &str = "nimbus/swarm/promote";
 
+/// With `INIT=auto`, the manager that created this key (only if it did not
+/// exist) starts the swarm; its value is that host's swarm address
+/// (`ADDR:2377`), which the others join. Deleting it by hand lets the next
+/// host to start a swarm claim it, for a cluster rebuilt from scratch.
+pub const SWARM_FOUNDER: &str = "nimbus/swarm/founder";
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -30,11 +30,34 @@ impl std::str::FromStr for Role {
     }
 }
 
+/// Who starts the swarm.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Init {
+    /// This host joins one that did.
+    #[default]
+    No,
+    /// This host starts it (one manager of the cluster).
+    Yes,
+    /// The first manager to claim [`crate::etcd_keys::SWARM_FOUNDER`] in
+    /// etcd starts it and the others join it: one user-data for every
+    /// host (a Vagrant cluster, an autoscaling group).
+    Auto,
+}
+
+impl Init {
+    pub fn name(self) -> &'static str {
+        match self {
+            Init::No => "no",
+            Init::Yes => "yes",
+            Init::Auto => "auto",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct SwarmConf {
     pub role: Role,
-    /// Start the swarm here (one manager of the cluster).
-    pub init: bool,
+    pub init: Init,
     /// The address other hosts reach this one at (IP, IP:port, interface).
     pub advertise_addr: String,
     pub listen_addr: Option<String>,
@@ -115,11 +138,16 @@ impl SwarmConf {
         if self.advertise_addr.is_empty() {
             return Err("ADVERTISE_ADDR is not set".into());
         }
-        if self.init && !self.manager() {
-            return Err("INIT=yes needs ROLE=manager".into());
+        if self.init != Init::No && !self.manager() {
+            return Err(format!("INIT={} needs ROLE=manager", self.init.name()));
         }
-        if !self.init && self.join.is_empty() {
-            return Err("JOIN is empty and INIT is not yes".into());
+        if self.init == Init::Auto && self.secret.is_none() {
+            return Err(
+                "INIT=auto needs SECRET (the joiners open the worker token with it)".into(),
+            );
+        }
+        if self.init == Init::No && self.join.is_empty() {
+            return Err("JOIN is empty and INIT is not yes or auto".into());
         }
         Ok(())
     }
@@ -128,7 +156,7 @@ impl SwarmConf {
         let mut out =
             String::from("# Written by cloud-config from nimbus.swarm; read by nimbus-swarm.\n");
         out.push_str(&format!("ROLE={}\n", self.role()));
-        out.push_str(&format!("INIT={}\n", if self.init { "yes" } else { "no" }));
+        out.push_str(&format!("INIT={}\n", self.init.name()));
         out.push_str(&format!("ADVERTISE_ADDR={}\n", self.advertise_addr));
         if let Some(l) = &self.listen_addr {
             out.push_str(&format!("LISTEN_ADDR={l}\n"));
@@ -168,9 +196,10 @@ impl SwarmConf {
                 "ROLE" => role = Some(v.parse().map_err(|e| bad(format!("ROLE={e}")))?),
                 "INIT" => {
                     c.init = match v.as_str() {
-                        "yes" | "true" => true,
-                        "no" | "false" => false,
-                        _ => return Err(bad(format!("INIT={v:?}: use yes or no"))),
+                        "yes" | "true" => Init::Yes,
+                        "no" | "false" => Init::No,
+                        "auto" => Init::Auto,
+                        _ => return Err(bad(format!("INIT={v:?}: use yes, no or auto"))),
                     }
                 }
                 "ADVERTISE_ADDR" => c.advertise_addr = v,
@@ -215,13 +244,13 @@ mod tests {
         for c in [
             SwarmConf {
                 role: Role::Manager,
-                init: true,
+                init: Init::Yes,
                 advertise_addr: "10.0.0.1".into(),
                 ..SwarmConf::default()
             },
             SwarmConf {
                 role: Role::Worker,
-                init: false,
+                init: Init::No,
                 advertise_addr: "eth1".into(),
                 listen_addr: Some("0.0.0.0:2377".into()),
                 join: vec!["10.0.0.1:2377".into(), "m2".into()],
@@ -230,10 +259,18 @@ mod tests {
             },
             SwarmConf {
                 role: Role::Manager,
-                init: true,
+                init: Init::Yes,
                 advertise_addr: "10.0.0.1".into(),
                 secret: Some(Secret([0xa5; 32])),
                 managers: vec!["h1".into(), "h2.example.com".into()],
+                ..SwarmConf::default()
+            },
+            SwarmConf {
+                role: Role::Manager,
+                init: Init::Auto,
+                advertise_addr: "172.17.8.101".into(),
+                secret: Some(Secret([0x5a; 32])),
+                managers: vec!["core-01".into(), "core-02".into()],
                 ..SwarmConf::default()
             },
         ] {
@@ -247,7 +284,7 @@ mod tests {
             "# x\nROLE=manager\nINIT=no\nADVERTISE_ADDR=10.0.0.2\nJOIN=10.0.0.1:2377, 10.0.0.3:2377\n",
         )
         .unwrap();
-        assert!(c.manager() && !c.init);
+        assert!(c.manager() && c.init == Init::No);
         assert_eq!(c.join, ["10.0.0.1:2377", "10.0.0.3:2377"]);
         for (text, want) in [
             (
@@ -260,9 +297,17 @@ mod tests {
             ),
             (
                 "ROLE=worker\nADVERTISE_ADDR=a\n",
-                "JOIN is empty and INIT is not yes",
+                "JOIN is empty and INIT is not yes or auto",
             ),
             ("ROLE=worker\nJOIN=a\n", "ADVERTISE_ADDR is not set"),
+            (
+                "ROLE=manager\nINIT=auto\nADVERTISE_ADDR=10.0.0.1\n",
+                "INIT=auto needs SECRET (the joiners open the worker token with it)",
+            ),
+            (
+                "ROLE=worker\nINIT=maybe\n",
+                "line 2: INIT=\"maybe\": use yes, no or auto",
+            ),
             (
                 "ROLE=worker\nnonsense\n",
                 "line 2: expected KEY=value, found \"nonsense\"",

@@ -22,6 +22,7 @@ pub mod seal;
 
 use std::time::{Duration, Instant};
 
+pub use nimbus::etcd_keys::SWARM_FOUNDER as FOUNDER_KEY;
 pub use nimbus::etcd_keys::SWARM_JOIN_TOKEN as TOKEN_KEY;
 pub use nimbus::etcd_keys::SWARM_PROMOTE as PROMOTE_KEY;
 
@@ -52,7 +53,7 @@ pub enum SwarmError {
 
 /// `/etc/nimbus/swarm.conf` (written by cloud-config; the contract is
 /// `nimbus::swarmconf`).
-pub use nimbus::swarmconf::SwarmConf;
+pub use nimbus::swarmconf::{Init, SwarmConf};
 
 /// Parse swarm.conf, the error naming the file.
 pub fn parse_conf(path: &str, text: &str) -> Result<SwarmConf, SwarmError> {
@@ -80,6 +81,9 @@ pub trait Docker {
 pub trait Shared {
     fn get(&mut self, key: &str) -> Result<Option<String>, SwarmError>;
     fn put(&mut self, key: &str, value: &str) -> Result<(), SwarmError>;
+    /// Write `key` only if it does not exist (one transaction); false when
+    /// it did.
+    fn create(&mut self, key: &str, value: &str) -> Result<bool, SwarmError>;
     fn delete(&mut self, key: &str) -> Result<(), SwarmError>;
 }
 
@@ -226,6 +230,70 @@ fn request_promotion(d: &mut dyn Docker, t: &mut dyn Shared) -> Result<String, S
     Ok(host)
 }
 
+/// This host's swarm address as others dial it: `ADVERTISE_ADDR` with
+/// swarm's port when it names none.
+pub fn swarm_addr(advertise: &str) -> String {
+    match advertise.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V6(a)) => format!("[{a}]:2377"),
+        Ok(a) => format!("{a}:2377"),
+        Err(_) => advertise.to_string(),
+    }
+}
+
+/// Who starts the swarm under `INIT=auto`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Founder {
+    Me,
+    Other(String),
+}
+
+/// `INIT=auto`: claim [`FOUNDER_KEY`] in etcd (created only if absent, so
+/// of hosts racing with the same user-data exactly one wins), or learn who
+/// did. Waits up to `limit` for etcd to answer.
+fn founder(
+    conf: &SwarmConf,
+    t: &mut dyn Shared,
+    w: &mut dyn Waiter,
+    limit: Duration,
+) -> Result<Founder, SwarmError> {
+    let mine = swarm_addr(&conf.advertise_addr);
+    loop {
+        let step = (|| -> Result<Option<Founder>, SwarmError> {
+            match t.get(FOUNDER_KEY)? {
+                Some(v) if v == mine => {
+                    // This host claimed it before: it crashed before its
+                    // swarm was up (start it now), or it left a swarm that
+                    // the others keep (joining nobody would split it).
+                    if t.get(&worker_token_key())?.is_none() {
+                        Ok(Some(Founder::Me))
+                    } else if let Some(other) = conf.join.first() {
+                        Ok(Some(Founder::Other(other.clone())))
+                    } else {
+                        Err(SwarmError::Gave(format!(
+                            "this host ({mine}) started the swarm ({FOUNDER_KEY} in etcd) but is no longer in it, and no JOIN names another manager: give `join`, or delete {FOUNDER_KEY} to start a new swarm"
+                        )))
+                    }
+                }
+                Some(v) => Ok(Some(Founder::Other(v))),
+                None => Ok(t.create(FOUNDER_KEY, &mine)?.then_some(Founder::Me)),
+            }
+        })();
+        match step {
+            Ok(Some(f)) => return Ok(f),
+            // Lost the race: read the winner on the next round.
+            Ok(None) => continue,
+            Err(e @ SwarmError::Gave(_)) => return Err(e),
+            Err(e) if w.elapsed() < limit => {
+                w.say(&format!(
+                    "waiting for etcd to learn who starts the swarm: {e}"
+                ));
+                w.sleep(Duration::from_secs(2));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Make this host what `conf` says: start the swarm, or join it. Waits up
 /// to `limit` for a token to appear in etcd and for a manager to answer.
 pub fn join(
@@ -249,7 +317,25 @@ pub fn join(
         }
         return Ok(Joined::AlreadyMember);
     }
-    if conf.init {
+    let mut join_list = conf.join.clone();
+    let init = match conf.init {
+        Init::Yes => true,
+        Init::No => false,
+        Init::Auto => match founder(conf, t, w, limit)? {
+            Founder::Me => {
+                w.say("claimed the swarm's founding in etcd: starting it here");
+                true
+            }
+            Founder::Other(addr) => {
+                w.say(&format!("the swarm is started by {addr}: joining it"));
+                if !join_list.contains(&addr) {
+                    join_list.insert(0, addr);
+                }
+                false
+            }
+        },
+    };
+    if init {
         let mut args = vec![
             "swarm",
             "init",
@@ -288,7 +374,7 @@ pub fn join(
             }
         };
         if let Some(token) = token {
-            for m in &conf.join {
+            for m in &join_list {
                 let req = engine::JoinRequest {
                     listen_addr: conf
                         .listen_addr
@@ -861,6 +947,13 @@ mod tests {
             self.0.insert(key.into(), value.into());
             Ok(())
         }
+        fn create(&mut self, key: &str, value: &str) -> Result<bool, SwarmError> {
+            if self.0.contains_key(key) {
+                return Ok(false);
+            }
+            self.0.insert(key.into(), value.into());
+            Ok(true)
+        }
         fn delete(&mut self, key: &str) -> Result<(), SwarmError> {
             self.0.remove(key);
             Ok(())
@@ -907,7 +1000,7 @@ mod tests {
     #[test]
     fn conf_parses_and_bad_lines_name_their_line() {
         let c = conf("# x\nROLE=manager\nINIT=no\nADVERTISE_ADDR=10.0.0.2\nJOIN=10.0.0.1:2377, 10.0.0.3:2377\n");
-        assert!(c.manager() && !c.init);
+        assert!(c.manager() && c.init == Init::No);
         assert_eq!(c.join, ["10.0.0.1:2377", "10.0.0.3:2377"]);
         for (text, frag) in [
             ("ROLE=boss\n", "line 1: ROLE=\"boss\""),
@@ -965,6 +1058,101 @@ mod tests {
             .on("swarm join-token -q worker", &[Ok(TOKEN_W)]);
         join(&c, &mut d, &mut t, &mut w, Duration::from_secs(1)).unwrap();
         assert_eq!(t.0.get(&key), Some(&before));
+    }
+
+    /// Three hosts with the same user-data: the first to claim the key
+    /// starts the swarm, the others join the address it published.
+    #[test]
+    fn with_init_auto_one_host_starts_the_swarm_and_the_others_join_it() {
+        let text = |addr: &str| {
+            format!("ROLE=manager\nINIT=auto\nADVERTISE_ADDR={addr}\nMANAGERS=core-01,core-02\n{SECRET}")
+        };
+        let mut t = Mem(Default::default(), 2);
+        let mut d1 = Script::default()
+            .on("info --format {{json .Swarm}}", &[Ok(INACTIVE)])
+            .on("swarm init", &[Ok("Swarm initialized")])
+            .on("swarm join-token -q worker", &[Ok(TOKEN_W)]);
+        let mut w = Fake::default();
+        assert_eq!(
+            join(
+                &conf(&text("172.17.8.101")),
+                &mut d1,
+                &mut t,
+                &mut w,
+                Duration::from_secs(60)
+            )
+            .unwrap(),
+            Joined::Initialised
+        );
+        assert!(
+            w.said
+                .iter()
+                .any(|s| s.contains("waiting for etcd to learn who")),
+            "{:?}",
+            w.said
+        );
+        assert_eq!(
+            t.0.get(FOUNDER_KEY).map(String::as_str),
+            Some("172.17.8.101:2377")
+        );
+        assert!(d1
+            .calls
+            .contains(&"swarm init --advertise-addr 172.17.8.101".to_string()));
+
+        let mut d2 = Script::default()
+            .on("info --format {{json .Swarm}}", &[Ok(INACTIVE), Ok(WORKER)])
+            .on("info --format {{.Name}}", &[Ok("core-02\n")])
+            .on("API join 172.17.8.101:2377", &[Ok("")]);
+        assert_eq!(
+            join(
+                &conf(&text("172.17.8.102")),
+                &mut d2,
+                &mut t,
+                &mut Fake::default(),
+                Duration::from_secs(60)
+            )
+            .unwrap(),
+            Joined::Joined {
+                via: "172.17.8.101:2377".into()
+            }
+        );
+        assert!(
+            !d2.calls.iter().any(|c| c.starts_with("swarm init")),
+            "{:?}",
+            d2.calls
+        );
+        assert_eq!(
+            t.0.get(FOUNDER_KEY).map(String::as_str),
+            Some("172.17.8.101:2377")
+        );
+        assert_eq!(
+            t.0.get(&format!("{PROMOTE_KEY}/core-02"))
+                .map(String::as_str),
+            Some("w1")
+        );
+
+        // The founder, out of its swarm later (left by hand), does not
+        // start a second one, and says what to do.
+        let e = join(
+            &conf(&text("172.17.8.101")),
+            &mut Script::default().on("info", &[Ok(INACTIVE)]),
+            &mut t,
+            &mut Fake::default(),
+            Duration::from_secs(4),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("started the swarm") && e.contains("delete nimbus/swarm/founder"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn swarm_addresses_carry_the_port() {
+        assert_eq!(swarm_addr("10.0.0.1"), "10.0.0.1:2377");
+        assert_eq!(swarm_addr("fd00::1"), "[fd00::1]:2377");
+        assert_eq!(swarm_addr("10.0.0.1:4000"), "10.0.0.1:4000");
     }
 
     #[test]

@@ -114,6 +114,11 @@ impl Shared for Etcd {
             .put_value(key, value.as_bytes())
             .map_err(|e| SwarmError::Etcd(e.to_string()))
     }
+    fn create(&mut self, key: &str, value: &str) -> Result<bool, SwarmError> {
+        self.0
+            .cas_value(key, value.as_bytes(), 0)
+            .map_err(|e| SwarmError::Etcd(e.to_string()))
+    }
     fn delete(&mut self, key: &str) -> Result<(), SwarmError> {
         self.0
             .delete_value(key)

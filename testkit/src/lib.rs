@@ -5,6 +5,8 @@
 //! - [`etcd`]: real etcd members (one, or a cluster) on loopback ports;
 //! - [`proc`]: running a command with a wall-clock deadline, so that no
 //!   test waits on a child process without a bound;
+//! - [`libvirt`]: libvirtd in a network namespace of its own, and
+//!   `vagrant` run against it, for the Vagrant tests;
 //! - [`loopdev`]: loop devices detached on drop;
 //! - [`cgpt`]: slot attributes through the real `cgpt`;
 //! - [`host`]: a host's disk (GPT, USR slots) and root directory, as
@@ -18,6 +20,7 @@ pub mod cgpt;
 pub mod etcd;
 pub mod host;
 pub mod httpd;
+pub mod libvirt;
 pub mod loopdev;
 pub mod proc;
 

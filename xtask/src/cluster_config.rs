@@ -57,6 +57,18 @@ pub struct ClusterConfigArgs {
     /// instead of locksmith's semaphore in the cluster's etcd.
     #[arg(long, value_name = "URL")]
     pub fleetlock_url: Option<String>,
+    /// One user-data for every member (`user-data` in --out), as Vagrant
+    /// and autoscaling groups hand out: the members share one certificate
+    /// (valid for all their names and addresses), each takes its address
+    /// from `$private_ipv4` and its etcd name from its host name, and the
+    /// first manager up starts the swarm (`init: auto`).
+    #[arg(long)]
+    pub shared: bool,
+    /// Form etcd through etcd's discovery protocol at URL (a discovery
+    /// service the operator runs: `http://HOST:PORT/v2/keys/discovery/TOKEN`,
+    /// its `_config/size` set) instead of a static initial cluster.
+    #[arg(long, value_name = "URL", requires = "shared")]
+    pub discovery: Option<String>,
     /// The certificates' lifetime in days.
     #[arg(long, default_value_t = 3650, value_parser = clap::value_parser!(u32).range(1..=36500))]
     pub days: u32,
@@ -164,7 +176,8 @@ fn validity(p: &mut rcgen::CertificateParams, days: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn make_pki(members: &[Member], days: u32) -> anyhow::Result<Pki> {
+/// `shared`: one pair for all members, valid for every name and address.
+pub fn make_pki(members: &[Member], days: u32, shared: bool) -> anyhow::Result<Pki> {
     use rcgen::{
         BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
         KeyUsagePurpose, SanType,
@@ -206,23 +219,31 @@ pub fn make_pki(members: &[Member], days: u32) -> anyhow::Result<Pki> {
             key: key.serialize_pem(),
         })
     };
+    let dns = |s: &str| -> anyhow::Result<SanType> {
+        Ok(SanType::DnsName(
+            s.try_into()
+                .with_context(|| format!("{s:?} as a DNS name"))?,
+        ))
+    };
+    // Its name and address for the others; loopback for its own clients
+    // (update-engine, nimbus-swarm, etcdctl on the host).
+    let sans = |ms: &[Member]| -> anyhow::Result<Vec<SanType>> {
+        let mut v = Vec::new();
+        for m in ms {
+            v.push(dns(&m.name)?);
+        }
+        v.push(dns("localhost")?);
+        v.extend(ms.iter().map(|m| SanType::IpAddress(m.addr)));
+        v.push(SanType::IpAddress(IpAddr::from([127, 0, 0, 1])));
+        Ok(v)
+    };
     let mut hosts = Vec::new();
-    for m in members {
-        let dns = |s: &str| -> anyhow::Result<SanType> {
-            Ok(SanType::DnsName(
-                s.try_into()
-                    .with_context(|| format!("{s:?} as a DNS name"))?,
-            ))
-        };
-        // Its name and address for the others; loopback for its own
-        // clients (update-engine, nimbus-swarm, etcdctl on the host).
-        let sans = vec![
-            dns(&m.name)?,
-            dns("localhost")?,
-            SanType::IpAddress(m.addr),
-            SanType::IpAddress(IpAddr::from([127, 0, 0, 1])),
-        ];
-        hosts.push(leaf(&m.name, sans, true)?);
+    if shared {
+        hosts.push(leaf("nimbus-member", sans(members)?, true)?);
+    } else {
+        for m in members {
+            hosts.push(leaf(&m.name, sans(std::slice::from_ref(m))?, true)?);
+        }
     }
     let admin = leaf("nimbus-admin", Vec::new(), false)?;
     let mut secret = [0u8; 32];
@@ -279,9 +300,38 @@ fn url_host(a: IpAddr) -> String {
 /// update-engine's etcd-lock and nimbus-swarm over the same certificate,
 /// etcdctl's environment for root's login shells, and its swarm place.
 pub fn user_data(members: &[Member], i: usize, pki: &Pki, site: &Site) -> anyhow::Result<String> {
-    let me = members.get(i).context("no such member")?;
-    let pair = pki.hosts.get(i).context("no certificate for the member")?;
-    let a = url_host(me.addr);
+    user_data_for(members, Some(i), pki, site, None)
+}
+
+/// The one user-data of `--shared` (every member), etcd formed by
+/// `discovery` when given, else by the static member list.
+pub fn shared_user_data(
+    members: &[Member],
+    pki: &Pki,
+    site: &Site,
+    discovery: Option<&str>,
+) -> anyhow::Result<String> {
+    user_data_for(members, None, pki, site, discovery)
+}
+
+fn user_data_for(
+    members: &[Member],
+    who: Option<usize>,
+    pki: &Pki,
+    site: &Site,
+    discovery: Option<&str>,
+) -> anyhow::Result<String> {
+    let me = match who {
+        Some(i) => Some(members.get(i).context("no such member")?),
+        None => None,
+    };
+    let pair = pki
+        .hosts
+        .get(who.unwrap_or(0))
+        .context("no certificate for the member")?;
+    // A shared document names no host: cloud-config fills in the address
+    // on each (`$private_ipv4`), etcd names the member after the host.
+    let a = me.map_or_else(|| "$private_ipv4".to_string(), |m| url_host(m.addr));
     let cluster: Vec<String> = members
         .iter()
         .map(|m| format!("{}=https://{}:{PEER_PORT}", m.name, url_host(m.addr)))
@@ -291,12 +341,23 @@ pub fn user_data(members: &[Member], i: usize, pki: &Pki, site: &Site) -> anyhow
         .map(|m| format!("https://{}:{CLIENT_PORT}", url_host(m.addr)))
         .collect();
     let mut y = String::from("#cloud-config\n");
-    let _ = writeln!(
-        y,
-        "# {}: made by `cargo xtask cluster-config`; it holds this host's private key.",
-        me.name
-    );
-    let _ = writeln!(y, "hostname: {}", me.name);
+    match me {
+        Some(me) => {
+            let _ = writeln!(
+                y,
+                "# {}: made by `cargo xtask cluster-config`; it holds this host's private key.",
+                me.name
+            );
+            let _ = writeln!(y, "hostname: {}", me.name);
+        }
+        None => {
+            let _ = writeln!(
+                y,
+                "# Every member of {}: made by `cargo xtask cluster-config --shared`; it holds\n# the members' shared private key.",
+                members.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", ")
+            );
+        }
+    }
     if !site.ssh_keys.is_empty() {
         y.push_str("users:\n  - name: root\n    ssh_authorized_keys:\n");
         for k in &site.ssh_keys {
@@ -330,11 +391,19 @@ pub fn user_data(members: &[Member], i: usize, pki: &Pki, site: &Site) -> anyhow
     );
     y.push_str(&site.write_files);
     y.push_str("coreos:\n  etcd2:\n");
-    let etcd2 = [
-        ("name", me.name.clone()),
-        ("initial-cluster", cluster.join(",")),
-        ("initial-cluster-state", "new".into()),
-        ("initial-cluster-token", "nimbus-cluster".into()),
+    let mut etcd2: Vec<(&str, String)> = Vec::new();
+    if let Some(me) = me {
+        etcd2.push(("name", me.name.clone()));
+    }
+    match discovery {
+        Some(url) => etcd2.push(("discovery", url.to_string())),
+        None => etcd2.extend([
+            ("initial-cluster", cluster.join(",")),
+            ("initial-cluster-state", "new".into()),
+            ("initial-cluster-token", "nimbus-cluster".into()),
+        ]),
+    }
+    etcd2.extend([
         (
             "initial-advertise-peer-urls",
             format!("https://{a}:{PEER_PORT}"),
@@ -362,7 +431,7 @@ pub fn user_data(members: &[Member], i: usize, pki: &Pki, site: &Site) -> anyhow
         // Slow links and busy hosts (Flatcar's advice for clouds).
         ("heartbeat-interval", "500".into()),
         ("election-timeout", "5000".into()),
-    ];
+    ]);
     for (k, v) in etcd2 {
         let _ = writeln!(y, "    {k}: {v}");
     }
@@ -392,7 +461,11 @@ pub fn user_data(members: &[Member], i: usize, pki: &Pki, site: &Site) -> anyhow
     // Every member a manager: swarm's raft keeps quorum while one of
     // three reboots. All but the first join as workers and are promoted.
     y.push_str("  swarm:\n    role: manager\n");
-    let _ = writeln!(y, "    advertise_addr: {}", me.addr);
+    let _ = writeln!(
+        y,
+        "    advertise_addr: {}",
+        me.map_or_else(|| "$private_ipv4".to_string(), |m| m.addr.to_string())
+    );
     let hex: String = pki
         .swarm_secret
         .0
@@ -409,7 +482,10 @@ pub fn user_data(members: &[Member], i: usize, pki: &Pki, site: &Site) -> anyhow
             .collect::<Vec<_>>()
             .join(", ")
     );
-    if i == 0 {
+    if who.is_none() {
+        // Whichever member claims it first in etcd.
+        y.push_str("    init: auto\n");
+    } else if who == Some(0) {
         y.push_str("    init: true\n");
     } else {
         let _ = writeln!(
@@ -425,7 +501,14 @@ pub fn user_data(members: &[Member], i: usize, pki: &Pki, site: &Site) -> anyhow
 /// warnings), or nothing.
 pub fn validate(ud: &str) -> Vec<String> {
     use nimbus_cloud_config::schema::{check, UserData};
-    let (data, problems) = check(ud);
+    use nimbus_cloud_config::subst;
+    // As `cloud-config validate` does: `$private_ipv4` and its kin get
+    // documentation addresses, so their shape is checked.
+    let ud = match subst::substitute(ud, &subst::Addresses::placeholders(), "validation") {
+        Ok(t) => t,
+        Err(e) => return vec![e.to_string()],
+    };
+    let (data, problems) = check(&ud);
     let mut out: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
     if out.is_empty() && !matches!(data, Some(UserData::CloudConfig(_))) {
         out.push("not a #cloud-config document".into());
@@ -479,7 +562,13 @@ pub fn run(a: &ClusterConfigArgs) -> anyhow::Result<()> {
             );
         }
     }
-    let pki = make_pki(&members, a.days)?;
+    if let Some(u) = &a.discovery {
+        let url = reqwest::Url::parse(u).with_context(|| format!("--discovery {u:?}"))?;
+        if !matches!(url.scheme(), "http" | "https") || !url.path().starts_with("/v2/keys/") {
+            bail!("--discovery {u:?}: not etcd's discovery protocol (http(s)://HOST:PORT/v2/keys/discovery/TOKEN)");
+        }
+    }
+    let pki = make_pki(&members, a.days, a.shared)?;
     let site = Site {
         ssh_keys,
         server: a.server.clone(),
@@ -487,6 +576,31 @@ pub fn run(a: &ClusterConfigArgs) -> anyhow::Result<()> {
         fleetlock_url: a.fleetlock_url.clone(),
         ..Site::default()
     };
+    if a.shared {
+        let ud = shared_user_data(&members, &pki, &site, a.discovery.as_deref())?;
+        let problems = validate(&ud);
+        if !problems.is_empty() {
+            bail!(
+                "the user-data made does not validate:\n{}",
+                problems.join("\n")
+            );
+        }
+        std::fs::create_dir_all(&a.out).with_context(|| a.out.display().to_string())?;
+        create(&a.out.join("ca.pem"), pki.ca.cert.as_bytes(), false)?;
+        create(&a.out.join("ca-key.pem"), pki.ca.key.as_bytes(), true)?;
+        create(&a.out.join("admin.pem"), pki.admin.cert.as_bytes(), false)?;
+        create(&a.out.join("admin-key.pem"), pki.admin.key.as_bytes(), true)?;
+        create(&a.out.join("user-data"), ud.as_bytes(), true)?;
+        std::fs::File::open(&a.out)
+            .and_then(|f| f.sync_all())
+            .with_context(|| format!("{}: sync", a.out.display()))?;
+        println!(
+            "cluster-config: one user-data for {} host(s) in {}: ca.pem, ca-key.pem (keep it offline), admin.pem, admin-key.pem, user-data",
+            members.len(),
+            a.out.display()
+        );
+        return Ok(());
+    }
     let mut docs = Vec::new();
     for i in 0..members.len() {
         let ud = user_data(&members, i, &pki, &site)?;
@@ -539,6 +653,60 @@ mod tests {
     }
 
     #[test]
+    fn the_shared_user_data_names_no_host_and_validates() {
+        let m =
+            parse_hosts("core-01=172.17.8.101,core-02=172.17.8.102,core-03=172.17.8.103").unwrap();
+        let pki = make_pki(&m, 30, true).unwrap();
+        assert_eq!(pki.hosts.len(), 1);
+        let site = Site {
+            group: "stable".into(),
+            ..Site::default()
+        };
+        for discovery in [None, Some("http://172.17.8.1:4001/v2/keys/discovery/t1")] {
+            let ud = shared_user_data(&m, &pki, &site, discovery).unwrap();
+            assert_eq!(validate(&ud), Vec::<String>::new(), "{ud}");
+            assert!(
+                !ud.contains("hostname:") && !ud.contains("    name:"),
+                "{ud}"
+            );
+            assert!(
+                ud.contains("advertise_addr: $private_ipv4") && ud.contains("init: auto"),
+                "{ud}"
+            );
+            assert!(
+                ud.contains("initial-advertise-peer-urls: https://$private_ipv4:2380"),
+                "{ud}"
+            );
+            match discovery {
+                Some(u) => assert!(
+                    ud.contains(&format!("discovery: {u}")) && !ud.contains("initial-cluster:"),
+                    "{ud}"
+                ),
+                None => assert!(
+                    ud.contains("initial-cluster: core-01=https://172.17.8.101:2380,core-02="),
+                    "{ud}"
+                ),
+            }
+        }
+        // The one certificate serves every member's address.
+        let der = pem_der(&pki.hosts[0].cert);
+        for ip in [[172, 17, 8, 101], [172, 17, 8, 103], [127, 0, 0, 1]] {
+            assert!(
+                der.windows(4).any(|w| w == ip),
+                "{ip:?} not in the shared certificate"
+            );
+        }
+    }
+
+    fn pem_der(pem: &str) -> Vec<u8> {
+        use base64::Engine as _;
+        let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+        base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .unwrap()
+    }
+
+    #[test]
     fn hosts_are_checked() {
         assert_eq!(three().len(), 3);
         for (bad, says) in [
@@ -559,7 +727,7 @@ mod tests {
     #[test]
     fn every_members_user_data_validates_and_has_no_plain_http() {
         let m = three();
-        let pki = make_pki(&m, 30).unwrap();
+        let pki = make_pki(&m, 30, false).unwrap();
         let site = Site {
             ssh_keys: vec!["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB0 op@site".into()],
             server: Some("https://updates.example.com/".into()),
@@ -589,14 +757,14 @@ mod tests {
             let sw = c.nimbus.and_then(|n| n.swarm).expect("a swarm section");
             assert_eq!(sw.secret, Some(pki.swarm_secret.clone()));
             assert_eq!(sw.managers, ["h1", "h2", "h3"]);
-            assert_eq!(sw.init, i == 0);
+            assert_eq!(sw.init == nimbus::swarmconf::Init::Yes, i == 0);
         }
     }
 
     #[test]
     fn the_certificates_chain_to_the_ca_and_name_their_host() {
         let m = three();
-        let pki = make_pki(&m, 30).unwrap();
+        let pki = make_pki(&m, 30, false).unwrap();
         let d = tempfile::tempdir().unwrap();
         let ca = d.path().join("ca.pem");
         std::fs::write(&ca, &pki.ca.cert).unwrap();
@@ -639,7 +807,7 @@ mod tests {
     #[test]
     fn a_fleetlock_site_reboots_through_its_server() {
         let m = three();
-        let pki = make_pki(&m, 30).unwrap();
+        let pki = make_pki(&m, 30, false).unwrap();
         let site = Site {
             server: Some("https://updates.example.com/".into()),
             group: "stable".into(),
@@ -668,6 +836,8 @@ mod tests {
             server: None,
             group: "beta".into(),
             fleetlock_url: None,
+            shared: false,
+            discovery: None,
             days: 10,
         };
         run(&a).unwrap();
@@ -695,5 +865,38 @@ mod tests {
             !d.path().join("x").exists(),
             "nothing written for a bad command line"
         );
+        // --shared: one user-data, private, beside the CA.
+        let shared = ClusterConfigArgs {
+            out: d.path().join("s"),
+            shared: true,
+            discovery: Some("http://192.168.5.254:4001/v2/keys/discovery/abc".into()),
+            ..bad
+        };
+        let shared = ClusterConfigArgs {
+            ssh_key: None,
+            ..shared
+        };
+        run(&shared).unwrap();
+        let mode = |p: &str| {
+            std::fs::metadata(shared.out.join(p))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777
+        };
+        assert_eq!(mode("user-data"), 0o600);
+        assert!(!shared.out.join("a").exists());
+        let ud = std::fs::read_to_string(shared.out.join("user-data")).unwrap();
+        assert!(
+            ud.contains("discovery: http://192.168.5.254:4001/v2/keys/discovery/abc"),
+            "{ud}"
+        );
+        let not_discovery = ClusterConfigArgs {
+            out: d.path().join("t"),
+            discovery: Some("http://192.168.5.254:4001/new".into()),
+            ..shared
+        };
+        let e = format!("{:#}", run(&not_discovery).unwrap_err());
+        assert!(e.contains("not etcd's discovery protocol"), "{e}");
     }
 }

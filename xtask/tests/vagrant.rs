@@ -10,116 +10,14 @@
 //! `halt`, a second `up` (with Vagrant's own key only), `ssh`, `reload`,
 //! `destroy`.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use nimbus_testkit::ROOTFS_EPOCH as EPOCH;
+use nimbus_testkit::libvirt::{build_box, ok, run, Libvirt};
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
-}
-
-/// How long one command may take: a `vagrant up` or `reload` boots the
-/// guest under TCG (about 3 minutes here) and waits for ssh; everything
-/// else (virsh, ip, a `vagrant ssh`) answers in seconds.
-fn limit_for(cmd: &Command) -> Duration {
-    if cmd.get_args().any(|a| a == "vagrant") || cmd.get_program() == "vagrant" {
-        Duration::from_secs(900)
-    } else {
-        Duration::from_secs(120)
-    }
-}
-
-fn run(cmd: &mut Command) -> Output {
-    let limit = limit_for(cmd);
-    nimbus_testkit::proc::output(cmd, limit).unwrap_or_else(|e| panic!("{e}"))
-}
-
-fn ok(cmd: &mut Command) -> String {
-    let dbg = format!("{cmd:?}");
-    let o = run(cmd);
-    assert!(
-        o.status.success(),
-        "{dbg}: {}\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-/// libvirtd + virtlogd in their own network namespace; torn down on drop.
-struct Libvirt {
-    ns: String,
-}
-
-impl Libvirt {
-    fn start() -> Libvirt {
-        let ns = format!("nimbus-vagrant-{}", std::process::id());
-        ok(Command::new("ip").args(["netns", "add", &ns]));
-        let l = Libvirt { ns };
-        ok(Command::new("ip").args(["-n", &l.ns, "link", "set", "lo", "up"]));
-        ok(l.exec("virtlogd").arg("-d"));
-        ok(l.exec("libvirtd").arg("-d"));
-        // libvirtd answers once its socket is up.
-        let t = Instant::now();
-        while !run(l.exec("virsh").args(["-c", "qemu:///system", "version"]))
-            .status
-            .success()
-        {
-            assert!(
-                t.elapsed() < Duration::from_secs(60),
-                "libvirtd did not come up"
-            );
-            std::thread::sleep(Duration::from_millis(500));
-        }
-        l
-    }
-
-    fn exec(&self, prog: &str) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.ns, prog]);
-        c
-    }
-}
-
-impl Drop for Libvirt {
-    fn drop(&mut self) {
-        let o = run(Command::new("ip").args(["netns", "pids", &self.ns]));
-        for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
-            let _ = run(Command::new("kill").arg(pid));
-        }
-        std::thread::sleep(Duration::from_secs(1));
-        let o = run(Command::new("ip").args(["netns", "pids", &self.ns]));
-        for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
-            let _ = run(Command::new("kill").args(["-9", pid]));
-        }
-        let _ = run(Command::new("ip").args(["netns", "del", &self.ns]));
-    }
-}
-
-fn build_box(dir: &Path) -> PathBuf {
-    let o = nimbus_testkit::proc::output(
-        Command::new(env!("CARGO_BIN_EXE_xtask"))
-            .args([
-                "build-image",
-                "--version",
-                "1.0.0",
-                "--formats",
-                "box",
-                "--out",
-                s(dir),
-            ])
-            .env("SOURCE_DATE_EPOCH", EPOCH),
-        Duration::from_secs(1200),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    assert!(
-        o.status.success(),
-        "build-image: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    dir.join("nimbus.box")
 }
 
 #[test]
@@ -129,7 +27,11 @@ fn stock_vagrant_up_halt_up_ssh_destroy() {
         .prefix("vagrant")
         .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
         .unwrap();
-    let boxfile = build_box(&tmp.path().join("image"));
+    let boxfile = build_box(
+        env!("CARGO_BIN_EXE_xtask"),
+        &tmp.path().join("image"),
+        "1.0.0",
+    );
     let home = tmp.path().join("vagrant.d");
     let project = tmp.path().join("project");
     std::fs::create_dir_all(&project).unwrap();
@@ -138,16 +40,8 @@ fn stock_vagrant_up_halt_up_ssh_destroy() {
         "Vagrant.configure(\"2\") do |config|\n  config.vm.box = \"nimbus-test\"\n  config.vm.hostname = \"nimbus-vagrant\"\n  config.vm.provider :libvirt do |libvirt|\n    libvirt.driver = \"qemu\"\n  end\nend\n",
     )
     .unwrap();
-    let lv = Libvirt::start();
-    let vagrant = |args: &[&str]| {
-        let mut c = lv.exec("vagrant");
-        c.args(args)
-            .current_dir(&project)
-            .env("VAGRANT_HOME", &home)
-            .env("VAGRANT_DEFAULT_PROVIDER", "libvirt")
-            .env("VAGRANT_CHECKPOINT_DISABLE", "1");
-        c
-    };
+    let lv = Libvirt::start("vagrant");
+    let vagrant = |args: &[&str]| lv.vagrant(&project, &home, args);
     ok(&mut vagrant(&[
         "box",
         "add",

@@ -263,10 +263,12 @@ pub fn apply(
             "--no-block".into(),
             "nimbus-swarm.service".into(),
         ]);
-        // The promoter reads MANAGERS once, at its start.
+        // The promoter reads MANAGERS once, at its start; on a host that
+        // had no swarm.conf at boot (user-data applied later, as Vagrant's
+        // provisioner does) it is not running yet: restart starts it.
         argvs.push(vec![
             "systemctl".into(),
-            "try-restart".into(),
+            "restart".into(),
             "--no-block".into(),
             "nimbus-swarm-promote.service".into(),
         ]);

@@ -281,11 +281,23 @@ impl Checker {
 
     fn boolean(&mut self, node: &Node, what: &str) -> Option<bool> {
         // YAML 1.1 booleans, as old CoreOS files use them, when unquoted.
-        if let Kind::Scalar { value, plain: true } = &node.kind {
-            match value.to_ascii_lowercase().as_str() {
-                "true" | "yes" | "on" | "y" => return Some(true),
-                "false" | "no" | "off" | "n" => return Some(false),
-                _ => {}
+        if let Kind::Scalar { value, plain } = &node.kind {
+            let b = match value.to_ascii_lowercase().as_str() {
+                "true" | "yes" | "on" | "y" => Some(true),
+                "false" | "no" | "off" | "n" => Some(false),
+                _ => None,
+            };
+            if let Some(b) = b {
+                // Quoted, it is a string to YAML; Vagrant's CoreOS guest
+                // writes `runtime: 'no'` (Ruby quotes words YAML 1.1 reads
+                // as booleans), and coreos-cloudinit took it as meant.
+                if !plain {
+                    self.warn(
+                        node.line,
+                        format!("{what}: the quoted {value:?} is read as {b} (write it unquoted)"),
+                    );
+                }
+                return Some(b);
             }
         }
         let found = match &node.kind {

@@ -423,6 +423,7 @@ pub(super) fn nimbus_section(c: &mut Checker, n: &Node) -> NimbusSection {
             }
         }
         "swarm" => {
+            use nimbus::swarmconf::Init;
             let kl = c.key_line;
             let mut sw = Swarm::default();
             let mut role = None;
@@ -436,7 +437,26 @@ pub(super) fn nimbus_section(c: &mut Checker, n: &Node) -> NimbusSection {
                     }
                     None => ok = false,
                 },
-                "init" => sw.init = c.boolean(val, "nimbus.swarm.init").unwrap_or(false),
+                "init" => {
+                    use nimbus::swarmconf::Init;
+                    sw.init = match &val.kind {
+                        Kind::Scalar { value, plain } => match (value.to_ascii_lowercase().as_str(), plain) {
+                            ("auto", _) => Init::Auto,
+                            ("true" | "yes" | "on", true) => Init::Yes,
+                            ("false" | "no" | "off", true) => Init::No,
+                            _ => {
+                                ok = false;
+                                c.error(val.line, format!("nimbus.swarm.init must be true, false or auto, found {value:?}"));
+                                Init::No
+                            }
+                        },
+                        _ => {
+                            ok = false;
+                            c.error(val.line, format!("nimbus.swarm.init must be true, false or auto, found {}", val.type_name()));
+                            Init::No
+                        }
+                    }
+                }
                 "advertise_addr" | "listen_addr" => {
                     if let Some(a) = c.string(val, &format!("nimbus.swarm.{key}")) {
                         if !swarm_addr_ok(&a, true) {
@@ -506,16 +526,20 @@ pub(super) fn nimbus_section(c: &mut Checker, n: &Node) -> NimbusSection {
                     c.error(kl, "nimbus.swarm needs `role` (manager or worker)");
                 } else if sw.advertise_addr.is_empty() {
                     c.error(kl, "nimbus.swarm needs `advertise_addr`: the address other hosts reach this one at");
-                } else if sw.init && !sw.manager() {
+                } else if sw.init != Init::No && !sw.manager() {
                     c.error(kl, "nimbus.swarm: only a manager can `init` a swarm");
-                } else if sw.init && (!sw.join.is_empty() || sw.join_token.is_some()) {
+                } else if sw.init == Init::Yes && (!sw.join.is_empty() || sw.join_token.is_some()) {
                     c.error(kl, "nimbus.swarm: `init` starts a new swarm; it does not go with `join` or `join_token`");
-                } else if !sw.init && sw.join.is_empty() {
-                    c.error(kl, "nimbus.swarm: give `join` (the managers' addresses), or `init: true` on the one host that starts the swarm");
-                } else if !sw.init && sw.secret.is_none() && sw.join_token.is_none() {
+                } else if sw.init == Init::Auto && (sw.secret.is_none() || sw.join_token.is_some()) {
+                    c.error(kl, "nimbus.swarm: `init: auto` needs `secret` (the other hosts open the worker token the first one publishes with it) and no `join_token`");
+                } else if sw.init == Init::Auto && sw.advertise_addr.parse::<std::net::IpAddr>().is_err() && sw.advertise_addr.parse::<std::net::SocketAddr>().is_err() {
+                    c.error(kl, format!("nimbus.swarm: with `init: auto` the other hosts join the founder at its advertise_addr, so it must be an address ($private_ipv4), not {:?}", sw.advertise_addr));
+                } else if sw.init == Init::No && sw.join.is_empty() {
+                    c.error(kl, "nimbus.swarm: give `join` (the managers' addresses), `init: true` on the one host that starts the swarm, or `init: auto` on every manager (the first to come up starts it)");
+                } else if sw.init == Init::No && sw.secret.is_none() && sw.join_token.is_none() {
                     c.error(kl, "nimbus.swarm: a joining host needs `secret` (the cluster's, which opens the worker token sealed in etcd) or `join_token`");
                 } else {
-                    if sw.init && sw.secret.is_none() {
+                    if sw.init == Init::Yes && sw.secret.is_none() {
                         c.warn(kl, "nimbus.swarm: without `secret` the worker token is not published in etcd; every other host needs `join_token`");
                     }
                     out.swarm = Some(sw);
@@ -640,12 +664,22 @@ pub(super) fn etcd2_checks(c: &mut Checker, n: &Node, exposed: &mut Vec<(usize, 
             ),
         }
     }
+    // Without `name` the member is named after the host (the image's
+    // etcd.service drop-in): one user-data serves every host whose name
+    // initial_cluster lists, which only the running host can check.
     match vals.get("name") {
-        None => c.error(*ic_line, "coreos.etcd2: initial_cluster is given but not `name` (which of its members this host is)"),
+        None => {}
         Some((name, line)) => {
-            let mine: Vec<&str> = members.iter().filter(|(n, _)| n == name).map(|(_, u)| u.as_str()).collect();
+            let mine: Vec<&str> = members
+                .iter()
+                .filter(|(n, _)| n == name)
+                .map(|(_, u)| u.as_str())
+                .collect();
             if mine.is_empty() {
-                c.error(*line, format!("coreos.etcd2.name {name:?} is not a member of initial_cluster"));
+                c.error(
+                    *line,
+                    format!("coreos.etcd2.name {name:?} is not a member of initial_cluster"),
+                );
             } else if let Some((adv, aline)) = vals.get("initial_advertise_peer_urls") {
                 for u in adv.split(',').map(str::trim) {
                     if !mine.contains(&u) {

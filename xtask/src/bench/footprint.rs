@@ -212,7 +212,7 @@ pub fn bench_footprint(runs: u32) -> anyhow::Result<ExitCode> {
         name: "h1".into(),
         addr: "10.0.2.15".parse()?,
     }];
-    let pki = cluster_config::make_pki(&members, 30)?;
+    let pki = cluster_config::make_pki(&members, 30, false)?;
     let site = Site {
         ssh_keys: vec![pubkey.to_string()],
         group: "stable".into(),

@@ -48,11 +48,12 @@ pub struct VmTest {
 }
 
 /// Test binaries whose tests run with no other test beside them: the
-/// cluster (three guests on a probe that counts every slow second).
+/// cluster (three guests on a probe that counts every slow second) and
+/// the three-node Vagrant cluster (three guests on two cores).
 /// Vagrant's one libvirt guest runs in a lane like any single-guest test:
 /// its network lives in a namespace of its own, and nothing it measures
 /// depends on time.
-const ALONE: &[&str] = &["cluster"];
+const ALONE: &[&str] = &["cluster", "vagrant_cluster"];
 
 /// The single-guest tests that take longest, started first so that the
 /// lanes end together (longest first: e2e about 480 s, Vagrant about 320 s,

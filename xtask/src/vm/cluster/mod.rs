@@ -229,7 +229,7 @@ fn story(a: &ClusterArgs, work: &Path) -> anyhow::Result<()> {
 
     // The operator's material, as `cargo xtask cluster-config` makes it.
     let members = members(n_hosts);
-    let pki = crate::cluster_config::make_pki(&members, 30)?;
+    let pki = crate::cluster_config::make_pki(&members, 30, false)?;
     probe::use_tls(&pki)?;
     let mut hosts = Vec::new();
     let mut locals = Vec::new();
