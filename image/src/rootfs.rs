@@ -62,6 +62,11 @@ impl RootfsSpec {
                 "systemd-boot-efi",
                 // `core` has passwordless sudo, as on CoreOS (Vagrant needs it).
                 "sudo",
+                // The host's own name resolves without an /etc/hosts line
+                // (its postinst adds `myhostname` to nsswitch.conf), as on
+                // CoreOS: a name set by Vagrant or cloud-config does not
+                // make every sudo say "unable to resolve host".
+                "libnss-myhostname",
             ]
             .iter()
             .map(|s| s.to_string())

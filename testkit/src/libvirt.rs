@@ -80,22 +80,21 @@ impl Libvirt {
         c
     }
 
-    /// `vagrant ARGS` in `project`, with `home` as VAGRANT_HOME and
-    /// libvirt as the provider.
-    pub fn vagrant(&self, project: &Path, home: &Path, args: &[&str]) -> Command {
-        let mut c = self.exec("vagrant");
-        c.args(args)
-            .current_dir(project)
-            .env("VAGRANT_HOME", home)
-            .env("VAGRANT_DEFAULT_PROVIDER", "libvirt")
-            .env("VAGRANT_CHECKPOINT_DISABLE", "1");
-        c
+    /// A Vagrant project in `dir` with `home` as VAGRANT_HOME, run against
+    /// this libvirt; its machines are destroyed when it is dropped,
+    /// whatever happened before.
+    pub fn project(&self, dir: &Path, home: &Path) -> Project<'_> {
+        Project {
+            lv: self,
+            dir: dir.to_path_buf(),
+            home: home.to_path_buf(),
+        }
     }
 
-    /// What libvirt still holds: domains, volumes of the default pool,
-    /// networks other than vagrant-libvirt's management one. Empty after a
-    /// `vagrant destroy` that left nothing behind.
-    pub fn leftovers(&self) -> Vec<String> {
+    /// What libvirt holds: domains, volumes of the default pool (but the
+    /// boxes' base images), networks. After a `vagrant destroy` that left
+    /// nothing behind, what it was before the `vagrant up`.
+    pub fn holdings(&self) -> Vec<String> {
         let virsh = |args: &[&str]| -> Vec<String> {
             let o = run(self.exec("virsh").args(["-c", "qemu:///system"]).args(args));
             String::from_utf8_lossy(&o.stdout)
@@ -121,10 +120,37 @@ impl Libvirt {
         out.extend(
             virsh(&["net-list", "--all", "--name"])
                 .into_iter()
-                .filter(|n| n != "vagrant-libvirt")
                 .map(|n| format!("network {n}")),
         );
+        out.sort();
         out
+    }
+}
+
+/// See [`Libvirt::project`].
+pub struct Project<'a> {
+    lv: &'a Libvirt,
+    dir: PathBuf,
+    home: PathBuf,
+}
+
+impl Project<'_> {
+    /// `vagrant ARGS` in the project, libvirt as the provider.
+    pub fn vagrant(&self, args: &[&str]) -> Command {
+        let mut c = self.lv.exec("vagrant");
+        c.args(args)
+            .current_dir(&self.dir)
+            .env("VAGRANT_HOME", &self.home)
+            .env("VAGRANT_DEFAULT_PROVIDER", "libvirt")
+            .env("VAGRANT_CHECKPOINT_DISABLE", "1");
+        c
+    }
+}
+
+impl Drop for Project<'_> {
+    fn drop(&mut self) {
+        let mut c = self.vagrant(&["destroy", "-f"]);
+        let _ = crate::proc::output(&mut c, Duration::from_secs(600));
     }
 }
 

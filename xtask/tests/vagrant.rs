@@ -11,8 +11,7 @@
 //! `destroy`.
 
 use std::path::Path;
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use nimbus_testkit::libvirt::{build_box, ok, run, Libvirt};
 
@@ -41,7 +40,8 @@ fn stock_vagrant_up_halt_up_ssh_destroy() {
     )
     .unwrap();
     let lv = Libvirt::start("vagrant");
-    let vagrant = |args: &[&str]| lv.vagrant(&project, &home, args);
+    let vp = lv.project(&project, &home);
+    let vagrant = |args: &[&str]| vp.vagrant(args);
     ok(&mut vagrant(&[
         "box",
         "add",
@@ -49,15 +49,6 @@ fn stock_vagrant_up_halt_up_ssh_destroy() {
         "nimbus-test",
         s(&boxfile),
     ]));
-    // From here on, destroy the domain whatever happens.
-    struct Destroy<'a>(&'a dyn Fn(&[&str]) -> Command);
-    impl Drop for Destroy<'_> {
-        fn drop(&mut self) {
-            let mut c = (self.0)(&["destroy", "-f"]);
-            let _ = nimbus_testkit::proc::output(&mut c, Duration::from_secs(300));
-        }
-    }
-    let _destroy = Destroy(&vagrant);
 
     let t = Instant::now();
     let up = ok(&mut vagrant(&["up", "--provider", "libvirt"]));

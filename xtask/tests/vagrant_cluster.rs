@@ -78,7 +78,12 @@ fn three_nodes_from_one_vagrantfile_form_etcd_and_a_swarm() {
     .unwrap();
     let sample = std::fs::read_to_string(repo.join("vagrant/config.rb.sample")).unwrap();
     assert!(sample.contains("$num_instances = 3"), "{sample}");
-    std::fs::write(project.join("config.rb"), &sample).unwrap();
+    // These machines' /dev/kvm opens but runs no guest: emulation.
+    std::fs::write(
+        project.join("config.rb"),
+        format!("{sample}\n$libvirt_driver = \"qemu\"\n"),
+    )
+    .unwrap();
 
     let lv = Libvirt::start("vagrant-cluster");
     // The discovery service: an etcd on the host, in the namespace, on
@@ -151,7 +156,8 @@ fn three_nodes_from_one_vagrantfile_form_etcd_and_a_swarm() {
     assert!(made.contains("one user-data for 3 host(s)"), "{made}");
     std::fs::copy(cluster.join("user-data"), project.join("user-data")).unwrap();
 
-    let vagrant = |args: &[&str]| lv.vagrant(&project, &home, args);
+    let vp = lv.project(&project, &home);
+    let vagrant = |args: &[&str]| vp.vagrant(args);
     ok(&mut vagrant(&[
         "box",
         "add",
@@ -159,15 +165,8 @@ fn three_nodes_from_one_vagrantfile_form_etcd_and_a_swarm() {
         "nimbus-stable",
         s(&boxfile),
     ]));
-    struct Destroy<'a>(&'a dyn Fn(&[&str]) -> Command);
-    impl Drop for Destroy<'_> {
-        fn drop(&mut self) {
-            let mut c = (self.0)(&["destroy", "-f"]);
-            let _ = nimbus_testkit::proc::output(&mut c, Duration::from_secs(600));
-        }
-    }
-    let _destroy = Destroy(&vagrant);
 
+    let before = lv.holdings();
     let t = Instant::now();
     let up = ok(&mut vagrant(&["up", "--provider", "libvirt"]));
     eprintln!("vagrant up (3 nodes): {:.0} s", t.elapsed().as_secs_f64());
@@ -328,7 +327,16 @@ fn three_nodes_from_one_vagrantfile_form_etcd_and_a_swarm() {
     eprintln!("vagrant destroy: {:.0} s", t.elapsed().as_secs_f64());
     let status = ok(&mut vagrant(&["status"]));
     assert_eq!(status.matches("not created").count(), NODES, "{status}");
-    let left = lv.leftovers();
-    assert!(left.is_empty(), "vagrant destroy left: {left:?}");
+    // vagrant-libvirt's management network may go with the last domain;
+    // nothing else may stay that the `up` made.
+    let left: Vec<String> = lv
+        .holdings()
+        .into_iter()
+        .filter(|h| !before.contains(h) && h != "network vagrant-libvirt")
+        .collect();
+    assert!(
+        left.is_empty(),
+        "vagrant destroy left: {left:?} (before up: {before:?})"
+    );
     let _ = run(&mut vagrant(&["box", "remove", "-f", "nimbus-stable"]));
 }

@@ -285,7 +285,19 @@ fn story(work: &Path) -> anyhow::Result<()> {
             String::from_utf8_lossy(&o.stderr)
         );
     }
-    steps.done("1.0.0 boots under SeaBIOS (GRUB, stage 1, verity, kexec on this first boot), is marked good; update-engine active, etcd, dockerd and containerd not running until asked; `docker run` of a loaded image starts them through docker.socket; the shutdown hook takes links down");
+    // A host name no file lists resolves (nss-myhostname), so sudo on a
+    // host Vagrant or cloud-config renamed does not complain; tried in a
+    // UTS namespace of its own, the host keeps its name.
+    let o = ssh.run("unshare -u sh -c 'hostname core-renamed && getent hosts core-renamed'")?;
+    if !o.status.success() || !String::from_utf8_lossy(&o.stdout).contains("core-renamed") {
+        bail!(
+            "a new host name does not resolve ({}): {}{}",
+            o.status,
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    steps.done("1.0.0 boots under SeaBIOS (GRUB, stage 1, verity, kexec on this first boot), is marked good; update-engine active, etcd, dockerd and containerd not running until asked; `docker run` of a loaded image starts them through docker.socket; the shutdown hook takes links down; a new host name resolves");
 
     let rows = crate::vm::esp_states::run(&ssh)?;
     steps.done(&format!(
