@@ -280,8 +280,16 @@ fn founder(
         })();
         match step {
             Ok(Some(f)) => return Ok(f),
-            // Lost the race: read the winner on the next round.
-            Ok(None) => continue,
+            // Lost the race: read the winner on the next round (bounded
+            // too: a member that keeps answering "absent" to the read
+            // and "present" to the create is not waited on forever).
+            Ok(None) if w.elapsed() < limit => w.sleep(Duration::from_secs(1)),
+            Ok(None) => {
+                return Err(SwarmError::Gave(format!(
+                "{FOUNDER_KEY}: the create lost to another host for {} s, but the key never showed",
+                limit.as_secs()
+            )))
+            }
             Err(e @ SwarmError::Gave(_)) => return Err(e),
             Err(e) if w.elapsed() < limit => {
                 w.say(&format!(
@@ -1144,6 +1152,43 @@ mod tests {
         .to_string();
         assert!(
             e.contains("started the swarm") && e.contains("delete nimbus/swarm/founder"),
+            "{e}"
+        );
+    }
+
+    /// A store that reads "absent" but refuses every create: the claim
+    /// ends at its limit, naming the key, instead of spinning.
+    #[test]
+    fn a_founder_claim_that_never_settles_ends_at_its_limit() {
+        struct Liar;
+        impl Shared for Liar {
+            fn get(&mut self, _: &str) -> Result<Option<String>, SwarmError> {
+                Ok(None)
+            }
+            fn put(&mut self, _: &str, _: &str) -> Result<(), SwarmError> {
+                Ok(())
+            }
+            fn create(&mut self, _: &str, _: &str) -> Result<bool, SwarmError> {
+                Ok(false)
+            }
+            fn delete(&mut self, _: &str) -> Result<(), SwarmError> {
+                Ok(())
+            }
+        }
+        let c = conf(&format!(
+            "ROLE=manager\nINIT=auto\nADVERTISE_ADDR=10.0.0.1\n{SECRET}"
+        ));
+        let e = join(
+            &c,
+            &mut Script::default().on("info", &[Ok(INACTIVE)]),
+            &mut Liar,
+            &mut Fake::default(),
+            Duration::from_secs(5),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("nimbus/swarm/founder") && e.contains("never showed"),
             "{e}"
         );
     }
