@@ -169,6 +169,36 @@ impl Drop for Libvirt {
     }
 }
 
+/// A Vagrant test's scratch space: a temporary directory under `under`
+/// (the test's `CARGO_TARGET_TMPDIR`) holding the box of `version`, built
+/// into `image/`, `vagrant.d` for VAGRANT_HOME and an empty `project/`.
+pub struct Scratch {
+    pub tmp: tempfile::TempDir,
+    pub boxfile: PathBuf,
+    pub home: PathBuf,
+    pub project: PathBuf,
+}
+
+impl Scratch {
+    /// `xtask` is the test's `CARGO_BIN_EXE_xtask`.
+    pub fn new(xtask: &str, under: &str, prefix: &str, version: &str) -> Scratch {
+        let tmp = tempfile::Builder::new()
+            .prefix(prefix)
+            .tempdir_in(under)
+            .unwrap_or_else(|e| panic!("a temporary directory in {under}: {e}"));
+        let boxfile = build_box(xtask, &tmp.path().join("image"), version);
+        let home = tmp.path().join("vagrant.d");
+        let project = tmp.path().join("project");
+        std::fs::create_dir_all(&project).unwrap_or_else(|e| panic!("{}: {e}", project.display()));
+        Scratch {
+            tmp,
+            boxfile,
+            home,
+            project,
+        }
+    }
+}
+
 /// `xtask build-image --formats box` of `version` into `dir`; the box's
 /// path. `xtask` is the test's `CARGO_BIN_EXE_xtask`.
 pub fn build_box(xtask: &str, dir: &Path, version: &str) -> PathBuf {

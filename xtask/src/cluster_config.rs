@@ -576,68 +576,59 @@ pub fn run(a: &ClusterConfigArgs) -> anyhow::Result<()> {
         fleetlock_url: a.fleetlock_url.clone(),
         ..Site::default()
     };
+    // Each document under its path in --out: one `user-data` for every
+    // member, or `<name>/user-data` each.
+    let mut docs: Vec<(String, String)> = Vec::new();
     if a.shared {
-        let ud = shared_user_data(&members, &pki, &site, a.discovery.as_deref())?;
-        let problems = validate(&ud);
-        if !problems.is_empty() {
-            bail!(
-                "the user-data made does not validate:\n{}",
-                problems.join("\n")
-            );
+        docs.push((
+            "user-data".into(),
+            shared_user_data(&members, &pki, &site, a.discovery.as_deref())?,
+        ));
+    } else {
+        for (i, m) in members.iter().enumerate() {
+            docs.push((
+                format!("{}/user-data", m.name),
+                user_data(&members, i, &pki, &site)?,
+            ));
         }
-        std::fs::create_dir_all(&a.out).with_context(|| a.out.display().to_string())?;
-        create(&a.out.join("ca.pem"), pki.ca.cert.as_bytes(), false)?;
-        create(&a.out.join("ca-key.pem"), pki.ca.key.as_bytes(), true)?;
-        create(&a.out.join("admin.pem"), pki.admin.cert.as_bytes(), false)?;
-        create(&a.out.join("admin-key.pem"), pki.admin.key.as_bytes(), true)?;
-        create(&a.out.join("user-data"), ud.as_bytes(), true)?;
-        std::fs::File::open(&a.out)
-            .and_then(|f| f.sync_all())
-            .with_context(|| format!("{}: sync", a.out.display()))?;
-        println!(
-            "cluster-config: one user-data for {} host(s) in {}: ca.pem, ca-key.pem (keep it offline), admin.pem, admin-key.pem, user-data",
-            members.len(),
-            a.out.display()
-        );
-        return Ok(());
     }
-    let mut docs = Vec::new();
-    for i in 0..members.len() {
-        let ud = user_data(&members, i, &pki, &site)?;
-        // What the host will check at boot, checked before it is written.
-        let problems = validate(&ud);
+    // What the hosts will check at boot, checked before anything is written.
+    for (path, ud) in &docs {
+        let problems = validate(ud);
         if !problems.is_empty() {
             bail!(
-                "{}: the user-data made does not validate:\n{}",
-                members[i].name,
+                "{path}: the user-data made does not validate:\n{}",
                 problems.join("\n")
             );
         }
-        docs.push(ud);
     }
     std::fs::create_dir_all(&a.out).with_context(|| a.out.display().to_string())?;
     create(&a.out.join("ca.pem"), pki.ca.cert.as_bytes(), false)?;
     create(&a.out.join("ca-key.pem"), pki.ca.key.as_bytes(), true)?;
     create(&a.out.join("admin.pem"), pki.admin.cert.as_bytes(), false)?;
     create(&a.out.join("admin-key.pem"), pki.admin.key.as_bytes(), true)?;
-    for (m, ud) in members.iter().zip(&docs) {
-        let d = a.out.join(&m.name);
-        std::fs::create_dir(&d).with_context(|| d.display().to_string())?;
-        create(&d.join("user-data"), ud.as_bytes(), true)?;
+    let mut dirs = vec![a.out.clone()];
+    for (path, ud) in &docs {
+        let f = a.out.join(path);
+        if let Some(d) = f.parent().filter(|d| *d != a.out) {
+            std::fs::create_dir(d).with_context(|| d.display().to_string())?;
+            dirs.push(d.to_path_buf());
+        }
+        create(&f, ud.as_bytes(), true)?;
     }
     // Sync the directory entries: the CA key is the one copy there is.
-    for d in std::iter::once(a.out.clone()).chain(members.iter().map(|m| a.out.join(&m.name))) {
-        std::fs::File::open(&d)
+    for d in &dirs {
+        std::fs::File::open(d)
             .and_then(|f| f.sync_all())
             .with_context(|| format!("{}: sync", d.display()))?;
     }
     println!(
-        "cluster-config: {} host(s) in {}: ca.pem, ca-key.pem (keep it offline), admin.pem, admin-key.pem, {}",
+        "cluster-config: {} for {} host(s) in {}: ca.pem, ca-key.pem (keep it offline), admin.pem, admin-key.pem, {}",
+        if a.shared { "one user-data" } else { "a user-data each" },
         members.len(),
         a.out.display(),
-        members
-            .iter()
-            .map(|m| format!("{}/user-data", m.name))
+        docs.iter()
+            .map(|(p, _)| p.as_str())
             .collect::<Vec<_>>()
             .join(", ")
     );

@@ -13,7 +13,7 @@
 use std::path::Path;
 use std::time::Instant;
 
-use nimbus_testkit::libvirt::{build_box, ok, run, Libvirt};
+use nimbus_testkit::libvirt::{ok, run, Libvirt, Scratch};
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -22,32 +22,27 @@ fn s(p: &Path) -> &str {
 #[test]
 #[ignore = "vm tier: cargo xtask vmtest"]
 fn stock_vagrant_up_halt_up_ssh_destroy() {
-    let tmp = tempfile::Builder::new()
-        .prefix("vagrant")
-        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
-        .unwrap();
-    let boxfile = build_box(
+    let sc = Scratch::new(
         env!("CARGO_BIN_EXE_xtask"),
-        &tmp.path().join("image"),
+        env!("CARGO_TARGET_TMPDIR"),
+        "vagrant",
         "1.0.0",
     );
-    let home = tmp.path().join("vagrant.d");
-    let project = tmp.path().join("project");
-    std::fs::create_dir_all(&project).unwrap();
+    let (boxfile, home, project) = (&sc.boxfile, &sc.home, &sc.project);
     std::fs::write(
         project.join("Vagrantfile"),
         "Vagrant.configure(\"2\") do |config|\n  config.vm.box = \"nimbus-test\"\n  config.vm.hostname = \"nimbus-vagrant\"\n  config.vm.provider :libvirt do |libvirt|\n    libvirt.driver = \"qemu\"\n  end\nend\n",
     )
     .unwrap();
     let lv = Libvirt::start("vagrant");
-    let vp = lv.project(&project, &home);
+    let vp = lv.project(project, home);
     let vagrant = |args: &[&str]| vp.vagrant(args);
     ok(&mut vagrant(&[
         "box",
         "add",
         "--name",
         "nimbus-test",
-        s(&boxfile),
+        s(boxfile),
     ]));
 
     let t = Instant::now();

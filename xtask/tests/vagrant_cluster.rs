@@ -15,7 +15,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nimbus_testkit::libvirt::{build_box, ok, run, Libvirt};
+use nimbus_testkit::libvirt::{ok, run, Libvirt, Scratch};
 
 const NODES: usize = 3;
 /// The Vagrantfile's private network (config.rb.sample's default): node i
@@ -58,18 +58,13 @@ fn until<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Result<T, String
 #[ignore = "vm tier: cargo xtask vmtest"]
 fn three_nodes_from_one_vagrantfile_form_etcd_and_a_swarm() {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let tmp = tempfile::Builder::new()
-        .prefix("vagrant-cluster")
-        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
-        .unwrap();
-    let boxfile = build_box(
+    let sc = Scratch::new(
         env!("CARGO_BIN_EXE_xtask"),
-        &tmp.path().join("image"),
+        env!("CARGO_TARGET_TMPDIR"),
+        "vagrant-cluster",
         "1.0.0",
     );
-    let home = tmp.path().join("vagrant.d");
-    let project = tmp.path().join("project");
-    std::fs::create_dir_all(&project).unwrap();
+    let (tmp, boxfile, home, project) = (&sc.tmp, &sc.boxfile, &sc.home, &sc.project);
     // The repository's files, as a user copies them.
     std::fs::copy(
         repo.join("vagrant/Vagrantfile"),
@@ -156,14 +151,14 @@ fn three_nodes_from_one_vagrantfile_form_etcd_and_a_swarm() {
     assert!(made.contains("one user-data for 3 host(s)"), "{made}");
     std::fs::copy(cluster.join("user-data"), project.join("user-data")).unwrap();
 
-    let vp = lv.project(&project, &home);
+    let vp = lv.project(project, home);
     let vagrant = |args: &[&str]| vp.vagrant(args);
     ok(&mut vagrant(&[
         "box",
         "add",
         "--name",
         "nimbus-stable",
-        s(&boxfile),
+        s(boxfile),
     ]));
 
     let before = lv.holdings();

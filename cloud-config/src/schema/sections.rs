@@ -438,23 +438,16 @@ pub(super) fn nimbus_section(c: &mut Checker, n: &Node) -> NimbusSection {
                     None => ok = false,
                 },
                 "init" => {
-                    use nimbus::swarmconf::Init;
                     sw.init = match &val.kind {
-                        Kind::Scalar { value, plain } => match (value.to_ascii_lowercase().as_str(), plain) {
-                            ("auto", _) => Init::Auto,
-                            ("true" | "yes" | "on", true) => Init::Yes,
-                            ("false" | "no" | "off", true) => Init::No,
-                            _ => {
+                        Kind::Scalar { value, .. } if value.eq_ignore_ascii_case("auto") => Init::Auto,
+                        _ => match c.boolean(val, "nimbus.swarm.init (or `auto`)") {
+                            Some(true) => Init::Yes,
+                            Some(false) => Init::No,
+                            None => {
                                 ok = false;
-                                c.error(val.line, format!("nimbus.swarm.init must be true, false or auto, found {value:?}"));
                                 Init::No
                             }
                         },
-                        _ => {
-                            ok = false;
-                            c.error(val.line, format!("nimbus.swarm.init must be true, false or auto, found {}", val.type_name()));
-                            Init::No
-                        }
                     }
                 }
                 "advertise_addr" | "listen_addr" => {
